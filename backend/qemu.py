@@ -1,0 +1,319 @@
+"""Finding and launching the QEMU the project tests against.
+
+QEMU comes either from ``$QEMU`` (a qemu-system-x86_64 executable, version
+10.1 or later) or from the folder ``make setup`` provisions at
+``<repo>/build/qemu``.  The provisioned folder is an unpacked Debian tree, not
+a chroot: its binaries run through the folder's own dynamic loader with
+``--library-path`` pointing at the folder's libraries.
+
+`QemuMachine` starts one qemu-system-x86_64 with a QMP socket and a serial
+console socket in a work directory, and stops it again.  It is plain
+subprocess code, usable from sync and trio code alike.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROVISIONED_QEMU = REPO_ROOT / "build" / "qemu"
+GUEST_DIR = REPO_ROOT / "build" / "guest"
+MIN_VERSION = (10, 1)
+TOOLS = ("qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon")
+
+
+class QemuNotFound(RuntimeError):
+    """No usable QEMU (or guest image); the message says what to do."""
+
+
+class QemuError(RuntimeError):
+    """QEMU failed to start or stop; the message includes its log."""
+
+
+def _parse_version(text: str) -> tuple[int, ...]:
+    m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not m:
+        raise QemuNotFound(f"cannot read a QEMU version from: {text.strip()[:200]!r}")
+    return tuple(int(g) for g in m.groups(default="0"))
+
+
+@dataclass(frozen=True)
+class QemuInstall:
+    """A QEMU installation: either a provisioned folder or a bare binary."""
+
+    binary: Path
+    """The qemu-system-x86_64 executable."""
+    root: Path | None = None
+    """The provisioned folder (None when the binary came from ``$QEMU``)."""
+    version: tuple[int, ...] = field(default=(0, 0, 0))
+
+    @property
+    def provisioned(self) -> bool:
+        return self.root is not None
+
+    def _loader_prefix(self) -> list[str]:
+        assert self.root is not None
+        return [
+            str(self.root / "usr/lib64/ld-linux-x86-64.so.2"),
+            "--library-path",
+            str(self.root / "usr/lib/x86_64-linux-gnu"),
+        ]
+
+    def system_cmd(self) -> list[str]:
+        """The argv prefix that runs qemu-system-x86_64."""
+        if self.root is None:
+            return [str(self.binary)]
+        return [
+            *self._loader_prefix(),
+            str(self.binary),
+            "-L", str(self.root / "usr/share/qemu"),
+            "-L", str(self.root / "usr/share/seabios"),
+        ]
+
+    def tool_path(self, name: str) -> Path:
+        """Where the tool ``name`` (qemu-img, qemu-io, qemu-nbd, ...) lives."""
+        if self.root is not None:
+            return self.root / "usr/bin" / name
+        return self.binary.parent / name
+
+    def tool_cmd(self, name: str) -> list[str]:
+        """The argv prefix that runs a QEMU tool beside qemu-system-x86_64."""
+        path = self.tool_path(name)
+        if not path.exists():
+            raise QemuNotFound(f"{name} not found at {path}")
+        if self.root is None:
+            return [str(path)]
+        return [*self._loader_prefix(), str(path)]
+
+    def env(self) -> dict[str, str]:
+        """Environment for running QEMU binaries (module dir for the folder)."""
+        env = dict(os.environ)
+        if self.root is not None:
+            env["QEMU_MODULE_DIR"] = str(self.root / "usr/lib/x86_64-linux-gnu/qemu")
+        return env
+
+
+def _query_version(cmd: list[str], env: dict[str, str]) -> tuple[int, ...]:
+    try:
+        out = subprocess.run(
+            [*cmd, "--version"], env=env, capture_output=True, text=True, timeout=30
+        )
+    except OSError as e:
+        raise QemuNotFound(f"cannot run {cmd[-1]!s}: {e}") from e
+    if out.returncode != 0:
+        raise QemuNotFound(
+            f"{' '.join(cmd)} --version failed (exit {out.returncode}): {out.stderr.strip()}"
+        )
+    return _parse_version(out.stdout)
+
+
+def find_qemu() -> QemuInstall:
+    """The QEMU to use: ``$QEMU`` if set, else ``<repo>/build/qemu``."""
+    env_qemu = os.environ.get("QEMU")
+    if env_qemu:
+        path = Path(env_qemu)
+        if not path.is_absolute():
+            found = shutil.which(env_qemu)
+            path = Path(found) if found else path
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise QemuNotFound(
+                f"QEMU={env_qemu!r} is not an executable file. Set QEMU to the path of a "
+                f"qemu-system-x86_64 (>= {MIN_VERSION[0]}.{MIN_VERSION[1]}), or unset it "
+                "and run `make setup` to provision QEMU into build/qemu."
+            )
+        inst = QemuInstall(binary=path.absolute())
+        try:
+            version = _query_version(inst.system_cmd(), inst.env())
+        except QemuNotFound as e:
+            raise QemuNotFound(
+                f"QEMU={env_qemu!r} does not look like qemu-system-x86_64: {e}. Point QEMU at "
+                "a qemu-system-x86_64 (>= 10.1), or unset it and run `make setup`."
+            ) from e
+        if version[:2] < MIN_VERSION:
+            raise QemuNotFound(
+                f"QEMU={env_qemu!r} is version {'.'.join(map(str, version))}; qbackend needs "
+                f">= {MIN_VERSION[0]}.{MIN_VERSION[1]} (vfio-user-pci). Point QEMU at a newer "
+                "qemu-system-x86_64, or unset it and run `make setup`."
+            )
+        return QemuInstall(binary=inst.binary, version=version)
+
+    root = PROVISIONED_QEMU
+    binary = root / "usr/bin/qemu-system-x86_64"
+    if not (binary.exists() and (root / ".complete").exists()):
+        raise QemuNotFound(
+            f"no QEMU found: {root} is missing or incomplete. Run `make setup` "
+            "(or set QEMU=/path/to/qemu-system-x86_64, version >= 10.1)."
+        )
+    inst = QemuInstall(binary=binary, root=root)
+    version = _query_version(inst.system_cmd(), inst.env())
+    return QemuInstall(binary=binary, root=root, version=version)
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    kernel: Path
+    initrd: Path
+    kernel_version: str = ""
+
+
+def find_guest(guest_dir: Path | None = None) -> GuestImage:
+    """The test guest built by ``scripts/build-guest.sh build/guest``."""
+    d = guest_dir or GUEST_DIR
+    kernel, initrd = d / "vmlinuz", d / "initrd.img"
+    if not (kernel.is_file() and initrd.is_file()):
+        raise QemuNotFound(
+            f"no test guest in {d} (need vmlinuz and initrd.img). Run `make setup`."
+        )
+    kv = d / "kernel-version"
+    return GuestImage(kernel, initrd, kv.read_text().strip() if kv.exists() else "")
+
+
+class QemuMachine:
+    """One qemu-system-x86_64 process with QMP and serial console sockets.
+
+    The sockets and ``qemu.log`` live in ``workdir``::
+
+        with QemuMachine(workdir) as vm:
+            vm.qmp_path, vm.serial_path   # unix sockets, server side is QEMU
+    """
+
+    def __init__(
+        self,
+        workdir: Path | str,
+        *,
+        machine: str = "pc",
+        memory: str = "512M",
+        smp: int = 1,
+        append: str = "",
+        extra_args: list[str] | None = None,
+        qemu: QemuInstall | None = None,
+        guest: GuestImage | None = None,
+        accel: str | None = None,
+        name: str = "qemu",
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.machine = machine
+        self.memory = memory
+        self.smp = smp
+        self.append = append
+        self.extra_args = list(extra_args or [])
+        self.qemu = qemu or find_qemu()
+        self.guest = guest or find_guest()
+        self.accel = accel or os.environ.get("QBACKEND_ACCEL", "tcg")
+        self.qmp_path = self.workdir / f"{name}-qmp.sock"
+        self.serial_path = self.workdir / f"{name}-serial.sock"
+        self.log_path = self.workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_file = None
+
+    def args(self) -> list[str]:
+        """The full argv QEMU is started with."""
+        append = "console=ttyS0 loglevel=1 panic=-1"
+        if self.append:
+            append += " " + self.append
+        return [
+            *self.qemu.system_cmd(),
+            "-accel", self.accel,
+            "-object", f"memory-backend-memfd,id=mem,size={self.memory},share=on",
+            "-machine", f"{self.machine},memory-backend=mem",
+            "-m", self.memory,
+            "-smp", str(self.smp),
+            "-nodefaults", "-display", "none", "-vga", "none", "-no-reboot",
+            "-kernel", str(self.guest.kernel),
+            "-initrd", str(self.guest.initrd),
+            "-append", append,
+            "-chardev", f"socket,id=qmp,path={self.qmp_path},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"socket,id=ser,path={self.serial_path},server=on,wait=off",
+            "-serial", "chardev:ser",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Launch QEMU and wait until both sockets exist."""
+        if self.proc is not None:
+            raise QemuError("QemuMachine already started")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for p in (self.qmp_path, self.serial_path):
+            p.unlink(missing_ok=True)
+        self._log_file = open(self.log_path, "wb")
+        self._log_file.write(("$ " + " ".join(self.args()) + "\n").encode())
+        self._log_file.flush()
+        self.proc = subprocess.Popen(
+            self.args(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=self.qemu.env(),
+            start_new_session=True,
+        )
+        try:
+            self.wait_for_sockets(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_for_sockets(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self.qmp_path.exists() and self.serial_path.exists()):
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise QemuError(
+                    f"QEMU exited with status {self.proc.returncode} during startup:\n"
+                    + self.log_text()
+                )
+            if time.monotonic() > deadline:
+                raise QemuError(
+                    f"QEMU sockets did not appear within {timeout} s:\n" + self.log_text()
+                )
+            time.sleep(0.02)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def log_text(self, tail: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-tail:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM QEMU, wait, SIGKILL after ``timeout``; remove the sockets.
+
+        Returns QEMU's exit status (None if it was never started).
+        """
+        rc = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            rc = self.proc.returncode
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        for p in (self.qmp_path, self.serial_path):
+            p.unlink(missing_ok=True)
+        return rc
+
+    def __enter__(self) -> QemuMachine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Builds the test guest: a Debian kernel and a busybox initramfs holding the
+# kernel modules the tests load (uio, uio_pci_generic, ...).
+# Usage: scripts/build-guest.sh DEST      (writes DEST/vmlinuz and DEST/initrd.img)
+set -euo pipefail
+dest=${1:?usage: build-guest.sh DEST}
+here=$(cd "$(dirname "$0")" && pwd)
+
+# The modules the guest's /init may load, in dependency order.
+modules="uio uio_pci_generic"
+
+if [ -f "$dest/.complete" ] && [ "$dest/.complete" -nt "$here/guest-init" ] \
+        && [ "$dest/.complete" -nt "$0" ]; then
+    echo "guest: already built in $dest"
+    exit 0
+fi
+mkdir -p "$dest/debs"
+cd "$dest/debs"
+
+# linux-image-amd64 is a meta-package; it names the real kernel package.
+resolve_kernel() {
+    apt-cache depends linux-image-amd64 2>/dev/null \
+        | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1
+}
+kpkg=$(resolve_kernel)
+if [ -z "$kpkg" ]; then
+    echo "guest: apt lists are empty; running apt-get update"
+    apt-get update -qq
+    kpkg=$(resolve_kernel)
+fi
+[ -n "$kpkg" ] || { echo "guest: cannot resolve linux-image-amd64 (is the Debian mirror reachable?)" >&2; exit 1; }
+if ! ls "${kpkg}"_*.deb >/dev/null 2>&1; then
+    echo "guest: downloading $kpkg"
+    apt-get download "$kpkg" >/dev/null
+fi
+if ! ls busybox-static_*.deb >/dev/null 2>&1; then
+    apt-get download busybox-static >/dev/null
+fi
+rm -rf ../kernel ../bb ../initrd
+dpkg-deb -x "${kpkg}"_*.deb ../kernel
+dpkg-deb -x busybox-static_*.deb ../bb
+cd ..
+kver=${kpkg#linux-image-}
+echo "$kver" > kernel-version
+cp "kernel/boot/vmlinuz-$kver" vmlinuz
+
+root=initrd
+mkdir -p $root/bin $root/sbin $root/proc $root/sys $root/dev $root/tmp $root/lib/modules
+cp bb/bin/busybox $root/bin/busybox
+for applet in $(bb/bin/busybox --list); do
+    [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
+done
+for m in $modules; do
+    f=$(find "kernel/lib/modules/$kver" -name "$m.ko*" | head -n1)
+    [ -n "$f" ] || { echo "guest: module $m not found in $kpkg" >&2; exit 1; }
+    case "$f" in
+        *.xz) xz -dc "$f" > "$root/lib/modules/$m.ko" ;;
+        *.zst) zstd -qdc "$f" > "$root/lib/modules/$m.ko" ;;
+        *) cp "$f" "$root/lib/modules/$m.ko" ;;
+    esac
+done
+echo "$modules" > $root/lib/modules/order
+install -m 0755 "$here/guest-init" $root/init
+(cd $root && find . | cpio -o -H newc --quiet) | gzip -1 > initrd.img
+rm -rf kernel bb
+touch .complete
+echo "guest: kernel $kver, initramfs $(du -h initrd.img | cut -f1) in $dest"

@@ -1,0 +1,115 @@
+"""The test harness itself: QEMU boots the test guest, the serial shell and
+QMP both answer, and the guest's kernel modules load."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from backend.guest import GuestConsole
+from backend.qemu import GUEST_DIR, QemuMachine
+from backend.qmp import QmpError, SyncQmp
+
+pytestmark = pytest.mark.guest
+
+
+@dataclass
+class Booted:
+    vm: QemuMachine
+    console: GuestConsole
+    qmp: SyncQmp
+
+
+@pytest.fixture(scope="module")
+def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
+    workdir: Path = tmp_path_factory.mktemp("guest-boot")
+    vm = QemuMachine(workdir)
+    console = GuestConsole(vm.serial_path)
+    booted = None
+    try:
+        vm.start()
+        console.connect()
+        booted = Booted(vm, console, SyncQmp(vm.qmp_path))
+        console.wait_ready(timeout=60)
+        yield booted
+    finally:
+        if booted is not None:
+            booted.qmp.close()  # tests may replace it
+        console.close()
+        vm.stop()
+
+
+def test_kernel_version(booted: Booted) -> None:
+    expected = (GUEST_DIR / "kernel-version").read_text().strip()
+    assert booted.console.run_checked("uname -r").strip() == expected
+
+
+def test_uio_modules_load(booted: Booted) -> None:
+    c = booted.console
+    c.run_checked("insmod /lib/modules/uio.ko")
+    c.run_checked("insmod /lib/modules/uio_pci_generic.ko")
+    modules = c.run_checked("cat /proc/modules")
+    assert "uio_pci_generic" in modules
+    assert "uio " in modules
+
+
+def test_exit_status_and_output(booted: Booted) -> None:
+    c = booted.console
+    status, out = c.run_status("echo one; echo two >&2; false")
+    assert status == 1
+    assert out == "one\ntwo\n"
+    assert c.run_status("exit_code() { return 7; }; exit_code")[0] == 7
+
+
+def test_qmp_query_status(booted: Booted) -> None:
+    assert booted.qmp.execute("query-status")["status"] == "running"
+
+
+def test_qmp_error_carries_class(booted: Booted) -> None:
+    with pytest.raises(QmpError) as info:
+        booted.qmp.execute("device_del", {"id": "no-such-device"})
+    assert info.value.error_class == "DeviceNotFound"
+
+
+def test_qmp_events_sync(booted: Booted) -> None:
+    q = booted.qmp
+    q.execute("stop")
+    q.execute("cont")
+    # Both events are queued before we wait; they are taken in any order.
+    assert q.next_event("RESUME", timeout=10)["event"] == "RESUME"
+    assert q.next_event("STOP", timeout=10)["event"] == "STOP"
+    assert q.drain_events("STOP") == []
+
+
+def test_qmp_trio(booted: Booted) -> None:
+    import trio
+
+    from backend.qmp import QmpConnection, QmpTimeout
+
+    # The QMP monitor serves one client at a time: hand it over to trio.
+    booted.qmp.close()
+
+    async def main() -> None:
+        async with await QmpConnection.open(booted.vm.qmp_path) as q:
+            assert (await q.execute("query-status"))["status"] == "running"
+            with pytest.raises(QmpError) as info:
+                await q.execute("device_del", {"id": "nope"})
+            assert info.value.error_class == "DeviceNotFound"
+            await q.execute("stop")
+            ev = await q.next_event("STOP", timeout=10)
+            assert ev["event"] == "STOP"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(q.execute, "cont")
+                ev = await q.next_event("RESUME", timeout=10)
+            assert (await q.execute("query-status"))["status"] == "running"
+            with pytest.raises(QmpTimeout):
+                await q.next_event("DEVICE_DELETED", data={"device": "x"}, timeout=0.2)
+
+    try:
+        trio.run(main)
+    finally:
+        booted.qmp = SyncQmp(booted.vm.qmp_path)
+    assert booted.console.run_checked("echo alive") == "alive\n"
