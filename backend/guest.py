@@ -176,3 +176,13 @@ class GuestConsole:
         if status != 0:
             raise GuestCommandFailed(cmd, status, out)
         return out
+
+    def start_background(self, cmd: str) -> None:
+        """Start ``cmd`` in the guest without waiting for it.
+
+        busybox ash's line editor treats the SIGCHLD of a finished background
+        job as end of input and the shell exits, so the job is started from a
+        subshell that exits at once: the job's own end then signals init,
+        not the console shell.
+        """
+        self.run_checked(f"( ( {cmd} ) </dev/null >/dev/null 2>&1 & )")

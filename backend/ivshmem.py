@@ -182,8 +182,8 @@ class IvshmemDevice(PciFunction):
     name = "ivshmem"
 
     def __init__(self, group: PeerGroup, *, vectors: int = 1, position: int | None = None) -> None:
-        if not 1 <= vectors <= 64:
-            raise ValueError(f"ivshmem vectors={vectors}: must be 1..64")
+        if not 0 <= vectors <= 64:
+            raise ValueError(f"ivshmem vectors={vectors}: must be 0..64")
         self.group = group
         self.vectors = vectors
         memory = group.memory
@@ -192,18 +192,21 @@ class IvshmemDevice(PciFunction):
             subsystem_vendor_id=VENDOR_ID, subsystem_id=DEVICE_ID,
             bars=(
                 Bar(0, REGISTER_BAR_SIZE),
-                Bar(1, MSIX_BAR_SIZE),
+                *((Bar(1, MSIX_BAR_SIZE),) if vectors else ()),
                 Bar(2, memory.size, is_64bit=True, prefetchable=True),
             ),
             interrupt_pin=1,
-            msix=MsixLayout(vectors=vectors, bar=1),
+            # Without vectors the device has no MSI-X and no BAR1, like
+            # QEMU's ivshmem-plain.
+            msix=MsixLayout(vectors=vectors, bar=1) if vectors else None,
         )
         super().__init__(config, InterruptController(intx=True, msix_vectors=vectors))
         self.position = group.join(self, position)
         self.registers = IvshmemRegisters(self.position)
-        self.doorbells_received = [0] * vectors
+        self.doorbells_received = [0] * max(vectors, 1)
         self.regions[PciRegion.BAR0] = Region(REGISTER_BAR_SIZE, self._bar0_read, self._bar0_write)
-        self.regions[PciRegion.BAR1] = Region(MSIX_BAR_SIZE, self.msix_bar_read, self.msix_bar_write)
+        if vectors:
+            self.regions[PciRegion.BAR1] = Region(MSIX_BAR_SIZE, self.msix_bar_read, self.msix_bar_write)
         self.regions[PciRegion.BAR2] = Region(memory.size, memory.read, memory.write, mmap_fd=memory.fd)
 
     def _bar0_read(self, offset: int, count: int) -> bytes:
@@ -229,7 +232,7 @@ class IvshmemDevice(PciFunction):
 
     def receive_doorbell(self, vector: int) -> bool:
         """A doorbell for this peer: MSI-X if enabled, else IntrStatus and INTx."""
-        if not 0 <= vector < self.vectors:
+        if not 0 <= vector < max(self.vectors, 1):  # INTx-only devices take vector 0
             return False
         self.doorbells_received[vector] += 1
         if self.config.msix_enabled:

@@ -251,18 +251,17 @@ class Message(NamedTuple):
 class MessageReader:
     """Cuts a byte stream into messages.
 
-    Ancillary fds arrive with the first bytes of the sendmsg() that carried
-    them (the kernel does not merge such a segment into earlier data), so fds
-    handed in with a chunk belong to the message that the chunk's first byte
-    belongs to.
+    Which message do ancillary fds belong to?  Linux's stream recvmsg()
+    glues earlier fd-less data onto a segment that carries fds but stops
+    right after that segment, and the sender (QEMU) sends each message with
+    one sendmsg().  So fds received with a chunk belong to the message that
+    holds the chunk's last byte.
     """
 
-    def __init__(self, max_message_size: int = MAX_MESSAGE_SIZE, max_fds: int = MAX_MSG_FDS) -> None:
+    def __init__(self, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
         self.max_message_size = max_message_size
-        self.max_fds = max_fds
         self._buffer = bytearray()
-        self._fds: list[int] = []  # fds of the message at the head of the buffer
-        self._pending_fds: list[tuple[int, list[int]]] = []  # (buffer position, fds) for later messages
+        self._fd_marks: list[tuple[int, list[int]]] = []  # (buffer index of a chunk's last byte, fds)
         self._eof = False
 
     def receive_data(self, data: bytes, fds: tuple[int, ...] | list[int] = ()) -> None:
@@ -270,14 +269,11 @@ class MessageReader:
         if not data:
             self._eof = True
             if fds:
-                self._fds.extend(fds)
+                self._fd_marks.append((len(self._buffer), list(fds)))
             return
-        if fds:
-            if self._buffer:
-                self._pending_fds.append((len(self._buffer), list(fds)))
-            else:
-                self._fds.extend(fds)
         self._buffer += data
+        if fds:
+            self._fd_marks.append((len(self._buffer) - 1, list(fds)))
 
     @property
     def eof(self) -> bool:
@@ -288,10 +284,9 @@ class MessageReader:
         return len(self._buffer)
 
     def take_fds(self) -> list[int]:
-        """Every fd held, for the caller to close when the connection ends."""
-        fds = self._fds + [fd for _, group in self._pending_fds for fd in group]
-        self._fds = []
-        self._pending_fds = []
+        """Every fd still held, for the caller to close when the connection ends."""
+        fds = [fd for _, group in self._fd_marks for fd in group]
+        self._fd_marks = []
         return fds
 
     def next_message(self) -> Message | None:
@@ -299,40 +294,40 @@ class MessageReader:
         buf = self._buffer
         if len(buf) < HEADER_SIZE:
             if self._eof and buf:
-                raise ProtocolError(f"stream ended inside a message header ({len(buf)} of 16 bytes)")
+                raise ProtocolError(f"stream ended inside a message header ({len(buf)} of 16 bytes)",
+                                    fds=tuple(self.take_fds()))
             return None
         msg_id, command, size, flags, error = HEADER.unpack_from(buf)
         if size < HEADER_SIZE:
-            raise ProtocolError(f"message size {size} is smaller than the 16-byte header")
+            raise ProtocolError(f"message size {size} is smaller than the 16-byte header",
+                                fds=tuple(self.take_fds()))
         if size > self.max_message_size:
             reply = b"" if flags & TYPE_MASK else build_error_reply(msg_id, command, E.EINVAL)
             raise ProtocolError(
                 f"message size {size} is over the limit of {self.max_message_size} bytes",
-                reply=reply,
-            )
+                reply=reply, fds=tuple(self.take_fds()))
         if len(buf) < size:
             if self._eof:
-                raise ProtocolError(f"stream ended inside a message ({len(buf)} of {size} bytes)")
+                raise ProtocolError(f"stream ended inside a message ({len(buf)} of {size} bytes)",
+                                    fds=tuple(self.take_fds()))
             return None
         payload = bytes(buf[HEADER_SIZE:size])
         del buf[:size]
-        fds = tuple(self._fds)
-        self._fds = []
-        if self._pending_fds:
-            self._shift_pending_fds(size)
+        fds: tuple[int, ...] = ()
+        if self._fd_marks:
+            fds = self._take_marks(size)
         return Message(Header(msg_id, command, size, flags, error), payload, fds)
 
-    def _shift_pending_fds(self, consumed: int) -> None:
+    def _take_marks(self, size: int) -> tuple[int, ...]:
+        mine: list[int] = []
         rest: list[tuple[int, list[int]]] = []
-        for pos, group in self._pending_fds:
-            pos -= consumed
-            if pos <= 0:
-                # Its chunk began inside the message just taken; only a
-                # message boundary inside one sendmsg() could do this.
-                self._fds.extend(group)
+        for pos, group in self._fd_marks:
+            if pos < size:
+                mine.extend(group)
             else:
-                rest.append((pos, group))
-        self._pending_fds = rest
+                rest.append((pos - size, group))
+        self._fd_marks = rest
+        return tuple(mine)
 
 
 # -- requests -------------------------------------------------------------------

@@ -1,0 +1,217 @@
+"""qbackend's command line.
+
+    qbackend serve --ivshmem socket=/tmp/iv0.sock,size=4M
+    qbackend run                      # QEMU + a booted guest + the devices
+    qbackend console PATH             # talk to a guest's serial console
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import termios
+import tty
+from pathlib import Path
+
+import trio
+
+from .options import IvshmemOptions, OptionError
+from .service import Backend
+
+EPILOG_SERVE = """\
+examples:
+  qbackend serve --ivshmem socket=/tmp/iv0.sock,size=4M
+  qbackend serve --ivshmem socket=/tmp/a.sock,shm=group1 --ivshmem socket=/tmp/b.sock,shm=group1
+
+then attach a device to QEMU (10.1 or later), for example:
+  qemu-system-x86_64 ... \\
+    -object memory-backend-memfd,id=mem,size=512M,share=on -machine pc,memory-backend=mem \\
+    -device '{"driver":"vfio-user-pci","id":"iv0","socket":{"type":"unix","path":"/tmp/iv0.sock"}}'
+(shared guest RAM lets the device reach guest memory through fds)
+
+--ivshmem keys:
+  socket=PATH    UNIX socket QEMU's vfio-user-pci connects to (required; created mode 0600)
+  size=SIZE      shared memory (BAR2), a power of two: 4K .. ; default 4M
+  shm=NAME       back the memory with /dev/shm/NAME so host programs can map it;
+                 devices with the same shm= share one memory (a peer group)
+  vectors=N      MSI-X vectors, 1..64; default 1
+  peer=N         IVPosition (peer id); default: the lowest free id in the group
+  id=NAME        a name for logs; default ivshmemN
+"""
+
+EPILOG_RUN = """\
+Starts the devices, then QEMU with a booted busybox guest and the devices
+attached; prints where the guest console and the QMP socket are.  Ctrl-C
+stops everything.  QEMU comes from $QEMU or from 'make setup'; the
+accelerator from --accel or $QBACKEND_ACCEL (default tcg).
+"""
+
+
+def _ivshmem_option(text: str) -> IvshmemOptions:
+    try:
+        return IvshmemOptions.parse(text)
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qbackend",
+        description="External PCI devices for QEMU over vfio-user: ivshmem shared memory today.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'qbackend COMMAND --help' for the options of each command.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser("serve", help="serve devices on vfio-user sockets until Ctrl-C",
+                           description="Serve devices to QEMU until interrupted.",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_SERVE)
+    serve.add_argument("--ivshmem", type=_ivshmem_option, action="append", default=[], metavar="KEY=VALUE,...",
+                       help="an ivshmem device (repeatable); keys below")
+
+    run = sub.add_parser("run", help="start the devices, QEMU and a booted guest together",
+                         description="Start qbackend's devices and a QEMU guest that uses them.",
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_RUN)
+    run.add_argument("--ivshmem", type=_ivshmem_option, action="append", default=[], metavar="KEY=VALUE,...",
+                     help="an ivshmem device (repeatable); default: one of 4M; see 'serve --help'")
+    run.add_argument("--workdir", type=Path, default=Path("build/run"),
+                     help="where sockets and the QEMU log go (default: build/run)")
+    run.add_argument("--machine", default="pc", help="QEMU machine type (default: pc)")
+    run.add_argument("--accel", default=None, help="QEMU accelerator (default: $QBACKEND_ACCEL or tcg)")
+    run.add_argument("--memory", default="512M", help="guest RAM (default: 512M)")
+
+    console = sub.add_parser("console", help="attach the terminal to a guest's serial console socket",
+                             description="Relay this terminal to a UNIX socket (a QEMU serial chardev). "
+                                         "Leave with Ctrl-].")
+    console.add_argument("path", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "run":
+            return _run(args)
+        if args.command == "console":
+            return _console(args.path)
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"qbackend: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def _backend(options: list[IvshmemOptions]) -> Backend:
+    backend = Backend()
+    for opt in options:
+        backend.add_ivshmem(opt)
+    return backend
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if not args.ivshmem:
+        print("qbackend serve: nothing to serve; add a device, e.g. --ivshmem socket=/tmp/iv0.sock,size=4M",
+              file=sys.stderr)
+        return 2
+    backend = _backend(args.ivshmem)
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(backend.run)
+            for served in backend.devices.values():
+                dev = served.device
+                print(f"{served.id}: {served.server.socket_path} (IVPosition {getattr(dev, 'position', '-')})",
+                      flush=True)
+            print("serving; Ctrl-C stops", flush=True)
+
+    trio.run(serve)
+    return 0
+
+
+def vfio_user_device_arg(dev_id: str, socket_path: Path, **props: object) -> str:
+    """A QEMU -device argument for vfio-user-pci (JSON: the socket is a struct)."""
+    spec = {"driver": "vfio-user-pci", "id": dev_id, "socket": {"type": "unix", "path": str(socket_path)},
+            **props}
+    return json.dumps(spec)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .qemu import QemuMachine
+
+    workdir: Path = args.workdir.resolve()
+    options = args.ivshmem or [IvshmemOptions(socket=workdir / "ivshmem0.sock")]
+    backend = _backend(options)
+    extra: list[str] = []
+    for served in backend.devices.values():
+        extra += ["-device", vfio_user_device_arg(served.id, served.server.socket_path)]
+    vm = QemuMachine(workdir, machine=args.machine, memory=args.memory, accel=args.accel, extra_args=extra)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(backend.run)
+            try:
+                await trio.to_thread.run_sync(vm.start)
+                print(f"QEMU pid {vm.pid}, log {vm.log_path}")
+                print(f"guest console: {vm.serial_path}   (attach: qbackend console {vm.serial_path})")
+                print(f"QMP socket:    {vm.qmp_path}")
+                for served in backend.devices.values():
+                    print(f"{served.id}: vfio-user socket {served.server.socket_path}")
+                print("Ctrl-C stops QEMU and qbackend", flush=True)
+                assert vm.proc is not None
+                status = await trio.to_thread.run_sync(vm.proc.wait, abandon_on_cancel=True)
+                print(f"QEMU exited with status {status}")
+            finally:
+                vm.stop()
+                nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        print("\nstopped")
+    return 0
+
+
+def _console(path: Path) -> int:
+    """A minimal terminal relay; Ctrl-] leaves."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(os.fspath(path))
+    stdin = sys.stdin.fileno()
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    print(f"connected to {path}; Ctrl-] leaves", file=sys.stderr)
+    try:
+        if saved is not None:
+            tty.setraw(stdin)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        while True:
+            ready, _, _ = select.select([stdin, sock], [], [])
+            if sock in ready:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                os.write(sys.stdout.fileno(), data)
+            if stdin in ready:
+                data = os.read(stdin, 1024)
+                if not data or b"\x1d" in data:
+                    break
+                sock.sendall(data)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

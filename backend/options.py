@@ -1,0 +1,98 @@
+"""Command-line device options in QEMU's own style: `key=value,key=value`,
+with `,,` for a literal comma, and sizes such as `4M` or `1G`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class OptionError(ValueError):
+    """A device option that cannot be used; the message says how to fix it."""
+
+
+def parse_keyval(text: str, option: str) -> dict[str, str]:
+    result: dict[str, str] = {}
+    items: list[str] = []
+    current = ""
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == ",":
+            if text[i + 1:i + 2] == ",":
+                current += ","
+                i += 2
+                continue
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+        i += 1
+    items.append(current)
+    for item in items:
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise OptionError(f"{option}: '{item}' is not key=value (example: {option} socket=/tmp/iv.sock,size=4M)")
+        if key in result:
+            raise OptionError(f"{option}: '{key}' is given twice")
+        result[key] = value
+    return result
+
+
+_SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str, what: str) -> int:
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise OptionError(f"{what}: '{text}' is not a size (examples: 4096, 64K, 4M, 1G)")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def _parse_int(text: str, what: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise OptionError(f"{what}: '{text}' is not a number") from None
+
+
+@dataclass(frozen=True)
+class IvshmemOptions:
+    """`--ivshmem socket=PATH,size=SIZE[,shm=NAME][,vectors=N][,id=ID][,peer=N]`"""
+
+    socket: Path
+    size: int = 4 << 20
+    shm: str | None = None
+    vectors: int = 1
+    id: str = ""
+    peer: int | None = None
+
+    KEYS = ("socket", "size", "shm", "vectors", "id", "peer")
+
+    @classmethod
+    def parse(cls, text: str) -> IvshmemOptions:
+        kv = parse_keyval(text, "--ivshmem")
+        unknown = sorted(set(kv) - set(cls.KEYS))
+        if unknown:
+            raise OptionError(f"--ivshmem: unknown key(s) {', '.join(unknown)}; known: {', '.join(cls.KEYS)}")
+        if "socket" not in kv:
+            raise OptionError("--ivshmem: socket=PATH is required (the UNIX socket QEMU connects to)")
+        size = parse_size(kv.get("size", "4M"), "--ivshmem size")
+        if size < 4096 or size & (size - 1):
+            raise OptionError(f"--ivshmem size={kv.get('size')}: must be a power of two of at least 4K "
+                              "(QEMU refuses other BAR sizes)")
+        vectors = _parse_int(kv.get("vectors", "1"), "--ivshmem vectors")
+        if not 0 <= vectors <= 64:
+            raise OptionError(f"--ivshmem vectors={vectors}: must be 0..64 (0: no MSI-X, INTx only)")
+        peer = _parse_int(kv["peer"], "--ivshmem peer") if "peer" in kv else None
+        if peer is not None and not 0 <= peer <= 0xFFFF:
+            raise OptionError(f"--ivshmem peer={peer}: must be 0..65535")
+        shm = kv.get("shm") or None
+        if shm is not None and "/" in shm:
+            raise OptionError(f"--ivshmem shm={shm}: a name in /dev/shm, without '/'")
+        return cls(socket=Path(kv["socket"]), size=size, shm=shm, vectors=vectors,
+                   id=kv.get("id", ""), peer=peer)
