@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,6 +150,9 @@ class PeerGroup:
     memory: SharedMemory
     peers: dict[int, "IvshmemDevice"] = field(default_factory=dict)
     dropped_doorbells: int = 0
+    # One lock for the whole group, used as every member's device lock: a
+    # doorbell from one peer's connection thread touches another peer.
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
     def allocate_id(self) -> int:
         peer_id = 0
@@ -170,12 +174,14 @@ class PeerGroup:
         self.peers.pop(position, None)
 
     def ring(self, peer: int, vector: int) -> bool:
-        target = self.peers.get(peer)
-        if target is None or not target.receive_doorbell(vector):
-            self.dropped_doorbells += 1
-            log.debug("ivshmem doorbell to peer %d vector %d dropped", peer, vector)
-            return False
-        return True
+        """Signal `vector` of `peer`; False (and counted) if there is no such one."""
+        with self.lock:
+            target = self.peers.get(peer)
+            if target is None or not target.receive_doorbell(vector):
+                self.dropped_doorbells += 1
+                log.debug("ivshmem doorbell to peer %d vector %d dropped", peer, vector)
+                return False
+            return True
 
 
 class IvshmemDevice(PciFunction):
@@ -201,6 +207,7 @@ class IvshmemDevice(PciFunction):
             msix=MsixLayout(vectors=vectors, bar=1) if vectors else None,
         )
         super().__init__(config, InterruptController(intx=True, msix_vectors=vectors))
+        self.lock = group.lock
         self.position = group.join(self, position)
         self.registers = IvshmemRegisters(self.position)
         self.doorbells_received = [0] * max(vectors, 1)
