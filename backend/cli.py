@@ -129,6 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
             await nursery.start(backend.run)
             for served in backend.devices.values():
                 dev = served.device
@@ -160,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
             await nursery.start(backend.run)
             try:
                 await trio.to_thread.run_sync(vm.start)
@@ -175,12 +177,21 @@ def _run(args: argparse.Namespace) -> int:
             finally:
                 vm.stop()
                 nursery.cancel_scope.cancel()
+        for path in (vm.qmp_path, vm.serial_path):
+            path.unlink(missing_ok=True)
 
-    try:
-        trio.run(run)
-    except KeyboardInterrupt:
-        print("\nstopped")
+    trio.run(run)
+    print("stopped; no QEMU or socket left behind")
     return 0
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    """Ctrl-C or SIGTERM: cancel everything, so every `finally` runs."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            print(f"\n{signal.Signals(signum).name}: stopping QEMU and qbackend", flush=True)
+            scope.cancel()
+            return
 
 
 def _console(path: Path) -> int:

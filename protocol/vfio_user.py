@@ -488,7 +488,7 @@ def _parse_capabilities(raw: bytes) -> Capabilities:
         return Capabilities()
     try:
         doc = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise RequestError(f"VERSION JSON does not parse: {exc}") from None
     _require(isinstance(doc, dict), "VERSION JSON is not an object")
     caps = doc.get("capabilities", {})
@@ -544,7 +544,7 @@ def _parse_dma_map(payload: bytes, n: int, nfds: int, max_xfer: int) -> Body:
     _require(n >= DMA_MAP.size, f"DMA_MAP payload of {n} bytes is too short")
     argsz, flags, offset, addr, size = DMA_MAP.unpack_from(payload)
     _require(argsz == DMA_MAP.size, f"DMA_MAP argsz {argsz} is not {DMA_MAP.size}")
-    _require(flags & ~(DmaMapFlags.READ | DmaMapFlags.WRITE) == 0, f"DMA_MAP flags {flags:#x} unknown")
+    _require(flags & ~int(DmaMapFlags.READ | DmaMapFlags.WRITE) == 0, f"DMA_MAP flags {flags:#x} unknown")
     _require(nfds <= 1, f"DMA_MAP carries {nfds} fds; at most 1")
     _require(size > 0, "DMA_MAP of size 0")
     _require(addr % PAGE_SIZE == 0 and size % PAGE_SIZE == 0,
@@ -558,7 +558,7 @@ def _parse_dma_unmap(payload: bytes, n: int, nfds: int, max_xfer: int) -> Body:
     _require(n >= DMA_UNMAP.size, f"DMA_UNMAP payload of {n} bytes is too short")
     argsz, flags, addr, size = DMA_UNMAP.unpack_from(payload)
     _require(argsz >= DMA_UNMAP.size, f"DMA_UNMAP argsz {argsz} is too small")
-    _require(flags & ~(DmaUnmapFlags.ALL | DmaUnmapFlags.GET_DIRTY_BITMAP) == 0,
+    _require(flags & ~int(DmaUnmapFlags.ALL | DmaUnmapFlags.GET_DIRTY_BITMAP) == 0,
              f"DMA_UNMAP flags {flags:#x} unknown")
     _require(not flags & DmaUnmapFlags.GET_DIRTY_BITMAP, "dirty page tracking is not supported",
              E.ENOTSUP)
@@ -594,7 +594,7 @@ def _parse_device_set_irqs(payload: bytes, n: int, nfds: int, max_xfer: int) -> 
     _require(n >= IRQ_SET.size, f"SET_IRQS payload of {n} bytes is too short")
     argsz, flags, index, start, count = IRQ_SET.unpack_from(payload)
     _require(argsz >= IRQ_SET.size, f"SET_IRQS argsz {argsz} is too small")
-    _require(flags & ~(DATA_FLAGS | ACTION_FLAGS) == 0, f"SET_IRQS flags {flags:#x} unknown")
+    _require(flags & ~int(DATA_FLAGS | ACTION_FLAGS) == 0, f"SET_IRQS flags {flags:#x} unknown")
     data, action = flags & DATA_FLAGS, flags & ACTION_FLAGS
     _require(bin(data).count("1") == 1, f"SET_IRQS flags {flags:#x}: need exactly one DATA_ flag")
     _require(bin(action).count("1") == 1, f"SET_IRQS flags {flags:#x}: need exactly one ACTION_ flag")

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""vfio-user round-trip benchmark: 4-byte config-space REGION_READs from a
+raw-socket client, synchronous (one in flight) and pipelined (64 in flight).
+
+Servers measured in the same run, interleaved, medians of several rounds:
+  qbackend      `qbackend serve --ivshmem ...` (this project)
+  python-floor  a minimal blocking Python loop answering the same reads
+                without any parsing: what a Python server cannot beat
+  libvfio-user  libvfio-user's C sample `gpio-pci-idio-16`, when given with
+                --libvfio-user PATH or $LIBVFIO_USER_SERVER (built outside
+                this repository; see README)
+
+Placement changes round trips tenfold on this machine (shared/notes/
+benchmarking-here.md): each figure is taken with client and server pinned
+to CPU 0, and again unpinned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from protocol import vfio_user as vu  # noqa: E402
+
+READ_CONFIG = vu.build_message(1, vu.Command.REGION_READ, vu.REGION_ACCESS.pack(0, vu.PciRegion.CONFIG, 4))
+REPLY_SIZE = vu.HEADER_SIZE + vu.REGION_ACCESS.size + 4
+VERSION = vu.build_message(0, vu.Command.VERSION, vu.VERSION_PREFIX.pack(0, 0) + json.dumps(
+    {"capabilities": {"max_msg_fds": 16, "max_data_xfer_size": 1048576}}).encode() + b"\0")
+
+FLOOR_SERVER = r"""
+import os, socket, struct, sys
+path = sys.argv[1]
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(path)
+listener.listen()
+conn, _ = listener.accept()
+fd = conn.fileno()
+H = struct.Struct("=HHIII")
+while True:
+    data = os.read(fd, 65536)
+    if not data:
+        break
+    pos = 0
+    out = []
+    while pos + 16 <= len(data):
+        i, cmd, size, flags, err = H.unpack_from(data, pos)
+        if cmd == 1:
+            out.append(H.pack(i, cmd, 20, 1, 0) + bytes(4))
+        else:
+            out.append(H.pack(i, cmd, size + 4, 1, 0) + data[pos + 16:pos + 32] + bytes(4))
+        pos += size
+    os.write(fd, b"".join(out))
+"""
+
+
+def start_server(kind: str, path: str, pinned: bool, libvfio_user: str | None) -> subprocess.Popen[bytes]:
+    if kind == "qbackend":
+        cmd = [sys.executable, "-m", "backend.cli", "serve", "--ivshmem", f"socket={path},size=4K"]
+    elif kind == "python-floor":
+        cmd = [sys.executable, "-c", FLOOR_SERVER, path]
+    else:
+        assert libvfio_user
+        cmd = [libvfio_user, path]
+    if pinned:
+        cmd = ["taskset", "-c", "0", *cmd]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"bench: the {kind} server did not start ({' '.join(cmd)})")
+        time.sleep(0.02)
+    return proc
+
+
+def connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    for _ in range(200):
+        try:
+            sock.connect(path)
+            break
+        except (ConnectionRefusedError, FileNotFoundError):
+            time.sleep(0.01)
+    sock.sendall(VERSION)
+    header = sock.recv(16, socket.MSG_WAITALL)
+    size = vu.HEADER.unpack(header)[2]
+    if size > 16:
+        sock.recv(size - 16, socket.MSG_WAITALL)
+    return sock
+
+
+def sync_rate(sock: socket.socket, n: int) -> float:
+    fd = sock.fileno()
+    write, read = os.write, os.read
+    start = time.perf_counter()
+    for _ in range(n):
+        write(fd, READ_CONFIG)
+        got = read(fd, 4096)
+        while len(got) < REPLY_SIZE:  # a reply split in two reads
+            got += read(fd, 4096)
+    return n / (time.perf_counter() - start)
+
+
+def pipelined_rate(sock: socket.socket, n: int, depth: int = 64) -> float:
+    fd = sock.fileno()
+    start = time.perf_counter()
+    os.write(fd, READ_CONFIG * depth)
+    sent, received, pending = depth, 0, 0
+    while received < n:
+        data = os.read(fd, 65536)
+        pending += len(data)
+        done, pending = divmod(pending, REPLY_SIZE)
+        received += done
+        more = min(done, n - sent)
+        if more > 0:
+            os.write(fd, READ_CONFIG * more)
+            sent += more
+    return n / (time.perf_counter() - start)
+
+
+def measure(kind: str, pinned: bool, args: argparse.Namespace) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bench.sock")
+        proc = start_server(kind, path, pinned, args.libvfio_user)
+        try:
+            if pinned:
+                os.sched_setaffinity(0, {0})
+            sock = connect(path)
+            sync_rate(sock, 2000)  # warm up
+            sync = sync_rate(sock, args.requests)
+            piped = pipelined_rate(sock, args.requests * 2)
+            sock.close()
+        finally:
+            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+            proc.terminate()
+            proc.wait(5)
+    return sync, piped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=30000, help="requests per measurement (default 30000)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
+    parser.add_argument("--libvfio-user", default=os.environ.get("LIBVFIO_USER_SERVER"),
+                        help="path to libvfio-user's samples/gpio-pci-idio-16, for comparison")
+    args = parser.parse_args()
+    kinds = ["qbackend", "python-floor"] + (["libvfio-user"] if args.libvfio_user else [])
+    results: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+    for r in range(args.rounds):
+        for pinned in (True, False):
+            for kind in kinds:
+                results.setdefault((kind, pinned), []).append(measure(kind, pinned, args))
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+
+    def med(kind: str, pinned: bool, i: int) -> float:
+        return statistics.median(x[i] for x in results[(kind, pinned)])
+
+    print(f"\n4-byte config-space REGION_READ, {args.requests} requests, median of {args.rounds} rounds")
+    print(f"{'server':<14}{'placement':<11}{'sync req/s':>12}{'pipelined x64':>15}"
+          f"{'sync vs qbackend':>18}")
+    for pinned in (True, False):
+        base = med("qbackend", pinned, 0)
+        for kind in kinds:
+            s, p = med(kind, pinned, 0), med(kind, pinned, 1)
+            print(f"{kind:<14}{'cpu0' if pinned else 'unpinned':<11}{s:>12,.0f}{p:>15,.0f}{s / base:>17.2f}x")
+    target = 60000
+    got = med("qbackend", True, 0)
+    print(f"\nqbackend synchronous, pinned: {got:,.0f}/s; target {target:,}/s ({got / target:.2f} of target)")
+    if not args.libvfio_user:
+        print("libvfio-user not measured (give --libvfio-user PATH); the notes measured ~124,000/s sync "
+              "and ~285,000/s pipelined here")
+
+
+if __name__ == "__main__":
+    main()
