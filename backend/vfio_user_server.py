@@ -117,13 +117,20 @@ class Connection:
                 with self.device.lock:
                     if ancdata:
                         protocol.receive_data(data, _unpack_fds(ancdata))
+                        self._handle_events(out)
                     else:
-                        protocol.receive_data(data)
-                    self._handle_events(out)
+                        single = protocol.receive_single(data)
+                        if single is None:
+                            protocol.receive_data(data)
+                            self._handle_events(out)
+                        else:
+                            self._handle_request(single, out)
                 if out:
                     with send_lock:
                         try:
-                            sock.sendall(out)
+                            sent = sock.send(out)
+                            if sent != len(out):
+                                sock.sendall(out[sent:])
                         except OSError as exc:
                             raise ConnectionClosed(str(exc)) from None
                     out.clear()
@@ -154,21 +161,7 @@ class Connection:
             if event is vu.NEED_DATA:
                 return
             if isinstance(event, vu.Request):
-                stats[event.command] += 1
-                try:
-                    reply, fds = self._handlers[event.command](event)
-                except (vu.RequestError, DmaError) as exc:
-                    stats["request_errors"] += 1
-                    log.info("%s: %s request %d refused: %s", self.server.name, event.command.name,
-                             event.id, exc)
-                    out += protocol.error_reply(event, exc.errno)
-                    continue
-                if fds:
-                    self._send_blocking(bytes(out))
-                    out.clear()
-                    self._send_blocking(reply, fds)
-                else:
-                    out += reply
+                self._handle_request(event, out)
             elif isinstance(event, vu.ServerReplyReceived):
                 _close_fds(event.fds)
                 self._trio_token.run_sync_soon(self._deliver_reply, event)
@@ -179,6 +172,22 @@ class Connection:
                          event.command, event.reason)
                 _close_fds(event.fds)
                 out += event.reply
+
+    def _handle_request(self, request: vu.Request, out: bytearray) -> None:
+        self.server.stats[request.command] += 1
+        try:
+            reply, fds = self._handlers[request.command](request)
+        except (vu.RequestError, DmaError) as exc:
+            self.server.stats["request_errors"] += 1
+            log.info("%s: %s request %d refused: %s", self.server.name, request.command.name, request.id, exc)
+            out += self.protocol.error_reply(request, exc.errno)
+            return
+        if fds:
+            self._send_blocking(bytes(out))
+            out.clear()
+            self._send_blocking(reply, fds)
+        else:
+            out += reply
 
     def _deliver_reply(self, event: vu.ServerReplyReceived) -> None:
         waiter = self._replies.get(event.id)

@@ -751,6 +751,10 @@ def region_write_reply_payload(req: RegionWrite) -> bytes:
 
 
 _COMMANDS = {int(c): c for c in Command}
+_ACCESS_MESSAGE_UNPACK = struct.Struct("=HHIIIQII").unpack_from  # a header and a region access prefix
+_REGION_READ = int(Command.REGION_READ)
+_REGION_WRITE = int(Command.REGION_WRITE)
+_new = tuple.__new__
 _HOT_PARSERS = {int(Command.REGION_READ): _parse_region_read, int(Command.REGION_WRITE): _parse_region_write}
 
 
@@ -777,6 +781,9 @@ class ServerConnection:
     client_caps: Capabilities = field(default_factory=Capabilities)
     _next_server_id: int = 0
     _pending_server: dict[int, Command] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._max_xfer = self.server_caps.max_data_xfer_size
 
     def receive_data(self, data: bytes, fds: tuple[int, ...] | list[int] = ()) -> None:
         self.reader.receive_data(data, fds)
@@ -839,6 +846,35 @@ class ServerConnection:
             self.client_caps = body.capabilities
             self.state = State.READY
         return Request(hdr.id, command, body, hdr.no_reply, msg.fds, hdr.size)
+
+    def receive_single(self, data: bytes) -> Request | None:
+        """Fast path for the bulk of all traffic.
+
+        When nothing is buffered and `data` is exactly one well-formed
+        REGION_READ or REGION_WRITE without fds, return its Request at
+        once.  Otherwise return None having consumed nothing; the caller
+        then goes the general way (receive_data / next_event), which also
+        produces the errors for malformed accesses.  Every check the general
+        path makes is made here too; the records are built with
+        tuple.__new__, which skips the named tuples' Python-level __new__.
+        """
+        if self.state is not State.READY or self.reader._buffer or len(data) < 32:
+            return None
+        msg_id, command, size, flags, _error, offset, region, count = _ACCESS_MESSAGE_UNPACK(data)
+        if size != len(data) or flags & ~FLAG_NO_REPLY or not 0 < count <= self._max_xfer \
+                or offset + count > _U64_END:
+            return None
+        if command == _REGION_READ:
+            if size != 32:
+                return None
+            body: Body = _new(RegionRead, (region, offset, count))
+        elif command == _REGION_WRITE:
+            if size != 32 + count:
+                return None
+            body = _new(RegionWrite, (region, offset, data[32:]))
+        else:
+            return None
+        return _new(Request, (msg_id, _COMMANDS[command], body, flags == FLAG_NO_REPLY, (), size))
 
     def version_reply(self, request: Request) -> bytes:
         return build_reply(request.id, Command.VERSION, version_reply_payload(self.server_caps))

@@ -285,7 +285,16 @@ BAD_VERSION_PAYLOADS = {
 @pytest.mark.parametrize("payload", BAD_VERSION_PAYLOADS.values(), ids=BAD_VERSION_PAYLOADS.keys())
 def test_malformed_version_is_fatal(payload: bytes) -> None:
     conn = ServerConnection()
-    conn.receive_data(build_message(3, Command.VERSION, payload), (60,))
+    conn.receive_data(build_message(3, Command.VERSION, payload))
+    with pytest.raises(ProtocolError) as info:
+        conn.next_event()
+    assert info.value.reply == build_error_reply(3, Command.VERSION, E.EINVAL)
+    assert conn.state is State.CLOSED
+
+
+def test_version_with_fds_is_fatal_and_hands_them_back() -> None:
+    conn = ServerConnection()
+    conn.receive_data(build_message(3, Command.VERSION, version_payload()), (60,))
     with pytest.raises(ProtocolError) as info:
         conn.next_event()
     assert info.value.reply == build_error_reply(3, Command.VERSION, E.EINVAL)
@@ -446,11 +455,15 @@ def test_good_dma_map_keeps_its_fd() -> None:
     assert event.fds == (95,)
 
 
-def test_dma_unmap_all_with_a_range_is_rejected() -> None:
+def test_bad_dma_unmap_is_rejected() -> None:
     conn = ready()
     for msg_id, (addr, size) in enumerate([(0x1000, 0), (0, 0x1000)], 1):
         payload = DMA_UNMAP.pack(DMA_UNMAP.size, DmaUnmapFlags.ALL, addr, size)
         assert_rejected(one_event(conn, build_message(msg_id, Command.DMA_UNMAP, payload)), E.EINVAL, msg_id)
+    payload = DMA_UNMAP.pack(DMA_UNMAP.size, DmaUnmapFlags.ALL | 4, 0, 0)
+    assert_rejected(one_event(conn, build_message(3, Command.DMA_UNMAP, payload)), E.EINVAL, 3)
+    payload = DMA_UNMAP.pack(DMA_UNMAP.size, DmaUnmapFlags.GET_DIRTY_BITMAP, 0x1000, 0x1000)
+    assert_rejected(one_event(conn, build_message(3, Command.DMA_UNMAP, payload)), E.ENOTSUP, 3)
     payload = DMA_UNMAP.pack(DMA_UNMAP.size, DmaUnmapFlags.ALL, 0, 0)
     event = one_event(conn, build_message(3, Command.DMA_UNMAP, payload))
     assert isinstance(event, Request) and event.body.flags == DmaUnmapFlags.ALL
