@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an ivshmem device (repeatable); default: one of 4M; see 'serve --help'")
     run.add_argument("--workdir", type=Path, default=Path("build/run"),
                      help="where sockets and the QEMU log go (default: build/run)")
-    run.add_argument("--machine", default="pc", help="QEMU machine type (default: pc)")
+    run.add_argument("--machine", default="pc",
+                     help="machine profile from qemu-configs/: pc (default) or q35")
     run.add_argument("--accel", default=None, help="QEMU accelerator (default: $QBACKEND_ACCEL or tcg)")
     run.add_argument("--memory", default="512M", help="guest RAM (default: 512M)")
 
@@ -149,14 +150,16 @@ def vfio_user_device_arg(dev_id: str, socket_path: Path, **props: object) -> str
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .qemu import QemuMachine
+    from .qemu import QemuMachine, load_machine_config
 
     workdir: Path = args.workdir.resolve()
     options = args.ivshmem or [IvshmemOptions(socket=workdir / "ivshmem0.sock")]
     backend = _backend(options)
     extra: list[str] = []
+    bus = load_machine_config(args.machine).hotplug_bus
     for served in backend.devices.values():
-        extra += ["-device", vfio_user_device_arg(served.id, served.server.socket_path)]
+        props = {"bus": bus} if bus else {}
+        extra += ["-device", vfio_user_device_arg(served.id, served.server.socket_path, **props)]
     vm = QemuMachine(workdir, machine=args.machine, memory=args.memory, accel=args.accel, extra_args=extra)
 
     async def run() -> None:

@@ -114,6 +114,8 @@ class DmaTable:
             raise DmaError(f"DMA map at {mapping.addr:#x} is not readable", E.EPERM)
         assert mapping.memory is not None
         start = addr - mapping.addr
+        if start < 0 or start + count > mapping.size:
+            raise DmaError(f"guest address {addr:#x}+{count:#x} is outside the map at {mapping.addr:#x}")
         return mapping.memory[start:start + count]
 
     def write_direct(self, mapping: Mapping, addr: int, data: bytes) -> None:
@@ -121,4 +123,6 @@ class DmaTable:
             raise DmaError(f"DMA map at {mapping.addr:#x} is not writable", E.EPERM)
         assert mapping.memory is not None
         start = addr - mapping.addr
+        if start < 0 or start + len(data) > mapping.size:
+            raise DmaError(f"guest address {addr:#x}+{len(data):#x} is outside the map at {mapping.addr:#x}")
         mapping.memory[start:start + len(data)] = data

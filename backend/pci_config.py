@@ -216,7 +216,7 @@ class ConfigSpace:
 
     def set_interrupt_status(self, asserted: bool) -> None:
         status = self._get(Reg.STATUS, 2)
-        status = status | Status.INTERRUPT if asserted else status & ~Status.INTERRUPT
+        status = status | Status.INTERRUPT if asserted else status & ~int(Status.INTERRUPT)
         self._put(Reg.STATUS, 2, status)
 
     @property

@@ -13,6 +13,7 @@ subprocess code, usable from sync and trio code alike.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MACHINE_CONFIGS = REPO_ROOT / "qemu-configs"
 PROVISIONED_QEMU = REPO_ROOT / "build" / "qemu"
 GUEST_DIR = REPO_ROOT / "build" / "guest"
 MIN_VERSION = (10, 1)
@@ -175,6 +177,31 @@ def find_guest(guest_dir: Path | None = None) -> GuestImage:
     return GuestImage(kernel, initrd, kv.read_text().strip() if kv.exists() else "")
 
 
+@dataclass(frozen=True)
+class MachineConfig:
+    """A machine profile from qemu-configs/NAME.json."""
+
+    name: str
+    machine: str
+    args: tuple[str, ...] = ()
+    hotplug_bus: str | None = None
+    description: str = ""
+
+
+def machine_configs() -> list[str]:
+    return sorted(p.stem for p in MACHINE_CONFIGS.glob("*.json"))
+
+
+def load_machine_config(name: str) -> MachineConfig:
+    path = MACHINE_CONFIGS / f"{name}.json"
+    if not path.is_file():
+        raise QemuNotFound(f"no machine profile {name!r}; known: {', '.join(machine_configs())} "
+                           f"(files in {MACHINE_CONFIGS})")
+    doc = json.loads(path.read_text())
+    return MachineConfig(name=name, machine=doc["machine"], args=tuple(doc.get("args", ())),
+                         hotplug_bus=doc.get("hotplug_bus"), description=doc.get("description", ""))
+
+
 class QemuMachine:
     """One qemu-system-x86_64 process with QMP and serial console sockets.
 
@@ -199,7 +226,8 @@ class QemuMachine:
         name: str = "qemu",
     ) -> None:
         self.workdir = Path(workdir)
-        self.machine = machine
+        self.config = load_machine_config(machine)
+        self.machine = self.config.machine
         self.memory = memory
         self.smp = smp
         self.append = append
@@ -233,6 +261,7 @@ class QemuMachine:
             "-mon", "chardev=qmp,mode=control",
             "-chardev", f"socket,id=ser,path={self.serial_path},server=on,wait=off",
             "-serial", "chardev:ser",
+            *self.config.args,
             *self.extra_args,
         ]
 

@@ -817,13 +817,13 @@ class ServerConnection:
         if hdr.type == TYPE_REPLY:
             return self._server_reply(msg)
         command = _COMMANDS.get(hdr.command)
-        if command is None:
-            return self._reject(msg, E.ENOSYS, f"unknown command {hdr.command}")
         if self.state is State.AWAIT_VERSION and command is not Command.VERSION:
             self.state = State.CLOSED
             raise ProtocolError(
-                f"first message is {command.name}, not VERSION",
+                f"first message is command {hdr.command}, not VERSION",
                 reply=build_error_reply(hdr.id, hdr.command, E.EINVAL), fds=msg.fds)
+        if command is None:
+            return self._reject(msg, E.ENOSYS, f"unknown command {hdr.command}")
         if self.state is State.READY and command is Command.VERSION:
             return self._reject(msg, E.EINVAL, "VERSION sent twice")
         if command in (Command.DMA_READ, Command.DMA_WRITE):

@@ -348,6 +348,17 @@ def test_version_reply_fits_qemu_and_parses() -> None:
     assert caps["pgsizes"] % 4096 == 0
 
 
+def test_version_reply_announces_write_multiple_and_still_fits() -> None:
+    conn = ServerConnection(server_caps=vu.Capabilities(max_msg_fds=16, max_data_xfer_size=64 << 20,
+                                                        write_multiple=True))
+    req = one_event(conn, build_message(1, Command.VERSION, version_payload()))
+    assert isinstance(req, Request)
+    reply = conn.version_reply(req)
+    assert len(reply) <= 214
+    caps = json.loads(reply[HEADER_SIZE + VERSION_PREFIX.size:-1])["capabilities"]
+    assert caps["write_multiple"] is True and caps["max_data_xfer_size"] == 64 << 20
+
+
 def test_second_version_is_rejected() -> None:
     conn = ready()
     assert_rejected(one_event(conn, build_message(4, Command.VERSION, version_payload())), E.EINVAL, 4)

@@ -1,0 +1,73 @@
+"""`qbackend run` (what `make run` starts): QEMU with a booted guest and the
+ivshmem device, here on the q35 profile (the device behind a root port);
+Ctrl-C stops everything and leaves no process or socket behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from backend.guest import GuestConsole
+from backend.qemu import REPO_ROOT
+
+pytestmark = pytest.mark.guest
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def test_run_boots_a_guest_with_the_device_and_ctrl_c_cleans_up(tmp_path: Path) -> None:
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "run", "--machine", "q35", "--workdir", str(workdir),
+         "--ivshmem", f"socket={workdir}/iv.sock,size=1M"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops" in line:
+                break
+        text = "".join(lines)
+        assert f"guest console: {workdir}/qemu-serial.sock" in text, text
+        assert f"QMP socket:    {workdir}/qemu-qmp.sock" in text, text
+        with GuestConsole(workdir / "qemu-serial.sock") as console:
+            console.wait_ready(timeout=90)
+            # q35: the device sits behind the profile's root port, on bus 1.
+            out = console.run_checked("cat /sys/bus/pci/devices/0000:01:00.0/vendor "
+                                      "/sys/bus/pci/devices/0000:01:00.0/device")
+            assert out.split() == ["0x1af4", "0x1110"]
+            bar2 = console.run_checked("sed -n 3p /sys/bus/pci/devices/0000:01:00.0/resource").split()
+            assert int(bar2[1], 16) - int(bar2[0], 16) + 1 == 1 << 20
+        assert _processes_mentioning(str(workdir / "qemu-qmp.sock")), "QEMU is not running"
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "stopped" in rest
+    deadline = time.monotonic() + 5
+    while _processes_mentioning(str(workdir / "qemu-qmp.sock")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(str(workdir / "qemu-qmp.sock")) == []
+    assert sorted(p.name for p in workdir.iterdir() if p.is_socket()) == []
