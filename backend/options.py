@@ -96,3 +96,47 @@ class IvshmemOptions:
             raise OptionError(f"--ivshmem shm={shm}: a name in /dev/shm, without '/'")
         return cls(socket=Path(kv["socket"]), size=size, shm=shm, vectors=vectors,
                    id=kv.get("id", ""), peer=peer)
+
+
+_BOOL = {"on": True, "yes": True, "true": True, "1": True, "off": False, "no": False, "false": False, "0": False}
+
+
+def _parse_bool(text: str, what: str) -> bool:
+    try:
+        return _BOOL[text.lower()]
+    except KeyError:
+        raise OptionError(f"{what}: '{text}' is not on/off") from None
+
+
+@dataclass(frozen=True)
+class NbdExportOptions:
+    """`--export name=NAME,image=PATH[,readonly=on][,format=raw|qed]`"""
+
+    name: str
+    image: Path
+    readonly: bool = False
+    format: str = ""  # raw or qed; empty: by the file's magic
+
+    KEYS = ("name", "image", "readonly", "format")
+
+    @classmethod
+    def parse(cls, text: str) -> NbdExportOptions:
+        kv = parse_keyval(text, "--export")
+        unknown = sorted(set(kv) - set(cls.KEYS))
+        if unknown:
+            raise OptionError(f"--export: unknown key(s) {', '.join(unknown)}; known: {', '.join(cls.KEYS)}")
+        if "image" not in kv:
+            raise OptionError("--export: image=PATH is required (example: --export name=disk,image=disk.qed)")
+        fmt = kv.get("format", "")
+        if fmt not in ("", "raw", "qed"):
+            raise OptionError(f"--export format={fmt}: raw or qed")
+        image = Path(kv["image"])
+        return cls(name=kv.get("name", image.stem), image=image,
+                   readonly=_parse_bool(kv.get("readonly", "off"), "--export readonly"), format=fmt)
+
+
+def parse_tcp(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise OptionError(f"--tcp {text}: HOST:PORT expected (example: --tcp 127.0.0.1:10809)")
+    return host or "127.0.0.1", int(port)
