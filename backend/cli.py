@@ -21,7 +21,7 @@ from pathlib import Path
 
 import trio
 
-from .options import IvshmemOptions, OptionError
+from .options import IvshmemOptions, NbdExportOptions, OptionError, parse_tcp
 from .service import Backend
 
 EPILOG_SERVE = """\
@@ -60,6 +60,35 @@ def _ivshmem_option(text: str) -> IvshmemOptions:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+EPILOG_NBD = """\
+examples:
+  qbackend nbd --export name=disk,image=disk.qed --socket /tmp/nbd.sock
+  qemu-img info nbd+unix:///disk?socket=/tmp/nbd.sock
+  nbdinfo --list nbd+unix:///?socket=/tmp/nbd.sock
+
+--export keys:
+  name=NAME      export name (default: the image file's stem); the first export
+                 also answers the empty name
+  image=PATH     a QED image or a raw file (told apart by the QED magic)
+  readonly=on    refuse writes (EPERM)
+  format=raw|qed force the format
+"""
+
+
+def _export_option(text: str) -> NbdExportOptions:
+    try:
+        return NbdExportOptions.parse(text)
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _tcp_option(text: str) -> tuple[str, int]:
+    try:
+        return parse_tcp(text)
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qbackend",
@@ -75,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_SERVE)
     serve.add_argument("--ivshmem", type=_ivshmem_option, action="append", default=[], metavar="KEY=VALUE,...",
                        help="an ivshmem device (repeatable); keys below")
+    serve.add_argument("--nbd", type=_export_option, action="append", default=[], metavar="KEY=VALUE,...",
+                       help="an NBD export served beside the devices (repeatable); keys: see 'qbackend nbd --help'")
+    serve.add_argument("--nbd-socket", type=Path, help="UNIX socket for the --nbd exports")
+    serve.add_argument("--nbd-tcp", type=_tcp_option, metavar="HOST:PORT", help="also serve NBD over TCP")
+
+    nbd_cmd = sub.add_parser("nbd", help="serve disk images (QED or raw) over NBD until Ctrl-C",
+                             description="Serve QED and raw images as NBD exports.",
+                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_NBD)
+    nbd_cmd.add_argument("--export", type=_export_option, action="append", required=True,
+                         metavar="KEY=VALUE,...", help="an export (repeatable); keys below")
+    nbd_cmd.add_argument("--socket", type=Path, help="UNIX socket to listen on")
+    nbd_cmd.add_argument("--tcp", type=_tcp_option, metavar="HOST:PORT",
+                         help="also (or only) listen on TCP, e.g. 127.0.0.1:10809")
 
     run = sub.add_parser("run", help="start the devices, QEMU and a booted guest together",
                          description="Start qbackend's devices and a QEMU guest that uses them.",
@@ -104,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "nbd":
+            return _nbd(args.export, args.socket, args.tcp)
         if args.command == "console":
             return _console(args.path)
     except KeyboardInterrupt:
@@ -122,11 +166,16 @@ def _backend(options: list[IvshmemOptions]) -> Backend:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if not args.ivshmem:
+    if not args.ivshmem and not args.nbd:
         print("qbackend serve: nothing to serve; add a device, e.g. --ivshmem socket=/tmp/iv0.sock,size=4M",
               file=sys.stderr)
         return 2
+    if args.nbd and args.nbd_socket is None and args.nbd_tcp is None:
+        print("qbackend serve: --nbd needs --nbd-socket PATH and/or --nbd-tcp HOST:PORT", file=sys.stderr)
+        return 2
     backend = _backend(args.ivshmem)
+    if args.nbd:
+        backend.add_nbd(args.nbd, args.nbd_socket, args.nbd_tcp)
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
@@ -136,10 +185,43 @@ def _serve(args: argparse.Namespace) -> int:
                 dev = served.device
                 print(f"{served.id}: {served.server.socket_path} (IVPosition {getattr(dev, 'position', '-')})",
                       flush=True)
+            _print_nbd(backend)
             print("serving; Ctrl-C stops", flush=True)
 
     trio.run(serve)
     return 0
+
+
+def _nbd(exports: list[NbdExportOptions], socket_path: Path | None, tcp: tuple[str, int] | None) -> int:
+    if socket_path is None and tcp is None:
+        print("qbackend nbd: say where to listen: --socket PATH and/or --tcp HOST:PORT", file=sys.stderr)
+        return 2
+    backend = Backend()
+    backend.add_nbd(exports, socket_path, tcp)
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            await nursery.start(backend.run)
+            _print_nbd(backend)
+            print("serving; Ctrl-C stops (in-flight requests finish, images are flushed)", flush=True)
+
+    trio.run(serve)
+    return 0
+
+
+def _print_nbd(backend: Backend) -> None:
+    server = backend.nbd
+    if server is None:
+        return
+    for name, export in server.exports.items():
+        where = []
+        if server.socket_path is not None:
+            where.append(f"nbd+unix:///{name}?socket={server.socket_path}")
+        if server.tcp is not None:
+            where.append(f"nbd://{server.tcp[0]}:{server.tcp_port}/{name}")
+        ro = " (read-only)" if export.info.read_only else ""
+        print(f"export {name}: {export.info.size} bytes{ro}: {'  '.join(where)}", flush=True)
 
 
 def vfio_user_device_arg(dev_id: str, socket_path: Path, **props: object) -> str:
@@ -192,7 +274,7 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
     """Ctrl-C or SIGTERM: cancel everything, so every `finally` runs."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            print(f"\n{signal.Signals(signum).name}: stopping QEMU and qbackend", flush=True)
+            print(f"\n{signal.Signals(signum).name}: stopping", flush=True)
             scope.cancel()
             return
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -14,7 +15,9 @@ from typing import Any, TypeVar
 import trio
 
 from .ivshmem import IvshmemDevice, PeerGroup, SharedMemory
-from .options import IvshmemOptions
+from .nbd_exports import Export, open_export
+from .nbd_server import NbdServer
+from .options import IvshmemOptions, NbdExportOptions
 from .pci_device import PciFunction
 from .vfio_user_server import VfioUserServer
 
@@ -33,6 +36,7 @@ class ServedDevice:
 class Backend:
     devices: dict[str, ServedDevice] = field(default_factory=dict)
     groups: dict[str, PeerGroup] = field(default_factory=dict)
+    nbd: NbdServer | None = None
     _nursery: trio.Nursery | None = None
 
     def group(self, shm: str | None, size: int) -> PeerGroup:
@@ -57,12 +61,32 @@ class Backend:
             self._nursery.start_soon(served.server.serve)
         return served
 
+    def add_nbd(self, exports: list[NbdExportOptions], socket_path: Path | None,
+                tcp: tuple[str, int] | None = None) -> NbdServer:
+        """The NBD server of this process; its exports are opened now."""
+        if self.nbd is not None:
+            raise ValueError("one NBD server per process: give all --nbd exports together")
+        opened: dict[str, Export] = {}
+        try:
+            for opts in exports:
+                if opts.name in opened:
+                    raise ValueError(f"NBD export name {opts.name!r} is used twice")
+                opened[opts.name] = open_export(opts)
+        except BaseException:
+            for export in opened.values():
+                export.close()
+            raise
+        self.nbd = NbdServer(opened, socket_path, tcp)
+        return self.nbd
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve every device until cancelled; started() once all listen."""
         try:
             async with trio.open_nursery() as nursery:
                 for served in self.devices.values():
                     await nursery.start(served.server.serve)
+                if self.nbd is not None:
+                    await nursery.start(self.nbd.serve)
                 self._nursery = nursery
                 task_status.started()
                 await trio.sleep_forever()
