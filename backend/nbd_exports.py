@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno as E
 import os
-import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -125,43 +124,6 @@ def _merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-class LockedExport:
-    """Serialises every call into an export whose state is shared (QED)."""
-
-    def __init__(self, inner: Export) -> None:
-        self.inner = inner
-        self.info = inner.info
-        self._lock = threading.Lock()
-
-    def read(self, offset: int, length: int) -> bytes:
-        with self._lock:
-            return self.inner.read(offset, length)
-
-    def write(self, offset: int, data: bytes, fua: bool) -> None:
-        with self._lock:
-            self.inner.write(offset, data, fua)
-
-    def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
-        with self._lock:
-            self.inner.write_zeroes(offset, length, may_trim, fua)
-
-    def trim(self, offset: int, length: int, fua: bool) -> None:
-        with self._lock:
-            self.inner.trim(offset, length, fua)
-
-    def flush(self) -> None:
-        with self._lock:
-            self.inner.flush()
-
-    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
-        with self._lock:
-            return self.inner.block_status(offset, length)
-
-    def close(self) -> None:
-        with self._lock:
-            self.inner.close()
-
-
 def open_export(opts: NbdExportOptions) -> Export:
     if not opts.image.exists():
         raise FileNotFoundError(f"export {opts.name}: image {opts.image} does not exist")
@@ -171,5 +133,5 @@ def open_export(opts: NbdExportOptions) -> Export:
     if fmt == "qed":
         from .qed_export import QedExport  # the QED layer is only loaded when used
 
-        return LockedExport(QedExport(opts.name, opts.image, opts.readonly))
+        return QedExport(opts.name, opts.image, opts.readonly)  # QedImage locks itself
     raise ValueError(f"export {opts.name}: unknown format {fmt!r} (raw or qed)")

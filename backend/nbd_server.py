@@ -107,6 +107,11 @@ class NbdConnection:
                     pass
         except _Closed:
             pass
+        except Exception:
+            # A bug of ours must cost this client its connection, not the
+            # server its life.
+            log.exception("nbd %s: internal error; dropping the connection", self.peer)
+            self.server.stats["internal_errors"] += 1
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)

@@ -146,6 +146,11 @@ class Connection:
                 pass
         except ConnectionClosed:
             pass
+        except Exception:
+            # A bug of ours costs this client its connection, not the device
+            # its server.
+            log.exception("%s: internal error; closing the connection", self.server.name)
+            self.server.stats["internal_errors"] += 1
 
     def _handle_events(self, out: bytearray) -> None:
         """Handle every whole message buffered; replies go to `out`.
