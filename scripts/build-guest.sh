@@ -7,7 +7,7 @@ dest=${1:?usage: build-guest.sh DEST}
 here=$(cd "$(dirname "$0")" && pwd)
 
 # The modules the guest's /init may load, in dependency order.
-modules="uio uio_pci_generic"
+modules="uio uio_pci_generic virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk crc16 mbcache jbd2 crc32c_generic ext4"
 
 if [ -f "$dest/.complete" ] && [ "$dest/.complete" -nt "$here/guest-init" ] \
         && [ "$dest/.complete" -nt "$0" ]; then

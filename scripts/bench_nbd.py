@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""NBD benchmark: qbackend against qemu-nbd (the provisioned QEMU's) on the
+same QED images, in the same run, interleaved; medians and ratios.
+
+  sequential read      nbdcopy of a fully allocated image to null:
+  allocating write     nbdcopy of random data into an empty image
+  random 4 KiB reads   fio's nbd engine, queue depth 1 and 16
+
+Targets (issue 5): sequential read >= 0.8x qemu-nbd, random 4 KiB reads at
+QD16 >= 0.5x, allocating sequential writes >= 0.7x.  Placement: both
+servers and clients float over the machine's CPUs (throughput, not round
+trips; see shared/notes/benchmarking-here.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from backend.qemu import QemuInstall, find_qemu  # noqa: E402
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if result.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{result.stderr}")
+    return result
+
+
+class Server:
+    def __init__(self, kind: str, image: Path, sock: Path, qemu: QemuInstall) -> None:
+        if kind == "qbackend":
+            cmd = [sys.executable, "-m", "backend.cli", "nbd", "--export", f"name=disk,image={image}",
+                   "--socket", str(sock)]
+        else:
+            cmd = [*qemu.tool_cmd("qemu-nbd"), "-f", "qed", "-x", "disk", "-k", str(sock), "-t", "-e", "16",
+                   "--cache=writeback", str(image)]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=qemu.env(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"bench: {kind} did not start: {' '.join(cmd)}")
+            time.sleep(0.02)
+        self.uri = f"nbd+unix:///disk?socket={sock}"
+
+    def stop(self) -> None:
+        self.proc.send_signal(2)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def timed_copy(src: str, dst: str, nbytes: int) -> float:
+    start = time.perf_counter()
+    run(["nbdcopy", "--flush", src, dst] if dst.startswith("nbd") else ["nbdcopy", src, dst])
+    return nbytes / (time.perf_counter() - start) / (1 << 20)
+
+
+def fio_iops(uri: str, depth: int, seconds: int) -> float:
+    out = run(["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", "--rw=randread", "--bs=4k",
+               f"--iodepth={depth}", "--time_based", f"--runtime={seconds}", "--ramp_time=1",
+               "--output-format=json"]).stdout
+    # fio prints "connected to NBD server" before its JSON
+    return float(json.loads(out[out.index("{"):])["jobs"][0]["read"]["iops"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=512, help="image size (default 512 MiB)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fio-seconds", type=int, default=4)
+    args = parser.parse_args()
+    qemu = find_qemu()
+    qemu_img = qemu.tool_cmd("qemu-img")
+    size = args.size_mib << 20
+    kinds = ["qbackend", "qemu-nbd"]
+    results: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
+    with tempfile.TemporaryDirectory(prefix="bench-nbd-") as tmp:
+        work = Path(tmp)
+        data = work / "random.raw"
+        with open(data, "wb") as f:
+            for _ in range(args.size_mib):
+                f.write(os.urandom(1 << 20))
+        full = work / "full.qed"
+        run([*qemu_img, "convert", "-f", "raw", "-O", "qed", str(data), str(full)], env=qemu.env())
+        for r in range(args.rounds):
+            for kind in kinds:
+                res = results[kind]
+                sock = work / f"{kind}.sock"
+                server = Server(kind, full, sock, qemu)
+                try:
+                    res.setdefault("seq read MiB/s", []).append(timed_copy(server.uri, "null:", size))
+                    res.setdefault("4k randread QD1 IOPS", []).append(fio_iops(server.uri, 1, args.fio_seconds))
+                    res.setdefault("4k randread QD16 IOPS", []).append(fio_iops(server.uri, 16, args.fio_seconds))
+                finally:
+                    server.stop()
+                empty = work / f"empty-{kind}.qed"
+                empty.unlink(missing_ok=True)
+                run([*qemu_img, "create", "-f", "qed", str(empty), str(size)], env=qemu.env())
+                server = Server(kind, empty, sock, qemu)
+                try:
+                    res.setdefault("allocating write MiB/s", []).append(timed_copy(str(data), server.uri, size))
+                finally:
+                    server.stop()
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+
+    targets = {"seq read MiB/s": 0.8, "4k randread QD16 IOPS": 0.5, "allocating write MiB/s": 0.7,
+               "4k randread QD1 IOPS": None}
+    print(f"\nQED image of {args.size_mib} MiB, median of {args.rounds} interleaved rounds")
+    print(f"{'measurement':<26}{'qbackend':>12}{'qemu-nbd':>12}{'ratio':>8}{'target':>9}")
+    for name, target in targets.items():
+        ours = statistics.median(results["qbackend"][name])
+        theirs = statistics.median(results["qemu-nbd"][name])
+        ratio = ours / theirs
+        mark = "" if target is None else (f"{target:.1f}x " + ("ok" if ratio >= target else "MISSED"))
+        print(f"{name:<26}{ours:>12,.0f}{theirs:>12,.0f}{ratio:>7.2f}x{mark:>11}")
+
+
+if __name__ == "__main__":
+    main()
