@@ -34,6 +34,7 @@ test:
 
 bench:
 	$(VENV)/bin/python scripts/bench_vfio_user.py
+	$(VENV)/bin/python scripts/bench_nbd.py
 
 run:
 	$(VENV)/bin/qbackend run
