@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from backend.options import NbdExportOptions
+from backend.qed import QedImage
 from backend.qemu import QemuInstall, find_qemu
 from backend.service import Backend, BackendThread
 from protocol import nbd
@@ -32,6 +35,7 @@ class Served:
     socket: Path
     disk: Path
     ro: Path
+    qdisk: Path  # a QED export, for the consistency checks
     qemu: QemuInstall
 
     def uri(self, name: str) -> str:
@@ -55,12 +59,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         f.write(os.urandom(1 << 20))  # one data extent in a sparse file
     with open(ro, "wb") as f:
         f.write(os.urandom(1 << 20))
+    qemu = find_qemu()
+    qdisk = work / "q.qed"
+    subprocess.run([*qemu.tool_cmd("qemu-img"), "create", "-f", "qed", "-o", "cluster_size=4096", str(qdisk),
+                    str(SIZE)], check=True, capture_output=True, env=qemu.env())
     backend = Backend()
     sock = work / "nbd.sock"
     backend.add_nbd([NbdExportOptions.parse(f"name=disk,image={disk}"),
-                     NbdExportOptions.parse(f"name=ro,image={ro},readonly=on")], sock)
+                     NbdExportOptions.parse(f"name=ro,image={ro},readonly=on"),
+                     NbdExportOptions.parse(f"name=qdisk,image={qdisk}")], sock, ("127.0.0.1", 0))
     with BackendThread(backend) as thread:
-        yield Served(thread, backend, sock, disk, ro, find_qemu())
+        yield Served(thread, backend, sock, disk, ro, qdisk, qemu)
 
 
 def open_fds() -> set[int]:
@@ -88,7 +97,7 @@ def test_nbdinfo_lists_exports_sizes_block_sizes_and_contexts(served: Served) ->
     out = served.tool("nbdinfo", "--list", "--json", f"nbd+unix:///?socket={served.socket}").stdout
     doc = json.loads(out)
     exports = {e["export-name"]: e for e in doc["exports"]}
-    assert set(exports) == {"disk", "ro"}
+    assert set(exports) == {"disk", "ro", "qdisk"}
     assert exports["disk"]["export-size"] == SIZE
     assert exports["ro"]["is_read_only"] is True and exports["disk"]["is_read_only"] is False
     assert exports["disk"]["block_size_minimum"] == 1
@@ -321,3 +330,88 @@ def test_disc_answers_what_was_in_flight_first(served: Served) -> None:
         c.close()
     with open(served.disk, "rb") as f:
         assert f.read(4096 * 8) == b"".join(bytes([i]) * 4096 for i in range(8))
+
+
+def test_tcp_listener_serves_the_same_exports(served: Served) -> None:
+    assert served.backend.nbd is not None and served.backend.nbd.tcp_port
+    out = served.tool("nbdinfo", "--size", f"nbd://127.0.0.1:{served.backend.nbd.tcp_port}/ro").stdout
+    assert int(out) == served.ro.stat().st_size
+
+
+def test_qed_image_stays_consistent_through_bad_input(served: Served) -> None:
+    c = connected(served, "qdisk")
+    try:
+        pattern = os.urandom(64 << 10)
+        assert c.error_of(c.request(nbd.Cmd.WRITE, 1 << 20, len(pattern), pattern)) == 0
+        assert c.error_of(c.request(nbd.Cmd.WRITE, SIZE - 4096, 8192, bytes(8192))) == nbd.Errno.ENOSPC
+        assert c.error_of(c.request(nbd.Cmd.WRITE_ZEROES, (1 << 64) - 4096, 8192)) == nbd.Errno.EINVAL
+        assert c.error_of(c.request(nbd.Cmd.FLUSH)) == 0
+    finally:
+        c.close()
+    c = connected(served, "qdisk")  # a writer that vanishes in the middle of an allocating write
+    c.sock.sendall(nbd.REQUEST.pack(nbd.REQUEST_MAGIC, 0, nbd.Cmd.WRITE, 9, 8 << 20, 1 << 20) + b"y" * 4096)
+    c.close()
+    wait_no_connections(served)
+    check = served.tool("qemu-img", "check", "-f", "qed", str(served.qdisk), check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    c = connected(served, "qdisk")
+    try:
+        cookie = c.request(nbd.Cmd.READ, 1 << 20, len(pattern))
+        got, rtype, _flags, data = c.structured_reply()
+        assert (got, rtype) == (cookie, nbd.ChunkType.OFFSET_DATA) and data[8:] == pattern
+        cookie = c.request(nbd.Cmd.READ, 8 << 20, 4096)
+        assert c.structured_reply()[3][8:] == bytes(4096)  # the vanished write left nothing
+    finally:
+        c.close()
+
+
+def test_requests_in_flight_all_get_answers_even_out_of_order(served: Served) -> None:
+    c = connected(served, "qdisk")
+    try:
+        cookies = {c.request(nbd.Cmd.WRITE, i * 4096, 4096, os.urandom(4096), nbd.CmdFlags.FUA) for i in range(16)}
+        cookies |= {c.request(nbd.Cmd.READ, i * 4096, 4096) for i in range(16, 48)}
+        cookies.add(c.request(nbd.Cmd.FLUSH))
+        got = set()
+        for _ in cookies:
+            cookie, _t, flags, _p = c.structured_reply()
+            assert flags & nbd.REPLY_FLAG_DONE
+            got.add(cookie)
+        assert got == cookies
+    finally:
+        c.close()
+
+
+def test_shutdown_finishes_in_flight_writes_and_flushes(tmp_path: Path) -> None:
+    qemu = find_qemu()
+    image = tmp_path / "s.qed"
+    subprocess.run([*qemu.tool_cmd("qemu-img"), "create", "-f", "qed", str(image), str(SIZE)], check=True,
+                   capture_output=True, env=qemu.env())
+    sock = tmp_path / "s.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "nbd", "--export", f"name=s,image={image}",
+                             "--socket", str(sock)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        c = RawNbd(str(sock))
+        c.client_flags()
+        c.go("s")
+        blocks = [os.urandom(65536) for _ in range(32)]
+        cookies = [c.request(nbd.Cmd.WRITE, i * 65536, 65536, b) for i, b in enumerate(blocks)]
+        for cookie in cookies:
+            assert c.error_of(cookie) == 0
+        proc.send_signal(signal.SIGINT)  # no FLUSH from the client: the server's shutdown must do it
+        assert proc.wait(20) == 0
+        c.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not sock.exists()
+    check = subprocess.run([*qemu.tool_cmd("qemu-img"), "check", "-f", "qed", str(image)], capture_output=True,
+                           text=True, env=qemu.env())
+    assert check.returncode == 0, check.stdout
+    with QedImage.open_path(image, read_only=True) as img:
+        assert not img.dirty  # closed cleanly: NEED_CHECK cleared
+        assert img.read(0, 32 * 65536) == b"".join(blocks)
