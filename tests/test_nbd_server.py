@@ -415,3 +415,19 @@ def test_shutdown_finishes_in_flight_writes_and_flushes(tmp_path: Path) -> None:
     with QedImage.open_path(image, read_only=True) as img:
         assert not img.dirty  # closed cleanly: NEED_CHECK cleared
         assert img.read(0, 32 * 65536) == b"".join(blocks)
+
+
+def test_qemu_img_map_of_a_qed_export_equals_our_allocation_map(served: Served) -> None:
+    uri = served.uri("qdisk")
+    served.tool("qemu-io", "-f", "raw", "-c", "write -P 0x11 12M 256k", "-c", "write -z 16M 64k",
+                "-c", "write -P 0x22 20M 4k", uri)
+    qmap = json.loads(served.tool("qemu-img", "map", "-f", "raw", "--output=json", uri).stdout)
+    theirs = [(e["start"], e["length"], e["data"], e["zero"]) for e in qmap]
+    export = served.backend.nbd.exports["qdisk"]  # type: ignore[union-attr]
+    ours = []
+    pos = 0
+    for n, flags in export.block_status(0, SIZE):
+        ours.append((pos, n, not flags & nbd.AllocationFlags.HOLE, bool(flags & nbd.AllocationFlags.ZERO)))
+        pos += n
+    assert theirs == ours
+    assert (20 << 20, 4096, True, False) in ours
