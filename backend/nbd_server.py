@@ -75,14 +75,17 @@ class NbdConnection:
             except OSError as exc:
                 raise _Closed(str(exc)) from None
 
-    def _recv(self) -> bytes:
-        # Into one preallocated buffer: a fresh 1 MiB bytes object per recv()
-        # costs more than most requests.
+    def _recv(self) -> memoryview | bytes:
+        """The next bytes from the client, valid until the next call.
+
+        Into one preallocated buffer: a fresh 1 MiB bytes object per recv()
+        costs more than most requests; the protocol copies what it keeps.
+        """
         try:
             n = self.sock.recv_into(self._buffer)
         except OSError:
             return b""
-        return bytes(self._view[:n])
+        return self._view[:n]
 
     def stop(self) -> None:
         """Stop reading new requests (from any thread); what is in flight finishes."""

@@ -337,7 +337,8 @@ class NbdServerConnection:
     def greeting(self) -> bytes:
         return GREETING.pack(NBDMAGIC, IHAVEOPT, HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
+        """Buffer `data` (copied; b"" means end of stream)."""
         if data:
             self._buffer += data
         else:
