@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup host-packages venv qemu guest test bench run clean
+.PHONY: setup host-packages venv qemu qemu-ppc guest test bench run clean
 
-setup: host-packages venv qemu guest
+setup: host-packages venv qemu qemu-ppc guest
 
 host-packages:
 	@scripts/install-host-packages.sh
@@ -25,6 +25,9 @@ ifeq ($(QEMU),)
 else
 	@echo "qemu: using QEMU=$(QEMU)"
 endif
+
+qemu-ppc:
+	@scripts/provision-qemu-ppc.sh build/qemu-ppc
 
 guest:
 	@scripts/build-guest.sh build/guest

@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Relay this terminal to a UNIX socket (a QEMU serial chardev). "
                                          "Leave with Ctrl-].")
     console.add_argument("path", type=Path)
+
+    from .spapr.cli import register as register_drc
+    register_drc(sub)
     return parser
 
 
@@ -150,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             return _nbd(args.export, args.socket, args.tcp)
         if args.command == "console":
             return _console(args.path)
+        if args.command == "drc":
+            from .spapr.cli import main as drc_main
+            return drc_main(args)
     except KeyboardInterrupt:
         return 130
     except (OSError, ValueError, RuntimeError) as exc:
