@@ -202,6 +202,14 @@ def load_machine_config(name: str) -> MachineConfig:
                          hotplug_bus=doc.get("hotplug_bus"), description=doc.get("description", ""))
 
 
+def _parse_mem(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper()
+    if text[-1:] in units:
+        return int(text[:-1]) * units[text[-1]]
+    return int(text) << 20  # QEMU's -m takes MiB without a suffix
+
+
 class QemuMachine:
     """One qemu-system-x86_64 process with QMP and serial console sockets.
 
@@ -224,6 +232,9 @@ class QemuMachine:
         guest: GuestImage | None = None,
         accel: str | None = None,
         name: str = "qemu",
+        numa_nodes: int = 1,
+        slots: int = 0,
+        maxmem: str | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.config = load_machine_config(machine)
@@ -235,7 +246,13 @@ class QemuMachine:
         self.qemu = qemu or find_qemu()
         self.guest = guest or find_guest()
         self.accel = accel or os.environ.get("QBACKEND_ACCEL", "tcg")
+        self.numa_nodes = numa_nodes
+        self.slots = slots
+        self.maxmem = maxmem
         self.qmp_path = self.workdir / f"{name}-qmp.sock"
+        # A second monitor for people (or tests acting as them): QEMU's
+        # monitor serves one client at a time, and qbackend holds the first.
+        self.user_qmp_path = self.workdir / f"{name}-qmp-user.sock"
         self.serial_path = self.workdir / f"{name}-serial.sock"
         self.log_path = self.workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -249,9 +266,7 @@ class QemuMachine:
         return [
             *self.qemu.system_cmd(),
             "-accel", self.accel,
-            "-object", f"memory-backend-memfd,id=mem,size={self.memory},share=on",
-            "-machine", f"{self.machine},memory-backend=mem",
-            "-m", self.memory,
+            *self._memory_args(),
             "-smp", str(self.smp),
             "-nodefaults", "-display", "none", "-vga", "none", "-no-reboot",
             "-kernel", str(self.guest.kernel),
@@ -259,18 +274,38 @@ class QemuMachine:
             "-append", append,
             "-chardev", f"socket,id=qmp,path={self.qmp_path},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"socket,id=qmp-user,path={self.user_qmp_path},server=on,wait=off",
+            "-mon", "chardev=qmp-user,mode=control",
             "-chardev", f"socket,id=ser,path={self.serial_path},server=on,wait=off",
             "-serial", "chardev:ser",
             *self.config.args,
             *self.extra_args,
         ]
 
+    def _memory_args(self) -> list[str]:
+        """Guest RAM: shared memfd backends (vfio-user DMA maps then carry
+        fds), split evenly over the NUMA nodes; DIMM slots if asked for."""
+        size = self.memory
+        if self.slots:
+            size += f",slots={self.slots},maxmem={self.maxmem or '4G'}"
+        if self.numa_nodes <= 1:
+            return ["-object", f"memory-backend-memfd,id=mem,size={self.memory},share=on",
+                    "-machine", f"{self.machine},memory-backend=mem", "-m", size]
+        total = _parse_mem(self.memory)
+        if total % (self.numa_nodes << 20):
+            raise QemuError(f"memory {self.memory} does not split into {self.numa_nodes} nodes of whole MiB")
+        args = ["-machine", self.machine, "-m", size]
+        for node in range(self.numa_nodes):
+            args += ["-object", f"memory-backend-memfd,id=mem{node},size={total // self.numa_nodes},share=on",
+                     "-numa", f"node,nodeid={node},memdev=mem{node}"]
+        return args
+
     def start(self, timeout: float = 30.0) -> None:
         """Launch QEMU and wait until both sockets exist."""
         if self.proc is not None:
             raise QemuError("QemuMachine already started")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for p in (self.qmp_path, self.serial_path):
+        for p in (self.qmp_path, self.user_qmp_path, self.serial_path):
             p.unlink(missing_ok=True)
         self._log_file = open(self.log_path, "wb")
         self._log_file.write(("$ " + " ".join(self.args()) + "\n").encode())
@@ -336,7 +371,7 @@ class QemuMachine:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-        for p in (self.qmp_path, self.serial_path):
+        for p in (self.qmp_path, self.user_qmp_path, self.serial_path):
             p.unlink(missing_ok=True)
         return rc
 

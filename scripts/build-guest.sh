@@ -10,7 +10,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 modules="uio uio_pci_generic virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk crc16 mbcache jbd2 crc32c_generic ext4"
 
 if [ -f "$dest/.complete" ] && [ "$dest/.complete" -nt "$here/guest-init" ] \
-        && [ "$dest/.complete" -nt "$0" ]; then
+        && [ "$dest/.complete" -nt "$0" ] && [ "$dest/.complete" -nt "$here/../guest/ioport.c" ]; then
     echo "guest: already built in $dest"
     exit 0
 fi
@@ -61,6 +61,8 @@ for m in $modules; do
 done
 echo "$modules" > $root/lib/modules/order
 install -m 0755 "$here/guest-init" $root/init
+# Guest tools of our own, static so that busybox's libc-less root runs them.
+gcc -static -O2 -o $root/bin/ioport "$here/../guest/ioport.c"
 (cd $root && find . | cpio -o -H newc --quiet) | gzip -1 > initrd.img
 rm -rf kernel bb
 touch .complete
