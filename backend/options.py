@@ -140,3 +140,29 @@ def parse_tcp(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise OptionError(f"--tcp {text}: HOST:PORT expected (example: --tcp 127.0.0.1:10809)")
     return host or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True)
+class DimmOptions:
+    """`--dimm id=ID,size=SIZE[,node=N][,populated=on|off]` (seed 003's -dimm)."""
+
+    id: str
+    size: int
+    node: int = 0
+    populated: bool = False
+
+    KEYS = ("id", "size", "node", "populated")
+
+    @classmethod
+    def parse(cls, text: str) -> DimmOptions:
+        kv = parse_keyval(text, "--dimm")
+        unknown = sorted(set(kv) - set(cls.KEYS))
+        if unknown:
+            raise OptionError(f"--dimm: unknown key(s) {', '.join(unknown)}; known: {', '.join(cls.KEYS)}")
+        if "id" not in kv or "size" not in kv:
+            raise OptionError("--dimm: id= and size= are required (example: --dimm id=hot1,size=512M,node=0)")
+        size = parse_size(kv["size"], "--dimm size")
+        if size <= 0 or size % (128 << 20):
+            raise OptionError(f"--dimm size={kv['size']}: a multiple of 128M (the guest's memory block size)")
+        return cls(id=kv["id"], size=size, node=_parse_int(kv.get("node", "0"), "--dimm node"),
+                   populated=_parse_bool(kv.get("populated", "off"), "--dimm populated"))

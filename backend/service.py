@@ -14,10 +14,14 @@ from typing import Any, TypeVar
 
 import trio
 
+from .dimm import DimmManager
+from .hotplug_controller import HotplugController
 from .ivshmem import IvshmemDevice, PeerGroup, SharedMemory
+from .memhp import EjectRequested, Effect, MemoryHotplugBlock, Profile
 from .nbd_exports import Export, open_export
 from .nbd_server import NbdServer
-from .options import IvshmemOptions, NbdExportOptions
+from .options import DimmOptions, IvshmemOptions, NbdExportOptions
+from .qmp import QmpConnection, QmpError
 from .pci_device import PciFunction
 from .vfio_user_server import VfioUserServer
 
@@ -37,7 +41,13 @@ class Backend:
     devices: dict[str, ServedDevice] = field(default_factory=dict)
     groups: dict[str, PeerGroup] = field(default_factory=dict)
     nbd: NbdServer | None = None
+    controller: ServedDevice | None = None
+    dimms: DimmManager | None = None
+    qmp_path: Path | None = None
+    qmp: QmpConnection | None = None
+    reconcile_interval: float = 0.5
     _nursery: trio.Nursery | None = None
+    _token: trio.lowlevel.TrioToken | None = None
 
     def group(self, shm: str | None, size: int) -> PeerGroup:
         """The peer group of a shm name; each unnamed device gets its own."""
@@ -79,6 +89,91 @@ class Backend:
         self.nbd = NbdServer(opened, socket_path, tcp)
         return self.nbd
 
+    def add_hotplug_controller(self, socket_path: Path, dimms: list[DimmOptions], *, machine: str,
+                               ram_size: int, slots: int, profile: Profile = Profile.QEMU,
+                               dev_id: str = "hotplug") -> ServedDevice:
+        """The hotplug controller and the DIMM slots it shows; QMP comes with attach_qmp()."""
+        if self.controller is not None:
+            raise ValueError("one hotplug controller per process")
+        block = MemoryHotplugBlock(slots, profile)
+        controller = HotplugController(block, on_effect=self._controller_effect)
+        self.dimms = DimmManager(dimms, machine=machine, ram_size=ram_size, slots=slots, block=block,
+                                 lock=controller.lock, on_change=self._controller_changed)
+        served = ServedDevice(dev_id, controller, VfioUserServer(controller, socket_path, name=dev_id))
+        self.devices[dev_id] = served
+        self.controller = served
+        return served
+
+    def attach_qmp(self, path: Path) -> None:
+        """Follow (and drive) the QEMU whose QMP monitor is at `path`."""
+        self.qmp_path = path
+        if self._nursery is not None:
+            self._nursery.start_soon(self._qmp_task)
+
+    def _controller_changed(self) -> None:
+        if self.controller is not None:
+            controller = self.controller.device
+            assert isinstance(controller, HotplugController)
+            with controller.lock:
+                controller.update_interrupt()
+
+    def _controller_effect(self, effect: Effect) -> None:
+        """A guest write to the controller asked for something; runs in the
+        device's connection thread, so the work is handed to trio."""
+        if isinstance(effect, EjectRequested) and effect.device_id and self._token and self._nursery:
+            self._token.run_sync_soon(self._nursery.start_soon, self._eject, effect.device_id)
+
+    async def _eject(self, device_id: str) -> None:
+        assert self.dimms is not None
+        try:
+            if device_id in self.dimms.dimms:
+                outcome = await self.dimms.remove(device_id)
+                log.info("eject of %s written by the guest: %s", device_id, outcome.value)
+            elif self.qmp is not None:
+                await self.qmp.execute("device_del", {"id": device_id})
+        except (QmpError, ValueError) as exc:
+            log.warning("eject of %s written by the guest failed: %s", device_id, exc)
+
+    async def _qmp_task(self) -> None:
+        assert self.qmp_path is not None
+        try:
+            qmp = self.qmp = await QmpConnection.open(self.qmp_path, timeout=30)
+        except QmpError as exc:
+            log.error("cannot reach QEMU's QMP monitor at %s: %s", self.qmp_path, exc)
+            return
+        try:
+            if self.dimms is not None:
+                await self.dimms.attach(qmp, plug_populated=True)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._qmp_events, qmp, nursery.cancel_scope)
+                nursery.start_soon(self._reconcile_loop)
+        except QmpError as exc:
+            log.warning("QMP connection to %s ended: %s", self.qmp_path, exc)
+        finally:
+            self.qmp = None
+            with trio.CancelScope(shield=True):
+                await qmp.close()
+
+    async def _qmp_events(self, qmp: QmpConnection, scope: trio.CancelScope) -> None:
+        """Hand QMP events to the slot manager until QEMU goes away."""
+        try:
+            async for event in qmp.events():
+                if self.dimms is not None:
+                    await self.dimms.handle_event(event)
+        except QmpError as exc:
+            log.info("QMP: %s", exc)
+        scope.cancel()
+
+    async def _reconcile_loop(self) -> None:
+        # Events say most of it; polling catches what has no event (a
+        # device_add typed on another monitor, before the guest answers).
+        try:
+            while self.dimms is not None:
+                await trio.sleep(self.reconcile_interval)
+                await self.dimms.reconcile()
+        except QmpError as exc:
+            log.info("QMP: %s", exc)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve every device until cancelled; started() once all listen."""
         try:
@@ -88,6 +183,9 @@ class Backend:
                 if self.nbd is not None:
                     await nursery.start(self.nbd.serve)
                 self._nursery = nursery
+                self._token = trio.lowlevel.current_trio_token()
+                if self.qmp_path is not None:
+                    nursery.start_soon(self._qmp_task)
                 task_status.started()
                 await trio.sleep_forever()
         finally:

@@ -1,0 +1,111 @@
+"""The hotplug-controller PCI device: QEMU's ACPI hotplug register blocks,
+kept in Python and served over vfio-user, so that guest drivers, firmware
+and tools can watch and drive them.
+
+BAR0 (4 KiB of MMIO) holds the memory-hotplug block at 0x000 (the
+layout of QEMU's I/O ports 0xa00-0xa17) and, at 0xf00, the controller's
+own interrupt-enable register (bit 0).  Once a driver sets it, the
+interrupt (MSI-X vector 0, or INTx without MSI-X) is raised while an insert
+or remove event is pending, the role GPE.3 plays for QEMU's own block.  It
+starts disabled: with no driver to clear the events, a level-triggered INTx
+would otherwise never drop.  Guest writes act as
+the block says; an eject becomes an effect that the backend carries out
+over QMP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from protocol.vfio_user import PciRegion
+
+from .irqs import InterruptController
+from .memhp import BLOCK_SIZE as MEMHP_SIZE
+from .memhp import Effect, MemoryHotplugBlock
+from .pci_config import Bar, ConfigSpace, MsixLayout
+from .pci_device import PciFunction, Region
+
+# 1234 is the vendor id QEMU's own test devices use (edu, bochs display);
+# nobody owns it, and this device id is ours within it.
+VENDOR_ID = 0x1234
+DEVICE_ID = 0x11E0
+CLASS_SYSTEM_OTHER = 0x088000
+BAR0_SIZE = 4096
+MSIX_BAR_SIZE = 4096
+MEMHP_OFFSET = 0x000
+IRQ_ENABLE = 0xF00  # bit 0: raise the event interrupt
+
+
+class HotplugController(PciFunction):
+    name = "hotplug-controller"
+
+    def __init__(self, memhp: MemoryHotplugBlock, on_effect: Callable[[Effect], None] = lambda e: None) -> None:
+        config = ConfigSpace(
+            vendor_id=VENDOR_ID, device_id=DEVICE_ID, class_code=CLASS_SYSTEM_OTHER, revision=1,
+            subsystem_vendor_id=VENDOR_ID, subsystem_id=DEVICE_ID,
+            bars=(Bar(0, BAR0_SIZE), Bar(1, MSIX_BAR_SIZE)),
+            interrupt_pin=1,
+            msix=MsixLayout(vectors=1, bar=1),
+        )
+        super().__init__(config, InterruptController(intx=True, msix_vectors=1))
+        self.memhp = memhp
+        self.on_effect = on_effect
+        self.effects: list[Effect] = []  # every effect so far, for tests and logs
+        self._pending = False
+        self.irq_enable = 0
+        self.regions[PciRegion.BAR0] = Region(BAR0_SIZE, self._bar0_read, self._bar0_write)
+        self.regions[PciRegion.BAR1] = Region(MSIX_BAR_SIZE, self.msix_bar_read, self.msix_bar_write)
+
+    # -- BAR0 -----------------------------------------------------------------------
+
+    def _bar0_read(self, offset: int, count: int) -> bytes:
+        out = bytearray()
+        pos = offset
+        while pos < offset + count:
+            n = min(4, offset + count - pos)
+            if MEMHP_OFFSET <= pos < MEMHP_OFFSET + MEMHP_SIZE:
+                value = self.memhp.read(pos - MEMHP_OFFSET, n)
+            elif pos == IRQ_ENABLE:
+                value = self.irq_enable & ((1 << (8 * n)) - 1)
+            else:
+                value = (1 << (8 * n)) - 1  # nothing decodes here: all ones, like an empty port
+            out += value.to_bytes(n, "little")
+            pos += n
+        return bytes(out)
+
+    def _bar0_write(self, offset: int, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            n = min(4, len(data) - pos)
+            at = offset + pos
+            if MEMHP_OFFSET <= at < MEMHP_OFFSET + MEMHP_SIZE:
+                for effect in self.memhp.write(at - MEMHP_OFFSET, n, int.from_bytes(data[pos:pos + n], "little")):
+                    self.effects.append(effect)
+                    self.on_effect(effect)
+            elif at == IRQ_ENABLE:
+                self.irq_enable = data[pos] & 1
+            pos += n
+        self.update_interrupt()
+
+    # -- the interrupt --------------------------------------------------------------
+
+    def intx_asserted(self) -> bool:
+        return self.irq_enable and self.memhp.event_pending and not self.config.msix_enabled
+
+    def update_interrupt(self) -> None:
+        """Raise or lower the event interrupt after the blocks changed (call under self.lock)."""
+        pending = bool(self.irq_enable) and self.memhp.event_pending
+        if pending and not self._pending and self.config.msix_enabled:
+            self.msix_notify(0)
+        self._pending = pending
+        self.update_intx()
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        super().config_write(offset, data)
+        self.update_interrupt()
+
+    def reset(self) -> None:
+        # The hotplug blocks survive a reset, as QEMU's do; the interrupt enable does not.
+        super().reset()
+        self.irq_enable = 0
+        self._pending = False

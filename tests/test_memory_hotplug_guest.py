@@ -1,0 +1,291 @@
+"""Memory hotplug against a real QEMU 11.1 and a booted guest with two NUMA
+nodes: qbackend's slot manager drives hot-add and hot-remove over QMP, and
+its hotplug-controller device shows the ACPI memory-hotplug block in BAR0.
+
+After every step, for every slot, the guest reads QEMU's own block at port
+0xa00 (32-bit port reads, guest/ioport.c) and qbackend's window (32-bit
+MMIO reads) and the address, size, proximity and enabled bit must match.
+The event bits are not compared: the guest's ACPI clears them in QEMU's
+block, while qbackend's window keeps its own until a driver clears them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from backend.cli import vfio_user_device_arg
+from backend.dimm import DimmManager, RemovalState
+from backend.guest import GuestConsole
+from backend.hotplug_controller import HotplugController
+from backend.memhp import EjectRefused, OstReported
+from backend.options import DimmOptions
+from backend.qemu import QemuMachine
+from backend.qmp import SyncQmp
+from backend.service import Backend, BackendThread
+
+pytestmark = pytest.mark.guest
+
+MiB = 1 << 20
+SLOTS = 4
+
+
+@dataclass
+class Rig:
+    thread: BackendThread
+    backend: Backend
+    vm: QemuMachine
+    console: GuestConsole
+    user: SyncQmp  # the second monitor, as a person would use it
+    bar0: int
+
+    @property
+    def dimms(self) -> DimmManager:
+        assert self.backend.dimms is not None
+        return self.backend.dimms
+
+    @property
+    def controller(self) -> HotplugController:
+        assert self.backend.controller is not None
+        device = self.backend.controller.device
+        assert isinstance(device, HotplugController)
+        return device
+
+    def sh(self, cmd: str, timeout: float = 60) -> str:
+        return self.console.run_checked(cmd, timeout).strip()
+
+    def qemu_block(self, slot: int) -> list[int]:
+        return [int(x, 16) for x in self.sh(f"ioport wl 0xa00 {slot} && ioport rl 0xa00 6").split()]
+
+    def window(self, slot: int) -> list[int]:
+        out = self.sh(f"devmem {self.bar0:#x} 32 {slot} && for o in 0 4 8 12 16 20; do "
+                      f"devmem $(({self.bar0} + $o)) 32; done")
+        return [int(x, 16) for x in out.split()]
+
+    def assert_window_matches_qemu(self) -> None:
+        for slot in range(SLOTS):
+            theirs, ours = self.qemu_block(slot), self.window(slot)
+            assert ours[:5] == theirs[:5], f"slot {slot}: qbackend {ours} vs QEMU {theirs}"
+            assert ours[5] & 1 == theirs[5] & 1, f"slot {slot} enabled bit: qbackend {ours[5]} vs QEMU {theirs[5]}"
+
+    def mem_total_kb(self) -> int:
+        return int(self.sh("sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo"))
+
+    def wait_guest(self, cond: str, timeout: float = 10) -> None:
+        self.sh(f"i=0; until {cond}; do i=$((i+1)); [ $i -gt {int(timeout * 20)} ] && exit 1; usleep 50000; done",
+                timeout=timeout + 30)
+
+
+DIMMS = [
+    DimmOptions(id="cold0", size=256 * MiB, node=0, populated=True),
+    DimmOptions(id="hot1", size=256 * MiB, node=1),
+    DimmOptions(id="hot2", size=128 * MiB, node=0),
+]
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    work: Path = tmp_path_factory.mktemp("memhp")
+    backend = Backend()
+    served = backend.add_hotplug_controller(work / "hotplug.sock", DIMMS, machine="pc", ram_size=512 * MiB,
+                                            slots=SLOTS)
+    assert backend.dimms is not None
+    vm = QemuMachine(work, memory="512M", numa_nodes=2, slots=SLOTS, maxmem="4G",
+                     append="memhp_default_state=online_movable",
+                     extra_args=["-device", vfio_user_device_arg("hotplug", served.server.socket_path, addr="0x5"),
+                                 *backend.dimms.cold_plug_args()])
+    backend.attach_qmp(vm.qmp_path)
+    console = GuestConsole(vm.serial_path)
+    user = None
+    with BackendThread(backend) as thread:
+        try:
+            vm.start()
+            console.connect()
+            user = SyncQmp(vm.user_qmp_path)
+            console.wait_ready(timeout=90)
+            line = console.run_checked("sed -n 1p /sys/bus/pci/devices/0000:00:05.0/resource").split()
+            rig = Rig(thread, backend, vm, console, user, int(line[0], 16))
+            assert rig.sh("cat /sys/bus/pci/devices/0000:00:05.0/vendor") == "0x1234"
+            deadline = time.monotonic() + 30
+            while backend.qmp is None or not backend.dimms.dimms["cold0"].plugged:
+                assert time.monotonic() < deadline, "qbackend did not attach to QMP"
+                time.sleep(0.05)
+            yield rig
+        finally:
+            if user is not None:
+                user.close()
+            console.close()
+            vm.stop()
+
+
+def test_cold_plugged_dimm_sits_where_the_layout_put_it(rig: Rig) -> None:
+    cold = rig.dimms.dimms["cold0"]
+    assert cold.address == 4 << 30  # 512M of RAM end far below the PCI hole: the slots start at 4 GiB
+    assert rig.dimms.dimms["hot1"].address == cold.address + 256 * MiB
+    assert rig.sh("cat /sys/devices/system/node/possible") == "0-1"
+    block = cold.address // (128 * MiB)
+    assert rig.sh(f"cat /sys/devices/system/memory/memory{block}/state") == "online"
+    rig.assert_window_matches_qemu()
+
+
+def test_hot_add_grows_memtotal_on_the_declared_node(rig: Rig) -> None:
+    before = rig.mem_total_kb()
+    hot1 = rig.thread.run(rig.dimms.add, "hot1")
+    first = hot1.address // (128 * MiB)
+    rig.wait_guest(f"[ -e /sys/devices/system/memory/memory{first + 1} ]")
+    for block in (first, first + 1):
+        rig.wait_guest(f"[ \"$(cat /sys/devices/system/memory/memory{block}/state)\" = online ]")
+        assert rig.sh(f"[ -e /sys/devices/system/node/node1/memory{block} ] && echo yes") == "yes"
+    assert rig.mem_total_kb() == before + 256 * 1024
+    total = rig.thread.run(rig.dimms.memory_total)
+    assert total["total"] == total["qemu-base"] + total["qemu-plugged"] == (512 + 256 + 256) * MiB
+    rig.assert_window_matches_qemu()
+
+
+def test_hot_remove_of_movable_memory_is_reported_done(rig: Rig) -> None:
+    before = rig.mem_total_kb()
+    rig.user.drain_events()
+    assert rig.thread.run(rig.dimms.remove, "hot1") is RemovalState.REMOVED
+    rig.user.next_event("DEVICE_DELETED", data={"device": "hot1"}, timeout=10)
+    assert rig.mem_total_kb() == before - 256 * 1024
+    assert not rig.dimms.dimms["hot1"].plugged
+    rig.assert_window_matches_qemu()
+
+
+def test_hot_remove_of_normal_memory_fails_with_ost_busy(rig: Rig) -> None:
+    rig.sh("echo online_kernel > /sys/devices/system/memory/auto_online_blocks")
+    try:
+        hot2 = rig.thread.run(rig.dimms.add, "hot2")
+        block = hot2.address // (128 * MiB)
+        rig.wait_guest(f"[ \"$(cat /sys/devices/system/memory/memory{block}/state 2>/dev/null)\" = online ]")
+        assert "Normal" in rig.sh(f"cat /sys/devices/system/memory/memory{block}/valid_zones")
+        # Unmovable kernel allocations (inodes, dentries) land in the new Normal memory.
+        rig.sh("mkdir -p /tmp/slab && i=0; while [ $i -lt 3000 ]; do : > /tmp/slab/f$i; i=$((i+1)); done",
+               timeout=120)
+        before = rig.mem_total_kb()
+        outcome = rig.thread.run(rig.dimms.remove, "hot2")
+        assert outcome is RemovalState.FAILED, outcome
+        statuses = [o["status"] for o in rig.dimms.ost if o.get("device") == "hot2" and o["source"] == 3]
+        assert statuses[-2:] == [0x84, 0x82]
+        devices = rig.user.execute("query-memory-devices")
+        assert any(d["data"].get("id") == "hot2" for d in devices)  # the DIMM is intact
+        assert rig.mem_total_kb() == before
+        assert rig.dimms.dimms["hot2"].plugged
+        rig.assert_window_matches_qemu()
+    finally:
+        rig.sh("echo online_movable > /sys/devices/system/memory/auto_online_blocks")
+
+
+def test_dimm_added_by_a_user_on_another_monitor_shows_within_a_second(rig: Rig) -> None:
+    rig.user.execute("object-add", {"qom-type": "memory-backend-memfd", "id": "mem-user", "size": 128 * MiB,
+                                    "share": True})
+    rig.user.execute("device_add", {"driver": "pc-dimm", "id": "user1", "memdev": "mem-user", "slot": 3,
+                                    "node": 1})
+    start = time.monotonic()
+    while not rig.controller.memhp.slots[3].enabled:
+        assert time.monotonic() - start < 1.0, "qbackend did not see the user's DIMM within a second"
+        time.sleep(0.02)
+    assert rig.controller.memhp.slots[3].device_id == "user1"
+    assert any(d["id"] == "user1" and d.get("declared") is False for d in rig.dimms.as_json())
+    rig.assert_window_matches_qemu()
+    rig.user.execute("device_del", {"id": "user1"})
+    rig.user.next_event("DEVICE_DELETED", data={"device": "user1"}, timeout=10)
+    rig.user.execute("object-del", {"id": "mem-user"})
+    start = time.monotonic()
+    while rig.controller.memhp.slots[3].enabled:
+        assert time.monotonic() - start < 1.0
+        time.sleep(0.02)
+    rig.assert_window_matches_qemu()
+
+
+def test_an_eject_written_into_the_window_removes_the_dimm(rig: Rig) -> None:
+    hot1 = rig.thread.run(rig.dimms.add, "hot1")
+    rig.wait_guest(f"[ -e /sys/devices/system/memory/memory{hot1.address // (128 * MiB) + 1} ]")
+    rig.sh(f"devmem {rig.bar0:#x} 32 {hot1.slot} && devmem {rig.bar0 + 0x14:#x} 8 8")
+    deadline = time.monotonic() + 15
+    while rig.dimms.dimms["hot1"].plugged:
+        assert time.monotonic() < deadline, f"still plugged: {rig.dimms.dimms['hot1'].removal}"
+        time.sleep(0.05)
+    assert rig.dimms.dimms["hot1"].removal is RemovalState.REMOVED
+    rig.assert_window_matches_qemu()
+
+
+# -- fault injection: what the guest and QMP see -------------------------------------------
+
+
+def test_fault_refuse_eject(rig: Rig) -> None:
+    slot = rig.dimms.dimms["cold0"].slot
+    rig.thread.call(lambda: rig.controller.memhp.faults.refuse_eject.add(slot))
+    try:
+        rig.user.drain_events()
+        rig.sh(f"devmem {rig.bar0:#x} 32 {slot} && devmem {rig.bar0 + 0x14:#x} 8 8")
+        assert EjectRefused(slot) in rig.controller.effects
+        time.sleep(0.5)
+        assert rig.dimms.dimms["cold0"].plugged
+        assert not [e for e in rig.user.pending_events() if e["event"] == "DEVICE_DELETED"]
+    finally:
+        rig.thread.call(lambda: rig.controller.memhp.faults.refuse_eject.discard(slot))
+
+
+def test_fault_ost_failure_code(rig: Rig) -> None:
+    slot = rig.dimms.dimms["cold0"].slot
+    rig.thread.call(lambda: rig.controller.memhp.faults.ost_status.__setitem__(slot, 0x82))
+    try:
+        rig.sh(f"devmem {rig.bar0:#x} 32 {slot} && devmem {rig.bar0 + 4:#x} 32 3 && devmem {rig.bar0 + 8:#x} 32 0")
+        assert rig.controller.effects[-1] == OstReported(slot, "cold0", 3, 0x82)
+        assert rig.controller.memhp.ost_status == 0x82
+    finally:
+        rig.thread.call(lambda: rig.controller.memhp.faults.ost_status.clear())
+
+
+def test_fault_spurious_insert_raises_the_interrupt_and_shows_in_the_window(rig: Rig) -> None:
+    def clear_events() -> None:  # what earlier hot-adds left pending in qbackend's window
+        with rig.controller.lock:
+            for slot in rig.controller.memhp.slots:
+                slot.inserting = slot.removing = False
+            rig.controller.update_interrupt()
+
+    rig.thread.call(clear_events)
+    rig.sh(f"devmem {rig.bar0 + 0xF00:#x} 32 1")  # a driver enables the event interrupt
+    fired = rig.controller.irqs.intx.fired
+
+    def spurious() -> None:
+        with rig.controller.lock:
+            rig.controller.memhp.spurious_insert(3)
+            rig.controller.update_interrupt()
+
+    rig.thread.call(spurious)
+    assert rig.controller.irqs.intx.fired == fired + 1
+    assert rig.window(3)[5] & 0b010  # inserting, with nothing enabled
+    rig.sh(f"devmem {rig.bar0:#x} 32 3 && devmem {rig.bar0 + 0x14:#x} 8 2")  # the driver clears it
+    assert rig.window(3)[5] == 0
+    assert not rig.controller.memhp.event_pending
+    assert not rig.controller.irqs.intx_level
+    rig.sh(f"devmem {rig.bar0 + 0xF00:#x} 32 0")
+
+
+def test_fault_hold_remove_bit(rig: Rig) -> None:
+    slot = rig.dimms.dimms["cold0"].slot
+
+    def hold() -> None:
+        with rig.controller.lock:
+            rig.controller.memhp.faults.hold_remove.add(slot)
+            rig.controller.memhp.slots[slot].removing = True
+            rig.controller.update_interrupt()
+
+    rig.thread.call(hold)
+    try:
+        rig.sh(f"devmem {rig.bar0:#x} 32 {slot} && devmem {rig.bar0 + 0x14:#x} 8 4")
+        assert rig.window(slot)[5] & 0b100  # the clear was ignored
+        assert rig.controller.memhp.event_pending
+    finally:
+        def release() -> None:
+            with rig.controller.lock:
+                rig.controller.memhp.faults.hold_remove.discard(slot)
+                rig.controller.memhp.slots[slot].removing = False
+                rig.controller.update_interrupt()
+
+        rig.thread.call(release)
