@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .spapr.cli import register as register_drc
     register_drc(sub)
+    from .qed_cli import add_parser as register_qed
+    register_qed(sub)
     return parser
 
 
@@ -153,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             return _nbd(args.export, args.socket, args.tcp)
         if args.command == "console":
             return _console(args.path)
+        if args.command == "qed":
+            from .qed_cli import run as qed_main
+            return qed_main(args)
         if args.command == "drc":
             from .spapr.cli import main as drc_main
             return drc_main(args)

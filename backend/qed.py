@@ -561,7 +561,7 @@ class QedImage:
             else:
                 starts.append((e, i))
         starts.sort()
-        for (a, i), (b, j) in zip(starts, starts[1:]):
+        for (a, i), (b, j) in zip(starts, starts[1:], strict=False):
             if b < a + self._tb:
                 self._bad_l1.setdefault(i, f"L2 table {a:#x} overlaps the L2 table at {b:#x}")
                 self._bad_l1.setdefault(j, f"L2 table {b:#x} overlaps the L2 table at {a:#x}")
