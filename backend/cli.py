@@ -21,7 +21,7 @@ from pathlib import Path
 
 import trio
 
-from .options import IvshmemOptions, NbdExportOptions, OptionError, parse_tcp
+from .options import DimmOptions, IvshmemOptions, NbdExportOptions, OptionError, parse_keyval, parse_size, parse_tcp
 from .service import Backend
 
 EPILOG_SERVE = """\
@@ -89,6 +89,42 @@ def _tcp_option(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _dimm_option(text: str) -> DimmOptions:
+    try:
+        return DimmOptions.parse(text)
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+HOTPLUG_KEYS = ("socket", "machine", "ram", "slots", "profile")
+
+
+def _hotplug_option(text: str) -> dict[str, object]:
+    try:
+        kv = parse_keyval(text, "--hotplug")
+        unknown = sorted(set(kv) - set(HOTPLUG_KEYS))
+        if unknown:
+            raise OptionError(f"--hotplug: unknown key(s) {', '.join(unknown)}; known: {', '.join(HOTPLUG_KEYS)}")
+        if "socket" not in kv:
+            raise OptionError("--hotplug: socket=PATH is required")
+        if kv.get("profile", "qemu") not in ("qemu", "spec-2.4"):
+            raise OptionError("--hotplug profile=qemu|spec-2.4")
+        return {"socket": Path(kv["socket"]), "machine": kv.get("machine", "pc"),
+                "ram": parse_size(kv.get("ram", "512M"), "--hotplug ram"), "slots": int(kv.get("slots", "4")),
+                "profile": kv.get("profile", "qemu")}
+    except (OptionError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+EPILOG_DIMM = """\
+examples (against 'make run' / 'qbackend run --dimm ...'):
+  qbackend dimm list
+  qbackend dimm add hot1
+  qbackend dimm del hot1        # waits for the guest: removed, or failed (OST 0x82, busy)
+  qbackend dimm total           # base + plugged, beside QEMU's query-memory-size-summary
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qbackend",
@@ -104,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_SERVE)
     serve.add_argument("--ivshmem", type=_ivshmem_option, action="append", default=[], metavar="KEY=VALUE,...",
                        help="an ivshmem device (repeatable); keys below")
+    serve.add_argument("--hotplug", type=_hotplug_option, metavar="socket=PATH[,machine=pc][,ram=512M][,slots=4]",
+                       help="the hotplug-controller device (ACPI memory-hotplug block in BAR0)")
+    serve.add_argument("--dimm", type=_dimm_option, action="append", default=[],
+                       metavar="id=ID,size=SIZE[,node=N][,populated=on|off]",
+                       help="a DIMM slot of the hotplug controller (repeatable)")
+    serve.add_argument("--qmp", type=Path, help="QEMU's QMP socket: follow and drive its hotplug")
+    serve.add_argument("--control", type=Path, help="control socket for 'qbackend dimm ...'")
     serve.add_argument("--nbd", type=_export_option, action="append", default=[], metavar="KEY=VALUE,...",
                        help="an NBD export served beside the devices (repeatable); keys: see 'qbackend nbd --help'")
     serve.add_argument("--nbd-socket", type=Path, help="UNIX socket for the --nbd exports")
@@ -129,6 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="machine profile from qemu-configs/: pc (default) or q35")
     run.add_argument("--accel", default=None, help="QEMU accelerator (default: $QBACKEND_ACCEL or tcg)")
     run.add_argument("--memory", default="512M", help="guest RAM (default: 512M)")
+    run.add_argument("--dimm", type=_dimm_option, action="append", default=[],
+                     metavar="id=ID,size=SIZE[,node=N][,populated=on|off]",
+                     help="a DIMM slot (repeatable); adds the hotplug controller; then use 'qbackend dimm'")
+    run.add_argument("--numa", type=int, default=1, help="NUMA nodes of the guest (default 1)")
+
+    dimm = sub.add_parser("dimm", help="hot-add, hot-remove and list DIMMs of a running qbackend",
+                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_DIMM,
+                          description="Drive the DIMM slots of a running 'qbackend run' or 'qbackend serve'.")
+    dimm.add_argument("--control", type=Path, default=Path("build/run/qbackend.sock"),
+                      help="its control socket (default: build/run/qbackend.sock, where 'make run' puts it)")
+    dimm_sub = dimm.add_subparsers(dest="dimm_command", metavar="ACTION", required=True)
+    dimm_sub.add_parser("list", help="slots, addresses, nodes, what is plugged")
+    dimm_sub.add_parser("total", help="memory total: base plus plugged")
+    for name, what in (("add", "hot-add"), ("del", "hot-remove")):
+        p = dimm_sub.add_parser(name, help=f"{what} the DIMM of a declared slot")
+        p.add_argument("id")
+        if name == "del":
+            p.add_argument("--timeout", type=float, default=30.0, help="how long to wait for the guest (s)")
 
     console = sub.add_parser("console", help="attach the terminal to a guest's serial console socket",
                              description="Relay this terminal to a UNIX socket (a QEMU serial chardev). "
@@ -155,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             return _nbd(args.export, args.socket, args.tcp)
         if args.command == "console":
             return _console(args.path)
+        if args.command == "dimm":
+            return _dimm(args)
         if args.command == "qed":
             from .qed_cli import run as qed_main
             return qed_main(args)
@@ -177,7 +240,7 @@ def _backend(options: list[IvshmemOptions]) -> Backend:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if not args.ivshmem and not args.nbd:
+    if not args.ivshmem and not args.nbd and not args.hotplug:
         print("qbackend serve: nothing to serve; add a device, e.g. --ivshmem socket=/tmp/iv0.sock,size=4M",
               file=sys.stderr)
         return 2
@@ -187,6 +250,20 @@ def _serve(args: argparse.Namespace) -> int:
     backend = _backend(args.ivshmem)
     if args.nbd:
         backend.add_nbd(args.nbd, args.nbd_socket, args.nbd_tcp)
+    if args.dimm and not args.hotplug:
+        print("qbackend serve: --dimm needs --hotplug socket=PATH (the controller that shows the slots)",
+              file=sys.stderr)
+        return 2
+    if args.hotplug:
+        from .memhp import Profile
+
+        hp = args.hotplug
+        backend.add_hotplug_controller(hp["socket"], args.dimm, machine=hp["machine"], ram_size=hp["ram"],
+                                       slots=hp["slots"], profile=Profile(hp["profile"]))
+    if args.qmp:
+        backend.attach_qmp(args.qmp)
+    if args.control:
+        backend.enable_control(args.control)
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
@@ -249,11 +326,22 @@ def _run(args: argparse.Namespace) -> int:
     options = args.ivshmem or [IvshmemOptions(socket=workdir / "ivshmem0.sock")]
     backend = _backend(options)
     extra: list[str] = []
+    slots = 0
+    if args.dimm:
+        slots = max(4, len(args.dimm))
+        backend.add_hotplug_controller(workdir / "hotplug.sock", args.dimm, machine=args.machine,
+                                       ram_size=parse_size(args.memory, "--memory"), slots=slots)
+        assert backend.dimms is not None
+        extra += backend.dimms.cold_plug_args()
     bus = load_machine_config(args.machine).hotplug_bus
     for served in backend.devices.values():
         props = {"bus": bus} if bus else {}
         extra += ["-device", vfio_user_device_arg(served.id, served.server.socket_path, **props)]
-    vm = QemuMachine(workdir, machine=args.machine, memory=args.memory, accel=args.accel, extra_args=extra)
+    vm = QemuMachine(workdir, machine=args.machine, memory=args.memory, accel=args.accel, extra_args=extra,
+                     numa_nodes=args.numa, slots=slots, maxmem="4G" if slots else None,
+                     append="memhp_default_state=online_movable" if slots else "")
+    backend.attach_qmp(vm.qmp_path)
+    control = backend.enable_control(workdir / "qbackend.sock")
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -263,7 +351,8 @@ def _run(args: argparse.Namespace) -> int:
                 await trio.to_thread.run_sync(vm.start)
                 print(f"QEMU pid {vm.pid}, log {vm.log_path}")
                 print(f"guest console: {vm.serial_path}   (attach: qbackend console {vm.serial_path})")
-                print(f"QMP socket:    {vm.qmp_path}")
+                print(f"QMP socket:    {vm.qmp_path}   (yours, a second monitor: {vm.user_qmp_path})")
+                print(f"control:       {control.path}   (qbackend dimm --control {control.path} list)")
                 for served in backend.devices.values():
                     print(f"{served.id}: vfio-user socket {served.server.socket_path}")
                 print("Ctrl-C stops QEMU and qbackend", flush=True)
@@ -288,6 +377,37 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
             print(f"\n{signal.Signals(signum).name}: stopping", flush=True)
             scope.cancel()
             return
+
+
+def _dimm(args: argparse.Namespace) -> int:
+    from .control import ControlError, call
+
+    try:
+        if args.dimm_command == "list":
+            rows = call(args.control, "dimm-list")
+            print(f"{'id':<12}{'slot':>5}  {'address':<20}{'size':>8}{'node':>5}  state")
+            for r in rows:
+                state = "plugged" if r["plugged"] else "empty"
+                if r.get("removal"):
+                    state += f", {r['removal']}"
+                if r.get("declared") is False:
+                    state += " (not declared here: added by someone else)"
+                print(f"{r['id']:<12}{r['slot']:>5}  {r['address']:#018x}  {r['size'] >> 20:>6}M{r['node']:>5}  {state}")
+        elif args.dimm_command == "total":
+            t = call(args.control, "memory-total")
+            print(f"base {t['base'] >> 20} MiB + plugged {t['plugged'] >> 20} MiB = {t['total'] >> 20} MiB "
+                  f"(QEMU says base {t['qemu-base'] >> 20} MiB + plugged {t['qemu-plugged'] >> 20} MiB)")
+        elif args.dimm_command == "add":
+            r = call(args.control, "dimm-add", id=args.id)
+            print(f"{r['id']}: plugged in slot {r['slot']} at {r['address']:#x} on node {r['node']}")
+        else:
+            r = call(args.control, "dimm-del", timeout=args.timeout + 10, id=args.id, wait=args.timeout)
+            print(f"{r['id']}: {r['outcome']}")
+            return 0 if r["removed"] else 1
+    except ControlError as exc:
+        print(f"qbackend dimm: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _console(path: Path) -> int:

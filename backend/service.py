@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 import trio
 
-from .dimm import DimmManager
+from .control import ControlError, ControlServer
+from .dimm import DimmError, DimmManager
 from .hotplug_controller import HotplugController
 from .ivshmem import IvshmemDevice, PeerGroup, SharedMemory
 from .memhp import EjectRequested, Effect, MemoryHotplugBlock, Profile
@@ -46,6 +47,7 @@ class Backend:
     qmp_path: Path | None = None
     qmp: QmpConnection | None = None
     reconcile_interval: float = 0.5
+    control: ControlServer | None = None
     _nursery: trio.Nursery | None = None
     _token: trio.lowlevel.TrioToken | None = None
 
@@ -103,6 +105,42 @@ class Backend:
         self.devices[dev_id] = served
         self.controller = served
         return served
+
+    def enable_control(self, path: Path) -> ControlServer:
+        """A control socket for `qbackend dimm ...` and other clients."""
+        self.control = ControlServer(path)
+        self.control.register("dimm-list", self._cmd_dimm_list)
+        self.control.register("dimm-add", self._cmd_dimm_add)
+        self.control.register("dimm-del", self._cmd_dimm_del)
+        self.control.register("memory-total", self._cmd_memory_total)
+        return self.control
+
+    def _need_dimms(self) -> DimmManager:
+        if self.dimms is None:
+            raise ControlError("this qbackend has no DIMM slots (start it with --dimm ...)")
+        return self.dimms
+
+    async def _cmd_dimm_list(self, req: dict[str, Any]) -> Any:
+        return self._need_dimms().as_json()
+
+    async def _cmd_dimm_add(self, req: dict[str, Any]) -> Any:
+        try:
+            return (await self._need_dimms().add(str(req["id"]))).as_json()
+        except (DimmError, QmpError) as exc:
+            raise ControlError(str(exc)) from None
+
+    async def _cmd_dimm_del(self, req: dict[str, Any]) -> Any:
+        try:
+            outcome = await self._need_dimms().remove(str(req["id"]), float(req.get("wait", 30)))
+        except (DimmError, QmpError) as exc:
+            raise ControlError(str(exc)) from None
+        return {"id": req["id"], "outcome": outcome.value, "removed": outcome.name == "REMOVED"}
+
+    async def _cmd_memory_total(self, req: dict[str, Any]) -> Any:
+        try:
+            return await self._need_dimms().memory_total()
+        except (DimmError, QmpError) as exc:
+            raise ControlError(str(exc)) from None
 
     def attach_qmp(self, path: Path) -> None:
         """Follow (and drive) the QEMU whose QMP monitor is at `path`."""
@@ -182,6 +220,8 @@ class Backend:
                     await nursery.start(served.server.serve)
                 if self.nbd is not None:
                     await nursery.start(self.nbd.serve)
+                if self.control is not None:
+                    await nursery.start(self.control.serve)
                 self._nursery = nursery
                 self._token = trio.lowlevel.current_trio_token()
                 if self.qmp_path is not None:

@@ -1,6 +1,7 @@
 """`qbackend run` (what `make run` starts): QEMU with a booted guest and the
-ivshmem device, here on the q35 profile (the device behind a root port);
-Ctrl-C stops everything and leaves no process or socket behind."""
+ivshmem device, here on the q35 profile (the device behind a root port),
+DIMM slots driven with `qbackend dimm`; Ctrl-C stops everything and leaves
+no process or socket behind."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def test_run_boots_a_guest_with_the_device_and_ctrl_c_cleans_up(tmp_path: Path) 
     workdir = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "backend.cli", "run", "--machine", "q35", "--workdir", str(workdir),
-         "--ivshmem", f"socket={workdir}/iv.sock,size=1M"],
+         "--ivshmem", f"socket={workdir}/iv.sock,size=1M",
+         "--dimm", "id=cold,size=128M,populated=on", "--dimm", "id=hot,size=256M,node=0"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     lines = []
@@ -58,6 +60,21 @@ def test_run_boots_a_guest_with_the_device_and_ctrl_c_cleans_up(tmp_path: Path) 
             bar2 = console.run_checked("sed -n 3p /sys/bus/pci/devices/0000:01:00.0/resource").split()
             assert int(bar2[1], 16) - int(bar2[0], 16) + 1 == 1 << 20
         assert _processes_mentioning(str(workdir / "qemu-qmp.sock")), "QEMU is not running"
+        ctl = str(workdir / "qbackend.sock")
+
+        def dimm(*args: str) -> str:
+            result = subprocess.run([sys.executable, "-m", "backend.cli", "dimm", "--control", ctl, *args],
+                                    cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, result.stdout + result.stderr
+            return result.stdout
+
+        listing = dimm("list")
+        assert "cold" in listing and "plugged" in listing.splitlines()[1]
+        assert "hot:" not in listing and "empty" in listing
+        assert "plugged in slot 1 at 0x108000000" in dimm("add", "hot")
+        assert "= 896 MiB" in dimm("total")
+        assert "hot: removed" in dimm("del", "hot")
+        assert "= 640 MiB" in dimm("total")
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=30)
     finally:
@@ -71,3 +88,4 @@ def test_run_boots_a_guest_with_the_device_and_ctrl_c_cleans_up(tmp_path: Path) 
         time.sleep(0.1)
     assert _processes_mentioning(str(workdir / "qemu-qmp.sock")) == []
     assert sorted(p.name for p in workdir.iterdir() if p.is_socket()) == []
+    assert "control:" in text
