@@ -252,6 +252,23 @@ class DimmManager:
             for data in seen.values():
                 if data.get("id") not in ours:
                     self.others[str(data.get("id"))] = data
+        # OSPM's last word per DIMM (query-acpi-ospm-status) tells about
+        # removals someone else asked for (a device_del typed elsewhere).
+        # Removals of ours follow the events instead: the status of an
+        # earlier attempt would be stale for them.
+        for status in await self._qmp().execute("query-acpi-ospm-status"):
+            d = self.dimms.get(status.get("device", ""))
+            if (d is None or d.removal is not None or not d.plugged or status.get("slot-type") != "DIMM"
+                    or status.get("source") != OST_EVENT_EJECT):
+                continue
+            if status.get("status") == OST_BUSY:
+                d.removal = RemovalState.FAILED
+            elif status.get("status") == OST_EJECT_IN_PROGRESS:
+                d.removal = RemovalState.EJECTING
+            else:
+                continue
+            changed = True
+            self._changed(d)
         if changed:
             self._changed(None)
 
