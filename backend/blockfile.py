@@ -20,11 +20,14 @@ import ctypes.util
 import errno
 import os
 import random
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-__all__ = ["BlockFile", "FileBlock", "MemoryBlock", "FaultyBlock", "InjectedFault", "Crashed"]
+Buffer = bytes | bytearray | memoryview
+"""What `BlockFile.pwrite` accepts."""
+
+__all__ = ["Buffer", "BlockFile", "FileBlock", "MemoryBlock", "FaultyBlock", "InjectedFault", "Crashed"]
 
 
 @runtime_checkable
@@ -33,7 +36,7 @@ class BlockFile(Protocol):
         """Up to ``n`` bytes at ``offset``; short only at the end of the file."""
         ...
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: Buffer) -> None:
         """Write all of ``data`` at ``offset``, growing the file if needed."""
         ...
 
@@ -68,7 +71,7 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
+    return fn  # type: ignore[no-any-return, unused-ignore]
 
 
 _fallocate = _load_fallocate()
@@ -105,7 +108,7 @@ class FileBlock:
             got += len(more)
         return b"".join(parts)
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: Buffer) -> None:
         view = memoryview(data)
         while view:
             done = os.pwrite(self.fd, view, offset)
@@ -160,7 +163,7 @@ class MemoryBlock:
     def pread(self, offset: int, n: int) -> bytes:
         return bytes(self.data[offset:offset + n])
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: Buffer) -> None:
         end = offset + len(data)
         if end > len(self.data):
             self.data.extend(bytes(end - len(self.data)))
@@ -241,7 +244,7 @@ class FaultyBlock:
             raise Crashed("after crash")
         return self.inner.pread(offset, n)
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: Buffer) -> None:
         self._tick()
         self.writes += 1
         if self.fail_write_after is not None and self.writes == self.fail_write_after + 1:

@@ -36,6 +36,7 @@ import bisect
 import errno
 import logging
 import os
+import re
 import struct
 import sys
 import threading
@@ -1076,47 +1077,15 @@ class QedImage:
             used[c:c + h.table_size] = b"\x01" * h.table_size
             tables.append((i, e))
         l2_fixes: list[tuple[int, int, Problem]] = []
-        prev_host = -1
+        state = _ScanState()
         for done, (i, toff) in enumerate(tables):
             if progress is not None:
                 progress(done, len(tables))
-            table = _table_from_bytes(self.f.pread(toff, tb))
-            for j, e in enumerate(table):
-                if e <= L2_ZERO:
-                    continue
-                why = None
-                kind = ProblemKind.BAD_L2_ENTRY
-                fixable = True
-                c = e // cs
-                if e % cs:
-                    why = f"offset {e:#x} is not a multiple of the cluster size"
-                elif e < h.header_bytes:
-                    why, kind = f"offset {e:#x} lies in the header", ProblemKind.L2_INTO_METADATA
-                elif e >= file_size:
-                    why = f"offset {e:#x} is past the end of the file ({file_size:#x})"
-                elif meta[c]:
-                    why, kind = f"offset {e:#x} lies in the L1 table", ProblemKind.L2_INTO_METADATA
-                elif used[c]:
-                    why, kind, fixable = f"offset {e:#x} is referenced more than once", ProblemKind.DUPLICATE, False
-                if why is not None:
-                    guest = (i * ne + j) * cs
-                    p = Problem(kind, f"L2 table at {toff:#x} entry {j} (guest offset {guest:#x}): data cluster {why}",
-                                toff, j, e, fixable=fixable)
-                    rep.corruptions.append(p)
-                    if fixable:
-                        l2_fixes.append((toff, j, p))
-                    continue
-                used[c] = 1
-                rep.allocated_clusters += 1
-                if prev_host >= 0 and e != prev_host + cs:
-                    rep.fragmented_clusters += 1
-                prev_host = e
+            self._check_table(i, toff, file_size, used, meta, rep, l2_fixes, state)
         if progress is not None:
             progress(len(tables), len(tables))
         # leaks
-        last_used = nclusters - 1
-        while last_used >= 0 and not used[last_used]:
-            last_used -= 1
+        last_used = used.rfind(1)
         rep.leaked_clusters = used.count(0, 0, nclusters)
         c = 0
         while c < nclusters and len(rep.leak_ranges) < 100:
@@ -1132,6 +1101,74 @@ class QedImage:
             self._repair(rep, l1_fixes if not leaks_only else [], l2_fixes if not leaks_only else [],
                          raw_size, nclusters, last_used)
         return rep
+
+    def _check_table(self, l1i: int, toff: int, file_size: int, used: bytearray, meta: bytearray,
+                     rep: CheckReport, l2_fixes: list[tuple[int, int, Problem]], state: _ScanState) -> None:
+        """Check one L2 table's entries, marking the clusters they use.
+
+        Runs of entries that point at consecutive clusters (what sequential
+        writes leave) are checked and marked as a whole with slice operations;
+        everything else goes entry by entry through `_check_entry`.
+        """
+        cs, ne = self._cs, self._ne
+        data = self.f.pread(toff, self._tb)
+        table = _table_from_bytes(data)
+        hb = self.header.header_bytes
+        j = 0
+        while j < ne:
+            m = _NONZERO.search(data, j * 8)
+            if m is None:
+                break
+            j = m.start() // 8
+            e = table[j]
+            if e <= L2_ZERO:
+                j += 1
+                continue
+            k = _arithmetic_run(table, j, cs) if e % cs == 0 else 1
+            if k > 1:
+                c = e // cs
+                if e >= hb and e + k * cs <= file_size and used.find(1, c, c + k) < 0:
+                    used[c:c + k] = b"\x01" * k
+                    rep.allocated_clusters += k
+                    if state.prev_host >= 0 and e != state.prev_host + cs:
+                        rep.fragmented_clusters += 1
+                    state.prev_host = e + (k - 1) * cs
+                    j += k
+                    continue
+            for jj in range(j, j + k):  # one by one, to say exactly what is wrong
+                self._check_entry(l1i, toff, jj, table[jj], file_size, used, meta, rep, l2_fixes, state)
+            j += k
+
+    def _check_entry(self, l1i: int, toff: int, j: int, e: int, file_size: int, used: bytearray, meta: bytearray,
+                     rep: CheckReport, l2_fixes: list[tuple[int, int, Problem]], state: _ScanState) -> None:
+        cs = self._cs
+        why = None
+        kind = ProblemKind.BAD_L2_ENTRY
+        fixable = True
+        c = e // cs
+        if e % cs:
+            why = f"offset {e:#x} is not a multiple of the cluster size"
+        elif e < self.header.header_bytes:
+            why, kind = f"offset {e:#x} lies in the header", ProblemKind.L2_INTO_METADATA
+        elif e >= file_size:
+            why = f"offset {e:#x} is past the end of the file ({file_size:#x})"
+        elif meta[c]:
+            why, kind = f"offset {e:#x} lies in the L1 table", ProblemKind.L2_INTO_METADATA
+        elif used[c]:
+            why, kind, fixable = f"offset {e:#x} is referenced more than once", ProblemKind.DUPLICATE, False
+        if why is not None:
+            guest = (l1i * self._ne + j) * cs
+            p = Problem(kind, f"L2 table at {toff:#x} entry {j} (guest offset {guest:#x}): data cluster {why}",
+                        toff, j, e, fixable=fixable)
+            rep.corruptions.append(p)
+            if fixable:
+                l2_fixes.append((toff, j, p))
+            return
+        used[c] = 1
+        rep.allocated_clusters += 1
+        if state.prev_host >= 0 and e != state.prev_host + cs:
+            rep.fragmented_clusters += 1
+        state.prev_host = e
 
     def _repair(self, rep: CheckReport, l1_fixes: list[tuple[int, Problem]],
                 l2_fixes: list[tuple[int, int, Problem]], raw_size: int, nclusters: int, last_used: int) -> None:
@@ -1185,6 +1222,37 @@ class QedImage:
             "backing-filename": self.backing_name,
             "backing-filename-format": self.backing_format,
         }
+
+
+_NONZERO = re.compile(b"[^\\x00]")
+
+
+@dataclass
+class _ScanState:
+    prev_host: int = -1  # the last data cluster seen, for counting fragmentation
+
+
+def _arithmetic_run(table: array[int], j: int, step: int) -> int:
+    """How many entries from ``j`` on go up by exactly ``step`` (at least 1); C-speed slice compares."""
+    n = len(table) - j
+    e = table[j]
+
+    def matches(k: int) -> bool:
+        return table[j:j + k] == array("Q", range(e, e + k * step, step))
+
+    good = 1
+    k = 2
+    while k <= n and matches(k):
+        good = k
+        k *= 2
+    hi = min(k, n + 1)  # first length known (or assumed) not to match
+    while hi - good > 1:
+        mid = (good + hi) // 2
+        if matches(mid):
+            good = mid
+        else:
+            hi = mid
+    return good
 
 
 def _block_dir(f: BlockFile) -> Path | None:

@@ -4,6 +4,7 @@ NEED_CHECK lifecycle, the allocation map.  All in memory or in tmp files."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -437,3 +438,92 @@ def test_failed_write_leaves_a_consistent_image() -> None:
                 j.write(4096 * (10 + 20 * k), b"x" * 5000)
         rep = QedImage.open(MemoryBlock(bytes(f.inner.pread(0, f.size())))).check()  # type: ignore[attr-defined]
         assert rep.corruptions_remaining == 0
+
+
+# -- check: the run-at-a-time scan agrees with the entry-by-entry one -------------------------
+
+entry_runs = st.lists(st.one_of(
+    st.tuples(st.just("run"), st.integers(0, 80), st.integers(1, 300)),  # (first cluster, length)
+    st.tuples(st.just("zero"), st.integers(1, 100), st.just(0)),
+    st.tuples(st.just("one"), st.integers(1, 5), st.just(0)),
+    st.tuples(st.just("raw"), st.integers(0, 1 << 22), st.integers(1, 3)),  # arbitrary values
+), max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(tables=st.lists(entry_runs, min_size=1, max_size=3), extra_clusters=st.integers(0, 400))
+def test_check_fast_scan_matches_entry_by_entry(tables: list[list[tuple[str, int, int]]],
+                                                extra_clusters: int) -> None:
+    import backend.qed as qed
+
+    cs = 4096
+    m = MemoryBlock()
+    h = QedImage.create(m, 3 * 512 * cs, cluster_size=cs, table_size=1)  # 512 entries per table
+    first_table = h.l1_table_offset + cs
+    m.truncate(first_table + len(tables) * cs + extra_clusters * cs)
+    for t, runs in enumerate(tables):
+        entries: list[int] = []
+        for kind, a, b in runs:
+            if kind == "run":
+                entries += [(a + 2) * cs + i * cs for i in range(b)]
+            elif kind == "zero":
+                entries += [0] * a
+            elif kind == "one":
+                entries += [1] * a
+            else:
+                entries += [a * 512 + i for i in range(b)]
+        entries = (entries + [0] * 512)[:512]
+        m.pwrite(first_table + t * cs, b"".join(e.to_bytes(8, "little") for e in entries))
+        m.pwrite(h.l1_table_offset + 8 * t, (first_table + t * cs).to_bytes(8, "little"))
+    fast = QedImage.open(m, read_only=True).check()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qed, "_arithmetic_run", lambda table, j, step: 1)
+        slow = QedImage.open(m, read_only=True).check()
+    assert fast == slow
+
+
+@settings(max_examples=300, deadline=None)
+@given(ts=st.sampled_from([1, 2]), clusters=st.integers(0, 12), seed=st.integers(0, 2**32),
+       size_k=st.integers(0, 64), entry_bias=st.sampled_from([0, 1, 2]))
+def test_garbage_metadata_only_ever_raises_qed_errors(ts: int, clusters: int, seed: int, size_k: int,
+                                                      entry_bias: int) -> None:
+    """Random L1/L2 contents behind a valid header: open, read, map, check and repair
+    either work or raise a QedError; nothing else escapes."""
+    cs = 4096
+    rng = random.Random(seed)
+    m = MemoryBlock()
+    h = QedImage.create(m, size_k * 64 * 1024, cluster_size=cs, table_size=ts)
+
+    def entry() -> int:
+        r = rng.random()
+        if r < 0.3:
+            return 0
+        if r < 0.4:
+            return 1
+        if entry_bias == 0 or r < 0.5:
+            return rng.getrandbits(64) if rng.random() < 0.3 else rng.randrange(0, (clusters + 8) * cs)
+        return rng.randrange(0, clusters + 4 + ts) * cs  # aligned, around the file
+
+    body = bytearray()
+    for _ in range(clusters * cs // 8):
+        body += entry().to_bytes(8, "little")
+    m.pwrite(h.l1_table_offset + h.table_bytes, bytes(body))
+    l1 = b"".join(entry().to_bytes(8, "little") for _ in range(8))
+    m.pwrite(h.l1_table_offset, l1)
+    for read_only in (True, False):
+        try:
+            img = QedImage.open(MemoryBlock(bytes(m.data)), read_only=read_only)
+        except QedError:
+            continue
+        actions: list[tuple[Callable[..., object], tuple[object, ...]]] = [
+            (img.read, (0, img.image_size)), (img.map, ()), (img.check, ()), (img.write, (0, b"x" * 5000)),
+            (img.write_zeroes, (0, img.image_size)), (img.check, (True,))]
+        for action, args in actions:
+            try:
+                action(*args)
+            except QedError:
+                pass
+        if not read_only:
+            after = img.check()
+            assert all(not p.fixable for p in after.corruptions), after.corruptions
+        img.close()
