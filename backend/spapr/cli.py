@@ -57,9 +57,15 @@ def register(sub: Any) -> None:
                     help="entry order: QEMU's own (default, byte-identical) or sorted by index")
     dt.add_argument("--no-drmem", action="store_true",
                     help="leave out ibm,dynamic-reconfiguration-memory (QEMU adds it at CAS)")
-    run = dsub.add_parser("run", help="drive the state machine and RTAS calls from a script")
+    from . import script as script_module
+
+    run = dsub.add_parser("run", help="drive the state machine and RTAS calls from a script",
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="script lines:\n" + (script_module.__doc__ or "").split("\n\n")[1]
+                          + "\n\nexample:\n  printf 'plug-dimm 0x40000000 256M mem1\\nstate 0x80000004\\n' | "
+                          "qbackend drc run --memory 1G --maxmem 4G --slots 4 -")
     _machine_args(run)
-    run.add_argument("script", help="script file, or - for stdin (commands: see backend/spapr/script.py)")
+    run.add_argument("script", help="script file, or - for stdin (one command per line, below)")
     run.add_argument("--legacy-events", action="store_true",
                      help="the guest did not negotiate the hot-plug event source (EPOW, by count)")
     run.add_argument("--keep-going", action="store_true", help="do not stop at the first error")
