@@ -38,6 +38,8 @@ test:
 bench:
 	$(VENV)/bin/python scripts/bench_vfio_user.py
 	$(VENV)/bin/python scripts/bench_nbd.py
+	$(VENV)/bin/python scripts/bench_ivshmem.py
+	$(VENV)/bin/python scripts/bench_qed.py
 
 run:
 	$(VENV)/bin/qbackend run

@@ -22,6 +22,7 @@ from pathlib import Path
 import trio
 
 from .options import DimmOptions, IvshmemOptions, NbdExportOptions, OptionError, parse_keyval, parse_size, parse_tcp
+from .qemu import load_machine_config
 from .service import Backend
 
 EPILOG_SERVE = """\
@@ -43,6 +44,8 @@ then attach a device to QEMU (10.1 or later), for example:
   vectors=N      MSI-X vectors, 1..64; default 1
   peer=N         IVPosition (peer id); default: the lowest free id in the group
   id=NAME        a name for logs; default ivshmemN
+  server=PATH    also listen as an ivshmem server there, so a stock QEMU
+                 -device ivshmem-doorbell (and host programs) join the group
 """
 
 EPILOG_RUN = """\
@@ -116,6 +119,16 @@ def _hotplug_option(text: str) -> dict[str, object]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+EPILOG_PCI = """\
+examples (against 'make run'):
+  qbackend pci list
+  qbackend pci add ivshmem socket=/tmp/iv9.sock,size=1M,vectors=0,id=iv9
+  qbackend pci del iv9
+  qbackend pci add-json '{"driver":"virtio-rng-pci","id":"rng0"}'
+A qbackend device with MSI-X (vectors>=1) cannot be unplugged on QEMU 11.1.3
+(it aborts; docs/qemu-issues.md): hot-plug ivshmem with vectors=0.
+"""
+
 EPILOG_DIMM = """\
 examples (against 'make run' / 'qbackend run --dimm ...'):
   qbackend dimm list
@@ -177,6 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a DIMM slot (repeatable); adds the hotplug controller; then use 'qbackend dimm'")
     run.add_argument("--numa", type=int, default=1, help="NUMA nodes of the guest (default 1)")
 
+    pci = sub.add_parser("pci", help="hot-add, hot-remove and list PCI devices of a running qbackend",
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_PCI,
+                         description="Drive PCI hotplug through a running 'qbackend run' or 'qbackend serve'.")
+    pci.add_argument("--control", type=Path, default=Path("build/run/qbackend.sock"),
+                     help="its control socket (default: build/run/qbackend.sock, where 'make run' puts it)")
+    pci_sub = pci.add_subparsers(dest="pci_command", metavar="ACTION", required=True)
+    pci_sub.add_parser("list", help="the hotplug bus: slots, devices, UP/DOWN/RMV")
+    p = pci_sub.add_parser("add", help="a new qbackend device (its socket first, then device_add)")
+    p.add_argument("kind", choices=("ivshmem",))
+    p.add_argument("options", help="the device's keys, as for 'serve --ivshmem'")
+    p.add_argument("--id", help="QEMU device id (default: the options' id=)")
+    p = pci_sub.add_parser("add-json", help="device_add any QEMU device on the hotplug bus")
+    p.add_argument("device", help='QMP device_add arguments, e.g. \'{"driver":"e1000","id":"n1"}\'')
+    p = pci_sub.add_parser("del", help="device_del, and wait until the guest has ejected it")
+    p.add_argument("id")
+    p.add_argument("--timeout", type=float, default=30.0)
+
     dimm = sub.add_parser("dimm", help="hot-add, hot-remove and list DIMMs of a running qbackend",
                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_DIMM,
                           description="Drive the DIMM slots of a running 'qbackend run' or 'qbackend serve'.")
@@ -200,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_drc(sub)
     from .qed_cli import add_parser as register_qed
     register_qed(sub)
+    from .ivshmem_cli import register as register_ivshmem
+    register_ivshmem(sub)
     return parser
 
 
@@ -218,12 +250,17 @@ def main(argv: list[str] | None = None) -> int:
             return _console(args.path)
         if args.command == "dimm":
             return _dimm(args)
+        if args.command == "pci":
+            return _pci(args)
         if args.command == "qed":
             from .qed_cli import run as qed_main
             return qed_main(args)
         if args.command == "drc":
             from .spapr.cli import main as drc_main
             return drc_main(args)
+        if args.command == "ivshmem":
+            from .ivshmem_cli import main as ivshmem_main
+            return ivshmem_main(args)
     except KeyboardInterrupt:
         return 130
     except (OSError, ValueError, RuntimeError) as exc:
@@ -260,6 +297,7 @@ def _serve(args: argparse.Namespace) -> int:
         hp = args.hotplug
         backend.add_hotplug_controller(hp["socket"], args.dimm, machine=hp["machine"], ram_size=hp["ram"],
                                        slots=hp["slots"], profile=Profile(hp["profile"]))
+        backend.add_pci_slots(load_machine_config(str(hp["machine"])).hotplug_bus)
     if args.qmp:
         backend.attach_qmp(args.qmp)
     if args.control:
@@ -326,20 +364,20 @@ def _run(args: argparse.Namespace) -> int:
     options = args.ivshmem or [IvshmemOptions(socket=workdir / "ivshmem0.sock")]
     backend = _backend(options)
     extra: list[str] = []
-    slots = 0
-    if args.dimm:
-        slots = max(4, len(args.dimm))
-        backend.add_hotplug_controller(workdir / "hotplug.sock", args.dimm, machine=args.machine,
-                                       ram_size=parse_size(args.memory, "--memory"), slots=slots)
-        assert backend.dimms is not None
-        extra += backend.dimms.cold_plug_args()
+    # The hotplug controller always comes along: DIMM slots and the PCI hotplug bus.
+    slots = max(4, len(args.dimm))
     bus = load_machine_config(args.machine).hotplug_bus
+    backend.add_hotplug_controller(workdir / "hotplug.sock", args.dimm, machine=args.machine,
+                                   ram_size=parse_size(args.memory, "--memory"), slots=slots)
+    backend.add_pci_slots(bus)
+    assert backend.dimms is not None
+    extra += backend.dimms.cold_plug_args()
+    # Devices given at start sit on the root bus; the hotplug bus stays free
+    # for 'qbackend pci add' (a q35 root port has a single slot).
     for served in backend.devices.values():
-        props = {"bus": bus} if bus else {}
-        extra += ["-device", vfio_user_device_arg(served.id, served.server.socket_path, **props)]
+        extra += ["-device", vfio_user_device_arg(served.id, served.server.socket_path)]
     vm = QemuMachine(workdir, machine=args.machine, memory=args.memory, accel=args.accel, extra_args=extra,
-                     numa_nodes=args.numa, slots=slots, maxmem="4G" if slots else None,
-                     append="memhp_default_state=online_movable" if slots else "")
+                     numa_nodes=args.numa, slots=slots, maxmem="4G", append="memhp_default_state=online_movable")
     backend.attach_qmp(vm.qmp_path)
     control = backend.enable_control(workdir / "qbackend.sock")
 
@@ -406,6 +444,37 @@ def _dimm(args: argparse.Namespace) -> int:
             return 0 if r["removed"] else 1
     except ControlError as exc:
         print(f"qbackend dimm: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _pci(args: argparse.Namespace) -> int:
+    from .control import ControlError, call
+
+    try:
+        if args.pci_command == "list":
+            print(f"{'slot':>4}  {'id':<14}{'vendor:device':<15}{'class':<7}flags")
+            for r in call(args.control, "pci-list"):
+                flags = [f for f in ("removable", "up", "down") if r[f]]
+                print(f"{r['slot']:>4}  {r['id'] or '-':<14}{r['vendor']}:{r['device']:<10}{r['class']:<7}"
+                      f"{' '.join(flags)}")
+        elif args.pci_command == "add":
+            r = call(args.control, "pci-add-ivshmem", options=args.options, id=args.id)
+            print(f"{r['id']}: slot {r['slot']}, socket {r['socket']}, IVPosition {r['position']}")
+        elif args.pci_command == "add-json":
+            try:
+                device = json.loads(args.device)
+            except ValueError as exc:
+                print(f"qbackend pci add-json: not JSON: {exc}", file=sys.stderr)
+                return 2
+            r = call(args.control, "pci-add-json", device=device)
+            print(f"{r['id']}: slot {r['slot']}")
+        else:
+            r = call(args.control, "pci-del", timeout=args.timeout + 10, id=args.id, wait=args.timeout)
+            print(f"{r['id']}: {'removed' if r['removed'] else 'still there (the guest did not eject it)'}")
+            return 0 if r["removed"] else 1
+    except ControlError as exc:
+        print(f"qbackend pci: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -62,7 +62,12 @@ def _parse_int(text: str, what: str) -> int:
 
 @dataclass(frozen=True)
 class IvshmemOptions:
-    """`--ivshmem socket=PATH,size=SIZE[,shm=NAME][,vectors=N][,id=ID][,peer=N]`"""
+    """`--ivshmem socket=PATH,size=SIZE[,shm=NAME][,vectors=N][,id=ID][,peer=N][,server=PATH]`
+
+    `server=PATH`: the device's peer group also listens there as an
+    ivshmem-server (stock QEMU ivshmem-doorbell devices and host programs
+    join through it), handing out `vectors` (at least 1) eventfds per peer.
+    """
 
     socket: Path
     size: int = 4 << 20
@@ -70,8 +75,9 @@ class IvshmemOptions:
     vectors: int = 1
     id: str = ""
     peer: int | None = None
+    server: Path | None = None
 
-    KEYS = ("socket", "size", "shm", "vectors", "id", "peer")
+    KEYS = ("socket", "size", "shm", "vectors", "id", "peer", "server")
 
     @classmethod
     def parse(cls, text: str) -> IvshmemOptions:
@@ -95,7 +101,7 @@ class IvshmemOptions:
         if shm is not None and "/" in shm:
             raise OptionError(f"--ivshmem shm={shm}: a name in /dev/shm, without '/'")
         return cls(socket=Path(kv["socket"]), size=size, shm=shm, vectors=vectors,
-                   id=kv.get("id", ""), peer=peer)
+                   id=kv.get("id", ""), peer=peer, server=Path(kv["server"]) if kv.get("server") else None)
 
 
 _BOOL = {"on": True, "yes": True, "true": True, "1": True, "off": False, "no": False, "false": False, "0": False}

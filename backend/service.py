@@ -18,12 +18,15 @@ from .control import ControlError, ControlServer
 from .dimm import DimmError, DimmManager
 from .hotplug_controller import HotplugController
 from .ivshmem import IvshmemDevice, PeerGroup, SharedMemory
+from .ivshmem_server import add_server as add_ivshmem_server, register_control as register_ivshmem_commands
 from .memhp import EjectRequested, Effect, MemoryHotplugBlock, Profile
 from .nbd_exports import Export, open_export
 from .nbd_server import NbdServer
 from .options import DimmOptions, IvshmemOptions, NbdExportOptions
 from .qmp import QmpConnection, QmpError
 from .pci_device import PciFunction
+from .pci_slots import PciSlotManager
+from .pcihp import EjectSlot
 from .vfio_user_server import VfioUserServer
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,8 @@ class ServedDevice:
     id: str
     device: PciFunction
     server: VfioUserServer
+    scope: trio.CancelScope | None = None  # set while its server runs; cancel to stop it
+    created_by_pci_add: bool = False  # a `qbackend pci add` device: freed again on removal
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Backend:
     qmp: QmpConnection | None = None
     reconcile_interval: float = 0.5
     control: ControlServer | None = None
+    pci: PciSlotManager | None = None
     _nursery: trio.Nursery | None = None
     _token: trio.lowlevel.TrioToken | None = None
 
@@ -56,21 +62,25 @@ class Backend:
         key = shm or f"memfd-{len(self.groups)}"
         group = self.groups.get(key)
         if group is None:
-            group = self.groups[key] = PeerGroup(SharedMemory(size, shm))
+            group = self.groups[key] = PeerGroup(SharedMemory(size, shm), name=key)
+            if self._nursery is not None:
+                self._nursery.start_soon(group.serve)
         elif group.memory.size != size:
             raise ValueError(f"shm={shm} is {group.memory.size} bytes in another device; this one asks {size}")
         return group
 
-    def add_ivshmem(self, opts: IvshmemOptions) -> ServedDevice:
+    def add_ivshmem(self, opts: IvshmemOptions, *, start: bool = True) -> ServedDevice:
         dev_id = opts.id or f"ivshmem{len(self.devices)}"
         if dev_id in self.devices:
             raise ValueError(f"device id {dev_id!r} is used twice")
         group = self.group(opts.shm, opts.size)
-        device = IvshmemDevice(group, vectors=opts.vectors, position=opts.peer)
+        if opts.server is not None:
+            add_ivshmem_server(group, opts.server, max(opts.vectors, 1))
+        device = IvshmemDevice(group, vectors=opts.vectors, position=opts.peer, name=dev_id)
         served = ServedDevice(dev_id, device, VfioUserServer(device, opts.socket, name=dev_id))
         self.devices[dev_id] = served
-        if self._nursery is not None:
-            self._nursery.start_soon(served.server.serve)
+        if start and self._nursery is not None:
+            self._nursery.start_soon(self._serve_device, served)
         return served
 
     def add_nbd(self, exports: list[NbdExportOptions], socket_path: Path | None,
@@ -109,11 +119,51 @@ class Backend:
     def enable_control(self, path: Path) -> ControlServer:
         """A control socket for `qbackend dimm ...` and other clients."""
         self.control = ControlServer(path)
+        register_ivshmem_commands(self.control, self.groups)
         self.control.register("dimm-list", self._cmd_dimm_list)
         self.control.register("dimm-add", self._cmd_dimm_add)
         self.control.register("dimm-del", self._cmd_dimm_del)
         self.control.register("memory-total", self._cmd_memory_total)
+        self.control.register("pci-list", self._cmd_pci_list)
+        self.control.register("pci-add-ivshmem", self._cmd_pci_add_ivshmem)
+        self.control.register("pci-add-json", self._cmd_pci_add_json)
+        self.control.register("pci-del", self._cmd_pci_del)
         return self.control
+
+    def _need_pci(self) -> PciSlotManager:
+        if self.pci is None:
+            raise ControlError("this qbackend has no PCI hotplug slots (it needs the hotplug controller)")
+        return self.pci
+
+    async def _cmd_pci_list(self, req: dict[str, Any]) -> Any:
+        return self._need_pci().as_json()
+
+    async def _cmd_pci_add_ivshmem(self, req: dict[str, Any]) -> Any:
+        self._need_pci()
+        try:
+            served = await self.pci_add_ivshmem(IvshmemOptions.parse(str(req["options"])), req.get("id"))
+        except (QmpError, ValueError) as exc:
+            raise ControlError(str(exc)) from None
+        slot = self._need_pci().slot_of(req.get("id") or served.id)
+        return {"id": req.get("id") or served.id, "slot": slot, "socket": str(served.server.socket_path),
+                "position": getattr(served.device, "position", None)}
+
+    async def _cmd_pci_add_json(self, req: dict[str, Any]) -> Any:
+        device = req.get("device")
+        if not isinstance(device, dict) or "driver" not in device or "id" not in device:
+            raise ControlError('pci-add-json wants "device": {"driver": ..., "id": ..., ...}')
+        try:
+            added = await self._need_pci().add(device)
+        except QmpError as exc:
+            raise ControlError(str(exc)) from None
+        return {"id": added.qdev_id, "slot": added.slot}
+
+    async def _cmd_pci_del(self, req: dict[str, Any]) -> Any:
+        try:
+            gone = await self.pci_del(str(req["id"]), float(req.get("wait", 30)))
+        except (QmpError, ValueError) as exc:
+            raise ControlError(str(exc)) from None
+        return {"id": req["id"], "removed": gone}
 
     def _need_dimms(self) -> DimmManager:
         if self.dimms is None:
@@ -158,8 +208,12 @@ class Backend:
     def _controller_effect(self, effect: Effect) -> None:
         """A guest write to the controller asked for something; runs in the
         device's connection thread, so the work is handed to trio."""
-        if isinstance(effect, EjectRequested) and effect.device_id and self._token and self._nursery:
+        if not (self._token and self._nursery):
+            return
+        if isinstance(effect, EjectRequested) and effect.device_id:
             self._token.run_sync_soon(self._nursery.start_soon, self._eject, effect.device_id)
+        elif isinstance(effect, EjectSlot) and effect.device_id:
+            self._token.run_sync_soon(self._nursery.start_soon, self._pci_eject, effect.device_id)
 
     async def _eject(self, device_id: str) -> None:
         assert self.dimms is not None
@@ -182,6 +236,8 @@ class Backend:
         try:
             if self.dimms is not None:
                 await self.dimms.attach(qmp, plug_populated=True)
+            if self.pci is not None:
+                await self.pci.attach(qmp)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._qmp_events, qmp, nursery.cancel_scope)
                 nursery.start_soon(self._reconcile_loop)
@@ -198,6 +254,10 @@ class Backend:
             async for event in qmp.events():
                 if self.dimms is not None:
                     await self.dimms.handle_event(event)
+                if self.pci is not None:
+                    await self.pci.handle_event(event)
+                    if event.get("event") == "DEVICE_DELETED":
+                        await self._free_pci_added(event.get("data", {}).get("device"))
         except QmpError as exc:
             log.info("QMP: %s", exc)
         scope.cancel()
@@ -206,9 +266,12 @@ class Backend:
         # Events say most of it; polling catches what has no event (a
         # device_add typed on another monitor, before the guest answers).
         try:
-            while self.dimms is not None:
+            while self.dimms is not None or self.pci is not None:
                 await trio.sleep(self.reconcile_interval)
-                await self.dimms.reconcile()
+                if self.dimms is not None:
+                    await self.dimms.reconcile()
+                if self.pci is not None:
+                    await self.pci.reconcile()
         except QmpError as exc:
             log.info("QMP: %s", exc)
 
@@ -217,9 +280,11 @@ class Backend:
         try:
             async with trio.open_nursery() as nursery:
                 for served in self.devices.values():
-                    await nursery.start(served.server.serve)
+                    await nursery.start(self._serve_device, served)
                 if self.nbd is not None:
                     await nursery.start(self.nbd.serve)
+                for group in self.groups.values():
+                    await nursery.start(group.serve)
                 if self.control is not None:
                     await nursery.start(self.control.serve)
                 self._nursery = nursery
@@ -232,11 +297,72 @@ class Backend:
             self._nursery = None
             self.close()
 
+    async def _serve_device(self, served: ServedDevice,
+                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            served.scope = scope
+            await served.server.serve(task_status=task_status)
+
+    # -- PCI hotplug ------------------------------------------------------------------
+
+    def add_pci_slots(self, bus_id: str | None = None) -> PciSlotManager:
+        """Keep the controller's PCI-hotplug block true to QEMU's hotplug bus
+        (None: the root bus, as on pc; q35: the root port's id)."""
+        if self.controller is None:
+            raise ValueError("PCI slots are shown by the hotplug controller: add it first")
+        controller = self.controller.device
+        assert isinstance(controller, HotplugController)
+        self.pci = PciSlotManager(controller.pcihp, controller.lock, bus_id=bus_id,
+                                  on_change=self._controller_changed)
+        return self.pci
+
+    async def pci_add_ivshmem(self, opts: IvshmemOptions, qdev_id: str | None = None) -> ServedDevice:
+        """A new ivshmem device: its socket first, then device_add vfio-user-pci."""
+        if self.pci is None or self._nursery is None:
+            raise ValueError("PCI hotplug needs the hotplug controller, add_pci_slots() and a running backend")
+        served = self.add_ivshmem(opts, start=False)
+        served.created_by_pci_add = True
+        await self._nursery.start(self._serve_device, served)  # listening before QEMU connects
+        try:
+            await self.pci.add({"driver": "vfio-user-pci", "id": qdev_id or served.id,
+                                "socket": {"type": "unix", "path": str(served.server.socket_path)}})
+        except (QmpError, ValueError):
+            self._free_device(served)
+            raise
+        return served
+
+    async def pci_del(self, qdev_id: str, timeout: float = 30.0) -> bool:
+        """device_del, and wait until the guest has ejected it; True when gone."""
+        if self.pci is None:
+            raise ValueError("no PCI hotplug slots in this backend")
+        gone = await self.pci.remove(qdev_id, timeout)
+        if gone:
+            await self._free_pci_added(qdev_id)
+        return gone
+
+    async def _pci_eject(self, qdev_id: str) -> None:
+        try:
+            await self.pci_del(qdev_id)
+        except (QmpError, ValueError) as exc:
+            log.warning("eject of %s written by the guest failed: %s", qdev_id, exc)
+
+    async def _free_pci_added(self, qdev_id: str | None) -> None:
+        served = self.devices.get(qdev_id or "")
+        if served is not None and served.created_by_pci_add:
+            self._free_device(served)
+
+    def _free_device(self, served: ServedDevice) -> None:
+        """Stop serving a device and release it (socket, fds, its peer id)."""
+        self.devices.pop(served.id, None)
+        if served.scope is not None:
+            served.scope.cancel()
+        served.device.close()
+
     def close(self) -> None:
         for served in self.devices.values():
             served.device.close()
         for group in self.groups.values():
-            group.memory.close()
+            group.close()
         self.groups.clear()
 
 

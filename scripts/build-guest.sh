@@ -10,7 +10,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 modules="uio uio_pci_generic virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk crc16 mbcache jbd2 crc32c_generic ext4"
 
 if [ -f "$dest/.complete" ] && [ "$dest/.complete" -nt "$here/guest-init" ] \
-        && [ "$dest/.complete" -nt "$0" ] && [ "$dest/.complete" -nt "$here/../guest/ioport.c" ]; then
+        && [ "$dest/.complete" -nt "$0" ] && [ "$dest/.complete" -nt "$here/../guest/ioport.c" ] \
+        && [ "$dest/.complete" -nt "$here/build-guest-module.sh" ] \
+        && [ -z "$(find "$here/../guest" -newer "$dest/.complete" -type f)" ]; then
     echo "guest: already built in $dest"
     exit 0
 fi
@@ -60,10 +62,16 @@ for m in $modules; do
     esac
 done
 echo "$modules" > $root/lib/modules/order
+# The project's own module (guest/ivshmem_msix), built against this kernel.
+"$here/build-guest-module.sh" "$kver" ivshmem_msix.ko
+cp ivshmem_msix.ko $root/lib/modules/
 install -m 0755 "$here/guest-init" $root/init
 # Guest tools of our own, static so that busybox's libc-less root runs them.
 gcc -static -O2 -o $root/bin/ioport "$here/../guest/ioport.c"
-(cd $root && find . | cpio -o -H newc --quiet) | gzip -1 > initrd.img
+gcc -static -O2 -o $root/bin/memwrite "$here/../guest/memwrite.c"
+# Replaced atomically: a QEMU starting meanwhile reads the old or the new one.
+(cd $root && find . | cpio -o -H newc --quiet) | gzip -1 > initrd.img.tmp
+mv initrd.img.tmp initrd.img
 rm -rf kernel bb
 touch .complete
 echo "guest: kernel $kver, initramfs $(du -h initrd.img | cut -f1) in $dest"

@@ -53,11 +53,10 @@ def test_run_boots_a_guest_with_the_device_and_ctrl_c_cleans_up(tmp_path: Path) 
         assert f"QMP socket:    {workdir}/qemu-qmp.sock" in text, text
         with GuestConsole(workdir / "qemu-serial.sock") as console:
             console.wait_ready(timeout=90)
-            # q35: the device sits behind the profile's root port, on bus 1.
-            out = console.run_checked("cat /sys/bus/pci/devices/0000:01:00.0/vendor "
-                                      "/sys/bus/pci/devices/0000:01:00.0/device")
-            assert out.split() == ["0x1af4", "0x1110"]
-            bar2 = console.run_checked("sed -n 3p /sys/bus/pci/devices/0000:01:00.0/resource").split()
+            dev = console.run_checked("for d in /sys/bus/pci/devices/*; do [ $(cat $d/vendor):$(cat $d/device) = "
+                                      "0x1af4:0x1110 ] && echo $d; done; true").strip()
+            assert dev, "the guest has no ivshmem device"
+            bar2 = console.run_checked(f"sed -n 3p {dev}/resource").split()
             assert int(bar2[1], 16) - int(bar2[0], 16) + 1 == 1 << 20
         assert _processes_mentioning(str(workdir / "qemu-qmp.sock")), "QEMU is not running"
         ctl = str(workdir / "qbackend.sock")
@@ -75,6 +74,20 @@ def test_run_boots_a_guest_with_the_device_and_ctrl_c_cleans_up(tmp_path: Path) 
         assert "= 896 MiB" in dimm("total")
         assert "hot: removed" in dimm("del", "hot")
         assert "= 640 MiB" in dimm("total")
+
+        def pci(*args: str) -> str:
+            result = subprocess.run([sys.executable, "-m", "backend.cli", "pci", "--control", ctl, *args],
+                                    cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, result.stdout + result.stderr
+            return result.stdout
+
+        # q35: hot-plugged devices go behind the profile's root port (bus 1, slot 0).
+        assert "hp1: slot 0" in pci("add", "ivshmem", f"socket={workdir}/hp1.sock,size=1M,vectors=0,id=hp1")
+        with GuestConsole(workdir / "qemu-serial.sock") as console:
+            console.run_checked("i=0; until [ -e /sys/bus/pci/devices/0000:01:00.0 ]; do i=$((i+1)); "
+                                "[ $i -gt 200 ] && exit 1; usleep 10000; done")
+        assert "hp1" in pci("list")
+        assert "hp1: removed" in pci("del", "hp1")
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=30)
     finally:
