@@ -88,6 +88,10 @@ def test_run_boots_a_guest_with_the_device_and_ctrl_c_cleans_up(tmp_path: Path) 
                                 "[ $i -gt 200 ] && exit 1; usleep 10000; done")
         assert "hp1" in pci("list")
         assert "hp1: removed" in pci("del", "hp1")
+        # Any QEMU device, given as device_add arguments.
+        assert "rng0: slot 0" in pci("add-json", '{"driver": "virtio-rng-pci", "id": "rng0"}')
+        assert "rng0" in pci("list")
+        assert "rng0: removed" in pci("del", "rng0")
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=30)
     finally:
