@@ -21,13 +21,13 @@ $(STAMP): pyproject.toml
 
 qemu:
 ifeq ($(QEMU),)
-	@scripts/provision-qemu.sh build/qemu
+	@scripts/provision-qemu.sh build/qemu qemu-system-x86,qemu-utils,qemu-block-extra qemu-system-x86_64
 else
 	@echo "qemu: using QEMU=$(QEMU)"
 endif
 
 qemu-ppc:
-	@scripts/provision-qemu-ppc.sh build/qemu-ppc
+	@scripts/provision-qemu.sh build/qemu-ppc qemu-system-ppc qemu-system-ppc64
 
 guest:
 	@scripts/build-guest.sh build/guest

@@ -27,7 +27,7 @@ def find_qemu_ppc() -> QemuInstall:
     binary = root / "usr/bin/qemu-system-ppc64"
     if not (binary.exists() and (root / ".complete").exists()):
         raise QemuNotFound(f"no qemu-system-ppc64 in {root}: run `make setup` "
-                           "(or scripts/provision-qemu-ppc.sh build/qemu-ppc)")
+                           "(or scripts/provision-qemu.sh build/qemu-ppc qemu-system-ppc qemu-system-ppc64)")
     return QemuInstall(binary=binary, root=root)
 
 
