@@ -257,8 +257,11 @@ class DimmManager:
         # Removals of ours follow the events instead: the status of an
         # earlier attempt would be stale for them.
         for status in await self._qmp().execute("query-acpi-ospm-status"):
-            d = self.dimms.get(status.get("device", ""))
-            if (d is None or d.removal is not None or not d.plugged or status.get("slot-type") != "DIMM"
+            found = self.dimms.get(status.get("device", ""))
+            if found is None:
+                continue
+            d = found
+            if (d.removal is not None or not d.plugged or status.get("slot-type") != "DIMM"
                     or status.get("source") != OST_EVENT_EJECT):
                 continue
             if status.get("status") == OST_BUSY:

@@ -73,11 +73,11 @@ class PciSlotManager:
             return
         _bus, devices = bus_devices(await self.qmp.execute("query-pci"), self.bus_id)
         now: dict[int, SlotDevice] = {}
-        for dev in devices:
-            if dev["function"] != 0 and dev["slot"] in now:
+        for info in devices:
+            if info["function"] != 0 and info["slot"] in now:
                 continue
-            now[dev["slot"]] = SlotDevice(dev["slot"], dev.get("qdev_id", ""), dev["class_info"]["class"],
-                                          dev["id"]["vendor"], dev["id"]["device"])
+            now[info["slot"]] = SlotDevice(info["slot"], info.get("qdev_id", ""), info["class_info"]["class"],
+                                           info["id"]["vendor"], info["id"]["device"])
         gone = False
         with self.lock:
             bus = self.block.buses[0]

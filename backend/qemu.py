@@ -22,6 +22,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MACHINE_CONFIGS = REPO_ROOT / "qemu-configs"
@@ -256,7 +257,7 @@ class QemuMachine:
         self.serial_path = self.workdir / f"{name}-serial.sock"
         self.log_path = self.workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log_file = None
+        self._log_file: BinaryIO | None = None
 
     def args(self) -> list[str]:
         """The full argv QEMU is started with."""

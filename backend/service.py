@@ -205,7 +205,7 @@ class Backend:
             with controller.lock:
                 controller.update_interrupt()
 
-    def _controller_effect(self, effect: Effect) -> None:
+    def _controller_effect(self, effect: Effect | EjectSlot) -> None:
         """A guest write to the controller asked for something; runs in the
         device's connection thread, so the work is handed to trio."""
         if not (self._token and self._nursery):
