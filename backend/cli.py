@@ -3,6 +3,9 @@
     qbackend serve --ivshmem socket=/tmp/iv0.sock,size=4M
     qbackend run                      # QEMU + a booted guest + the devices
     qbackend console PATH             # talk to a guest's serial console
+
+Each command imports what it needs when it runs (trio, the device service,
+QEMU helpers), so that light commands such as `qbackend qed info` start fast.
 """
 
 from __future__ import annotations
@@ -11,19 +14,17 @@ import argparse
 import json
 import logging
 import os
-import select
 import signal
-import socket
 import sys
-import termios
-import tty
 from pathlib import Path
-
-import trio
+from typing import TYPE_CHECKING
 
 from .options import DimmOptions, IvshmemOptions, NbdExportOptions, OptionError, parse_keyval, parse_size, parse_tcp
-from .qemu import load_machine_config
-from .service import Backend
+
+if TYPE_CHECKING:
+    import trio
+
+    from .service import Backend
 
 EPILOG_SERVE = """\
 examples:
@@ -141,7 +142,8 @@ examples (against 'make run' / 'qbackend run --dimm ...'):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qbackend",
-        description="External PCI devices for QEMU over vfio-user: ivshmem shared memory today.",
+        description="External devices for QEMU from one Python process: ivshmem and a hotplug controller "
+                    "over vfio-user, DIMM and PCI hotplug over QMP, QED/raw disks over NBD, a sPAPR DRC model.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'qbackend COMMAND --help' for the options of each command.",
     )
@@ -270,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _backend(options: list[IvshmemOptions]) -> Backend:
+    from .service import Backend
+
     backend = Backend()
     for opt in options:
         backend.add_ivshmem(opt)
@@ -277,6 +281,10 @@ def _backend(options: list[IvshmemOptions]) -> Backend:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from .qemu import load_machine_config
+
     if not args.ivshmem and not args.nbd and not args.hotplug:
         print("qbackend serve: nothing to serve; add a device, e.g. --ivshmem socket=/tmp/iv0.sock,size=4M",
               file=sys.stderr)
@@ -322,6 +330,10 @@ def _nbd(exports: list[NbdExportOptions], socket_path: Path | None, tcp: tuple[s
     if socket_path is None and tcp is None:
         print("qbackend nbd: say where to listen: --socket PATH and/or --tcp HOST:PORT", file=sys.stderr)
         return 2
+    import trio
+
+    from .service import Backend
+
     backend = Backend()
     backend.add_nbd(exports, socket_path, tcp)
 
@@ -358,6 +370,8 @@ def vfio_user_device_arg(dev_id: str, socket_path: Path, **props: object) -> str
 
 
 def _run(args: argparse.Namespace) -> int:
+    import trio
+
     from .qemu import QemuMachine, load_machine_config
 
     workdir: Path = args.workdir.resolve()
@@ -410,6 +424,8 @@ def _run(args: argparse.Namespace) -> int:
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:
     """Ctrl-C or SIGTERM: cancel everything, so every `finally` runs."""
+    import trio
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             print(f"\n{signal.Signals(signum).name}: stopping", flush=True)
@@ -481,6 +497,11 @@ def _pci(args: argparse.Namespace) -> int:
 
 def _console(path: Path) -> int:
     """A minimal terminal relay; Ctrl-] leaves."""
+    import select
+    import socket
+    import termios
+    import tty
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(os.fspath(path))
     stdin = sys.stdin.fileno()

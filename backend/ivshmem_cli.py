@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import trio
-
-from .control import ControlError, ControlServer, call
 from .options import OptionError, parse_size
+
+# trio and the control socket are imported by the functions that use them: registering the
+# command with qbackend's parser stays cheap for the other commands
 
 EPILOG = """\
 examples (against 'qbackend serve --control PATH --ivshmem ...,shm=g,server=/tmp/g.sock'):
@@ -70,6 +70,8 @@ def register(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .control import ControlError, call
+
     if args.ivshmem_command == "server":
         return _server(args)
     req: dict[str, Any] = {}
@@ -121,7 +123,10 @@ def hexdump(data: bytes, base: int = 0) -> str:
 
 
 def _server(args: argparse.Namespace) -> int:
+    import trio
+
     from .cli import _stop_on_signal
+    from .control import ControlServer
     from .ivshmem import PeerGroup, SharedMemory
     from .ivshmem_server import add_server, register_control
 

@@ -41,10 +41,12 @@ import struct
 import sys
 import threading
 from array import array
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum, IntFlag
+from itertools import compress, repeat
+from operator import itemgetter, setitem
 from pathlib import Path
 from typing import Protocol
 
@@ -553,9 +555,7 @@ class QedImage:
         self._l2_cache.clear()
         self._bad_l1: dict[int, str] = {}
         starts: list[tuple[int, int]] = []
-        for i, e in enumerate(self._l1):
-            if e == 0:
-                continue
+        for i, e in compress(enumerate(self._l1), self._l1):  # the nonzero entries
             why = self._table_offset_problem(e, self._file_size)
             if why:
                 self._bad_l1[i] = why
@@ -1049,9 +1049,7 @@ class QedImage:
         l1 = _table_from_bytes(self.f.pread(h.l1_table_offset, tb))
         l1_fixes: list[tuple[int, Problem]] = []
         tables: list[tuple[int, int]] = []
-        for i, e in enumerate(l1):
-            if e == 0:
-                continue
+        for i, e in compress(enumerate(l1), l1):  # the nonzero entries
             where = f"L1 entry {i} (guest offset {i * ne * cs:#x}): L2 table"
             why = None
             kind = ProblemKind.BAD_L1_ENTRY
@@ -1076,12 +1074,11 @@ class QedImage:
                 continue
             used[c:c + h.table_size] = b"\x01" * h.table_size
             tables.append((i, e))
-        l2_fixes: list[tuple[int, int, Problem]] = []
-        state = _ScanState()
+        st = _ScanState(rep, used, meta, file_size, nclusters)
         for done, (i, toff) in enumerate(tables):
             if progress is not None:
                 progress(done, len(tables))
-            self._check_table(i, toff, file_size, used, meta, rep, l2_fixes, state)
+            self._check_table(i, toff, st)
         if progress is not None:
             progress(len(tables), len(tables))
         # leaks
@@ -1098,50 +1095,127 @@ class QedImage:
             c = stop
         rep.image_end_offset = (last_used + 1) * cs
         if repair:
-            self._repair(rep, l1_fixes if not leaks_only else [], l2_fixes if not leaks_only else [],
+            self._repair(rep, l1_fixes if not leaks_only else [], st.l2_fixes if not leaks_only else [],
                          raw_size, nclusters, last_used)
         return rep
 
-    def _check_table(self, l1i: int, toff: int, file_size: int, used: bytearray, meta: bytearray,
-                     rep: CheckReport, l2_fixes: list[tuple[int, int, Problem]], state: _ScanState) -> None:
-        """Check one L2 table's entries, marking the clusters they use.
+    def _check_table(self, l1i: int, toff: int, st: _ScanState) -> None:
+        """Check one L2 table's entries, marking the clusters they use."""
+        table = _table_from_bytes(self.f.pread(toff, self._tb))
+        for lo in range(0, len(table), _MAX_SPAN):  # bounds the size of the integers _scan_span works on
+            self._check_span(l1i, toff, table, lo, min(lo + _MAX_SPAN, len(table)), st)
 
-        Runs of entries that point at consecutive clusters (what sequential
-        writes leave) are checked and marked as a whole with slice operations;
-        everything else goes entry by entry through `_check_entry`.
+    def _check_span(self, l1i: int, toff: int, table: array[int], lo: int, hi: int, st: _ScanState) -> None:
+        """Check entries ``lo:hi`` of an L2 table: all at once if none has a problem (`_scan_span`),
+        else halve the span until the bad entries are found, which go one by one through `_check_entry`.
+
+        The result is exactly that of checking every entry in order with `_check_entry`: a span
+        `_scan_span` accepts would have passed entry by entry, with the same marks and counts.
         """
-        cs, ne = self._cs, self._ne
-        data = self.f.pread(toff, self._tb)
-        table = _table_from_bytes(data)
-        hb = self.header.header_bytes
-        j = 0
-        while j < ne:
-            m = _NONZERO.search(data, j * 8)
-            if m is None:
-                break
-            j = m.start() // 8
+        n = hi - lo
+        if n > _SMALL_SPAN and self._scan_span(table[lo:hi] if n < len(table) else table, st):
+            return
+        if n > max(_SMALL_SPAN, 1):
+            mid = (lo + hi) // 2
+            self._check_span(l1i, toff, table, lo, mid, st)
+            self._check_span(l1i, toff, table, mid, hi, st)
+            return
+        for j in range(lo, hi):
             e = table[j]
-            if e <= L2_ZERO:
-                j += 1
-                continue
-            k = _arithmetic_run(table, j, cs) if e % cs == 0 else 1
-            if k > 1:
-                c = e // cs
-                if e >= hb and e + k * cs <= file_size and used.find(1, c, c + k) < 0:
-                    used[c:c + k] = b"\x01" * k
-                    rep.allocated_clusters += k
-                    if state.prev_host >= 0 and e != state.prev_host + cs:
-                        rep.fragmented_clusters += 1
-                    state.prev_host = e + (k - 1) * cs
-                    j += k
-                    continue
-            for jj in range(j, j + k):  # one by one, to say exactly what is wrong
-                self._check_entry(l1i, toff, jj, table[jj], file_size, used, meta, rep, l2_fixes, state)
-            j += k
+            if e > L2_ZERO:
+                self._check_entry(l1i, toff, j, e, st)
 
-    def _check_entry(self, l1i: int, toff: int, j: int, e: int, file_size: int, used: bytearray, meta: bytearray,
-                     rep: CheckReport, l2_fixes: list[tuple[int, int, Problem]], state: _ScanState) -> None:
+    def _scan_span(self, span: array[int], st: _ScanState) -> bool:
+        """Check and mark a span of L2 entries with whole-span operations, if none of them has a problem:
+        True.  False, having changed nothing, if some entry is unaligned, outside the data area, or points
+        at a cluster already used (metadata, an earlier entry, an entry of this span).
+        """
+        le = _table_to_bytes(span)
+        maybe_zeros = _ZERO_ENTRY in le  # an entry of 0, or eight zero bytes across two entries
+        if not maybe_zeros:
+            ok = self._scan_data(span, int.from_bytes(le, "little"), st)
+            if ok is not None:
+                return ok
+        # 0s or 1s (unallocated, zero clusters) to leave out, or an entry unaligned or out of range
+        n = len(span)
+        bits = int.from_bytes(le[0::8].translate(_CLEAR_BIT0), "little")  # per entry: any bit but bit 0?
+        for i in range(1, 8):
+            bits |= int.from_bytes(le[i::8], "little")
+        if not bits:
+            return True
+        is_data = bits.to_bytes(n, "little")
+        if 0 not in is_data:  # nothing to leave out
+            return maybe_zeros and self._scan_data(span, int.from_bytes(le, "little"), st) is True
+        pieces = []
+        for k, m in enumerate(_NONZERO_RUN.finditer(is_data)):
+            if k > n >> 6:  # many pieces: pick the entries one by one (at C speed)
+                data = array("Q", compress(span, is_data))
+                break
+            pieces.append(le[m.start() * 8:m.end() * 8])
+        else:
+            data = _table_from_bytes(b"".join(pieces))
+        return self._scan_data(data, int.from_bytes(_table_to_bytes(data), "little"), st) is True
+
+    def _scan_data(self, span: array[int], x: int, st: _ScanState) -> bool | None:
+        """`_scan_span` for entries that all point at data (no 0 or 1); ``x``: the entries as one integer,
+        entry j in bits 64j..64j+63.  None (nothing changed) if some entry is unaligned or out of range.
+
+        Alignment, range and "next entry = this one + 1 cluster" are tested on all 64-bit lanes of ``x``
+        at once, with big-integer arithmetic.  Clusters used twice: a run of consecutive clusters is
+        looked up with one `find`; otherwise the clusters are marked one by one (a C-level loop), and
+        the marks that changed counted over the window of clusters they fall in; when that window is
+        much wider than the span, a set finds duplicates and a gather finds clusters already used.
+        """
+        cs, shift = self._cs, self._cs.bit_length() - 1
+        n = len(span)
+        lane = st.lanes(n)
+        used = st.used
+        first = span[0]
+        lo_c, hi_c = self.header.header_size, st.nclusters
+        c0 = first >> shift
+        if x == lane.ones * first + lane.iota(cs):  # one run of clusters (the common case)
+            if first % cs or c0 < lo_c or c0 + n > hi_c:
+                return None
+            if used.find(1, c0, c0 + n) >= 0:
+                return False
+            used[c0:c0 + n] = b"\x01" * n
+            consecutive = n - 1
+        else:
+            if x & lane[cs - 1]:
+                return None  # unaligned
+            y = x >> shift  # cluster numbers: the low bits shifted in from the lane above are zeros
+            # every lane is below 2**52, so adding 2**63 - limit sets bit 63 exactly where the lane >= limit
+            top = lane[1 << 63]
+            if (y + lane[(1 << 63) - hi_c]) & top or (y + lane[(1 << 63) - lo_c]) & top != top:
+                return None  # past the end of the file, or in the header
+            # next - this + 2**62 - 1 (lanes stay in (0, 2**63): no borrows) reaches bit 62 where
+            # next >= this + 1, one less where next >= this + 2: bit 62 differs exactly where
+            # next == this + 1; the top lane (0 - last) reaches it in neither
+            t = (y >> 64) + lane[(1 << 62) - 1] - y
+            consecutive = ((t ^ (t - lane[1])) & lane[1 << 62]).bit_count()
+            clusters = _table_from_bytes(y.to_bytes(8 * n, "little"))
+            if hi_c - lo_c > _WINDOW * n:
+                lo_c, hi_c = min(clusters), max(clusters) + 1
+            if hi_c - lo_c <= _WINDOW * n:  # mark, then count the changed marks; undo unless there are n
+                saved = used[lo_c:hi_c]
+                _mark(used, clusters)
+                if (int.from_bytes(used[lo_c:hi_c], "little") ^ int.from_bytes(saved, "little")).bit_count() != n:
+                    used[lo_c:hi_c] = saved
+                    return False
+            else:
+                cl = clusters.tolist()
+                if len(set(cl)) != n or 1 in itemgetter(*cl)(used):
+                    return False
+                _mark(used, cl)
+        rep = st.rep
+        rep.allocated_clusters += n
+        rep.fragmented_clusters += n - 1 - consecutive + (st.prev_host >= 0 and first != st.prev_host + cs)
+        st.prev_host = span[-1]
+        return True
+
+    def _check_entry(self, l1i: int, toff: int, j: int, e: int, st: _ScanState) -> None:
         cs = self._cs
+        used, rep = st.used, st.rep
         why = None
         kind = ProblemKind.BAD_L2_ENTRY
         fixable = True
@@ -1150,9 +1224,9 @@ class QedImage:
             why = f"offset {e:#x} is not a multiple of the cluster size"
         elif e < self.header.header_bytes:
             why, kind = f"offset {e:#x} lies in the header", ProblemKind.L2_INTO_METADATA
-        elif e >= file_size:
-            why = f"offset {e:#x} is past the end of the file ({file_size:#x})"
-        elif meta[c]:
+        elif e >= st.file_size:
+            why = f"offset {e:#x} is past the end of the file ({st.file_size:#x})"
+        elif st.meta[c]:
             why, kind = f"offset {e:#x} lies in the L1 table", ProblemKind.L2_INTO_METADATA
         elif used[c]:
             why, kind, fixable = f"offset {e:#x} is referenced more than once", ProblemKind.DUPLICATE, False
@@ -1162,13 +1236,13 @@ class QedImage:
                         toff, j, e, fixable=fixable)
             rep.corruptions.append(p)
             if fixable:
-                l2_fixes.append((toff, j, p))
+                st.l2_fixes.append((toff, j, p))
             return
         used[c] = 1
         rep.allocated_clusters += 1
-        if state.prev_host >= 0 and e != state.prev_host + cs:
+        if st.prev_host >= 0 and e != st.prev_host + cs:
             rep.fragmented_clusters += 1
-        state.prev_host = e
+        st.prev_host = e
 
     def _repair(self, rep: CheckReport, l1_fixes: list[tuple[int, Problem]],
                 l2_fixes: list[tuple[int, int, Problem]], raw_size: int, nclusters: int, last_used: int) -> None:
@@ -1224,35 +1298,61 @@ class QedImage:
         }
 
 
-_NONZERO = re.compile(b"[^\\x00]")
+_MAX_SPAN = 1 << 15  # L2 entries scanned at once at most (a whole table of the default size)
+_SMALL_SPAN = 32  # L2 entries checked one by one once a span with a problem is narrowed down to this
+_WINDOW = 64  # _scan_span counts marks over a window of up to this many clusters per entry, else uses a set
+_CLEAR_BIT0 = bytes(b & 0xFE for b in range(256))
+_NONZERO_RUN = re.compile(b"[^\\x00]+")
+_LANE_ONE = (1).to_bytes(8, "little")
+_ZERO_ENTRY = bytes(8)
+
+
+def _mark(used: bytearray, clusters: Iterable[int]) -> None:
+    deque(map(setitem, repeat(used), clusters, repeat(1)), maxlen=0)
 
 
 @dataclass
 class _ScanState:
+    """What the L2 scan of a check carries from entry to entry and table to table."""
+
+    rep: CheckReport
+    used: bytearray  # per cluster of the file: referenced by something already
+    meta: bytearray  # per cluster: the header or the L1 table
+    file_size: int  # whole clusters only
+    nclusters: int
+    l2_fixes: list[tuple[int, int, Problem]] = field(default_factory=list)
     prev_host: int = -1  # the last data cluster seen, for counting fragmentation
+    _lanes: dict[int, _Lanes] = field(default_factory=dict)
+
+    def lanes(self, n: int) -> _Lanes:
+        """The lane constants for spans of n entries (kept for the check's few span lengths)."""
+        lanes = self._lanes.get(n)
+        if lanes is None:
+            if len(self._lanes) >= 8:
+                self._lanes.clear()
+            lanes = self._lanes[n] = _Lanes(int.from_bytes(_LANE_ONE * n, "little"))
+        return lanes
 
 
-def _arithmetic_run(table: array[int], j: int, step: int) -> int:
-    """How many entries from ``j`` on go up by exactly ``step`` (at least 1); C-speed slice compares."""
-    n = len(table) - j
-    e = table[j]
+class _Lanes(dict[int, int]):
+    """``lanes[v]``: the integer of n 64-bit lanes that all hold v; made on first use."""
 
-    def matches(k: int) -> bool:
-        return table[j:j + k] == array("Q", range(e, e + k * step, step))
+    def __init__(self, ones: int) -> None:
+        super().__init__()
+        self.ones = ones
 
-    good = 1
-    k = 2
-    while k <= n and matches(k):
-        good = k
-        k *= 2
-    hi = min(k, n + 1)  # first length known (or assumed) not to match
-    while hi - good > 1:
-        mid = (good + hi) // 2
-        if matches(mid):
-            good = mid
-        else:
-            hi = mid
-    return good
+    def __missing__(self, v: int) -> int:
+        self[v] = r = self.ones * v
+        return r
+
+    def iota(self, step: int) -> int:
+        """Lanes 0, step, 2 * step, ..."""
+        key = -step  # beside the constant lanes, under a key they never use
+        r = self.get(key)
+        if r is None:
+            n = self.ones.bit_length() // 64 + 1
+            self[key] = r = int.from_bytes(_table_to_bytes(array("Q", range(0, n * step, step))), "little")
+        return r
 
 
 def _block_dir(f: BlockFile) -> Path | None:

@@ -19,8 +19,8 @@ same kinds of image, in the same run, interleaved; medians of N rounds.
   check                a sparse, fully allocated image of 16 GiB (every L2
                        entry points at a data cluster; the data are holes),
                        once with data clusters in guest order and once
-                       shuffled (100% fragmented: defeats our fast path for
-                       runs of consecutive entries)
+                       shuffled (100% fragmented: no runs of consecutive
+                       entries)
 
 Ours runs in this process, one request at a time (QedImage.read/.write in a
 loop).  Theirs is qemu-img bench with -d 1 (one request in flight), cache

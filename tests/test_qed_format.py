@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from backend.blockfile import Crashed, FaultyBlock, FileBlock, InjectedFault, MemoryBlock
 from backend.qed import (
     HEADER,
+    CheckReport,
     Feature,
     MapKind,
     QedError,
@@ -440,13 +441,15 @@ def test_failed_write_leaves_a_consistent_image() -> None:
         assert rep.corruptions_remaining == 0
 
 
-# -- check: the run-at-a-time scan agrees with the entry-by-entry one -------------------------
+# -- check: the whole-span scan agrees with the entry-by-entry one -------------------------
 
 entry_runs = st.lists(st.one_of(
     st.tuples(st.just("run"), st.integers(0, 80), st.integers(1, 300)),  # (first cluster, length)
     st.tuples(st.just("zero"), st.integers(1, 100), st.just(0)),
     st.tuples(st.just("one"), st.integers(1, 5), st.just(0)),
     st.tuples(st.just("raw"), st.integers(0, 1 << 22), st.integers(1, 3)),  # arbitrary values
+    st.tuples(st.just("shuffled"), st.integers(0, 80), st.integers(1, 300)),  # a run, shuffled
+    st.tuples(st.just("picks"), st.integers(0, 300), st.integers(1, 100)),  # (seed, count): with repeats
 ), max_size=12)
 
 
@@ -470,16 +473,100 @@ def test_check_fast_scan_matches_entry_by_entry(tables: list[list[tuple[str, int
                 entries += [0] * a
             elif kind == "one":
                 entries += [1] * a
-            else:
+            elif kind == "raw":
                 entries += [a * 512 + i for i in range(b)]
+            elif kind == "shuffled":
+                run = [(a + 2) * cs + i * cs for i in range(b)]
+                random.Random(a * 1000 + b).shuffle(run)
+                entries += run
+            else:
+                rng = random.Random(a)
+                entries += [rng.randrange(0, 120) * cs for _ in range(b)]
         entries = (entries + [0] * 512)[:512]
         m.pwrite(first_table + t * cs, b"".join(e.to_bytes(8, "little") for e in entries))
         m.pwrite(h.l1_table_offset + 8 * t, (first_table + t * cs).to_bytes(8, "little"))
-    fast = QedImage.open(m, read_only=True).check()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(qed, "_arithmetic_run", lambda table, j, step: 1)
-        slow = QedImage.open(m, read_only=True).check()
-    assert fast == slow
+    reference, *others = check_all_ways(m)
+    assert all(other == reference for other in others)
+
+
+def check_all_ways(m: MemoryBlock, repair: bool = False) -> list[tuple[CheckReport, bytes]]:
+    """Check (and repair) copies of an image entry by entry, then with each setting of the span scan."""
+    import backend.qed as qed
+
+    out = []
+    for small_span, window in ((1 << 30, qed._WINDOW),  # every entry through _check_entry
+                               (qed._SMALL_SPAN, qed._WINDOW),  # as shipped
+                               (0, qed._WINDOW),  # span scans narrowed down to single entries
+                               (qed._SMALL_SPAN, 0), (0, 0)):  # the set-based test for clusters used twice
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(qed, "_SMALL_SPAN", small_span)
+            mp.setattr(qed, "_WINDOW", window)
+            copy = MemoryBlock(bytes(m.data))
+            rep = QedImage.open(copy, read_only=not repair).check(repair=repair)
+            out.append((rep, bytes(copy.data)))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_check_fast_scan_matches_entry_by_entry_on_full_images(seed: int) -> None:
+    """Fully or partly allocated images, data in order, shuffled, or in shuffled runs, with a few
+    bad entries of every kind: the same report and the same repairs as entry by entry."""
+    rng = random.Random(seed)
+    cs, ts, ntables = 4096, 4, 3
+    ne = ts * cs // 8
+    m = MemoryBlock()
+    h = QedImage.create(m, ntables * ne * cs, cluster_size=cs, table_size=ts)
+    first_table = h.l1_table_offset + h.table_bytes
+    data_start = first_table + ntables * h.table_bytes
+    nguest = ntables * ne - rng.choice([0, 1, 100, ne])
+    hosts = [data_start + i * cs for i in range(nguest)]
+    layout = seed % 3
+    if layout == 1:
+        rng.shuffle(hosts)
+    elif layout == 2:
+        cuts = sorted(rng.sample(range(1, nguest), 40))
+        runs = [hosts[a:b] for a, b in zip([0, *cuts], [*cuts, nguest], strict=True)]
+        rng.shuffle(runs)
+        hosts = [e for run in runs for e in run]
+    entries = hosts + [0] * (ntables * ne - nguest)
+    for _ in range(rng.choice([0, 5, 200])):  # holes, zero clusters
+        entries[rng.randrange(len(entries))] = rng.choice([0, 1])
+    file_end = data_start + nguest * cs + rng.choice([0, 0, 3 * cs])  # maybe leaked clusters at the end
+    bad = [cs * 3 + 8, 512, h.l1_table_offset, h.l1_table_offset + cs, first_table + cs, file_end,
+           file_end + 7 * cs, (1 << 64) - cs, data_start + rng.randrange(nguest) * cs]
+    for _ in range(rng.choice([0, 1, 3, 12])):
+        entries[rng.randrange(len(entries))] = rng.choice([*bad, rng.choice(hosts)])
+    if seed % 4 == 3:  # a stretch of duplicates of the previous table
+        j = rng.randrange(ne, 2 * ne - 50)
+        entries[j:j + 50] = entries[j - ne:j - ne + 50]
+    for t in range(ntables):
+        m.pwrite(first_table + t * h.table_bytes,
+                 b"".join(e.to_bytes(8, "little") for e in entries[t * ne:(t + 1) * ne]))
+        m.pwrite(h.l1_table_offset + 8 * t, (first_table + t * h.table_bytes).to_bytes(8, "little"))
+    m.truncate(file_end + rng.choice([0, 0, 100]))
+    for repair in (False, True):
+        (reference, after), *others = check_all_ways(m, repair)
+        assert all(other == (reference, after) for other in others)
+        assert reference.allocated_clusters > 0
+
+
+def test_check_fast_scan_eight_zero_bytes_across_two_entries() -> None:
+    """An entry below 16 MiB followed by one at 16 MiB: eight zero bytes in a row, yet no entry is 0."""
+    cs = 4096
+    m = MemoryBlock()
+    h = QedImage.create(m, 2 * 512 * cs, cluster_size=cs, table_size=1)
+    first_table = h.l1_table_offset + cs
+    entries = [first_table + cs + i * cs for i in range(512)]
+    random.Random(1).shuffle(entries)
+    entries[201] = 16 * MiB
+    m.truncate(16 * MiB + cs)
+    raw = b"".join(e.to_bytes(8, "little") for e in entries)
+    assert raw.find(bytes(8)) == 201 * 8 - 5
+    m.pwrite(first_table, raw)
+    m.pwrite(h.l1_table_offset, first_table.to_bytes(8, "little"))
+    (reference, _), *others = check_all_ways(m)
+    assert all(other[0] == reference for other in others)
+    assert reference.allocated_clusters == 512 and not reference.corruptions
 
 
 @settings(max_examples=300, deadline=None)

@@ -14,8 +14,27 @@ except `qemu_ppc`, which starts a real qemu-system-ppc64 to compare with.
     qemu_ppc the provisioned qemu-system-ppc64 and a dumpdtb helper (tests)
 """
 
-from .drc import DrcError, DrcType, MachineConfig, drc_index, split_index
-from .state import DrcSet, DrcState, RtasStatus
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .drc import DrcError, DrcType, MachineConfig, drc_index, split_index
+    from .state import DrcSet, DrcState, RtasStatus
 
 __all__ = ["DrcError", "DrcSet", "DrcState", "DrcType", "MachineConfig", "RtasStatus",
            "drc_index", "split_index"]
+
+# Imported on first use, so that `qbackend` registering the drc command (backend.spapr.cli)
+# does not load the model.
+_HOME = {"DrcError": "drc", "DrcType": "drc", "MachineConfig": "drc", "drc_index": "drc", "split_index": "drc",
+         "DrcSet": "state", "DrcState": "state", "RtasStatus": "state"}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -10,11 +10,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .drc import Dimm, DrcError, MachineConfig, PciBridge, parse_size
-from .fdt import encode, to_dts
-from .script import Script
+if TYPE_CHECKING:
+    from .drc import MachineConfig
+
+# The model (drc, fdt, state, script) is imported when a drc command runs or shows its help:
+# registering the command with qbackend's parser stays cheap for the other commands.
 
 EPILOG = """\
 examples:
@@ -41,13 +43,29 @@ def _machine_args(p: argparse.ArgumentParser) -> None:
                    help="a cold-plugged DIMM (shows in ibm,dynamic-memory-v2)")
 
 
+class _DrcParser(argparse.ArgumentParser):
+    """The drc subcommands' parser; `run`'s epilog (the script commands, from `backend.spapr.script`)
+    is filled in when its help is shown."""
+
+    script_help = False
+
+    def format_help(self) -> str:
+        if self.script_help and self.epilog is None:
+            from . import script
+
+            self.epilog = ("script lines:\n" + (script.__doc__ or "").split("\n\n")[1]
+                           + "\n\nexample:\n  printf 'plug-dimm 0x40000000 256M mem1\\nstate 0x80000004\\n' | "
+                           "qbackend drc run --memory 1G --maxmem 4G --slots 4 -")
+        return super().format_help()
+
+
 def register(sub: Any) -> None:
     """Add the ``drc`` command group to qbackend's subparsers."""
     drc = sub.add_parser("drc", help="pseries DRC model: device-tree properties, RTAS state machine",
                          description="sPAPR dynamic-reconfiguration connectors as QEMU 11.1's "
                                      "pseries machine has them.",
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    dsub = drc.add_subparsers(dest="drc_command", metavar="SUBCOMMAND", required=True)
+    dsub = drc.add_subparsers(dest="drc_command", metavar="SUBCOMMAND", required=True, parser_class=_DrcParser)
     dt = dsub.add_parser("dt", help="the ibm,drc-* properties and dynamic-reconfiguration-memory")
     _machine_args(dt)
     dt.add_argument("--format", choices=("dts", "dtb"), default="dts")
@@ -57,13 +75,9 @@ def register(sub: Any) -> None:
                     help="entry order: QEMU's own (default, byte-identical) or sorted by index")
     dt.add_argument("--no-drmem", action="store_true",
                     help="leave out ibm,dynamic-reconfiguration-memory (QEMU adds it at CAS)")
-    from . import script as script_module
-
     run = dsub.add_parser("run", help="drive the state machine and RTAS calls from a script",
-                          formatter_class=argparse.RawDescriptionHelpFormatter,
-                          epilog="script lines:\n" + (script_module.__doc__ or "").split("\n\n")[1]
-                          + "\n\nexample:\n  printf 'plug-dimm 0x40000000 256M mem1\\nstate 0x80000004\\n' | "
-                          "qbackend drc run --memory 1G --maxmem 4G --slots 4 -")
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.script_help = True
     _machine_args(run)
     run.add_argument("script", help="script file, or - for stdin (one command per line, below)")
     run.add_argument("--legacy-events", action="store_true",
@@ -72,6 +86,8 @@ def register(sub: Any) -> None:
 
 
 def machine_from_args(args: argparse.Namespace) -> MachineConfig:
+    from .drc import Dimm, MachineConfig, PciBridge, parse_size
+
     bridges = []
     for text in args.bridge:
         phb, chassis, devfn = (int(x, 0) for x in text.split(":"))
@@ -88,6 +104,10 @@ def machine_from_args(args: argparse.Namespace) -> MachineConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .drc import DrcError
+    from .fdt import encode, to_dts
+    from .script import Script
+
     try:
         config = machine_from_args(args)
     except (DrcError, ValueError) as e:
