@@ -25,6 +25,8 @@ from protocol.vfio_user import (
 from .irqs import InterruptController
 from .pci_config import CONFIG_SIZE, MSIX_ENTRY_SIZE, ConfigSpace
 
+_CONFIG = int(PciRegion.CONFIG)  # a plain int: reading an enum member is slow on the hot path
+
 ReadHandler = Callable[[int, int], bytes]
 WriteHandler = Callable[[int, bytes], None]
 
@@ -94,7 +96,7 @@ class PciFunction:
         return RequestError(f"access {offset:#x}+{count} is outside region {index} of {size:#x} bytes")
 
     def read(self, index: int, offset: int, count: int) -> bytes:
-        if index == PciRegion.CONFIG:
+        if index == _CONFIG:
             if offset + count > CONFIG_SIZE:
                 raise self._out_of_range(index, offset, count)
             self.region_accesses[index] += 1
@@ -106,7 +108,7 @@ class PciFunction:
         return region.read(offset, count)
 
     def write(self, index: int, offset: int, data: bytes) -> None:
-        if index == PciRegion.CONFIG:
+        if index == _CONFIG:
             if offset + len(data) > CONFIG_SIZE:
                 raise self._out_of_range(index, offset, len(data))
             self.region_accesses[index] += 1

@@ -35,6 +35,7 @@ from .pci_device import PciFunction
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 64 * 1024
+_REGION_READ = int(vu.Command.REGION_READ)
 SCM_MAX_FD = 253  # the kernel's limit per message; room for all, so none are lost unclosed
 CMSG_BUFSIZE = socket.CMSG_SPACE(SCM_MAX_FD * struct.calcsize("i"))
 DMA_REPLY_TIMEOUT = 5.0
@@ -94,47 +95,94 @@ class Connection:
     # -- the receive loop (worker thread) -------------------------------------------
 
     def run_blocking(self) -> None:
-        """Serve the client until it goes away; runs in the connection's thread."""
+        """Serve the client until it goes away; runs in the connection's thread.
+
+        Region accesses (nearly all traffic) are taken straight from the
+        receive buffer: the protocol checks each one and hands back its
+        numbers (receive_access), the device carries it out, and the reply
+        is packed from numbers.  Anything else, and whatever came with fds,
+        goes through the protocol's general path as events.  Measured with
+        synchronous 4-byte config reads on one CPU, every Python call or
+        enum lookup on this path costs a visible share of a round trip.
+        """
         sock = self.sock
+        fd = sock.fileno()
+        write = os.write  # cheaper than sock.send; replies carry no fds
         protocol = self.protocol
-        send_lock = self._send_lock
+        receive_access = protocol.receive_access
+        device = self.device
+        # Bound methods rather than `with`: a with-statement looks up
+        # __enter__/__exit__ and makes two method objects each time.
+        lock_acquire, lock_release = device.lock.acquire, device.lock.release
+        send_acquire, send_release = self._send_lock.acquire, self._send_lock.release
+        device_read = device.read
+        device_write = device.write
+        counts = self.server.command_counts
+        read_reply = vu.region_read_reply
+        write_reply = vu.region_write_reply
+        recvmsg_into = sock.recvmsg_into
         out = bytearray()
         # One preallocated buffer: a fresh large bytes object per recvmsg()
         # costs more than the rest of a round trip.
         buffer = bytearray(RECV_SIZE)
+        buffers = [buffer]
         view = memoryview(buffer)
         try:
             while True:
                 try:
-                    n, ancdata, _flags, _ = sock.recvmsg_into([buffer], CMSG_BUFSIZE)
-                    data = bytes(view[:n])
+                    n, ancdata, _flags, _ = recvmsg_into(buffers, CMSG_BUFSIZE)
                 except (ConnectionResetError, BrokenPipeError):
-                    data, ancdata = b"", []
+                    n, ancdata = 0, []
                 except OSError as exc:
                     if self.closed:
                         return
                     raise ConnectionClosed(str(exc)) from None
-                with self.device.lock:
-                    if ancdata:
-                        protocol.receive_data(data, _unpack_fds(ancdata))
+                pos = 0
+                # The latest reply, kept out of `out` so that the usual
+                # single reply is sent without copying.
+                reply: bytes | bytearray = b""
+                lock_acquire()
+                try:
+                    if not ancdata:
+                        while pos < n and (access := receive_access(buffer, pos, n)) is not None:
+                            if reply:
+                                out += reply
+                            msg_id, command, size, no_reply, _error, offset, region, count = access
+                            counts[command] += 1
+                            try:
+                                if command == _REGION_READ:
+                                    data = device_read(region, offset, count)
+                                    reply = b"" if no_reply else read_reply(msg_id, offset, region, data)
+                                else:
+                                    device_write(region, offset, bytes(view[pos + 32:pos + size]))
+                                    reply = b"" if no_reply else write_reply(msg_id, offset, region, count)
+                            except (vu.RequestError, DmaError) as exc:
+                                reply = self._refused(msg_id, command, bool(no_reply), exc)
+                            pos += size
+                    if pos < n or not n:
+                        if reply:
+                            out += reply
+                            reply = b""
+                        protocol.receive_data(bytes(view[pos:n]), _unpack_fds(ancdata) if ancdata else ())
                         self._handle_events(out)
-                    else:
-                        single = protocol.receive_single(data)
-                        if single is None:
-                            protocol.receive_data(data)
-                            self._handle_events(out)
-                        else:
-                            self._handle_request(single, out)
+                finally:
+                    lock_release()
                 if out:
-                    with send_lock:
-                        try:
-                            sent = sock.send(out)
-                            if sent != len(out):
-                                sock.sendall(out[sent:])
-                        except OSError as exc:
-                            raise ConnectionClosed(str(exc)) from None
-                    out.clear()
-                if not data:
+                    out += reply
+                    reply = out
+                if reply:
+                    send_acquire()
+                    try:
+                        sent = write(fd, reply)
+                        if sent != len(reply):
+                            sock.sendall(reply[sent:])
+                    except OSError as exc:
+                        raise ConnectionClosed(str(exc)) from None
+                    finally:
+                        send_release()
+                    if out:
+                        out.clear()
+                if not n:
                     return
         except vu.ProtocolError as exc:
             log.warning("%s: closing the connection: %s", self.server.name, exc)
@@ -179,13 +227,11 @@ class Connection:
                 out += event.reply
 
     def _handle_request(self, request: vu.Request, out: bytearray) -> None:
-        self.server.stats[request.command] += 1
+        self.server.command_counts[request.command] += 1
         try:
             reply, fds = self._handlers[request.command](request)
         except (vu.RequestError, DmaError) as exc:
-            self.server.stats["request_errors"] += 1
-            log.info("%s: %s request %d refused: %s", self.server.name, request.command.name, request.id, exc)
-            out += self.protocol.error_reply(request, exc.errno)
+            out += self._refused(request.id, request.command, request.no_reply, exc)
             return
         if fds:
             self._send_blocking(bytes(out))
@@ -193,6 +239,12 @@ class Connection:
             self._send_blocking(reply, fds)
         else:
             out += reply
+
+    def _refused(self, msg_id: int, command: int, no_reply: bool, exc: vu.VfioUserError | DmaError) -> bytes:
+        """Count and log a refused request; the error reply to send (b"" for none)."""
+        self.server.stats["request_errors"] += 1
+        log.info("%s: %s request %d refused: %s", self.server.name, vu.Command(command).name, msg_id, exc)
+        return b"" if no_reply else vu.build_error_reply(msg_id, command, exc.errno)
 
     def _deliver_reply(self, event: vu.ServerReplyReceived) -> None:
         waiter = self._replies.get(event.id)
@@ -400,6 +452,9 @@ class VfioUserServer:
         self.socket_path = Path(socket_path)
         self.name = name or f"{device.name}@{self.socket_path}"
         self.stats: Counter[str] = Counter()
+        # Requests handled, indexed by command number (a list: cheaper than
+        # a Counter on the hot path).
+        self.command_counts = [0] * (max(vu.Command) + 1)
         self.connection: Connection | None = None
         self.connections_served = 0
         self._one_client = trio.Lock()

@@ -734,13 +734,29 @@ def region_read_reply_payload(req: RegionRead, data: bytes) -> bytes:
     return REGION_ACCESS.pack(req.offset, req.region, len(data)) + data
 
 
-_READ_REPLY = struct.Struct("=HHIIIQII")  # a header and a REGION_READ reply prefix
+_READ_REPLY = struct.Struct("=HHIIIQII")  # a header and a region access prefix
+_ACCESS_PACK = _READ_REPLY.pack
+# Plain ints: reading an enum member costs a hundred nanoseconds or more.
+_REGION_READ = int(Command.REGION_READ)
+_REGION_WRITE = int(Command.REGION_WRITE)
+# The tuple receive_access() returns: id, command, size, flags, error, offset, region, count.
+AccessTuple = tuple[int, int, int, int, int, int, int, int]
 
 
 def build_region_read_reply(msg_id: int, req: RegionRead, data: bytes) -> bytes:
     """A whole REGION_READ reply in one pack (the hottest reply there is)."""
-    return _READ_REPLY.pack(msg_id, Command.REGION_READ, _READ_REPLY.size + len(data), TYPE_REPLY, 0,
-                            req.offset, req.region, len(data)) + data
+    return _ACCESS_PACK(msg_id, _REGION_READ, 32 + len(data), TYPE_REPLY, 0, req.offset, req.region,
+                        len(data)) + data
+
+
+def region_read_reply(msg_id: int, offset: int, region: int, data: bytes) -> bytes:
+    """The same from plain numbers, for receive_access() callers."""
+    return _ACCESS_PACK(msg_id, _REGION_READ, 32 + len(data), TYPE_REPLY, 0, offset, region, len(data)) + data
+
+
+def region_write_reply(msg_id: int, offset: int, region: int, count: int) -> bytes:
+    """A whole REGION_WRITE reply (header and access prefix, no data)."""
+    return _ACCESS_PACK(msg_id, _REGION_WRITE, 32, TYPE_REPLY, 0, offset, region, count)
 
 
 def region_write_reply_payload(req: RegionWrite) -> bytes:
@@ -751,10 +767,8 @@ def region_write_reply_payload(req: RegionWrite) -> bytes:
 
 
 _COMMANDS = {int(c): c for c in Command}
-_ACCESS_MESSAGE_UNPACK = struct.Struct("=HHIIIQII").unpack_from  # a header and a region access prefix
-_REGION_READ = int(Command.REGION_READ)
-_REGION_WRITE = int(Command.REGION_WRITE)
-_new = tuple.__new__
+_ACCESS_UNPACK = _READ_REPLY.unpack_from  # a header and a region access prefix
+_NOT_NO_REPLY = ~FLAG_NO_REPLY
 _HOT_PARSERS = {int(Command.REGION_READ): _parse_region_read, int(Command.REGION_WRITE): _parse_region_write}
 
 
@@ -764,11 +778,15 @@ class State(IntEnum):
     CLOSED = 2
 
 
+_READY = State.READY
+
+
 @dataclass
 class ServerConnection:
     """Protocol state of one client connection, as seen by the server.
 
-    Feed it bytes with receive_data(); take events with next_event().  The
+    Feed it bytes with receive_data(); take events with next_event(); or,
+    for region accesses, first try receive_access().  The
     first request must be VERSION.  Requests are handed out in order; the
     caller answers each (unless no_reply) with reply() or error_reply().
     Requests the server itself sends (DMA_READ/WRITE) share the socket,
@@ -847,34 +865,35 @@ class ServerConnection:
             self.state = State.READY
         return Request(hdr.id, command, body, hdr.no_reply, msg.fds, hdr.size)
 
-    def receive_single(self, data: bytes) -> Request | None:
-        """Fast path for the bulk of all traffic.
+    def receive_access(self, buffer: bytes | bytearray | memoryview, pos: int, end: int) -> AccessTuple | None:
+        """Fast path for the bulk of all traffic: region accesses.
 
-        When nothing is buffered and `data` is exactly one well-formed
-        REGION_READ or REGION_WRITE without fds, return its Request at
-        once.  Otherwise return None having consumed nothing; the caller
-        then goes the general way (receive_data / next_event), which also
-        produces the errors for malformed accesses.  Every check the general
-        path makes is made here too; the records are built with
-        tuple.__new__, which skips the named tuples' Python-level __new__.
+        When the message at `buffer[pos:end]` is whole, is a well-formed
+        REGION_READ or REGION_WRITE request, nothing is buffered in the
+        reader, and no fds came with these bytes (the caller's part), return
+        its header and access prefix as one tuple, `(id, command, size,
+        flags, error, offset, region, count)`, straight from struct, for the
+        caller to carry out and answer with region_read_reply() /
+        region_write_reply() unless `flags` (then FLAG_NO_REPLY) is set;
+        a REGION_WRITE's data is `buffer[pos + 32:pos + size]`.  Otherwise
+        return None having consumed nothing, and the caller hands these
+        bytes to receive_data(); that general path also produces the errors
+        for malformed accesses.  Every check the general path makes on an
+        access is made here too.  Nothing is consumed either way: the caller
+        moves on by `size` bytes.
         """
-        if self.state is not State.READY or self.reader._buffer or len(data) < 32:
+        if end - pos < 32 or self.state is not _READY or self.reader._buffer:
             return None
-        msg_id, command, size, flags, _error, offset, region, count = _ACCESS_MESSAGE_UNPACK(data)
-        if size != len(data) or flags & ~FLAG_NO_REPLY or not 0 < count <= self._max_xfer \
-                or offset + count > _U64_END:
+        access = _ACCESS_UNPACK(buffer, pos)
+        _id, command, size, flags, _error, offset, _region, count = access
+        if flags & _NOT_NO_REPLY or not 0 < count <= self._max_xfer or offset + count > _U64_END:
             return None
-        if command == _REGION_READ:
-            if size != 32:
-                return None
-            body: Body = _new(RegionRead, (region, offset, count))
-        elif command == _REGION_WRITE:
-            if size != 32 + count:
-                return None
-            body = _new(RegionWrite, (region, offset, data[32:]))
-        else:
-            return None
-        return _new(Request, (msg_id, _COMMANDS[command], body, flags == FLAG_NO_REPLY, (), size))
+        if size == 32:
+            if command == _REGION_READ:
+                return access
+        elif command == _REGION_WRITE and size == 32 + count and pos + size <= end:
+            return access
+        return None
 
     def version_reply(self, request: Request) -> bytes:
         return build_reply(request.id, Command.VERSION, version_reply_payload(self.server_caps))
