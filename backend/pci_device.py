@@ -100,7 +100,7 @@ class PciFunction:
             if offset + count > CONFIG_SIZE:
                 raise self._out_of_range(index, offset, count)
             self.region_accesses[index] += 1
-            return self.config.read(offset, count)
+            return bytes(self.config.data[offset:offset + count])  # ConfigSpace.read, inlined: the hot path
         region = self.regions.get(index)
         if region is None or offset + count > region.size:
             raise self._out_of_range(index, offset, count)

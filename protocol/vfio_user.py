@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno as E
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import NamedTuple, Union
@@ -734,29 +735,21 @@ def region_read_reply_payload(req: RegionRead, data: bytes) -> bytes:
     return REGION_ACCESS.pack(req.offset, req.region, len(data)) + data
 
 
-_READ_REPLY = struct.Struct("=HHIIIQII")  # a header and a region access prefix
-_ACCESS_PACK = _READ_REPLY.pack
+# A header and a region access prefix: id, command, size, flags, error,
+# offset, region, count (serve_access()'s failed_access).
+_ACCESS_MESSAGE = struct.Struct("=HHIIIQII")
+_ACCESS_PACK = _ACCESS_MESSAGE.pack
+_ACCESS_UNPACK = _ACCESS_MESSAGE.unpack_from
+AccessTuple = tuple[int, int, int, int, int, int, int, int]
 # Plain ints: reading an enum member costs a hundred nanoseconds or more.
 _REGION_READ = int(Command.REGION_READ)
 _REGION_WRITE = int(Command.REGION_WRITE)
-# The tuple receive_access() returns: id, command, size, flags, error, offset, region, count.
-AccessTuple = tuple[int, int, int, int, int, int, int, int]
 
 
 def build_region_read_reply(msg_id: int, req: RegionRead, data: bytes) -> bytes:
     """A whole REGION_READ reply in one pack (the hottest reply there is)."""
     return _ACCESS_PACK(msg_id, _REGION_READ, 32 + len(data), TYPE_REPLY, 0, req.offset, req.region,
                         len(data)) + data
-
-
-def region_read_reply(msg_id: int, offset: int, region: int, data: bytes) -> bytes:
-    """The same from plain numbers, for receive_access() callers."""
-    return _ACCESS_PACK(msg_id, _REGION_READ, 32 + len(data), TYPE_REPLY, 0, offset, region, len(data)) + data
-
-
-def region_write_reply(msg_id: int, offset: int, region: int, count: int) -> bytes:
-    """A whole REGION_WRITE reply (header and access prefix, no data)."""
-    return _ACCESS_PACK(msg_id, _REGION_WRITE, 32, TYPE_REPLY, 0, offset, region, count)
 
 
 def region_write_reply_payload(req: RegionWrite) -> bytes:
@@ -767,7 +760,6 @@ def region_write_reply_payload(req: RegionWrite) -> bytes:
 
 
 _COMMANDS = {int(c): c for c in Command}
-_ACCESS_UNPACK = _READ_REPLY.unpack_from  # a header and a region access prefix
 _NOT_NO_REPLY = ~FLAG_NO_REPLY
 _HOT_PARSERS = {int(Command.REGION_READ): _parse_region_read, int(Command.REGION_WRITE): _parse_region_write}
 
@@ -785,8 +777,8 @@ _READY = State.READY
 class ServerConnection:
     """Protocol state of one client connection, as seen by the server.
 
-    Feed it bytes with receive_data(); take events with next_event(); or,
-    for region accesses, first try receive_access().  The
+    Feed it bytes with receive_data(); take events with next_event().
+    Region accesses may be served before that with serve_access().  The
     first request must be VERSION.  Requests are handed out in order; the
     caller answers each (unless no_reply) with reply() or error_reply().
     Requests the server itself sends (DMA_READ/WRITE) share the socket,
@@ -799,6 +791,9 @@ class ServerConnection:
     client_caps: Capabilities = field(default_factory=Capabilities)
     _next_server_id: int = 0
     _pending_server: dict[int, Command] = field(default_factory=dict)
+    # Set by serve_access().
+    access_end: int = 0
+    failed_access: AccessTuple | None = None
 
     def __post_init__(self) -> None:
         self._max_xfer = self.server_caps.max_data_xfer_size
@@ -865,35 +860,57 @@ class ServerConnection:
             self.state = State.READY
         return Request(hdr.id, command, body, hdr.no_reply, msg.fds, hdr.size)
 
-    def receive_access(self, buffer: bytes | bytearray | memoryview, pos: int, end: int) -> AccessTuple | None:
-        """Fast path for the bulk of all traffic: region accesses.
+    def serve_access(self, buffer: bytes | bytearray | memoryview, pos: int, end: int,
+                     read: Callable[[int, int, int], bytes],
+                     write: Callable[[int, int, bytes], None]) -> bytes | None:
+        """Fast path for the bulk of all traffic: one region access.
 
-        When the message at `buffer[pos:end]` is whole, is a well-formed
-        REGION_READ or REGION_WRITE request, nothing is buffered in the
-        reader, and no fds came with these bytes (the caller's part), return
-        its header and access prefix as one tuple, `(id, command, size,
-        flags, error, offset, region, count)`, straight from struct, for the
-        caller to carry out and answer with region_read_reply() /
-        region_write_reply() unless `flags` (then FLAG_NO_REPLY) is set;
-        a REGION_WRITE's data is `buffer[pos + 32:pos + size]`.  Otherwise
-        return None having consumed nothing, and the caller hands these
-        bytes to receive_data(); that general path also produces the errors
-        for malformed accesses.  Every check the general path makes on an
-        access is made here too.  Nothing is consumed either way: the caller
-        moves on by `size` bytes.
+        When `buffer[pos:end]` starts with a whole, well-formed REGION_READ
+        or REGION_WRITE request, nothing is buffered in the reader, and no
+        fds came with these bytes (the caller's part), carry it out with
+        `read(region, offset, count) -> bytes` or `write(region, offset,
+        data)` and return the reply (b"" for NO_REPLY); `access_end` is then
+        where the message ended in `buffer`.  Otherwise return None having
+        consumed nothing, and the caller hands the bytes from `pos` on to
+        receive_data(); that general path also produces the errors for
+        malformed accesses.  Every check the general path makes on an access
+        is made here too.
+
+        An exception from `read` or `write` passes through; the access's
+        header and prefix numbers `(id, command, size, flags, error, offset,
+        region, count)` are then in `failed_access` for the caller's error
+        reply, and `access_end` is set.  One call per message, parsing,
+        calling the device and packing the reply: on one CPU every Python
+        call on this path is a visible share of a round trip.
         """
         if end - pos < 32 or self.state is not _READY or self.reader._buffer:
             return None
         access = _ACCESS_UNPACK(buffer, pos)
-        _id, command, size, flags, _error, offset, _region, count = access
+        msg_id, command, size, flags, _error, offset, region, count = access
         if flags & _NOT_NO_REPLY or not 0 < count <= self._max_xfer or offset + count > _U64_END:
             return None
-        if size == 32:
-            if command == _REGION_READ:
-                return access
-        elif command == _REGION_WRITE and size == 32 + count and pos + size <= end:
-            return access
-        return None
+        if command == _REGION_READ:
+            if size != 32:
+                return None
+            self.access_end = pos + 32
+            try:
+                data = read(region, offset, count)
+            except BaseException:
+                self.failed_access = access
+                raise
+            if flags:
+                return b""
+            count = len(data)
+            return _ACCESS_PACK(msg_id, _REGION_READ, 32 + count, TYPE_REPLY, 0, offset, region, count) + data
+        if command != _REGION_WRITE or size != 32 + count or pos + size > end:
+            return None
+        self.access_end = pos + size
+        try:
+            write(region, offset, bytes(buffer[pos + 32:pos + size]))
+        except BaseException:
+            self.failed_access = access
+            raise
+        return b"" if flags else _ACCESS_PACK(msg_id, _REGION_WRITE, 32, TYPE_REPLY, 0, offset, region, count)
 
     def version_reply(self, request: Request) -> bytes:
         return build_reply(request.id, Command.VERSION, version_reply_payload(self.server_caps))
