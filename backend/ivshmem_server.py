@@ -22,7 +22,6 @@ Also here: the group commands of the control socket (`qbackend ivshmem
 from __future__ import annotations
 
 import array
-import errno as E
 import logging
 import os
 import socket
@@ -40,6 +39,7 @@ from protocol import ivshmem_server as wire
 from .control import ControlError, ControlServer
 from .ivshmem import CLIENT_KIND, PeerGroup, make_eventfd
 from .irqs import signal_eventfd
+from .listeners import accept_forever
 
 log = logging.getLogger(__name__)
 
@@ -195,19 +195,7 @@ class IvshmemServerEndpoint:
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
-                while True:
-                    await trio.lowlevel.wait_readable(listener)
-                    try:
-                        sock, _ = listener.accept()
-                    except BlockingIOError:
-                        continue
-                    except OSError as exc:
-                        if exc.errno in (E.EMFILE, E.ENFILE, E.ENOBUFS, E.ENOMEM):
-                            log.error("ivshmem-server %s: accept failed (%s); retrying", self.group.name, exc)
-                            await trio.sleep(0.1)
-                            continue
-                        raise
-                    nursery.start_soon(self._serve_client, sock)
+                await accept_forever(listener, f"ivshmem-server {self.group.name}", nursery, self._serve_client)
         finally:
             listener.close()
             try:

@@ -30,6 +30,7 @@ import trio
 from protocol import vfio_user as vu
 
 from .dma import DmaError, DmaTable
+from .listeners import accept_forever
 from .pci_device import PciFunction
 
 log = logging.getLogger(__name__)
@@ -495,20 +496,7 @@ class VfioUserServer:
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
-                while True:
-                    await trio.lowlevel.wait_readable(listener)
-                    try:
-                        sock, _ = listener.accept()
-                    except BlockingIOError:
-                        continue
-                    except OSError as exc:
-                        if exc.errno in (E.EMFILE, E.ENFILE, E.ENOBUFS, E.ENOMEM):
-                            log.error("%s: accept failed (%s); retrying shortly", self.name, exc)
-                            await trio.sleep(0.1)
-                            continue
-                        raise
-                    sock.setblocking(True)
-                    nursery.start_soon(self._serve_client, sock)
+                await accept_forever(listener, self.name, nursery, self._serve_client)
         finally:
             listener.close()
             self._listener = None
@@ -519,6 +507,7 @@ class VfioUserServer:
                 pass
 
     async def _serve_client(self, sock: socket.socket) -> None:
+        sock.setblocking(True)  # the connection's worker thread does blocking I/O
         try:
             async with self._one_client:
                 conn = Connection(self, sock)
