@@ -4,13 +4,16 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+QB := $(VENV)/bin/qbackend
+# Provisioned QEMU and guest go to the checkout's build/ (qbackend.machine.data_dir).
+DATA_DIR := $(CURDIR)/build
 
-.PHONY: setup host-packages venv qemu qemu-ppc guest test bench run clean
+.PHONY: setup host-packages venv qemu qemu-ppc guest test test-fast check bench run clean
 
 setup: host-packages venv qemu qemu-ppc guest
 
 host-packages:
-	@scripts/install-host-packages.sh
+	@bash backend/provision/install-host-packages.sh
 
 venv: $(STAMP)
 
@@ -19,21 +22,36 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
 	@touch $@
 
-qemu:
+qemu: venv
 ifeq ($(QEMU),)
-	@scripts/provision-qemu.sh build/qemu qemu-system-x86,qemu-utils,qemu-block-extra qemu-system-x86_64
+	@$(QB) --data-dir $(DATA_DIR) setup --no-host-packages --only qemu
 else
 	@echo "qemu: using QEMU=$(QEMU)"
 endif
 
-qemu-ppc:
-	@scripts/provision-qemu.sh build/qemu-ppc qemu-system-ppc qemu-system-ppc64
+qemu-ppc: venv
+	@$(QB) --data-dir $(DATA_DIR) setup --no-host-packages --only qemu-ppc
 
-guest:
-	@scripts/build-guest.sh build/guest
+guest: venv
+	@$(QB) --data-dir $(DATA_DIR) setup --no-host-packages --only guest
 
 test:
 	$(VENV)/bin/python -m pytest
+
+# The tests that boot no guest (about a minute).
+test-fast:
+	$(VENV)/bin/python -m pytest -m "not guest"
+
+# mypy reads the package as it installs: build/typecheck/qbackend is a tree
+# of links (backend/*, protocol/ as qbackend/protocol, qemu-configs/ as
+# qbackend/profiles), made anew on every run.
+check: venv
+	$(VENV)/bin/ruff check backend protocol qemu-configs tests scripts
+	@rm -rf build/typecheck && mkdir -p build/typecheck/qbackend
+	@for f in backend/*; do ln -s "$(CURDIR)/$$f" build/typecheck/qbackend/; done
+	@ln -s "$(CURDIR)/protocol" build/typecheck/qbackend/protocol
+	@ln -s "$(CURDIR)/qemu-configs" build/typecheck/qbackend/profiles
+	cd build/typecheck && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p qbackend
 
 bench:
 	$(VENV)/bin/python scripts/bench_vfio_user.py
@@ -42,8 +60,8 @@ bench:
 	$(VENV)/bin/python scripts/bench_qed.py
 
 run:
-	$(VENV)/bin/qbackend run
+	$(QB) run
 
 clean:
-	rm -rf build $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf build $(VENV) *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

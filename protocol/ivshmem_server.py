@@ -25,9 +25,10 @@ needs `encode`.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Callable, Union
+from typing import Union
 
 MESSAGE = struct.Struct("<q")
 PROTOCOL_VERSION = 0

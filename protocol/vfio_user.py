@@ -372,19 +372,19 @@ class DeviceGetInfo(NamedTuple):
 
 class GetRegionInfo(NamedTuple):
     argsz: int
-    index: int
+    index: int  # type: ignore[assignment]  # a field named like a tuple method, as the spec names it
 
 
 class GetIrqInfo(NamedTuple):
     argsz: int
-    index: int
+    index: int  # type: ignore[assignment]  # a field named like a tuple method, as the spec names it
 
 
 class SetIrqs(NamedTuple):
     flags: IrqSetFlags
-    index: int
+    index: int  # type: ignore[assignment]  # a field named like a tuple method, as the spec names it
     start: int
-    count: int
+    count: int  # type: ignore[assignment]  # a field named like a tuple method, as the spec names it
     bools: bytes = b""  # one byte per vector with DATA_BOOL
 
     @property
@@ -399,7 +399,7 @@ class SetIrqs(NamedTuple):
 class RegionRead(NamedTuple):
     region: int
     offset: int
-    count: int
+    count: int  # type: ignore[assignment]  # a field named like a tuple method, as the spec names it
 
 
 class RegionWrite(NamedTuple):

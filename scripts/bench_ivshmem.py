@@ -48,18 +48,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from backend.ivshmem import clear_eventfd  # noqa: E402
-from backend.ivshmem_peer import IvshmemPeer  # noqa: E402
-from backend.vfio_user_client import VfioUserClient  # noqa: E402
-from protocol import vfio_user as vu  # noqa: E402
+from qbackend.ivshmem.group import clear_eventfd  # noqa: E402
+from qbackend.ivshmem.peer import IvshmemPeer  # noqa: E402
+from qbackend.protocol import vfio_user as vu  # noqa: E402
+from qbackend.testing.vfio_user_client import VfioUserClient  # noqa: E402
 
 LAT_BASE = 4096  # where peer B stores its latencies in the shared memory
 
 PEER_B = r"""
 import os, select, struct, sys, time
 sys.path.insert(0, sys.argv[1])
-from backend.ivshmem_peer import IvshmemPeer
-from backend.ivshmem import clear_eventfd
+from qbackend.ivshmem.peer import IvshmemPeer
+from qbackend.ivshmem.group import clear_eventfd
 n, base = int(sys.argv[3]), int(sys.argv[4])
 me = IvshmemPeer(sys.argv[2], vectors=1)
 print(me.id, flush=True)
@@ -85,7 +85,7 @@ def pct(values: list[float], p: float) -> float:
 
 
 def start_qbackend(workdir: Path, shm: str, pinned: bool) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "backend.cli", "serve", "--ivshmem",
+    cmd = [sys.executable, "-m", "qbackend", "serve", "--ivshmem",
            f"socket={workdir / 'dev.sock'},size=64K,shm={shm},vectors=1,server={workdir / 'srv.sock'}"]
     if pinned:
         cmd = ["taskset", "-c", "0", *cmd]
@@ -170,12 +170,12 @@ def host_latencies(n: int, pinned: bool) -> tuple[list[float], list[float]]:
 
 
 def guest_figures(rounds: int, doorbells: int) -> dict[str, float]:
-    from backend.cli import vfio_user_device_arg
-    from backend.guest import GuestConsole
-    from backend.ivshmem import IvshmemDevice
-    from backend.options import IvshmemOptions
-    from backend.qemu import QemuMachine
-    from backend.service import Backend, BackendThread
+    from qbackend.app.cli import vfio_user_device_arg
+    from qbackend.app.options import IvshmemOptions
+    from qbackend.app.service import Backend, BackendThread
+    from qbackend.ivshmem.group import IvshmemDevice
+    from qbackend.machine.console import GuestConsole
+    from qbackend.machine.launch import QemuMachine
 
     size = 16 << 20
     mib = 16

@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from backend.qemu import QemuInstall, find_qemu  # noqa: E402
+from qbackend.machine.launch import QemuInstall, find_qemu  # noqa: E402
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -40,7 +40,7 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Complet
 class Server:
     def __init__(self, kind: str, image: Path, sock: Path, qemu: QemuInstall) -> None:
         if kind == "qbackend":
-            cmd = [sys.executable, "-m", "backend.cli", "nbd", "--export", f"name=disk,image={image}",
+            cmd = [sys.executable, "-m", "qbackend", "nbd", "--export", f"name=disk,image={image}",
                    "--socket", str(sock)]
         else:
             cmd = [*qemu.tool_cmd("qemu-nbd"), "-f", "qed", "-x", "disk", "-k", str(sock), "-t", "-e", "16",

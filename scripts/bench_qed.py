@@ -61,9 +61,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from backend.blockfile import FileBlock  # noqa: E402
-from backend.qed import QedImage  # noqa: E402
-from backend.qemu import QemuInstall, find_qemu  # noqa: E402
+from qbackend.block.blockfile import FileBlock  # noqa: E402
+from qbackend.block.qed import QedImage  # noqa: E402
+from qbackend.machine.launch import QemuInstall, find_qemu  # noqa: E402
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 PATTERN = 0xA5
@@ -322,7 +322,7 @@ def main() -> None:
                         t = qemu.bench(full, side, count=count, size=bs, step=step)
                     add(side, name, count * bs / t / MIB)
             # check
-            for layout, (p, nclusters, file_size) in check_images.items():
+            for layout, (p, nclusters, _file_size) in check_images.items():
                 add(OURS, f"check, {layout}", ours_check(p, nclusters))
                 t, out = timed_process([*qemu.img, "check", "-f", "qed", "--output=json", str(p)], qemu.env,
                                        ok=(0, 3))
@@ -333,7 +333,7 @@ def main() -> None:
                 for side in aios:
                     add(side, f"check, {layout}", t)
             p = check_images["in order"][0]
-            t, _ = timed_process([sys.executable, "-m", "backend.cli", "qed", "check", "-q", str(p)], qemu.env)
+            t, _ = timed_process([sys.executable, "-m", "qbackend", "qed", "check", "-q", str(p)], qemu.env)
             add(OURS, "check CLI, in order", t)
             t, _ = timed_process([*qemu.img, "check", "-q", "-f", "qed", str(p)], qemu.env, ok=(0, 3))
             for side in aios:

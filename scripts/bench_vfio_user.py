@@ -22,7 +22,6 @@ import json
 import os
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from protocol import vfio_user as vu  # noqa: E402
+from qbackend.protocol import vfio_user as vu  # noqa: E402
 
 READ_CONFIG = vu.build_message(1, vu.Command.REGION_READ, vu.REGION_ACCESS.pack(0, vu.PciRegion.CONFIG, 4))
 REPLY_SIZE = vu.HEADER_SIZE + vu.REGION_ACCESS.size + 4
@@ -67,7 +66,7 @@ while True:
 
 def start_server(kind: str, path: str, pinned: bool, libvfio_user: str | None) -> subprocess.Popen[bytes]:
     if kind == "qbackend":
-        cmd = [sys.executable, "-m", "backend.cli", "serve", "--ivshmem", f"socket={path},size=4K"]
+        cmd = [sys.executable, "-m", "qbackend", "serve", "--ivshmem", f"socket={path},size=4K"]
     elif kind == "python-floor":
         cmd = [sys.executable, "-c", FLOOR_SERVER, path]
     else:

@@ -6,7 +6,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from protocol import nbd
+from qbackend.protocol import nbd
 
 
 @dataclass

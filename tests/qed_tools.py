@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from backend.qed import HEADER, QedHeader
-from backend.qemu import QemuInstall, find_qemu
+from qbackend.block.qed import HEADER, QedHeader
+from qbackend.machine.launch import QemuInstall, find_qemu
 
 
 @functools.cache

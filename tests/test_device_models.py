@@ -15,9 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.dma import DmaError, DmaTable
-from backend.irqs import InterruptController
-from backend.ivshmem import (
+from qbackend.ivshmem.group import (
     DOORBELL,
     INTR_MASK,
     INTR_STATUS,
@@ -27,7 +25,7 @@ from backend.ivshmem import (
     PeerGroup,
     SharedMemory,
 )
-from backend.pci_config import (
+from qbackend.models.pci_config import (
     CAP_ID_MSIX,
     MSIX_ENABLE,
     MSIX_FUNCTION_MASK,
@@ -38,7 +36,7 @@ from backend.pci_config import (
     Reg,
     Status,
 )
-from protocol.vfio_user import (
+from qbackend.protocol.vfio_user import (
     IRQ_SET,
     DmaMap,
     DmaMapFlags,
@@ -51,7 +49,9 @@ from protocol.vfio_user import (
     SetIrqs,
     parse_body,
 )
-from protocol.vfio_user import Command as VfioCommand
+from qbackend.protocol.vfio_user import Command as VfioCommand
+from qbackend.vfio.dma import DmaError, DmaTable
+from qbackend.vfio.irqs import InterruptController
 
 VENDOR, DEVICE = 0x1AF4, 0x1110
 TRIGGER_EVENTFD = IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from backend.guest import GuestConsole
-from backend.qemu import GUEST_DIR, QemuMachine
-from backend.qmp import QmpError, SyncQmp
+from qbackend.machine.console import GuestConsole
+from qbackend.machine.data_dir import data_dir
+from qbackend.machine.launch import QemuMachine
+from qbackend.machine.qmp import QmpError, SyncQmp
 
 pytestmark = pytest.mark.guest
 
@@ -43,7 +44,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
 
 
 def test_kernel_version(booted: Booted) -> None:
-    expected = (GUEST_DIR / "kernel-version").read_text().strip()
+    expected = (data_dir() / "guest" / "kernel-version").read_text().strip()
     assert booted.console.run_checked("uname -r").strip() == expected
 
 
@@ -87,7 +88,7 @@ def test_qmp_events_sync(booted: Booted) -> None:
 def test_qmp_trio(booted: Booted) -> None:
     import trio
 
-    from backend.qmp import QmpConnection, QmpTimeout
+    from qbackend.machine.qmp import QmpConnection, QmpTimeout
 
     # The QMP monitor serves one client at a time: hand it over to trio.
     booted.qmp.close()

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from backend.cli import vfio_user_device_arg
-from backend.guest import GuestConsole
-from backend.options import IvshmemOptions
-from backend.qemu import QemuMachine
-from backend.qmp import SyncQmp
-from backend.service import Backend, BackendThread, ServedDevice
-from protocol.vfio_user import PciRegion
+from qbackend.app.cli import vfio_user_device_arg
+from qbackend.app.options import IvshmemOptions
+from qbackend.app.service import Backend, BackendThread, ServedDevice
+from qbackend.machine.console import GuestConsole
+from qbackend.machine.launch import QemuMachine
+from qbackend.machine.qmp import SyncQmp
+from qbackend.protocol.vfio_user import PciRegion
 
 pytestmark = pytest.mark.guest
 

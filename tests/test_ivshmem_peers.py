@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from backend.cli import main as cli_main
-from backend.ivshmem import IvshmemDevice, LocalPeer, PeerGroup, SharedMemory, clear_eventfd
-from backend.ivshmem_peer import IvshmemPeer, PeerError
-from backend.options import IvshmemOptions, OptionError
-from backend.service import Backend, BackendThread, ServedDevice
-from backend.vfio_user_client import VfioUserClient
-from protocol import ivshmem_server as wire
-from protocol import vfio_user as vu
+from qbackend.app.cli import main as cli_main
+from qbackend.app.options import IvshmemOptions, OptionError
+from qbackend.app.service import Backend, BackendThread, ServedDevice
+from qbackend.ivshmem.group import IvshmemDevice, LocalPeer, PeerGroup, SharedMemory, clear_eventfd
+from qbackend.ivshmem.peer import IvshmemPeer, PeerError
+from qbackend.protocol import ivshmem_server as wire
+from qbackend.protocol import vfio_user as vu
+from qbackend.testing.vfio_user_client import VfioUserClient
 
 SIZE = 1 << 20
 
@@ -420,7 +420,7 @@ def test_standalone_server_command(tmp_path: Path) -> None:
     import sys
 
     sock, ctl = tmp_path / "s.sock", tmp_path / "s.ctl"
-    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "ivshmem", "server", "--socket", str(sock),
+    proc = subprocess.Popen([sys.executable, "-m", "qbackend", "ivshmem", "server", "--socket", str(sock),
                              "--size", "64K", "--vectors", "3", "--serve-control", str(ctl)],
                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
     try:
@@ -431,7 +431,7 @@ def test_standalone_server_command(tmp_path: Path) -> None:
             a.write(0, b"x")
             assert b.read(0, 1) == b"x"
             assert b.ring(0, 2) and a.wait(2, 2) == 1
-            from backend.control import call
+            from qbackend.servers.control import call
 
             info = call(ctl, "ivshmem-peers")
             assert [p["id"] for p in info["peers"]] == [0, 1]

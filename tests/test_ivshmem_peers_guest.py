@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from backend.cli import vfio_user_device_arg
-from backend.guest import GuestConsole
-from backend.ivshmem import IvshmemDevice, PeerGroup
-from backend.ivshmem_peer import IvshmemPeer
-from backend.options import IvshmemOptions
-from backend.qemu import QemuMachine
-from backend.service import Backend, BackendThread, ServedDevice
+from qbackend.app.cli import vfio_user_device_arg
+from qbackend.app.options import IvshmemOptions
+from qbackend.app.service import Backend, BackendThread, ServedDevice
+from qbackend.ivshmem.group import IvshmemDevice, PeerGroup
+from qbackend.ivshmem.peer import IvshmemPeer
+from qbackend.machine.console import GuestConsole
+from qbackend.machine.launch import QemuMachine
 
 pytestmark = pytest.mark.guest
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import ivshmem_server as wire
+from qbackend.protocol import ivshmem_server as wire
 
 # Fake fds: the parser never touches them.
 SHM, A0, A1, ME0, ME1 = 100, 101, 102, 103, 104

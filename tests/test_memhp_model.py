@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.memhp import (
+from qbackend.models.memhp import (
     CONTROL_CLEAR_INSERT,
     CONTROL_CLEAR_REMOVE,
     CONTROL_EJECT,

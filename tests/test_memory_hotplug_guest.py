@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from backend.cli import vfio_user_device_arg
-from backend.dimm import DimmManager, RemovalState
-from backend.guest import GuestConsole
-from backend.hotplug_controller import HotplugController
-from backend.memhp import EjectRefused, OstReported
-from backend.options import DimmOptions
-from backend.qemu import QemuMachine
-from backend.qmp import SyncQmp
-from backend.service import Backend, BackendThread
+from qbackend.app.cli import vfio_user_device_arg
+from qbackend.app.options import DimmOptions
+from qbackend.app.service import Backend, BackendThread
+from qbackend.devices.hotplug_controller import HotplugController
+from qbackend.machine.console import GuestConsole
+from qbackend.machine.dimm_slots import DimmManager, RemovalState
+from qbackend.machine.launch import QemuMachine
+from qbackend.machine.qmp import SyncQmp
+from qbackend.models.memhp import EjectRefused, OstReported
 
 pytestmark = pytest.mark.guest
 

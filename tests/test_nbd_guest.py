@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from backend.guest import GuestConsole
-from backend.options import NbdExportOptions
-from backend.qed import QedImage
-from backend.qemu import QemuInstall, QemuMachine, find_qemu
-from backend.qmp import SyncQmp
-from backend.service import Backend, BackendThread
+from qbackend.app.options import NbdExportOptions
+from qbackend.app.service import Backend, BackendThread
+from qbackend.block.qed import QedImage
+from qbackend.machine.console import GuestConsole
+from qbackend.machine.launch import QemuInstall, QemuMachine, find_qemu
+from qbackend.machine.qmp import SyncQmp
 
 pytestmark = pytest.mark.guest
 

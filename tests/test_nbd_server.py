@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from backend.options import NbdExportOptions
-from backend.qed import QedImage
-from backend.qemu import QemuInstall, find_qemu
-from backend.service import Backend, BackendThread
-from protocol import nbd
 from nbd_raw_client import RawNbd
+
+from qbackend.app.options import NbdExportOptions
+from qbackend.app.service import Backend, BackendThread
+from qbackend.block.qed import QedImage
+from qbackend.machine.launch import QemuInstall, find_qemu
+from qbackend.protocol import nbd
 
 SIZE = 32 << 20
 
@@ -76,7 +76,7 @@ def open_fds() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
 
 
-def settled_fds(s: "Served") -> set[int]:
+def settled_fds(s: Served) -> set[int]:
     """The process's fds once no NBD connection is left from earlier tests."""
     wait_no_connections(s)
     return open_fds()
@@ -387,7 +387,7 @@ def test_shutdown_finishes_in_flight_writes_and_flushes(tmp_path: Path) -> None:
     subprocess.run([*qemu.tool_cmd("qemu-img"), "create", "-f", "qed", str(image), str(SIZE)], check=True,
                    capture_output=True, env=qemu.env())
     sock = tmp_path / "s.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "nbd", "--export", f"name=s,image={image}",
+    proc = subprocess.Popen([sys.executable, "-m", "qbackend", "nbd", "--export", f"name=s,image={image}",
                              "--socket", str(sock)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20

@@ -20,16 +20,18 @@ from pathlib import Path
 
 import pytest
 
-from backend.cli import vfio_user_device_arg
-from backend.guest import GuestConsole
-from backend.options import IvshmemOptions
-from backend.qemu import REPO_ROOT, QemuMachine, load_machine_config
-from backend.qmp import SyncQmp
-from backend.service import Backend, BackendThread, ServedDevice
+from qbackend.app.cli import vfio_user_device_arg
+from qbackend.app.options import IvshmemOptions
+from qbackend.app.service import Backend, BackendThread, ServedDevice
+from qbackend.machine.console import GuestConsole
+from qbackend.machine.launch import QemuMachine, load_machine_config
+from qbackend.machine.qmp import SyncQmp
 
 pytestmark = pytest.mark.guest
 
 SHM_SIZE = 1 << 20
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -258,8 +260,8 @@ def test_qbackend_killed_and_restarted_while_qemu_runs(rig: Rig) -> None:
 
     def start() -> subprocess.Popen[bytes]:
         sock.unlink(missing_ok=True)
-        proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--ivshmem",
-                                 f"socket={sock},size=1M,vectors=0,peer=7"], cwd=REPO_ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "qbackend", "serve", "--ivshmem",
+                                 f"socket={sock},size=1M,vectors=0,peer=7"], cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while not sock.exists():

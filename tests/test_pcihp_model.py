@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.pcihp import AIDX, DOWN, EJ, RMV, SEL, UP, EjectSlot, PciHotplugBlock, Profile
+from qbackend.models.pcihp import AIDX, DOWN, EJ, RMV, SEL, UP, EjectSlot, PciHotplugBlock, Profile
 
 
 class Aml:

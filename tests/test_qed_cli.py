@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from qed_tools import l2_entry_offset, poke_u64, qemu_check, qemu_img, qemu_io, read_header
 
-from backend.cli import main
-from backend.qed import Feature
+from qbackend.app.cli import main
+from qbackend.block.qed import Feature
 
 MiB = 1 << 20
 

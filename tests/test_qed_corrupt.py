@@ -23,7 +23,7 @@ from qed_tools import (
     write_header,
 )
 
-from backend.qed import (
+from qbackend.block.qed import (
     Feature,
     ProblemKind,
     QedCorruptError,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from qed_tools import qemu_check
 
-from backend.blockfile import FileBlock
-from backend.qed import QedImage
+from qbackend.block.blockfile import FileBlock
+from qbackend.block.qed import QedImage
 
 KiB = 1024
 MiB = 1 << 20

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.blockfile import Crashed, FaultyBlock, FileBlock, InjectedFault, MemoryBlock
-from backend.qed import (
+from qbackend.block.blockfile import Crashed, FaultyBlock, FileBlock, InjectedFault, MemoryBlock
+from qbackend.block.qed import (
     HEADER,
     CheckReport,
     Feature,
@@ -457,7 +457,6 @@ entry_runs = st.lists(st.one_of(
 @given(tables=st.lists(entry_runs, min_size=1, max_size=3), extra_clusters=st.integers(0, 400))
 def test_check_fast_scan_matches_entry_by_entry(tables: list[list[tuple[str, int, int]]],
                                                 extra_clusters: int) -> None:
-    import backend.qed as qed
 
     cs = 4096
     m = MemoryBlock()
@@ -491,7 +490,7 @@ def test_check_fast_scan_matches_entry_by_entry(tables: list[list[tuple[str, int
 
 def check_all_ways(m: MemoryBlock, repair: bool = False) -> list[tuple[CheckReport, bytes]]:
     """Check (and repair) copies of an image entry by entry, then with each setting of the span scan."""
-    import backend.qed as qed
+    import qbackend.block.qed as qed
 
     out = []
     for small_span, window in ((1 << 30, qed._WINDOW),  # every entry through _check_entry

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qed_tools import qemu_check, qemu_img, qemu_io, read_header
 
-from backend.blockfile import FileBlock
-from backend.qed import Feature, MapKind, QedImage
+from qbackend.block.blockfile import FileBlock
+from qbackend.block.qed import Feature, MapKind, QedImage
 
 KiB = 1024
 MiB = 1 << 20

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backend.blockfile import Crashed, FaultyBlock, MemoryBlock
-from backend.qed import MapKind, QedImage, RawBacking
+from qbackend.block.blockfile import Crashed, FaultyBlock, MemoryBlock
+from qbackend.block.qed import MapKind, QedImage, RawBacking
 
 KiB = 1024
 

@@ -1,4 +1,4 @@
-"""backend.qmp against a real (paused) QEMU: errors, events, hang-ups."""
+"""qbackend.machine.qmp against a real (paused) QEMU: errors, events, hang-ups."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from backend.qemu import QemuMachine
-from backend.qmp import QmpConnection, QmpError, QmpTimeout, SyncQmp
+from qbackend.machine.launch import QemuMachine
+from qbackend.machine.qmp import QmpConnection, QmpError, QmpTimeout, SyncQmp
 
 pytestmark = pytest.mark.guest
 

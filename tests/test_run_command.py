@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from backend.guest import GuestConsole
-from backend.qemu import REPO_ROOT
+from qbackend.machine.console import GuestConsole
 
 pytestmark = pytest.mark.guest
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -37,10 +38,10 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_run_boots_a_guest_with_the_device_and_ctrl_c_cleans_up(tmp_path: Path) -> None:
     workdir = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "run", "--machine", "q35", "--workdir", str(workdir),
+        [sys.executable, "-m", "qbackend", "run", "--machine", "q35", "--workdir", str(workdir),
          "--ivshmem", f"socket={workdir}/iv.sock,size=1M",
          "--dimm", "id=cold,size=128M,populated=on", "--dimm", "id=hot,size=256M,node=0"],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     lines = []
     try:
@@ -62,8 +63,8 @@ def test_run_boots_a_guest_with_the_device_and_ctrl_c_cleans_up(tmp_path: Path) 
         ctl = str(workdir / "qbackend.sock")
 
         def dimm(*args: str) -> str:
-            result = subprocess.run([sys.executable, "-m", "backend.cli", "dimm", "--control", ctl, *args],
-                                    cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+            result = subprocess.run([sys.executable, "-m", "qbackend", "dimm", "--control", ctl, *args],
+                                    cwd=REPO, capture_output=True, text=True, timeout=60)
             assert result.returncode == 0, result.stdout + result.stderr
             return result.stdout
 
@@ -76,8 +77,8 @@ def test_run_boots_a_guest_with_the_device_and_ctrl_c_cleans_up(tmp_path: Path) 
         assert "= 640 MiB" in dimm("total")
 
         def pci(*args: str) -> str:
-            result = subprocess.run([sys.executable, "-m", "backend.cli", "pci", "--control", ctl, *args],
-                                    cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+            result = subprocess.run([sys.executable, "-m", "qbackend", "pci", "--control", ctl, *args],
+                                    cwd=REPO, capture_output=True, text=True, timeout=60)
             assert result.returncode == 0, result.stdout + result.stderr
             return result.stdout
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from backend.cli import main
-from backend.spapr.drc import MachineConfig, parse_drc_arrays
-from backend.spapr.fdt import decode
+from qbackend.app.cli import main
+from qbackend.models.spapr.drc import MachineConfig, parse_drc_arrays
+from qbackend.models.spapr.fdt import decode
 
 ARGS = ["--cpus", "1", "--maxcpus", "4", "--memory", "1G", "--maxmem", "4G", "--slots", "4"]
 

@@ -7,13 +7,23 @@ import struct
 from datetime import datetime
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from backend.spapr.drc import (Connector, Dimm, DrcError, DrcType, LmbFlags, MachineConfig,
-                               drc_arrays, drc_index, parse_drc_arrays, parse_size, split_index)
-from backend.spapr.events import (EXTENDED_LEN, EventClass, EventLogError, HotplugEvent, HpAction,
-                                  HpId, HpType)
-from backend.spapr.fdt import FdtError, Node, cells, decode, encode, to_dts
+from qbackend.models.spapr.drc import (
+    Connector,
+    Dimm,
+    DrcError,
+    DrcType,
+    LmbFlags,
+    MachineConfig,
+    drc_arrays,
+    drc_index,
+    parse_drc_arrays,
+    split_index,
+)
+from qbackend.models.spapr.events import EXTENDED_LEN, EventClass, EventLogError, HotplugEvent, HpAction, HpId, HpType
+from qbackend.models.spapr.fdt import FdtError, Node, cells, decode, encode, to_dts
 
 NOTES_CFG = MachineConfig(cpus=1, maxcpus=4, memory=1 << 30, maxmem=4 << 30, slots=4)
 
@@ -131,7 +141,7 @@ def test_qemu_order_reproduces_the_measured_order() -> None:
 
 
 def test_ghash_table_behaviour() -> None:
-    from backend.spapr.ghash import StrHashTable, iteration_order, str_hash
+    from qbackend.models.spapr.ghash import StrHashTable, iteration_order, str_hash
     assert str_hash("") == 5381 and str_hash("a") == (5381 * 33 + 97) & 0xFFFFFFFF
     keys = [f"{i:x}" for i in range(500)]
     assert sorted(iteration_order(keys)) == sorted(keys)
@@ -190,10 +200,17 @@ def test_machine_validation(kw: dict[str, object]) -> None:
 
 
 def test_parse_size() -> None:
-    assert parse_size("512M") == parse_size("512") == 512 << 20
-    assert parse_size("4G") == 4 << 30 and parse_size("1536MiB") == 1536 << 20
-    with pytest.raises(DrcError):
-        parse_size("lots")
+    """The one size parser: a bare number is in the unit the caller names."""
+    from qbackend.sizes import SizeError, parse_size
+
+    assert parse_size("512M", "m", default_unit="M") == parse_size("512", "m", default_unit="M") == 512 << 20
+    assert parse_size("512", "s", default_unit="B") == 512
+    assert parse_size("4G", "m", default_unit="B") == 4 << 30
+    assert parse_size("1536MiB", "m", default_unit="B") == 1536 << 20
+    assert parse_size("64k", "s", default_unit="B") == 64 << 10
+    for bad in ("lots", "", "4X", "-1", "1.5G", "4Mi"):
+        with pytest.raises(SizeError, match="is not a size"):
+            parse_size(bad, "--size", default_unit="B")
 
 
 # -- event log ------------------------------------------------------------------------------

@@ -14,13 +14,22 @@ import time
 
 import pytest
 
-from backend.qemu import QemuNotFound
-from backend.spapr.drc import (DrcType, MachineConfig, PciBridge, cpu_node, drc_arrays,
-                               htab_shift_for, parse_drc_arrays, split_index, Connector)
-from backend.spapr.fdt import Node, decode
+from qbackend.machine.launch import QemuNotFound
+from qbackend.models.spapr.drc import (
+    Connector,
+    DrcType,
+    MachineConfig,
+    PciBridge,
+    cpu_node,
+    drc_arrays,
+    htab_shift_for,
+    parse_drc_arrays,
+    split_index,
+)
+from qbackend.models.spapr.fdt import Node, decode
 
 try:
-    from backend.spapr.qemu_ppc import dump_pseries_dtb, find_qemu_ppc
+    from qbackend.machine.ppc import dump_pseries_dtb, find_qemu_ppc
     QEMU_PPC = find_qemu_ppc()
     SKIP = ""
 except QemuNotFound as exc:  # pragma: no cover - depends on provisioning

@@ -9,13 +9,35 @@ from pathlib import Path
 
 import pytest
 
-from backend.spapr.drc import (DrcError, DrcType, MachineConfig, PciFunction, cpu_node, drc_index,
-                               lmb_node, pci_node)
-from backend.spapr.fdt import Node, decode, encode, to_dts
-from backend.spapr.events import EventClass, HotplugEvent, HpAction, HpId, HpType
-from backend.spapr.state import (TRANSITIONS, CcResponse, Device, DeviceRemoved, DrcSet, DrcState,
-                                 DrcStateError, FlatMemory, IrqPulse, Op, Released, RtasStatus,
-                                 UnplugRejected, rtas_call, walk_configure_connector)
+from qbackend.models.spapr.drc import (
+    DrcError,
+    DrcType,
+    MachineConfig,
+    PciFunction,
+    cpu_node,
+    drc_index,
+    lmb_node,
+    pci_node,
+)
+from qbackend.models.spapr.events import EventClass, HotplugEvent, HpAction, HpId, HpType
+from qbackend.models.spapr.fdt import Node, decode, encode, to_dts
+from qbackend.models.spapr.state import (
+    TRANSITIONS,
+    CcResponse,
+    Device,
+    DeviceRemoved,
+    DrcSet,
+    DrcState,
+    DrcStateError,
+    FlatMemory,
+    IrqPulse,
+    Op,
+    Released,
+    RtasStatus,
+    UnplugRejected,
+    rtas_call,
+    walk_configure_connector,
+)
 
 S = DrcState
 R = RtasStatus

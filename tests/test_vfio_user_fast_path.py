@@ -19,11 +19,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend.options import IvshmemOptions
-from backend.service import Backend, BackendThread
-from backend.vfio_user_client import VfioUserClient
-from protocol import vfio_user as vu
-from protocol.vfio_user import REGION_ACCESS, Command, Request, ServerConnection
+from qbackend.app.options import IvshmemOptions
+from qbackend.app.service import Backend, BackendThread
+from qbackend.protocol import vfio_user as vu
+from qbackend.protocol.vfio_user import REGION_ACCESS, Command, Request, ServerConnection
+from qbackend.testing.vfio_user_client import VfioUserClient
 
 CONFIG = vu.PciRegion.CONFIG
 

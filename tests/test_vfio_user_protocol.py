@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import vfio_user as vu
-from protocol.vfio_user import (
+from qbackend.protocol import vfio_user as vu
+from qbackend.protocol.vfio_user import (
     CAP_HEADER,
     DMA_ACCESS,
     DMA_MAP,
@@ -38,10 +38,10 @@ from protocol.vfio_user import (
     IrqSetFlags,
     MessageReader,
     ProtocolError,
-    Rejected,
     RegionFlags,
     RegionRead,
     RegionWrite,
+    Rejected,
     Request,
     ServerConnection,
     ServerReplyReceived,

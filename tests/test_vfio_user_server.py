@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from backend.options import IvshmemOptions
-from backend.service import Backend, BackendThread, ServedDevice
-from backend.vfio_user_client import ClientError, VfioUserClient
-from protocol import vfio_user as vu
+from qbackend.app.options import IvshmemOptions
+from qbackend.app.service import Backend, BackendThread, ServedDevice
+from qbackend.protocol import vfio_user as vu
+from qbackend.testing.vfio_user_client import ClientError, VfioUserClient
 
 CONFIG = vu.PciRegion.CONFIG
 

@@ -1,0 +1,165 @@
+"""Command-line device options in QEMU's own style: `key=value,key=value`,
+with `,,` for a literal comma, and sizes such as `4M` or `1G`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from qbackend.errors import UsageError
+from qbackend.sizes import parse_size
+
+
+class OptionError(UsageError, ValueError):
+    """A device option that cannot be used; the message says how to fix it."""
+
+
+def parse_keyval(text: str, option: str) -> dict[str, str]:
+    result: dict[str, str] = {}
+    items: list[str] = []
+    current = ""
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == ",":
+            if text[i + 1:i + 2] == ",":
+                current += ","
+                i += 2
+                continue
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+        i += 1
+    items.append(current)
+    for item in items:
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise OptionError(f"{option}: '{item}' is not key=value (example: {option} socket=/tmp/iv.sock,size=4M)")
+        if key in result:
+            raise OptionError(f"{option}: '{key}' is given twice")
+        result[key] = value
+    return result
+
+
+def _parse_int(text: str, what: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise OptionError(f"{what}: '{text}' is not a number") from None
+
+
+@dataclass(frozen=True)
+class IvshmemOptions:
+    """`--ivshmem socket=PATH,size=SIZE[,shm=NAME][,vectors=N][,id=ID][,peer=N][,server=PATH]`
+
+    `server=PATH`: the device's peer group also listens there as an
+    ivshmem-server (stock QEMU ivshmem-doorbell devices and host programs
+    join through it), handing out `vectors` (at least 1) eventfds per peer.
+    """
+
+    socket: Path
+    size: int = 4 << 20
+    shm: str | None = None
+    vectors: int = 1
+    id: str = ""
+    peer: int | None = None
+    server: Path | None = None
+
+    KEYS = ("socket", "size", "shm", "vectors", "id", "peer", "server")
+
+    @classmethod
+    def parse(cls, text: str) -> IvshmemOptions:
+        kv = parse_keyval(text, "--ivshmem")
+        unknown = sorted(set(kv) - set(cls.KEYS))
+        if unknown:
+            raise OptionError(f"--ivshmem: unknown key(s) {', '.join(unknown)}; known: {', '.join(cls.KEYS)}")
+        if "socket" not in kv:
+            raise OptionError("--ivshmem: socket=PATH is required (the UNIX socket QEMU connects to)")
+        size = parse_size(kv.get("size", "4M"), "--ivshmem size", default_unit="B")
+        if size < 4096 or size & (size - 1):
+            raise OptionError(f"--ivshmem size={kv.get('size')}: must be a power of two of at least 4K "
+                              "(QEMU refuses other BAR sizes)")
+        vectors = _parse_int(kv.get("vectors", "1"), "--ivshmem vectors")
+        if not 0 <= vectors <= 64:
+            raise OptionError(f"--ivshmem vectors={vectors}: must be 0..64 (0: no MSI-X, INTx only)")
+        peer = _parse_int(kv["peer"], "--ivshmem peer") if "peer" in kv else None
+        if peer is not None and not 0 <= peer <= 0xFFFF:
+            raise OptionError(f"--ivshmem peer={peer}: must be 0..65535")
+        shm = kv.get("shm") or None
+        if shm is not None and "/" in shm:
+            raise OptionError(f"--ivshmem shm={shm}: a name in /dev/shm, without '/'")
+        return cls(socket=Path(kv["socket"]), size=size, shm=shm, vectors=vectors,
+                   id=kv.get("id", ""), peer=peer, server=Path(kv["server"]) if kv.get("server") else None)
+
+
+_BOOL = {"on": True, "yes": True, "true": True, "1": True, "off": False, "no": False, "false": False, "0": False}
+
+
+def _parse_bool(text: str, what: str) -> bool:
+    try:
+        return _BOOL[text.lower()]
+    except KeyError:
+        raise OptionError(f"{what}: '{text}' is not on/off") from None
+
+
+@dataclass(frozen=True)
+class NbdExportOptions:
+    """`--export name=NAME,image=PATH[,readonly=on][,format=raw|qed]`"""
+
+    name: str
+    image: Path
+    readonly: bool = False
+    format: str = ""  # raw or qed; empty: by the file's magic
+
+    KEYS = ("name", "image", "readonly", "format")
+
+    @classmethod
+    def parse(cls, text: str) -> NbdExportOptions:
+        kv = parse_keyval(text, "--export")
+        unknown = sorted(set(kv) - set(cls.KEYS))
+        if unknown:
+            raise OptionError(f"--export: unknown key(s) {', '.join(unknown)}; known: {', '.join(cls.KEYS)}")
+        if "image" not in kv:
+            raise OptionError("--export: image=PATH is required (example: --export name=disk,image=disk.qed)")
+        fmt = kv.get("format", "")
+        if fmt not in ("", "raw", "qed"):
+            raise OptionError(f"--export format={fmt}: raw or qed")
+        image = Path(kv["image"])
+        return cls(name=kv.get("name", image.stem), image=image,
+                   readonly=_parse_bool(kv.get("readonly", "off"), "--export readonly"), format=fmt)
+
+
+def parse_tcp(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise OptionError(f"--tcp {text}: HOST:PORT expected (example: --tcp 127.0.0.1:10809)")
+    return host or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True)
+class DimmOptions:
+    """`--dimm id=ID,size=SIZE[,node=N][,populated=on|off]` (seed 003's -dimm)."""
+
+    id: str
+    size: int
+    node: int = 0
+    populated: bool = False
+
+    KEYS = ("id", "size", "node", "populated")
+
+    @classmethod
+    def parse(cls, text: str) -> DimmOptions:
+        kv = parse_keyval(text, "--dimm")
+        unknown = sorted(set(kv) - set(cls.KEYS))
+        if unknown:
+            raise OptionError(f"--dimm: unknown key(s) {', '.join(unknown)}; known: {', '.join(cls.KEYS)}")
+        if "id" not in kv or "size" not in kv:
+            raise OptionError("--dimm: id= and size= are required (example: --dimm id=hot1,size=512M,node=0)")
+        size = parse_size(kv["size"], "--dimm size", default_unit="M")
+        if size <= 0 or size % (128 << 20):
+            raise OptionError(f"--dimm size={kv['size']}: a multiple of 128M (the guest's memory block size)")
+        return cls(id=kv["id"], size=size, node=_parse_int(kv.get("node", "0"), "--dimm node"),
+                   populated=_parse_bool(kv.get("populated", "off"), "--dimm populated"))

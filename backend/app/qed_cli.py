@@ -1,0 +1,443 @@
+"""`qbackend qed ...`: QED image tools that read like qemu-img.
+
+    qbackend qed create [-o cluster_size=64K,table_size=4] [-b BACKING [-F raw|qed]] FILE [SIZE]
+    qbackend qed info [--output=json] FILE
+    qbackend qed check [-r | --repair=leaks|all] [--output=json] FILE   # exit 0 clean, 2 corrupt, 3 leaks
+    qbackend qed map [--output=json] FILE
+    qbackend qed convert [-O qed|raw] [-o ...] [-p] SRC DST
+    qbackend qed resize FILE [+]SIZE
+
+`cli.py` calls `add_parser` to register the group and `run` to dispatch to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from qbackend.app.options import OptionError, parse_keyval
+from qbackend.block.blockfile import FileBlock
+from qbackend.block.qed import (
+    DEFAULT_CLUSTER_SIZE,
+    DEFAULT_TABLE_SIZE,
+    SECTOR,
+    CheckReport,
+    Extent,
+    MapKind,
+    QedError,
+    QedImage,
+    RawBacking,
+    open_backing_file,
+)
+from qbackend.errors import UsageError
+from qbackend.sizes import parse_size
+
+EPILOG = """\
+examples:
+  qbackend qed create -o cluster_size=4K,table_size=2 disk.qed 10G
+  qbackend qed create -b base.raw -F raw overlay.qed
+  qbackend qed check -r disk.qed
+  qbackend qed map --output=json disk.qed
+  qbackend qed convert -p -O qed disk.raw disk.qed
+
+check exits like qemu-img check: 0 no problems, 1 the check could not run,
+2 corruptions remain, 3 only leaked clusters remain.
+"""
+
+CHUNK = 4 << 20
+
+
+class CliError(UsageError):
+    """A qed command that cannot run as written."""
+
+
+def add_parser(sub: Any) -> None:
+    """Register `qed` and its subcommands on the top-level subparsers."""
+    qed = sub.add_parser("qed", help="create, inspect, check and convert QED images (like qemu-img)",
+                         description="QED image tools with qemu-img's vocabulary.",
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    cmds = qed.add_subparsers(dest="qed_command", metavar="SUBCOMMAND", required=True)
+
+    create = cmds.add_parser("create", help="create an empty image")
+    create.add_argument("-f", dest="fmt", default="qed", choices=["qed"], help="format (only qed)")
+    create.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                        help="cluster_size=SIZE (4K..64M, default 64K), table_size=N (1..16, default 4), "
+                             "backing_file=, backing_fmt=")
+    create.add_argument("-b", dest="backing", help="backing file (a path relative to the image's folder)")
+    create.add_argument("-F", dest="backing_fmt", choices=["raw", "qed"],
+                        help="backing file format; raw sets the no-probe bit (default: probe)")
+    create.add_argument("-u", dest="unsafe", action="store_true", help="do not open the backing file")
+    create.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    create.add_argument("filename", type=Path)
+    create.add_argument("size", nargs="?", help="e.g. 10G (default: the backing file's size)")
+
+    info = cmds.add_parser("info", help="show the header and sizes")
+    info.add_argument("--output", choices=["human", "json"], default="human")
+    info.add_argument("filename", type=Path)
+
+    check = cmds.add_parser("check", help="check (and repair) the metadata")
+    check.add_argument("-r", dest="repair", action="store_const", const="all", help="repair everything repairable")
+    check.add_argument("--repair", dest="repair", choices=["leaks", "all"], help="what to repair")
+    check.add_argument("--output", choices=["human", "json"], default="human")
+    check.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    check.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    check.add_argument("filename", type=Path)
+
+    mp = cmds.add_parser("map", help="show the allocation: data, zero, backing, unallocated")
+    mp.add_argument("--output", choices=["human", "json"], default="human")
+    mp.add_argument("filename", type=Path)
+
+    convert = cmds.add_parser("convert", help="copy an image (raw or qed) to a new raw or qed image")
+    convert.add_argument("-f", dest="src_fmt", choices=["raw", "qed"], help="source format (default: probe)")
+    convert.add_argument("-O", dest="out_fmt", choices=["raw", "qed"], default="raw")
+    convert.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                         help="cluster_size=, table_size= for qed output")
+    convert.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    convert.add_argument("src", type=Path)
+    convert.add_argument("dst", type=Path)
+
+    resize = cmds.add_parser("resize", help="grow an image (shrinking is not supported, as in QEMU)")
+    resize.add_argument("-f", dest="fmt", default="qed", choices=["qed"])
+    resize.add_argument("filename", type=Path)
+    resize.add_argument("size", help="new size, or +SIZE")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        handler: Callable[[argparse.Namespace], int] = {
+            "create": _create, "info": _info, "check": _check, "map": _map, "convert": _convert,
+            "resize": _resize,
+        }[args.qed_command]
+        return handler(args)
+    except (QedError, OSError, OptionError, CliError) as exc:
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        where = f" {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+        print(f"qbackend qed {args.qed_command}:{where} {text}", file=sys.stderr)
+        return 1
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _size(text: str, what: str) -> int:
+    return parse_size(text, what, default_unit="B")  # qemu-img: a bare size is bytes
+
+
+def _format_options(options: list[str]) -> dict[str, str]:
+    merged: dict[str, str] = {}
+    for text in options:
+        for key, value in parse_keyval(text, "-o").items():
+            if key not in ("cluster_size", "table_size", "backing_file", "backing_fmt"):
+                raise OptionError(f"-o: unknown option '{key}' (cluster_size, table_size, backing_file, "
+                                  "backing_fmt)")
+            merged[key] = value
+    return merged
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("EiB", 1 << 60), ("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30),
+                        ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+class Progress:
+    """qemu-img style: '    (42.00/100%)' rewritten in place on stderr."""
+
+    def __init__(self, enabled: bool, out: TextIO | None = None) -> None:
+        self.enabled = enabled
+        self.out = out if out is not None else sys.stderr
+        self.last = -1.0
+        self.last_time = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        pct = 100.0 * done / total if total else 100.0
+        now = time.monotonic()
+        if pct < 100.0 and (pct - self.last < 1.0 or now - self.last_time < 0.1):
+            return
+        self.last, self.last_time = pct, now
+        self.out.write(f"    ({pct:.2f}/100%)\r")
+        self.out.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            if self.last < 100.0:
+                self(1, 1)
+            self.out.write("\n")
+
+
+def _open(path: Path, *, read_only: bool = True, open_backing: bool = True, check_on_open: bool = True) -> QedImage:
+    return QedImage.open_path(path, read_only=read_only, open_backing=open_backing, check_on_open=check_on_open)
+
+
+# -- create ------------------------------------------------------------------------------
+
+
+def _create(args: argparse.Namespace) -> int:
+    opts = _format_options(args.options)
+    cluster_size = _size(opts["cluster_size"], "cluster_size") if "cluster_size" in opts else DEFAULT_CLUSTER_SIZE
+    table_size = int(opts.get("table_size", DEFAULT_TABLE_SIZE))
+    backing = args.backing or opts.get("backing_file")
+    backing_fmt = args.backing_fmt or opts.get("backing_fmt")
+    if backing_fmt not in (None, "raw", "qed"):
+        raise CliError(f"backing format '{backing_fmt}' is not raw or qed")
+    if backing_fmt and not backing:
+        raise CliError("-F needs a backing file (-b)")
+    size: int | None = _size(args.size, "size") if args.size is not None else None
+    if backing and (size is None or not args.unsafe):
+        target = Path(backing) if Path(backing).is_absolute() else args.filename.parent / backing
+        opened = open_backing_file(target, raw=backing_fmt == "raw")
+        try:
+            if backing_fmt == "qed" and not isinstance(opened, QedImage):
+                raise CliError(f"backing file {backing} is not a QED image")
+            if size is None:
+                size = opened.size()
+        finally:
+            opened.close()
+    if size is None:
+        raise CliError("give a size (or a backing file to take it from)")
+    f = FileBlock.open(args.filename, create=True)
+    try:
+        header = QedImage.create(f, size, cluster_size=cluster_size, table_size=table_size, backing_file=backing,
+                                 backing_raw=backing_fmt == "raw")
+    finally:
+        f.close()
+    if not args.quiet:
+        extra = f" backing_file={backing}" + (f" backing_fmt={backing_fmt}" if backing_fmt else "") if backing else ""
+        print(f"Formatting '{args.filename}', fmt=qed size={header.image_size}{extra} "
+              f"cluster_size={cluster_size} table_size={table_size}")
+    return 0
+
+
+# -- info -----------------------------------------------------------------------------------
+
+
+def _info(args: argparse.Namespace) -> int:
+    with _open(args.filename, open_backing=False, check_on_open=False) as img:
+        info = img.info()
+    st = os.stat(args.filename)
+    info = {"filename": str(args.filename), **info, "actual-size": st.st_blocks * 512}
+    if args.output == "json":
+        print(json.dumps(info, indent=4))
+        return 0
+    print(f"image: {args.filename}")
+    print("file format: qed")
+    print(f"virtual size: {_human(int(info['virtual-size']))} ({info['virtual-size']} bytes)")  # type: ignore[call-overload]
+    print(f"disk size: {_human(int(info['actual-size']))}")  # type: ignore[call-overload]
+    print(f"cluster_size: {info['cluster-size']}")
+    print(f"table_size: {info['table-size']}")
+    if info["backing-filename"] is not None:
+        print(f"backing file: {info['backing-filename']}")
+        if info["backing-filename-format"]:
+            print(f"backing file format: {info['backing-filename-format']}")
+    print(f"dirty (needs check): {'yes' if info['dirty-flag'] else 'no'}")
+    for key in ("compat-features", "autoclear-features"):
+        if info[key]:
+            print(f"{key}: {info[key]:#x}")
+    return 0
+
+
+# -- check --------------------------------------------------------------------------------------
+
+
+def _check(args: argparse.Namespace) -> int:
+    repair = args.repair is not None
+    progress = Progress(args.progress and args.output == "human")
+    try:
+        img = _open(args.filename, read_only=not repair, open_backing=False, check_on_open=False)
+    except (QedError, OSError) as exc:
+        print(f"qbackend qed check: {args.filename}: {exc}", file=sys.stderr)
+        return 1
+    with img:
+        report = img.check(repair=repair, leaks_only=args.repair == "leaks", progress=progress)
+        progress.done()
+    if args.output == "json":
+        print(json.dumps({"filename": str(args.filename), "format": "qed", **report.to_json()}, indent=4))
+    elif not args.quiet:
+        _print_check(report)
+    return report.exit_code
+
+
+def _print_check(r: CheckReport) -> None:
+    for p in r.corruptions:
+        tag = "Repaired" if p.fixed else "ERROR"
+        print(f"{tag}: {p}")
+    for line in r.changes:
+        print(f"Changed: {line}")
+    if r.leaks_remaining:
+        for off, n in r.leak_ranges:
+            print(f"Leaked cluster(s) at file offset {off:#x}, {n // r.cluster_size} cluster(s)")
+    if r.corruptions_fixed or r.leaks_fixed:
+        print(f"The following inconsistencies were found and repaired:\n\n"
+              f"    {r.leaks_fixed} leaked clusters\n    {r.corruptions_fixed} corruptions\n")
+    if r.corruptions_remaining == 0 and r.leaks_remaining == 0:
+        print("No errors were found on the image.")
+    if r.corruptions_remaining:
+        print(f"\n{r.corruptions_remaining} errors were found on the image.\n"
+              "Data may be corrupted, or further writes to the image may corrupt it.")
+    if r.leaks_remaining:
+        print(f"\n{r.leaks_remaining} leaked clusters were found on the image.\n"
+              "This means waste of disk space, but no harm to data.")
+    if r.total_clusters:
+        print(f"{r.allocated_clusters}/{r.total_clusters} = {100 * r.allocated_clusters / r.total_clusters:.2f}% "
+              f"allocated, {100 * r.fragmented_clusters / max(1, r.allocated_clusters):.2f}% fragmented, "
+              "0.00% compressed clusters")
+    print(f"Image end offset: {r.image_end_offset}")
+
+
+# -- map ----------------------------------------------------------------------------------------------
+
+
+def _chain_map(img: QedImage, offset: int, length: int, depth: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for e in img.map(offset, length):
+        out.extend(_extent_entries(img, e, depth))
+    return out
+
+
+def _extent_entries(img: QedImage, e: Extent, depth: int) -> list[dict[str, Any]]:
+    if e.kind is MapKind.DATA:
+        return [{"start": e.start, "length": e.length, "depth": depth, "present": True, "zero": False,
+                 "data": True, "offset": e.host_offset}]
+    if e.kind is MapKind.ZERO:
+        return [{"start": e.start, "length": e.length, "depth": depth, "present": True, "zero": True,
+                 "data": False}]
+    if e.kind is MapKind.UNALLOCATED:
+        return [{"start": e.start, "length": e.length, "depth": depth, "present": False, "zero": True,
+                 "data": False}]
+    below = img.backing
+    if isinstance(below, QedImage):
+        inside = max(0, min(e.length, below.image_size - e.start))
+        out = _chain_map(below, e.start, inside, depth + 1) if inside else []
+        if inside < e.length:
+            out.append({"start": e.start + inside, "length": e.length - inside, "depth": depth + 1,
+                        "present": False, "zero": True, "data": False})
+        return out
+    if isinstance(below, RawBacking):
+        return [{"start": e.start, "length": e.length, "depth": depth + 1, "present": True, "zero": False,
+                 "data": True, "offset": e.start}]
+    return [{"start": e.start, "length": e.length, "depth": depth + 1, "present": True, "zero": False,
+             "data": True}]
+
+
+def _map(args: argparse.Namespace) -> int:
+    with _open(args.filename) as img:
+        entries = _chain_map(img, 0, img.image_size, 0)
+    if args.output == "json":
+        print("[" + ",\n".join(json.dumps(e) for e in entries) + "]")
+        return 0
+    print(f"{'Offset':<20}{'Length':<20}{'Mapped to':<20}File")
+    for e in entries:
+        if e["data"] and "offset" in e:
+            file = args.filename if e["depth"] == 0 else f"(backing depth {e['depth']})"
+            print(f"{hex(e['start']):<20}{hex(e['length']):<20}{hex(e['offset']):<20}{file}")
+    return 0
+
+
+# -- convert ------------------------------------------------------------------------------------------
+
+
+def _convert(args: argparse.Namespace) -> int:
+    src_fmt = args.src_fmt
+    if src_fmt is None:
+        with open(args.src, "rb") as probe:
+            src_fmt = "qed" if probe.read(4) == b"QED\0" else "raw"
+    progress = Progress(args.progress)
+    src: QedImage | RawBacking
+    src = _open(args.src) if src_fmt == "qed" else RawBacking(FileBlock.open(args.src, writable=False))
+    try:
+        size = src.size()
+        extents: list[tuple[int, int, bool]]  # (offset, length, may hold data)
+        if isinstance(src, QedImage):
+            extents = [(e.start, e.length, not e.reads_zero) for e in src.map()]
+        else:
+            extents = [(0, size, True)]
+        cs = DEFAULT_CLUSTER_SIZE
+        if args.out_fmt == "qed":
+            opts = _format_options(args.options)
+            cs = _size(opts["cluster_size"], "cluster_size") if "cluster_size" in opts else DEFAULT_CLUSTER_SIZE
+            ts = int(opts.get("table_size", DEFAULT_TABLE_SIZE))
+            f = FileBlock.open(args.dst, create=True)
+            QedImage.create(f, size, cluster_size=cs, table_size=ts)
+            dst = QedImage.open(f)
+            qsize = dst.image_size
+
+            def write(off: int, data: bytes) -> None:
+                end = min(off + len(data), qsize)
+                if end > off:
+                    dst.write(off, data[:end - off])
+        else:
+            if args.options:
+                raise CliError("-o applies to -O qed only")
+            rawf = FileBlock.open(args.dst, create=True)
+            rawf.truncate(0)
+            rawf.truncate(size)
+
+            def write(off: int, data: bytes) -> None:
+                rawf.pwrite(off, data)
+
+        done = 0
+        grain = cs if args.out_fmt == "qed" else 1 << 16
+        try:
+            for start, length, has_data in extents:
+                pos = start
+                while pos < start + length:
+                    n = min(CHUNK, start + length - pos)
+                    if has_data:
+                        data = src.read(pos, n)
+                        for off, piece in _nonzero_runs(data, grain):  # keep the copy sparse
+                            write(pos + off, piece)
+                    pos += n
+                    done += n
+                    progress(done, size)
+        finally:
+            if args.out_fmt == "qed":
+                dst.close()
+            else:
+                rawf.flush()
+                rawf.close()
+        progress.done()
+    finally:
+        src.close()
+    if args.out_fmt == "qed" and size % SECTOR:
+        print(f"note: size rounded up to {-(-size // SECTOR) * SECTOR} bytes", file=sys.stderr)
+    return 0
+
+
+def _nonzero_runs(data: bytes, grain: int) -> list[tuple[int, bytes]]:
+    """(offset, bytes) runs of ``data`` left after dropping all-zero ``grain``-sized pieces."""
+    zero = bytes(grain)
+    view = memoryview(data)
+    runs: list[tuple[int, bytes]] = []
+    start = -1
+    for off in range(0, len(data), grain):
+        is_zero = view[off:off + grain] == zero[:min(grain, len(data) - off)]
+        if not is_zero and start < 0:
+            start = off
+        elif is_zero and start >= 0:
+            runs.append((start, bytes(view[start:off])))
+            start = -1
+    if start >= 0:
+        runs.append((start, bytes(view[start:])))
+    return runs
+
+
+# -- resize -------------------------------------------------------------------------------------------
+
+
+def _resize(args: argparse.Namespace) -> int:
+    with _open(args.filename, read_only=False, open_backing=False) as img:
+        text = args.size
+        new = img.image_size + _size(text[1:], "size") if text.startswith("+") else _size(text, "size")
+        img.grow(new)
+    print("Image resized.")
+    return 0

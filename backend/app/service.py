@@ -1,0 +1,428 @@
+"""What one qbackend process serves: its devices, their sockets, their
+peer groups.  `Backend` runs under trio; `BackendThread` runs a Backend in a
+thread of its own so that synchronous code (pytest, scripts) can drive it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from qbackend.app.options import DimmOptions, IvshmemOptions, NbdExportOptions
+from qbackend.block.exports import Export, open_export
+from qbackend.devices.hotplug_controller import HotplugController
+from qbackend.errors import ControlError
+from qbackend.ivshmem.group import IvshmemDevice, PeerGroup, SharedMemory
+from qbackend.ivshmem.server import add_server as add_ivshmem_server
+from qbackend.ivshmem.server import register_control as register_ivshmem_commands
+from qbackend.machine.dimm_slots import DimmError, DimmManager
+from qbackend.machine.pci_slots import PciSlotManager
+from qbackend.machine.qmp import QmpConnection, QmpError
+from qbackend.models.memhp import Effect, EjectRequested, MemoryHotplugBlock, Profile
+from qbackend.models.pcihp import EjectSlot
+from qbackend.servers.control import ControlServer
+from qbackend.servers.nbd import NbdServer
+from qbackend.servers.vfio_user import VfioUserServer
+from qbackend.vfio.function import PciFunction
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class ServedDevice:
+    id: str
+    device: PciFunction
+    server: VfioUserServer
+    scope: trio.CancelScope | None = None  # set while its server runs; cancel to stop it
+    created_by_pci_add: bool = False  # a `qbackend pci add` device: freed again on removal
+
+
+@dataclass
+class Backend:
+    devices: dict[str, ServedDevice] = field(default_factory=dict)
+    groups: dict[str, PeerGroup] = field(default_factory=dict)
+    nbd: NbdServer | None = None
+    controller: ServedDevice | None = None
+    dimms: DimmManager | None = None
+    qmp_path: Path | None = None
+    qmp: QmpConnection | None = None
+    reconcile_interval: float = 0.5
+    control: ControlServer | None = None
+    pci: PciSlotManager | None = None
+    _nursery: trio.Nursery | None = None
+    _token: trio.lowlevel.TrioToken | None = None
+
+    def group(self, shm: str | None, size: int) -> PeerGroup:
+        """The peer group of a shm name; each unnamed device gets its own."""
+        key = shm or f"memfd-{len(self.groups)}"
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = PeerGroup(SharedMemory(size, shm), name=key)
+            if self._nursery is not None:
+                self._nursery.start_soon(group.serve)
+        elif group.memory.size != size:
+            raise ValueError(f"shm={shm} is {group.memory.size} bytes in another device; this one asks {size}")
+        return group
+
+    def add_ivshmem(self, opts: IvshmemOptions, *, start: bool = True) -> ServedDevice:
+        dev_id = opts.id or f"ivshmem{len(self.devices)}"
+        if dev_id in self.devices:
+            raise ValueError(f"device id {dev_id!r} is used twice")
+        group = self.group(opts.shm, opts.size)
+        if opts.server is not None:
+            add_ivshmem_server(group, opts.server, max(opts.vectors, 1))
+        device = IvshmemDevice(group, vectors=opts.vectors, position=opts.peer, name=dev_id)
+        served = ServedDevice(dev_id, device, VfioUserServer(device, opts.socket, name=dev_id))
+        self.devices[dev_id] = served
+        if start and self._nursery is not None:
+            self._nursery.start_soon(self._serve_device, served)
+        return served
+
+    def add_nbd(self, exports: list[NbdExportOptions], socket_path: Path | None,
+                tcp: tuple[str, int] | None = None) -> NbdServer:
+        """The NBD server of this process; its exports are opened now."""
+        if self.nbd is not None:
+            raise ValueError("one NBD server per process: give all --nbd exports together")
+        opened: dict[str, Export] = {}
+        try:
+            for opts in exports:
+                if opts.name in opened:
+                    raise ValueError(f"NBD export name {opts.name!r} is used twice")
+                opened[opts.name] = open_export(opts)
+        except BaseException:
+            for export in opened.values():
+                export.close()
+            raise
+        self.nbd = NbdServer(opened, socket_path, tcp)
+        return self.nbd
+
+    def add_hotplug_controller(self, socket_path: Path, dimms: list[DimmOptions], *, machine: str,
+                               ram_size: int, slots: int, profile: Profile = Profile.QEMU,
+                               dev_id: str = "hotplug") -> ServedDevice:
+        """The hotplug controller and the DIMM slots it shows; QMP comes with attach_qmp()."""
+        if self.controller is not None:
+            raise ValueError("one hotplug controller per process")
+        block = MemoryHotplugBlock(slots, profile)
+        controller = HotplugController(block, on_effect=self._controller_effect)
+        self.dimms = DimmManager(dimms, machine=machine, ram_size=ram_size, slots=slots, block=block,
+                                 lock=controller.lock, on_change=self._controller_changed)
+        served = ServedDevice(dev_id, controller, VfioUserServer(controller, socket_path, name=dev_id))
+        self.devices[dev_id] = served
+        self.controller = served
+        return served
+
+    def enable_control(self, path: Path) -> ControlServer:
+        """A control socket for `qbackend dimm ...` and other clients."""
+        self.control = ControlServer(path)
+        register_ivshmem_commands(self.control, self.groups)
+        self.control.register("dimm-list", self._cmd_dimm_list)
+        self.control.register("dimm-add", self._cmd_dimm_add)
+        self.control.register("dimm-del", self._cmd_dimm_del)
+        self.control.register("memory-total", self._cmd_memory_total)
+        self.control.register("pci-list", self._cmd_pci_list)
+        self.control.register("pci-add-ivshmem", self._cmd_pci_add_ivshmem)
+        self.control.register("pci-add-json", self._cmd_pci_add_json)
+        self.control.register("pci-del", self._cmd_pci_del)
+        return self.control
+
+    def _need_pci(self) -> PciSlotManager:
+        if self.pci is None:
+            raise ControlError("this qbackend has no PCI hotplug slots (it needs the hotplug controller)")
+        return self.pci
+
+    async def _cmd_pci_list(self, req: dict[str, Any]) -> Any:
+        return self._need_pci().as_json()
+
+    async def _cmd_pci_add_ivshmem(self, req: dict[str, Any]) -> Any:
+        self._need_pci()
+        try:
+            served = await self.pci_add_ivshmem(IvshmemOptions.parse(str(req["options"])), req.get("id"))
+        except (QmpError, ValueError) as exc:
+            raise ControlError(str(exc)) from None
+        slot = self._need_pci().slot_of(req.get("id") or served.id)
+        return {"id": req.get("id") or served.id, "slot": slot, "socket": str(served.server.socket_path),
+                "position": getattr(served.device, "position", None)}
+
+    async def _cmd_pci_add_json(self, req: dict[str, Any]) -> Any:
+        device = req.get("device")
+        if not isinstance(device, dict) or "driver" not in device or "id" not in device:
+            raise ControlError('pci-add-json wants "device": {"driver": ..., "id": ..., ...}')
+        try:
+            added = await self._need_pci().add(device)
+        except QmpError as exc:
+            raise ControlError(str(exc)) from None
+        return {"id": added.qdev_id, "slot": added.slot}
+
+    async def _cmd_pci_del(self, req: dict[str, Any]) -> Any:
+        try:
+            gone = await self.pci_del(str(req["id"]), float(req.get("wait", 30)))
+        except (QmpError, ValueError) as exc:
+            raise ControlError(str(exc)) from None
+        return {"id": req["id"], "removed": gone}
+
+    def _need_dimms(self) -> DimmManager:
+        if self.dimms is None:
+            raise ControlError("this qbackend has no DIMM slots (start it with --dimm ...)")
+        return self.dimms
+
+    async def _cmd_dimm_list(self, req: dict[str, Any]) -> Any:
+        return self._need_dimms().as_json()
+
+    async def _cmd_dimm_add(self, req: dict[str, Any]) -> Any:
+        try:
+            return (await self._need_dimms().add(str(req["id"]))).as_json()
+        except (DimmError, QmpError) as exc:
+            raise ControlError(str(exc)) from None
+
+    async def _cmd_dimm_del(self, req: dict[str, Any]) -> Any:
+        try:
+            outcome = await self._need_dimms().remove(str(req["id"]), float(req.get("wait", 30)))
+        except (DimmError, QmpError) as exc:
+            raise ControlError(str(exc)) from None
+        return {"id": req["id"], "outcome": outcome.value, "removed": outcome.name == "REMOVED"}
+
+    async def _cmd_memory_total(self, req: dict[str, Any]) -> Any:
+        try:
+            return await self._need_dimms().memory_total()
+        except (DimmError, QmpError) as exc:
+            raise ControlError(str(exc)) from None
+
+    def attach_qmp(self, path: Path) -> None:
+        """Follow (and drive) the QEMU whose QMP monitor is at `path`."""
+        self.qmp_path = path
+        if self._nursery is not None:
+            self._nursery.start_soon(self._qmp_task)
+
+    def _controller_changed(self) -> None:
+        if self.controller is not None:
+            controller = self.controller.device
+            assert isinstance(controller, HotplugController)
+            with controller.lock:
+                controller.update_interrupt()
+
+    def _controller_effect(self, effect: Effect | EjectSlot) -> None:
+        """A guest write to the controller asked for something; runs in the
+        device's connection thread, so the work is handed to trio."""
+        if not (self._token and self._nursery):
+            return
+        if isinstance(effect, EjectRequested) and effect.device_id:
+            self._token.run_sync_soon(self._nursery.start_soon, self._eject, effect.device_id)
+        elif isinstance(effect, EjectSlot) and effect.device_id:
+            self._token.run_sync_soon(self._nursery.start_soon, self._pci_eject, effect.device_id)
+
+    async def _eject(self, device_id: str) -> None:
+        assert self.dimms is not None
+        try:
+            if device_id in self.dimms.dimms:
+                outcome = await self.dimms.remove(device_id)
+                log.info("eject of %s written by the guest: %s", device_id, outcome.value)
+            elif self.qmp is not None:
+                await self.qmp.execute("device_del", {"id": device_id})
+        except (QmpError, ValueError) as exc:
+            log.warning("eject of %s written by the guest failed: %s", device_id, exc)
+
+    async def _qmp_task(self) -> None:
+        assert self.qmp_path is not None
+        try:
+            qmp = self.qmp = await QmpConnection.open(self.qmp_path, timeout=30)
+        except QmpError as exc:
+            log.error("cannot reach QEMU's QMP monitor at %s: %s", self.qmp_path, exc)
+            return
+        try:
+            if self.dimms is not None:
+                await self.dimms.attach(qmp, plug_populated=True)
+            if self.pci is not None:
+                await self.pci.attach(qmp)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._qmp_events, qmp, nursery.cancel_scope)
+                nursery.start_soon(self._reconcile_loop)
+        except QmpError as exc:
+            log.warning("QMP connection to %s ended: %s", self.qmp_path, exc)
+        finally:
+            self.qmp = None
+            with trio.CancelScope(shield=True):
+                await qmp.close()
+
+    async def _qmp_events(self, qmp: QmpConnection, scope: trio.CancelScope) -> None:
+        """Hand QMP events to the slot manager until QEMU goes away."""
+        try:
+            async for event in qmp.events():
+                if self.dimms is not None:
+                    await self.dimms.handle_event(event)
+                if self.pci is not None:
+                    await self.pci.handle_event(event)
+                    if event.get("event") == "DEVICE_DELETED":
+                        await self._free_pci_added(event.get("data", {}).get("device"))
+        except QmpError as exc:
+            log.info("QMP: %s", exc)
+        scope.cancel()
+
+    async def _reconcile_loop(self) -> None:
+        # Events say most of it; polling catches what has no event (a
+        # device_add typed on another monitor, before the guest answers).
+        try:
+            while self.dimms is not None or self.pci is not None:
+                await trio.sleep(self.reconcile_interval)
+                if self.dimms is not None:
+                    await self.dimms.reconcile()
+                if self.pci is not None:
+                    await self.pci.reconcile()
+        except QmpError as exc:
+            log.info("QMP: %s", exc)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve every device until cancelled; started() once all listen."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for served in self.devices.values():
+                    await nursery.start(self._serve_device, served)
+                if self.nbd is not None:
+                    await nursery.start(self.nbd.serve)
+                for group in self.groups.values():
+                    await nursery.start(group.serve)
+                if self.control is not None:
+                    await nursery.start(self.control.serve)
+                self._nursery = nursery
+                self._token = trio.lowlevel.current_trio_token()
+                if self.qmp_path is not None:
+                    nursery.start_soon(self._qmp_task)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self.close()
+
+    async def _serve_device(self, served: ServedDevice,
+                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            served.scope = scope
+            await served.server.serve(task_status=task_status)
+
+    # -- PCI hotplug ------------------------------------------------------------------
+
+    def add_pci_slots(self, bus_id: str | None = None) -> PciSlotManager:
+        """Keep the controller's PCI-hotplug block true to QEMU's hotplug bus
+        (None: the root bus, as on pc; q35: the root port's id)."""
+        if self.controller is None:
+            raise ValueError("PCI slots are shown by the hotplug controller: add it first")
+        controller = self.controller.device
+        assert isinstance(controller, HotplugController)
+        self.pci = PciSlotManager(controller.pcihp, controller.lock, bus_id=bus_id,
+                                  on_change=self._controller_changed)
+        return self.pci
+
+    async def pci_add_ivshmem(self, opts: IvshmemOptions, qdev_id: str | None = None) -> ServedDevice:
+        """A new ivshmem device: its socket first, then device_add vfio-user-pci."""
+        if self.pci is None or self._nursery is None:
+            raise ValueError("PCI hotplug needs the hotplug controller, add_pci_slots() and a running backend")
+        served = self.add_ivshmem(opts, start=False)
+        served.created_by_pci_add = True
+        await self._nursery.start(self._serve_device, served)  # listening before QEMU connects
+        try:
+            await self.pci.add({"driver": "vfio-user-pci", "id": qdev_id or served.id,
+                                "socket": {"type": "unix", "path": str(served.server.socket_path)}})
+        except (QmpError, ValueError):
+            self._free_device(served)
+            raise
+        return served
+
+    async def pci_del(self, qdev_id: str, timeout: float = 30.0) -> bool:
+        """device_del, and wait until the guest has ejected it; True when gone."""
+        if self.pci is None:
+            raise ValueError("no PCI hotplug slots in this backend")
+        gone = await self.pci.remove(qdev_id, timeout)
+        if gone:
+            await self._free_pci_added(qdev_id)
+        return gone
+
+    async def _pci_eject(self, qdev_id: str) -> None:
+        try:
+            await self.pci_del(qdev_id)
+        except (QmpError, ValueError) as exc:
+            log.warning("eject of %s written by the guest failed: %s", qdev_id, exc)
+
+    async def _free_pci_added(self, qdev_id: str | None) -> None:
+        served = self.devices.get(qdev_id or "")
+        if served is not None and served.created_by_pci_add:
+            self._free_device(served)
+
+    def _free_device(self, served: ServedDevice) -> None:
+        """Stop serving a device and release it (socket, fds, its peer id)."""
+        self.devices.pop(served.id, None)
+        if served.scope is not None:
+            served.scope.cancel()
+        served.device.close()
+
+    def close(self) -> None:
+        for served in self.devices.values():
+            served.device.close()
+        for group in self.groups.values():
+            group.close()
+        self.groups.clear()
+
+
+class BackendThread:
+    """A Backend served by trio in a background thread.
+
+    For synchronous callers: `call(fn, *args)` runs a plain function in the
+    trio thread, `run(afn, *args)` an async one; both return its result.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._ready = threading.Event()
+        self._stop: trio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="qbackend-trio", daemon=True)
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            self._stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.backend.run)
+                self._ready.set()
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+
+        try:
+            trio.run(main)
+        except BaseException as exc:  # reported to the caller of start()/stop()
+            self._error = exc
+            log.exception("backend thread failed")
+        finally:
+            self._ready.set()
+
+    def start(self) -> BackendThread:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise RuntimeError(f"backend failed to start: {self._error}") from self._error
+        return self
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def run(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return trio.from_thread.run(afn, *args, trio_token=self._token)
+
+    def stop(self) -> None:
+        if self._thread.is_alive() and self._stop is not None:
+            self.call(self._stop.set)
+            self._thread.join(10)
+        if self._error is not None:
+            raise RuntimeError(f"backend failed: {self._error}") from self._error
+
+    def __enter__(self) -> BackendThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

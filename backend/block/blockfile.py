@@ -1,0 +1,323 @@
+"""The block-file interface the image formats run on.
+
+A block file is a flat, growable byte array with positional I/O and a flush
+that makes every earlier write durable.  Three implementations:
+
+- `FileBlock`: a file descriptor (``os.pread`` / ``os.pwrite`` / ``os.fsync``);
+- `MemoryBlock`: a ``bytearray``, for property tests;
+- `FaultyBlock`: wraps another block file and fails or "crashes" after a
+  number of writes or flushes.  It also keeps what a power failure would
+  leave behind (everything flushed, plus any subset of the writes since), so
+  tests can check crash safety without killing processes.
+
+Reads at or past the end of the file come back short, as with ``os.pread``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+Buffer = bytes | bytearray | memoryview
+"""What `BlockFile.pwrite` accepts."""
+
+__all__ = ["BlockFile", "Buffer", "Crashed", "FaultyBlock", "FileBlock", "InjectedFault", "MemoryBlock"]
+
+
+@runtime_checkable
+class BlockFile(Protocol):
+    def pread(self, offset: int, n: int) -> bytes:
+        """Up to ``n`` bytes at ``offset``; short only at the end of the file."""
+        ...
+
+    def pwrite(self, offset: int, data: Buffer) -> None:
+        """Write all of ``data`` at ``offset``, growing the file if needed."""
+        ...
+
+    def discard(self, offset: int, n: int) -> None:
+        """Make ``n`` bytes at ``offset`` (inside the file) read as zeros, freeing space where possible."""
+        ...
+
+    def flush(self) -> None:
+        """Make every write so far durable."""
+        ...
+
+    def size(self) -> int: ...
+
+    def truncate(self, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# -- a file ------------------------------------------------------------------
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        fn = ctypes.CDLL(name, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return, unused-ignore]
+
+
+_fallocate = _load_fallocate()
+
+
+class FileBlock:
+    """A block file on an open file descriptor (owned: `close` closes it)."""
+
+    def __init__(self, fd: int, *, path: Path | None = None, writable: bool = True) -> None:
+        self.fd = fd
+        self.path = path
+        self.writable = writable
+        self._can_punch = _fallocate is not None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, writable: bool = True, create: bool = False) -> FileBlock:
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+        return cls(fd, path=Path(path), writable=writable)
+
+    def pread(self, offset: int, n: int) -> bytes:
+        data = os.pread(self.fd, n, offset)
+        if len(data) == n or not data:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < n:
+            more = os.pread(self.fd, n - got, offset + got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def pwrite(self, offset: int, data: Buffer) -> None:
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(self.fd, view, offset)
+            view = view[done:]
+            offset += done
+
+    def discard(self, offset: int, n: int) -> None:
+        if n <= 0:
+            return
+        if self._can_punch and _fallocate is not None:
+            if _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, n) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise OSError(err, os.strerror(err))
+            self._can_punch = False
+        chunk = bytes(min(n, 1 << 20))
+        end = offset + n
+        while offset < end:
+            step = min(len(chunk), end - offset)
+            self.pwrite(offset, chunk[:step])
+            offset += step
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def truncate(self, n: int) -> None:
+        os.ftruncate(self.fd, n)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __repr__(self) -> str:
+        return f"FileBlock({str(self.path) if self.path else self.fd!r})"
+
+
+# -- memory ------------------------------------------------------------------
+
+
+class MemoryBlock:
+    """A block file in a ``bytearray``."""
+
+    def __init__(self, data: bytes | bytearray = b"") -> None:
+        self.data = bytearray(data)
+        self.flushes = 0
+
+    def pread(self, offset: int, n: int) -> bytes:
+        return bytes(self.data[offset:offset + n])
+
+    def pwrite(self, offset: int, data: Buffer) -> None:
+        end = offset + len(data)
+        if end > len(self.data):
+            self.data.extend(bytes(end - len(self.data)))
+        self.data[offset:end] = data
+
+    def discard(self, offset: int, n: int) -> None:
+        end = min(offset + n, len(self.data))
+        if end > offset:
+            self.data[offset:end] = bytes(end - offset)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def size(self) -> int:
+        return len(self.data)
+
+    def truncate(self, n: int) -> None:
+        if n < len(self.data):
+            del self.data[n:]
+        else:
+            self.data.extend(bytes(n - len(self.data)))
+
+    def close(self) -> None:
+        pass
+
+
+# -- fault injection ---------------------------------------------------------
+
+
+class InjectedFault(OSError):
+    """An I/O error `FaultyBlock` was told to raise."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(errno.EIO, f"injected fault: {what}")
+
+
+class Crashed(InjectedFault):
+    """The simulated machine has crashed: no further I/O reaches the file."""
+
+
+class FaultyBlock:
+    """Wraps a block file; fails or crashes after a number of operations.
+
+    ``fail_write_after=N``: the (N+1)th write raises `InjectedFault` (once; later
+    writes go through).  ``fail_flush_after=N``: likewise for flushes.
+    ``crash_after=N``: after N writes/discards/truncates/flushes in total, every
+    further operation raises `Crashed`.
+
+    Alongside the wrapped file it tracks the durable state: the contents as of
+    the last completed flush, plus the operations since.  `after_power_loss`
+    returns what a power failure could leave: the durable contents with a
+    random subset of the unflushed operations applied in order.
+    """
+
+    def __init__(self, inner: BlockFile, *, fail_write_after: int | None = None,
+                 fail_flush_after: int | None = None, crash_after: int | None = None) -> None:
+        self.inner = inner
+        self.fail_write_after = fail_write_after
+        self.fail_flush_after = fail_flush_after
+        self.crash_after = crash_after
+        self.writes = 0
+        self.flushes = 0
+        self.ops = 0
+        self.crashed = False
+        self._durable = bytearray(_read_all(inner))
+        self._pending: list[tuple[str, int, bytes | int]] = []
+
+    def _tick(self) -> None:
+        if self.crashed:
+            raise Crashed("after crash")
+        if self.crash_after is not None and self.ops >= self.crash_after:
+            self.crashed = True
+            raise Crashed(f"crash after {self.ops} operations")
+        self.ops += 1
+
+    def pread(self, offset: int, n: int) -> bytes:
+        if self.crashed:
+            raise Crashed("after crash")
+        return self.inner.pread(offset, n)
+
+    def pwrite(self, offset: int, data: Buffer) -> None:
+        self._tick()
+        self.writes += 1
+        if self.fail_write_after is not None and self.writes == self.fail_write_after + 1:
+            raise InjectedFault(f"write #{self.writes} at {offset}")
+        self.inner.pwrite(offset, data)
+        self._pending.append(("w", offset, bytes(data)))
+
+    def discard(self, offset: int, n: int) -> None:
+        self._tick()
+        self.writes += 1
+        if self.fail_write_after is not None and self.writes == self.fail_write_after + 1:
+            raise InjectedFault(f"discard #{self.writes} at {offset}")
+        self.inner.discard(offset, n)
+        self._pending.append(("d", offset, n))
+
+    def truncate(self, n: int) -> None:
+        self._tick()
+        self.inner.truncate(n)
+        self._pending.append(("t", n, 0))
+
+    def flush(self) -> None:
+        self._tick()
+        self.flushes += 1
+        if self.fail_flush_after is not None and self.flushes == self.fail_flush_after + 1:
+            raise InjectedFault(f"flush #{self.flushes}")
+        self.inner.flush()
+        for op in self._pending:
+            _apply(self._durable, op)
+        self._pending.clear()
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def unflushed(self) -> int:
+        return len(self._pending)
+
+    def durable(self) -> bytes:
+        """The contents as of the last completed flush."""
+        return bytes(self._durable)
+
+    def after_power_loss(self, rng: random.Random | None = None, keep: float = 0.5) -> bytes:
+        """The durable contents plus a random subset of the unflushed operations."""
+        rng = rng or random.Random()
+        image = bytearray(self._durable)
+        for op in self._pending:
+            if rng.random() < keep:
+                _apply(image, op)
+        return bytes(image)
+
+
+def _apply(image: bytearray, op: tuple[str, int, bytes | int]) -> None:
+    kind, offset, arg = op
+    if kind == "w":
+        assert isinstance(arg, bytes)
+        end = offset + len(arg)
+        if end > len(image):
+            image.extend(bytes(end - len(image)))
+        image[offset:end] = arg
+    elif kind == "d":
+        assert isinstance(arg, int)
+        end = min(offset + arg, len(image))
+        if end > offset:
+            image[offset:end] = bytes(end - offset)
+    else:
+        if offset < len(image):
+            del image[offset:]
+        else:
+            image.extend(bytes(offset - len(image)))
+
+
+def _read_all(block: BlockFile) -> bytes:
+    return block.pread(0, block.size())

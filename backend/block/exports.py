@@ -1,0 +1,132 @@
+"""What an NBD export serves: a raw file or a QED image, behind one small
+interface that the NBD server calls from its connection threads.
+
+Every method may be called from several threads (one per connection, plus
+flush workers): raw files rely on pread/pwrite being positional; QED images
+serialise on a lock, since their metadata is shared state.
+"""
+
+from __future__ import annotations
+
+import errno as E
+import os
+from pathlib import Path
+from typing import Protocol
+
+from qbackend.app.options import NbdExportOptions
+from qbackend.block.blockfile import FileBlock
+from qbackend.protocol.nbd import AllocationFlags, ExportInfo
+
+ZERO_CHUNK = bytes(1 << 20)
+
+
+class Export(Protocol):
+    info: ExportInfo
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes, fua: bool) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None: ...
+
+    def trim(self, offset: int, length: int, fua: bool) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(length, AllocationFlags) extents from offset, covering at least one byte."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def detect_format(path: Path) -> str:
+    with open(path, "rb") as f:
+        return "qed" if f.read(4) == b"QED\0" else "raw"
+
+
+class RawExport:
+    """A plain file, served as it is."""
+
+    def __init__(self, name: str, path: Path, readonly: bool = False) -> None:
+        self.path = path
+        self.block = FileBlock.open(path, writable=not readonly)
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # for SEEK_DATA / SEEK_HOLE
+        self.info = ExportInfo(name=name, size=self.block.size(), read_only=readonly,
+                               description=f"raw file {path}")
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = self.block.pread(offset, length)
+        return data if len(data) == length else data.ljust(length, b"\0")
+
+    def write(self, offset: int, data: bytes, fua: bool) -> None:
+        self.block.pwrite(offset, data)
+        if fua:
+            self.block.flush()
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
+        if may_trim:
+            self.block.discard(offset, length)
+        else:
+            for pos in range(offset, offset + length, len(ZERO_CHUNK)):
+                n = min(len(ZERO_CHUNK), offset + length - pos)
+                self.block.pwrite(pos, ZERO_CHUNK[:n])
+        if fua:
+            self.block.flush()
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        self.block.discard(offset, length)
+        if fua:
+            self.block.flush()
+
+    def flush(self) -> None:
+        self.block.flush()
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        end = min(offset + length, self.info.size)
+        extents: list[tuple[int, int]] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != E.ENXIO:
+                    raise
+                data = end  # no data from here to the end of the file
+            if data > pos:
+                n = min(data, end) - pos
+                extents.append((n, AllocationFlags.HOLE | AllocationFlags.ZERO))
+                pos += n
+                continue
+            hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            n = min(hole, end) - pos
+            extents.append((n, 0))
+            pos += n
+        return _merge(extents)
+
+    def close(self) -> None:
+        self.block.close()
+        os.close(self.fd)
+
+
+def _merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for n, flags in extents:
+        if out and out[-1][1] == flags:
+            out[-1] = (out[-1][0] + n, flags)
+        else:
+            out.append((n, flags))
+    return out
+
+
+def open_export(opts: NbdExportOptions) -> Export:
+    if not opts.image.exists():
+        raise FileNotFoundError(f"export {opts.name}: image {opts.image} does not exist")
+    fmt = opts.format or detect_format(opts.image)
+    if fmt == "raw":
+        return RawExport(opts.name, opts.image, opts.readonly)
+    if fmt == "qed":
+        from qbackend.block.qed_export import QedExport  # the QED layer is only loaded when used
+
+        return QedExport(opts.name, opts.image, opts.readonly)  # QedImage locks itself
+    raise ValueError(f"export {opts.name}: unknown format {fmt!r} (raw or qed)")

@@ -1,0 +1,1361 @@
+"""QED images (QEMU Enhanced Disk): the whole format, check and repair.
+
+No trio, no sockets: everything runs against a `BlockFile`, so the same code
+serves a file, a bytearray in property tests and a fault-injecting wrapper.
+
+Layout (the QED spec): a header in cluster 0, an L1 table, L2 tables and data
+clusters, all cluster-aligned.  A guest offset splits into L1 index, L2 index
+and byte offset; an L2 entry of 0 is unallocated (read the backing file, or
+zeros), 1 is a zero cluster, anything else the file offset of the data.
+
+Crash safety.  Clusters and tables are only ever appended at the end of the
+file and never reused, so a crash can leak clusters but not make two entries
+share one.  On top of that:
+
+1. Before the first allocating write, NEED_CHECK is set in the header and the
+   header flushed; a clean `close` (or `mark_clean`) clears it.  A read-write
+   open of an image with the bit set runs `check(repair=True)`, as QEMU does.
+2. A new L2 table is written whole and flushed before the L1 entry that
+   points at it.
+3. New data clusters are flushed before the L2 entries that point at them
+   whenever part of their contents came from the backing file (the copy of
+   the untouched part of a partial cluster).  Without such a copy, the only
+   bytes a lost data write can take with it are bytes of that same unflushed
+   write; the untouched part was zeros before and reads zeros afterwards.  An
+   L2 entry left pointing past the end of the file is a corruption that the
+   repair on open removes.  This is QEMU's rule too, and it saves a flush on
+   every allocating write to an image without a backing file.
+
+Deviation from QEMU, following the spec: a partial write into a zero cluster
+fills the rest of the cluster with zeros, not with the backing file's data.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import os
+import re
+import struct
+import sys
+import threading
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from enum import Enum, IntEnum, IntFlag
+from itertools import compress, repeat
+from operator import itemgetter, setitem
+from pathlib import Path
+from typing import Protocol
+
+from qbackend.block.blockfile import BlockFile, FileBlock
+from qbackend.errors import ImageError
+
+log = logging.getLogger(__name__)
+
+# -- constants (QED spec, "Header" and "Tables") ------------------------------
+
+MAGIC = 0x00444551  # b"QED\0" read as a little-endian uint32
+HEADER = struct.Struct("<4sIIIQQQQQII")
+HEADER_SIZE_BYTES = HEADER.size  # 64
+MIN_CLUSTER_SIZE = 1 << 12
+MAX_CLUSTER_SIZE = 1 << 26
+MIN_TABLE_SIZE = 1
+MAX_TABLE_SIZE = 16
+DEFAULT_CLUSTER_SIZE = 1 << 16
+DEFAULT_TABLE_SIZE = 4
+MAX_BACKING_NAME = 1023  # QEMU keeps the name in a 1024-byte buffer with a NUL
+L2_ZERO = 1  # the zero-cluster marker
+SECTOR = 512
+MAX_BACKING_DEPTH = 16
+DEFAULT_L2_CACHE_BYTES = 32 << 20
+
+
+class Feature(IntFlag):
+    """``features`` bits (QED spec, "Feature bits")."""
+
+    BACKING_FILE = 0x01
+    NEED_CHECK = 0x02
+    BACKING_FORMAT_NO_PROBE = 0x04
+
+
+KNOWN_FEATURES = int(Feature.BACKING_FILE | Feature.NEED_CHECK | Feature.BACKING_FORMAT_NO_PROBE)
+KNOWN_COMPAT_FEATURES = 0
+KNOWN_AUTOCLEAR_FEATURES = 0
+
+
+# -- errors --------------------------------------------------------------------
+
+
+class QedError(ImageError):
+    """Base of the QED error tree; ``errno`` is what a block protocol should report."""
+
+    errno = errno.EIO
+
+
+class QedFormatError(QedError):
+    """The header is not a valid QED header; the message names the field and value."""
+
+    errno = errno.EINVAL
+
+
+class QedUnsupportedError(QedFormatError):
+    """A valid image using something this implementation does not support."""
+
+    errno = errno.ENOTSUP
+
+
+class QedCorruptError(QedError):
+    """Metadata met on the I/O path is invalid; the message says what and where."""
+
+    errno = errno.EIO
+
+
+class QedRangeError(QedError):
+    """A request outside the image or otherwise malformed."""
+
+    errno = errno.EINVAL
+
+
+class QedReadOnlyError(QedError):
+    errno = errno.EPERM
+
+
+class QedBackingError(QedError):
+    """The backing file cannot be opened or is not available."""
+
+    errno = errno.EIO
+
+
+# -- header ----------------------------------------------------------------------
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class QedHeader:
+    cluster_size: int
+    table_size: int
+    header_size: int
+    features: int
+    compat_features: int
+    autoclear_features: int
+    l1_table_offset: int
+    image_size: int
+    backing_filename_offset: int = 0
+    backing_filename_size: int = 0
+
+    def pack(self) -> bytes:
+        return HEADER.pack(b"QED\0", self.cluster_size, self.table_size, self.header_size, self.features,
+                           self.compat_features, self.autoclear_features, self.l1_table_offset,
+                           self.image_size, self.backing_filename_offset, self.backing_filename_size)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> QedHeader:
+        """Decode (magic checked); `validate` checks the rest."""
+        if len(data) < HEADER.size:
+            raise QedFormatError(f"file too short for a QED header: {len(data)} bytes, need {HEADER.size}")
+        magic, *fields = HEADER.unpack_from(data)
+        if magic != b"QED\0":
+            raise QedFormatError(f"magic: {magic!r} is not b'QED\\x00'")
+        return cls(*fields)
+
+    # derived sizes
+    @property
+    def table_bytes(self) -> int:
+        return self.table_size * self.cluster_size
+
+    @property
+    def table_entries(self) -> int:
+        return self.table_bytes // 8
+
+    @property
+    def header_bytes(self) -> int:
+        return self.header_size * self.cluster_size
+
+    @property
+    def max_image_size(self) -> int:
+        return self.table_entries * self.table_entries * self.cluster_size
+
+    @property
+    def has_backing(self) -> bool:
+        return bool(self.features & Feature.BACKING_FILE)
+
+    def validate(self, file_size: int) -> None:
+        """Every field, in QEMU's order, against a file of ``file_size`` bytes."""
+        unknown = self.features & ~KNOWN_FEATURES
+        if unknown:
+            raise QedUnsupportedError(f"features: unknown bits {unknown:#x} (features={self.features:#x})")
+        cs = self.cluster_size
+        if not (_is_pow2(cs) and MIN_CLUSTER_SIZE <= cs <= MAX_CLUSTER_SIZE):
+            raise QedFormatError(f"cluster_size: {cs} is not a power of two in [{MIN_CLUSTER_SIZE}, "
+                                 f"{MAX_CLUSTER_SIZE}]")
+        if not (_is_pow2(self.table_size) and MIN_TABLE_SIZE <= self.table_size <= MAX_TABLE_SIZE):
+            raise QedFormatError(f"table_size: {self.table_size} is not a power of two in "
+                                 f"[{MIN_TABLE_SIZE}, {MAX_TABLE_SIZE}]")
+        if self.header_size < 1 or self.header_bytes > 0xFFFFFFFF:
+            raise QedFormatError(f"header_size: {self.header_size} clusters is not in [1, 4 GiB / cluster_size]")
+        if self.image_size % SECTOR:
+            raise QedFormatError(f"image_size: {self.image_size} is not a multiple of {SECTOR}")
+        if self.image_size > self.max_image_size:
+            raise QedFormatError(f"image_size: {self.image_size} exceeds the maximum {self.max_image_size} "
+                                 f"for cluster_size {cs} and table_size {self.table_size}")
+        whole = file_size - file_size % cs
+        l1 = self.l1_table_offset
+        if l1 % cs:
+            raise QedFormatError(f"l1_table_offset: {l1:#x} is not a multiple of cluster_size {cs}")
+        if l1 < self.header_bytes:
+            raise QedFormatError(f"l1_table_offset: {l1:#x} lies inside the header ({self.header_size} "
+                                 "clusters)")
+        if l1 + self.table_bytes > whole:
+            raise QedFormatError(f"l1_table_offset: the table at {l1:#x} ({self.table_bytes} bytes) does not "
+                                 f"fit in the file ({file_size} bytes)")
+        if self.has_backing:
+            off, size = self.backing_filename_offset, self.backing_filename_size
+            if size == 0 or size > MAX_BACKING_NAME:
+                raise QedFormatError(f"backing_filename_size: {size} is not in [1, {MAX_BACKING_NAME}]")
+            if off + size > self.header_bytes:
+                raise QedFormatError(f"backing_filename_offset: {off} + size {size} lies outside the header "
+                                     f"({self.header_bytes} bytes)")
+
+
+# -- backing files -------------------------------------------------------------
+
+
+class Backing(Protocol):
+    """What a QED image reads unallocated clusters from."""
+
+    def size(self) -> int: ...
+
+    def read(self, offset: int, n: int) -> bytes:
+        """``n`` bytes at ``offset``, inside [0, size())."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class RawBacking:
+    """A raw backing file: the file's bytes, its length the size."""
+
+    def __init__(self, f: BlockFile) -> None:
+        self.f = f
+        self._size = f.size()
+
+    def size(self) -> int:
+        return self._size
+
+    def read(self, offset: int, n: int) -> bytes:
+        data = self.f.pread(offset, n)
+        return data if len(data) == n else data + bytes(n - len(data))
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def open_backing_file(path: Path, *, raw: bool, depth: int = 0) -> Backing:
+    """Open a backing file read-only: raw when told so, else probed (QED or raw)."""
+    if depth >= MAX_BACKING_DEPTH:
+        raise QedBackingError(f"backing chain deeper than {MAX_BACKING_DEPTH} at {path}")
+    try:
+        f = FileBlock.open(path, writable=False)
+    except OSError as exc:
+        raise QedBackingError(f"cannot open backing file {path}: {exc.strerror}") from exc
+    try:
+        if raw:
+            return RawBacking(f)
+        magic = f.pread(0, 4)
+        if magic == b"QED\0":
+            return QedImage.open(f, read_only=True, base_dir=path.parent, _depth=depth + 1)
+        if magic == b"QFI\xfb":
+            raise QedBackingError(f"backing file {path} is qcow2, which is not supported")
+        return RawBacking(f)
+    except BaseException:
+        f.close()
+        raise
+
+
+# -- results -------------------------------------------------------------------
+
+
+class ClusterKind(IntEnum):
+    UNALLOCATED = 0
+    ZERO = 1
+    DATA = 2
+
+
+class MapKind(Enum):
+    """What an extent of the guest view is (for block status)."""
+
+    DATA = "data"  # allocated in this image
+    ZERO = "zero"  # a zero cluster in this image
+    BACKING = "backing"  # not in this image; read from the backing file
+    UNALLOCATED = "unallocated"  # not in this image, nothing below: reads zeros
+
+
+@dataclass(frozen=True)
+class Extent:
+    start: int
+    length: int
+    kind: MapKind
+    host_offset: int | None = None
+
+    @property
+    def reads_zero(self) -> bool:
+        return self.kind in (MapKind.ZERO, MapKind.UNALLOCATED)
+
+
+class ProblemKind(Enum):
+    BAD_L1_ENTRY = "bad L1 entry"  # unaligned, in the header, past EOF, table overruns EOF
+    L1_INTO_METADATA = "L1 entry points into metadata"
+    BAD_L2_ENTRY = "bad L2 entry"
+    L2_INTO_METADATA = "L2 entry points into metadata"
+    DUPLICATE = "cluster referenced twice"
+    PARTIAL_CLUSTER = "partial cluster at end of file"
+
+
+@dataclass
+class Problem:
+    kind: ProblemKind
+    message: str
+    table_offset: int | None = None  # the table holding the bad entry (the L1 table for L1 entries)
+    index: int | None = None
+    value: int | None = None
+    fixable: bool = True
+    fixed: bool = False
+
+    def __str__(self) -> str:
+        state = " (repaired)" if self.fixed else "" if self.fixable else " (cannot be repaired)"
+        return f"{self.message}{state}"
+
+
+@dataclass
+class CheckReport:
+    cluster_size: int
+    total_clusters: int  # guest clusters
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    corruptions: list[Problem] = field(default_factory=list)
+    leaked_clusters: int = 0
+    leak_ranges: list[tuple[int, int]] = field(default_factory=list)  # (file offset, bytes), first 100
+    leaks_fixed: int = 0
+    image_end_offset: int = 0
+    changes: list[str] = field(default_factory=list)
+    need_check_was_set: bool = False
+    need_check_cleared: bool = False
+
+    @property
+    def corruptions_fixed(self) -> int:
+        return sum(1 for p in self.corruptions if p.fixed and p.kind is not ProblemKind.PARTIAL_CLUSTER)
+
+    @property
+    def corruptions_remaining(self) -> int:
+        return sum(1 for p in self.corruptions if not p.fixed and p.kind is not ProblemKind.PARTIAL_CLUSTER)
+
+    @property
+    def leaks_remaining(self) -> int:
+        return self.leaked_clusters - self.leaks_fixed
+
+    @property
+    def exit_code(self) -> int:
+        """qemu-img check's: 0 clean, 2 corruptions remain, 3 only leaks remain."""
+        if self.corruptions_remaining:
+            return 2
+        if self.leaks_remaining:
+            return 3
+        return 0
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "total-clusters": self.total_clusters,
+            "check-errors": 0,
+            "allocated-clusters": self.allocated_clusters,
+            "fragmented-clusters": self.fragmented_clusters,
+            "image-end-offset": self.image_end_offset,
+        }
+        if self.corruptions_remaining:
+            out["corruptions"] = self.corruptions_remaining
+        if self.leaks_remaining:
+            out["leaks"] = self.leaks_remaining
+        if self.corruptions_fixed:
+            out["corruptions-fixed"] = self.corruptions_fixed
+        if self.leaks_fixed:
+            out["leaks-fixed"] = self.leaks_fixed
+        out["problems"] = [{"kind": p.kind.value, "message": p.message, "table-offset": p.table_offset,
+                            "index": p.index, "value": p.value, "fixed": p.fixed} for p in self.corruptions]
+        out["leak-ranges"] = [{"offset": o, "length": n} for o, n in self.leak_ranges]
+        out["changes"] = list(self.changes)
+        return out
+
+
+# -- helpers ---------------------------------------------------------------------
+
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def _table_from_bytes(data: bytes) -> array[int]:
+    arr = array("Q")
+    arr.frombytes(data)
+    if _BIG_ENDIAN:
+        arr.byteswap()
+    return arr
+
+
+def _table_to_bytes(arr: array[int]) -> bytes:
+    if _BIG_ENDIAN:
+        arr = array("Q", arr)
+        arr.byteswap()
+    return arr.tobytes()
+
+
+class _Auto:
+    pass
+
+
+_AUTO = _Auto()
+ProgressFn = Callable[[int, int], None]
+
+
+# -- the image -----------------------------------------------------------------
+
+
+class QedImage:
+    """An open QED image.  Methods are thread-safe (one lock); sizes in bytes."""
+
+    # ---- create / open / close
+
+    @staticmethod
+    def create(f: BlockFile, image_size: int, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
+               table_size: int = DEFAULT_TABLE_SIZE, backing_file: str | None = None,
+               backing_raw: bool = False) -> QedHeader:
+        """Format ``f`` (truncated first) as an empty QED image; returns the header written.
+
+        ``image_size`` is rounded up to a multiple of 512, as qemu-img does.
+        ``backing_raw`` sets BACKING_FORMAT_NO_PROBE (the backing file is raw).
+        """
+        if image_size < 0:
+            raise QedRangeError(f"image size {image_size} is negative")
+        image_size = -(-image_size // SECTOR) * SECTOR
+        name = os.fsencode(backing_file) if backing_file is not None else b""
+        if backing_file is not None and not 0 < len(name) <= MAX_BACKING_NAME:
+            raise QedRangeError(f"backing file name must be 1..{MAX_BACKING_NAME} bytes, got {len(name)}")
+        if backing_raw and backing_file is None:
+            raise QedRangeError("backing_raw needs a backing file")
+        header_size = max(1, -(-(HEADER_SIZE_BYTES + len(name)) // max(cluster_size, 1)))
+        features = 0
+        if backing_file is not None:
+            features |= Feature.BACKING_FILE
+            if backing_raw:
+                features |= Feature.BACKING_FORMAT_NO_PROBE
+        header = QedHeader(cluster_size=cluster_size, table_size=table_size, header_size=header_size,
+                           features=int(features), compat_features=0, autoclear_features=0,
+                           l1_table_offset=header_size * cluster_size, image_size=image_size,
+                           backing_filename_offset=HEADER_SIZE_BYTES if name else 0,
+                           backing_filename_size=len(name))
+        try:
+            header.validate(header.l1_table_offset + header.table_bytes)
+        except QedFormatError as exc:
+            raise QedRangeError(f"cannot create: {exc}") from None
+        f.truncate(0)
+        f.pwrite(0, header.pack() + name)
+        f.truncate(header.l1_table_offset + header.table_bytes)
+        f.flush()
+        return header
+
+    @classmethod
+    def open_path(cls, path: str | os.PathLike[str], *, read_only: bool = False, open_backing: bool = True,
+                  check_on_open: bool = True) -> QedImage:
+        f = FileBlock.open(path, writable=not read_only)
+        try:
+            return cls.open(f, read_only=read_only, open_backing=open_backing, check_on_open=check_on_open,
+                            base_dir=Path(path).parent)
+        except BaseException:
+            f.close()
+            raise
+
+    @classmethod
+    def open(cls, f: BlockFile, *, read_only: bool = False, backing: Backing | None = None,
+             open_backing: bool = True, base_dir: Path | None = None, check_on_open: bool = True,
+             l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES, _depth: int = 0) -> QedImage:
+        """Open an image on ``f`` (the image owns ``f`` from now on: `close` closes it).
+
+        The backing file is ``backing`` if given, else opened by name relative
+        to ``base_dir`` (or to the file's folder) unless ``open_backing`` is
+        false; then reads that would reach it raise `QedBackingError`.
+        A read-write open of an image with NEED_CHECK runs ``check(repair=True)``
+        unless ``check_on_open`` is false; its report is kept in `open_check`.
+        """
+        header = QedHeader.unpack(f.pread(0, HEADER.size))
+        header.validate(f.size())
+        img = cls(f, header, read_only=read_only, l2_cache_bytes=l2_cache_bytes)
+        try:
+            if header.has_backing:
+                raw_name = f.pread(header.backing_filename_offset, header.backing_filename_size)
+                img.backing_name = os.fsdecode(raw_name)
+                if backing is not None:
+                    img.backing = backing
+                elif open_backing:
+                    base = base_dir if base_dir is not None else _block_dir(f)
+                    target = Path(img.backing_name)
+                    if not target.is_absolute():
+                        if base is None:
+                            raise QedBackingError(f"backing file {img.backing_name!r} is relative and the "
+                                                  "image has no folder; pass backing=")
+                        target = base / target
+                    img.backing = open_backing_file(target, raw=bool(header.features
+                                                                     & Feature.BACKING_FORMAT_NO_PROBE),
+                                                    depth=_depth)
+                else:
+                    img._backing_missing = True
+            if not read_only:
+                if header.autoclear_features & ~KNOWN_AUTOCLEAR_FEATURES:
+                    img.header = replace(header, autoclear_features=header.autoclear_features
+                                         & KNOWN_AUTOCLEAR_FEATURES)
+                    img._write_header()
+                    f.flush()
+                if header.features & Feature.NEED_CHECK and check_on_open:
+                    img.open_check = img._check(repair=True, leaks_only=False, progress=None)
+                    for p in img.open_check.corruptions:
+                        log.warning("%s", p)
+            return img
+        except BaseException:
+            if img.backing is not None and backing is None:
+                img.backing.close()
+            raise
+
+    def __init__(self, f: BlockFile, header: QedHeader, *, read_only: bool,
+                 l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES) -> None:
+        self.f = f
+        self.header = header
+        self.read_only = read_only
+        self.backing: Backing | None = None
+        self.backing_name: str | None = None
+        self._backing_missing = False
+        self.open_check: CheckReport | None = None
+        self.closed = False
+        self._lock = threading.RLock()
+        cs = header.cluster_size
+        self._cs = cs
+        self._ne = header.table_entries
+        self._tb = header.table_bytes
+        self._data_start = header.header_bytes
+        self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
+        self._l2_cache_max = max(1, l2_cache_bytes // self._tb)
+        self._tail_trimmed = False
+        self._load_metadata()
+
+    def _load_metadata(self) -> None:
+        """(Re)read the file size and the L1 table; find L1 entries the I/O path must refuse."""
+        size = self.f.size()
+        self._file_size = size - size % self._cs
+        self._tail_trimmed = size == self._file_size
+        self._l1 = _table_from_bytes(self.f.pread(self.header.l1_table_offset, self._tb))
+        self._l2_cache.clear()
+        self._bad_l1: dict[int, str] = {}
+        starts: list[tuple[int, int]] = []
+        for i, e in compress(enumerate(self._l1), self._l1):  # the nonzero entries
+            why = self._table_offset_problem(e, self._file_size)
+            if why:
+                self._bad_l1[i] = why
+            else:
+                starts.append((e, i))
+        starts.sort()
+        for (a, i), (b, j) in zip(starts, starts[1:], strict=False):
+            if b < a + self._tb:
+                self._bad_l1.setdefault(i, f"L2 table {a:#x} overlaps the L2 table at {b:#x}")
+                self._bad_l1.setdefault(j, f"L2 table {b:#x} overlaps the L2 table at {a:#x}")
+        self._l2_starts = [e for e, i in starts]
+
+    def _table_offset_problem(self, e: int, file_size: int) -> str | None:
+        if e % self._cs:
+            return f"offset {e:#x} is not a multiple of the cluster size"
+        if e < self._data_start:
+            return f"offset {e:#x} lies in the header"
+        if e + self._tb > file_size:
+            return f"table at {e:#x} ({self._tb} bytes) runs past the end of the file ({file_size:#x})"
+        l1 = self.header.l1_table_offset
+        if e < l1 + self._tb and l1 < e + self._tb:
+            return f"table at {e:#x} overlaps the L1 table at {l1:#x}"
+        return None
+
+    def _data_offset_problem(self, e: int) -> str | None:
+        if e % self._cs:
+            return f"offset {e:#x} is not a multiple of the cluster size"
+        if e < self._data_start:
+            return f"offset {e:#x} lies in the header"
+        if e >= self._file_size:
+            return f"offset {e:#x} is past the end of the file ({self._file_size:#x})"
+        l1 = self.header.l1_table_offset
+        if l1 <= e < l1 + self._tb:
+            return f"offset {e:#x} lies in the L1 table"
+        i = bisect.bisect_right(self._l2_starts, e) - 1
+        if i >= 0 and e < self._l2_starts[i] + self._tb:
+            return f"offset {e:#x} lies in the L2 table at {self._l2_starts[i]:#x}"
+        return None
+
+    def close(self) -> None:
+        """Flush, clear NEED_CHECK (unless corruption remains), close the file and backing."""
+        with self._lock:
+            if self.closed:
+                return
+            try:
+                if not self.read_only:
+                    remaining = self.open_check is not None and self.open_check.corruptions_remaining
+                    if not remaining:
+                        self._mark_clean()
+                    else:
+                        self.f.flush()
+            finally:
+                self.closed = True
+                if self.backing is not None:
+                    self.backing.close()
+                self.f.close()
+
+    def __enter__(self) -> QedImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- properties
+
+    @property
+    def cluster_size(self) -> int:
+        return self._cs
+
+    @property
+    def image_size(self) -> int:
+        return self.header.image_size
+
+    def size(self) -> int:
+        return self.header.image_size
+
+    @property
+    def file_size(self) -> int:
+        return self._file_size
+
+    @property
+    def backing_format(self) -> str | None:
+        """raw, qed, or None (no backing file; or not opened and not marked raw)."""
+        if self.backing_name is None:
+            return None
+        if self.header.features & Feature.BACKING_FORMAT_NO_PROBE or isinstance(self.backing, RawBacking):
+            return "raw"
+        return "qed" if isinstance(self.backing, QedImage) else None
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.header.features & Feature.NEED_CHECK)
+
+    # ---- header
+
+    def _write_header(self) -> None:
+        self.f.pwrite(0, self.header.pack())
+
+    def _mark_dirty(self) -> None:
+        """NEED_CHECK on, durable, before anything is allocated; drop a partial tail cluster."""
+        if not self._tail_trimmed:
+            self.f.truncate(self._file_size)
+            self._tail_trimmed = True
+        if self.dirty:
+            return
+        self.header = replace(self.header, features=self.header.features | int(Feature.NEED_CHECK))
+        self._write_header()
+        self.f.flush()
+
+    def _mark_clean(self) -> None:
+        self.f.flush()
+        if self.dirty:
+            self.header = replace(self.header, features=self.header.features & ~int(Feature.NEED_CHECK))
+            self._write_header()
+            self.f.flush()
+
+    def mark_clean(self) -> None:
+        """Flush and clear NEED_CHECK (for an idle timer, as QEMU does after 5 s)."""
+        with self._lock:
+            self._check_writable()
+            self._mark_clean()
+
+    # ---- table access
+
+    def _l2(self, l1i: int) -> array[int] | None:
+        """The L2 table of L1 entry ``l1i`` (None if unallocated)."""
+        e = self._l1[l1i]
+        if e == 0:
+            return None
+        why = self._bad_l1.get(l1i)
+        if why is not None:
+            raise QedCorruptError(f"L1 entry {l1i} (guest offset {l1i * self._ne * self._cs:#x}): {why}")
+        table = self._l2_cache.get(e)
+        if table is not None:
+            self._l2_cache.move_to_end(e)
+            return table
+        data = self.f.pread(e, self._tb)
+        if len(data) != self._tb:
+            raise QedCorruptError(f"L1 entry {l1i}: L2 table at {e:#x} is cut short by the end of the file")
+        table = _table_from_bytes(data)
+        self._cache_l2(e, table)
+        return table
+
+    def _cache_l2(self, offset: int, table: array[int]) -> None:
+        self._l2_cache[offset] = table
+        self._l2_cache.move_to_end(offset)
+        while len(self._l2_cache) > self._l2_cache_max:
+            self._l2_cache.popitem(last=False)
+
+    def _runs(self, offset: int, n: int) -> Iterator[tuple[int, int, ClusterKind, int]]:
+        """(guest offset, length, kind, file offset) runs over [offset, offset+n), merged."""
+        cs, ne = self._cs, self._ne
+        end = offset + n
+        pos = offset
+        cur: list[int] | None = None  # [start, length, kind, host]
+        span = ne * cs
+        while pos < end:
+            l1i = pos // span
+            table_end = min(end, (l1i + 1) * span)
+            table = self._l2(l1i)
+            if table is None:
+                pieces: Iterator[tuple[int, int, int, int]] = iter(((pos, table_end - pos, 0, 0),))
+            else:
+                pieces = self._table_pieces(table, l1i, pos, table_end)
+            for start, length, kind, host in pieces:
+                if cur is not None and cur[2] == kind and cur[0] + cur[1] == start and (
+                        kind != ClusterKind.DATA or cur[3] + cur[1] == host):
+                    cur[1] += length
+                    continue
+                if cur is not None:
+                    yield cur[0], cur[1], ClusterKind(cur[2]), cur[3]
+                cur = [start, length, kind, host]
+            pos = table_end
+        if cur is not None:
+            yield cur[0], cur[1], ClusterKind(cur[2]), cur[3]
+
+    def _table_pieces(self, table: array[int], l1i: int, pos: int,
+                      end: int) -> Iterator[tuple[int, int, int, int]]:
+        cs, ne = self._cs, self._ne
+        l2_off = self._l1[l1i]
+        while pos < end:
+            ci = pos // cs
+            l2i = ci - l1i * ne
+            cend = min(end, (ci + 1) * cs)
+            e = table[l2i]
+            if e == 0:
+                yield pos, cend - pos, 0, 0
+            elif e == L2_ZERO:
+                yield pos, cend - pos, 1, 0
+            else:
+                why = self._data_offset_problem(e)
+                if why is not None:
+                    raise QedCorruptError(f"L2 table at {l2_off:#x} entry {l2i} (guest offset {ci * cs:#x}): "
+                                          f"data cluster {why}")
+                yield pos, cend - pos, 2, e + pos - ci * cs
+            pos = cend
+
+    # ---- requests
+
+    def _check_range(self, offset: int, n: int) -> None:
+        if offset < 0 or n < 0 or offset + n > self.header.image_size:
+            raise QedRangeError(f"request {offset:#x}+{n:#x} is outside the image "
+                                f"({self.header.image_size:#x} bytes)")
+
+    def _check_writable(self) -> None:
+        if self.closed:
+            raise QedError("image is closed")
+        if self.read_only:
+            raise QedReadOnlyError("image is open read-only")
+
+    def _backing_read(self, offset: int, n: int) -> bytes:
+        if self.backing is None:
+            if self._backing_missing:
+                raise QedBackingError(f"backing file {self.backing_name!r} is not open")
+            return bytes(n)
+        bsize = self.backing.size()
+        if offset >= bsize:
+            return bytes(n)
+        inside = min(n, bsize - offset)
+        data = self.backing.read(offset, inside)
+        return data if inside == n else data + bytes(n - inside)
+
+    def _reads_backing(self, offset: int, n: int) -> bool:
+        """Whether unallocated [offset, offset+n) would show backing-file bytes."""
+        if self.backing is None:
+            return self._backing_missing
+        return offset < self.backing.size()
+
+    def read(self, offset: int, n: int) -> bytes:
+        with self._lock:
+            if self.closed:
+                raise QedError("image is closed")
+            self._check_range(offset, n)
+            runs = list(self._runs(offset, n))
+            if not (len(runs) == 1 and runs[0][2] == ClusterKind.DATA):
+                return self._assemble(offset, n, runs)
+        # One contiguous stretch of the file: read it outside the lock, with
+        # no assembling.  Clusters are never reused, so a concurrent writer
+        # cannot turn this stretch into someone else's data.
+        data = self.f.pread(runs[0][3], n)
+        if len(data) != n:
+            raise QedCorruptError(f"data at file offset {runs[0][3]:#x} is cut short by the end of file")
+        return data
+
+    def _assemble(self, offset: int, n: int, runs: list[tuple[int, int, ClusterKind, int]]) -> bytes:
+        out = bytearray(n)
+        for start, length, kind, host in runs:
+            pos = start - offset
+            if kind == ClusterKind.DATA:
+                data = self.f.pread(host, length)
+                if len(data) != length:
+                    raise QedCorruptError(f"data at file offset {host:#x} is cut short by the end of file")
+                out[pos:pos + length] = data
+            elif kind == ClusterKind.UNALLOCATED and self._reads_backing(start, length):
+                out[pos:pos + length] = self._backing_read(start, length)
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes) -> None:
+        with self._lock:
+            self._check_writable()
+            self._check_range(offset, len(data))
+            if not data:
+                return
+            view = memoryview(data)
+            cs = self._cs
+            to_alloc: list[tuple[int, ClusterKind]] = []  # (guest cluster index, old kind)
+            in_place: list[tuple[int, int, int]] = []  # (file offset, data offset, length)
+            for start, length, kind, host in self._runs(offset, len(data)):
+                if kind == ClusterKind.DATA:
+                    in_place.append((host, start - offset, length))
+                else:
+                    for ci in range(start // cs, (start + length - 1) // cs + 1):
+                        to_alloc.append((ci, kind))
+            for host, pos, length in in_place:
+                self.f.pwrite(host, view[pos:pos + length])
+            if to_alloc:
+                self._allocate_and_write(offset, view, to_alloc)
+
+    def _allocate_and_write(self, offset: int, view: memoryview, clusters: list[tuple[int, ClusterKind]]) -> None:
+        cs = self._cs
+        end = offset + len(view)
+        self._mark_dirty()
+        base = self._file_size
+        buf = bytearray(len(clusters) * cs)
+        copied_backing = False
+        for k, (ci, kind) in enumerate(clusters):
+            cstart = ci * cs
+            lo, hi = max(offset, cstart), min(end, cstart + cs)
+            b = k * cs
+            if hi - lo < cs:
+                # the untouched part: backing data for unallocated clusters, zeros for zero clusters
+                if kind == ClusterKind.UNALLOCATED and self._reads_backing(cstart, cs):
+                    buf[b:b + cs] = self._backing_read(cstart, cs)
+                    copied_backing = True
+            buf[b + lo - cstart:b + hi - cstart] = view[lo - offset:hi - offset]
+        self.f.pwrite(base, buf)
+        self._file_size = base + len(buf)
+        if copied_backing:
+            self.f.flush()
+        self._set_entries([(ci, base + k * cs) for k, (ci, _) in enumerate(clusters)])
+
+    def _set_entries(self, updates: list[tuple[int, int]]) -> None:
+        """Point L2 entries (guest cluster index -> value) at new values, allocating tables.
+
+        New tables are written whole and flushed before the L1 entries that
+        point at them are written.
+        """
+        ne = self._ne
+        by_table: dict[int, list[tuple[int, int]]] = {}
+        for ci, value in updates:
+            by_table.setdefault(ci // ne, []).append((ci % ne, value))
+        new_l1: list[int] = []
+        for l1i, entries in by_table.items():
+            table = self._l2(l1i)
+            if table is None:
+                self._mark_dirty()
+                table = array("Q", bytes(self._tb))
+                for l2i, value in entries:
+                    table[l2i] = value
+                toff = self._file_size
+                self.f.pwrite(toff, _table_to_bytes(table))
+                self._file_size = toff + self._tb
+                self._cache_l2(toff, table)
+                self._l1[l1i] = toff
+                bisect.insort(self._l2_starts, toff)
+                new_l1.append(l1i)
+            else:
+                for l2i, value in entries:
+                    table[l2i] = value
+                lo = min(i for i, _ in entries)
+                hi = max(i for i, _ in entries) + 1
+                self.f.pwrite(self._l1[l1i] + lo * 8, _table_to_bytes(table[lo:hi]))
+        if new_l1:
+            self.f.flush()
+            new_l1.sort()
+            # contiguous L1 indexes go out in one write
+            run_start = prev = new_l1[0]
+            for i in new_l1[1:] + [-1]:
+                if i != prev + 1:
+                    self.f.pwrite(self.header.l1_table_offset + run_start * 8,
+                                  _table_to_bytes(self._l1[run_start:prev + 1]))
+                    run_start = i
+                prev = i
+
+    def write_zeroes(self, offset: int, n: int) -> None:
+        """Make [offset, offset+n) read as zeros: whole clusters become zero clusters
+        (allocated ones are zeroed in place, the file space freed), partial ones are written."""
+        with self._lock:
+            self._check_writable()
+            self._check_range(offset, n)
+            if n == 0:
+                return
+            cs = self._cs
+            end = offset + n
+            a = -(-offset // cs) * cs
+            b = end // cs * cs
+            if a >= b:  # inside one cluster
+                self._zero_partial(offset, n)
+                return
+            if offset < a:
+                self._zero_partial(offset, a - offset)
+            self._zero_clusters(a, b - a, make_zero_clusters=True)
+            if b < end:
+                self._zero_partial(b, end - b)
+
+    def discard(self, offset: int, n: int) -> None:
+        """Free the file space of whole allocated clusters in the range (they then read zeros).
+
+        Partial clusters, zero clusters and unallocated clusters are left as
+        they are (an unallocated cluster keeps showing the backing file).
+        """
+        with self._lock:
+            self._check_writable()
+            self._check_range(offset, n)
+            cs = self._cs
+            a = -(-offset // cs) * cs
+            b = (offset + n) // cs * cs
+            if a < b:
+                self._zero_clusters(a, b - a, make_zero_clusters=False)
+
+    def _zero_partial(self, offset: int, n: int) -> None:
+        for start, length, kind, _host in list(self._runs(offset, n)):
+            if kind == ClusterKind.ZERO:
+                continue
+            if kind == ClusterKind.UNALLOCATED and not self._reads_backing(start, length):
+                continue
+            self.write(start, bytes(length))
+
+    def _zero_clusters(self, offset: int, n: int, *, make_zero_clusters: bool) -> None:
+        cs = self._cs
+        updates: list[tuple[int, int]] = []
+        for start, length, kind, host in list(self._runs(offset, n)):
+            if kind == ClusterKind.DATA:
+                self.f.discard(host, length)
+            elif kind == ClusterKind.UNALLOCATED and make_zero_clusters and self._reads_backing(start, length):
+                updates.extend((ci, L2_ZERO) for ci in range(start // cs, (start + length) // cs))
+        if updates:
+            self._set_entries(updates)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self.closed:
+                raise QedError("image is closed")
+            if not self.read_only:
+                self.f.flush()
+
+    def grow(self, new_size: int) -> None:
+        """Grow the guest size (a multiple of 512); shrinking is refused, as in QEMU."""
+        with self._lock:
+            self._check_writable()
+            if new_size % SECTOR:
+                raise QedRangeError(f"new size {new_size} is not a multiple of {SECTOR}")
+            if new_size < self.header.image_size:
+                raise QedUnsupportedError(f"shrinking from {self.header.image_size} to {new_size} is not supported")
+            if new_size > self.header.max_image_size:
+                raise QedRangeError(f"new size {new_size} exceeds the maximum {self.header.max_image_size}")
+            if new_size == self.header.image_size:
+                return
+            self.header = replace(self.header, image_size=new_size)
+            self._write_header()
+            self.f.flush()
+
+    # ---- allocation map
+
+    def map(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        """Extents of [offset, offset+length): data here, zero here, from backing, or unallocated."""
+        with self._lock:
+            if length is None:
+                length = self.header.image_size - offset
+            self._check_range(offset, length)
+            out: list[Extent] = []
+            bsize = (self.backing.size() if self.backing is not None
+                     else self.header.image_size if self._backing_missing else 0)
+            bsize = -(-bsize // SECTOR) * SECTOR  # block status works in sectors
+            for start, n, kind, host in self._runs(offset, length):
+                if kind == ClusterKind.DATA:
+                    out.append(Extent(start, n, MapKind.DATA, host))
+                elif kind == ClusterKind.ZERO:
+                    out.append(Extent(start, n, MapKind.ZERO))
+                else:
+                    split = min(max(bsize, start), start + n)
+                    if split > start:
+                        out.append(Extent(start, split - start, MapKind.BACKING))
+                    if split < start + n:
+                        out.append(Extent(split, start + n - split, MapKind.UNALLOCATED))
+            merged: list[Extent] = []
+            for ext in out:
+                last = merged[-1] if merged else None
+                if last is not None and last.kind is ext.kind and ext.kind is not MapKind.DATA:
+                    merged[-1] = Extent(last.start, last.length + ext.length, ext.kind)
+                else:
+                    merged.append(ext)
+            return merged
+
+    # ---- check and repair
+
+    def check(self, repair: bool = False, *, leaks_only: bool = False,
+              progress: ProgressFn | None = None) -> CheckReport:
+        """Check every invariant of the spec, count leaks, and with ``repair`` fix what can be fixed.
+
+        Repairs: invalid L1/L2 entries (unaligned, in the header, past the end
+        of the file, tables running past it, pointing into the header or the L1
+        table) are set to 0 like QEMU does; leaked clusters at the end of the
+        file are truncated away (leaks in the middle stay: QED has no free
+        list).  Clusters referenced twice cannot be repaired.  NEED_CHECK is
+        cleared when no corruption remains.  ``leaks_only`` repairs only leaks.
+        """
+        with self._lock:
+            if repair:
+                self._check_writable()
+            return self._check(repair=repair, leaks_only=leaks_only, progress=progress)
+
+    def _check(self, *, repair: bool, leaks_only: bool, progress: ProgressFn | None) -> CheckReport:
+        h = self.header
+        cs, tb, ne = self._cs, self._tb, self._ne
+        raw_size = self.f.size()
+        file_size = raw_size - raw_size % cs
+        nclusters = file_size // cs
+        rep = CheckReport(cluster_size=cs, total_clusters=-(-h.image_size // cs),
+                          need_check_was_set=self.dirty)
+        used = bytearray(nclusters)
+        meta = bytearray(nclusters)  # header and L1 table: certain metadata
+        hc = min(h.header_size, nclusters)
+        used[0:hc] = meta[0:hc] = b"\x01" * hc
+        l1c = h.l1_table_offset // cs
+        used[l1c:l1c + h.table_size] = meta[l1c:l1c + h.table_size] = b"\x01" * h.table_size
+        if raw_size != file_size:
+            rep.corruptions.append(Problem(ProblemKind.PARTIAL_CLUSTER,
+                                           f"{raw_size - file_size} bytes after the last whole cluster "
+                                           f"(file size {raw_size:#x})"))
+        l1 = _table_from_bytes(self.f.pread(h.l1_table_offset, tb))
+        l1_fixes: list[tuple[int, Problem]] = []
+        tables: list[tuple[int, int]] = []
+        for i, e in compress(enumerate(l1), l1):  # the nonzero entries
+            where = f"L1 entry {i} (guest offset {i * ne * cs:#x}): L2 table"
+            why = None
+            kind = ProblemKind.BAD_L1_ENTRY
+            if e % cs:
+                why = f"offset {e:#x} is not a multiple of the cluster size"
+            elif e < h.header_bytes:
+                why, kind = f"offset {e:#x} lies in the header", ProblemKind.L1_INTO_METADATA
+            elif e + tb > file_size:
+                why = f"at {e:#x} ({tb} bytes) runs past the end of the file ({file_size:#x})"
+            elif any(meta[e // cs:e // cs + h.table_size]):
+                why, kind = f"at {e:#x} overlaps the L1 table at {h.l1_table_offset:#x}", ProblemKind.L1_INTO_METADATA
+            if why is not None:
+                p = Problem(kind, f"{where} {why}", h.l1_table_offset, i, e)
+                rep.corruptions.append(p)
+                l1_fixes.append((i, p))
+                continue
+            c = e // cs
+            if any(used[c:c + h.table_size]):
+                rep.corruptions.append(Problem(ProblemKind.DUPLICATE,
+                                               f"{where} at {e:#x} overlaps clusters already referenced",
+                                               h.l1_table_offset, i, e, fixable=False))
+                continue
+            used[c:c + h.table_size] = b"\x01" * h.table_size
+            tables.append((i, e))
+        st = _ScanState(rep, used, meta, file_size, nclusters)
+        for done, (i, toff) in enumerate(tables):
+            if progress is not None:
+                progress(done, len(tables))
+            self._check_table(i, toff, st)
+        if progress is not None:
+            progress(len(tables), len(tables))
+        # leaks
+        last_used = used.rfind(1)
+        rep.leaked_clusters = used.count(0, 0, nclusters)
+        c = 0
+        while c < nclusters and len(rep.leak_ranges) < 100:
+            c = used.find(0, c)
+            if c < 0:
+                break
+            stop = used.find(1, c)
+            stop = nclusters if stop < 0 else stop
+            rep.leak_ranges.append((c * cs, (stop - c) * cs))
+            c = stop
+        rep.image_end_offset = (last_used + 1) * cs
+        if repair:
+            self._repair(rep, l1_fixes if not leaks_only else [], st.l2_fixes if not leaks_only else [],
+                         raw_size, nclusters, last_used)
+        return rep
+
+    def _check_table(self, l1i: int, toff: int, st: _ScanState) -> None:
+        """Check one L2 table's entries, marking the clusters they use."""
+        table = _table_from_bytes(self.f.pread(toff, self._tb))
+        for lo in range(0, len(table), _MAX_SPAN):  # bounds the size of the integers _scan_span works on
+            self._check_span(l1i, toff, table, lo, min(lo + _MAX_SPAN, len(table)), st)
+
+    def _check_span(self, l1i: int, toff: int, table: array[int], lo: int, hi: int, st: _ScanState) -> None:
+        """Check entries ``lo:hi`` of an L2 table: all at once if none has a problem (`_scan_span`),
+        else halve the span until the bad entries are found, which go one by one through `_check_entry`.
+
+        The result is exactly that of checking every entry in order with `_check_entry`: a span
+        `_scan_span` accepts would have passed entry by entry, with the same marks and counts.
+        """
+        n = hi - lo
+        if n > _SMALL_SPAN and self._scan_span(table[lo:hi] if n < len(table) else table, st):
+            return
+        if n > max(_SMALL_SPAN, 1):
+            mid = (lo + hi) // 2
+            self._check_span(l1i, toff, table, lo, mid, st)
+            self._check_span(l1i, toff, table, mid, hi, st)
+            return
+        for j in range(lo, hi):
+            e = table[j]
+            if e > L2_ZERO:
+                self._check_entry(l1i, toff, j, e, st)
+
+    def _scan_span(self, span: array[int], st: _ScanState) -> bool:
+        """Check and mark a span of L2 entries with whole-span operations, if none of them has a problem:
+        True.  False, having changed nothing, if some entry is unaligned, outside the data area, or points
+        at a cluster already used (metadata, an earlier entry, an entry of this span).
+        """
+        le = _table_to_bytes(span)
+        maybe_zeros = _ZERO_ENTRY in le  # an entry of 0, or eight zero bytes across two entries
+        if not maybe_zeros:
+            ok = self._scan_data(span, int.from_bytes(le, "little"), st)
+            if ok is not None:
+                return ok
+        # 0s or 1s (unallocated, zero clusters) to leave out, or an entry unaligned or out of range
+        n = len(span)
+        bits = int.from_bytes(le[0::8].translate(_CLEAR_BIT0), "little")  # per entry: any bit but bit 0?
+        for i in range(1, 8):
+            bits |= int.from_bytes(le[i::8], "little")
+        if not bits:
+            return True
+        is_data = bits.to_bytes(n, "little")
+        if 0 not in is_data:  # nothing to leave out
+            return maybe_zeros and self._scan_data(span, int.from_bytes(le, "little"), st) is True
+        pieces = []
+        for k, m in enumerate(_NONZERO_RUN.finditer(is_data)):
+            if k > n >> 6:  # many pieces: pick the entries one by one (at C speed)
+                data = array("Q", compress(span, is_data))
+                break
+            pieces.append(le[m.start() * 8:m.end() * 8])
+        else:
+            data = _table_from_bytes(b"".join(pieces))
+        return self._scan_data(data, int.from_bytes(_table_to_bytes(data), "little"), st) is True
+
+    def _scan_data(self, span: array[int], x: int, st: _ScanState) -> bool | None:
+        """`_scan_span` for entries that all point at data (no 0 or 1); ``x``: the entries as one integer,
+        entry j in bits 64j..64j+63.  None (nothing changed) if some entry is unaligned or out of range.
+
+        Alignment, range and "next entry = this one + 1 cluster" are tested on all 64-bit lanes of ``x``
+        at once, with big-integer arithmetic.  Clusters used twice: a run of consecutive clusters is
+        looked up with one `find`; otherwise the clusters are marked one by one (a C-level loop), and
+        the marks that changed counted over the window of clusters they fall in; when that window is
+        much wider than the span, a set finds duplicates and a gather finds clusters already used.
+        """
+        cs, shift = self._cs, self._cs.bit_length() - 1
+        n = len(span)
+        lane = st.lanes(n)
+        used = st.used
+        first = span[0]
+        lo_c, hi_c = self.header.header_size, st.nclusters
+        c0 = first >> shift
+        if x == lane.ones * first + lane.iota(cs):  # one run of clusters (the common case)
+            if first % cs or c0 < lo_c or c0 + n > hi_c:
+                return None
+            if used.find(1, c0, c0 + n) >= 0:
+                return False
+            used[c0:c0 + n] = b"\x01" * n
+            consecutive = n - 1
+        else:
+            if x & lane[cs - 1]:
+                return None  # unaligned
+            y = x >> shift  # cluster numbers: the low bits shifted in from the lane above are zeros
+            # every lane is below 2**52, so adding 2**63 - limit sets bit 63 exactly where the lane >= limit
+            top = lane[1 << 63]
+            if (y + lane[(1 << 63) - hi_c]) & top or (y + lane[(1 << 63) - lo_c]) & top != top:
+                return None  # past the end of the file, or in the header
+            # next - this + 2**62 - 1 (lanes stay in (0, 2**63): no borrows) reaches bit 62 where
+            # next >= this + 1, one less where next >= this + 2: bit 62 differs exactly where
+            # next == this + 1; the top lane (0 - last) reaches it in neither
+            t = (y >> 64) + lane[(1 << 62) - 1] - y
+            consecutive = ((t ^ (t - lane[1])) & lane[1 << 62]).bit_count()
+            clusters = _table_from_bytes(y.to_bytes(8 * n, "little"))
+            if hi_c - lo_c > _WINDOW * n:
+                lo_c, hi_c = min(clusters), max(clusters) + 1
+            if hi_c - lo_c <= _WINDOW * n:  # mark, then count the changed marks; undo unless there are n
+                saved = used[lo_c:hi_c]
+                _mark(used, clusters)
+                if (int.from_bytes(used[lo_c:hi_c], "little") ^ int.from_bytes(saved, "little")).bit_count() != n:
+                    used[lo_c:hi_c] = saved
+                    return False
+            else:
+                cl = clusters.tolist()
+                if len(set(cl)) != n or 1 in itemgetter(*cl)(used):
+                    return False
+                _mark(used, cl)
+        rep = st.rep
+        rep.allocated_clusters += n
+        rep.fragmented_clusters += n - 1 - consecutive + (st.prev_host >= 0 and first != st.prev_host + cs)
+        st.prev_host = span[-1]
+        return True
+
+    def _check_entry(self, l1i: int, toff: int, j: int, e: int, st: _ScanState) -> None:
+        cs = self._cs
+        used, rep = st.used, st.rep
+        why = None
+        kind = ProblemKind.BAD_L2_ENTRY
+        fixable = True
+        c = e // cs
+        if e % cs:
+            why = f"offset {e:#x} is not a multiple of the cluster size"
+        elif e < self.header.header_bytes:
+            why, kind = f"offset {e:#x} lies in the header", ProblemKind.L2_INTO_METADATA
+        elif e >= st.file_size:
+            why = f"offset {e:#x} is past the end of the file ({st.file_size:#x})"
+        elif st.meta[c]:
+            why, kind = f"offset {e:#x} lies in the L1 table", ProblemKind.L2_INTO_METADATA
+        elif used[c]:
+            why, kind, fixable = f"offset {e:#x} is referenced more than once", ProblemKind.DUPLICATE, False
+        if why is not None:
+            guest = (l1i * self._ne + j) * cs
+            p = Problem(kind, f"L2 table at {toff:#x} entry {j} (guest offset {guest:#x}): data cluster {why}",
+                        toff, j, e, fixable=fixable)
+            rep.corruptions.append(p)
+            if fixable:
+                st.l2_fixes.append((toff, j, p))
+            return
+        used[c] = 1
+        rep.allocated_clusters += 1
+        if st.prev_host >= 0 and e != st.prev_host + cs:
+            rep.fragmented_clusters += 1
+        st.prev_host = e
+
+    def _repair(self, rep: CheckReport, l1_fixes: list[tuple[int, Problem]],
+                l2_fixes: list[tuple[int, int, Problem]], raw_size: int, nclusters: int, last_used: int) -> None:
+        h = self.header
+        cs = self._cs
+        for i, p in l1_fixes:
+            self.f.pwrite(h.l1_table_offset + i * 8, bytes(8))
+            p.fixed = True
+            rep.changes.append(f"L1 entry {i}: {p.value:#x} -> 0")
+        for toff, j, p in l2_fixes:
+            self.f.pwrite(toff + j * 8, bytes(8))
+            p.fixed = True
+            rep.changes.append(f"L2 table at {toff:#x} entry {j}: {p.value:#x} -> 0")
+        if l1_fixes or l2_fixes:
+            self.f.flush()
+        new_end = (last_used + 1) * cs
+        if new_end < raw_size:
+            self.f.truncate(new_end)
+            self.f.flush()
+            tail = nclusters - (last_used + 1)
+            rep.leaks_fixed = tail
+            for p in rep.corruptions:
+                if p.kind is ProblemKind.PARTIAL_CLUSTER:
+                    p.fixed = True
+            rep.changes.append(f"file truncated from {raw_size:#x} to {new_end:#x} bytes"
+                               + (f" ({tail} leaked clusters at the end)" if tail else ""))
+        if rep.corruptions_remaining == 0 and self.dirty:
+            self.header = replace(self.header, features=self.header.features & ~int(Feature.NEED_CHECK))
+            self._write_header()
+            self.f.flush()
+            rep.need_check_cleared = True
+            rep.changes.append("NEED_CHECK cleared")
+        self._load_metadata()
+
+    # ---- info
+
+    def info(self) -> dict[str, object]:
+        h = self.header
+        return {
+            "format": "qed",
+            "virtual-size": h.image_size,
+            "cluster-size": h.cluster_size,
+            "table-size": h.table_size,
+            "header-size": h.header_size,
+            "l1-table-offset": h.l1_table_offset,
+            "features": h.features,
+            "compat-features": h.compat_features,
+            "autoclear-features": h.autoclear_features,
+            "dirty-flag": self.dirty,
+            "file-length": self.f.size(),
+            "backing-filename": self.backing_name,
+            "backing-filename-format": self.backing_format,
+        }
+
+
+_MAX_SPAN = 1 << 15  # L2 entries scanned at once at most (a whole table of the default size)
+_SMALL_SPAN = 32  # L2 entries checked one by one once a span with a problem is narrowed down to this
+_WINDOW = 64  # _scan_span counts marks over a window of up to this many clusters per entry, else uses a set
+_CLEAR_BIT0 = bytes(b & 0xFE for b in range(256))
+_NONZERO_RUN = re.compile(b"[^\\x00]+")
+_LANE_ONE = (1).to_bytes(8, "little")
+_ZERO_ENTRY = bytes(8)
+
+
+def _mark(used: bytearray, clusters: Iterable[int]) -> None:
+    deque(map(setitem, repeat(used), clusters, repeat(1)), maxlen=0)
+
+
+@dataclass
+class _ScanState:
+    """What the L2 scan of a check carries from entry to entry and table to table."""
+
+    rep: CheckReport
+    used: bytearray  # per cluster of the file: referenced by something already
+    meta: bytearray  # per cluster: the header or the L1 table
+    file_size: int  # whole clusters only
+    nclusters: int
+    l2_fixes: list[tuple[int, int, Problem]] = field(default_factory=list)
+    prev_host: int = -1  # the last data cluster seen, for counting fragmentation
+    _lanes: dict[int, _Lanes] = field(default_factory=dict)
+
+    def lanes(self, n: int) -> _Lanes:
+        """The lane constants for spans of n entries (kept for the check's few span lengths)."""
+        lanes = self._lanes.get(n)
+        if lanes is None:
+            if len(self._lanes) >= 8:
+                self._lanes.clear()
+            lanes = self._lanes[n] = _Lanes(int.from_bytes(_LANE_ONE * n, "little"))
+        return lanes
+
+
+class _Lanes(dict[int, int]):
+    """``lanes[v]``: the integer of n 64-bit lanes that all hold v; made on first use."""
+
+    def __init__(self, ones: int) -> None:
+        super().__init__()
+        self.ones = ones
+
+    def __missing__(self, v: int) -> int:
+        self[v] = r = self.ones * v
+        return r
+
+    def iota(self, step: int) -> int:
+        """Lanes 0, step, 2 * step, ..."""
+        key = -step  # beside the constant lanes, under a key they never use
+        r = self.get(key)
+        if r is None:
+            n = self.ones.bit_length() // 64 + 1
+            self[key] = r = int.from_bytes(_table_to_bytes(array("Q", range(0, n * step, step))), "little")
+        return r
+
+
+def _block_dir(f: BlockFile) -> Path | None:
+    path = getattr(f, "path", None)
+    return Path(path).parent if path is not None else None

@@ -1,0 +1,347 @@
+"""A peer group's ivshmem-server socket: the protocol QEMU's own
+`ivshmem-doorbell` device speaks (protocol/ivshmem_server.py), so that a
+stock QEMU (`-chardev socket,path=PATH,id=ivs -device
+ivshmem-doorbell,chardev=ivs,vectors=N`) joins the same group as the
+vfio-user guests, and so do host programs (backend.ivshmem_peer, or QEMU's
+contrib ivshmem-client).
+
+Each client gets an id from the group's id space, the group's memory fd,
+and `vectors` eventfds per peer: its own (which it waits on) and every other
+peer's (which it writes to ring them).  For vfio-user devices those are
+eventfds the group watches (ivshmem.PeerGroup.doorbell_fds); a doorbell from
+a vfio-user guest to a client writes the client's own eventfd.  Joins and
+leaves reach every client as the protocol's messages.
+
+Like contrib/ivshmem-server, a client leaves on any readable event on its
+socket (QEMU never writes to it; EOF is the usual one).
+
+Also here: the group commands of the control socket (`qbackend ivshmem
+...`), and `serve_group`, the standalone `qbackend ivshmem server`.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+import stat
+import threading
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from qbackend.errors import ControlError
+from qbackend.ivshmem.group import CLIENT_KIND, PeerGroup, make_eventfd
+from qbackend.plumbing.unix import accept_forever
+from qbackend.protocol import ivshmem_server as wire
+from qbackend.servers.control import ControlServer
+from qbackend.vfio.irqs import signal_eventfd
+
+log = logging.getLogger(__name__)
+
+MAX_DUMP = 1 << 20
+MAX_QUEUE = 1 << 16  # messages waiting for a client that does not read
+
+
+class ServerClient:
+    """One connection to the group's ivshmem-server socket, as a peer.
+
+    Messages go out without blocking: whoever announces a join or leave
+    holds the group lock (a vfio-user connection thread, or trio).  What the
+    socket does not take at once waits in a queue (fds duplicated, so that
+    a peer leaving meanwhile cannot close them under us) that the client's
+    task flushes when the socket is writable; a client that lets the queue
+    grow past MAX_QUEUE is dropped.
+    """
+
+    kind = CLIENT_KIND
+
+    def __init__(self, group: PeerGroup, sock: socket.socket, vectors: int) -> None:
+        self.group = group
+        self.sock = sock
+        self.name = "?"
+        self.position = -1
+        self.eventfds = [make_eventfd() for _ in range(vectors)]
+        self.counts = [0] * vectors
+        self.broken = False
+        self._queue: deque[tuple[bytes, int | None]] = deque()
+        self._queue_lock = threading.Lock()
+        self._token = trio.lowlevel.current_trio_token()
+        self._wakeup = trio.Event()
+
+    # -- sending --
+
+    def send(self, value: int, fd: int | None = None) -> None:
+        if self.broken:
+            return
+        with self._queue_lock:
+            if len(self._queue) >= MAX_QUEUE:
+                self._fail(f"more than {MAX_QUEUE} messages unread")
+                return
+            self._queue.append((wire.encode(value), os.dup(fd) if fd is not None else None))
+            self._flush_locked()
+            left = bool(self._queue)
+        if left:
+            self._token.run_sync_soon(lambda: self._wakeup.set())
+
+    def _flush_locked(self) -> None:
+        while self._queue and not self.broken:
+            data, fd = self._queue[0]
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())] if fd is not None else []
+            try:
+                self.sock.sendmsg([data], anc)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._fail(f"send failed ({exc})")
+                return
+            self._queue.popleft()
+            if fd is not None:
+                os.close(fd)
+
+    def _fail(self, why: str) -> None:
+        log.info("ivshmem-server %s: client %d: %s; dropping it", self.group.name, self.position, why)
+        self.broken = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes its task, which removes it
+        except OSError:
+            pass
+
+    async def flush_when_writable(self) -> None:
+        """The client task's writer: runs until cancelled."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            while not self.broken:
+                with self._queue_lock:
+                    self._flush_locked()
+                    if not self._queue:
+                        break
+                await trio.lowlevel.wait_writable(self.sock)
+
+    # -- as a group member --
+
+    @property
+    def vector_count(self) -> int:
+        return len(self.eventfds)
+
+    def receive_doorbell(self, vector: int) -> bool:
+        if not 0 <= vector < len(self.eventfds):
+            return False
+        self.counts[vector] += 1
+        signal_eventfd(self.eventfds[vector])
+        return True
+
+    def doorbell_eventfds(self) -> list[int] | None:
+        return self.eventfds
+
+    def peer_joined(self, peer: int, eventfds: list[int]) -> None:
+        for fd in eventfds:
+            self.send(peer, fd)
+
+    def peer_left(self, peer: int) -> None:
+        self.send(peer)
+
+    def received(self) -> list[int]:
+        return list(self.counts)
+
+    def close(self) -> None:
+        with self._queue_lock:
+            for _, fd in self._queue:
+                if fd is not None:
+                    os.close(fd)
+            self._queue.clear()
+        for fd in self.eventfds:
+            os.close(fd)
+        self.eventfds = []
+        self.sock.close()
+
+
+class IvshmemServerEndpoint:
+    """The listening socket of one group (mode 0600)."""
+
+    def __init__(self, group: PeerGroup, path: Path) -> None:
+        self.group = group
+        self.path = Path(path)
+        self.clients: dict[int, ServerClient] = {}
+        self.connections = 0
+
+    def _listen(self) -> socket.socket:
+        path = self.path
+        if path.is_socket():
+            path.unlink()
+        elif path.exists():
+            raise FileExistsError(f"{path} exists and is not a socket; not replacing it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(str(path))
+            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+            listener.listen(16)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        return listener
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = self._listen()
+        log.info("ivshmem-server %s: listening on %s (%d vectors per peer)", self.group.name, self.path,
+                 self.group.vectors)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                await accept_forever(listener, f"ivshmem-server {self.group.name}", nursery, self._serve_client)
+        finally:
+            listener.close()
+            try:
+                if self.path.is_socket():
+                    self.path.unlink()
+            except OSError:
+                pass
+
+    def admit(self, sock: socket.socket) -> ServerClient:
+        """Setup and announcements for a new connection, atomically under the
+        group lock (so that no join or leave is seen twice or missed)."""
+        group = self.group
+        sock.setblocking(False)
+        client = ServerClient(group, sock, group.vectors)
+        try:
+            with group.lock:
+                position = group.allocate_id()
+                client.position = position
+                client.name = f"client{self.connections}"
+                self.connections += 1
+                client.send(wire.PROTOCOL_VERSION)
+                client.send(position)
+                client.send(wire.SHM_MESSAGE, group.memory.fd)
+                group.join(client, position)  # the others learn our eventfds
+                for other_id in sorted(group.peers):
+                    if other_id != position:
+                        client.peer_joined(other_id, group.doorbell_fds(other_id))
+                client.peer_joined(position, client.eventfds)  # ours come last, as contrib sends them
+                self.clients[position] = client
+        except BaseException:
+            with group.lock:
+                if group.peers.get(client.position) is client:
+                    group.leave(client.position)
+                self.clients.pop(client.position, None)
+            client.close()
+            raise
+        return client
+
+    async def _serve_client(self, sock: socket.socket) -> None:
+        client = None
+        try:
+            client = self.admit(sock)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.flush_when_writable)
+                # Any readable event (EOF, data, error) ends the client, as in contrib.
+                await trio.lowlevel.wait_readable(sock)
+                nursery.cancel_scope.cancel()
+        except OSError as exc:
+            log.info("ivshmem-server %s: client failed: %s", self.group.name, exc)
+        finally:
+            if client is not None:
+                with self.group.lock:
+                    if self.group.peers.get(client.position) is client:
+                        self.group.leave(client.position)
+                    self.clients.pop(client.position, None)
+                    client.close()
+            else:
+                sock.close()
+
+
+async def serve_endpoints(group: PeerGroup, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve every endpoint of a group; started() once all listen."""
+    async with trio.open_nursery() as nursery:
+        for endpoint in group.endpoints:
+            await nursery.start(endpoint.serve)
+        task_status.started()
+        await trio.sleep_forever()
+
+
+def add_server(group: PeerGroup, path: Path, vectors: int) -> IvshmemServerEndpoint:
+    """Give a group an ivshmem-server socket (before it is served)."""
+    if not 1 <= vectors <= wire.MAX_VECTORS:
+        raise ValueError(f"ivshmem-server vectors={vectors}: 1..{wire.MAX_VECTORS}")
+    for endpoint in group.endpoints:
+        if Path(endpoint.path) == Path(path):
+            return endpoint
+    if group.endpoints and group.vectors != vectors:
+        raise ValueError(f"group {group.name}: its ivshmem-server hands out {group.vectors} vectors per peer, "
+                         f"not {vectors}")
+    if group._serving:
+        raise ValueError(f"group {group.name} is already served; give server= before qbackend starts")
+    group.vectors = vectors
+    endpoint = IvshmemServerEndpoint(group, path)
+    group.endpoints.append(endpoint)
+    return endpoint
+
+
+# -- control socket commands -----------------------------------------------------------
+
+
+def describe(group: PeerGroup) -> dict[str, Any]:
+    with group.lock:
+        return {
+            "group": group.name,
+            "size": group.memory.size,
+            "shm": str(group.memory.path) if group.memory.path else None,
+            "vectors": group.vectors,
+            "servers": [str(e.path) for e in group.endpoints],
+            "dropped_doorbells": group.dropped_doorbells,
+            "peers": [{"id": pid, "kind": p.kind, "name": p.name, "vectors": p.vector_count,
+                       "received": p.received()} for pid, p in sorted(group.peers.items())],
+        }
+
+
+def register_control(control: ControlServer, groups: Mapping[str, PeerGroup]) -> None:
+    """Add the `ivshmem-*` commands to a control socket.  `groups` is read
+    at each call (the Backend's live dict)."""
+
+    def pick(req: dict[str, Any]) -> PeerGroup:
+        name = req.get("group")
+        if name is not None:
+            if name not in groups:
+                raise ControlError(f"no ivshmem group {name!r}; groups: {', '.join(groups) or 'none'}")
+            return groups[name]
+        shared = {k: g for k, g in groups.items() if not k.startswith("memfd-")} or dict(groups)
+        if len(shared) != 1:
+            raise ControlError(f"say which group (--group): {', '.join(groups) or 'there is none'}")
+        return next(iter(shared.values()))
+
+    def bounds(group: PeerGroup, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > group.memory.size:
+            raise ControlError(f"{offset:#x}+{length} is outside the {group.memory.size:#x}-byte memory")
+        if length > MAX_DUMP:
+            raise ControlError(f"at most {MAX_DUMP} bytes at a time")
+
+    async def peers(req: dict[str, Any]) -> Any:
+        return describe(pick(req))
+
+    async def ring(req: dict[str, Any]) -> Any:
+        group = pick(req)
+        return {"delivered": group.ring(int(req["peer"]), int(req["vector"]))}
+
+    async def dump(req: dict[str, Any]) -> Any:
+        group = pick(req)
+        offset, length = int(req["offset"]), int(req["length"])
+        bounds(group, offset, length)
+        return {"offset": offset, "data": group.memory.read(offset, length).hex()}
+
+    async def write(req: dict[str, Any]) -> Any:
+        group = pick(req)
+        offset, data = int(req["offset"]), bytes.fromhex(str(req["data"]))
+        bounds(group, offset, len(data))
+        group.memory.write(offset, data)
+        return {"written": len(data)}
+
+    control.register("ivshmem-peers", peers)
+    control.register("ivshmem-ring", ring)
+    control.register("ivshmem-dump", dump)
+    control.register("ivshmem-write", write)

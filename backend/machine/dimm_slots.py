@@ -1,0 +1,290 @@
+"""DIMM slots, after seeds 001 and 003: declared slots with an id, a size, a
+NUMA node and populated=on|off; addresses laid out from the top of memory,
+skipping the PCI hole below 4 GiB; hot-add and hot-remove carried out over
+QMP; and the ACPI memory-hotplug block (backend.memhp) kept true to what
+QEMU really has.
+
+The hot-remove sequence of spec 000 is tracked as states: requested
+(device_del sent), ejecting (the guest reported OST 0x84), then removed
+(DEVICE_DELETED), or failed (OST 0x82, busy: no DEVICE_DELETED will come).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import trio
+
+from qbackend.app.options import DimmOptions
+from qbackend.errors import QbackendError
+from qbackend.machine.qmp import QmpConnection, QmpError
+from qbackend.models.memhp import OST_BUSY, OST_EJECT_IN_PROGRESS, OST_EVENT_EJECT, MemoryHotplugBlock
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+FOUR_GIB = 4 * GiB
+BLOCK_ALIGN = 128 << 20  # the guest's memory block size: keep DIMMs on block boundaries
+# Where the PCI hole starts below 4 GiB when RAM would reach it (QEMU's
+# pc_init / pc_q35_init defaults): RAM below it, the rest above 4 GiB.
+PCI_HOLE_START = {"pc": 0xE0000000, "q35": 0x80000000}
+
+
+def device_memory_base(machine: str, ram_size: int) -> int:
+    """The first address for DIMMs: the top of memory, past the PCI hole.
+
+    QEMU places its device-memory region at 4 GiB plus the RAM above
+    4 GiB, aligned up to 1 GiB; DIMM addresses must fall inside it.
+    """
+    hole = PCI_HOLE_START.get(machine, PCI_HOLE_START["pc"])
+    below = ram_size if ram_size <= hole else hole
+    above = ram_size - below
+    return -(-(FOUR_GIB + above) // GiB) * GiB
+
+
+def layout(dimms: list[DimmOptions], machine: str, ram_size: int) -> list[int]:
+    """Each declared slot's address, in declaration order, back to back."""
+    addr = device_memory_base(machine, ram_size)
+    out = []
+    for d in dimms:
+        out.append(addr)
+        addr = -(-(addr + d.size) // BLOCK_ALIGN) * BLOCK_ALIGN
+    return out
+
+
+class RemovalState(Enum):
+    REQUESTED = "remove requested"
+    EJECTING = "eject in progress (OST 0x84)"
+    REMOVED = "removed"
+    FAILED = "failed: the guest reported busy (OST 0x82)"
+    TIMED_OUT = "no answer from the guest"
+
+
+@dataclass
+class Dimm:
+    opts: DimmOptions
+    slot: int
+    address: int
+    plugged: bool = False
+    removal: RemovalState | None = None
+    hotplugged: bool = False
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def id(self) -> str:
+        return self.opts.id
+
+    @property
+    def memdev(self) -> str:
+        return f"mem-{self.opts.id}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "slot": self.slot, "address": self.address, "size": self.opts.size,
+                "node": self.opts.node, "plugged": self.plugged,
+                "removal": self.removal.value if self.removal else None}
+
+
+class DimmError(QbackendError):
+    """A DIMM request that cannot be done (unknown slot, already plugged, QEMU refused)."""
+
+
+class DimmManager:
+    """The slots of one machine.  Methods that talk to QEMU are async (trio)."""
+
+    def __init__(self, dimms: list[DimmOptions], *, machine: str, ram_size: int, slots: int,
+                 block: MemoryHotplugBlock, lock: Any, on_change: Callable[[], None] = lambda: None) -> None:
+        if len(dimms) > slots:
+            raise DimmError(f"{len(dimms)} DIMMs declared but the machine has {slots} slots")
+        ids = [d.id for d in dimms]
+        if len(set(ids)) != len(ids):
+            raise DimmError(f"DIMM ids must be unique: {ids}")
+        self.machine = machine
+        self.ram_size = ram_size
+        self.block = block
+        self.lock = lock  # the controller's device lock: the block is shared with the guest's accesses
+        self.on_change = on_change
+        self.dimms = {d.id: Dimm(d, slot, addr)
+                      for slot, (d, addr) in enumerate(zip(dimms, layout(dimms, machine, ram_size)))}
+        self.others: dict[str, dict[str, Any]] = {}  # DIMMs QEMU has that we did not declare
+        self.qmp: QmpConnection | None = None
+        self.ost: list[dict[str, Any]] = []  # ACPI_DEVICE_OST events seen, newest last
+
+    # -- QEMU's command line for populated slots ---------------------------------------
+
+    def cold_plug_args(self) -> list[str]:
+        args = []
+        for d in self.dimms.values():
+            if d.opts.populated:
+                args += ["-object", f"memory-backend-memfd,id={d.memdev},size={d.opts.size},share=on",
+                         "-device", f"pc-dimm,id={d.id},memdev={d.memdev},addr={d.address},"
+                                    f"node={d.opts.node},slot={d.slot}"]
+        return args
+
+    # -- QMP ------------------------------------------------------------------------------
+
+    def _qmp(self) -> QmpConnection:
+        if self.qmp is None:
+            raise DimmError("not connected to QEMU's QMP monitor")
+        return self.qmp
+
+    async def attach(self, qmp: QmpConnection, *, plug_populated: bool = False) -> None:
+        """Start working against a QEMU; with plug_populated, hot-add the
+        populated slots it lacks (for a QEMU started without them)."""
+        self.qmp = qmp
+        await self.reconcile()
+        if plug_populated:
+            for d in self.dimms.values():
+                if d.opts.populated and not d.plugged:
+                    await self.add(d.id)
+
+    async def add(self, dimm_id: str) -> Dimm:
+        d = self._get(dimm_id)
+        if d.plugged:
+            raise DimmError(f"DIMM {dimm_id} is already plugged (slot {d.slot} at {d.address:#x})")
+        qmp = self._qmp()
+        await qmp.execute("object-add", {"qom-type": "memory-backend-memfd", "id": d.memdev,
+                                         "size": d.opts.size, "share": True})
+        try:
+            await qmp.execute("device_add", {"driver": "pc-dimm", "id": d.id, "memdev": d.memdev,
+                                             "addr": d.address, "node": d.opts.node, "slot": d.slot})
+        except QmpError:
+            await qmp.execute("object-del", {"id": d.memdev})
+            raise
+        with self.lock:
+            d.plugged, d.hotplugged, d.removal = True, True, None
+            self.block.plug(d.slot, d.address, d.opts.size, d.opts.node, d.id, hotplugged=True)
+        self._changed(d)
+        return d
+
+    async def remove(self, dimm_id: str, timeout: float = 30.0) -> RemovalState:
+        """device_del, then follow the guest's answer to the end."""
+        d = self._get(dimm_id)
+        if not d.plugged:
+            raise DimmError(f"DIMM {dimm_id} is not plugged")
+        await self._qmp().execute("device_del", {"id": d.id})
+        with self.lock:
+            d.removal = RemovalState.REQUESTED
+            self.block.request_unplug(d.slot)
+        self._changed(d)
+        with trio.move_on_after(timeout):
+            while d.removal in (RemovalState.REQUESTED, RemovalState.EJECTING):
+                await d.changed.wait()
+        if d.removal in (RemovalState.REQUESTED, RemovalState.EJECTING):
+            d.removal = RemovalState.TIMED_OUT
+        assert d.removal is not None
+        return d.removal
+
+    def _get(self, dimm_id: str) -> Dimm:
+        try:
+            return self.dimms[dimm_id]
+        except KeyError:
+            raise DimmError(f"no DIMM slot {dimm_id!r}; declared: {', '.join(self.dimms) or 'none'}") from None
+
+    def _changed(self, d: Dimm | None) -> None:
+        if d is not None:
+            d.changed.set()
+            d.changed = trio.Event()
+        self.on_change()
+
+    async def handle_event(self, event: dict[str, Any]) -> None:
+        """A QMP event; DIMM events update the slots."""
+        name, data = event.get("event"), event.get("data", {})
+        if name == "ACPI_DEVICE_OST" and data.get("info", {}).get("slot-type") == "DIMM":
+            info = data["info"]
+            self.ost.append(info)
+            d = self.dimms.get(info.get("device", ""))
+            if d is not None and info.get("source") == OST_EVENT_EJECT:
+                if info.get("status") == OST_EJECT_IN_PROGRESS:
+                    d.removal = RemovalState.EJECTING
+                elif info.get("status") == OST_BUSY:
+                    d.removal = RemovalState.FAILED
+                    with self.lock:
+                        self.block.slots[d.slot].removing = False
+                self._changed(d)
+            await self.reconcile()
+        elif name == "DEVICE_DELETED":
+            d = self.dimms.get(data.get("device", ""))
+            if d is not None:
+                with self.lock:
+                    d.plugged, d.removal = False, RemovalState.REMOVED
+                    self.block.unplugged(d.slot)
+                try:
+                    await self._qmp().execute("object-del", {"id": d.memdev})
+                except QmpError as exc:
+                    log.warning("DIMM %s removed but its memory backend stays: %s", d.id, exc)
+                self._changed(d)
+            else:
+                await self.reconcile()
+
+    async def reconcile(self) -> None:
+        """Make the slots and the block say what QEMU says (query-memory-devices),
+        whoever plugged what."""
+        devices = await self._qmp().execute("query-memory-devices")
+        seen: dict[int, dict[str, Any]] = {}
+        for dev in devices:
+            if dev.get("type") == "dimm":
+                seen[dev["data"]["slot"]] = dev["data"]
+        changed = False
+        with self.lock:
+            self.others = {}
+            for slot_no, slot in enumerate(self.block.slots):
+                data = seen.get(slot_no)
+                if data is None:
+                    if slot.enabled:
+                        self.block.unplugged(slot_no)
+                        changed = True
+                    continue
+                if (slot.address, slot.size, slot.node, slot.device_id, slot.enabled) != (
+                        data["addr"], data["size"], data["node"], data.get("id"), True):
+                    self.block.plug(slot_no, data["addr"], data["size"], data["node"], data.get("id"),
+                                    hotplugged=bool(data.get("hotplugged")) and not slot.enabled)
+                    changed = True
+            for d in self.dimms.values():
+                data = seen.get(d.slot)
+                plugged = data is not None and data.get("id") == d.id
+                if plugged != d.plugged:
+                    d.plugged = plugged
+                    changed = True
+            ours = {d.id for d in self.dimms.values()}
+            for data in seen.values():
+                if data.get("id") not in ours:
+                    self.others[str(data.get("id"))] = data
+        # OSPM's last word per DIMM (query-acpi-ospm-status) tells about
+        # removals someone else asked for (a device_del typed elsewhere).
+        # Removals of ours follow the events instead: the status of an
+        # earlier attempt would be stale for them.
+        for status in await self._qmp().execute("query-acpi-ospm-status"):
+            found = self.dimms.get(status.get("device", ""))
+            if found is None:
+                continue
+            d = found
+            if (d.removal is not None or not d.plugged or status.get("slot-type") != "DIMM"
+                    or status.get("source") != OST_EVENT_EJECT):
+                continue
+            if status.get("status") == OST_BUSY:
+                d.removal = RemovalState.FAILED
+            elif status.get("status") == OST_EJECT_IN_PROGRESS:
+                d.removal = RemovalState.EJECTING
+            else:
+                continue
+            changed = True
+            self._changed(d)
+        if changed:
+            self._changed(None)
+
+    async def memory_total(self) -> dict[str, int]:
+        """Base plus plugged, as seed 003's query-memory-total, beside QEMU's summary."""
+        summary = await self._qmp().execute("query-memory-size-summary")
+        plugged = sum(s.size for s in self.block.slots if s.enabled)
+        return {"base": self.ram_size, "plugged": plugged, "total": self.ram_size + plugged,
+                "qemu-base": summary["base-memory"], "qemu-plugged": summary.get("plugged-memory", 0)}
+
+    def as_json(self) -> list[dict[str, Any]]:
+        out = [d.as_json() for d in self.dimms.values()]
+        out += [{"id": i, "slot": v["slot"], "address": v["addr"], "size": v["size"], "node": v["node"],
+                 "plugged": True, "removal": None, "declared": False} for i, v in self.others.items()]
+        return out

@@ -1,0 +1,145 @@
+"""The slots of the hotpluggable PCI bus, kept true to QEMU (query-pci, QMP
+events and qbackend's own requests) and shown in the PCI-hotplug block of
+the hotplug controller (backend.pcihp).
+
+Which bus: on pc the root bus (bsel 0, ACPI hotplug at 0xae00); on q35 the
+root port of the machine profile (bsel 0 there too: the root bus has no
+ACPI hotplug).  UP is set for a device that appears without having been
+there at start, DOWN when a removal is asked for; both clear when the
+device is gone.  RMV is cleared for the slots QEMU will not unplug (host
+and ISA bridges, cold-plugged bridges).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from qbackend.machine.qmp import QmpConnection, QmpError
+from qbackend.models.pcihp import PciHotplugBlock
+
+log = logging.getLogger(__name__)
+
+# Classes QEMU marks not hot-pluggable on these machines (PCI_CLASS_*).
+NOT_REMOVABLE_CLASSES = {0x0600, 0x0601, 0x0604}
+
+
+@dataclass
+class SlotDevice:
+    slot: int
+    qdev_id: str
+    class_code: int
+    vendor: int
+    device: int
+
+
+def bus_devices(query_pci: list[dict[str, Any]], bus_id: str | None) -> tuple[int, list[dict[str, Any]]]:
+    """The bus number and device list of the hotpluggable bus in a query-pci reply.
+
+    bus_id None: the root bus; else the secondary bus of the bridge with that qdev id.
+    """
+    for host in query_pci:
+        if bus_id is None:
+            return host["bus"], host["devices"]
+        for dev in host["devices"]:
+            bridge = dev.get("pci_bridge")
+            if bridge and dev.get("qdev_id") == bus_id:
+                return bridge["bus"]["secondary"], bridge.get("devices", [])
+    raise ValueError(f"QEMU has no bus behind {bus_id!r}")
+
+
+class PciSlotManager:
+    def __init__(self, block: PciHotplugBlock, lock: Any, *, bus_id: str | None = None,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.block = block
+        self.lock = lock
+        self.bus_id = bus_id  # the profile's hotplug bus (q35: its root port); None: the root bus
+        self.on_change = on_change
+        self.qmp: QmpConnection | None = None
+        self.slots: dict[int, SlotDevice] = {}
+        self._known = False  # the first reconcile sees what was cold-plugged: no UP for those
+        self.removed = trio.Event()  # set (and renewed) whenever a device leaves
+
+    async def attach(self, qmp: QmpConnection) -> None:
+        self.qmp = qmp
+        await self.reconcile()
+
+    async def reconcile(self) -> None:
+        if self.qmp is None:
+            return
+        _bus, devices = bus_devices(await self.qmp.execute("query-pci"), self.bus_id)
+        now: dict[int, SlotDevice] = {}
+        for info in devices:
+            if info["function"] != 0 and info["slot"] in now:
+                continue
+            now[info["slot"]] = SlotDevice(info["slot"], info.get("qdev_id", ""), info["class_info"]["class"],
+                                           info["id"]["vendor"], info["id"]["device"])
+        gone = False
+        with self.lock:
+            bus = self.block.buses[0]
+            for slot, dev in now.items():
+                old = self.slots.get(slot)
+                if old is None or old.qdev_id != dev.qdev_id:
+                    self.block.plug(0, slot, dev.qdev_id, hotplugged=self._known and slot not in bus.devices)
+                removable = dev.class_code not in NOT_REMOVABLE_CLASSES
+                self.block.set_removable(0, slot, removable)
+            for slot in set(self.slots) - set(now):
+                self.block.unplugged(0, slot)
+                gone = True
+            changed = now.keys() != self.slots.keys() or any(
+                self.slots[s].qdev_id != d.qdev_id for s, d in now.items() if s in self.slots)
+            self.slots = now
+            self._known = True
+        if gone:
+            self.removed.set()
+            self.removed = trio.Event()
+        if changed:
+            self.on_change()
+
+    def slot_of(self, qdev_id: str) -> int | None:
+        return next((s for s, d in self.slots.items() if d.qdev_id == qdev_id), None)
+
+    async def add(self, args: dict[str, Any]) -> SlotDevice:
+        """device_add (any QEMU device given as QMP arguments) on the hotplug bus."""
+        assert self.qmp is not None
+        if self.bus_id is not None:
+            args = {"bus": self.bus_id, **args}
+        await self.qmp.execute("device_add", args)
+        await self.reconcile()
+        slot = self.slot_of(str(args.get("id", "")))
+        if slot is None:
+            raise QmpError(f"device {args.get('id')} was added but is not on the hotplug bus")
+        with self.lock:
+            self.block.plug(0, slot, self.slots[slot].qdev_id, hotplugged=True)
+        self.on_change()
+        return self.slots[slot]
+
+    async def remove(self, qdev_id: str, timeout: float = 30.0) -> bool:
+        """device_del, and wait until the device is gone (the guest ejected it)."""
+        assert self.qmp is not None
+        slot = self.slot_of(qdev_id)
+        await self.qmp.execute("device_del", {"id": qdev_id})
+        if slot is not None:
+            with self.lock:
+                self.block.request_unplug(0, slot)
+            self.on_change()
+        with trio.move_on_after(timeout):
+            while self.slot_of(qdev_id) is not None:
+                await self.removed.wait()
+            return True
+        return False
+
+    async def handle_event(self, event: dict[str, Any]) -> None:
+        if event.get("event") == "DEVICE_DELETED" and event.get("data", {}).get("device"):
+            await self.reconcile()
+
+    def as_json(self) -> list[dict[str, Any]]:
+        bus = self.block.buses[0]
+        return [{"slot": s, "id": d.qdev_id, "vendor": f"{d.vendor:04x}", "device": f"{d.device:04x}",
+                 "class": f"{d.class_code:04x}", "removable": bool(bus.removable & (1 << s)),
+                 "up": bool(bus.up & (1 << s)), "down": bool(bus.down & (1 << s))}
+                for s, d in sorted(self.slots.items())]

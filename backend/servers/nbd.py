@@ -1,0 +1,353 @@
+"""The NBD server: listeners on a UNIX socket and optionally TCP, one worker
+thread per connection (as for vfio-user: blocking I/O keeps a request's
+cost low), the sans-IO protocol in protocol.nbd, exports in
+backend.nbd_exports.
+
+Requests are read in order and most are answered in order by the
+connection thread.  FLUSH and FUA writes go to a small pool, so a slow
+flush does not hold up the reads behind it: their replies can come back
+out of order, which NBD allows (replies carry the request's cookie).
+"""
+
+from __future__ import annotations
+
+import errno as E
+import logging
+import os
+import socket
+import stat
+import threading
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import trio
+
+from qbackend.block.exports import Export
+from qbackend.protocol import nbd
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 1 << 20
+MAX_DESCRIPTORS = 1 << 20
+_ERRNOS = {E.EPERM: nbd.Errno.EPERM, E.EIO: nbd.Errno.EIO, E.ENOMEM: nbd.Errno.ENOMEM,
+           E.EINVAL: nbd.Errno.EINVAL, E.ENOSPC: nbd.Errno.ENOSPC, E.EOVERFLOW: nbd.Errno.EOVERFLOW,
+           E.ENOTSUP: nbd.Errno.ENOTSUP, E.EFBIG: nbd.Errno.ENOSPC, E.EROFS: nbd.Errno.EPERM}
+
+
+def nbd_errno(exc: BaseException) -> nbd.Errno:
+    code = getattr(exc, "errno", None)
+    return _ERRNOS.get(code, nbd.Errno.EIO) if isinstance(code, int) else nbd.Errno.EIO
+
+
+class _Closed(Exception):
+    pass
+
+
+class NbdConnection:
+    def __init__(self, server: NbdServer, sock: socket.socket, peer: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.protocol = nbd.NbdServerConnection(
+            exports={name: e.info for name, e in server.exports.items()},
+            default_export=next(iter(server.exports), None))
+        self._send_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: set[Future[None]] = set()
+        self._buffer = bytearray(RECV_SIZE)
+        self._view = memoryview(self._buffer)
+        self.stopping = False
+
+    # -- I/O -------------------------------------------------------------------
+
+    def _send(self, *parts: bytes) -> None:
+        with self._send_lock:
+            try:
+                if len(parts) == 1:
+                    self.sock.sendall(parts[0])
+                else:
+                    total = sum(len(p) for p in parts)
+                    sent = self.sock.sendmsg(parts)
+                    if sent < total:
+                        self.sock.sendall(b"".join(parts)[sent:])
+            except OSError as exc:
+                raise _Closed(str(exc)) from None
+
+    def _recv(self) -> memoryview | bytes:
+        """The next bytes from the client, valid until the next call.
+
+        Into one preallocated buffer: a fresh 1 MiB bytes object per recv()
+        costs more than most requests; the protocol copies what it keeps.
+        """
+        try:
+            n = self.sock.recv_into(self._buffer)
+        except OSError:
+            return b""
+        return self._view[:n]
+
+    def stop(self) -> None:
+        """Stop reading new requests (from any thread); what is in flight finishes."""
+        self.stopping = True
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    # -- the loop (worker thread) ------------------------------------------------------
+
+    def run_blocking(self) -> None:
+        protocol = self.protocol
+        try:
+            self._send(protocol.greeting())
+            export = self._handshake()
+            if export is None:
+                return
+            self._transmission(export)
+        except nbd.NbdProtocolError as exc:
+            log.info("nbd %s: dropping the connection: %s", self.peer, exc)
+            self.server.stats["protocol_errors"] += 1
+            if exc.reply:
+                try:
+                    self._send(exc.reply)
+                except _Closed:
+                    pass
+        except _Closed:
+            pass
+        except Exception:
+            # A bug of ours must cost this client its connection, not the
+            # server its life.
+            log.exception("nbd %s: internal error; dropping the connection", self.peer)
+            self.server.stats["internal_errors"] += 1
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def _handshake(self) -> Export | None:
+        protocol = self.protocol
+        while protocol.phase is not nbd.Phase.TRANSMISSION:
+            event = protocol.next_event()
+            if event is nbd.NEED_DATA:
+                protocol.receive_data(self._recv())
+                continue
+            assert isinstance(event, nbd.OptionHandled)
+            self._send(event.reply)
+            if event.done:
+                return None
+        negotiated = protocol.negotiated()
+        log.info("nbd %s: export %r (structured replies: %s, contexts: %s)", self.peer, negotiated.export.name,
+                 negotiated.structured, ", ".join(negotiated.meta_contexts) or "none")
+        return self.server.exports[negotiated.export.name]
+
+    def _transmission(self, export: Export) -> None:
+        protocol = self.protocol
+        stats = self.server.stats
+        while True:
+            event = protocol.next_event()
+            if event is nbd.NEED_DATA:
+                data = self._recv()
+                if not data and self.stopping:
+                    self._drain()
+                    return
+                protocol.receive_data(data)
+                continue
+            if isinstance(event, nbd.Request):
+                stats[event.command.name] += 1
+                self._handle(export, event)
+            elif isinstance(event, nbd.Rejected):
+                stats["rejected"] += 1
+                log.info("nbd %s: request %#x refused: %s", self.peer, event.cookie, event.reason)
+                self._send(event.reply)
+            else:
+                assert isinstance(event, nbd.Disconnect)
+                self._drain()
+                return
+
+    def _drain(self) -> None:
+        for future in list(self._inflight):
+            future.result()
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _handle(self, export: Export, req: nbd.Request) -> None:
+        cmd = req.command
+        try:
+            if cmd == nbd.Cmd.READ:
+                data = export.read(req.offset, req.length)
+                if self.protocol.structured:
+                    self._send(nbd.structured_read_header(req.cookie, req.offset, req.length), data)
+                else:
+                    self._send(nbd.simple_reply(req.cookie), data)
+                return
+            if cmd == nbd.Cmd.WRITE:
+                if req.flags & nbd.CmdFlags.FUA:
+                    self._in_pool(req, lambda: export.write(req.offset, req.data, True))
+                    return
+                export.write(req.offset, req.data, False)
+            elif cmd == nbd.Cmd.FLUSH:
+                self._in_pool(req, export.flush)
+                return
+            elif cmd == nbd.Cmd.TRIM:
+                export.trim(req.offset, req.length, bool(req.flags & nbd.CmdFlags.FUA))
+            elif cmd == nbd.Cmd.WRITE_ZEROES:
+                may_trim = not req.flags & nbd.CmdFlags.NO_HOLE
+                if req.flags & nbd.CmdFlags.FAST_ZERO and not may_trim:
+                    # Zeroing without punching holes means writing zeros: not fast.
+                    self._send(self.protocol.error_reply(req.cookie, nbd.Errno.ENOTSUP, "zeroing is not fast"))
+                    return
+                export.write_zeroes(req.offset, req.length, may_trim, bool(req.flags & nbd.CmdFlags.FUA))
+            elif cmd == nbd.Cmd.BLOCK_STATUS:
+                extents = export.block_status(req.offset, req.length)
+                self._send(nbd.block_status_reply(req.cookie, nbd.BASE_ALLOCATION_ID,
+                                                  _clip(extents, req.length,
+                                                        bool(req.flags & nbd.CmdFlags.REQ_ONE))))
+                return
+            elif cmd == nbd.Cmd.CACHE:
+                pass  # the page cache already holds what was read; nothing to prefetch into
+            self._send(self._ok(req.cookie))
+        except _Closed:
+            raise
+        except Exception as exc:  # an I/O error on the image: tell the client, keep serving
+            log.warning("nbd %s: %s %#x+%d failed: %s", self.peer, cmd.name, req.offset, req.length, exc)
+            self.server.stats["io_errors"] += 1
+            self._send(self.protocol.error_reply(req.cookie, nbd_errno(exc), str(exc)))
+
+    def _ok(self, cookie: int) -> bytes:
+        return nbd.structured_done(cookie) if self.protocol.structured else nbd.simple_reply(cookie)
+
+    def _in_pool(self, req: nbd.Request, work: object) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nbd-flush")
+
+        def run() -> None:
+            try:
+                work()  # type: ignore[operator]
+                reply = self._ok(req.cookie)
+            except Exception as exc:
+                log.warning("nbd %s: %s failed: %s", self.peer, req.command.name, exc)
+                reply = self.protocol.error_reply(req.cookie, nbd_errno(exc), str(exc))
+            try:
+                self._send(reply)
+            except _Closed:
+                pass
+
+        future = self._pool.submit(run)
+        self._inflight.add(future)
+        future.add_done_callback(self._inflight.discard)
+
+
+def _clip(extents: list[tuple[int, int]], length: int, only_one: bool) -> list[tuple[int, int]]:
+    """Extents cut to the requested length (and to one with REQ_ONE)."""
+    out: list[tuple[int, int]] = []
+    left = length
+    for n, flags in extents:
+        if left <= 0 or len(out) >= MAX_DESCRIPTORS:
+            break
+        out.append((min(n, left), flags))
+        left -= n
+        if only_one:
+            break
+    return out
+
+
+class NbdServer:
+    """Serves exports on a UNIX socket and/or a TCP address until cancelled.
+
+    On the way out it stops reading new requests, lets what is in flight
+    finish, flushes every writable export and closes them.
+    """
+
+    def __init__(self, exports: dict[str, Export], socket_path: Path | None = None,
+                 tcp: tuple[str, int] | None = None) -> None:
+        if not exports:
+            raise ValueError("an NBD server needs at least one export")
+        if socket_path is None and tcp is None:
+            raise ValueError("an NBD server needs a socket path or a TCP address")
+        self.exports = exports
+        self.socket_path = socket_path
+        self.tcp = tcp
+        self.tcp_port: int | None = None
+        self.stats: Counter[str] = Counter()
+        self.connections: set[NbdConnection] = set()
+        self.connections_served = 0
+
+    def _listeners(self) -> list[socket.socket]:
+        out = []
+        if self.socket_path is not None:
+            path = self.socket_path
+            if path.is_socket():
+                path.unlink()
+            elif path.exists():
+                raise FileExistsError(f"{path} exists and is not a socket; not replacing it")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.bind(str(path))
+            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+            out.append(sock)
+        if self.tcp is not None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(self.tcp)
+            self.tcp_port = sock.getsockname()[1]
+            out.append(sock)
+        for sock in out:
+            sock.listen(64)
+            sock.setblocking(False)
+        return out
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = self._listeners()
+        try:
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener, nursery)
+                task_status.started()
+        finally:
+            for listener in listeners:
+                listener.close()
+            if self.socket_path is not None and self.socket_path.is_socket():
+                self.socket_path.unlink()
+            for export in self.exports.values():
+                try:
+                    if not export.info.read_only:
+                        export.flush()
+                finally:
+                    export.close()
+
+    async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            try:
+                sock, addr = listener.accept()
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if exc.errno in (E.EMFILE, E.ENFILE, E.ENOBUFS, E.ENOMEM):
+                    log.error("nbd: accept failed (%s); retrying shortly", exc)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            sock.setblocking(True)
+            if sock.family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            nursery.start_soon(self._serve_client, sock, str(addr) or "unix")
+
+    async def _serve_client(self, sock: socket.socket, peer: str) -> None:
+        conn = NbdConnection(self, sock, peer)
+        self.connections.add(conn)
+        self.connections_served += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_cancel, conn)
+                await trio.to_thread.run_sync(conn.run_blocking, limiter=trio.CapacityLimiter(1))
+                nursery.cancel_scope.cancel()
+        finally:
+            self.connections.discard(conn)
+            sock.close()
+
+
+async def _stop_on_cancel(conn: NbdConnection) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        conn.stop()

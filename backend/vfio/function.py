@@ -1,0 +1,200 @@
+"""A PCI function as the vfio-user server sees it: config space, regions
+(BARs), interrupts.  Concrete devices (ivshmem, the hotplug controller)
+subclass `PciFunction` and supply BAR handlers.
+
+Region accesses arrive already checked against the wire rules; the range
+checks against region sizes are here, since only the device knows its
+regions.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from qbackend.models.pci_config import CONFIG_SIZE, MSIX_ENTRY_SIZE, ConfigSpace
+from qbackend.protocol.vfio_user import (
+    PCI_NUM_REGIONS,
+    PciIrq,
+    PciRegion,
+    RegionFlags,
+    RequestError,
+)
+from qbackend.vfio.irqs import InterruptController
+
+_CONFIG = int(PciRegion.CONFIG)  # a plain int: reading an enum member is slow on the hot path
+
+ReadHandler = Callable[[int, int], bytes]
+WriteHandler = Callable[[int, bytes], None]
+
+
+@dataclass
+class Region:
+    size: int
+    read: ReadHandler
+    write: WriteHandler
+    mmap_fd: int | None = None  # handed to the client; stays owned by the device
+    mmap_offset: int = 0
+
+    @property
+    def flags(self) -> RegionFlags:
+        flags = RegionFlags.READ | RegionFlags.WRITE
+        if self.mmap_fd is not None:
+            flags |= RegionFlags.MMAP
+        return flags
+
+    @property
+    def sparse_areas(self) -> tuple[tuple[int, int], ...]:
+        # The whole region is mappable; saying so with the sparse-mmap
+        # capability is what makes QEMU map it rather than trap it.
+        return ((0, self.size),) if self.mmap_fd is not None else ()
+
+
+class PciFunction:
+    """Base class: config space plus regions plus interrupts."""
+
+    name = "pci"
+
+    def __init__(self, config: ConfigSpace, irqs: InterruptController) -> None:
+        self.config = config
+        self.irqs = irqs
+        # Held by whoever touches the device: the connection's worker thread
+        # while it handles messages, trio tasks while they act as the host.
+        self.lock = threading.RLock()
+        self.regions: dict[int, Region] = {}
+        self.region_accesses = [0] * PCI_NUM_REGIONS  # REGION_READ/WRITE messages per region
+        self._msix_table = bytearray()
+        if config.msix is not None:
+            layout = config.msix
+            # QEMU emulates the table and never forwards it, so this copy
+            # starts with its mask bits clear: it gates nothing unless a
+            # client writes it.  Masking then comes through SET_IRQS.
+            self._msix_table = bytearray(layout.vectors * MSIX_ENTRY_SIZE)
+
+    # -- region access, as the server calls it --------------------------------
+
+    def region(self, index: int) -> Region | None:
+        if index == PciRegion.CONFIG:
+            return None
+        return self.regions.get(index)
+
+    def region_size(self, index: int) -> int:
+        if index == PciRegion.CONFIG:
+            return CONFIG_SIZE
+        region = self.regions.get(index)
+        return region.size if region else 0
+
+    def _out_of_range(self, index: int, offset: int, count: int) -> RequestError:
+        if not 0 <= index < PCI_NUM_REGIONS:
+            return RequestError(f"region {index} does not exist (0..{PCI_NUM_REGIONS - 1})")
+        size = self.region_size(index)
+        if size == 0:
+            return RequestError(f"region {index} is not implemented by {self.name}")
+        return RequestError(f"access {offset:#x}+{count} is outside region {index} of {size:#x} bytes")
+
+    def read(self, index: int, offset: int, count: int) -> bytes:
+        if index == _CONFIG:
+            if offset + count > CONFIG_SIZE:
+                raise self._out_of_range(index, offset, count)
+            self.region_accesses[index] += 1
+            return bytes(self.config.data[offset:offset + count])  # ConfigSpace.read, inlined: the hot path
+        region = self.regions.get(index)
+        if region is None or offset + count > region.size:
+            raise self._out_of_range(index, offset, count)
+        self.region_accesses[index] += 1
+        return region.read(offset, count)
+
+    def write(self, index: int, offset: int, data: bytes) -> None:
+        if index == _CONFIG:
+            if offset + len(data) > CONFIG_SIZE:
+                raise self._out_of_range(index, offset, len(data))
+            self.region_accesses[index] += 1
+            self.config_write(offset, data)
+            return
+        region = self.regions.get(index)
+        if region is None or offset + len(data) > region.size:
+            raise self._out_of_range(index, offset, len(data))
+        self.region_accesses[index] += 1
+        region.write(offset, data)
+
+    # -- config space side effects -------------------------------------------
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        msix_was_enabled = self.config.msix_enabled
+        self.config.write(offset, data)
+        self.update_intx()
+        if self.config.msix is not None and (msix_was_enabled != self.config.msix_enabled
+                                             or not self.config.msix_function_masked):
+            self.release_msix()
+
+    def intx_asserted(self) -> bool:
+        """The device's own INTx condition; subclasses override."""
+        return False
+
+    def update_intx(self) -> None:
+        """Recompute the INTx line and the status register's interrupt bit."""
+        asserted = self.intx_asserted()
+        self.config.set_interrupt_status(asserted)
+        self.irqs.set_intx_level(asserted and not self.config.intx_disabled)
+
+    # -- MSI-X -------------------------------------------------------------------
+
+    def msix_notify(self, vector: int) -> bool:
+        """Signal an MSI-X vector; it stays pending (PBA) while masked."""
+        if self.config.msix is None or not 0 <= vector < self.config.msix.vectors:
+            return False
+        if self.config.msix_function_masked or self._msix_entry_masked(vector):
+            self.irqs.msix.vectors[vector].pending = True
+            return False
+        return self.irqs.msix.trigger(vector)
+
+    def _msix_entry_masked(self, vector: int) -> bool:
+        return bool(self._msix_table[vector * MSIX_ENTRY_SIZE + 12] & 1)
+
+    def release_msix(self) -> None:
+        if self.config.msix is None or self.config.msix_function_masked:
+            return
+        for n in range(self.config.msix.vectors):
+            if not self._msix_entry_masked(n):
+                self.irqs.msix._release(n)
+
+    def msix_bar_read(self, offset: int, count: int) -> bytes:
+        layout = self.config.msix
+        assert layout is not None
+        if offset >= layout.pba_offset:
+            pba = self.irqs.pending_bits(PciIrq.MSIX)
+            start = offset - layout.pba_offset
+            return pba[start:start + count].ljust(count, b"\0")
+        start = offset - layout.table_offset
+        return bytes(self._msix_table[start:start + count]).ljust(count, b"\0")
+
+    def msix_bar_write(self, offset: int, data: bytes) -> None:
+        # QEMU emulates the table itself and drops PBA writes; a client that
+        # does forward table writes still gets a working mask bit.
+        layout = self.config.msix
+        assert layout is not None
+        if offset >= layout.pba_offset:
+            return
+        start = offset - layout.table_offset
+        end = min(start + len(data), len(self._msix_table))
+        if start < end:
+            self._msix_table[start:end] = data[:end - start]
+            self.release_msix()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def reset(self) -> None:
+        """DEVICE_RESET: registers to power-on values; DMA maps are kept."""
+        self.config.reset()
+        self.irqs.reset()
+        self._msix_table[:] = bytes(len(self._msix_table))
+
+    def client_connected(self) -> None:
+        """A client (QEMU) has finished the VERSION handshake."""
+
+    def client_disconnected(self) -> None:
+        """The client is gone: interrupts are closed by the server."""
+
+    def close(self) -> None:
+        """The device is being destroyed: release what it owns."""
