@@ -48,8 +48,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from qbackend.ivshmem.group import clear_eventfd  # noqa: E402
 from qbackend.ivshmem.peer import IvshmemPeer  # noqa: E402
+from qbackend.plumbing.unix import clear_eventfd  # noqa: E402
 from qbackend.protocol import vfio_user as vu  # noqa: E402
 from qbackend.testing.vfio_user_client import VfioUserClient  # noqa: E402
 
@@ -59,7 +59,7 @@ PEER_B = r"""
 import os, select, struct, sys, time
 sys.path.insert(0, sys.argv[1])
 from qbackend.ivshmem.peer import IvshmemPeer
-from qbackend.ivshmem.group import clear_eventfd
+from qbackend.plumbing.unix import clear_eventfd
 n, base = int(sys.argv[3]), int(sys.argv[4])
 me = IvshmemPeer(sys.argv[2], vectors=1)
 print(me.id, flush=True)
@@ -173,7 +173,7 @@ def guest_figures(rounds: int, doorbells: int) -> dict[str, float]:
     from qbackend.app.cli import vfio_user_device_arg
     from qbackend.app.options import IvshmemOptions
     from qbackend.app.service import Backend, BackendThread
-    from qbackend.ivshmem.group import IvshmemDevice
+    from qbackend.devices.ivshmem import IvshmemDevice
     from qbackend.machine.console import GuestConsole
     from qbackend.machine.launch import QemuMachine
 

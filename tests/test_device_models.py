@@ -15,16 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qbackend.ivshmem.group import (
-    DOORBELL,
-    INTR_MASK,
-    INTR_STATUS,
-    IV_POSITION,
-    IvshmemDevice,
-    IvshmemRegisters,
-    PeerGroup,
-    SharedMemory,
-)
+from qbackend.devices.ivshmem import IvshmemDevice
+from qbackend.ivshmem.group import PeerGroup
+from qbackend.models.ivshmem import DOORBELL, INTR_MASK, INTR_STATUS, IV_POSITION, IvshmemRegisters
 from qbackend.models.pci_config import (
     CAP_ID_MSIX,
     MSIX_ENABLE,
@@ -36,6 +29,7 @@ from qbackend.models.pci_config import (
     Reg,
     Status,
 )
+from qbackend.plumbing.shared_memory import SharedMemory
 from qbackend.protocol.vfio_user import (
     IRQ_SET,
     DmaMap,

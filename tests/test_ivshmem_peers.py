@@ -20,8 +20,12 @@ import pytest
 from qbackend.app.cli import main as cli_main
 from qbackend.app.options import IvshmemOptions, OptionError
 from qbackend.app.service import Backend, BackendThread, ServedDevice
-from qbackend.ivshmem.group import IvshmemDevice, LocalPeer, PeerGroup, SharedMemory, clear_eventfd
+from qbackend.devices.ivshmem import IvshmemDevice
+from qbackend.ivshmem.group import PeerGroup
+from qbackend.ivshmem.local_peer import LocalPeer
 from qbackend.ivshmem.peer import IvshmemPeer, PeerError
+from qbackend.plumbing.shared_memory import SharedMemory
+from qbackend.plumbing.unix import clear_eventfd
 from qbackend.protocol import ivshmem_server as wire
 from qbackend.protocol import vfio_user as vu
 from qbackend.testing.vfio_user_client import VfioUserClient

@@ -24,7 +24,8 @@ import pytest
 from qbackend.app.cli import vfio_user_device_arg
 from qbackend.app.options import IvshmemOptions
 from qbackend.app.service import Backend, BackendThread, ServedDevice
-from qbackend.ivshmem.group import IvshmemDevice, PeerGroup
+from qbackend.devices.ivshmem import IvshmemDevice
+from qbackend.ivshmem.group import PeerGroup
 from qbackend.ivshmem.peer import IvshmemPeer
 from qbackend.machine.console import GuestConsole
 from qbackend.machine.launch import QemuMachine

@@ -128,8 +128,9 @@ def _server(args: argparse.Namespace) -> int:
     import trio
 
     from qbackend.app.cli import _stop_on_signal
-    from qbackend.ivshmem.group import PeerGroup, SharedMemory
+    from qbackend.ivshmem.group import PeerGroup
     from qbackend.ivshmem.server import add_server, register_control
+    from qbackend.plumbing.shared_memory import SharedMemory
     from qbackend.servers.control import ControlServer
 
     try:

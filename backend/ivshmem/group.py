@@ -1,150 +1,30 @@
-"""The ivshmem device: inter-VM shared memory with doorbells.
+"""An ivshmem peer group: one shared memory, one id space, doorbells between peers.
 
-Identity and BAR layout are those of QEMU's ivshmem-pci today (1af4:1110,
-BAR0 256 bytes of registers, BAR1 MSI-X, BAR2 the shared memory as a 64-bit
-prefetchable BAR).  Unlike QEMU's ivshmem-plain/-doorbell, this device also
-has an INTx pin: without MSI-X a doorbell sets IntrStatus to 1 and the line
-is raised while IntrStatus & IntrMask is nonzero, as the original device
-spec describes pin-based interrupts.
+Peers are vfio-user devices (`qbackend.devices.ivshmem`), host programs in
+this process (`qbackend.ivshmem.local_peer.LocalPeer`) and clients of the
+group's ivshmem-server socket (`qbackend.ivshmem.server`).  The group
+watches every peer's doorbell eventfds in one `DoorbellWatcher` thread.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import select
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from qbackend.models.pci_config import Bar, ConfigSpace, MsixLayout
+from qbackend.plumbing.unix import clear_eventfd, make_eventfd, signal_eventfd
 from qbackend.protocol.ivshmem_server import MAX_PEER_ID
-from qbackend.protocol.vfio_user import PciRegion
-from qbackend.vfio.function import PciFunction, Region
-from qbackend.vfio.irqs import InterruptController, signal_eventfd
 
 if TYPE_CHECKING:
     from qbackend.ivshmem.server import IvshmemServerEndpoint
+    from qbackend.plumbing.shared_memory import SharedMemory
 
 log = logging.getLogger(__name__)
-
-VENDOR_ID = 0x1AF4
-DEVICE_ID = 0x1110
-CLASS_MEMORY_RAM = 0x050000  # PCI_CLASS_MEMORY_RAM, prog-if 0
-REVISION = 1
-REGISTER_BAR_SIZE = 256
-MSIX_BAR_SIZE = 4096
-
-INTR_MASK = 0
-INTR_STATUS = 4
-IV_POSITION = 8
-DOORBELL = 12
-
-
-@dataclass(frozen=True)
-class Doorbell:
-    peer: int
-    vector: int
-
-
-class IvshmemRegisters:
-    """BAR0 of ivshmem: four 32-bit registers, pure state.
-
-    As in QEMU, accesses are handled as whole dwords (a narrower access acts
-    on the dword that holds it), IntrStatus clears when read, and the
-    vector of a doorbell is its low 8 bits.
-    """
-
-    def __init__(self, position: int) -> None:
-        self.position = position
-        self.intr_mask = 0
-        self.intr_status = 0
-
-    def read(self, offset: int) -> int:
-        reg = offset & 0xFC
-        if reg == INTR_MASK:
-            return self.intr_mask
-        if reg == INTR_STATUS:
-            value, self.intr_status = self.intr_status, 0
-            return value
-        if reg == IV_POSITION:
-            return self.position
-        return 0
-
-    def write(self, offset: int, value: int) -> Doorbell | None:
-        reg = offset & 0xFC
-        value &= 0xFFFFFFFF
-        if reg == INTR_MASK:
-            self.intr_mask = value
-        elif reg == INTR_STATUS:
-            self.intr_status = value
-        elif reg == DOORBELL:
-            return Doorbell(peer=value >> 16, vector=value & 0xFF)
-        return None
-
-    @property
-    def intx_asserted(self) -> bool:
-        return bool(self.intr_status & self.intr_mask)
-
-    def reset(self) -> None:
-        self.intr_mask = 0
-        self.intr_status = 0
-
-
-def _dwords(offset: int, count: int) -> list[tuple[int, int, int]]:
-    """Split an access into (dword offset, first byte, last byte+1) pieces."""
-    pieces = []
-    pos = offset
-    end = offset + count
-    while pos < end:
-        base = pos & ~3
-        stop = min(end, base + 4)
-        pieces.append((base, pos - base, stop - base))
-        pos = stop
-    return pieces
-
-
-class SharedMemory:
-    """The memory object a peer group shares: a memfd, or a file in /dev/shm
-    that host programs can open by name."""
-
-    def __init__(self, size: int, shm_name: str | None = None) -> None:
-        if size < 4096 or size & (size - 1):
-            raise ValueError(f"ivshmem size {size} must be a power of two of at least 4 KiB "
-                             "(QEMU asserts BAR sizes are powers of two)")
-        self.size = size
-        self.path: Path | None = None
-        if shm_name:
-            if "/" in shm_name:
-                raise ValueError(f"shm name {shm_name!r} must not contain '/'")
-            self.path = Path("/dev/shm") / shm_name
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        else:
-            self.fd = os.memfd_create("qbackend-ivshmem", os.MFD_CLOEXEC)
-        try:
-            if os.fstat(self.fd).st_size != size:
-                os.ftruncate(self.fd, size)
-            self.memory = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    def read(self, offset: int, count: int) -> bytes:
-        return self.memory[offset:offset + count]
-
-    def write(self, offset: int, data: bytes) -> None:
-        self.memory[offset:offset + len(data)] = data
-
-    def close(self, unlink: bool = False) -> None:
-        self.memory.close()
-        os.close(self.fd)
-        if unlink and self.path is not None:
-            self.path.unlink(missing_ok=True)
 
 
 class Peer(Protocol):
@@ -181,19 +61,7 @@ GroupListener = Callable[[str, int], None]
 """Called with ("join" | "leave", peer id) under the group lock."""
 
 
-def make_eventfd() -> int:
-    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-
-
-def clear_eventfd(fd: int) -> int:
-    """Read (and so reset) an eventfd's counter; 0 if it was not signalled."""
-    try:
-        return int.from_bytes(os.read(fd, 8), "little")
-    except BlockingIOError:
-        return 0
-
-
-class _Watch:
+class Watch:
     """One watched eventfd: `fire` runs in the watcher thread when readable."""
 
     def __init__(self, fd: int, fire: Callable[[], None]) -> None:
@@ -207,7 +75,7 @@ class DoorbellWatcher:
     eventfds that ivshmem-server clients write to ring a vfio-user device,
     and those of host peers that asked for a callback.
 
-    Handlers take the group lock and check `_Watch.active` under it, and
+    Handlers take the group lock and check `Watch.active` under it, and
     `unwatch` clears it under the same lock before the fd is closed, so a
     handler never reads an fd that has been closed (or reused).
     """
@@ -216,20 +84,20 @@ class DoorbellWatcher:
         self._epoll = select.epoll()
         self._wake = make_eventfd()
         self._epoll.register(self._wake, select.EPOLLIN)
-        self._watches: dict[int, _Watch] = {}
+        self._watches: dict[int, Watch] = {}
         self._lock = threading.Lock()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"ivshmem-doorbells-{name}", daemon=True)
         self._thread.start()
 
-    def watch(self, fd: int, fire: Callable[[], None]) -> _Watch:
-        entry = _Watch(fd, fire)
+    def watch(self, fd: int, fire: Callable[[], None]) -> Watch:
+        entry = Watch(fd, fire)
         with self._lock:
             self._watches[fd] = entry
         self._epoll.register(fd, select.EPOLLIN)
         return entry
 
-    def unwatch(self, entry: _Watch) -> None:
+    def unwatch(self, entry: Watch) -> None:
         """Stop watching (the caller holds the group lock and closes the fd after)."""
         entry.active = False
         with self._lock:
@@ -296,7 +164,7 @@ class PeerGroup:
         self.dropped_doorbells = 0
         self.lock = threading.RLock()
         self.endpoints: list[IvshmemServerEndpoint] = []  # ivshmem-server sockets
-        self._device_fds: dict[int, tuple[list[int], list[_Watch]]] = {}
+        self._device_fds: dict[int, tuple[list[int], list[Watch]]] = {}
         self._listeners: list[GroupListener] = []
         self._watcher: DoorbellWatcher | None = None
         self._serving = False
@@ -450,263 +318,3 @@ class PeerGroup:
 
 CLIENT_KIND = "ivshmem-server client"
 
-
-class LocalPeer:
-    """A host program in this process as a peer of a group.
-
-    It has `vectors` eventfds of its own: a doorbell to (this peer, v)
-    signals eventfd v, whether it comes from a guest through qbackend or
-    from an ivshmem-server client writing it directly.  Wait on them
-    (`wait`, `eventfd`), or give `on_doorbell`: it is then called with the
-    vector from the group's watcher thread.  `on_join` / `on_leave` are
-    called with the other peer's id, under the group lock.
-
-        peer = LocalPeer(group, vectors=2, on_doorbell=print)
-        peer.write(0, b"hello"); peer.ring(1, 0)
-        peer.close()
-    """
-
-    kind = "host"
-
-    def __init__(self, group: PeerGroup, vectors: int = 1, *, name: str = "host", position: int | None = None,
-                 on_doorbell: Callable[[int], None] | None = None,
-                 on_join: Callable[[int], None] | None = None,
-                 on_leave: Callable[[int], None] | None = None) -> None:
-        if not 1 <= vectors <= 64:
-            raise ValueError(f"vectors={vectors}: 1..64")
-        self.group = group
-        self.name = name
-        self.position = -1
-        self.eventfds = [make_eventfd() for _ in range(vectors)]
-        self.counts = [0] * vectors
-        self.on_join = on_join
-        self.on_leave = on_leave
-        self._watches: list[_Watch] = []
-        self._closed = False
-        try:
-            with group.lock:
-                if on_doorbell is not None:
-                    watcher = group.watcher()
-                    self._watches = [watcher.watch(fd, self._callback(v, fd, on_doorbell))
-                                     for v, fd in enumerate(self.eventfds)]
-                group.join(self, position)
-        except BaseException:
-            self._release()
-            raise
-
-    def _callback(self, vector: int, fd: int, on_doorbell: Callable[[int], None]) -> Callable[[], None]:
-        def fire() -> None:
-            with self.group.lock:
-                if self._closed or not clear_eventfd(fd):
-                    return
-            on_doorbell(vector)
-        return fire
-
-    # -- as a group member --
-
-    @property
-    def vector_count(self) -> int:
-        return len(self.eventfds)
-
-    def receive_doorbell(self, vector: int) -> bool:
-        if not 0 <= vector < len(self.eventfds) or self._closed:
-            return False
-        self.counts[vector] += 1
-        signal_eventfd(self.eventfds[vector])
-        return True
-
-    def doorbell_eventfds(self) -> list[int] | None:
-        return self.eventfds
-
-    def peer_joined(self, peer: int, eventfds: list[int]) -> None:
-        if self.on_join is not None:
-            self.on_join(peer)
-
-    def peer_left(self, peer: int) -> None:
-        if self.on_leave is not None:
-            self.on_leave(peer)
-
-    def received(self) -> list[int]:
-        return list(self.counts)
-
-    # -- the host program's side --
-
-    @property
-    def memory(self) -> mmap.mmap:
-        return self.group.memory.memory
-
-    def read(self, offset: int, count: int) -> bytes:
-        return self.group.memory.read(offset, count)
-
-    def write(self, offset: int, data: bytes) -> None:
-        self.group.memory.write(offset, data)
-
-    def ring(self, peer: int, vector: int) -> bool:
-        return self.group.ring(peer, vector)
-
-    def peers(self) -> dict[int, str]:
-        """The group's members (id -> kind), ourselves included."""
-        with self.group.lock:
-            return {pid: p.kind for pid, p in sorted(self.group.peers.items())}
-
-    def eventfd(self, vector: int) -> int:
-        return self.eventfds[vector]
-
-    def wait(self, vector: int, timeout: float | None = None) -> int:
-        """Wait for doorbells on `vector`; returns how many (0 on timeout)."""
-        fd = self.eventfds[vector]
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        if not poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
-            return 0
-        return clear_eventfd(fd)
-
-    def close(self) -> None:
-        """Leave the group and close our eventfds."""
-        with self.group.lock:
-            if self._closed:
-                return
-            self.group.leave(self.position)
-            self._closed = True
-            self._release()
-
-    def _release(self) -> None:
-        with self.group.lock:
-            for entry in self._watches:
-                self.group.watcher().unwatch(entry)
-            self._watches = []
-            for fd in self.eventfds:
-                os.close(fd)
-            self.eventfds = []
-
-    def __enter__(self) -> LocalPeer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class IvshmemDevice(PciFunction):
-    """ivshmem served over vfio-user, a member of a peer group.
-
-    The device joins its group when it is made (so its IVPosition is known
-    before QEMU connects, and `position` is honoured), leaves when its
-    client (QEMU) goes away, and joins again when a client connects: with
-    `position` if one was asked for, else its last id if still free, else
-    the lowest free id.
-    """
-
-    name = "ivshmem"
-    kind = "vfio-user"
-
-    def __init__(self, group: PeerGroup, *, vectors: int = 1, position: int | None = None,
-                 name: str = "") -> None:
-        if not 0 <= vectors <= 64:
-            raise ValueError(f"ivshmem vectors={vectors}: must be 0..64")
-        self.group = group
-        self.vectors = vectors
-        if name:
-            self.name = name
-        self.wanted_position = position
-        memory = group.memory
-        config = ConfigSpace(
-            vendor_id=VENDOR_ID, device_id=DEVICE_ID, class_code=CLASS_MEMORY_RAM, revision=REVISION,
-            subsystem_vendor_id=VENDOR_ID, subsystem_id=DEVICE_ID,
-            bars=(
-                Bar(0, REGISTER_BAR_SIZE),
-                *((Bar(1, MSIX_BAR_SIZE),) if vectors else ()),
-                Bar(2, memory.size, is_64bit=True, prefetchable=True),
-            ),
-            interrupt_pin=1,
-            # Without vectors the device has no MSI-X and no BAR1, like
-            # QEMU's ivshmem-plain.
-            msix=MsixLayout(vectors=vectors, bar=1) if vectors else None,
-        )
-        super().__init__(config, InterruptController(intx=True, msix_vectors=vectors))
-        self.lock = group.lock
-        self.position = -1
-        self.registers = IvshmemRegisters(-1)
-        group.join(self, position)
-        self.registers.position = self.position
-        self.doorbells_received = [0] * max(vectors, 1)
-        self.regions[PciRegion.BAR0] = Region(REGISTER_BAR_SIZE, self._bar0_read, self._bar0_write)
-        if vectors:
-            self.regions[PciRegion.BAR1] = Region(MSIX_BAR_SIZE, self.msix_bar_read, self.msix_bar_write)
-        self.regions[PciRegion.BAR2] = Region(memory.size, memory.read, memory.write, mmap_fd=memory.fd)
-
-    def _bar0_read(self, offset: int, count: int) -> bytes:
-        out = bytearray()
-        for base, lo, hi in _dwords(offset, count):
-            out += self.registers.read(base).to_bytes(4, "little")[lo:hi]
-        self.update_intx()  # reading IntrStatus may have cleared it
-        return bytes(out)
-
-    def _bar0_write(self, offset: int, data: bytes) -> None:
-        pos = 0
-        for base, lo, hi in _dwords(offset, len(data)):
-            chunk = data[pos:pos + hi - lo]
-            pos += hi - lo
-            value = int.from_bytes(chunk, "little") << (8 * lo)
-            bell = self.registers.write(base, value)
-            if bell is not None:
-                self.group.ring(bell.peer, bell.vector)
-        self.update_intx()
-
-    def intx_asserted(self) -> bool:
-        return self.registers.intx_asserted
-
-    # -- as a group member ------------------------------------------------------------
-
-    @property
-    def member(self) -> bool:
-        return self.group.peers.get(self.position) is self
-
-    @property
-    def vector_count(self) -> int:
-        return max(self.vectors, 1)
-
-    def doorbell_eventfds(self) -> list[int] | None:
-        return None
-
-    def peer_joined(self, peer: int, eventfds: list[int]) -> None:
-        """A guest has no way to be told (ivshmem has no such register)."""
-
-    def peer_left(self, peer: int) -> None:
-        """As peer_joined."""
-
-    def received(self) -> list[int]:
-        return list(self.doorbells_received)
-
-    def client_connected(self) -> None:
-        with self.lock:
-            if not self.member:
-                preferred = self.wanted_position if self.wanted_position is not None else self.position
-                self.group.join(self, self.group.allocate_id(preferred))
-                self.registers.position = self.position
-
-    def client_disconnected(self) -> None:
-        with self.lock:
-            if self.member:
-                self.group.leave(self.position)
-
-    def receive_doorbell(self, vector: int) -> bool:
-        """A doorbell for this peer: MSI-X if enabled, else IntrStatus and INTx."""
-        if not 0 <= vector < max(self.vectors, 1):  # INTx-only devices take vector 0
-            return False
-        self.doorbells_received[vector] += 1
-        if self.config.msix_enabled:
-            self.msix_notify(vector)
-        else:
-            self.registers.intr_status = 1
-            self.update_intx()
-        return True
-
-    def reset(self) -> None:
-        super().reset()
-        self.registers.reset()
-        self.update_intx()
-
-    def close(self) -> None:
-        with self.lock:
-            if self.member:
-                self.group.leave(self.position)

@@ -18,7 +18,6 @@ In-process host programs can use `backend.ivshmem.LocalPeer` instead.
 
 from __future__ import annotations
 
-import array
 import logging
 import mmap
 import os
@@ -31,9 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qbackend.errors import DeviceError
-from qbackend.ivshmem.group import clear_eventfd
+from qbackend.plumbing.unix import clear_eventfd, fds_from_ancdata, signal_eventfd
 from qbackend.protocol import ivshmem_server as wire
-from qbackend.vfio.irqs import signal_eventfd
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +46,7 @@ class PeerError(DeviceError, RuntimeError):
 def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
     """One message's worth (a message with an fd ends a read)."""
     data, ancdata, _flags, _ = sock.recvmsg(wire.MESSAGE.size, _CMSG_SPACE)
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-            fds.extend(arr)
-    return data, fds
+    return data, fds_from_ancdata(ancdata)
 
 
 class IvshmemPeer:

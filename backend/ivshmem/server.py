@@ -21,11 +21,9 @@ Also here: the group commands of the control socket (`qbackend ivshmem
 
 from __future__ import annotations
 
-import array
 import logging
 import os
 import socket
-import stat
 import threading
 from collections import deque
 from collections.abc import Mapping
@@ -35,11 +33,10 @@ from typing import Any
 import trio
 
 from qbackend.errors import ControlError
-from qbackend.ivshmem.group import CLIENT_KIND, PeerGroup, make_eventfd
-from qbackend.plumbing.unix import accept_forever
+from qbackend.ivshmem.group import CLIENT_KIND, PeerGroup
+from qbackend.plumbing.unix import accept_forever, fds_ancdata, listen_unix, make_eventfd, signal_eventfd
 from qbackend.protocol import ivshmem_server as wire
 from qbackend.servers.control import ControlServer
-from qbackend.vfio.irqs import signal_eventfd
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +88,7 @@ class ServerClient:
     def _flush_locked(self) -> None:
         while self._queue and not self.broken:
             data, fd = self._queue[0]
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())] if fd is not None else []
+            anc = fds_ancdata([fd] if fd is not None else [])
             try:
                 self.sock.sendmsg([data], anc)
             except BlockingIOError:
@@ -170,26 +167,8 @@ class IvshmemServerEndpoint:
         self.clients: dict[int, ServerClient] = {}
         self.connections = 0
 
-    def _listen(self) -> socket.socket:
-        path = self.path
-        if path.is_socket():
-            path.unlink()
-        elif path.exists():
-            raise FileExistsError(f"{path} exists and is not a socket; not replacing it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            listener.bind(str(path))
-            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
-            listener.listen(16)
-            listener.setblocking(False)
-        except BaseException:
-            listener.close()
-            raise
-        return listener
-
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = self._listen()
+        listener = listen_unix(self.path)
         log.info("ivshmem-server %s: listening on %s (%d vectors per peer)", self.group.name, self.path,
                  self.group.vectors)
         try:

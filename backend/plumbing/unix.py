@@ -1,11 +1,25 @@
-"""The accept loop the socket servers share."""
+"""UNIX-socket plumbing, written once for every server and peer.
+
+- `listen_unix`: bind a UNIX socket at a path (replacing only a stale
+  socket, never another file), mode 0600 before `listen()` so nobody can
+  connect in between, non-blocking; `listen_tcp` for TCP.
+- `accept_forever`: the accept loop, with back-off on EMFILE and friends.
+- `send_with_fds` / `fds_from_ancdata` / `close_fds`: SCM_RIGHTS file
+  descriptors out and in; whatever a handler does not claim, it closes.
+- `make_eventfd` / `signal_eventfd` / `clear_eventfd`: the eventfds that
+  carry interrupts and doorbells.
+"""
 
 from __future__ import annotations
 
+import array
 import errno as E
 import logging
+import os
 import socket
-from collections.abc import Awaitable, Callable
+import stat
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
 
 import trio
 
@@ -13,6 +27,48 @@ log = logging.getLogger(__name__)
 
 # Out of fds or memory: a passing overload, not a reason to stop listening.
 _TRANSIENT = (E.EMFILE, E.ENFILE, E.ENOBUFS, E.ENOMEM)
+_FD_SIZE = array.array("i").itemsize
+_ONE = (1).to_bytes(8, "little")
+
+
+# -- listening ----------------------------------------------------------------------
+
+def listen_unix(path: Path, backlog: int = 16) -> socket.socket:
+    """A non-blocking listening socket at ``path``, mode 0600.
+
+    A socket left at ``path`` by an earlier run is replaced; any other file
+    there is an error (FileExistsError), never removed.
+    """
+    if path.is_socket():
+        path.unlink()
+    elif path.exists():
+        raise FileExistsError(f"{path} exists and is not a socket; not replacing it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(str(path))
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)  # before listen(): nobody can connect yet
+        listener.listen(backlog)
+        listener.setblocking(False)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def listen_tcp(host: str, port: int, backlog: int = 64) -> socket.socket:
+    """A non-blocking listening TCP socket (port 0: any free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(backlog)
+        listener.setblocking(False)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
 
 
 async def accept_forever(listener: socket.socket, name: str, nursery: trio.Nursery,
@@ -31,3 +87,69 @@ async def accept_forever(listener: socket.socket, name: str, nursery: trio.Nurse
                 continue
             raise
         nursery.start_soon(serve_client, sock)
+
+
+# -- file descriptors over a socket ----------------------------------------------------
+
+def fds_ancdata(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """The ancillary data that carries ``fds`` (empty for none)."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+
+
+def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+    """Send all of ``data``; the fds travel with its first byte."""
+    if not fds:
+        sock.sendall(data)
+        return
+    sent = sock.sendmsg([data], fds_ancdata(fds))
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def fd_space(count: int) -> int:
+    """The ancillary buffer size for receiving up to ``count`` fds."""
+    return socket.CMSG_SPACE(count * _FD_SIZE)
+
+
+def fds_from_ancdata(ancdata: Iterable[tuple[int, int, bytes]]) -> list[int]:
+    """The fds received with a message; the caller owns them (see `close_fds`)."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % _FD_SIZE])
+            fds.extend(arr)
+    return fds
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close fds nobody claimed; an fd already closed is not an error."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# -- eventfds --------------------------------------------------------------------------
+
+def make_eventfd() -> int:
+    """A non-blocking, close-on-exec eventfd."""
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+def signal_eventfd(fd: int) -> bool:
+    """Add one to an eventfd; False if its counter is saturated."""
+    try:
+        os.write(fd, _ONE)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def clear_eventfd(fd: int) -> int:
+    """Read (and so reset) an eventfd's counter; 0 if it was not signalled."""
+    try:
+        return int.from_bytes(os.read(fd, 8), "little")
+    except BlockingIOError:
+        return 0

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import errno as E
 import logging
-import os
 import socket
-import stat
 import threading
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +22,7 @@ from pathlib import Path
 import trio
 
 from qbackend.block.exports import Export
+from qbackend.plumbing.unix import listen_tcp, listen_unix
 from qbackend.protocol import nbd
 
 log = logging.getLogger(__name__)
@@ -274,25 +273,11 @@ class NbdServer:
     def _listeners(self) -> list[socket.socket]:
         out = []
         if self.socket_path is not None:
-            path = self.socket_path
-            if path.is_socket():
-                path.unlink()
-            elif path.exists():
-                raise FileExistsError(f"{path} exists and is not a socket; not replacing it")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.bind(str(path))
-            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
-            out.append(sock)
+            out.append(listen_unix(self.socket_path, backlog=64))
         if self.tcp is not None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(self.tcp)
+            sock = listen_tcp(*self.tcp)
             self.tcp_port = sock.getsockname()[1]
             out.append(sock)
-        for sock in out:
-            sock.listen(64)
-            sock.setblocking(False)
         return out
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

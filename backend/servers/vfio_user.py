@@ -14,12 +14,10 @@ touch it only while holding `device.lock`.
 
 from __future__ import annotations
 
-import array
 import errno as E
 import logging
 import os
 import socket
-import stat
 import struct
 import threading
 from collections import Counter
@@ -27,7 +25,7 @@ from pathlib import Path
 
 import trio
 
-from qbackend.plumbing.unix import accept_forever
+from qbackend.plumbing.unix import accept_forever, close_fds, fds_from_ancdata, listen_unix, send_with_fds
 from qbackend.protocol import vfio_user as vu
 from qbackend.vfio.dma import DmaError, DmaTable
 from qbackend.vfio.function import PciFunction
@@ -38,24 +36,6 @@ RECV_SIZE = 64 * 1024
 SCM_MAX_FD = 253  # the kernel's limit per message; room for all, so none are lost unclosed
 CMSG_BUFSIZE = socket.CMSG_SPACE(SCM_MAX_FD * struct.calcsize("i"))
 DMA_REPLY_TIMEOUT = 5.0
-
-
-def _close_fds(fds: tuple[int, ...] | list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _unpack_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
 
 
 class ConnectionClosed(Exception):
@@ -162,7 +142,7 @@ class Connection:
         except vu.ProtocolError as exc:
             log.warning("%s: closing the connection: %s", self.server.name, exc)
             self.server.stats["protocol_errors"] += 1
-            _close_fds(exc.fds)
+            close_fds(exc.fds)
             try:
                 self._send_blocking(bytes(out) + exc.reply)
             except ConnectionClosed:
@@ -207,7 +187,7 @@ class Connection:
                 out += reply
                 pos = protocol.access_end
         if pos < n or not n:
-            protocol.receive_data(bytes(view[pos:n]), _unpack_fds(ancdata) if ancdata else ())
+            protocol.receive_data(bytes(view[pos:n]), fds_from_ancdata(ancdata) if ancdata else ())
             self._handle_events(out)
 
     def _handle_events(self, out: bytearray) -> None:
@@ -226,14 +206,14 @@ class Connection:
             if isinstance(event, vu.Request):
                 self._handle_request(event, out)
             elif isinstance(event, vu.ServerReplyReceived):
-                _close_fds(event.fds)
+                close_fds(event.fds)
                 self._trio_token.run_sync_soon(self._deliver_reply, event)
             else:
                 assert isinstance(event, vu.Rejected)
                 stats["rejected"] += 1
                 log.info("%s: message %d (command %d) rejected: %s", self.server.name, event.id,
                          event.command, event.reason)
-                _close_fds(event.fds)
+                close_fds(event.fds)
                 out += event.reply
 
     def _handle_request(self, request: vu.Request, out: bytearray) -> None:
@@ -267,15 +247,9 @@ class Connection:
     def _send_blocking(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
         if not data:
             return
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
         with self._send_lock:
             try:
-                if anc:
-                    sent = self.sock.sendmsg([data], anc)
-                    if sent < len(data):
-                        self.sock.sendall(data[sent:])
-                else:
-                    self.sock.sendall(data)
+                send_with_fds(self.sock, data, fds)
             except OSError as exc:
                 raise ConnectionClosed(str(exc)) from None
 
@@ -342,9 +316,9 @@ class Connection:
         try:
             unused = self.device.irqs.set_irqs(body, req.fds)
         except vu.RequestError:
-            _close_fds(req.fds)
+            close_fds(req.fds)
             raise
-        _close_fds(unused)
+        close_fds(unused)
         return self.protocol.reply(req), ()
 
     def _region_read(self, req: vu.Request) -> Reply:
@@ -445,7 +419,7 @@ class Connection:
         with self.device.lock:
             self.dma.clear()
             self.device.irqs.close()
-            _close_fds(self.protocol.reader.take_fds())
+            close_fds(self.protocol.reader.take_fds())
             self.device.client_disconnected()
         self.sock.close()
 
@@ -472,26 +446,8 @@ class VfioUserServer:
         self._connected = trio.Condition()
         self._listener: socket.socket | None = None
 
-    def _listen(self) -> socket.socket:
-        path = self.socket_path
-        if path.is_socket():
-            path.unlink()  # a stale socket of an earlier run
-        elif path.exists():
-            raise FileExistsError(f"{path} exists and is not a socket; not replacing it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            listener.bind(str(path))
-            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)  # before listen(): nobody can connect yet
-            listener.listen(8)
-            listener.setblocking(False)
-        except BaseException:
-            listener.close()
-            raise
-        return listener
-
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = self._listener = self._listen()
+        listener = self._listener = listen_unix(self.socket_path, backlog=8)
         log.info("%s: listening", self.name)
         try:
             async with trio.open_nursery() as nursery:

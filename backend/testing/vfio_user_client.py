@@ -5,7 +5,6 @@ protocol to act like QEMU; it is not a device driver.
 
 from __future__ import annotations
 
-import array
 import json
 import os
 import socket
@@ -13,6 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from qbackend.errors import QbackendError
+from qbackend.plumbing.unix import fds_ancdata, fds_from_ancdata
 from qbackend.protocol import vfio_user as vu
 
 CLIENT_VERSION_JSON = {
@@ -64,8 +64,7 @@ class VfioUserClient:
     # -- raw access -----------------------------------------------------------
 
     def send_raw(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        self.sock.sendmsg([data], anc)
+        self.sock.sendmsg([data], fds_ancdata(fds))
 
     def next_id(self) -> int:
         self._next_id = (self._next_id + 1) & 0xFFFF
@@ -82,11 +81,7 @@ class VfioUserClient:
             data, anc, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
             if not data:
                 raise EOFError("server closed the connection")
-            for level, kind, raw in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    arr = array.array("i")
-                    arr.frombytes(raw[: len(raw) - len(raw) % 4])
-                    self._fds.extend(arr)
+            self._fds.extend(fds_from_ancdata(anc))
             self._buf += data
 
     def receive(self) -> Reply:

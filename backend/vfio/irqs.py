@@ -16,21 +16,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from qbackend.plumbing.unix import signal_eventfd
 from qbackend.protocol.vfio_user import IrqInfoFlags, IrqSetFlags, PciIrq, RequestError, SetIrqs
 
 log = logging.getLogger(__name__)
-
-_ONE = (1).to_bytes(8, "little")
-
-
-def signal_eventfd(fd: int) -> bool:
-    """Add one to an eventfd; False if its counter is saturated."""
-    try:
-        os.write(fd, _ONE)
-        return True
-    except BlockingIOError:
-        return False
-
 
 @dataclass
 class Vector:

@@ -1,0 +1,158 @@
+"""The ivshmem device: inter-VM shared memory with doorbells.
+
+Identity and BAR layout are those of QEMU's ivshmem-pci today (1af4:1110,
+BAR0 256 bytes of registers, BAR1 MSI-X, BAR2 the shared memory as a 64-bit
+prefetchable BAR).  Unlike QEMU's ivshmem-plain/-doorbell, this device also
+has an INTx pin: without MSI-X a doorbell sets IntrStatus to 1 and the line
+is raised while IntrStatus & IntrMask is nonzero, as the original device
+spec describes pin-based interrupts.
+"""
+
+
+from __future__ import annotations
+
+import logging
+
+from qbackend.ivshmem.group import PeerGroup
+from qbackend.models.ivshmem import (
+    CLASS_MEMORY_RAM,
+    DEVICE_ID,
+    MSIX_BAR_SIZE,
+    REGISTER_BAR_SIZE,
+    REVISION,
+    VENDOR_ID,
+    IvshmemRegisters,
+    dword_pieces,
+)
+from qbackend.models.pci_config import Bar, ConfigSpace, MsixLayout
+from qbackend.protocol.vfio_user import PciRegion
+from qbackend.vfio.function import PciFunction, Region
+from qbackend.vfio.irqs import InterruptController
+
+log = logging.getLogger(__name__)
+
+
+class IvshmemDevice(PciFunction):
+    """ivshmem served over vfio-user, a member of a peer group.
+
+    The device joins its group when it is made (so its IVPosition is known
+    before QEMU connects, and `position` is honoured), leaves when its
+    client (QEMU) goes away, and joins again when a client connects: with
+    `position` if one was asked for, else its last id if still free, else
+    the lowest free id.
+    """
+
+    name = "ivshmem"
+    kind = "vfio-user"
+
+    def __init__(self, group: PeerGroup, *, vectors: int = 1, position: int | None = None,
+                 name: str = "") -> None:
+        if not 0 <= vectors <= 64:
+            raise ValueError(f"ivshmem vectors={vectors}: must be 0..64")
+        self.group = group
+        self.vectors = vectors
+        if name:
+            self.name = name
+        self.wanted_position = position
+        memory = group.memory
+        config = ConfigSpace(
+            vendor_id=VENDOR_ID, device_id=DEVICE_ID, class_code=CLASS_MEMORY_RAM, revision=REVISION,
+            subsystem_vendor_id=VENDOR_ID, subsystem_id=DEVICE_ID,
+            bars=(
+                Bar(0, REGISTER_BAR_SIZE),
+                *((Bar(1, MSIX_BAR_SIZE),) if vectors else ()),
+                Bar(2, memory.size, is_64bit=True, prefetchable=True),
+            ),
+            interrupt_pin=1,
+            # Without vectors the device has no MSI-X and no BAR1, like
+            # QEMU's ivshmem-plain.
+            msix=MsixLayout(vectors=vectors, bar=1) if vectors else None,
+        )
+        super().__init__(config, InterruptController(intx=True, msix_vectors=vectors))
+        self.lock = group.lock
+        self.position = -1
+        self.registers = IvshmemRegisters(-1)
+        group.join(self, position)
+        self.registers.position = self.position
+        self.doorbells_received = [0] * max(vectors, 1)
+        self.regions[PciRegion.BAR0] = Region(REGISTER_BAR_SIZE, self._bar0_read, self._bar0_write)
+        if vectors:
+            self.regions[PciRegion.BAR1] = Region(MSIX_BAR_SIZE, self.msix_bar_read, self.msix_bar_write)
+        self.regions[PciRegion.BAR2] = Region(memory.size, memory.read, memory.write, mmap_fd=memory.fd)
+
+    def _bar0_read(self, offset: int, count: int) -> bytes:
+        out = bytearray()
+        for base, lo, hi in dword_pieces(offset, count):
+            out += self.registers.read(base).to_bytes(4, "little")[lo:hi]
+        self.update_intx()  # reading IntrStatus may have cleared it
+        return bytes(out)
+
+    def _bar0_write(self, offset: int, data: bytes) -> None:
+        pos = 0
+        for base, lo, hi in dword_pieces(offset, len(data)):
+            chunk = data[pos:pos + hi - lo]
+            pos += hi - lo
+            value = int.from_bytes(chunk, "little") << (8 * lo)
+            bell = self.registers.write(base, value)
+            if bell is not None:
+                self.group.ring(bell.peer, bell.vector)
+        self.update_intx()
+
+    def intx_asserted(self) -> bool:
+        return self.registers.intx_asserted
+
+    # -- as a group member ------------------------------------------------------------
+
+    @property
+    def member(self) -> bool:
+        return self.group.peers.get(self.position) is self
+
+    @property
+    def vector_count(self) -> int:
+        return max(self.vectors, 1)
+
+    def doorbell_eventfds(self) -> list[int] | None:
+        return None
+
+    def peer_joined(self, peer: int, eventfds: list[int]) -> None:
+        """A guest has no way to be told (ivshmem has no such register)."""
+
+    def peer_left(self, peer: int) -> None:
+        """As peer_joined."""
+
+    def received(self) -> list[int]:
+        return list(self.doorbells_received)
+
+    def client_connected(self) -> None:
+        with self.lock:
+            if not self.member:
+                preferred = self.wanted_position if self.wanted_position is not None else self.position
+                self.group.join(self, self.group.allocate_id(preferred))
+                self.registers.position = self.position
+
+    def client_disconnected(self) -> None:
+        with self.lock:
+            if self.member:
+                self.group.leave(self.position)
+
+    def receive_doorbell(self, vector: int) -> bool:
+        """A doorbell for this peer: MSI-X if enabled, else IntrStatus and INTx."""
+        if not 0 <= vector < max(self.vectors, 1):  # INTx-only devices take vector 0
+            return False
+        self.doorbells_received[vector] += 1
+        if self.config.msix_enabled:
+            self.msix_notify(vector)
+        else:
+            self.registers.intr_status = 1
+            self.update_intx()
+        return True
+
+    def reset(self) -> None:
+        super().reset()
+        self.registers.reset()
+        self.update_intx()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.member:
+                self.group.leave(self.position)
