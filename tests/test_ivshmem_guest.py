@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from qbackend.app.backend_thread import BackendThread
 from qbackend.app.cli import vfio_user_device_arg
 from qbackend.app.options import IvshmemOptions
-from qbackend.app.service import Backend, BackendThread, ServedDevice
+from qbackend.app.service import Backend, ServedDevice
 from qbackend.machine.console import GuestConsole
 from qbackend.machine.launch import QemuMachine
 from qbackend.machine.qmp import SyncQmp

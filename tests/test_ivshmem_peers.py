@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from qbackend.app.backend_thread import BackendThread
 from qbackend.app.cli import main as cli_main
 from qbackend.app.options import IvshmemOptions, OptionError
-from qbackend.app.service import Backend, BackendThread, ServedDevice
+from qbackend.app.service import Backend, ServedDevice
 from qbackend.devices.ivshmem import IvshmemDevice
 from qbackend.ivshmem.group import PeerGroup
 from qbackend.ivshmem.local_peer import LocalPeer

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from qbackend.app.backend_thread import BackendThread
 from qbackend.app.cli import vfio_user_device_arg
 from qbackend.app.options import IvshmemOptions
-from qbackend.app.service import Backend, BackendThread, ServedDevice
+from qbackend.app.service import Backend, ServedDevice
 from qbackend.devices.ivshmem import IvshmemDevice
 from qbackend.ivshmem.group import PeerGroup
 from qbackend.ivshmem.peer import IvshmemPeer

@@ -19,7 +19,8 @@ import pytest
 
 from qbackend.app.cli import vfio_user_device_arg
 from qbackend.app.options import DimmOptions
-from qbackend.app.service import Backend, BackendThread
+from qbackend.app.service import Backend
+from qbackend.app.backend_thread import BackendThread
 from qbackend.devices.hotplug_controller import HotplugController
 from qbackend.machine.console import GuestConsole
 from qbackend.machine.dimm_slots import DimmManager, RemovalState

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from qbackend.app.backend_thread import BackendThread
 from qbackend.app.options import NbdExportOptions
-from qbackend.app.service import Backend, BackendThread
+from qbackend.app.service import Backend
 from qbackend.block.qed import QedImage
 from qbackend.machine.console import GuestConsole
 from qbackend.machine.launch import QemuInstall, QemuMachine, find_qemu

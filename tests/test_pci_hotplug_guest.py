@@ -22,7 +22,8 @@ import pytest
 
 from qbackend.app.cli import vfio_user_device_arg
 from qbackend.app.options import IvshmemOptions
-from qbackend.app.service import Backend, BackendThread, ServedDevice
+from qbackend.app.service import Backend, ServedDevice
+from qbackend.app.backend_thread import BackendThread
 from qbackend.machine.console import GuestConsole
 from qbackend.machine.launch import QemuMachine, load_machine_config
 from qbackend.machine.qmp import SyncQmp

@@ -23,15 +23,8 @@ from qed_tools import (
     write_header,
 )
 
-from qbackend.block.qed import (
-    Feature,
-    ProblemKind,
-    QedCorruptError,
-    QedError,
-    QedFormatError,
-    QedImage,
-    QedUnsupportedError,
-)
+from qbackend.block.qed import Feature, QedCorruptError, QedError, QedFormatError, QedImage, QedUnsupportedError
+from qbackend.block.qed_check import ProblemKind
 
 CS = 4096
 SPAN = 2 * CS // 8 * CS  # guest bytes per L2 table at table_size=2: 4 MiB

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from qbackend.block.blockfile import Crashed, FaultyBlock, FileBlock, InjectedFault, MemoryBlock
 from qbackend.block.qed import (
     HEADER,
-    CheckReport,
     Feature,
     MapKind,
     QedError,
@@ -27,6 +26,7 @@ from qbackend.block.qed import (
     QedUnsupportedError,
     RawBacking,
 )
+from qbackend.block.qed_check import CheckReport
 
 KiB = 1024
 MiB = 1 << 20
@@ -490,7 +490,7 @@ def test_check_fast_scan_matches_entry_by_entry(tables: list[list[tuple[str, int
 
 def check_all_ways(m: MemoryBlock, repair: bool = False) -> list[tuple[CheckReport, bytes]]:
     """Check (and repair) copies of an image entry by entry, then with each setting of the span scan."""
-    import qbackend.block.qed as qed
+    import qbackend.block.qed_check as qed
 
     out = []
     for small_span, window in ((1 << 30, qed._WINDOW),  # every entry through _check_entry

@@ -27,7 +27,6 @@ from qbackend.block.qed import (
     DEFAULT_CLUSTER_SIZE,
     DEFAULT_TABLE_SIZE,
     SECTOR,
-    CheckReport,
     Extent,
     MapKind,
     QedError,
@@ -35,6 +34,7 @@ from qbackend.block.qed import (
     RawBacking,
     open_backing_file,
 )
+from qbackend.block.qed_check import CheckReport
 from qbackend.errors import UsageError
 from qbackend.sizes import parse_size
 

@@ -36,22 +36,23 @@ import bisect
 import errno
 import logging
 import os
-import re
 import struct
 import sys
 import threading
 from array import array
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from enum import Enum, IntEnum, IntFlag
-from itertools import compress, repeat
-from operator import itemgetter, setitem
+from itertools import compress
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from qbackend.block.blockfile import BlockFile, FileBlock
 from qbackend.errors import ImageError
+
+if TYPE_CHECKING:
+    from qbackend.block.qed_check import CheckReport
 
 log = logging.getLogger(__name__)
 
@@ -306,89 +307,6 @@ class Extent:
     @property
     def reads_zero(self) -> bool:
         return self.kind in (MapKind.ZERO, MapKind.UNALLOCATED)
-
-
-class ProblemKind(Enum):
-    BAD_L1_ENTRY = "bad L1 entry"  # unaligned, in the header, past EOF, table overruns EOF
-    L1_INTO_METADATA = "L1 entry points into metadata"
-    BAD_L2_ENTRY = "bad L2 entry"
-    L2_INTO_METADATA = "L2 entry points into metadata"
-    DUPLICATE = "cluster referenced twice"
-    PARTIAL_CLUSTER = "partial cluster at end of file"
-
-
-@dataclass
-class Problem:
-    kind: ProblemKind
-    message: str
-    table_offset: int | None = None  # the table holding the bad entry (the L1 table for L1 entries)
-    index: int | None = None
-    value: int | None = None
-    fixable: bool = True
-    fixed: bool = False
-
-    def __str__(self) -> str:
-        state = " (repaired)" if self.fixed else "" if self.fixable else " (cannot be repaired)"
-        return f"{self.message}{state}"
-
-
-@dataclass
-class CheckReport:
-    cluster_size: int
-    total_clusters: int  # guest clusters
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    corruptions: list[Problem] = field(default_factory=list)
-    leaked_clusters: int = 0
-    leak_ranges: list[tuple[int, int]] = field(default_factory=list)  # (file offset, bytes), first 100
-    leaks_fixed: int = 0
-    image_end_offset: int = 0
-    changes: list[str] = field(default_factory=list)
-    need_check_was_set: bool = False
-    need_check_cleared: bool = False
-
-    @property
-    def corruptions_fixed(self) -> int:
-        return sum(1 for p in self.corruptions if p.fixed and p.kind is not ProblemKind.PARTIAL_CLUSTER)
-
-    @property
-    def corruptions_remaining(self) -> int:
-        return sum(1 for p in self.corruptions if not p.fixed and p.kind is not ProblemKind.PARTIAL_CLUSTER)
-
-    @property
-    def leaks_remaining(self) -> int:
-        return self.leaked_clusters - self.leaks_fixed
-
-    @property
-    def exit_code(self) -> int:
-        """qemu-img check's: 0 clean, 2 corruptions remain, 3 only leaks remain."""
-        if self.corruptions_remaining:
-            return 2
-        if self.leaks_remaining:
-            return 3
-        return 0
-
-    def to_json(self) -> dict[str, object]:
-        out: dict[str, object] = {
-            "total-clusters": self.total_clusters,
-            "check-errors": 0,
-            "allocated-clusters": self.allocated_clusters,
-            "fragmented-clusters": self.fragmented_clusters,
-            "image-end-offset": self.image_end_offset,
-        }
-        if self.corruptions_remaining:
-            out["corruptions"] = self.corruptions_remaining
-        if self.leaks_remaining:
-            out["leaks"] = self.leaks_remaining
-        if self.corruptions_fixed:
-            out["corruptions-fixed"] = self.corruptions_fixed
-        if self.leaks_fixed:
-            out["leaks-fixed"] = self.leaks_fixed
-        out["problems"] = [{"kind": p.kind.value, "message": p.message, "table-offset": p.table_offset,
-                            "index": p.index, "value": p.value, "fixed": p.fixed} for p in self.corruptions]
-        out["leak-ranges"] = [{"offset": o, "length": n} for o, n in self.leak_ranges]
-        out["changes"] = list(self.changes)
-        return out
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -1030,253 +948,9 @@ class QedImage:
             return self._check(repair=repair, leaks_only=leaks_only, progress=progress)
 
     def _check(self, *, repair: bool, leaks_only: bool, progress: ProgressFn | None) -> CheckReport:
-        h = self.header
-        cs, tb, ne = self._cs, self._tb, self._ne
-        raw_size = self.f.size()
-        file_size = raw_size - raw_size % cs
-        nclusters = file_size // cs
-        rep = CheckReport(cluster_size=cs, total_clusters=-(-h.image_size // cs),
-                          need_check_was_set=self.dirty)
-        used = bytearray(nclusters)
-        meta = bytearray(nclusters)  # header and L1 table: certain metadata
-        hc = min(h.header_size, nclusters)
-        used[0:hc] = meta[0:hc] = b"\x01" * hc
-        l1c = h.l1_table_offset // cs
-        used[l1c:l1c + h.table_size] = meta[l1c:l1c + h.table_size] = b"\x01" * h.table_size
-        if raw_size != file_size:
-            rep.corruptions.append(Problem(ProblemKind.PARTIAL_CLUSTER,
-                                           f"{raw_size - file_size} bytes after the last whole cluster "
-                                           f"(file size {raw_size:#x})"))
-        l1 = _table_from_bytes(self.f.pread(h.l1_table_offset, tb))
-        l1_fixes: list[tuple[int, Problem]] = []
-        tables: list[tuple[int, int]] = []
-        for i, e in compress(enumerate(l1), l1):  # the nonzero entries
-            where = f"L1 entry {i} (guest offset {i * ne * cs:#x}): L2 table"
-            why = None
-            kind = ProblemKind.BAD_L1_ENTRY
-            if e % cs:
-                why = f"offset {e:#x} is not a multiple of the cluster size"
-            elif e < h.header_bytes:
-                why, kind = f"offset {e:#x} lies in the header", ProblemKind.L1_INTO_METADATA
-            elif e + tb > file_size:
-                why = f"at {e:#x} ({tb} bytes) runs past the end of the file ({file_size:#x})"
-            elif any(meta[e // cs:e // cs + h.table_size]):
-                why, kind = f"at {e:#x} overlaps the L1 table at {h.l1_table_offset:#x}", ProblemKind.L1_INTO_METADATA
-            if why is not None:
-                p = Problem(kind, f"{where} {why}", h.l1_table_offset, i, e)
-                rep.corruptions.append(p)
-                l1_fixes.append((i, p))
-                continue
-            c = e // cs
-            if any(used[c:c + h.table_size]):
-                rep.corruptions.append(Problem(ProblemKind.DUPLICATE,
-                                               f"{where} at {e:#x} overlaps clusters already referenced",
-                                               h.l1_table_offset, i, e, fixable=False))
-                continue
-            used[c:c + h.table_size] = b"\x01" * h.table_size
-            tables.append((i, e))
-        st = _ScanState(rep, used, meta, file_size, nclusters)
-        for done, (i, toff) in enumerate(tables):
-            if progress is not None:
-                progress(done, len(tables))
-            self._check_table(i, toff, st)
-        if progress is not None:
-            progress(len(tables), len(tables))
-        # leaks
-        last_used = used.rfind(1)
-        rep.leaked_clusters = used.count(0, 0, nclusters)
-        c = 0
-        while c < nclusters and len(rep.leak_ranges) < 100:
-            c = used.find(0, c)
-            if c < 0:
-                break
-            stop = used.find(1, c)
-            stop = nclusters if stop < 0 else stop
-            rep.leak_ranges.append((c * cs, (stop - c) * cs))
-            c = stop
-        rep.image_end_offset = (last_used + 1) * cs
-        if repair:
-            self._repair(rep, l1_fixes if not leaks_only else [], st.l2_fixes if not leaks_only else [],
-                         raw_size, nclusters, last_used)
-        return rep
+        from qbackend.block.qed_check import QedCheck  # the check is loaded only when used
 
-    def _check_table(self, l1i: int, toff: int, st: _ScanState) -> None:
-        """Check one L2 table's entries, marking the clusters they use."""
-        table = _table_from_bytes(self.f.pread(toff, self._tb))
-        for lo in range(0, len(table), _MAX_SPAN):  # bounds the size of the integers _scan_span works on
-            self._check_span(l1i, toff, table, lo, min(lo + _MAX_SPAN, len(table)), st)
-
-    def _check_span(self, l1i: int, toff: int, table: array[int], lo: int, hi: int, st: _ScanState) -> None:
-        """Check entries ``lo:hi`` of an L2 table: all at once if none has a problem (`_scan_span`),
-        else halve the span until the bad entries are found, which go one by one through `_check_entry`.
-
-        The result is exactly that of checking every entry in order with `_check_entry`: a span
-        `_scan_span` accepts would have passed entry by entry, with the same marks and counts.
-        """
-        n = hi - lo
-        if n > _SMALL_SPAN and self._scan_span(table[lo:hi] if n < len(table) else table, st):
-            return
-        if n > max(_SMALL_SPAN, 1):
-            mid = (lo + hi) // 2
-            self._check_span(l1i, toff, table, lo, mid, st)
-            self._check_span(l1i, toff, table, mid, hi, st)
-            return
-        for j in range(lo, hi):
-            e = table[j]
-            if e > L2_ZERO:
-                self._check_entry(l1i, toff, j, e, st)
-
-    def _scan_span(self, span: array[int], st: _ScanState) -> bool:
-        """Check and mark a span of L2 entries with whole-span operations, if none of them has a problem:
-        True.  False, having changed nothing, if some entry is unaligned, outside the data area, or points
-        at a cluster already used (metadata, an earlier entry, an entry of this span).
-        """
-        le = _table_to_bytes(span)
-        maybe_zeros = _ZERO_ENTRY in le  # an entry of 0, or eight zero bytes across two entries
-        if not maybe_zeros:
-            ok = self._scan_data(span, int.from_bytes(le, "little"), st)
-            if ok is not None:
-                return ok
-        # 0s or 1s (unallocated, zero clusters) to leave out, or an entry unaligned or out of range
-        n = len(span)
-        bits = int.from_bytes(le[0::8].translate(_CLEAR_BIT0), "little")  # per entry: any bit but bit 0?
-        for i in range(1, 8):
-            bits |= int.from_bytes(le[i::8], "little")
-        if not bits:
-            return True
-        is_data = bits.to_bytes(n, "little")
-        if 0 not in is_data:  # nothing to leave out
-            return maybe_zeros and self._scan_data(span, int.from_bytes(le, "little"), st) is True
-        pieces = []
-        for k, m in enumerate(_NONZERO_RUN.finditer(is_data)):
-            if k > n >> 6:  # many pieces: pick the entries one by one (at C speed)
-                data = array("Q", compress(span, is_data))
-                break
-            pieces.append(le[m.start() * 8:m.end() * 8])
-        else:
-            data = _table_from_bytes(b"".join(pieces))
-        return self._scan_data(data, int.from_bytes(_table_to_bytes(data), "little"), st) is True
-
-    def _scan_data(self, span: array[int], x: int, st: _ScanState) -> bool | None:
-        """`_scan_span` for entries that all point at data (no 0 or 1); ``x``: the entries as one integer,
-        entry j in bits 64j..64j+63.  None (nothing changed) if some entry is unaligned or out of range.
-
-        Alignment, range and "next entry = this one + 1 cluster" are tested on all 64-bit lanes of ``x``
-        at once, with big-integer arithmetic.  Clusters used twice: a run of consecutive clusters is
-        looked up with one `find`; otherwise the clusters are marked one by one (a C-level loop), and
-        the marks that changed counted over the window of clusters they fall in; when that window is
-        much wider than the span, a set finds duplicates and a gather finds clusters already used.
-        """
-        cs, shift = self._cs, self._cs.bit_length() - 1
-        n = len(span)
-        lane = st.lanes(n)
-        used = st.used
-        first = span[0]
-        lo_c, hi_c = self.header.header_size, st.nclusters
-        c0 = first >> shift
-        if x == lane.ones * first + lane.iota(cs):  # one run of clusters (the common case)
-            if first % cs or c0 < lo_c or c0 + n > hi_c:
-                return None
-            if used.find(1, c0, c0 + n) >= 0:
-                return False
-            used[c0:c0 + n] = b"\x01" * n
-            consecutive = n - 1
-        else:
-            if x & lane[cs - 1]:
-                return None  # unaligned
-            y = x >> shift  # cluster numbers: the low bits shifted in from the lane above are zeros
-            # every lane is below 2**52, so adding 2**63 - limit sets bit 63 exactly where the lane >= limit
-            top = lane[1 << 63]
-            if (y + lane[(1 << 63) - hi_c]) & top or (y + lane[(1 << 63) - lo_c]) & top != top:
-                return None  # past the end of the file, or in the header
-            # next - this + 2**62 - 1 (lanes stay in (0, 2**63): no borrows) reaches bit 62 where
-            # next >= this + 1, one less where next >= this + 2: bit 62 differs exactly where
-            # next == this + 1; the top lane (0 - last) reaches it in neither
-            t = (y >> 64) + lane[(1 << 62) - 1] - y
-            consecutive = ((t ^ (t - lane[1])) & lane[1 << 62]).bit_count()
-            clusters = _table_from_bytes(y.to_bytes(8 * n, "little"))
-            if hi_c - lo_c > _WINDOW * n:
-                lo_c, hi_c = min(clusters), max(clusters) + 1
-            if hi_c - lo_c <= _WINDOW * n:  # mark, then count the changed marks; undo unless there are n
-                saved = used[lo_c:hi_c]
-                _mark(used, clusters)
-                if (int.from_bytes(used[lo_c:hi_c], "little") ^ int.from_bytes(saved, "little")).bit_count() != n:
-                    used[lo_c:hi_c] = saved
-                    return False
-            else:
-                cl = clusters.tolist()
-                if len(set(cl)) != n or 1 in itemgetter(*cl)(used):
-                    return False
-                _mark(used, cl)
-        rep = st.rep
-        rep.allocated_clusters += n
-        rep.fragmented_clusters += n - 1 - consecutive + (st.prev_host >= 0 and first != st.prev_host + cs)
-        st.prev_host = span[-1]
-        return True
-
-    def _check_entry(self, l1i: int, toff: int, j: int, e: int, st: _ScanState) -> None:
-        cs = self._cs
-        used, rep = st.used, st.rep
-        why = None
-        kind = ProblemKind.BAD_L2_ENTRY
-        fixable = True
-        c = e // cs
-        if e % cs:
-            why = f"offset {e:#x} is not a multiple of the cluster size"
-        elif e < self.header.header_bytes:
-            why, kind = f"offset {e:#x} lies in the header", ProblemKind.L2_INTO_METADATA
-        elif e >= st.file_size:
-            why = f"offset {e:#x} is past the end of the file ({st.file_size:#x})"
-        elif st.meta[c]:
-            why, kind = f"offset {e:#x} lies in the L1 table", ProblemKind.L2_INTO_METADATA
-        elif used[c]:
-            why, kind, fixable = f"offset {e:#x} is referenced more than once", ProblemKind.DUPLICATE, False
-        if why is not None:
-            guest = (l1i * self._ne + j) * cs
-            p = Problem(kind, f"L2 table at {toff:#x} entry {j} (guest offset {guest:#x}): data cluster {why}",
-                        toff, j, e, fixable=fixable)
-            rep.corruptions.append(p)
-            if fixable:
-                st.l2_fixes.append((toff, j, p))
-            return
-        used[c] = 1
-        rep.allocated_clusters += 1
-        if st.prev_host >= 0 and e != st.prev_host + cs:
-            rep.fragmented_clusters += 1
-        st.prev_host = e
-
-    def _repair(self, rep: CheckReport, l1_fixes: list[tuple[int, Problem]],
-                l2_fixes: list[tuple[int, int, Problem]], raw_size: int, nclusters: int, last_used: int) -> None:
-        h = self.header
-        cs = self._cs
-        for i, p in l1_fixes:
-            self.f.pwrite(h.l1_table_offset + i * 8, bytes(8))
-            p.fixed = True
-            rep.changes.append(f"L1 entry {i}: {p.value:#x} -> 0")
-        for toff, j, p in l2_fixes:
-            self.f.pwrite(toff + j * 8, bytes(8))
-            p.fixed = True
-            rep.changes.append(f"L2 table at {toff:#x} entry {j}: {p.value:#x} -> 0")
-        if l1_fixes or l2_fixes:
-            self.f.flush()
-        new_end = (last_used + 1) * cs
-        if new_end < raw_size:
-            self.f.truncate(new_end)
-            self.f.flush()
-            tail = nclusters - (last_used + 1)
-            rep.leaks_fixed = tail
-            for p in rep.corruptions:
-                if p.kind is ProblemKind.PARTIAL_CLUSTER:
-                    p.fixed = True
-            rep.changes.append(f"file truncated from {raw_size:#x} to {new_end:#x} bytes"
-                               + (f" ({tail} leaked clusters at the end)" if tail else ""))
-        if rep.corruptions_remaining == 0 and self.dirty:
-            self.header = replace(self.header, features=self.header.features & ~int(Feature.NEED_CHECK))
-            self._write_header()
-            self.f.flush()
-            rep.need_check_cleared = True
-            rep.changes.append("NEED_CHECK cleared")
-        self._load_metadata()
+        return QedCheck(self).run(repair=repair, leaks_only=leaks_only, progress=progress)
 
     # ---- info
 
@@ -1297,63 +971,6 @@ class QedImage:
             "backing-filename": self.backing_name,
             "backing-filename-format": self.backing_format,
         }
-
-
-_MAX_SPAN = 1 << 15  # L2 entries scanned at once at most (a whole table of the default size)
-_SMALL_SPAN = 32  # L2 entries checked one by one once a span with a problem is narrowed down to this
-_WINDOW = 64  # _scan_span counts marks over a window of up to this many clusters per entry, else uses a set
-_CLEAR_BIT0 = bytes(b & 0xFE for b in range(256))
-_NONZERO_RUN = re.compile(b"[^\\x00]+")
-_LANE_ONE = (1).to_bytes(8, "little")
-_ZERO_ENTRY = bytes(8)
-
-
-def _mark(used: bytearray, clusters: Iterable[int]) -> None:
-    deque(map(setitem, repeat(used), clusters, repeat(1)), maxlen=0)
-
-
-@dataclass
-class _ScanState:
-    """What the L2 scan of a check carries from entry to entry and table to table."""
-
-    rep: CheckReport
-    used: bytearray  # per cluster of the file: referenced by something already
-    meta: bytearray  # per cluster: the header or the L1 table
-    file_size: int  # whole clusters only
-    nclusters: int
-    l2_fixes: list[tuple[int, int, Problem]] = field(default_factory=list)
-    prev_host: int = -1  # the last data cluster seen, for counting fragmentation
-    _lanes: dict[int, _Lanes] = field(default_factory=dict)
-
-    def lanes(self, n: int) -> _Lanes:
-        """The lane constants for spans of n entries (kept for the check's few span lengths)."""
-        lanes = self._lanes.get(n)
-        if lanes is None:
-            if len(self._lanes) >= 8:
-                self._lanes.clear()
-            lanes = self._lanes[n] = _Lanes(int.from_bytes(_LANE_ONE * n, "little"))
-        return lanes
-
-
-class _Lanes(dict[int, int]):
-    """``lanes[v]``: the integer of n 64-bit lanes that all hold v; made on first use."""
-
-    def __init__(self, ones: int) -> None:
-        super().__init__()
-        self.ones = ones
-
-    def __missing__(self, v: int) -> int:
-        self[v] = r = self.ones * v
-        return r
-
-    def iota(self, step: int) -> int:
-        """Lanes 0, step, 2 * step, ..."""
-        key = -step  # beside the constant lanes, under a key they never use
-        r = self.get(key)
-        if r is None:
-            n = self.ones.bit_length() // 64 + 1
-            self[key] = r = int.from_bytes(_table_to_bytes(array("Q", range(0, n * step, step))), "little")
-        return r
 
 
 def _block_dir(f: BlockFile) -> Path | None:
