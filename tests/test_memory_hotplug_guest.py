@@ -169,7 +169,7 @@ def test_hot_remove_of_normal_memory_fails_with_ost_busy(rig: Rig) -> None:
         before = rig.mem_total_kb()
         outcome = rig.thread.run(rig.dimms.remove, "hot2")
         assert outcome is RemovalState.FAILED, outcome
-        statuses = [o["status"] for o in rig.dimms.ost if o.get("device") == "hot2" and o["source"] == 3]
+        statuses = [o.status for o in rig.dimms.ost if o.device == "hot2" and o.source == 3]
         assert statuses[-2:] == [0x84, 0x82]
         devices = rig.user.execute("query-memory-devices")
         assert any(d["data"].get("id") == "hot2" for d in devices)  # the DIMM is intact

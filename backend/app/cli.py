@@ -17,9 +17,18 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
-from qbackend.app.options import DimmOptions, IvshmemOptions, NbdExportOptions, OptionError, parse_keyval, parse_tcp
+from qbackend.app.options import (
+    DimmOptions,
+    IvshmemOptions,
+    NbdExportOptions,
+    OptionError,
+    parse_int,
+    parse_keyval,
+    parse_tcp,
+)
+from qbackend.errors import QbackendError, UsageError
 from qbackend.sizes import parse_size
 
 if TYPE_CHECKING:
@@ -61,7 +70,7 @@ accelerator from --accel or $QBACKEND_ACCEL (default tcg).
 def _ivshmem_option(text: str) -> IvshmemOptions:
     try:
         return IvshmemOptions.parse(text)
-    except OptionError as exc:
+    except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -83,21 +92,21 @@ examples:
 def _export_option(text: str) -> NbdExportOptions:
     try:
         return NbdExportOptions.parse(text)
-    except OptionError as exc:
+    except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _tcp_option(text: str) -> tuple[str, int]:
     try:
         return parse_tcp(text)
-    except OptionError as exc:
+    except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _dimm_option(text: str) -> DimmOptions:
     try:
         return DimmOptions.parse(text)
-    except OptionError as exc:
+    except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -115,9 +124,9 @@ def _hotplug_option(text: str) -> dict[str, object]:
         if kv.get("profile", "qemu") not in ("qemu", "spec-2.4"):
             raise OptionError("--hotplug profile=qemu|spec-2.4")
         return {"socket": Path(kv["socket"]), "machine": kv.get("machine", "pc"),
-                "ram": parse_size(kv.get("ram", "512M"), "--hotplug ram", default_unit="M"), "slots": int(kv.get("slots", "4")),
+                "ram": parse_size(kv.get("ram", "512M"), "--hotplug ram", default_unit="M"), "slots": parse_int(kv.get("slots", "4"), "--hotplug slots"),
                 "profile": kv.get("profile", "qemu")}
-    except (OptionError, ValueError) as exc:
+    except (UsageError, ValueError) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -149,6 +158,32 @@ Needs a Debian host with apt; missing packages are installed with apt-get
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line that says where help is (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of a user error as one line (the first line of a long one)."""
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    return text.splitlines()[0]
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The error to report if ``exc`` is a user error (possibly inside trio's
+    exception groups), else None: then it is a bug and keeps its traceback."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_user_error(e) for e in exc.exceptions]
+        return leaves[0] if leaves and all(leaf is not None for leaf in leaves) else None
+    if isinstance(exc, (QbackendError, OSError)):
+        return exc
+    return None
+
+
 def _data_dir_option(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: an absent subcommand option must not hide the top-level one.
     parser.add_argument("--data-dir", type=Path, metavar="DIR", default=argparse.SUPPRESS,
@@ -156,7 +191,7 @@ def _data_dir_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="qbackend",
         description="External devices for QEMU from one Python process: ivshmem and a hotplug controller "
                     "over vfio-user, DIMM and PCI hotplug over QMP, QED/raw disks over NBD, a sPAPR DRC model.",
@@ -301,9 +336,12 @@ def main(argv: list[str] | None = None) -> int:
             return ivshmem_main(args)
     except KeyboardInterrupt:
         return 130
-    except (OSError, ValueError, RuntimeError) as exc:
-        print(f"qbackend: {exc}", file=sys.stderr)
-        return 1
+    except BaseException as exc:
+        error = _user_error(exc)
+        if error is None:
+            raise
+        print(f"qbackend {args.command}: {_one_line(error)}", file=sys.stderr)
+        return error.exit_code if isinstance(error, QbackendError) else 1
     return 2
 
 
@@ -520,8 +558,9 @@ def _pci(args: argparse.Namespace) -> int:
 
     try:
         if args.pci_command == "list":
+            rows = call(args.control, "pci-list")
             print(f"{'slot':>4}  {'id':<14}{'vendor:device':<15}{'class':<7}flags")
-            for r in call(args.control, "pci-list"):
+            for r in rows:
                 flags = [f for f in ("removable", "up", "down") if r[f]]
                 print(f"{r['slot']:>4}  {r['id'] or '-':<14}{r['vendor']}:{r['device']:<10}{r['class']:<7}"
                       f"{' '.join(flags)}")

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qbackend.app.options import OptionError
 from qbackend.sizes import parse_size
 
 # trio and the control socket are imported by the functions that use them: registering the
@@ -133,11 +132,7 @@ def _server(args: argparse.Namespace) -> int:
     from qbackend.plumbing.shared_memory import SharedMemory
     from qbackend.servers.control import ControlServer
 
-    try:
-        size = parse_size(args.size, "--size", default_unit="B")
-    except OptionError as exc:
-        print(f"qbackend ivshmem server: {exc}", file=sys.stderr)
-        return 2
+    size = parse_size(args.size, "--size", default_unit="B")
     name = args.shm or "memfd-0"
     group = PeerGroup(SharedMemory(size, args.shm), name=name)
     add_server(group, args.socket, args.vectors)

@@ -44,7 +44,7 @@ def parse_keyval(text: str, option: str) -> dict[str, str]:
     return result
 
 
-def _parse_int(text: str, what: str) -> int:
+def parse_int(text: str, what: str) -> int:
     try:
         return int(text, 0)
     except ValueError:
@@ -82,10 +82,10 @@ class IvshmemOptions:
         if size < 4096 or size & (size - 1):
             raise OptionError(f"--ivshmem size={kv.get('size')}: must be a power of two of at least 4K "
                               "(QEMU refuses other BAR sizes)")
-        vectors = _parse_int(kv.get("vectors", "1"), "--ivshmem vectors")
+        vectors = parse_int(kv.get("vectors", "1"), "--ivshmem vectors")
         if not 0 <= vectors <= 64:
             raise OptionError(f"--ivshmem vectors={vectors}: must be 0..64 (0: no MSI-X, INTx only)")
-        peer = _parse_int(kv["peer"], "--ivshmem peer") if "peer" in kv else None
+        peer = parse_int(kv["peer"], "--ivshmem peer") if "peer" in kv else None
         if peer is not None and not 0 <= peer <= 0xFFFF:
             raise OptionError(f"--ivshmem peer={peer}: must be 0..65535")
         shm = kv.get("shm") or None
@@ -161,5 +161,5 @@ class DimmOptions:
         size = parse_size(kv["size"], "--dimm size", default_unit="M")
         if size <= 0 or size % (128 << 20):
             raise OptionError(f"--dimm size={kv['size']}: a multiple of 128M (the guest's memory block size)")
-        return cls(id=kv["id"], size=size, node=_parse_int(kv.get("node", "0"), "--dimm node"),
+        return cls(id=kv["id"], size=size, node=parse_int(kv.get("node", "0"), "--dimm node"),
                    populated=_parse_bool(kv.get("populated", "off"), "--dimm populated"))

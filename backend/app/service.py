@@ -24,6 +24,7 @@ from qbackend.ivshmem.server import register_control as register_ivshmem_command
 from qbackend.machine.dimm_slots import DimmError, DimmManager
 from qbackend.machine.pci_slots import PciSlotManager
 from qbackend.machine.qmp import QmpConnection, QmpError
+from qbackend.machine.qmp_replies import Event, QmpReplyError
 from qbackend.models.memhp import Effect, EjectRequested, MemoryHotplugBlock, Profile
 from qbackend.models.pcihp import EjectSlot
 from qbackend.plumbing.shared_memory import SharedMemory
@@ -254,13 +255,17 @@ class Backend:
     async def _qmp_events(self, qmp: QmpConnection, scope: trio.CancelScope) -> None:
         """Hand QMP events to the slot manager until QEMU goes away."""
         try:
-            async for event in qmp.events():
-                if self.dimms is not None:
-                    await self.dimms.handle_event(event)
-                if self.pci is not None:
-                    await self.pci.handle_event(event)
-                    if event.get("event") == "DEVICE_DELETED":
-                        await self._free_pci_added(event.get("data", {}).get("device"))
+            async for raw in qmp.events():
+                try:
+                    event = Event.parse(raw)
+                    if self.dimms is not None:
+                        await self.dimms.handle_event(event)
+                    if self.pci is not None:
+                        await self.pci.handle_event(event)
+                        if event.name == "DEVICE_DELETED":
+                            await self._free_pci_added(event.data.string("device", "") or None)
+                except QmpReplyError as exc:  # QEMU said something it does not document: skip it
+                    log.error("QMP event not understood (ignored): %s", exc)
         except QmpError as exc:
             log.info("QMP: %s", exc)
         scope.cancel()
@@ -271,10 +276,13 @@ class Backend:
         try:
             while self.dimms is not None or self.pci is not None:
                 await trio.sleep(self.reconcile_interval)
-                if self.dimms is not None:
-                    await self.dimms.reconcile()
-                if self.pci is not None:
-                    await self.pci.reconcile()
+                try:
+                    if self.dimms is not None:
+                        await self.dimms.reconcile()
+                    if self.pci is not None:
+                        await self.pci.reconcile()
+                except QmpReplyError as exc:  # try again next time; the slots keep their last state
+                    log.error("QMP reply not understood: %s", exc)
         except QmpError as exc:
             log.info("QMP: %s", exc)
 

@@ -22,6 +22,7 @@ import trio
 from qbackend.app.options import DimmOptions
 from qbackend.errors import QbackendError
 from qbackend.machine.qmp import QmpConnection, QmpError
+from qbackend.machine.qmp_replies import DimmInfo, Event, OspmStatus, memory_size_summary
 from qbackend.models.memhp import OST_BUSY, OST_EJECT_IN_PROGRESS, OST_EVENT_EJECT, MemoryHotplugBlock
 
 log = logging.getLogger(__name__)
@@ -109,9 +110,9 @@ class DimmManager:
         self.on_change = on_change
         self.dimms = {d.id: Dimm(d, slot, addr)
                       for slot, (d, addr) in enumerate(zip(dimms, layout(dimms, machine, ram_size)))}
-        self.others: dict[str, dict[str, Any]] = {}  # DIMMs QEMU has that we did not declare
+        self.others: dict[str, DimmInfo] = {}  # DIMMs QEMU has that we did not declare
         self.qmp: QmpConnection | None = None
-        self.ost: list[dict[str, Any]] = []  # ACPI_DEVICE_OST events seen, newest last
+        self.ost: list[OspmStatus] = []  # ACPI_DEVICE_OST events seen, newest last
 
     # -- QEMU's command line for populated slots ---------------------------------------
 
@@ -190,24 +191,25 @@ class DimmManager:
             d.changed = trio.Event()
         self.on_change()
 
-    async def handle_event(self, event: dict[str, Any]) -> None:
+    async def handle_event(self, event: Event) -> None:
         """A QMP event; DIMM events update the slots."""
-        name, data = event.get("event"), event.get("data", {})
-        if name == "ACPI_DEVICE_OST" and data.get("info", {}).get("slot-type") == "DIMM":
-            info = data["info"]
+        if event.name == "ACPI_DEVICE_OST":
+            info = OspmStatus.parse(event.data.nested("info"))
+            if info.slot_type != "DIMM":
+                return
             self.ost.append(info)
-            d = self.dimms.get(info.get("device", ""))
-            if d is not None and info.get("source") == OST_EVENT_EJECT:
-                if info.get("status") == OST_EJECT_IN_PROGRESS:
+            d = self.dimms.get(info.device)
+            if d is not None and info.source == OST_EVENT_EJECT:
+                if info.status == OST_EJECT_IN_PROGRESS:
                     d.removal = RemovalState.EJECTING
-                elif info.get("status") == OST_BUSY:
+                elif info.status == OST_BUSY:
                     d.removal = RemovalState.FAILED
                     with self.lock:
                         self.block.slots[d.slot].removing = False
                 self._changed(d)
             await self.reconcile()
-        elif name == "DEVICE_DELETED":
-            d = self.dimms.get(data.get("device", ""))
+        elif event.name == "DEVICE_DELETED":
+            d = self.dimms.get(event.data.string("device", ""))
             if d is not None:
                 with self.lock:
                     d.plugged, d.removal = False, RemovalState.REMOVED
@@ -223,11 +225,8 @@ class DimmManager:
     async def reconcile(self) -> None:
         """Make the slots and the block say what QEMU says (query-memory-devices),
         whoever plugged what."""
-        devices = await self._qmp().execute("query-memory-devices")
-        seen: dict[int, dict[str, Any]] = {}
-        for dev in devices:
-            if dev.get("type") == "dimm":
-                seen[dev["data"]["slot"]] = dev["data"]
+        seen = {dimm.slot: dimm for dimm in DimmInfo.from_memory_devices(
+            await self._qmp().execute("query-memory-devices"))}
         changed = False
         with self.lock:
             self.others = {}
@@ -239,35 +238,35 @@ class DimmManager:
                         changed = True
                     continue
                 if (slot.address, slot.size, slot.node, slot.device_id, slot.enabled) != (
-                        data["addr"], data["size"], data["node"], data.get("id"), True):
-                    self.block.plug(slot_no, data["addr"], data["size"], data["node"], data.get("id"),
-                                    hotplugged=bool(data.get("hotplugged")) and not slot.enabled)
+                        data.addr, data.size, data.node, data.id, True):
+                    self.block.plug(slot_no, data.addr, data.size, data.node, data.id,
+                                    hotplugged=data.hotplugged and not slot.enabled)
                     changed = True
             for d in self.dimms.values():
                 data = seen.get(d.slot)
-                plugged = data is not None and data.get("id") == d.id
+                plugged = data is not None and data.id == d.id
                 if plugged != d.plugged:
                     d.plugged = plugged
                     changed = True
             ours = {d.id for d in self.dimms.values()}
             for data in seen.values():
-                if data.get("id") not in ours:
-                    self.others[str(data.get("id"))] = data
+                if data.id not in ours:
+                    self.others[str(data.id)] = data
         # OSPM's last word per DIMM (query-acpi-ospm-status) tells about
         # removals someone else asked for (a device_del typed elsewhere).
         # Removals of ours follow the events instead: the status of an
         # earlier attempt would be stale for them.
-        for status in await self._qmp().execute("query-acpi-ospm-status"):
-            found = self.dimms.get(status.get("device", ""))
+        for status in OspmStatus.from_reply(await self._qmp().execute("query-acpi-ospm-status")):
+            found = self.dimms.get(status.device)
             if found is None:
                 continue
             d = found
-            if (d.removal is not None or not d.plugged or status.get("slot-type") != "DIMM"
-                    or status.get("source") != OST_EVENT_EJECT):
+            if (d.removal is not None or not d.plugged or status.slot_type != "DIMM"
+                    or status.source != OST_EVENT_EJECT):
                 continue
-            if status.get("status") == OST_BUSY:
+            if status.status == OST_BUSY:
                 d.removal = RemovalState.FAILED
-            elif status.get("status") == OST_EJECT_IN_PROGRESS:
+            elif status.status == OST_EJECT_IN_PROGRESS:
                 d.removal = RemovalState.EJECTING
             else:
                 continue
@@ -278,13 +277,13 @@ class DimmManager:
 
     async def memory_total(self) -> dict[str, int]:
         """Base plus plugged, as seed 003's query-memory-total, beside QEMU's summary."""
-        summary = await self._qmp().execute("query-memory-size-summary")
+        qemu_base, qemu_plugged = memory_size_summary(await self._qmp().execute("query-memory-size-summary"))
         plugged = sum(s.size for s in self.block.slots if s.enabled)
         return {"base": self.ram_size, "plugged": plugged, "total": self.ram_size + plugged,
-                "qemu-base": summary["base-memory"], "qemu-plugged": summary.get("plugged-memory", 0)}
+                "qemu-base": qemu_base, "qemu-plugged": qemu_plugged}
 
     def as_json(self) -> list[dict[str, Any]]:
         out = [d.as_json() for d in self.dimms.values()]
-        out += [{"id": i, "slot": v["slot"], "address": v["addr"], "size": v["size"], "node": v["node"],
+        out += [{"id": i, "slot": v.slot, "address": v.addr, "size": v.size, "node": v.node,
                  "plugged": True, "removal": None, "declared": False} for i, v in self.others.items()]
         return out

@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from qbackend.machine.qmp import QmpConnection, QmpError
+from qbackend.machine.qmp_replies import Event, pci_bus_devices
 from qbackend.models.pcihp import PciHotplugBlock
 
 log = logging.getLogger(__name__)
@@ -35,21 +36,6 @@ class SlotDevice:
     class_code: int
     vendor: int
     device: int
-
-
-def bus_devices(query_pci: list[dict[str, Any]], bus_id: str | None) -> tuple[int, list[dict[str, Any]]]:
-    """The bus number and device list of the hotpluggable bus in a query-pci reply.
-
-    bus_id None: the root bus; else the secondary bus of the bridge with that qdev id.
-    """
-    for host in query_pci:
-        if bus_id is None:
-            return host["bus"], host["devices"]
-        for dev in host["devices"]:
-            bridge = dev.get("pci_bridge")
-            if bridge and dev.get("qdev_id") == bus_id:
-                return bridge["bus"]["secondary"], bridge.get("devices", [])
-    raise ValueError(f"QEMU has no bus behind {bus_id!r}")
 
 
 class PciSlotManager:
@@ -71,13 +57,12 @@ class PciSlotManager:
     async def reconcile(self) -> None:
         if self.qmp is None:
             return
-        _bus, devices = bus_devices(await self.qmp.execute("query-pci"), self.bus_id)
+        _bus, devices = pci_bus_devices(await self.qmp.execute("query-pci"), self.bus_id)
         now: dict[int, SlotDevice] = {}
         for info in devices:
-            if info["function"] != 0 and info["slot"] in now:
+            if info.function != 0 and info.slot in now:
                 continue
-            now[info["slot"]] = SlotDevice(info["slot"], info.get("qdev_id", ""), info["class_info"]["class"],
-                                           info["id"]["vendor"], info["id"]["device"])
+            now[info.slot] = SlotDevice(info.slot, info.qdev_id, info.class_code, info.vendor, info.device)
         gone = False
         with self.lock:
             bus = self.block.buses[0]
@@ -133,8 +118,8 @@ class PciSlotManager:
             return True
         return False
 
-    async def handle_event(self, event: dict[str, Any]) -> None:
-        if event.get("event") == "DEVICE_DELETED" and event.get("data", {}).get("device"):
+    async def handle_event(self, event: Event) -> None:
+        if event.name == "DEVICE_DELETED" and event.data.string("device", ""):
             await self.reconcile()
 
     def as_json(self) -> list[dict[str, Any]]:

@@ -50,6 +50,9 @@ def listen_unix(path: Path, backlog: int = 16) -> socket.socket:
         os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)  # before listen(): nobody can connect yet
         listener.listen(backlog)
         listener.setblocking(False)
+    except OSError as exc:
+        listener.close()
+        raise OSError(exc.errno, f"cannot listen there: {exc.strerror}", str(path)) from None
     except BaseException:
         listener.close()
         raise
