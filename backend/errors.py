@@ -7,7 +7,7 @@ its message as one line; the message says what is wrong and what to do.
 
     QbackendError                      exit 1 unless the subclass says otherwise
     +-- UsageError                     exit 2: a bad option or argument (qemu-img's usage code)
-    |   +-- OptionError                   a device/export option (qbackend.app.options)
+    |   +-- OptionError                   a device/export option (qbackend.options)
     |   +-- SizeError                     a size that does not parse (qbackend.sizes)
     +-- ImageError                     a disk image that cannot be used (QED errors, exports)
     +-- QemuError                      QEMU is missing, failed, or answered QMP wrongly

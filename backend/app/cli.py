@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from qbackend.app.options import (
+from qbackend.errors import QbackendError, UsageError
+from qbackend.options import (
     DimmOptions,
     IvshmemOptions,
     NbdExportOptions,
@@ -28,7 +29,6 @@ from qbackend.app.options import (
     parse_keyval,
     parse_tcp,
 )
-from qbackend.errors import QbackendError, UsageError
 from qbackend.sizes import parse_size
 
 if TYPE_CHECKING:

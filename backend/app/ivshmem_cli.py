@@ -127,8 +127,9 @@ def _server(args: argparse.Namespace) -> int:
     import trio
 
     from qbackend.app.cli import _stop_on_signal
+    from qbackend.app.ivshmem_commands import register_control
     from qbackend.ivshmem.group import PeerGroup
-    from qbackend.ivshmem.server import add_server, register_control
+    from qbackend.ivshmem.server import add_server
     from qbackend.plumbing.shared_memory import SharedMemory
     from qbackend.servers.control import ControlServer
 

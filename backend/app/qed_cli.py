@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from qbackend.app.options import OptionError, parse_keyval
 from qbackend.block.blockfile import FileBlock
 from qbackend.block.qed import (
     DEFAULT_CLUSTER_SIZE,
@@ -36,6 +35,7 @@ from qbackend.block.qed import (
 )
 from qbackend.block.qed_check import CheckReport
 from qbackend.errors import UsageError
+from qbackend.options import OptionError, parse_keyval
 from qbackend.sizes import parse_size
 
 EPILOG = """\

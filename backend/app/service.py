@@ -13,20 +13,20 @@ from typing import Any, TypeVar
 
 import trio
 
-from qbackend.app.options import DimmOptions, IvshmemOptions, NbdExportOptions
+from qbackend.app.ivshmem_commands import register_control as register_ivshmem_commands
 from qbackend.block.exports import Export, open_export
 from qbackend.devices.hotplug_controller import HotplugController
 from qbackend.devices.ivshmem import IvshmemDevice
 from qbackend.errors import ControlError
 from qbackend.ivshmem.group import PeerGroup
 from qbackend.ivshmem.server import add_server as add_ivshmem_server
-from qbackend.ivshmem.server import register_control as register_ivshmem_commands
 from qbackend.machine.dimm_slots import DimmError, DimmManager
 from qbackend.machine.pci_slots import PciSlotManager
 from qbackend.machine.qmp import QmpConnection, QmpError
 from qbackend.machine.qmp_replies import Event, QmpReplyError
 from qbackend.models.memhp import Effect, EjectRequested, MemoryHotplugBlock, Profile
 from qbackend.models.pcihp import EjectSlot
+from qbackend.options import DimmOptions, IvshmemOptions, NbdExportOptions
 from qbackend.plumbing.shared_memory import SharedMemory
 from qbackend.servers.control import ControlServer
 from qbackend.servers.nbd import NbdServer

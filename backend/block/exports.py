@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from qbackend.app.options import NbdExportOptions
 from qbackend.block.blockfile import FileBlock
+from qbackend.options import NbdExportOptions
 from qbackend.protocol.nbd import AllocationFlags, ExportInfo
 
 ZERO_CHUNK = bytes(1 << 20)

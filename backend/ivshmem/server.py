@@ -26,21 +26,17 @@ import os
 import socket
 import threading
 from collections import deque
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from qbackend.errors import ControlError
 from qbackend.ivshmem.group import CLIENT_KIND, PeerGroup
 from qbackend.plumbing.unix import accept_forever, fds_ancdata, listen_unix, make_eventfd, signal_eventfd
 from qbackend.protocol import ivshmem_server as wire
-from qbackend.servers.control import ControlServer
 
 log = logging.getLogger(__name__)
 
-MAX_DUMP = 1 << 20
 MAX_QUEUE = 1 << 16  # messages waiting for a client that does not read
 
 
@@ -277,50 +273,3 @@ def describe(group: PeerGroup) -> dict[str, Any]:
             "peers": [{"id": pid, "kind": p.kind, "name": p.name, "vectors": p.vector_count,
                        "received": p.received()} for pid, p in sorted(group.peers.items())],
         }
-
-
-def register_control(control: ControlServer, groups: Mapping[str, PeerGroup]) -> None:
-    """Add the `ivshmem-*` commands to a control socket.  `groups` is read
-    at each call (the Backend's live dict)."""
-
-    def pick(req: dict[str, Any]) -> PeerGroup:
-        name = req.get("group")
-        if name is not None:
-            if name not in groups:
-                raise ControlError(f"no ivshmem group {name!r}; groups: {', '.join(groups) or 'none'}")
-            return groups[name]
-        shared = {k: g for k, g in groups.items() if not k.startswith("memfd-")} or dict(groups)
-        if len(shared) != 1:
-            raise ControlError(f"say which group (--group): {', '.join(groups) or 'there is none'}")
-        return next(iter(shared.values()))
-
-    def bounds(group: PeerGroup, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > group.memory.size:
-            raise ControlError(f"{offset:#x}+{length} is outside the {group.memory.size:#x}-byte memory")
-        if length > MAX_DUMP:
-            raise ControlError(f"at most {MAX_DUMP} bytes at a time")
-
-    async def peers(req: dict[str, Any]) -> Any:
-        return describe(pick(req))
-
-    async def ring(req: dict[str, Any]) -> Any:
-        group = pick(req)
-        return {"delivered": group.ring(int(req["peer"]), int(req["vector"]))}
-
-    async def dump(req: dict[str, Any]) -> Any:
-        group = pick(req)
-        offset, length = int(req["offset"]), int(req["length"])
-        bounds(group, offset, length)
-        return {"offset": offset, "data": group.memory.read(offset, length).hex()}
-
-    async def write(req: dict[str, Any]) -> Any:
-        group = pick(req)
-        offset, data = int(req["offset"]), bytes.fromhex(str(req["data"]))
-        bounds(group, offset, len(data))
-        group.memory.write(offset, data)
-        return {"written": len(data)}
-
-    control.register("ivshmem-peers", peers)
-    control.register("ivshmem-ring", ring)
-    control.register("ivshmem-dump", dump)
-    control.register("ivshmem-write", write)

@@ -19,11 +19,11 @@ from typing import Any
 
 import trio
 
-from qbackend.app.options import DimmOptions
 from qbackend.errors import QbackendError
 from qbackend.machine.qmp import QmpConnection, QmpError
 from qbackend.machine.qmp_replies import DimmInfo, Event, OspmStatus, memory_size_summary
 from qbackend.models.memhp import OST_BUSY, OST_EJECT_IN_PROGRESS, OST_EVENT_EJECT, MemoryHotplugBlock
+from qbackend.options import DimmOptions
 
 log = logging.getLogger(__name__)
 
