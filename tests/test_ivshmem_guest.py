@@ -21,7 +21,7 @@ import pytest
 
 from qbackend.app.backend_thread import BackendThread
 from qbackend.app.cli import vfio_user_device_arg
-from qbackend.app.options import IvshmemOptions
+from qbackend.options import IvshmemOptions
 from qbackend.app.service import Backend, ServedDevice
 from qbackend.machine.console import GuestConsole
 from qbackend.machine.launch import QemuMachine

@@ -19,7 +19,7 @@ import pytest
 
 from qbackend.app.backend_thread import BackendThread
 from qbackend.app.cli import main as cli_main
-from qbackend.app.options import IvshmemOptions, OptionError
+from qbackend.options import IvshmemOptions, OptionError
 from qbackend.app.service import Backend, ServedDevice
 from qbackend.devices.ivshmem import IvshmemDevice
 from qbackend.ivshmem.group import PeerGroup

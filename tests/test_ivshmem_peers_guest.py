@@ -23,7 +23,7 @@ import pytest
 
 from qbackend.app.backend_thread import BackendThread
 from qbackend.app.cli import vfio_user_device_arg
-from qbackend.app.options import IvshmemOptions
+from qbackend.options import IvshmemOptions
 from qbackend.app.service import Backend, ServedDevice
 from qbackend.devices.ivshmem import IvshmemDevice
 from qbackend.ivshmem.group import PeerGroup

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from qbackend.app.cli import vfio_user_device_arg
-from qbackend.app.options import DimmOptions
+from qbackend.options import DimmOptions
 from qbackend.app.service import Backend
 from qbackend.app.backend_thread import BackendThread
 from qbackend.devices.hotplug_controller import HotplugController

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qbackend.app.backend_thread import BackendThread
-from qbackend.app.options import NbdExportOptions
+from qbackend.options import NbdExportOptions
 from qbackend.app.service import Backend
 from qbackend.block.qed import QedImage
 from qbackend.machine.console import GuestConsole

@@ -20,7 +20,7 @@ import pytest
 from nbd_raw_client import RawNbd
 
 from qbackend.app.backend_thread import BackendThread
-from qbackend.app.options import NbdExportOptions
+from qbackend.options import NbdExportOptions
 from qbackend.app.service import Backend
 from qbackend.block.qed import QedImage
 from qbackend.machine.launch import QemuInstall, find_qemu

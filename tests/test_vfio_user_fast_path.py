@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qbackend.app.backend_thread import BackendThread
-from qbackend.app.options import IvshmemOptions
+from qbackend.options import IvshmemOptions
 from qbackend.app.service import Backend
 from qbackend.protocol import vfio_user as vu
 from qbackend.protocol.vfio_user import REGION_ACCESS, Command, Request, ServerConnection

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from qbackend.app.backend_thread import BackendThread
-from qbackend.app.options import IvshmemOptions
+from qbackend.options import IvshmemOptions
 from qbackend.app.service import Backend, ServedDevice
 from qbackend.protocol import vfio_user as vu
 from qbackend.testing.vfio_user_client import ClientError, VfioUserClient
