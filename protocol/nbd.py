@@ -303,9 +303,6 @@ def structured_read_header(cookie: int, offset: int, length: int, done: bool = T
                                   cookie, 8 + length) + struct.pack(">Q", offset)
 
 
-def structured_hole(cookie: int, offset: int, length: int, done: bool = True) -> bytes:
-    return structured_chunk(cookie, ChunkType.OFFSET_HOLE, struct.pack(">QI", offset, length), done)
-
 
 def structured_done(cookie: int) -> bytes:
     return structured_chunk(cookie, ChunkType.NONE, b"")

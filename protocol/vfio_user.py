@@ -731,9 +731,6 @@ def irq_info_payload(index: int, flags: IrqInfoFlags, count: int) -> bytes:
     return IRQ_INFO.pack(IRQ_INFO.size, int(flags), index, count)
 
 
-def region_read_reply_payload(req: RegionRead, data: bytes) -> bytes:
-    return REGION_ACCESS.pack(req.offset, req.region, len(data)) + data
-
 
 # A header and a region access prefix: id, command, size, flags, error,
 # offset, region, count (serve_access()'s failed_access).

@@ -5,51 +5,35 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from qbackend.machine.console import GuestConsole
 from qbackend.machine.data_dir import data_dir
-from qbackend.machine.launch import QemuMachine
 from qbackend.machine.qmp import QmpError, SyncQmp
+from qbackend.testing.harness import Guest, Harness
 
 pytestmark = pytest.mark.guest
 
 
 @dataclass
 class Booted:
-    vm: QemuMachine
-    console: GuestConsole
-    qmp: SyncQmp
+    guest: Guest
+    qmp: SyncQmp  # QEMU's first monitor (no qbackend here); tests may replace it
 
 
 @pytest.fixture(scope="module")
-def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
-    workdir: Path = tmp_path_factory.mktemp("guest-boot")
-    vm = QemuMachine(workdir)
-    console = GuestConsole(vm.serial_path)
-    booted = None
-    try:
-        vm.start()
-        console.connect()
-        booted = Booted(vm, console, SyncQmp(vm.qmp_path))
-        console.wait_ready(timeout=60)
-        yield booted
-    finally:
-        if booted is not None:
-            booted.qmp.close()  # tests may replace it
-        console.close()
-        vm.stop()
+def booted(harness: Harness) -> Iterator[Booted]:
+    guest = harness.guest(ready_timeout=60)
+    yield Booted(guest, guest.monitor())
 
 
 def test_kernel_version(booted: Booted) -> None:
     expected = (data_dir() / "guest" / "kernel-version").read_text().strip()
-    assert booted.console.run_checked("uname -r").strip() == expected
+    assert booted.guest.console.run_checked("uname -r").strip() == expected
 
 
 def test_uio_modules_load(booted: Booted) -> None:
-    c = booted.console
+    c = booted.guest.console
     c.run_checked("insmod /lib/modules/uio.ko")
     c.run_checked("insmod /lib/modules/uio_pci_generic.ko")
     modules = c.run_checked("cat /proc/modules")
@@ -58,7 +42,7 @@ def test_uio_modules_load(booted: Booted) -> None:
 
 
 def test_exit_status_and_output(booted: Booted) -> None:
-    c = booted.console
+    c = booted.guest.console
     status, out = c.run_status("echo one; echo two >&2; false")
     assert status == 1
     assert out == "one\ntwo\n"
@@ -94,7 +78,7 @@ def test_qmp_trio(booted: Booted) -> None:
     booted.qmp.close()
 
     async def main() -> None:
-        async with await QmpConnection.open(booted.vm.qmp_path) as q:
+        async with await QmpConnection.open(booted.guest.vm.qmp_path) as q:
             assert (await q.execute("query-status"))["status"] == "running"
             with pytest.raises(QmpError) as info:
                 await q.execute("device_del", {"id": "nope"})
@@ -112,5 +96,5 @@ def test_qmp_trio(booted: Booted) -> None:
     try:
         trio.run(main)
     finally:
-        booted.qmp = SyncQmp(booted.vm.qmp_path)
-    assert booted.console.run_checked("echo alive") == "alive\n"
+        booted.qmp = booted.guest.monitor()
+    assert booted.guest.console.run_checked("echo alive") == "alive\n"

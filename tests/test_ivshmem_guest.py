@@ -12,21 +12,18 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from qbackend.app.backend_thread import BackendThread
 from qbackend.app.cli import vfio_user_device_arg
-from qbackend.options import IvshmemOptions
 from qbackend.app.service import Backend, ServedDevice
-from qbackend.machine.console import GuestConsole
-from qbackend.machine.launch import QemuMachine
 from qbackend.machine.qmp import SyncQmp
+from qbackend.options import IvshmemOptions
 from qbackend.protocol.vfio_user import PciRegion
+from qbackend.testing.harness import Guest, Harness, sysfs_pci, wait_equal, wait_until
 
 pytestmark = pytest.mark.guest
 
@@ -39,62 +36,42 @@ class Rig:
     served: ServedDevice  # the device QEMU uses (MSI-X, 2 vectors)
     other: ServedDevice  # same peer group, no client: makes IVPosition nonzero
     plain: ServedDevice  # no MSI-X: the one that is unplugged and plugged again
-    vm: QemuMachine
-    console: GuestConsole
+    guest: Guest
     qmp: SyncQmp
     device_arg: str
 
     def sh(self, cmd: str, timeout: float = 30) -> str:
-        return self.console.run_checked(cmd, timeout).strip()
+        return self.guest.sh(cmd, timeout)
 
     def pci_dir(self, slot: str = "02.0") -> str:
-        d = f"/sys/bus/pci/devices/0000:00:{slot}"
-        assert self.sh(f"cat {d}/vendor {d}/device 2>/dev/null || true").split() == ["0x1af4", "0x1110"], \
-            f"the guest has no 1af4:1110 device at {slot}"
+        d = sysfs_pci(f"00:{slot}")
+        assert self.guest.pci_ids(d) == ("0x1af4", "0x1110"), f"the guest has no 1af4:1110 device at {slot}"
         return d
 
     def bar(self, n: int, slot: str = "02.0") -> tuple[int, int]:
         """(start, size) of BAR n as the guest assigned it."""
-        line = self.sh(f"sed -n {n + 1}p {self.pci_dir(slot)}/resource")
-        start, end, _flags = (int(x, 16) for x in line.split())
-        return start, end - start + 1
+        return self.guest.bar(self.pci_dir(slot), n)
 
     def devmem(self, addr: int, width: int = 32, value: int | None = None) -> int:
-        cmd = f"devmem {addr:#x} {width}" + (f" {value:#x}" if value is not None else "")
-        out = self.sh(cmd)
-        return int(out, 16) if value is None else 0
+        return self.guest.devmem(addr, width, value)
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    workdir: Path = tmp_path_factory.mktemp("ivshmem")
-    shm = f"qbackend-test-{uuid.uuid4().hex[:8]}"
+def rig(harness: Harness) -> Iterator[Rig]:
+    workdir = harness.workdir
+    shm = harness.shm_name()
     backend = Backend()
     other = backend.add_ivshmem(IvshmemOptions(socket=workdir / "other.sock", size=SIZE, shm=shm, id="other"))
     served = backend.add_ivshmem(IvshmemOptions(socket=workdir / "iv0.sock", size=SIZE, shm=shm, id="iv0",
                                                 vectors=2))
     plain = backend.add_ivshmem(IvshmemOptions(socket=workdir / "plain.sock", size=SIZE, id="plain", vectors=0))
-    thread = BackendThread(backend).start()
+    thread = harness.serve(backend)
     device_arg = vfio_user_device_arg("plain", plain.server.socket_path, addr="0x3")
-    vm = QemuMachine(workdir, extra_args=[
+    guest = harness.guest(extra_args=[
         "-device", vfio_user_device_arg("iv0", served.server.socket_path, addr="0x2"),
         "-device", device_arg,
     ])
-    console = GuestConsole(vm.serial_path)
-    qmp = None
-    try:
-        vm.start()
-        console.connect()
-        qmp = SyncQmp(vm.qmp_path)
-        console.wait_ready(timeout=90)
-        yield Rig(thread, served, other, plain, vm, console, qmp, device_arg)
-    finally:
-        if qmp is not None:
-            qmp.close()
-        console.close()
-        vm.stop()
-        thread.stop()
-        Path("/dev/shm", shm).unlink(missing_ok=True)
+    yield Rig(thread, served, other, plain, guest, guest.monitor(), device_arg)
 
 
 def test_guest_lists_device_with_configured_bar2_size(rig: Rig) -> None:
@@ -153,8 +130,9 @@ def test_intx_wakes_a_blocked_uio_reader(rig: Rig) -> None:
     assert rig.sh(f"readlink {d}/driver").endswith("uio_pci_generic")
     assert rig.sh("cat /sys/class/uio/uio0/name") == "uio_pci_generic"
     rig.devmem(bar0, 32, 1)  # IntrMask: let IntrStatus raise the pin
+    wait_equal(lambda: rig.served.device.registers.intr_mask, 1, what="qbackend's IntrMask")  # type: ignore[attr-defined]
     rig.sh("rm -f /tmp/uio.out")
-    rig.console.start_background("dd if=/dev/uio0 of=/tmp/uio.part bs=4 count=1; mv /tmp/uio.part /tmp/uio.out")
+    rig.guest.console.start_background("dd if=/dev/uio0 of=/tmp/uio.part bs=4 count=1; mv /tmp/uio.part /tmp/uio.out")
     time.sleep(1.0)
     assert rig.sh("[ -e /tmp/uio.out ] && echo woke || echo blocked") == "blocked"
     fired_before = rig.served.device.irqs.intx.fired
@@ -170,7 +148,8 @@ def test_intx_wakes_a_blocked_uio_reader(rig: Rig) -> None:
     assert out == "1", f"uio event count: {out!r}"
     assert rig.served.device.irqs.intx.fired == fired_before + 1
     # The guest's handler masked INTx through the command register.
-    assert rig.served.device.config.intx_disabled
+    wait_until(lambda: rig.served.device.config.intx_disabled, what="INTx disabled in qbackend's command register",
+               seen=lambda: hex(rig.served.device.config.command))
     # Reading IntrStatus clears it, and the device then lowers its line.
     assert rig.devmem(bar0 + 4) == 1
     assert rig.devmem(bar0 + 4) == 0
@@ -182,12 +161,14 @@ def test_dma_reads_guest_memory_by_fd_and_by_message(rig: Rig) -> None:
     which QEMU serves only with bus mastering on."""
     d = rig.pci_dir()
     rig.sh(f"printf '\\007\\001' | dd of={d}/config bs=1 seek=4 conv=notrunc 2>/dev/null")
+    wait_until(lambda: rig.served.device.config.bus_master, what="bus mastering on in qbackend's command register",
+               seen=lambda: hex(rig.served.device.config.command))
     conn = rig.served.server.connection
     assert conn is not None
     maps = {m.addr: m for m in conn.dma.mappings()}
     assert maps[0xFFFC0000].memory is None
     assert maps[0].memory is not None
-    bios = (rig.vm.qemu.root / "usr/share/seabios/bios-256k.bin").read_bytes() if rig.vm.qemu.root else None
+    bios = (rig.guest.vm.qemu.root / "usr/share/seabios/bios-256k.bin").read_bytes() if rig.guest.vm.qemu.root else None
     rom = rig.backend.run(conn.dma_read, 0xFFFC0000 + 0x3F000, 0x1000)
     if bios is not None:
         assert rom == bios[0x3F000:0x40000]
@@ -203,17 +184,12 @@ def test_device_del_then_add_serves_a_new_connection(rig: Rig) -> None:
     served_before = server.connections_served
     rig.qmp.execute("device_del", {"id": "plain"})
     rig.qmp.next_event("DEVICE_DELETED", data={"device": "plain"}, timeout=30)
-    deadline = time.monotonic() + 10
-    while server.connection is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.connection is None
+    wait_until(lambda: server.connection is None, 10, "the connection closed")
     assert rig.plain.device.irqs.open_fds() == []  # every eventfd closed
     assert rig.sh("ls /sys/bus/pci/devices/ | grep -c 00:03.0 || true") == "0"
 
     rig.qmp.execute("device_add", json.loads(rig.device_arg))
-    deadline = time.monotonic() + 10
-    while server.connections_served == served_before and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: server.connections_served != served_before, 10, "QEMU to connect again")
     assert server.connections_served == served_before + 1
     out = rig.sh("for i in $(seq 100); do [ -e /sys/bus/pci/devices/0000:00:03.0 ] && echo seen && break; "
                  "usleep 100000; done")

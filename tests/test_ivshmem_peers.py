@@ -19,12 +19,12 @@ import pytest
 
 from qbackend.app.backend_thread import BackendThread
 from qbackend.app.cli import main as cli_main
-from qbackend.options import IvshmemOptions, OptionError
 from qbackend.app.service import Backend, ServedDevice
 from qbackend.devices.ivshmem import IvshmemDevice
 from qbackend.ivshmem.group import PeerGroup
 from qbackend.ivshmem.local_peer import LocalPeer
 from qbackend.ivshmem.peer import IvshmemPeer, PeerError
+from qbackend.options import IvshmemOptions, OptionError
 from qbackend.plumbing.shared_memory import SharedMemory
 from qbackend.plumbing.unix import clear_eventfd
 from qbackend.protocol import ivshmem_server as wire

@@ -12,10 +12,8 @@ vfio-user device with MSI-X is unplugged (docs/qemu-issues.md).
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +21,14 @@ import pytest
 
 from qbackend.app.backend_thread import BackendThread
 from qbackend.app.cli import vfio_user_device_arg
-from qbackend.options import IvshmemOptions
 from qbackend.app.service import Backend, ServedDevice
 from qbackend.devices.ivshmem import IvshmemDevice
 from qbackend.ivshmem.group import PeerGroup
 from qbackend.ivshmem.peer import IvshmemPeer
 from qbackend.machine.console import GuestConsole
 from qbackend.machine.launch import QemuMachine
+from qbackend.options import IvshmemOptions
+from qbackend.testing.harness import Guest, Harness, open_fd_numbers, sysfs_pci, wait_equal, wait_until
 
 pytestmark = pytest.mark.guest
 
@@ -39,23 +38,35 @@ SLOT = "0000:00:02.0"
 
 
 @dataclass
-class Guest:
-    name: str
-    vm: QemuMachine
-    console: GuestConsole
+class PeerGuest:
+    """A guest running guest/ivshmem_msix on the ivshmem device in SLOT."""
+
+    guest: Guest
+
+    @property
+    def name(self) -> str:
+        return self.guest.name
+
+    @property
+    def vm(self) -> QemuMachine:
+        return self.guest.vm
+
+    @property
+    def console(self) -> GuestConsole:
+        return self.guest.console
 
     def sh(self, cmd: str, timeout: float = 30) -> str:
-        return self.console.run_checked(cmd, timeout).strip()
+        return self.guest.sh(cmd, timeout)
 
     @property
     def sysfs(self) -> str:
-        return f"/sys/bus/pci/devices/{SLOT}"
+        return sysfs_pci(SLOT)
 
     def counts(self) -> list[int]:
         return [int(x) for x in self.sh(f"cat {self.sysfs}/counts").split()]
 
     def bar2(self) -> int:
-        return int(self.sh(f"sed -n 3p {self.sysfs}/resource").split()[0], 16)
+        return self.guest.bar(self.sysfs, 2)[0]
 
     def ring(self, peer: int, vector: int, count: int = 1) -> None:
         self.sh(f"echo '{peer} {vector} {count}' > {self.sysfs}/doorbell")
@@ -63,13 +74,7 @@ class Guest:
     def wait_counts(self, expected: list[int], timeout: float = 10) -> list[int]:
         """Poll the interrupt counts until they equal `expected` (then
         check once more a little later that they stay there)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.counts()
-            if got == expected or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert got == expected, f"{self.name}: counts {got}, expected {expected}"
+        got = wait_equal(self.counts, expected, timeout, f"{self.name}'s interrupt counts")
         time.sleep(0.2)
         assert self.counts() == expected, f"{self.name}: more interrupts than doorbells"
         return got
@@ -77,13 +82,13 @@ class Guest:
 
 @dataclass
 class Rig:
-    workdir: Path
+    harness: Harness
     thread: BackendThread
     group: PeerGroup
     a: ServedDevice
     b: ServedDevice
     server: Path
-    guests: dict[str, Guest]
+    guests: dict[str, PeerGuest]
     host: IvshmemPeer
     host_rung: list[int] = field(default_factory=list)
     joined: list[int] = field(default_factory=list)
@@ -94,64 +99,41 @@ class Rig:
         return served.device
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"{what}: not met within {timeout} s"
-        time.sleep(0.02)
+def start_guest(harness: Harness, name: str, extra: list[str]) -> PeerGuest:
+    """Start a QEMU; its guest boots while others are started (see `boot`)."""
+    return PeerGuest(harness.guest(name, ready=False, extra_args=extra))
 
 
-def start_guest(workdir: Path, name: str, extra: list[str]) -> Guest:
-    vm = QemuMachine(workdir, name=name, extra_args=extra)
-    console = GuestConsole(vm.serial_path)
-    vm.start()
-    console.connect()
-    return Guest(name, vm, console)
-
-
-def boot(guest: Guest) -> None:
-    guest.console.wait_ready(timeout=120)
+def boot(guest: PeerGuest) -> None:
+    guest.guest.wait_ready(timeout=120)
     guest.sh("insmod /lib/modules/ivshmem_msix.ko")
     assert guest.sh(f"readlink {guest.sysfs}/driver").endswith("/ivshmem_msix")
 
 
-def stop_guest(guest: Guest) -> None:
-    guest.console.close()
-    guest.vm.stop()
-
-
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    workdir: Path = tmp_path_factory.mktemp("ivpeers")
-    shm = f"qbackend-test-{uuid.uuid4().hex[:8]}"
+def rig(harness: Harness) -> Iterator[Rig]:
+    workdir = harness.workdir
+    shm = harness.shm_name()
     server = workdir / "ivshmem-server.sock"
     backend = Backend()
     a = backend.add_ivshmem(IvshmemOptions(socket=workdir / "a.sock", size=SIZE, shm=shm, id="a",
                                            vectors=VECTORS, server=server))
     b = backend.add_ivshmem(IvshmemOptions(socket=workdir / "b.sock", size=SIZE, shm=shm, id="b",
                                            vectors=VECTORS))
-    thread = BackendThread(backend).start()
+    thread = harness.serve(backend)
     group = a.device.group  # type: ignore[attr-defined]
-    guests: dict[str, Guest] = {}
-    host = None
-    try:
-        for name, served in (("a", a), ("b", b)):
-            guests[name] = start_guest(workdir, name, [
-                "-device", vfio_user_device_arg(name, served.server.socket_path, addr="0x2")])
-        for guest in guests.values():
-            boot(guest)
-        rig = Rig(workdir, thread, group, a, b, server, guests, host=None)  # type: ignore[arg-type]
-        host = IvshmemPeer(server, vectors=VECTORS, on_doorbell=rig.host_rung.append,
-                           on_join=rig.joined.append, on_leave=rig.left.append)
-        rig.host = host
-        yield rig
-    finally:
-        if host is not None:
-            host.close()
-        for guest in guests.values():
-            stop_guest(guest)
-        thread.stop()
-        Path("/dev/shm", shm).unlink(missing_ok=True)
+    guests: dict[str, PeerGuest] = {}
+    for name, served in (("a", a), ("b", b)):
+        guests[name] = start_guest(harness, name, [
+            "-device", vfio_user_device_arg(name, served.server.socket_path, addr="0x2")])
+    for guest in guests.values():
+        boot(guest)
+    rig = Rig(harness, thread, group, a, b, server, guests, host=None)  # type: ignore[arg-type]
+    host = IvshmemPeer(server, vectors=VECTORS, on_doorbell=rig.host_rung.append,
+                       on_join=rig.joined.append, on_leave=rig.left.append)
+    harness.callback(host.close)
+    rig.host = host
+    yield rig
 
 
 def test_guests_bind_the_module_with_their_ivposition(rig: Rig) -> None:
@@ -189,7 +171,7 @@ def test_host_rings_both_guests_and_guests_ring_the_host(rig: Rig) -> None:
     b.wait_counts([before_b[0] + 1, before_b[1]])
     a.ring(rig.host.id, 1)
     b.ring(rig.host.id, 0)
-    wait_for(lambda: sorted(rig.host_rung) == [0, 1], what="the host's doorbells")
+    wait_until(lambda: sorted(rig.host_rung) == [0, 1], what="the host's doorbells")
 
 
 def test_what_a_writes_b_and_the_host_read(rig: Rig) -> None:
@@ -216,6 +198,7 @@ def test_masked_vector_sets_its_pba_bit_and_fires_on_unmask(rig: Rig) -> None:
     pos_b = rig.device(rig.b).position
     before = b.counts()
     b.sh(f"echo 1 > {b.sysfs}/fmask")
+    wait_until(lambda: rig.device(rig.b).config.msix_function_masked, what="the Function Mask in qbackend's config")
     assert rig.host.ring(pos_b, 1)
     time.sleep(0.3)
     assert b.counts() == before
@@ -244,43 +227,42 @@ def test_a_leaves_when_its_qemu_is_killed(rig: Rig) -> None:
     assert conn is not None
     a_fds = {conn.sock.fileno(), *dev_a.irqs.open_fds(), *rig.group.open_fds()} - set(
         rig.group.doorbell_fds(rig.device(rig.b).position))
-    before = {int(n) for n in os.listdir("/proc/self/fd")}
+    before = open_fd_numbers()
     dropped = rig.group.dropped_doorbells
 
     assert a_guest.vm.proc is not None
-    a_guest.vm.proc.kill()
-    a_guest.vm.proc.wait(10)
-    a_guest.vm.stop()
-    wait_for(lambda: rig.left == [pos_a], what="the host being told")
+    a_guest.guest.kill()
+    wait_until(lambda: rig.left == [pos_a], what="the host being told")
     assert pos_a not in rig.group.peers and pos_a not in rig.host.peers()
     # Doorbells to it are dropped: from the host, qbackend and the guest B.
     assert not rig.host.ring(pos_a, 0)
     assert not rig.group.ring(pos_a, 0)
     b.ring(pos_a, 1)
-    assert rig.group.dropped_doorbells == dropped + 2
+    wait_equal(lambda: rig.group.dropped_doorbells, dropped + 2, what="the dropped doorbell count")
     # No fd of A's is left: its socket, its interrupt eventfds, the eventfds
     # handed out for it.
-    wait_for(lambda: {int(n) for n in os.listdir("/proc/self/fd")} <= before - a_fds, what="A's fds closed")
+    wait_until(lambda: open_fd_numbers() <= before - a_fds, what="A's fds closed",
+               seen=lambda: sorted(open_fd_numbers() - (before - a_fds)))
     assert dev_a.irqs.open_fds() == []
     # Its id is free again.
     with IvshmemPeer(rig.server, vectors=VECTORS) as newcomer:
         assert newcomer.id == pos_a
-        wait_for(lambda: rig.joined[-1:] == [pos_a], what="the host told of the newcomer")
+        wait_until(lambda: rig.joined[-1:] == [pos_a], what="the host told of the newcomer")
         assert newcomer.ring(rig.host.id, 0)
-        wait_for(lambda: rig.host_rung[-1:] == [0], what="the newcomer's doorbell")
-    wait_for(lambda: rig.left == [pos_a, pos_a], what="the newcomer's leave")
+        wait_until(lambda: rig.host_rung[-1:] == [0], what="the newcomer's doorbell")
+    wait_until(lambda: rig.left == [pos_a, pos_a], what="the newcomer's leave")
 
 
 def test_stock_ivshmem_doorbell_guest_in_the_same_group(rig: Rig) -> None:
     b = rig.guests["b"]
     pos_b = rig.device(rig.b).position
     joined = len(rig.joined)
-    c = start_guest(rig.workdir, "c", [
+    c = start_guest(rig.harness, "c", [
         "-chardev", f"socket,path={rig.server},id=ivs",
         "-device", f"ivshmem-doorbell,chardev=ivs,vectors={VECTORS},addr=0x2"])
     rig.guests["c"] = c
     boot(c)
-    wait_for(lambda: len(rig.joined) == joined + 1, what="the host told of C")
+    wait_until(lambda: len(rig.joined) == joined + 1, what="the host told of C")
     pos_c = rig.joined[-1]
     assert int(c.sh(f"cat {c.sysfs}/ivposition")) == pos_c
     assert rig.group.peers[pos_c].kind == "ivshmem-server client"
@@ -299,19 +281,16 @@ def test_stock_ivshmem_doorbell_guest_in_the_same_group(rig: Rig) -> None:
     c.wait_counts([before_c[0] + 1, before_c[1] + 1])
     rung = len(rig.host_rung)
     c.ring(rig.host.id, 1)
-    wait_for(lambda: rig.host_rung[rung:] == [1], what="C's doorbell to the host")
+    wait_until(lambda: rig.host_rung[rung:] == [1], what="C's doorbell to the host")
 
 
 def test_stock_guest_leaves_when_killed(rig: Rig) -> None:
     c = rig.guests.pop("c")
     pos_c = rig.joined[-1]
     client = rig.group.peers[pos_c]
-    c.console.close()
     assert c.vm.proc is not None
-    c.vm.proc.kill()
-    c.vm.proc.wait(10)
-    c.vm.stop()
-    wait_for(lambda: rig.left[-1:] == [pos_c], what="the host told of C's leave")
+    c.guest.kill()
+    wait_until(lambda: rig.left[-1:] == [pos_c], what="the host told of C's leave")
     assert pos_c not in rig.group.peers
     assert client.doorbell_eventfds() == []  # closed
     assert not rig.group.ring(pos_c, 0)

@@ -128,3 +128,41 @@ def test_the_rule_catches_an_upward_import(tmp_path: Path) -> None:
     names = [name for _line, name in imports(bad, "qbackend.models.bad")]
     assert "trio" in names and "qbackend.app.cli" in names
     assert RANK[layer_part("qbackend.app.cli") or ""] > RANK["models"]
+
+
+def walk_own_body(fn: ast.AsyncFunctionDef) -> list[ast.AST]:
+    """The nodes of a coroutine's own body: a nested plain function runs elsewhere (a worker thread)."""
+    out: list[ast.AST] = []
+    todo: list[ast.AST] = [n for n in fn.body if not isinstance(n, ast.FunctionDef)]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        todo += [child for child in ast.iter_child_nodes(node)
+                 if not isinstance(child, (ast.FunctionDef, ast.Lambda))]
+    return out
+
+
+# Coroutines that run on the asyncio loop of qbackend.machine.qmp, not under trio.
+ASYNCIO_SIDE = {("qbackend.machine.qmp", "_Core")}
+
+
+def test_no_trio_task_takes_a_lock_with_with() -> None:
+    """qbackend.plumbing.threads' rule: a trio task never blocks on a lock a
+    worker thread can hold; such work goes through run_locked."""
+    offenders = []
+    for module, path in FILES.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for cls in [tree, *[n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]]:
+            owner = getattr(cls, "name", None)
+            if (module, owner) in ASYNCIO_SIDE:
+                continue
+            for fn in ast.iter_child_nodes(cls):
+                if not isinstance(fn, ast.AsyncFunctionDef):
+                    continue
+                for node in walk_own_body(fn):
+                    if isinstance(node, ast.With):
+                        for item in node.items:
+                            text = ast.unparse(item.context_expr)
+                            if "lock" in text.lower() or "_cond" in text:
+                                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {fn.name}: with {text}")
+    assert offenders == []

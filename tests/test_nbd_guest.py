@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from qbackend.app.backend_thread import BackendThread
-from qbackend.options import NbdExportOptions
 from qbackend.app.service import Backend
 from qbackend.block.qed import QedImage
-from qbackend.machine.console import GuestConsole
-from qbackend.machine.launch import QemuInstall, QemuMachine, find_qemu
+from qbackend.machine.launch import QemuInstall, find_qemu
 from qbackend.machine.qmp import SyncQmp
+from qbackend.options import NbdExportOptions
+from qbackend.testing.harness import Guest, Harness
 
 pytestmark = pytest.mark.guest
 
@@ -33,15 +32,14 @@ MODULES = ("virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virti
 @dataclass
 class Rig:
     qemu: QemuInstall
-    vm: QemuMachine
-    console: GuestConsole
+    guest: Guest
     qmp: SyncQmp
     socket: Path
     disk: Path
     hot: Path
 
     def sh(self, cmd: str, timeout: float = 60) -> str:
-        return self.console.run_checked(cmd, timeout).strip()
+        return self.guest.sh(cmd, timeout)
 
     def qemu_img(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.qemu.tool_cmd("qemu-img"), *args], capture_output=True, text=True,
@@ -56,8 +54,8 @@ def read_with_our_reader(image: Path, dest: Path) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    work: Path = tmp_path_factory.mktemp("nbd-guest")
+def rig(harness: Harness) -> Iterator[Rig]:
+    work = harness.workdir
     qemu = find_qemu()
     disk, hot = work / "disk.qed", work / "hot.qed"
     for image in (disk, hot):
@@ -69,23 +67,11 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
                      NbdExportOptions.parse(f"name=hot,image={hot}")], sock)
     blockdev = {"driver": "nbd", "node-name": "nbd0", "server": {"type": "unix", "path": str(sock)},
                 "export": "disk"}
-    with BackendThread(backend):
-        vm = QemuMachine(work, extra_args=["-blockdev", json.dumps(blockdev),
-                                           "-device", "virtio-blk-pci,drive=nbd0,id=vblk0"])
-        console = GuestConsole(vm.serial_path)
-        qmp = None
-        try:
-            vm.start()
-            console.connect()
-            qmp = SyncQmp(vm.qmp_path)
-            console.wait_ready(timeout=90)
-            console.run_checked("for m in " + " ".join(MODULES) + "; do insmod /lib/modules/$m.ko || exit 1; done")
-            yield Rig(qemu, vm, console, qmp, sock, disk, hot)
-        finally:
-            if qmp is not None:
-                qmp.close()
-            console.close()
-            vm.stop()
+    harness.serve(backend)
+    guest = harness.guest(qemu=qemu, extra_args=["-blockdev", json.dumps(blockdev),
+                                                 "-device", "virtio-blk-pci,drive=nbd0,id=vblk0"])
+    guest.sh("for m in " + " ".join(MODULES) + "; do insmod /lib/modules/$m.ko || exit 1; done")
+    yield Rig(qemu, guest, guest.monitor(), sock, disk, hot)
 
 
 def test_guest_makes_a_filesystem_on_the_nbd_disk_and_the_host_reads_it(rig: Rig, tmp_path: Path) -> None:

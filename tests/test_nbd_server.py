@@ -20,10 +20,10 @@ import pytest
 from nbd_raw_client import RawNbd
 
 from qbackend.app.backend_thread import BackendThread
-from qbackend.options import NbdExportOptions
 from qbackend.app.service import Backend
 from qbackend.block.qed import QedImage
 from qbackend.machine.launch import QemuInstall, find_qemu
+from qbackend.options import NbdExportOptions
 from qbackend.protocol import nbd
 
 SIZE = 32 << 20

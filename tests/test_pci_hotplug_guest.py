@@ -9,7 +9,6 @@ aborts when a vfio-user device with MSI-X is unplugged (docs/qemu-issues.md).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from qbackend.app.cli import vfio_user_device_arg
-from qbackend.options import IvshmemOptions
-from qbackend.app.service import Backend, ServedDevice
 from qbackend.app.backend_thread import BackendThread
-from qbackend.machine.console import GuestConsole
-from qbackend.machine.launch import QemuMachine, load_machine_config
+from qbackend.app.cli import vfio_user_device_arg
+from qbackend.app.service import Backend, ServedDevice
+from qbackend.machine.launch import load_machine_config
 from qbackend.machine.qmp import SyncQmp
+from qbackend.options import IvshmemOptions
+from qbackend.testing.harness import Guest, Harness, open_fds, rss_kib, wait_attached, wait_until
 
 pytestmark = pytest.mark.guest
 
@@ -41,14 +40,13 @@ class Rig:
     work: Path
     thread: BackendThread
     backend: Backend
-    vm: QemuMachine
-    console: GuestConsole
+    guest: Guest
     user: SyncQmp
     group: str
     controller_bar0: int
 
     def sh(self, cmd: str, timeout: float = 60) -> str:
-        return self.console.run_checked(cmd, timeout).strip()
+        return self.guest.sh(cmd, timeout)
 
     def pci_path(self, slot: int) -> str:
         # pc: the root bus; q35: the root port's bus (bus 1, only slot 0)
@@ -69,9 +67,9 @@ class Rig:
 
     def ivposition(self, slot: int) -> int:
         # A hot-added device with no driver has memory decoding off until enabled.
+        # The enable (a config write) and the read reach qbackend over one socket, in order.
         self.sh(f"echo 1 > {self.pci_path(slot)}/enable")
-        bar0 = int(self.sh(f"sed -n 1p {self.pci_path(slot)}/resource").split()[0], 16)
-        return int(self.sh(f"devmem {bar0 + 8:#x} 32"), 16)
+        return self.guest.devmem(self.guest.bar(self.pci_path(slot), 0)[0] + 8)
 
     def add(self, name: str) -> ServedDevice:
         opts = IvshmemOptions(socket=self.work / f"{name}.sock", size=SHM_SIZE, shm=self.group, vectors=0, id=name)
@@ -83,55 +81,38 @@ class Rig:
         assert slot is not None
         return slot
 
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+    def wait_slot(self, qdev_id: str, what: str) -> int:
+        """The slot of a device a user added, once qbackend has seen it."""
+        wait_until(lambda: self.backend.pci is not None and self.backend.pci.slot_of(qdev_id) is not None, 5, what)
+        return self.slot(qdev_id)
 
 
 @pytest.fixture(scope="module", params=["pc", "q35"])
 def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    # One Harness per machine, not the module's: the pc guest stops before the q35 one boots.
     machine: str = request.param
-    work: Path = tmp_path_factory.mktemp(f"pcihp-{machine}")
-    group = f"qbackend-pcihp-{os.getpid()}-{machine}"
-    backend = Backend()
-    controller = backend.add_hotplug_controller(work / "hotplug.sock", [], machine=machine, ram_size=512 << 20,
-                                                slots=0)
-    backend.add_pci_slots(load_machine_config(machine).hotplug_bus)
-    # A device declared in the configuration, for a user's own device_add.
-    backend.add_ivshmem(IvshmemOptions(socket=work / "byhand.sock", size=SHM_SIZE, shm=group, vectors=0,
-                                       id="byhand"))
-    ctl_addr = "0x5" if machine == "pc" else "0x6"
-    vm = QemuMachine(work, machine=machine,
-                     extra_args=["-device", vfio_user_device_arg("hotplug", controller.server.socket_path,
-                                                                 addr=ctl_addr)])
-    backend.attach_qmp(vm.qmp_path)
-    console = GuestConsole(vm.serial_path)
-    user = None
-    with BackendThread(backend) as thread:
-        try:
-            vm.start()
-            console.connect()
-            user = SyncQmp(vm.user_qmp_path)
-            console.wait_ready(timeout=90)
-            line = console.run_checked(f"sed -n 1p /sys/bus/pci/devices/0000:00:{int(ctl_addr, 16):02x}.0/resource")
-            deadline = time.monotonic() + 30
-            while backend.qmp is None or backend.pci is None or backend.pci.qmp is None:
-                assert time.monotonic() < deadline, "qbackend did not attach to QMP"
-                time.sleep(0.05)
-            yield Rig(machine, work, thread, backend, vm, console, user, group, int(line.split()[0], 16))
-        finally:
-            if user is not None:
-                user.close()
-            console.close()
-            vm.stop()
-            Path("/dev/shm", group).unlink(missing_ok=True)
+    with Harness(tmp_path_factory.mktemp(f"pcihp-{machine}")) as harness:
+        work = harness.workdir
+        group = harness.shm_name(f"pcihp-{machine}")
+        backend = Backend()
+        controller = backend.add_hotplug_controller(work / "hotplug.sock", [], machine=machine,
+                                                    ram_size=512 << 20, slots=0)
+        backend.add_pci_slots(load_machine_config(machine).hotplug_bus)
+        # A device declared in the configuration, for a user's own device_add.
+        backend.add_ivshmem(IvshmemOptions(socket=work / "byhand.sock", size=SHM_SIZE, shm=group, vectors=0,
+                                           id="byhand"))
+        ctl_addr = "0x5" if machine == "pc" else "0x6"
+        guest = harness.guest(start=False, machine=machine, extra_args=[
+            "-device", vfio_user_device_arg("hotplug", controller.server.socket_path, addr=ctl_addr)])
+        backend.attach_qmp(guest.vm.qmp_path)
+        thread = harness.serve(backend)
+        harness.start(guest)
+        user = guest.monitor(user=True)
+        bar0 = guest.bar(f"/sys/bus/pci/devices/0000:00:{int(ctl_addr, 16):02x}.0", 0)[0]
+        wait_attached(backend)
+        wait_until(lambda: backend.pci is not None and backend.pci.qmp is not None, 30,
+                   "qbackend's PCI slots to attach to QMP")
+        yield Rig(machine, work, thread, backend, guest, user, group, bar0)
 
 
 def test_device_added_through_qbackend_is_used_and_freed_on_removal(rig: Rig) -> None:
@@ -149,9 +130,8 @@ def test_device_added_through_qbackend_is_used_and_freed_on_removal(rig: Rig) ->
     rig.wait_gone(slot)
     assert "iv1" not in rig.backend.devices
     assert position not in group.peers  # the peer group was told
-    deadline = time.monotonic() + 5
-    while (served.server.socket_path.exists() or open_fds() > fds) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not served.server.socket_path.exists() and open_fds() <= fds, 5,
+               "the socket removed and the fds closed", seen=lambda: (served.server.socket_path.exists(), open_fds(), fds))
     assert not served.server.socket_path.exists()
     assert open_fds() == fds
 
@@ -164,21 +144,14 @@ def test_device_added_by_a_user_is_served_removed_and_added_again(rig: Rig) -> N
         args["bus"] = bus
     for round_no in (1, 2):
         rig.user.execute("device_add", args)
-        deadline = time.monotonic() + 5
-        while rig.backend.pci is None or rig.backend.pci.slot_of("byhand") is None:
-            assert time.monotonic() < deadline, "qbackend did not see the user's device"
-            time.sleep(0.05)
-        slot = rig.slot("byhand")
+        slot = rig.wait_slot("byhand", "qbackend to see the user's device")
         assert rig.wait_seen(slot) < 2.0
         assert rig.ivposition(slot) == served.device.position  # type: ignore[attr-defined]
         assert served.server.connections_served == round_no
         rig.user.execute("device_del", {"id": "byhand"})
         rig.user.next_event("DEVICE_DELETED", data={"device": "byhand"}, timeout=10)
         rig.wait_gone(slot)
-        deadline = time.monotonic() + 5
-        while served.server.connection is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert served.server.connection is None
+        wait_until(lambda: served.server.connection is None, 5, "the connection closed")
         assert served.device.irqs.open_fds() == []
         assert "byhand" in rig.backend.devices  # declared in the configuration: it stays, ready again
 
@@ -189,10 +162,7 @@ def test_an_eject_written_into_qbackends_window_removes_the_device(rig: Rig) -> 
     rig.wait_seen(slot)
     window = rig.controller_bar0 + 0x100
     rig.sh(f"devmem {window + 0x10:#x} 32 0 && devmem {window + 0x08:#x} 32 {1 << slot:#x}")
-    deadline = time.monotonic() + 15
-    while "iv2" in rig.backend.devices:
-        assert time.monotonic() < deadline, "the eject did not remove the device"
-        time.sleep(0.05)
+    wait_until(lambda: "iv2" not in rig.backend.devices, 15, "the eject to remove the device")
     rig.wait_gone(slot)
 
 
@@ -209,9 +179,7 @@ def test_twenty_add_remove_cycles_leak_nothing(rig: Rig) -> None:
         rig.add(name)
         rig.wait_seen(rig.slot(name))
         assert rig.thread.run(rig.backend.pci_del, name) is True
-    deadline = time.monotonic() + 5
-    while open_fds() > fds and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: open_fds() <= fds, 5, f"the fds back to {fds}", seen=open_fds)
     assert open_fds() == fds
     assert rss_kib() - rss < 8 * 1024, f"RSS grew by {rss_kib() - rss} KiB over 20 cycles"
 
@@ -264,10 +232,8 @@ def test_qbackend_killed_and_restarted_while_qemu_runs(rig: Rig) -> None:
         proc = subprocess.Popen([sys.executable, "-m", "qbackend", "serve", "--ivshmem",
                                  f"socket={sock},size=1M,vectors=0,peer=7"], cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: sock.exists() or proc.poll() is not None, 20, "qbackend serve to listen")
+        assert proc.poll() is None, f"qbackend serve exited with {proc.returncode}"
         return proc
 
     args = json.loads(vfio_user_device_arg("killme", sock))
@@ -277,11 +243,7 @@ def test_qbackend_killed_and_restarted_while_qemu_runs(rig: Rig) -> None:
     proc = start()
     try:
         rig.user.execute("device_add", args)
-        deadline = time.monotonic() + 5
-        while rig.backend.pci is None or rig.backend.pci.slot_of("killme") is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        slot = rig.slot("killme")
+        slot = rig.wait_slot("killme", "qbackend to see the device")
         rig.wait_seen(slot)
         assert rig.ivposition(slot) == 7
         proc.send_signal(signal.SIGKILL)
@@ -294,11 +256,7 @@ def test_qbackend_killed_and_restarted_while_qemu_runs(rig: Rig) -> None:
         rig.user.next_event("DEVICE_DELETED", data={"device": "killme"}, timeout=10)
         rig.wait_gone(slot)
         rig.user.execute("device_add", args)
-        deadline = time.monotonic() + 5
-        while rig.backend.pci.slot_of("killme") is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        slot = rig.slot("killme")
+        slot = rig.wait_slot("killme", "qbackend to see the device again")
         rig.wait_seen(slot)
         assert rig.ivposition(slot) == 7
         rig.user.execute("device_del", {"id": "killme"})

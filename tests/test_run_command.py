@@ -9,12 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from qbackend.machine.console import GuestConsole
+from qbackend.testing.harness import GuestShell, wait_until
 
 pytestmark = pytest.mark.guest
 
@@ -54,11 +54,10 @@ def test_run_boots_a_guest_with_the_device_and_ctrl_c_cleans_up(tmp_path: Path) 
         assert f"QMP socket:    {workdir}/qemu-qmp.sock" in text, text
         with GuestConsole(workdir / "qemu-serial.sock") as console:
             console.wait_ready(timeout=90)
-            dev = console.run_checked("for d in /sys/bus/pci/devices/*; do [ $(cat $d/vendor):$(cat $d/device) = "
-                                      "0x1af4:0x1110 ] && echo $d; done; true").strip()
-            assert dev, "the guest has no ivshmem device"
-            bar2 = console.run_checked(f"sed -n 3p {dev}/resource").split()
-            assert int(bar2[1], 16) - int(bar2[0], 16) + 1 == 1 << 20
+            shell = GuestShell(console)
+            devs = shell.find_pci(0x1AF4, 0x1110)
+            assert devs, "the guest has no ivshmem device"
+            assert shell.bar(devs[0], 2)[1] == 1 << 20
         assert _processes_mentioning(str(workdir / "qemu-qmp.sock")), "QEMU is not running"
         ctl = str(workdir / "qbackend.sock")
 
@@ -85,8 +84,7 @@ def test_run_boots_a_guest_with_the_device_and_ctrl_c_cleans_up(tmp_path: Path) 
         # q35: hot-plugged devices go behind the profile's root port (bus 1, slot 0).
         assert "hp1: slot 0" in pci("add", "ivshmem", f"socket={workdir}/hp1.sock,size=1M,vectors=0,id=hp1")
         with GuestConsole(workdir / "qemu-serial.sock") as console:
-            console.run_checked("i=0; until [ -e /sys/bus/pci/devices/0000:01:00.0 ]; do i=$((i+1)); "
-                                "[ $i -gt 200 ] && exit 1; usleep 10000; done")
+            GuestShell(console).wait_guest("[ -e /sys/bus/pci/devices/0000:01:00.0 ]", timeout=2.0)
         assert "hp1" in pci("list")
         assert "hp1: removed" in pci("del", "hp1")
         # Any QEMU device, given as device_add arguments.
@@ -101,9 +99,7 @@ def test_run_boots_a_guest_with_the_device_and_ctrl_c_cleans_up(tmp_path: Path) 
             proc.wait()
     assert proc.returncode == 0, "".join(lines) + rest
     assert "stopped" in rest
-    deadline = time.monotonic() + 5
-    while _processes_mentioning(str(workdir / "qemu-qmp.sock")) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _processes_mentioning(str(workdir / "qemu-qmp.sock")) == []
+    wait_until(lambda: _processes_mentioning(str(workdir / "qemu-qmp.sock")) == [], 5, "QEMU to exit",
+               seen=lambda: _processes_mentioning(str(workdir / "qemu-qmp.sock")))
     assert sorted(p.name for p in workdir.iterdir() if p.is_socket()) == []
     assert "control:" in text

@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qbackend.app.backend_thread import BackendThread
-from qbackend.options import IvshmemOptions
 from qbackend.app.service import Backend
+from qbackend.options import IvshmemOptions
 from qbackend.protocol import vfio_user as vu
 from qbackend.protocol.vfio_user import REGION_ACCESS, Command, Request, ServerConnection
 from qbackend.testing.vfio_user_client import VfioUserClient

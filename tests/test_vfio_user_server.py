@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from qbackend.app.backend_thread import BackendThread
-from qbackend.options import IvshmemOptions
 from qbackend.app.service import Backend, ServedDevice
+from qbackend.options import IvshmemOptions
 from qbackend.protocol import vfio_user as vu
 from qbackend.testing.vfio_user_client import ClientError, VfioUserClient
 

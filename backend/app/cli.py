@@ -49,7 +49,8 @@ then attach a device to QEMU (10.1 or later), for example:
 
 --ivshmem keys:
   socket=PATH    UNIX socket QEMU's vfio-user-pci connects to (required; created mode 0600)
-  size=SIZE      shared memory (BAR2), a power of two: 4K .. ; default 4M
+  size=SIZE      shared memory (BAR2), a power of two: 4K .. ; default 4M;
+                 a bare number is bytes
   shm=NAME       back the memory with /dev/shm/NAME so host programs can map it;
                  devices with the same shm= share one memory (a peer group)
   vectors=N      MSI-X vectors, 1..64; default 1
@@ -220,10 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ivshmem", type=_ivshmem_option, action="append", default=[], metavar="KEY=VALUE,...",
                        help="an ivshmem device (repeatable); keys below")
     serve.add_argument("--hotplug", type=_hotplug_option, metavar="socket=PATH[,machine=pc][,ram=512M][,slots=4]",
-                       help="the hotplug-controller device (ACPI memory-hotplug block in BAR0)")
+                       help="the hotplug-controller device (ACPI memory-hotplug block in BAR0); "
+                            "ram= is the guest's base RAM, a bare number in MiB")
     serve.add_argument("--dimm", type=_dimm_option, action="append", default=[],
                        metavar="id=ID,size=SIZE[,node=N][,populated=on|off]",
-                       help="a DIMM slot of the hotplug controller (repeatable)")
+                       help="a DIMM slot of the hotplug controller (repeatable); size a multiple of 128M, a bare number in MiB")
     serve.add_argument("--qmp", type=Path, help="QEMU's QMP socket: follow and drive its hotplug")
     serve.add_argument("--control", type=Path, help="control socket for 'qbackend dimm ...'")
     serve.add_argument("--nbd", type=_export_option, action="append", default=[], metavar="KEY=VALUE,...",
@@ -250,10 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--machine", default="pc",
                      help="machine profile from qemu-configs/: pc (default) or q35")
     run.add_argument("--accel", default=None, help="QEMU accelerator (default: $QBACKEND_ACCEL or tcg)")
-    run.add_argument("--memory", default="512M", help="guest RAM (default: 512M)")
+    run.add_argument("--memory", default="512M", help="guest RAM; a bare number is MiB, as for QEMU -m (default: 512M)")
     run.add_argument("--dimm", type=_dimm_option, action="append", default=[],
                      metavar="id=ID,size=SIZE[,node=N][,populated=on|off]",
-                     help="a DIMM slot (repeatable); adds the hotplug controller; then use 'qbackend dimm'")
+                     help="a DIMM slot (repeatable; size a multiple of 128M, a bare number in MiB); then use 'qbackend dimm'")
     run.add_argument("--numa", type=int, default=1, help="NUMA nodes of the guest (default 1)")
     _data_dir_option(run)
 

@@ -32,8 +32,8 @@ def _machine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus", type=int, default=1)
     g.add_argument("--maxcpus", type=int, default=None)
     g.add_argument("--threads", type=int, default=1)
-    g.add_argument("--memory", default="512M", help="RAM, e.g. 1G (default 512M)")
-    g.add_argument("--maxmem", default=None, help="maximum memory (default: --memory)")
+    g.add_argument("--memory", default="512M", help="RAM, e.g. 1G; a bare number is MiB (default 512M)")
+    g.add_argument("--maxmem", default=None, help="maximum memory, as --memory (default: --memory)")
     g.add_argument("--slots", type=int, default=0)
     g.add_argument("--phb", type=int, action="append", default=[], metavar="INDEX",
                    help="an extra spapr-pci-host-bridge (repeatable)")

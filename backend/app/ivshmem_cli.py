@@ -63,7 +63,7 @@ def register(sub: Any) -> None:
     server = actions.add_parser("server", help="serve one group as an ivshmem-server until Ctrl-C")
     server.add_argument("--socket", type=Path, required=True, help="the ivshmem-server socket")
     server.add_argument("--shm", help="back the memory with /dev/shm/NAME (default: an anonymous memfd)")
-    server.add_argument("--size", default="4M", help="memory size, a power of two (default 4M)")
+    server.add_argument("--size", default="4M", help="memory size, a power of two; a bare number is bytes (default 4M)")
     server.add_argument("--vectors", type=_int, default=1, help="eventfds per peer (default 1; max 64)")
     server.add_argument("--serve-control", type=Path, dest="serve_control",
                         help="also serve a control socket for the commands above")

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import trio
+
 from qbackend.errors import ControlError
 from qbackend.ivshmem.group import PeerGroup
 from qbackend.ivshmem.server import describe
@@ -35,12 +37,15 @@ def register_control(control: ControlServer, groups: Mapping[str, PeerGroup]) ->
         if length > MAX_DUMP:
             raise ControlError(f"at most {MAX_DUMP} bytes at a time")
 
+    # The group's lock is shared with its doorbell thread and the vfio-user
+    # workers: what takes it runs in a worker thread, never in trio itself.
     async def peers(req: dict[str, Any]) -> Any:
-        return describe(pick(req))
+        return await trio.to_thread.run_sync(describe, pick(req))
 
     async def ring(req: dict[str, Any]) -> Any:
         group = pick(req)
-        return {"delivered": group.ring(int(req["peer"]), int(req["vector"]))}
+        peer, vector = int(req["peer"]), int(req["vector"])
+        return {"delivered": await trio.to_thread.run_sync(group.ring, peer, vector)}
 
     async def dump(req: dict[str, Any]) -> Any:
         group = pick(req)

@@ -75,7 +75,7 @@ def add_parser(sub: Any) -> None:
     create.add_argument("-u", dest="unsafe", action="store_true", help="do not open the backing file")
     create.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     create.add_argument("filename", type=Path)
-    create.add_argument("size", nargs="?", help="e.g. 10G (default: the backing file's size)")
+    create.add_argument("size", nargs="?", help="e.g. 10G; a bare number is bytes, as for qemu-img (default: the backing file's size)")
 
     info = cmds.add_parser("info", help="show the header and sizes")
     info.add_argument("--output", choices=["human", "json"], default="human")

@@ -234,10 +234,6 @@ class PeerGroup:
         with self.lock:
             self._listeners.append(listener)
 
-    def unsubscribe(self, listener: GroupListener) -> None:
-        with self.lock:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
 
     # -- doorbells ----------------------------------------------------------------
 

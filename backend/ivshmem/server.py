@@ -32,6 +32,7 @@ from typing import Any
 import trio
 
 from qbackend.ivshmem.group import CLIENT_KIND, PeerGroup
+from qbackend.plumbing.threads import run_locked
 from qbackend.plumbing.unix import accept_forever, fds_ancdata, listen_unix, make_eventfd, signal_eventfd
 from qbackend.protocol import ivshmem_server as wire
 
@@ -53,7 +54,8 @@ class ServerClient:
 
     kind = CLIENT_KIND
 
-    def __init__(self, group: PeerGroup, sock: socket.socket, vectors: int) -> None:
+    def __init__(self, group: PeerGroup, sock: socket.socket, vectors: int,
+                 token: trio.lowlevel.TrioToken) -> None:
         self.group = group
         self.sock = sock
         self.name = "?"
@@ -63,7 +65,7 @@ class ServerClient:
         self.broken = False
         self._queue: deque[tuple[bytes, int | None]] = deque()
         self._queue_lock = threading.Lock()
-        self._token = trio.lowlevel.current_trio_token()
+        self._token = token  # the trio loop whose task sends what is queued
         self._wakeup = trio.Event()
 
     # -- sending --
@@ -110,11 +112,14 @@ class ServerClient:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             while not self.broken:
-                with self._queue_lock:
-                    self._flush_locked()
-                    if not self._queue:
-                        break
+                if await run_locked(self._queue_lock, self._flush_all_locked):
+                    break
                 await trio.lowlevel.wait_writable(self.sock)
+
+    def _flush_all_locked(self) -> bool:
+        """Send what the socket takes now; True once nothing is left queued."""
+        self._flush_locked()
+        return not self._queue
 
     # -- as a group member --
 
@@ -179,12 +184,12 @@ class IvshmemServerEndpoint:
             except OSError:
                 pass
 
-    def admit(self, sock: socket.socket) -> ServerClient:
+    def admit(self, sock: socket.socket, token: trio.lowlevel.TrioToken) -> ServerClient:
         """Setup and announcements for a new connection, atomically under the
         group lock (so that no join or leave is seen twice or missed)."""
         group = self.group
         sock.setblocking(False)
-        client = ServerClient(group, sock, group.vectors)
+        client = ServerClient(group, sock, group.vectors, token)
         try:
             with group.lock:
                 position = group.allocate_id()
@@ -212,7 +217,8 @@ class IvshmemServerEndpoint:
     async def _serve_client(self, sock: socket.socket) -> None:
         client = None
         try:
-            client = self.admit(sock)
+            # admit() takes the group lock: in a worker thread, not in trio.
+            client = await trio.to_thread.run_sync(self.admit, sock, trio.lowlevel.current_trio_token())
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client.flush_when_writable)
                 # Any readable event (EOF, data, error) ends the client, as in contrib.
@@ -222,13 +228,17 @@ class IvshmemServerEndpoint:
             log.info("ivshmem-server %s: client failed: %s", self.group.name, exc)
         finally:
             if client is not None:
-                with self.group.lock:
-                    if self.group.peers.get(client.position) is client:
-                        self.group.leave(client.position)
-                    self.clients.pop(client.position, None)
-                    client.close()
+                with trio.CancelScope(shield=True):
+                    await run_locked(self.group.lock, self._forget, client)
             else:
                 sock.close()
+
+    def _forget(self, client: ServerClient) -> None:
+        """Under the group lock: the client leaves the group and is closed."""
+        if self.group.peers.get(client.position) is client:
+            self.group.leave(client.position)
+        self.clients.pop(client.position, None)
+        client.close()
 
 
 async def serve_endpoints(group: PeerGroup, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

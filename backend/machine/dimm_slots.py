@@ -24,6 +24,7 @@ from qbackend.machine.qmp import QmpConnection, QmpError
 from qbackend.machine.qmp_replies import DimmInfo, Event, OspmStatus, memory_size_summary
 from qbackend.models.memhp import OST_BUSY, OST_EJECT_IN_PROGRESS, OST_EVENT_EJECT, MemoryHotplugBlock
 from qbackend.options import DimmOptions
+from qbackend.plumbing.threads import run_locked
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +156,11 @@ class DimmManager:
         except QmpError:
             await qmp.execute("object-del", {"id": d.memdev})
             raise
-        with self.lock:
+        def plugged() -> None:
             d.plugged, d.hotplugged, d.removal = True, True, None
             self.block.plug(d.slot, d.address, d.opts.size, d.opts.node, d.id, hotplugged=True)
+
+        await run_locked(self.lock, plugged)
         self._changed(d)
         return d
 
@@ -167,9 +170,11 @@ class DimmManager:
         if not d.plugged:
             raise DimmError(f"DIMM {dimm_id} is not plugged")
         await self._qmp().execute("device_del", {"id": d.id})
-        with self.lock:
+        def requested() -> None:
             d.removal = RemovalState.REQUESTED
             self.block.request_unplug(d.slot)
+
+        await run_locked(self.lock, requested)
         self._changed(d)
         with trio.move_on_after(timeout):
             while d.removal in (RemovalState.REQUESTED, RemovalState.EJECTING):
@@ -204,16 +209,17 @@ class DimmManager:
                     d.removal = RemovalState.EJECTING
                 elif info.status == OST_BUSY:
                     d.removal = RemovalState.FAILED
-                    with self.lock:
-                        self.block.slots[d.slot].removing = False
+                    await run_locked(self.lock, setattr, self.block.slots[d.slot], "removing", False)
                 self._changed(d)
             await self.reconcile()
         elif event.name == "DEVICE_DELETED":
             d = self.dimms.get(event.data.string("device", ""))
             if d is not None:
-                with self.lock:
+                def removed(d: Dimm = d) -> None:
                     d.plugged, d.removal = False, RemovalState.REMOVED
                     self.block.unplugged(d.slot)
+
+                await run_locked(self.lock, removed)
                 try:
                     await self._qmp().execute("object-del", {"id": d.memdev})
                 except QmpError as exc:
@@ -227,31 +233,7 @@ class DimmManager:
         whoever plugged what."""
         seen = {dimm.slot: dimm for dimm in DimmInfo.from_memory_devices(
             await self._qmp().execute("query-memory-devices"))}
-        changed = False
-        with self.lock:
-            self.others = {}
-            for slot_no, slot in enumerate(self.block.slots):
-                data = seen.get(slot_no)
-                if data is None:
-                    if slot.enabled:
-                        self.block.unplugged(slot_no)
-                        changed = True
-                    continue
-                if (slot.address, slot.size, slot.node, slot.device_id, slot.enabled) != (
-                        data.addr, data.size, data.node, data.id, True):
-                    self.block.plug(slot_no, data.addr, data.size, data.node, data.id,
-                                    hotplugged=data.hotplugged and not slot.enabled)
-                    changed = True
-            for d in self.dimms.values():
-                data = seen.get(d.slot)
-                plugged = data is not None and data.id == d.id
-                if plugged != d.plugged:
-                    d.plugged = plugged
-                    changed = True
-            ours = {d.id for d in self.dimms.values()}
-            for data in seen.values():
-                if data.id not in ours:
-                    self.others[str(data.id)] = data
+        changed = await run_locked(self.lock, self._reconcile_slots, seen)
         # OSPM's last word per DIMM (query-acpi-ospm-status) tells about
         # removals someone else asked for (a device_del typed elsewhere).
         # Removals of ours follow the events instead: the status of an
@@ -274,6 +256,34 @@ class DimmManager:
             self._changed(d)
         if changed:
             self._changed(None)
+
+    def _reconcile_slots(self, seen: dict[int, DimmInfo]) -> bool:
+        """Under the controller's lock: the block and the slots as QEMU has them; True if anything changed."""
+        changed = False
+        self.others = {}
+        for slot_no, slot in enumerate(self.block.slots):
+            data = seen.get(slot_no)
+            if data is None:
+                if slot.enabled:
+                    self.block.unplugged(slot_no)
+                    changed = True
+                continue
+            if (slot.address, slot.size, slot.node, slot.device_id, slot.enabled) != (
+                    data.addr, data.size, data.node, data.id, True):
+                self.block.plug(slot_no, data.addr, data.size, data.node, data.id,
+                                hotplugged=data.hotplugged and not slot.enabled)
+                changed = True
+        for d in self.dimms.values():
+            data = seen.get(d.slot)
+            plugged = data is not None and data.id == d.id
+            if plugged != d.plugged:
+                d.plugged = plugged
+                changed = True
+        ours = {d.id for d in self.dimms.values()}
+        for data in seen.values():
+            if data.id not in ours:
+                self.others[str(data.id)] = data
+        return changed
 
     async def memory_total(self) -> dict[str, int]:
         """Base plus plugged, as seed 003's query-memory-total, beside QEMU's summary."""

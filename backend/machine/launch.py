@@ -31,8 +31,6 @@ from qbackend.sizes import parse_size
 from .data_dir import data_dir
 
 MIN_VERSION = (10, 1)
-TOOLS = ("qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon")
-
 
 class QemuNotFound(QemuError):
     """No usable QEMU (or guest image); the message says what to do."""

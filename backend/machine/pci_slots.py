@@ -22,6 +22,7 @@ import trio
 from qbackend.machine.qmp import QmpConnection, QmpError
 from qbackend.machine.qmp_replies import Event, pci_bus_devices
 from qbackend.models.pcihp import PciHotplugBlock
+from qbackend.plumbing.threads import run_locked
 
 log = logging.getLogger(__name__)
 
@@ -63,27 +64,31 @@ class PciSlotManager:
             if info.function != 0 and info.slot in now:
                 continue
             now[info.slot] = SlotDevice(info.slot, info.qdev_id, info.class_code, info.vendor, info.device)
-        gone = False
-        with self.lock:
-            bus = self.block.buses[0]
-            for slot, dev in now.items():
-                old = self.slots.get(slot)
-                if old is None or old.qdev_id != dev.qdev_id:
-                    self.block.plug(0, slot, dev.qdev_id, hotplugged=self._known and slot not in bus.devices)
-                removable = dev.class_code not in NOT_REMOVABLE_CLASSES
-                self.block.set_removable(0, slot, removable)
-            for slot in set(self.slots) - set(now):
-                self.block.unplugged(0, slot)
-                gone = True
-            changed = now.keys() != self.slots.keys() or any(
-                self.slots[s].qdev_id != d.qdev_id for s, d in now.items() if s in self.slots)
-            self.slots = now
-            self._known = True
+        gone, changed = await run_locked(self.lock, self._reconcile_block, now)
         if gone:
             self.removed.set()
             self.removed = trio.Event()
         if changed:
             self.on_change()
+
+    def _reconcile_block(self, now: dict[int, SlotDevice]) -> tuple[bool, bool]:
+        """Under the controller's lock: the block as QEMU has the bus; (a device left, anything changed)."""
+        gone = False
+        bus = self.block.buses[0]
+        for slot, dev in now.items():
+            old = self.slots.get(slot)
+            if old is None or old.qdev_id != dev.qdev_id:
+                self.block.plug(0, slot, dev.qdev_id, hotplugged=self._known and slot not in bus.devices)
+            removable = dev.class_code not in NOT_REMOVABLE_CLASSES
+            self.block.set_removable(0, slot, removable)
+        for slot in set(self.slots) - set(now):
+            self.block.unplugged(0, slot)
+            gone = True
+        changed = now.keys() != self.slots.keys() or any(
+            self.slots[s].qdev_id != d.qdev_id for s, d in now.items() if s in self.slots)
+        self.slots = now
+        self._known = True
+        return gone, changed
 
     def slot_of(self, qdev_id: str) -> int | None:
         return next((s for s, d in self.slots.items() if d.qdev_id == qdev_id), None)
@@ -98,8 +103,7 @@ class PciSlotManager:
         slot = self.slot_of(str(args.get("id", "")))
         if slot is None:
             raise QmpError(f"device {args.get('id')} was added but is not on the hotplug bus")
-        with self.lock:
-            self.block.plug(0, slot, self.slots[slot].qdev_id, hotplugged=True)
+        await run_locked(self.lock, lambda: self.block.plug(0, slot, self.slots[slot].qdev_id, hotplugged=True))
         self.on_change()
         return self.slots[slot]
 
@@ -109,8 +113,7 @@ class PciSlotManager:
         slot = self.slot_of(qdev_id)
         await self.qmp.execute("device_del", {"id": qdev_id})
         if slot is not None:
-            with self.lock:
-                self.block.request_unplug(0, slot)
+            await run_locked(self.lock, self.block.request_unplug, 0, slot)
             self.on_change()
         with trio.move_on_after(timeout):
             while self.slot_of(qdev_id) is not None:

@@ -31,6 +31,7 @@ import trio
 from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
 
 from qbackend.errors import QemuError
+from qbackend.plumbing.threads import run_locked
 
 Event = dict[str, Any]
 """A QMP event: ``{"event": NAME, "data": {...}, "timestamp": {...}}``."""
@@ -311,18 +312,23 @@ class QmpConnection:
                     except trio.RunFinishedError:
                         pass
 
-                with core._cond:
+                def take_or_wait(wake: Callable[[], None] = wake) -> Event | None:
                     ev = core.take_event(name, data)
-                    if ev is not None:
-                        return ev
-                    if core.lost:
-                        raise core.lost_error(name, data)
-                    core._wakers.add(wake)
+                    if ev is None:
+                        if core.lost:
+                            raise core.lost_error(name, data)
+                        core._wakers.add(wake)
+                    return ev
+
+                # The queue's lock is shared with the asyncio thread: taken in a worker.
+                ev = await run_locked(core._cond, take_or_wait)
+                if ev is not None:
+                    return ev
                 try:
                     await arrived.wait()
                 finally:
-                    with core._cond:
-                        core._wakers.discard(wake)
+                    with trio.CancelScope(shield=True):
+                        await run_locked(core._cond, core._wakers.discard, wake)
         raise QmpTimeout(
             f"no QMP {_describe(name, data)} within {timeout} s; "
             f"queued events: {[e.get('event') for e in core.pending()]}"

@@ -109,10 +109,6 @@ def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> 
         sock.sendall(data[sent:])
 
 
-def fd_space(count: int) -> int:
-    """The ancillary buffer size for receiving up to ``count`` fds."""
-    return socket.CMSG_SPACE(count * _FD_SIZE)
-
 
 def fds_from_ancdata(ancdata: Iterable[tuple[int, int, bytes]]) -> list[int]:
     """The fds received with a message; the caller owns them (see `close_fds`)."""

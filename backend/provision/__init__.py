@@ -9,7 +9,6 @@ busybox-static.  `make setup` and `qbackend setup` both end here.
 from __future__ import annotations
 
 import importlib.resources
-import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,6 +57,3 @@ def provision(data_dir: Path, *, qemu: bool = True, qemu_ppc: bool = True, guest
         _run("build-guest.sh", str(data_dir / "guest"))
 
 
-def environment_ok() -> bool:
-    """True when provisioning can run here (a Debian host with apt)."""
-    return os.path.exists("/usr/bin/apt-get")

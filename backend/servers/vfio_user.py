@@ -25,6 +25,7 @@ from pathlib import Path
 
 import trio
 
+from qbackend.plumbing.threads import run_locked
 from qbackend.plumbing.unix import accept_forever, close_fds, fds_from_ancdata, listen_unix, send_with_fds
 from qbackend.protocol import vfio_user as vu
 from qbackend.vfio.dma import DmaError, DmaTable
@@ -350,31 +351,39 @@ class Connection:
 
     async def dma_read(self, addr: int, count: int) -> bytes:
         """Read guest memory: directly where the map has an fd, else by DMA_READ."""
-        with self.device.lock:
-            mapping = self.dma.find(addr, count)
-            if mapping.memory is not None:
-                return self.dma.read_direct(mapping, addr, count)
+        direct = await run_locked(self.device.lock, self._read_direct, addr, count)
+        if direct is not None:
+            return direct
         out = bytearray()
         limit = self.protocol.client_caps.max_data_xfer_size
         for pos in range(0, count, limit):
             n = min(limit, count - pos)
-            with self.device.lock:
-                msg_id, data = self.protocol.dma_read_request(addr + pos, n)
+            msg_id, data = await run_locked(self.device.lock, self.protocol.dma_read_request, addr + pos, n)
             reply = await self._server_request(msg_id, data)
             out += vu.parse_dma_read_reply(reply.payload, n)
         return bytes(out)
 
     async def dma_write(self, addr: int, data: bytes) -> None:
-        with self.device.lock:
-            mapping = self.dma.find(addr, len(data))
-            if mapping.memory is not None:
-                self.dma.write_direct(mapping, addr, data)
-                return
+        if await run_locked(self.device.lock, self._write_direct, addr, data):
+            return
         limit = self.protocol.client_caps.max_data_xfer_size
         for pos in range(0, len(data), limit):
-            with self.device.lock:
-                msg_id, msg = self.protocol.dma_write_request(addr + pos, data[pos:pos + limit])
+            msg_id, msg = await run_locked(self.device.lock, self.protocol.dma_write_request, addr + pos,
+                                           data[pos:pos + limit])
             await self._server_request(msg_id, msg)
+
+    def _read_direct(self, addr: int, count: int) -> bytes | None:
+        """Under the device lock: the bytes, where a DMA map with an fd holds them (else None)."""
+        mapping = self.dma.find(addr, count)
+        return self.dma.read_direct(mapping, addr, count) if mapping.memory is not None else None
+
+    def _write_direct(self, addr: int, data: bytes) -> bool:
+        """Under the device lock: write through a DMA map with an fd; False if the map has none."""
+        mapping = self.dma.find(addr, len(data))
+        if mapping.memory is None:
+            return False
+        self.dma.write_direct(mapping, addr, data)
+        return True
 
     async def _server_request(self, msg_id: int, data: bytes) -> vu.ServerReplyReceived:
         if self.closed:
@@ -391,8 +400,8 @@ class Connection:
             got = self._replies[msg_id][1]
         finally:
             self._replies.pop(msg_id, None)
-            with self.device.lock:
-                self.protocol.forget_server_request(msg_id)
+            with trio.CancelScope(shield=True):
+                await run_locked(self.device.lock, self.protocol.forget_server_request, msg_id)
         if not got:
             if self.closed:
                 raise DmaError("the client disconnected before replying", errno=E.ENOTCONN)
@@ -443,7 +452,6 @@ class VfioUserServer:
         self.connection: Connection | None = None
         self.connections_served = 0
         self._one_client = trio.Lock()
-        self._connected = trio.Condition()
         self._listener: socket.socket | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -469,8 +477,6 @@ class VfioUserServer:
                 conn = Connection(self, sock)
                 self.connection = conn
                 self.connections_served += 1
-                async with self._connected:
-                    self._connected.notify_all()
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._stop_on_cancel, conn)
@@ -494,13 +500,6 @@ class VfioUserServer:
         finally:
             conn.stop()
 
-    async def wait_connected(self, count: int = 1) -> Connection:
-        """Wait until `count` connections have been served and one is live."""
-        async with self._connected:
-            while self.connections_served < count or self.connection is None:
-                await self._connected.wait()
-        assert self.connection is not None
-        return self.connection
 
     def open_fds(self) -> list[int]:
         """The fds this server holds for its client (for leak checks)."""

@@ -21,7 +21,7 @@ order of a GLib hash table, which ``order="qemu"`` reproduces (`ghash`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 
@@ -581,7 +581,3 @@ def pci_node(fn: PciFunction, index: int, pcie_ecs: bool = True) -> Node:
     node.setprop_cell("min-grant", fn.min_grant)
     node.setprop_cell("max-latency", fn.max_latency)
     return node
-
-
-def connectors_by_index(conns: Sequence[Connector]) -> dict[int, Connector]:
-    return {c.index: c for c in conns}

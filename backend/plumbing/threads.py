@@ -1,0 +1,63 @@
+"""qbackend's threads, and the one rule about locks between them and trio.
+
+Threads, and why each exists:
+
+- the trio thread: every server's accept loop, the NBD and control
+  handshakes, QMP commands, the slot managers, the ivshmem-server clients;
+- one worker per vfio-user connection (`servers.vfio_user`): a blocking
+  `recvmsg_into` into a preallocated buffer, then the region access in the
+  same thread.  Measured here (stop 10's benchmark): a trio
+  `wait_readable` round trip floors at about 35k requests/s, the worker at
+  about 54k, level with a Python loop that parses nothing; and `recvmsg`
+  must be used so that SCM_RIGHTS fds are never dropped;
+- one worker per NBD connection after its handshake (`servers.nbd`), for
+  the same reason, plus a small pool for FLUSH and FUA writes;
+- one doorbell watcher per ivshmem peer group (`ivshmem.group`): a `poll`
+  over every peer's eventfds, delivering doorbells without trio in between;
+- a host peer's reader and doorbell threads (`ivshmem.peer`, for programs
+  that are not trio);
+- one asyncio thread for every QMP client (`machine.qmp`), because
+  qemu.qmp is asyncio-only.
+
+Locks they share:
+
+- a device's `PciFunction.lock` (RLock): its registers and the vfio-user
+  protocol state, taken by the connection worker for each access, and by
+  anything else that changes the device (slot managers, DMA, interrupts);
+- a peer group's `lock` (RLock): membership and the eventfd table, taken
+  by the doorbell watcher, the workers (doorbell register writes) and the
+  ivshmem-server clients;
+- a QED image's lock: its metadata, taken by NBD connection workers;
+- the send locks of a connection, the ivshmem-server client queue lock and
+  the QMP event queue's condition: short critical sections for one message.
+
+The rule: a trio task never blocks on a lock that a worker can hold.  It
+hands the locked work to a worker thread with `run_locked` (the trio loop
+keeps serving everyone else meanwhile), or posts it to the thread that owns
+the state.  Workers reach trio the other way, through `trio.from_thread`
+or a trio token, never by waiting on a trio primitive while holding a lock.
+tests/test_layers.py checks that no `async def` of qbackend takes a lock
+with `with`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+
+async def run_locked(lock: AbstractContextManager[Any], fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` holding ``lock``, in a worker thread, so that the trio
+    loop never waits for a lock.  Cancellation waits for ``fn`` to finish
+    (the lock is never left half-way through an update)."""
+
+    def call() -> T:
+        with lock:
+            return fn(*args)
+
+    return await trio.to_thread.run_sync(call)
