@@ -436,9 +436,10 @@ def test_standalone_server_command(tmp_path: Path) -> None:
             a.write(0, b"x")
             assert b.read(0, 1) == b"x"
             assert b.ring(0, 2) and a.wait(2, 2) == 1
-            from qbackend.servers.control import call
+            from qbackend.machine.qmp import SyncQmp
 
-            info = call(ctl, "ivshmem-peers")
+            with SyncQmp(ctl) as qmp:
+                info = qmp.execute("query-ivshmem-peers")
             assert [p["id"] for p in info["peers"]] == [0, 1]
     finally:
         proc.terminate()

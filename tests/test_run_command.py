@@ -102,4 +102,4 @@ def test_run_boots_a_guest_with_the_device_and_ctrl_c_cleans_up(tmp_path: Path) 
     wait_until(lambda: _processes_mentioning(str(workdir / "qemu-qmp.sock")) == [], 5, "QEMU to exit",
                seen=lambda: _processes_mentioning(str(workdir / "qemu-qmp.sock")))
     assert sorted(p.name for p in workdir.iterdir() if p.is_socket()) == []
-    assert "control:" in text
+    assert "qbackend QMP:" in text

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from qbackend.errors import QbackendError, UsageError
+from qbackend.errors import ControlError, QbackendError, UsageError
 from qbackend.options import (
     DimmOptions,
     IvshmemOptions,
@@ -32,7 +32,6 @@ from qbackend.options import (
 from qbackend.sizes import parse_size
 
 if TYPE_CHECKING:
-    import trio
 
     from qbackend.app.service import Backend
 
@@ -227,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="id=ID,size=SIZE[,node=N][,populated=on|off]",
                        help="a DIMM slot of the hotplug controller (repeatable); size a multiple of 128M, a bare number in MiB")
     serve.add_argument("--qmp", type=Path, help="QEMU's QMP socket: follow and drive its hotplug")
-    serve.add_argument("--control", type=Path, help="control socket for 'qbackend dimm ...'")
+    serve.add_argument("--control", "--monitor", type=Path, dest="control", metavar="PATH",
+                       help="serve a QMP monitor on this UNIX socket (qmp-shell, qemu.qmp, 'qbackend dimm|pci|ivshmem')")
     serve.add_argument("--nbd", type=_export_option, action="append", default=[], metavar="KEY=VALUE,...",
                        help="an NBD export served beside the devices (repeatable); keys: see 'qbackend nbd --help'")
     serve.add_argument("--nbd-socket", type=Path, help="UNIX socket for the --nbd exports")
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_PCI,
                          description="Drive PCI hotplug through a running 'qbackend run' or 'qbackend serve'.")
     pci.add_argument("--control", type=Path, default=Path("build/run/qbackend.sock"),
-                     help="its control socket (default: build/run/qbackend.sock, where 'make run' puts it)")
+                     help="its QMP monitor (default: build/run/qbackend.sock, where 'make run' puts it)")
     pci_sub = pci.add_subparsers(dest="pci_command", metavar="ACTION", required=True)
     pci_sub.add_parser("list", help="the hotplug bus: slots, devices, UP/DOWN/RMV")
     p = pci_sub.add_parser("add", help="a new qbackend device (its socket first, then device_add)")
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_DIMM,
                           description="Drive the DIMM slots of a running 'qbackend run' or 'qbackend serve'.")
     dimm.add_argument("--control", type=Path, default=Path("build/run/qbackend.sock"),
-                      help="its control socket (default: build/run/qbackend.sock, where 'make run' puts it)")
+                      help="its QMP monitor (default: build/run/qbackend.sock, where 'make run' puts it)")
     dimm_sub = dimm.add_subparsers(dest="dimm_command", metavar="ACTION", required=True)
     dimm_sub.add_parser("list", help="slots, addresses, nodes, what is plugged")
     dimm_sub.add_parser("total", help="memory total: base plus plugged")
@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    # qemu.qmp logs each failed connect while it retries (QEMU still starting): noise unless -vv.
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if args.verbose >= 2 else logging.CRITICAL)
     if args.data_dir is not None:
         from qbackend.machine.data_dir import set_data_dir
 
@@ -372,11 +374,12 @@ def _backend(options: list[IvshmemOptions]) -> Backend:
 def _serve(args: argparse.Namespace) -> int:
     import trio
 
+    from qbackend.app.lifecycle import start_until_done, stop_on_signal
     from qbackend.machine.launch import load_machine_config
 
-    if not args.ivshmem and not args.nbd and not args.hotplug:
-        print("qbackend serve: nothing to serve; add a device, e.g. --ivshmem socket=/tmp/iv0.sock,size=4M",
-              file=sys.stderr)
+    if not args.ivshmem and not args.nbd and not args.hotplug and not args.control:
+        print("qbackend serve: nothing to serve; add a device, e.g. --ivshmem socket=/tmp/iv0.sock,size=4M, "
+              "or --control PATH to add exports over QMP", file=sys.stderr)
         return 2
     if args.nbd and args.nbd_socket is None and args.nbd_tcp is None:
         print("qbackend serve: --nbd needs --nbd-socket PATH and/or --nbd-tcp HOST:PORT", file=sys.stderr)
@@ -402,8 +405,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-            await nursery.start(backend.run)
+            nursery.start_soon(stop_on_signal, nursery.cancel_scope)
+            await start_until_done(nursery, backend.run)
             for served in backend.devices.values():
                 dev = served.device
                 print(f"{served.id}: {served.server.socket_path} (IVPosition {getattr(dev, 'position', '-')})",
@@ -421,6 +424,7 @@ def _nbd(exports: list[NbdExportOptions], socket_path: Path | None, tcp: tuple[s
         return 2
     import trio
 
+    from qbackend.app.lifecycle import start_until_done, stop_on_signal
     from qbackend.app.service import Backend
 
     backend = Backend()
@@ -428,8 +432,8 @@ def _nbd(exports: list[NbdExportOptions], socket_path: Path | None, tcp: tuple[s
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-            await nursery.start(backend.run)
+            nursery.start_soon(stop_on_signal, nursery.cancel_scope)
+            await start_until_done(nursery, backend.run)
             _print_nbd(backend)
             print("serving; Ctrl-C stops (in-flight requests finish, images are flushed)", flush=True)
 
@@ -461,6 +465,7 @@ def vfio_user_device_arg(dev_id: str, socket_path: Path, **props: object) -> str
 def _run(args: argparse.Namespace) -> int:
     import trio
 
+    from qbackend.app.lifecycle import start_until_done, stop_on_signal
     from qbackend.machine.launch import QemuMachine, load_machine_config
 
     workdir: Path = args.workdir.resolve()
@@ -486,14 +491,15 @@ def _run(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-            await nursery.start(backend.run)
+            nursery.start_soon(stop_on_signal, nursery.cancel_scope)
+            await start_until_done(nursery, backend.run)
             try:
                 await trio.to_thread.run_sync(vm.start)
                 print(f"QEMU pid {vm.pid}, log {vm.log_path}")
                 print(f"guest console: {vm.serial_path}   (attach: qbackend console {vm.serial_path})")
                 print(f"QMP socket:    {vm.qmp_path}   (yours, a second monitor: {vm.user_qmp_path})")
-                print(f"control:       {control.path}   (qbackend dimm --control {control.path} list)")
+                print(f"qbackend QMP:  {control.path}   (qmp-shell {control.path}; qbackend dimm --control "
+                      f"{control.path} list)")
                 for served in backend.devices.values():
                     print(f"{served.id}: vfio-user socket {served.server.socket_path}")
                 print("Ctrl-C stops QEMU and qbackend", flush=True)
@@ -511,79 +517,75 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    """Ctrl-C or SIGTERM: cancel everything, so every `finally` runs."""
-    import trio
-
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            print(f"\n{signal.Signals(signum).name}: stopping", flush=True)
-            scope.cancel()
-            return
-
-
 def _dimm(args: argparse.Namespace) -> int:
-    from qbackend.errors import ControlError
-    from qbackend.servers.control import call
+    from qbackend.app.monitor_client import call, monitor, wait_outcome
 
-    try:
+    with monitor(args.control) as qmp:
         if args.dimm_command == "list":
-            rows = call(args.control, "dimm-list")
+            rows = call(qmp, "query-memory-hotplug")
             print(f"{'id':<12}{'slot':>5}  {'address':<20}{'size':>8}{'node':>5}  state")
             for r in rows:
-                state = "plugged" if r["plugged"] else "empty"
-                if r.get("removal"):
-                    state += f", {r['removal']}"
-                if r.get("declared") is False:
-                    state += " (not declared here: added by someone else)"
-                print(f"{r['id']:<12}{r['slot']:>5}  {r['address']:#018x}  {r['size'] >> 20:>6}M{r['node']:>5}  {state}")
+                print(f"{r['id']:<12}{r['slot']:>5}  {r['address']:#018x}  {r['size'] >> 20:>6}M{r['node']:>5}  "
+                      f"{r['state']}")
         elif args.dimm_command == "total":
-            t = call(args.control, "memory-total")
+            t = call(qmp, "query-memory-total")
             print(f"base {t['base'] >> 20} MiB + plugged {t['plugged'] >> 20} MiB = {t['total'] >> 20} MiB "
                   f"(QEMU says base {t['qemu-base'] >> 20} MiB + plugged {t['qemu-plugged'] >> 20} MiB)")
         elif args.dimm_command == "add":
-            r = call(args.control, "dimm-add", id=args.id)
+            r = call(qmp, "dimm-add", {"id": args.id})
             print(f"{r['id']}: plugged in slot {r['slot']} at {r['address']:#x} on node {r['node']}")
         else:
-            r = call(args.control, "dimm-del", timeout=args.timeout + 10, id=args.id, wait=args.timeout)
-            print(f"{r['id']}: {r['outcome']}")
-            return 0 if r["removed"] else 1
-    except ControlError as exc:
-        print(f"qbackend dimm: {exc}", file=sys.stderr)
-        return 1
+            call(qmp, "dimm-del", {"id": args.id})
+            event = wait_outcome(qmp, ("DIMM_REMOVED", "DIMM_REMOVE_FAILED"), {"id": args.id}, args.timeout)
+            if event["event"] == "DIMM_REMOVED":
+                print(f"{args.id}: removed")
+                return 0
+            print(f"{args.id}: failed: the guest reported OST status {event['data']['ost-status']:#x}"
+                  f"{' (busy)' if event['data']['ost-status'] == 0x82 else ''}")
+            return 1
     return 0
 
 
 def _pci(args: argparse.Namespace) -> int:
-    from qbackend.errors import ControlError
-    from qbackend.servers.control import call
+    from qbackend.app.monitor_client import call, monitor, wait_outcome
+    from qbackend.options import IvshmemOptions
 
-    try:
+    with monitor(args.control) as qmp:
         if args.pci_command == "list":
-            rows = call(args.control, "pci-list")
+            rows = call(qmp, "query-pci-hotplug")
             print(f"{'slot':>4}  {'id':<14}{'vendor:device':<15}{'class':<7}flags")
             for r in rows:
                 flags = [f for f in ("removable", "up", "down") if r[f]]
                 print(f"{r['slot']:>4}  {r['id'] or '-':<14}{r['vendor']}:{r['device']:<10}{r['class']:<7}"
                       f"{' '.join(flags)}")
         elif args.pci_command == "add":
-            r = call(args.control, "pci-add-ivshmem", options=args.options, id=args.id)
+            opts = IvshmemOptions.parse(args.options)  # the same keys and errors as 'serve --ivshmem'
+            device: dict[str, object] = {"driver": "ivshmem", "id": args.id or opts.id or opts.socket.stem,
+                                         "socket": str(opts.socket), "size": str(opts.size),
+                                         "vectors": opts.vectors}
+            if opts.shm:
+                device["shm"] = opts.shm
+            if opts.peer is not None:
+                device["peer"] = opts.peer
+            if opts.server is not None:
+                device["server"] = str(opts.server)
+            r = call(qmp, "pci-device-add", device)
             print(f"{r['id']}: slot {r['slot']}, socket {r['socket']}, IVPosition {r['position']}")
         elif args.pci_command == "add-json":
             try:
-                device = json.loads(args.device)
+                spec = json.loads(args.device)
             except ValueError as exc:
-                print(f"qbackend pci add-json: not JSON: {exc}", file=sys.stderr)
-                return 2
-            r = call(args.control, "pci-add-json", device=device)
+                raise UsageError(f"add-json: not JSON: {exc}") from None
+            r = call(qmp, "pci-device-add-qemu", {"device": spec})
             print(f"{r['id']}: slot {r['slot']}")
         else:
-            r = call(args.control, "pci-del", timeout=args.timeout + 10, id=args.id, wait=args.timeout)
-            print(f"{r['id']}: {'removed' if r['removed'] else 'still there (the guest did not eject it)'}")
-            return 0 if r["removed"] else 1
-    except ControlError as exc:
-        print(f"qbackend pci: {exc}", file=sys.stderr)
-        return 1
+            call(qmp, "pci-device-del", {"id": args.id})
+            try:
+                wait_outcome(qmp, ("PCI_DEVICE_UNPLUGGED",), {"id": args.id}, args.timeout)
+            except ControlError:
+                print(f"{args.id}: still there (the guest did not eject it)")
+                return 1
+            print(f"{args.id}: removed")
     return 0
 
 

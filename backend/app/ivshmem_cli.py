@@ -46,7 +46,7 @@ def register(sub: Any) -> None:
                         description="Drive the ivshmem peer groups of a running qbackend, or serve one.",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     iv.add_argument("--control", type=Path, default=Path("build/run/qbackend.sock"),
-                    help="the control socket (default: build/run/qbackend.sock, where 'make run' puts it)")
+                    help="qbackend's QMP monitor (default: build/run/qbackend.sock, where 'make run' puts it)")
     iv.add_argument("--group", help="which group (its shm name); needed when there are several")
     actions = iv.add_subparsers(dest="ivshmem_command", metavar="ACTION", required=True)
     actions.add_parser("peers", help="the group's peers: id, kind, vectors, doorbells received")
@@ -66,38 +66,37 @@ def register(sub: Any) -> None:
     server.add_argument("--size", default="4M", help="memory size, a power of two; a bare number is bytes (default 4M)")
     server.add_argument("--vectors", type=_int, default=1, help="eventfds per peer (default 1; max 64)")
     server.add_argument("--serve-control", type=Path, dest="serve_control",
-                        help="also serve a control socket for the commands above")
+                        help="also serve a QMP monitor there for the commands above")
 
 
 def main(args: argparse.Namespace) -> int:
-    from qbackend.errors import ControlError
-    from qbackend.servers.control import call
+    import base64
+
+    from qbackend.app.monitor_client import call, monitor
 
     if args.ivshmem_command == "server":
         return _server(args)
     req: dict[str, Any] = {}
     if args.group:
         req["group"] = args.group
-    try:
+    with monitor(args.control) as qmp:
         if args.ivshmem_command == "peers":
-            _print_peers(call(args.control, "ivshmem-peers", **req))
+            _print_peers(call(qmp, "query-ivshmem-peers", req))
         elif args.ivshmem_command == "ring":
-            result = call(args.control, "ivshmem-ring", peer=args.peer, vector=args.vector, **req)
+            result = call(qmp, "ivshmem-ring", {"peer": args.peer, "vector": args.vector, **req})
             if not result["delivered"]:
                 print(f"qbackend ivshmem: peer {args.peer} has no vector {args.vector}: doorbell dropped",
                       file=sys.stderr)
                 return 1
             print(f"rang peer {args.peer} vector {args.vector}")
         elif args.ivshmem_command == "dump":
-            result = call(args.control, "ivshmem-dump", offset=args.offset, length=args.length, **req)
-            sys.stdout.write(hexdump(bytes.fromhex(result["data"]), result["offset"]))
+            result = call(qmp, "ivshmem-read", {"offset": args.offset, "length": args.length, **req})
+            sys.stdout.write(hexdump(base64.b64decode(result["data"]), result["offset"]))
         elif args.ivshmem_command == "write":
             data = bytes.fromhex(args.data) if args.hex else args.data.encode()
-            result = call(args.control, "ivshmem-write", offset=args.offset, data=data.hex(), **req)
+            result = call(qmp, "ivshmem-write", {"offset": args.offset, "data": base64.b64encode(data).decode(),
+                                                 **req})
             print(f"wrote {result['written']} bytes at {args.offset:#x}")
-    except ControlError as exc:
-        print(f"qbackend ivshmem: {exc}", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -126,28 +125,26 @@ def hexdump(data: bytes, base: int = 0) -> str:
 def _server(args: argparse.Namespace) -> int:
     import trio
 
-    from qbackend.app.cli import _stop_on_signal
-    from qbackend.app.ivshmem_commands import register_control
+    from qbackend.app.commands.ivshmem import register_groups, watch_group
+    from qbackend.app.lifecycle import stop_on_signal
     from qbackend.ivshmem.group import PeerGroup
     from qbackend.ivshmem.server import add_server
     from qbackend.plumbing.shared_memory import SharedMemory
-    from qbackend.servers.control import ControlServer
+    from qbackend.servers.qmp_monitor import QmpMonitor
 
     size = parse_size(args.size, "--size", default_unit="B")
     name = args.shm or "memfd-0"
     group = PeerGroup(SharedMemory(size, args.shm), name=name)
     add_server(group, args.socket, args.vectors)
-    control = None
-    if args.serve_control is not None:
-        control = ControlServer(args.serve_control)
-        register_control(control, {name: group})
-
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            nursery.start_soon(stop_on_signal, nursery.cancel_scope)
             await nursery.start(group.serve)
-            if control is not None:
-                await nursery.start(control.serve)
+            if args.serve_control is not None:
+                monitor = QmpMonitor(args.serve_control, on_quit=nursery.cancel_scope.cancel)
+                register_groups(monitor, {name: group})
+                watch_group(monitor, group)
+                await nursery.start(monitor.serve)
             print(f"ivshmem-server {args.socket}: {size} bytes, {args.vectors} vectors per peer; Ctrl-C stops",
                   flush=True)
 

@@ -9,27 +9,26 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
 
-from qbackend.app.ivshmem_commands import register_control as register_ivshmem_commands
-from qbackend.block.exports import Export, open_export
+from qbackend.app.block_exports import BlockExports, BlockNode
 from qbackend.devices.hotplug_controller import HotplugController
 from qbackend.devices.ivshmem import IvshmemDevice
-from qbackend.errors import ControlError
 from qbackend.ivshmem.group import PeerGroup
 from qbackend.ivshmem.server import add_server as add_ivshmem_server
-from qbackend.machine.dimm_slots import DimmError, DimmManager
-from qbackend.machine.pci_slots import PciSlotManager
+from qbackend.machine.dimm_slots import Dimm, DimmManager
+from qbackend.machine.pci_slots import PciSlotManager, SlotDevice
 from qbackend.machine.qmp import QmpConnection, QmpError
 from qbackend.machine.qmp_replies import Event, QmpReplyError
 from qbackend.models.memhp import Effect, EjectRequested, MemoryHotplugBlock, Profile
 from qbackend.models.pcihp import EjectSlot
 from qbackend.options import DimmOptions, IvshmemOptions, NbdExportOptions
 from qbackend.plumbing.shared_memory import SharedMemory
-from qbackend.servers.control import ControlServer
+from qbackend.plumbing.threads import run_locked
 from qbackend.servers.nbd import NbdServer
+from qbackend.servers.qmp_monitor import QmpMonitor
 from qbackend.servers.vfio_user import VfioUserServer
 from qbackend.vfio.function import PciFunction
 
@@ -50,16 +49,23 @@ class ServedDevice:
 class Backend:
     devices: dict[str, ServedDevice] = field(default_factory=dict)
     groups: dict[str, PeerGroup] = field(default_factory=dict)
-    nbd: NbdServer | None = None
+    blocks: BlockExports = field(default_factory=BlockExports)
+    nbd_listen: tuple[Path | None, tuple[str, int] | None] | None = None  # where the NBD server listens at start
     controller: ServedDevice | None = None
     dimms: DimmManager | None = None
     qmp_path: Path | None = None
     qmp: QmpConnection | None = None
     reconcile_interval: float = 0.5
-    control: ControlServer | None = None
+    monitor: QmpMonitor | None = None
     pci: PciSlotManager | None = None
     _nursery: trio.Nursery | None = None
     _token: trio.lowlevel.TrioToken | None = None
+    _scope: trio.CancelScope | None = None
+
+    @property
+    def nbd(self) -> NbdServer | None:
+        """The NBD server, while it runs."""
+        return self.blocks.server
 
     def group(self, shm: str | None, size: int) -> PeerGroup:
         """The peer group of a shm name; each unnamed device gets its own."""
@@ -67,6 +73,10 @@ class Backend:
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = PeerGroup(SharedMemory(size, shm), name=key)
+            if self.monitor is not None:
+                from qbackend.app.commands.ivshmem import watch_group
+
+                watch_group(self.monitor, group)
             if self._nursery is not None:
                 self._nursery.start_soon(group.serve)
         elif group.memory.size != size:
@@ -88,22 +98,28 @@ class Backend:
         return served
 
     def add_nbd(self, exports: list[NbdExportOptions], socket_path: Path | None,
-                tcp: tuple[str, int] | None = None) -> NbdServer:
-        """The NBD server of this process; its exports are opened now."""
-        if self.nbd is not None:
+                tcp: tuple[str, int] | None = None) -> None:
+        """The NBD server of this process and its exports, opened now and
+        served from run(); each export is also a block node of its name."""
+        if self.nbd_listen is not None:
             raise ValueError("one NBD server per process: give all --nbd exports together")
-        opened: dict[str, Export] = {}
         try:
             for opts in exports:
-                if opts.name in opened:
+                if opts.name in self.blocks.nodes:
                     raise ValueError(f"NBD export name {opts.name!r} is used twice")
-                opened[opts.name] = open_export(opts)
+                fmt = opts.format or _probe(opts)
+                self.blocks.nodes[opts.name] = _node(opts, fmt)
+                self.blocks.add_at_start(opts.name, opts.name, opts.name, writable=not opts.readonly)
         except BaseException:
-            for export in opened.values():
-                export.close()
+            self.blocks.close_pending()
             raise
-        self.nbd = NbdServer(opened, socket_path, tcp)
-        return self.nbd
+        self.nbd_listen = (socket_path, tcp)
+
+    async def start_nbd(self, socket_path: Path | None, tcp: tuple[str, int] | None) -> NbdServer:
+        """nbd-server-start: the NBD server, listening now."""
+        if self._nursery is None:
+            raise ValueError("the backend is not running")
+        return await self.blocks.start_server(self._nursery, socket_path, tcp)
 
     def add_hotplug_controller(self, socket_path: Path, dimms: list[DimmOptions], *, machine: str,
                                ram_size: int, slots: int, profile: Profile = Profile.QEMU,
@@ -114,87 +130,44 @@ class Backend:
         block = MemoryHotplugBlock(slots, profile)
         controller = HotplugController(block, on_effect=self._controller_effect)
         self.dimms = DimmManager(dimms, machine=machine, ram_size=ram_size, slots=slots, block=block,
-                                 lock=controller.lock, on_change=self._controller_changed)
+                                 lock=controller.lock, on_change=self._controller_changed,
+                                 on_outcome=self._dimm_outcome)
         served = ServedDevice(dev_id, controller, VfioUserServer(controller, socket_path, name=dev_id))
         self.devices[dev_id] = served
         self.controller = served
         return served
 
-    def enable_control(self, path: Path) -> ControlServer:
-        """A control socket for `qbackend dimm ...` and other clients."""
-        self.control = ControlServer(path)
-        register_ivshmem_commands(self.control, self.groups)
-        self.control.register("dimm-list", self._cmd_dimm_list)
-        self.control.register("dimm-add", self._cmd_dimm_add)
-        self.control.register("dimm-del", self._cmd_dimm_del)
-        self.control.register("memory-total", self._cmd_memory_total)
-        self.control.register("pci-list", self._cmd_pci_list)
-        self.control.register("pci-add-ivshmem", self._cmd_pci_add_ivshmem)
-        self.control.register("pci-add-json", self._cmd_pci_add_json)
-        self.control.register("pci-del", self._cmd_pci_del)
-        return self.control
+    def enable_control(self, path: Path) -> QmpMonitor:
+        """The QMP monitor of this process (`--control PATH`); quit stops run()."""
+        from qbackend.app.commands import register_all
+        from qbackend.app.commands.ivshmem import watch_group
 
-    def _need_pci(self) -> PciSlotManager:
-        if self.pci is None:
-            raise ControlError("this qbackend has no PCI hotplug slots (it needs the hotplug controller)")
-        return self.pci
+        self.monitor = QmpMonitor(path, on_quit=self.request_stop)
+        register_all(self.monitor, self)
+        self.blocks.emit = self.monitor.emit
+        for group in self.groups.values():
+            watch_group(self.monitor, group)
+        return self.monitor
 
-    async def _cmd_pci_list(self, req: dict[str, Any]) -> Any:
-        return self._need_pci().as_json()
+    def request_stop(self) -> None:
+        """End run() as Ctrl-C would: devices stopped, exports flushed, sockets removed."""
+        if self._scope is not None:
+            self._scope.cancel()
 
-    async def _cmd_pci_add_ivshmem(self, req: dict[str, Any]) -> Any:
-        self._need_pci()
-        try:
-            served = await self.pci_add_ivshmem(IvshmemOptions.parse(str(req["options"])), req.get("id"))
-        except (QmpError, ValueError) as exc:
-            raise ControlError(str(exc)) from None
-        slot = self._need_pci().slot_of(req.get("id") or served.id)
-        return {"id": req.get("id") or served.id, "slot": slot, "socket": str(served.server.socket_path),
-                "position": getattr(served.device, "position", None)}
+    def _emit(self, name: str, data: dict[str, object]) -> None:
+        if self.monitor is not None:
+            self.monitor.emit(name, data)
 
-    async def _cmd_pci_add_json(self, req: dict[str, Any]) -> Any:
-        device = req.get("device")
-        if not isinstance(device, dict) or "driver" not in device or "id" not in device:
-            raise ControlError('pci-add-json wants "device": {"driver": ..., "id": ..., ...}')
-        try:
-            added = await self._need_pci().add(device)
-        except QmpError as exc:
-            raise ControlError(str(exc)) from None
-        return {"id": added.qdev_id, "slot": added.slot}
+    def _dimm_outcome(self, d: Dimm) -> None:
+        from qbackend.app.commands.memory import dimm_event
 
-    async def _cmd_pci_del(self, req: dict[str, Any]) -> Any:
-        try:
-            gone = await self.pci_del(str(req["id"]), float(req.get("wait", 30)))
-        except (QmpError, ValueError) as exc:
-            raise ControlError(str(exc)) from None
-        return {"id": req["id"], "removed": gone}
+        self._emit(*dimm_event(d))
 
-    def _need_dimms(self) -> DimmManager:
-        if self.dimms is None:
-            raise ControlError("this qbackend has no DIMM slots (start it with --dimm ...)")
-        return self.dimms
+    def _pci_plugged(self, dev: SlotDevice) -> None:
+        self._emit("PCI_DEVICE_PLUGGED", {"id": dev.qdev_id, "slot": dev.slot})
 
-    async def _cmd_dimm_list(self, req: dict[str, Any]) -> Any:
-        return self._need_dimms().as_json()
-
-    async def _cmd_dimm_add(self, req: dict[str, Any]) -> Any:
-        try:
-            return (await self._need_dimms().add(str(req["id"]))).as_json()
-        except (DimmError, QmpError) as exc:
-            raise ControlError(str(exc)) from None
-
-    async def _cmd_dimm_del(self, req: dict[str, Any]) -> Any:
-        try:
-            outcome = await self._need_dimms().remove(str(req["id"]), float(req.get("wait", 30)))
-        except (DimmError, QmpError) as exc:
-            raise ControlError(str(exc)) from None
-        return {"id": req["id"], "outcome": outcome.value, "removed": outcome.name == "REMOVED"}
-
-    async def _cmd_memory_total(self, req: dict[str, Any]) -> Any:
-        try:
-            return await self._need_dimms().memory_total()
-        except (DimmError, QmpError) as exc:
-            raise ControlError(str(exc)) from None
+    def _pci_unplugged(self, dev: SlotDevice) -> None:
+        self._emit("PCI_DEVICE_UNPLUGGED", {"id": dev.qdev_id, "slot": dev.slot})
 
     def attach_qmp(self, path: Path) -> None:
         """Follow (and drive) the QEMU whose QMP monitor is at `path`."""
@@ -203,11 +176,11 @@ class Backend:
             self._nursery.start_soon(self._qmp_task)
 
     def _controller_changed(self) -> None:
-        if self.controller is not None:
+        """The slots changed: the controller's interrupt follows, in a worker (its lock is the device's)."""
+        if self.controller is not None and self._nursery is not None:
             controller = self.controller.device
             assert isinstance(controller, HotplugController)
-            with controller.lock:
-                controller.update_interrupt()
+            self._nursery.start_soon(run_locked, controller.lock, controller.update_interrupt)
 
     def _controller_effect(self, effect: Effect | EjectSlot) -> None:
         """A guest write to the controller asked for something; runs in the
@@ -289,23 +262,25 @@ class Backend:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve every device until cancelled; started() once all listen."""
         try:
-            async with trio.open_nursery() as nursery:
-                for served in self.devices.values():
-                    await nursery.start(self._serve_device, served)
-                if self.nbd is not None:
-                    await nursery.start(self.nbd.serve)
-                for group in self.groups.values():
-                    await nursery.start(group.serve)
-                if self.control is not None:
-                    await nursery.start(self.control.serve)
-                self._nursery = nursery
-                self._token = trio.lowlevel.current_trio_token()
-                if self.qmp_path is not None:
-                    nursery.start_soon(self._qmp_task)
-                task_status.started()
-                await trio.sleep_forever()
+            with trio.CancelScope() as self._scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    self._token = trio.lowlevel.current_trio_token()
+                    for served in self.devices.values():
+                        await nursery.start(self._serve_device, served)
+                    if self.nbd_listen is not None:
+                        await self.blocks.start_server(nursery, *self.nbd_listen)
+                    for group in self.groups.values():
+                        await nursery.start(group.serve)
+                    if self.monitor is not None:
+                        await nursery.start(self.monitor.serve)
+                    if self.qmp_path is not None:
+                        nursery.start_soon(self._qmp_task)
+                    task_status.started()
+                    await trio.sleep_forever()
         finally:
             self._nursery = None
+            self._scope = None
             self.close()
 
     async def _serve_device(self, served: ServedDevice,
@@ -324,7 +299,8 @@ class Backend:
         controller = self.controller.device
         assert isinstance(controller, HotplugController)
         self.pci = PciSlotManager(controller.pcihp, controller.lock, bus_id=bus_id,
-                                  on_change=self._controller_changed)
+                                  on_change=self._controller_changed, on_plugged=self._pci_plugged,
+                                  on_unplugged=self._pci_unplugged)
         return self.pci
 
     async def pci_add_ivshmem(self, opts: IvshmemOptions, qdev_id: str | None = None) -> ServedDevice:
@@ -370,8 +346,21 @@ class Backend:
         served.device.close()
 
     def close(self) -> None:
+        self.blocks.close_pending()
         for served in self.devices.values():
             served.device.close()
         for group in self.groups.values():
             group.close()
         self.groups.clear()
+
+
+def _probe(opts: NbdExportOptions) -> str:
+    from qbackend.block.exports import detect_format
+
+    if not opts.image.exists():
+        raise FileNotFoundError(f"export {opts.name}: image {opts.image} does not exist")
+    return detect_format(opts.image)
+
+
+def _node(opts: NbdExportOptions, fmt: str) -> BlockNode:
+    return BlockNode(opts.name, fmt, opts.image, opts.readonly)

@@ -75,6 +75,8 @@ class Dimm:
     removal: RemovalState | None = None
     hotplugged: bool = False
     changed: trio.Event = field(default_factory=trio.Event)
+    reported: RemovalState | None = None  # the last outcome told to on_outcome
+    ost_status: int | None = None  # the guest's last OST status for an eject of this DIMM
 
     @property
     def id(self) -> str:
@@ -89,6 +91,15 @@ class Dimm:
                 "node": self.opts.node, "plugged": self.plugged,
                 "removal": self.removal.value if self.removal else None}
 
+    @property
+    def state(self) -> str:
+        """One word for query-memory-hotplug."""
+        if self.removal in (RemovalState.REQUESTED, RemovalState.EJECTING) and self.plugged:
+            return "removing"
+        if self.removal is RemovalState.FAILED and self.plugged:
+            return "remove-failed"
+        return "plugged" if self.plugged else "empty"
+
 
 class DimmError(QbackendError):
     """A DIMM request that cannot be done (unknown slot, already plugged, QEMU refused)."""
@@ -98,7 +109,8 @@ class DimmManager:
     """The slots of one machine.  Methods that talk to QEMU are async (trio)."""
 
     def __init__(self, dimms: list[DimmOptions], *, machine: str, ram_size: int, slots: int,
-                 block: MemoryHotplugBlock, lock: Any, on_change: Callable[[], None] = lambda: None) -> None:
+                 block: MemoryHotplugBlock, lock: Any, on_change: Callable[[], None] = lambda: None,
+                 on_outcome: Callable[[Dimm], None] = lambda d: None) -> None:
         if len(dimms) > slots:
             raise DimmError(f"{len(dimms)} DIMMs declared but the machine has {slots} slots")
         ids = [d.id for d in dimms]
@@ -109,6 +121,7 @@ class DimmManager:
         self.block = block
         self.lock = lock  # the controller's device lock: the block is shared with the guest's accesses
         self.on_change = on_change
+        self.on_outcome = on_outcome  # a removal ended: REMOVED or FAILED (whoever asked for it)
         self.dimms = {d.id: Dimm(d, slot, addr)
                       for slot, (d, addr) in enumerate(zip(dimms, layout(dimms, machine, ram_size)))}
         self.others: dict[str, DimmInfo] = {}  # DIMMs QEMU has that we did not declare
@@ -157,7 +170,7 @@ class DimmManager:
             await qmp.execute("object-del", {"id": d.memdev})
             raise
         def plugged() -> None:
-            d.plugged, d.hotplugged, d.removal = True, True, None
+            d.plugged, d.hotplugged, d.removal, d.reported = True, True, None, None
             self.block.plug(d.slot, d.address, d.opts.size, d.opts.node, d.id, hotplugged=True)
 
         await run_locked(self.lock, plugged)
@@ -166,16 +179,25 @@ class DimmManager:
 
     async def remove(self, dimm_id: str, timeout: float = 30.0) -> RemovalState:
         """device_del, then follow the guest's answer to the end."""
+        d = await self.request_removal(dimm_id)
+        return await self.wait_removal(d, timeout)
+
+    async def request_removal(self, dimm_id: str) -> Dimm:
+        """device_del; the outcome comes later (`wait_removal`, `on_outcome`)."""
         d = self._get(dimm_id)
         if not d.plugged:
             raise DimmError(f"DIMM {dimm_id} is not plugged")
         await self._qmp().execute("device_del", {"id": d.id})
+
         def requested() -> None:
-            d.removal = RemovalState.REQUESTED
+            d.removal, d.reported, d.ost_status = RemovalState.REQUESTED, None, None
             self.block.request_unplug(d.slot)
 
         await run_locked(self.lock, requested)
         self._changed(d)
+        return d
+
+    async def wait_removal(self, d: Dimm, timeout: float = 30.0) -> RemovalState:
         with trio.move_on_after(timeout):
             while d.removal in (RemovalState.REQUESTED, RemovalState.EJECTING):
                 await d.changed.wait()
@@ -194,6 +216,9 @@ class DimmManager:
         if d is not None:
             d.changed.set()
             d.changed = trio.Event()
+            if d.removal in (RemovalState.REMOVED, RemovalState.FAILED) and d.reported is not d.removal:
+                d.reported = d.removal
+                self.on_outcome(d)
         self.on_change()
 
     async def handle_event(self, event: Event) -> None:
@@ -205,6 +230,7 @@ class DimmManager:
             self.ost.append(info)
             d = self.dimms.get(info.device)
             if d is not None and info.source == OST_EVENT_EJECT:
+                d.ost_status = info.status
                 if info.status == OST_EJECT_IN_PROGRESS:
                     d.removal = RemovalState.EJECTING
                 elif info.status == OST_BUSY:
@@ -247,7 +273,7 @@ class DimmManager:
                     or status.source != OST_EVENT_EJECT):
                 continue
             if status.status == OST_BUSY:
-                d.removal = RemovalState.FAILED
+                d.removal, d.ost_status = RemovalState.FAILED, status.status
             elif status.status == OST_EJECT_IN_PROGRESS:
                 d.removal = RemovalState.EJECTING
             else:

@@ -41,11 +41,15 @@ class SlotDevice:
 
 class PciSlotManager:
     def __init__(self, block: PciHotplugBlock, lock: Any, *, bus_id: str | None = None,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None,
+                 on_plugged: Callable[[SlotDevice], None] = lambda dev: None,
+                 on_unplugged: Callable[[SlotDevice], None] = lambda dev: None) -> None:
         self.block = block
         self.lock = lock
         self.bus_id = bus_id  # the profile's hotplug bus (q35: its root port); None: the root bus
         self.on_change = on_change
+        self.on_plugged = on_plugged  # a device appeared on the bus (whoever added it)
+        self.on_unplugged = on_unplugged  # ... and left it
         self.qmp: QmpConnection | None = None
         self.slots: dict[int, SlotDevice] = {}
         self._known = False  # the first reconcile sees what was cold-plugged: no UP for those
@@ -64,7 +68,15 @@ class PciSlotManager:
             if info.function != 0 and info.slot in now:
                 continue
             now[info.slot] = SlotDevice(info.slot, info.qdev_id, info.class_code, info.vendor, info.device)
+        old, known = self.slots, self._known
         gone, changed = await run_locked(self.lock, self._reconcile_block, now)
+        for slot, dev in now.items() if known else ():  # the first look finds what was cold-plugged
+            if slot not in old or old[slot].qdev_id != dev.qdev_id:
+                if slot in old:
+                    self.on_unplugged(old[slot])
+                self.on_plugged(dev)
+        for slot in old.keys() - now.keys():
+            self.on_unplugged(old[slot])
         if gone:
             self.removed.set()
             self.removed = trio.Event()
@@ -95,7 +107,8 @@ class PciSlotManager:
 
     async def add(self, args: dict[str, Any]) -> SlotDevice:
         """device_add (any QEMU device given as QMP arguments) on the hotplug bus."""
-        assert self.qmp is not None
+        if self.qmp is None:
+            raise QmpError("not connected to QEMU's QMP monitor")
         if self.bus_id is not None:
             args = {"bus": self.bus_id, **args}
         await self.qmp.execute("device_add", args)
@@ -109,17 +122,22 @@ class PciSlotManager:
 
     async def remove(self, qdev_id: str, timeout: float = 30.0) -> bool:
         """device_del, and wait until the device is gone (the guest ejected it)."""
-        assert self.qmp is not None
-        slot = self.slot_of(qdev_id)
-        await self.qmp.execute("device_del", {"id": qdev_id})
-        if slot is not None:
-            await run_locked(self.lock, self.block.request_unplug, 0, slot)
-            self.on_change()
+        await self.request_remove(qdev_id)
         with trio.move_on_after(timeout):
             while self.slot_of(qdev_id) is not None:
                 await self.removed.wait()
             return True
         return False
+
+    async def request_remove(self, qdev_id: str) -> None:
+        """device_del; the device leaves when the guest has ejected it (on_unplugged)."""
+        if self.qmp is None:
+            raise QmpError("not connected to QEMU's QMP monitor")
+        slot = self.slot_of(qdev_id)
+        await self.qmp.execute("device_del", {"id": qdev_id})
+        if slot is not None:
+            await run_locked(self.lock, self.block.request_unplug, 0, slot)
+            self.on_change()
 
     async def handle_event(self, event: Event) -> None:
         if event.name == "DEVICE_DELETED" and event.data.string("device", ""):

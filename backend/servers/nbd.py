@@ -22,7 +22,7 @@ from pathlib import Path
 import trio
 
 from qbackend.block.exports import Export
-from qbackend.plumbing.unix import listen_tcp, listen_unix
+from qbackend.plumbing.unix import accept_forever, listen_tcp, listen_unix
 from qbackend.protocol import nbd
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class NbdConnection:
         self._buffer = bytearray(RECV_SIZE)
         self._view = memoryview(self._buffer)
         self.stopping = False
+        self.export_name: str | None = None  # once the handshake has chosen one
 
     # -- I/O -------------------------------------------------------------------
 
@@ -90,6 +91,14 @@ class NbdConnection:
         self.stopping = True
         try:
             self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def drop(self) -> None:
+        """Disconnect the client now (from any thread): its export is going away."""
+        self.stopping = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -136,7 +145,11 @@ class NbdConnection:
         negotiated = protocol.negotiated()
         log.info("nbd %s: export %r (structured replies: %s, contexts: %s)", self.peer, negotiated.export.name,
                  negotiated.structured, ", ".join(negotiated.meta_contexts) or "none")
-        return self.server.exports[negotiated.export.name]
+        export = self.server.exports.get(negotiated.export.name)
+        if export is None:  # removed while this client negotiated
+            raise _Closed(f"export {negotiated.export.name!r} was removed")
+        self.export_name = negotiated.export.name
+        return export
 
     def _transmission(self, export: Export) -> None:
         protocol = self.protocol
@@ -258,8 +271,6 @@ class NbdServer:
 
     def __init__(self, exports: dict[str, Export], socket_path: Path | None = None,
                  tcp: tuple[str, int] | None = None) -> None:
-        if not exports:
-            raise ValueError("an NBD server needs at least one export")
         if socket_path is None and tcp is None:
             raise ValueError("an NBD server needs a socket path or a TCP address")
         self.exports = exports
@@ -269,6 +280,7 @@ class NbdServer:
         self.stats: Counter[str] = Counter()
         self.connections: set[NbdConnection] = set()
         self.connections_served = 0
+        self._left = trio.Event()  # set (and renewed) whenever a connection ends
 
     def _listeners(self) -> list[socket.socket]:
         out = []
@@ -280,44 +292,57 @@ class NbdServer:
             out.append(sock)
         return out
 
+    # -- exports at run time (QMP block-export-add / -del) --
+
+    def add_export(self, name: str, export: Export) -> None:
+        """Serve ``export`` as ``name`` to clients that connect from now on."""
+        if name in self.exports:
+            raise ValueError(f"an NBD export named {name!r} exists already")
+        self.exports[name] = export
+
+    def clients_of(self, name: str) -> list[NbdConnection]:
+        return [c for c in self.connections if c.export_name == name]
+
+    async def remove_export(self, name: str, *, hard: bool) -> None:
+        """Stop serving ``name``: refused while clients use it, unless ``hard``
+        (they are disconnected); the export is flushed and closed."""
+        if name not in self.exports:
+            raise KeyError(name)
+        users = self.clients_of(name)
+        if users and not hard:
+            raise ExportInUse(name)
+        export = self.exports.pop(name)
+        for conn in users:
+            conn.drop()
+        with trio.move_on_after(30):
+            while self.clients_of(name):
+                await self._left.wait()
+        await trio.to_thread.run_sync(_flush_and_close, export)
+
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = self._listeners()
         try:
             async with trio.open_nursery() as nursery:
                 for listener in listeners:
-                    nursery.start_soon(self._accept_loop, listener, nursery)
+                    nursery.start_soon(accept_forever, listener, "nbd", nursery, self._serve_client)
                 task_status.started()
         finally:
             for listener in listeners:
                 listener.close()
             if self.socket_path is not None and self.socket_path.is_socket():
                 self.socket_path.unlink()
-            for export in self.exports.values():
-                try:
-                    if not export.info.read_only:
-                        export.flush()
-                finally:
-                    export.close()
+            exports, self.exports = list(self.exports.values()), {}
+            for export in exports:
+                _flush_and_close(export)  # every connection has ended: nobody else holds its lock
 
-    async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
-        while True:
-            await trio.lowlevel.wait_readable(listener)
-            try:
-                sock, addr = listener.accept()
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                if exc.errno in (E.EMFILE, E.ENFILE, E.ENOBUFS, E.ENOMEM):
-                    log.error("nbd: accept failed (%s); retrying shortly", exc)
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            sock.setblocking(True)
-            if sock.family == socket.AF_INET:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            nursery.start_soon(self._serve_client, sock, str(addr) or "unix")
-
-    async def _serve_client(self, sock: socket.socket, peer: str) -> None:
+    async def _serve_client(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            host, port = sock.getpeername()[:2]
+            peer = f"{host}:{port}"
+        else:
+            peer = "unix"
         conn = NbdConnection(self, sock, peer)
         self.connections.add(conn)
         self.connections_served += 1
@@ -329,6 +354,20 @@ class NbdServer:
         finally:
             self.connections.discard(conn)
             sock.close()
+            self._left.set()
+            self._left = trio.Event()
+
+
+class ExportInUse(Exception):
+    """block-export-del mode=safe of an export that clients still use."""
+
+
+def _flush_and_close(export: Export) -> None:
+    try:
+        if not export.info.read_only:
+            export.flush()
+    finally:
+        export.close()
 
 
 async def _stop_on_cancel(conn: NbdConnection) -> None:

@@ -1,0 +1,104 @@
+"""NBD exports at run time, with qemu-storage-daemon's commands and
+arguments: ``nbd-server-start``, ``nbd-server-stop``, ``blockdev-add``
+(drivers ``qed`` and ``raw`` over a ``file``), ``blockdev-del``,
+``block-export-add`` (type ``nbd``), ``block-export-del`` (mode ``safe`` or
+``hard``) and ``query-block-exports``; the ``BLOCK_EXPORT_DELETED`` event.
+Anything those commands take that qbackend does not do (TLS, bitmaps,
+other drivers) is refused by the schema, not ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qbackend.app.block_exports import BlockExports
+from qbackend.protocol.qmp import Arg, CommandSpec, QmpCommandError
+
+if TYPE_CHECKING:
+    from qbackend.app.service import Backend
+    from qbackend.servers.qmp_monitor import QmpMonitor
+
+SERVER_START = CommandSpec("nbd-server-start", {
+    "addr": Arg("object", doc="SocketAddressLegacy: {type: unix, data: {path}} or {type: inet, data: {host, port}}"),
+    "max-connections": Arg("int", True, "accepted for compatibility; 0 (unlimited) only"),
+}, doc="start the NBD server (as qemu-storage-daemon)")
+SERVER_STOP = CommandSpec("nbd-server-stop", doc="stop the NBD server; its exports are removed")
+BLOCKDEV_ADD = CommandSpec("blockdev-add", {
+    "driver": Arg(("qed", "raw")), "node-name": Arg("str"),
+    "file": Arg("any", doc="{driver: file, filename: PATH}, or a file name"),
+    "read-only": Arg("bool", True),
+}, doc="open an image as a block node")
+BLOCKDEV_DEL = CommandSpec("blockdev-del", {"node-name": Arg("str")}, doc="close a block node no export uses")
+EXPORT_ADD = CommandSpec("block-export-add", {
+    "type": Arg(("nbd",)), "id": Arg("str"), "node-name": Arg("str"),
+    "name": Arg("str", True, "the NBD export name (default: the node name)"),
+    "writable": Arg("bool", True, "default false, as QEMU"),
+    "description": Arg("str", True, "accepted; qbackend does not send descriptions"),
+}, doc="export a block node over NBD")
+EXPORT_DEL = CommandSpec("block-export-del", {"id": Arg("str"), "mode": Arg(("safe", "hard"), True)},
+                         doc="remove an export: safe (default) refuses while clients use it, hard drops them")
+QUERY = CommandSpec("query-block-exports", doc="the exports", returns="[{type, id, node-name, shutting-down}]")
+
+
+def _address(addr: dict[str, Any]) -> tuple[Path | None, tuple[str, int] | None]:
+    kind, data = addr.get("type"), addr.get("data")
+    if not isinstance(data, dict) or set(addr) != {"type", "data"}:
+        raise QmpCommandError("'addr' is {'type': 'unix'|'inet', 'data': {...}}")
+    if kind == "unix" and isinstance(data.get("path"), str) and set(data) <= {"path", "abstract", "tight"}:
+        return Path(data["path"]), None
+    if kind == "inet" and isinstance(data.get("host"), str) and isinstance(data.get("port"), str):
+        if not data["port"].isdigit() or int(data["port"]) > 65535:
+            raise QmpCommandError(f"invalid port '{data['port']}'")
+        return None, (data["host"], int(data["port"]))
+    raise QmpCommandError("'addr' is {'type': 'unix', 'data': {'path': ...}} or "
+                          "{'type': 'inet', 'data': {'host': ..., 'port': '...'}}")
+
+
+def _filename(file: object) -> Path:
+    if isinstance(file, str):
+        return Path(file)
+    if isinstance(file, dict) and file.get("driver") == "file" and isinstance(file.get("filename"), str) \
+            and set(file) <= {"driver", "filename", "node-name"}:
+        return Path(file["filename"])
+    raise QmpCommandError("'file' is {'driver': 'file', 'filename': PATH} (or a file name)")
+
+
+def register(monitor: QmpMonitor, backend: Backend) -> None:
+    def blocks() -> BlockExports:
+        return backend.blocks
+
+    async def server_start(args: dict[str, Any]) -> object:
+        if args.get("max-connections", 0) != 0:
+            raise QmpCommandError("max-connections is not supported by qbackend yet")
+        socket_path, tcp = _address(args["addr"])
+        await backend.start_nbd(socket_path, tcp)
+        return {}
+
+    async def server_stop(args: dict[str, Any]) -> object:
+        await blocks().stop_server()
+        return {}
+
+    async def blockdev_add(args: dict[str, Any]) -> object:
+        blocks().add_node(args["node-name"], args["driver"], _filename(args["file"]), args.get("read-only", False))
+        return {}
+
+    async def blockdev_del(args: dict[str, Any]) -> object:
+        blocks().del_node(args["node-name"])
+        return {}
+
+    async def export_add(args: dict[str, Any]) -> object:
+        blocks().add_export(args["id"], args["node-name"], args.get("name"), args.get("writable", False))
+        return {}
+
+    async def export_del(args: dict[str, Any]) -> object:
+        await blocks().del_export(args["id"], hard=args.get("mode", "safe") == "hard")
+        return {}
+
+    async def query(args: dict[str, Any]) -> object:
+        return blocks().query()
+
+    for spec, handler in ((SERVER_START, server_start), (SERVER_STOP, server_stop), (BLOCKDEV_ADD, blockdev_add),
+                          (BLOCKDEV_DEL, blockdev_del), (EXPORT_ADD, export_add), (EXPORT_DEL, export_del),
+                          (QUERY, query)):
+        monitor.register(spec, handler)

@@ -1,0 +1,222 @@
+"""qbackend's QMP monitor: the control socket, spoken as QEMU speaks QMP.
+
+`QmpMonitor` listens on a UNIX socket (mode 0600), greets each client,
+runs the sans-IO `QmpSession` of `qbackend.protocol.qmp` for it, and runs
+the commands the parts of the backend register (`register(spec, handler)`),
+one at a time per client, as QEMU's monitor does.  Events (`emit`, or
+`emit_threadsafe` from a worker thread) go to every client that has
+negotiated capabilities.
+
+A client that sends garbage gets QEMU's error and stays; one that vanishes
+mid-command is forgotten; one that does not read its events is dropped once
+`MAX_QUEUED` bytes wait for it, so it cannot make the process grow.  A
+handler that fails with anything else than `QmpCommandError` or a
+`QbackendError` is a bug: logged with its traceback, answered with a
+GenericError, and the monitor goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from qbackend import __version__
+from qbackend.errors import QbackendError
+from qbackend.plumbing.unix import accept_forever, listen_unix
+from qbackend.protocol import qmp
+from qbackend.protocol.qmp import CommandSpec, ErrorClass, Execute, QmpCommandError, QmpSession, Reply
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], Awaitable[object]]
+MAX_QUEUED = 8 << 20  # bytes of replies and events waiting for one client at most
+MAX_CLIENTS = 64
+RECEIVE_SIZE = 1 << 16
+
+
+def _version() -> tuple[int, int, int]:
+    parts = [int(p) for p in __version__.split(".")[:3] if p.isdigit()]
+    major, minor, micro = (parts + [0, 0, 0])[:3]
+    return major, minor, micro
+
+
+@dataclass
+class _Command:
+    spec: CommandSpec
+    handler: Handler
+
+
+class _Client:
+    def __init__(self, stream: trio.SocketStream, session: QmpSession) -> None:
+        self.stream = stream
+        self.session = session
+        self.send, self.outbox = trio.open_memory_channel[bytes](1 << 14)
+        self.queued = 0
+        self.dropped = False
+
+    def push(self, data: bytes) -> None:
+        """Queue bytes for the writer; a client that lets too much pile up is dropped."""
+        if self.dropped:
+            return
+        if self.queued + len(data) > MAX_QUEUED:
+            log.warning("QMP client does not read (%d bytes waiting): dropping it", self.queued)
+            self.dropped = True
+            self.send.close()
+            return
+        try:
+            self.send.send_nowait(data)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self.dropped = True
+            self.send.close()
+            return
+        self.queued += len(data)
+
+
+class QmpMonitor:
+    """The QMP monitor of one qbackend process."""
+
+    def __init__(self, path: Path, *, on_quit: Callable[[], None] | None = None) -> None:
+        self.path = Path(path)
+        self.on_quit = on_quit
+        self.commands: dict[str, _Command] = {}
+        self.clients: set[_Client] = set()
+        self.connections_served = 0
+        self._token: trio.lowlevel.TrioToken | None = None
+        self.register(CommandSpec("query-commands", doc="the commands this monitor runs",
+                                  returns="[{name}]"), self._query_commands)
+        self.register(CommandSpec("query-version", doc="qbackend's version, in QEMU's VersionInfo shape",
+                                  returns="{qemu: {major, minor, micro}, package}"), self._query_version)
+        self.register(CommandSpec("quit", doc="stop qbackend cleanly: exports flushed, sockets removed"),
+                      self._quit)
+
+    # -- what the backend adds --
+
+    def register(self, spec: CommandSpec, handler: Handler) -> None:
+        if spec.name in self.commands or spec.name == QmpSession.NEGOTIATE:
+            raise ValueError(f"QMP command {spec.name} registered twice")
+        self.commands[spec.name] = _Command(spec, handler)
+
+    def emit(self, name: str, data: Mapping[str, object] | None = None) -> None:
+        """Send an event to every negotiated client (call from the trio thread)."""
+        now = time.time()
+        message = qmp.event_message(name, data, int(now), int((now % 1) * 1_000_000))
+        for client in list(self.clients):
+            if client.session.negotiated:
+                client.push(message)
+
+    def emit_threadsafe(self, name: str, data: Mapping[str, object] | None = None) -> None:
+        """`emit` from any thread (a vfio-user worker, the doorbell watcher)."""
+        token = self._token
+        if token is None:
+            return
+        try:
+            token.run_sync_soon(self.emit, name, data)
+        except trio.RunFinishedError:
+            pass
+
+    # -- built-in commands --
+
+    async def _query_commands(self, args: dict[str, Any]) -> object:
+        return [{"name": name} for name in [QmpSession.NEGOTIATE, *sorted(self.commands)]]
+
+    async def _query_version(self, args: dict[str, Any]) -> object:
+        major, minor, micro = _version()
+        return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": f"qbackend {__version__}"}
+
+    async def _quit(self, args: dict[str, Any]) -> object:
+        if self.on_quit is not None:
+            # After the reply has gone out: QEMU answers quit, then stops.
+            trio.lowlevel.current_trio_token().run_sync_soon(self._stop)
+        return {}
+
+    def _stop(self) -> None:
+        self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        if self.on_quit is not None:
+            self.on_quit()
+
+    # -- serving --
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = listen_unix(self.path)
+        self._token = trio.lowlevel.current_trio_token()
+        log.info("QMP monitor on %s", self.path)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                await accept_forever(listener, "QMP monitor", nursery, self._serve_client)
+        finally:
+            listener.close()
+            self.path.unlink(missing_ok=True)
+            self._token = None
+
+    async def _serve_client(self, sock: socket.socket) -> None:
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        if len(self.clients) >= MAX_CLIENTS:
+            log.warning("QMP monitor: %d clients already; refusing another", len(self.clients))
+            await trio.aclose_forcefully(stream)
+            return
+        client = _Client(stream, QmpSession(self._lookup))
+        self.clients.add(client)
+        self.connections_served += 1
+        client.push(qmp.greeting(_version(), f"qbackend {__version__}"))
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write, client, nursery.cancel_scope)
+                await self._read(client)
+                client.send.close()  # the writer sends what is queued, then ends
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("QMP client gone: %s", exc)
+        finally:
+            self.clients.discard(client)
+            client.send.close()
+            await trio.aclose_forcefully(stream)
+
+    async def _read(self, client: _Client) -> None:
+        while not client.dropped:
+            data = await client.stream.receive_some(RECEIVE_SIZE)
+            for action in client.session.receive_data(data):
+                if isinstance(action, Reply):
+                    client.push(action.data)
+                else:
+                    client.push(await self._run(action))
+            if not data:
+                return
+
+    async def _write(self, client: _Client, scope: trio.CancelScope) -> None:
+        try:
+            async for data in client.outbox:
+                client.queued -= len(data)
+                await client.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        if client.dropped:
+            scope.cancel()
+
+    async def _run(self, cmd: Execute) -> bytes:
+        handler = self.commands[cmd.spec.name].handler
+        try:
+            value = await handler(cmd.arguments)
+        except QmpCommandError as exc:
+            return QmpSession.failed(cmd, exc)
+        except QbackendError as exc:
+            return QmpSession.failed(cmd, QmpCommandError(str(exc) or type(exc).__name__))
+        except Exception as exc:  # a bug in a handler: say so, keep serving
+            log.exception("QMP %s failed", cmd.spec.name)
+            return QmpSession.failed(cmd, QmpCommandError(f"internal error in {cmd.spec.name}: {exc}"))
+        return QmpSession.returned(cmd, value)
+
+    def _lookup(self, name: str) -> CommandSpec | None:
+        command = self.commands.get(name)
+        return command.spec if command is not None else None
+
+
+def device_not_found(what: str) -> QmpCommandError:
+    """QEMU's DeviceNotFound, for an id that names nothing."""
+    return QmpCommandError(what, ErrorClass.DEVICE_NOT_FOUND)
