@@ -313,17 +313,18 @@ class QmpSession:
         def error(desc: str, cls: ErrorClass = ErrorClass.GENERIC) -> Reply:
             return Reply(error_message(cls, desc, msg_id, has_id))
 
+        # Each member is checked in the order given, then the command's presence (QEMU's order).
+        for key, value in obj.items():
+            if key == "execute" and not isinstance(value, str):
+                return error("QMP input member 'execute' must be a string")
+            if key == "arguments" and not isinstance(value, dict):
+                return error("QMP input member 'arguments' must be an object")
+            if key not in _TOP_KEYS:
+                return error(f"QMP input member '{key}' is unexpected")
         if "execute" not in obj:
             return error("QMP input lacks member 'execute'")
         name = obj["execute"]
-        if not isinstance(name, str):
-            return Reply(error_message(ErrorClass.GENERIC, "QMP input member 'execute' must be a string"))
-        for key in obj:
-            if key not in _TOP_KEYS:
-                return error(f"QMP input member '{key}' is unexpected")
         arguments = obj.get("arguments", {})
-        if not isinstance(arguments, dict):
-            return error("QMP input member 'arguments' must be an object")
         if name == self.NEGOTIATE:
             if self.negotiated:
                 return error("Capabilities negotiation is already complete, command ignored",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,7 @@ class Rig:
     guest: Guest
     user: SyncQmp  # the second monitor, as a person would use it
     bar0: int
+    monitor: Path  # qbackend's own QMP monitor
 
     @property
     def dimms(self) -> DimmManager:
@@ -86,6 +88,7 @@ DIMMS = [
     DimmOptions(id="cold0", size=256 * MiB, node=0, populated=True),
     DimmOptions(id="hot1", size=256 * MiB, node=1),
     DimmOptions(id="hot2", size=128 * MiB, node=0),
+    DimmOptions(id="qmp3", size=128 * MiB, node=0),  # driven only through qbackend's QMP monitor
 ]
 
 
@@ -102,10 +105,12 @@ def rig(harness: Harness) -> Iterator[Rig]:
                                                                       addr="0x5"),
                                       *dimms.cold_plug_args()])
     backend.attach_qmp(guest.vm.qmp_path)
+    backend.enable_control(harness.workdir / "qbackend-qmp.sock")
     thread = harness.serve(backend)
     harness.start(guest)
     path = "/sys/bus/pci/devices/0000:00:05.0"
-    rig = Rig(thread, backend, guest, guest.monitor(user=True), guest.bar(path, 0)[0])
+    rig = Rig(thread, backend, guest, guest.monitor(user=True), guest.bar(path, 0)[0],
+              harness.workdir / "qbackend-qmp.sock")
     assert rig.sh(f"cat {path}/vendor") == "0x1234"
     wait_attached(backend)
     wait_until(lambda: dimms.dimms["cold0"].plugged, 30, "qbackend to see the cold-plugged DIMM")
@@ -157,8 +162,11 @@ def test_hot_remove_of_normal_memory_fails_with_ost_busy(rig: Rig) -> None:
         rig.sh("mkdir -p /tmp/slab && i=0; while [ $i -lt 3000 ]; do : > /tmp/slab/f$i; i=$((i+1)); done",
                timeout=120)
         before = rig.mem_total_kb()
-        outcome = rig.thread.run(rig.dimms.remove, "hot2")
-        assert outcome is RemovalState.FAILED, outcome
+        with SyncQmp(rig.monitor) as listener:  # qbackend's monitor tells its clients the outcome too
+            outcome = rig.thread.run(rig.dimms.remove, "hot2")
+            assert outcome is RemovalState.FAILED, outcome
+            event = listener.next_event("DIMM_REMOVE_FAILED", data={"id": "hot2"}, timeout=10)
+            assert event["data"] == {"id": "hot2", "slot": hot2.slot, "ost-status": 0x82}
         statuses = [o.status for o in rig.dimms.ost if o.device == "hot2" and o.source == 3]
         assert statuses[-2:] == [0x84, 0x82]
         devices = rig.user.execute("query-memory-devices")
@@ -281,3 +289,57 @@ def test_fault_hold_remove_bit(rig: Rig) -> None:
                 rig.controller.update_interrupt()
 
         rig.thread.call(release)
+
+
+# -- the same through qbackend's QMP monitor -----------------------------------------------
+
+
+def test_dimm_added_and_removed_over_qmp_with_the_events_to_a_listener(rig: Rig) -> None:
+    """A client that only listens sees the outcome of what another client asked for."""
+    with SyncQmp(rig.monitor) as actor, SyncQmp(rig.monitor) as listener:
+        before = rig.mem_total_kb()
+        added = actor.execute("dimm-add", {"id": "qmp3"})
+        d = rig.dimms.dimms["qmp3"]
+        assert added == {"id": "qmp3", "slot": d.slot, "address": d.address, "node": 0}
+        event = listener.next_event("DIMM_ADDED", data={"id": "qmp3"}, timeout=10)
+        assert event["data"] == added
+        block = d.address // (128 * MiB)
+        rig.wait_guest(f"[ \"$(cat /sys/devices/system/memory/memory{block}/state 2>/dev/null)\" = online ]")
+        assert rig.mem_total_kb() == before + 128 * 1024
+        states = {r["id"]: r["state"] for r in actor.execute("query-memory-hotplug")}
+        assert states["qmp3"] == "plugged" and states["cold0"] == "plugged"
+        total = actor.execute("query-memory-total")
+        assert total["total"] == total["qemu-base"] + total["qemu-plugged"]
+
+        assert actor.execute("dimm-del", {"id": "qmp3"}) == {}  # at once; the outcome is an event
+        event = listener.next_event("DIMM_REMOVED", data={"id": "qmp3"}, timeout=30)
+        assert event["data"] == {"id": "qmp3", "slot": d.slot}
+        wait_until(lambda: rig.mem_total_kb() == before, 10, "MemTotal back", seen=rig.mem_total_kb)
+        assert {r["id"]: r["state"] for r in actor.execute("query-memory-hotplug")}["qmp3"] == "empty"
+        assert not [e for e in listener.pending_events() if e["event"] == "DIMM_REMOVE_FAILED"]
+        rig.assert_window_matches_qemu()
+
+
+def test_refuse_eject_set_over_qmp_keeps_the_dimm_until_cleared(rig: Rig) -> None:
+    """A fault set from outside: the guest's eject in the window is refused, QEMU deletes nothing;
+    cleared, the same eject removes the DIMM and the listener hears of it."""
+    with SyncQmp(rig.monitor) as actor, SyncQmp(rig.monitor) as listener:
+        d = rig.dimms.dimms["qmp3"]
+        actor.execute("dimm-add", {"id": "qmp3"})
+        rig.wait_guest(f"[ -e /sys/devices/system/memory/memory{d.address // (128 * MiB)} ]")
+        actor.execute("hotplug-fault-set", {"fault": "refuse-eject", "slot": d.slot})
+        assert actor.execute("query-hotplug-faults")["refuse-eject"] == [d.slot]
+        rig.user.drain_events()
+        try:
+            rig.sh(f"devmem {rig.bar0:#x} 32 {d.slot} && devmem {rig.bar0 + 0x14:#x} 8 8")
+            wait_until(lambda: EjectRefused(d.slot) in rig.controller.effects, what="the eject to be refused",
+                       seen=lambda: rig.controller.effects[-3:])
+            time.sleep(0.5)  # long enough for a DEVICE_DELETED that should not come
+            assert not [e for e in rig.user.pending_events() if e["event"] == "DEVICE_DELETED"]
+            assert {r["id"]: r["state"] for r in actor.execute("query-memory-hotplug")}["qmp3"] == "plugged"
+        finally:
+            actor.execute("hotplug-fault-clear", {"fault": "refuse-eject"})
+        assert actor.execute("query-hotplug-faults")["refuse-eject"] == []
+        rig.sh(f"devmem {rig.bar0:#x} 32 {d.slot} && devmem {rig.bar0 + 0x14:#x} 8 8")
+        listener.next_event("DIMM_REMOVED", data={"id": "qmp3"}, timeout=30)
+        rig.user.next_event("DEVICE_DELETED", data={"device": "qmp3"}, timeout=10)

@@ -23,7 +23,7 @@ from qbackend.app.backend_thread import BackendThread
 from qbackend.app.cli import vfio_user_device_arg
 from qbackend.app.service import Backend, ServedDevice
 from qbackend.machine.launch import load_machine_config
-from qbackend.machine.qmp import SyncQmp
+from qbackend.machine.qmp import QmpError, SyncQmp
 from qbackend.options import IvshmemOptions
 from qbackend.testing.harness import Guest, Harness, open_fds, rss_kib, wait_attached, wait_until
 
@@ -44,6 +44,7 @@ class Rig:
     user: SyncQmp
     group: str
     controller_bar0: int
+    monitor: Path  # qbackend's QMP monitor
 
     def sh(self, cmd: str, timeout: float = 60) -> str:
         return self.guest.sh(cmd, timeout)
@@ -105,6 +106,7 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         guest = harness.guest(start=False, machine=machine, extra_args=[
             "-device", vfio_user_device_arg("hotplug", controller.server.socket_path, addr=ctl_addr)])
         backend.attach_qmp(guest.vm.qmp_path)
+        backend.enable_control(work / "qbackend-qmp.sock")
         thread = harness.serve(backend)
         harness.start(guest)
         user = guest.monitor(user=True)
@@ -112,7 +114,7 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         wait_attached(backend)
         wait_until(lambda: backend.pci is not None and backend.pci.qmp is not None, 30,
                    "qbackend's PCI slots to attach to QMP")
-        yield Rig(machine, work, thread, backend, guest, user, group, bar0)
+        yield Rig(machine, work, thread, backend, guest, user, group, bar0, work / "qbackend-qmp.sock")
 
 
 def test_device_added_through_qbackend_is_used_and_freed_on_removal(rig: Rig) -> None:
@@ -134,6 +136,38 @@ def test_device_added_through_qbackend_is_used_and_freed_on_removal(rig: Rig) ->
                "the socket removed and the fds closed", seen=lambda: (served.server.socket_path.exists(), open_fds(), fds))
     assert not served.server.socket_path.exists()
     assert open_fds() == fds
+
+
+def test_device_added_and_removed_over_qmp_with_events(rig: Rig) -> None:
+    """pci-device-add / pci-device-del on qbackend's monitor; a second client only listens."""
+    fds = open_fds()
+    with SyncQmp(rig.monitor) as actor, SyncQmp(rig.monitor) as listener:
+        added = actor.execute("pci-device-add", {"driver": "ivshmem", "id": "ivq", "socket": str(rig.work / "ivq.sock"),
+                                                 "size": "1M", "shm": rig.group, "vectors": 0})
+        slot = added["slot"]
+        assert added["socket"] == str(rig.work / "ivq.sock") and isinstance(added["position"], int)
+        assert listener.next_event("PCI_DEVICE_PLUGGED", data={"id": "ivq"}, timeout=10)["data"] == \
+            {"id": "ivq", "slot": slot}
+        assert rig.wait_seen(slot) < 2.0
+        assert rig.ivposition(slot) == added["position"]
+        bus = {r["slot"]: r for r in actor.execute("query-pci-hotplug")}
+        assert bus[slot]["id"] == "ivq" and (bus[slot]["vendor"], bus[slot]["device"]) == ("1af4", "1110")
+        peers = actor.execute("query-ivshmem-peers", {"group": rig.group})["peers"]
+        assert added["position"] in [p["id"] for p in peers]
+
+        assert actor.execute("pci-device-del", {"id": "ivq"}) == {}  # at once; the guest ejects it later
+        assert listener.next_event("PCI_DEVICE_UNPLUGGED", data={"id": "ivq"}, timeout=15)["data"] == \
+            {"id": "ivq", "slot": slot}
+        rig.wait_gone(slot)
+        wait_until(lambda: "ivq" not in rig.backend.devices, 5, "qbackend to free the device")
+        error = None
+        try:
+            actor.execute("pci-device-del", {"id": "ivq"})
+        except QmpError as exc:
+            error = exc
+        assert error is not None and error.error_class == "DeviceNotFound"
+    wait_until(lambda: open_fds() <= fds, 5, "the device's fds closed", seen=lambda: (open_fds(), fds))
+    assert not (rig.work / "ivq.sock").exists()
 
 
 def test_device_added_by_a_user_is_served_removed_and_added_again(rig: Rig) -> None:

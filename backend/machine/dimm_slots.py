@@ -313,10 +313,12 @@ class DimmManager:
 
     async def memory_total(self) -> dict[str, int]:
         """Base plus plugged, as seed 003's query-memory-total, beside QEMU's summary."""
-        qemu_base, qemu_plugged = memory_size_summary(await self._qmp().execute("query-memory-size-summary"))
         plugged = sum(s.size for s in self.block.slots if s.enabled)
-        return {"base": self.ram_size, "plugged": plugged, "total": self.ram_size + plugged,
-                "qemu-base": qemu_base, "qemu-plugged": qemu_plugged}
+        total: dict[str, int] = {"base": self.ram_size, "plugged": plugged, "total": self.ram_size + plugged}
+        if self.qmp is not None:  # QEMU's own figures beside ours, when there is a QEMU
+            total["qemu-base"], total["qemu-plugged"] = memory_size_summary(
+                await self.qmp.execute("query-memory-size-summary"))
+        return total
 
     def as_json(self) -> list[dict[str, Any]]:
         out = [d.as_json() for d in self.dimms.values()]

@@ -2,7 +2,7 @@
 # Installs the Debian packages the build needs, only those that are missing.
 # A run with everything present does no apt work at all.
 set -euo pipefail
-packages="mmdebstrap busybox-static libnbd-bin fio e2fsprogs cpio gzip xz-utils zstd device-tree-compiler gcc libc6-dev"
+packages="mmdebstrap busybox-static libnbd-bin python3-libnbd fio e2fsprogs cpio gzip xz-utils zstd device-tree-compiler gcc libc6-dev"
 
 missing=""
 for p in $packages; do

@@ -60,6 +60,7 @@ class _Client:
         self.send, self.outbox = trio.open_memory_channel[bytes](1 << 14)
         self.queued = 0
         self.dropped = False
+        self.emptied = trio.Event()  # set (and renewed) whenever the writer has sent everything queued
 
     def push(self, data: bytes) -> None:
         """Queue bytes for the writer; a client that lets too much pile up is dropped."""
@@ -89,6 +90,7 @@ class QmpMonitor:
         self.clients: set[_Client] = set()
         self.connections_served = 0
         self._token: trio.lowlevel.TrioToken | None = None
+        self._quitting = False
         self.register(CommandSpec("query-commands", doc="the commands this monitor runs",
                                   returns="[{name}]"), self._query_commands)
         self.register(CommandSpec("query-version", doc="qbackend's version, in QEMU's VersionInfo shape",
@@ -131,13 +133,15 @@ class QmpMonitor:
         return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": f"qbackend {__version__}"}
 
     async def _quit(self, args: dict[str, Any]) -> object:
-        if self.on_quit is not None:
-            # After the reply has gone out: QEMU answers quit, then stops.
-            trio.lowlevel.current_trio_token().run_sync_soon(self._stop)
+        self._quitting = True  # the reply goes out first; then SHUTDOWN and the stop (_read)
         return {}
 
-    def _stop(self) -> None:
+    async def _stop(self, client: _Client) -> None:
+        """After quit's reply: SHUTDOWN to everyone, a moment for the quitter to receive both, then stop."""
         self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        with trio.move_on_after(2):
+            while client.queued and not client.dropped:
+                await client.emptied.wait()
         if self.on_quit is not None:
             self.on_quit()
 
@@ -186,14 +190,20 @@ class QmpMonitor:
                     client.push(action.data)
                 else:
                     client.push(await self._run(action))
+                    if self._quitting:
+                        await self._stop(client)
+                        return
             if not data:
                 return
 
     async def _write(self, client: _Client, scope: trio.CancelScope) -> None:
         try:
             async for data in client.outbox:
-                client.queued -= len(data)
                 await client.stream.send_all(data)
+                client.queued -= len(data)
+                if not client.queued:
+                    client.emptied.set()
+                    client.emptied = trio.Event()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         if client.dropped:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 QUERY_HOTPLUG = CommandSpec("query-memory-hotplug", doc="every declared DIMM slot and its state",
                             returns="[{id, slot, address, size, node, state}]")
 QUERY_TOTAL = CommandSpec("query-memory-total", doc="memory total: base plus plugged DIMMs",
-                          returns="{base, plugged, total, qemu-base, qemu-plugged}")
+                          returns="{base, plugged, total, and with a QEMU attached its qemu-base, qemu-plugged}")
 DIMM_ADD = CommandSpec("dimm-add", {"id": Arg("str", doc="a declared slot's DIMM id")},
                        doc="hot-add a declared DIMM (object-add + device_add pc-dimm)",
                        returns="{id, slot, address, node}")

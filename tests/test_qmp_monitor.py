@@ -1,0 +1,515 @@
+"""qbackend's QMP monitor against real QMP clients (qemu.qmp's QMPClient,
+the qmp-shell tool), raw sockets with bad input, and qemu-storage-daemon
+11.1's own monitor as the reference for framing errors and for the NBD
+export commands (same run, same bytes)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from qed_tools import qemu_check, qemu_img, qemu_io
+from qemu.qmp import QMPClient
+
+from qbackend.app.backend_thread import BackendThread
+from qbackend.app.service import Backend
+from qbackend.ivshmem.peer import IvshmemPeer
+from qbackend.machine.launch import QemuInstall, find_qemu
+from qbackend.options import DimmOptions, IvshmemOptions
+from qbackend.protocol.qmp import CommandSpec
+from qbackend.testing.harness import open_fds, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+# nbdsh runs `python3 -m nbd` from PATH: the system Python, which has Debian's libnbd bindings.
+NBDSH = ["env", f"PATH=/usr/bin:{os.environ.get('PATH', '')}", "nbdsh"]
+
+
+@dataclass
+class Served:
+    backend: Backend
+    thread: BackendThread
+    monitor: Path
+    workdir: Path
+    shm: str
+    server: Path  # the ivshmem-server socket of group `shm`
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    workdir = tmp_path_factory.mktemp("qmp")
+    shm = f"qbackend-test-{uuid.uuid4().hex[:8]}"
+    backend = Backend()
+    backend.add_ivshmem(IvshmemOptions(socket=workdir / "iv.sock", size=1 << 20, shm=shm, vectors=1, id="iv0",
+                                       server=workdir / "ivs.sock"))
+    backend.add_hotplug_controller(workdir / "hp.sock", [DimmOptions("hot1", 128 << 20), DimmOptions("hot2", 256 << 20, 0)],
+                                   machine="pc", ram_size=512 << 20, slots=2)
+    backend.add_pci_slots(None)
+    backend.enable_control(workdir / "qb.sock")
+    with BackendThread(backend) as thread:
+        yield Served(backend, thread, workdir / "qb.sock", workdir, shm, workdir / "ivs.sock")
+    Path("/dev/shm", shm).unlink(missing_ok=True)
+
+
+class Raw:
+    """A raw QMP client: bytes out, parsed messages in."""
+
+    def __init__(self, path: Path, negotiate: bool = True) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(20)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.receive()
+        if negotiate:
+            assert self.command({"execute": "qmp_capabilities"}) == {"return": {}}
+
+    def receive(self) -> dict[str, Any]:
+        line = self.file.readline()
+        assert line, "the monitor closed the connection"
+        msg = json.loads(line)
+        assert isinstance(msg, dict)
+        return msg
+
+    def reply(self) -> dict[str, Any]:
+        """The next reply, skipping events."""
+        while True:
+            msg = self.receive()
+            if "event" not in msg:
+                return msg
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def command(self, obj: object) -> dict[str, Any]:
+        self.send(json.dumps(obj).encode() + b"\n")
+        return self.reply()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def qsd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, QemuInstall]]:
+    """qemu-storage-daemon 11.1 with a QMP monitor: the reference."""
+    qemu = find_qemu()
+    sock = tmp_path_factory.mktemp("qsd") / "qsd.sock"
+    proc = subprocess.Popen([*qemu.tool_cmd("qemu-storage-daemon"), "--chardev",
+                             f"socket,path={sock},server=on,wait=off,id=m", "--monitor", "chardev=m"],
+                            env=qemu.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(sock.exists, 30, "qemu-storage-daemon's monitor socket")
+        yield sock, qemu
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# -- real clients -------------------------------------------------------------------------------
+
+
+def test_qemu_qmp_client_negotiates_and_queries(served: Served) -> None:
+    """qemu.qmp's own QMPClient (not qbackend's bridge) drives the monitor."""
+
+    async def session() -> dict[str, Any]:
+        client = QMPClient("test")
+        await client.connect(str(served.monitor))
+        try:
+            return {name: await client.execute(name) for name in
+                    ("query-commands", "query-version", "query-memory-total", "query-memory-hotplug",
+                     "query-block-exports")}
+        finally:
+            await client.disconnect()
+
+    got = asyncio.run(session())
+    names = {c["name"] for c in got["query-commands"]}
+    assert {"qmp_capabilities", "query-commands", "query-version", "quit", "query-memory-total",
+            "query-memory-hotplug", "dimm-add", "dimm-del", "query-pci-hotplug", "pci-device-add",
+            "pci-device-del", "query-ivshmem-peers", "ivshmem-ring", "ivshmem-read", "ivshmem-write",
+            "hotplug-fault-set", "hotplug-fault-clear", "nbd-server-start", "nbd-server-stop", "blockdev-add",
+            "block-export-add", "block-export-del", "query-block-exports"} <= names
+    assert got["query-version"]["package"].startswith("qbackend ")
+    assert set(got["query-version"]["qemu"]) == {"major", "minor", "micro"}
+    assert got["query-memory-total"] == {"base": 512 << 20, "plugged": 0, "total": 512 << 20}
+    assert got["query-memory-hotplug"] == [
+        {"id": "hot1", "slot": 0, "address": 1 << 32, "size": 128 << 20, "node": 0, "state": "empty"},
+        {"id": "hot2", "slot": 1, "address": (1 << 32) + (128 << 20), "size": 256 << 20, "node": 0,
+         "state": "empty"}]
+    assert got["query-block-exports"] == []
+
+
+def test_qmp_shell_runs_commands(served: Served) -> None:
+    """The qmp-shell tool that qemu.qmp installs, as a user types into it."""
+    script = ("query-version\nquery-memory-hotplug\nivshmem-write offset=16 data=aGVsbG8=\n"
+              "ivshmem-read offset=16 length=5\nno-such-command\n")
+    result = subprocess.run([str(VENV_BIN / "qmp-shell"), str(served.monitor)], input=script, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    replies = [json.loads(line.split(") ", 1)[1]) for line in result.stdout.splitlines()
+               if line.startswith("(QEMU) {")]
+    assert replies[0]["return"]["package"].startswith("qbackend ")
+    assert [d["id"] for d in replies[1]["return"]] == ["hot1", "hot2"]
+    assert replies[2] == {"return": {"written": 5}}
+    assert replies[3] == {"return": {"offset": 16, "data": "aGVsbG8="}}
+    assert replies[4]["error"]["class"] == "CommandNotFound"
+
+
+# -- framing and dispatch errors, against qemu-storage-daemon -----------------------------------
+
+# Sent in this order on one connection to each monitor; the replies are compared.
+BAD_INPUT = [
+    (b'{"execute": "query-version", "id": 1}\n', "before qmp_capabilities"),
+    (b'{"execute": "qmp_capabilities", "id": 2}\n', "negotiation"),
+    (b'{"execute": "qmp_capabilities", "id": 3}\n', "negotiation again"),
+    (b'nonsense\n', "not JSON"),
+    (b'[1, 2]\n', "not an object"),
+    (b'"text"\n', "a string"),
+    (b'{"id": 5}\n', "no execute"),
+    (b'{"execute": 5}\n', "execute not a string"),
+    (b'{"execute": "no-such", "id": "x"}\n', "unknown command"),
+    (b'{"execute": "query-version", "arguments": [], "id": 7}\n', "arguments not an object"),
+    (b'{"execute": "query-version", "extra": 1, "id": 8}\n', "unknown key"),
+    (b'{"execute": "query-version", "arguments": {"a": 1}, "id": 9}\n', "extra argument"),
+    (b'{"execute": "block-export-del", "arguments": {}, "id": 10}\n', "missing argument"),
+    (b'{"execute": "block-export-del", "arguments": {"id": 1}, "id": 11}\n', "wrong type"),
+    (b'{"execute": "block-export-del", "arguments": {"id": "x", "mode": "bad"}, "id": 12}\n', "bad enum value"),
+    (b'{"execute": "block-export-del", "arguments": {"id": "x"}, "id": 13}\n', "no such export"),
+    (b'{"execute": "nbd-server-stop", "id": 14}\n', "no NBD server"),
+    (b'{"exec-oob": "query-version", "id": 15}\n', "out-of-band without the capability"),
+    (b'{"execute": "query-version",\n "id": 16}\n', "a command over two lines"),
+    (b'{"execute": "query-block-exports", "id": 17} {"execute": "query-block-exports", "id": 18}\n',
+     "two commands on one line"),
+]
+
+
+def _replies(path: Path) -> list[dict[str, Any]]:
+    client = Raw(path, negotiate=False)
+    out = []
+    try:
+        for data, _what in BAD_INPUT:
+            client.send(data)
+            out.append(client.reply())
+            if data.count(b"execute") == 2:
+                out.append(client.reply())
+    finally:
+        client.close()
+    return out
+
+
+def test_bad_input_gets_the_same_errors_as_qemu_storage_daemon(served: Served, qsd: tuple[Path, Any]) -> None:
+    """Fidelity: the class of every error, its id, and QEMU's text where it has one (a JSON parse
+    error's position and wording come from QEMU's own parser, so only its prefix is compared)."""
+    ours, theirs = _replies(served.monitor), _replies(qsd[0])
+    assert len(ours) == len(theirs) == len(BAD_INPUT) + 1
+    for (_data, what), mine, ref in zip([*BAD_INPUT, BAD_INPUT[-1]], ours, theirs):
+        assert mine.keys() == ref.keys(), (what, mine, ref)
+        assert mine.get("id") == ref.get("id"), what
+        if "error" in ref:
+            assert mine["error"]["class"] == ref["error"]["class"], (what, mine, ref)
+            if "JSON parse error" in ref["error"]["desc"]:
+                assert mine["error"]["desc"].startswith("JSON parse error"), what
+            else:
+                assert mine["error"]["desc"] == ref["error"]["desc"], (what, mine, ref)
+
+
+def test_a_64_mib_line_is_refused_and_the_monitor_goes_on(served: Served) -> None:
+    client, other = Raw(served.monitor), Raw(served.monitor)
+    try:
+        line = b'{"execute": "query-version", "arguments": {"x": "' + b"A" * (64 << 20) + b'"}}\n'
+        sender = threading.Thread(target=client.send, args=(line,))
+        sender.start()
+        assert other.command({"execute": "query-block-exports"}) == {"return": []}  # the others are served meanwhile
+        reply = client.reply()
+        sender.join(60)
+        assert reply["error"] == {"class": "GenericError", "desc": "JSON token size limit exceeded"}
+        assert client.command({"execute": "query-block-exports", "id": "after"}) == {"return": [], "id": "after"}
+        client.send(b"[" * 2000 + b"]" * 2000 + b"\n")
+        assert client.reply()["error"]["desc"] == "JSON nesting depth limit exceeded"
+        assert client.command({"execute": "query-block-exports", "id": 2}) == {"return": [], "id": 2}
+    finally:
+        client.close()
+        other.close()
+
+
+def test_clients_that_vanish_cost_nothing(served: Served) -> None:
+    before = open_fds()
+    for _ in range(20):
+        client = Raw(served.monitor)
+        client.send(b'{"execute": "query-ivshmem-peers", "id": 1}\n{"execute": "query-memory-hotplug"')
+        client.close()  # mid-command, and mid-message
+    silent = [socket.socket(socket.AF_UNIX) for _ in range(10)]
+    for s in silent:
+        s.connect(str(served.monitor))
+        s.close()
+    wait_until(lambda: open_fds() <= before, 10, "the monitor to close every vanished client",
+               seen=lambda: open_fds() - before)
+    check = Raw(served.monitor)
+    assert check.command({"execute": "query-block-exports"}) == {"return": []}
+    check.close()
+
+
+def test_events_reach_every_negotiated_client_and_only_them(served: Served) -> None:
+    a, b = Raw(served.monitor), Raw(served.monitor)
+    quiet = Raw(served.monitor, negotiate=False)
+    try:
+        with IvshmemPeer(served.server) as host:
+            peer = host.id
+            for client in (a, b):
+                joined = client.receive()
+                assert joined["event"] == "IVSHMEM_PEER_JOINED", joined
+                assert joined["data"] == {"group": served.shm, "peer": peer}
+                assert set(joined["timestamp"]) == {"seconds", "microseconds"}
+        for client in (a, b):
+            left = client.receive()
+            assert (left["event"], left["data"]) == ("IVSHMEM_PEER_LEFT", {"group": served.shm, "peer": peer})
+        quiet.send(b'{"execute": "qmp_capabilities", "id": "late"}\n')
+        assert quiet.receive() == {"return": {}, "id": "late"}  # nothing was queued for it before negotiation
+    finally:
+        for client in (a, b, quiet):
+            client.close()
+
+
+# -- every command with arbitrary arguments -----------------------------------------------------
+
+# Commands that create files or sockets where their arguments say are left out (a path drawn at
+# random would land in the working directory), and quit, which would end the module's monitor.
+NOT_FUZZED = {"quit", "nbd-server-start", "pci-device-add"}
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats()
+                           | st.text(max_size=12), lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+
+
+def _commands(backend: Backend) -> list[CommandSpec]:
+    assert backend.monitor is not None
+    return [c.spec for name, c in sorted(backend.monitor.commands.items()) if name not in NOT_FUZZED]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_arbitrary_arguments_to_every_command_get_a_qmp_reply(served: Served, data: st.DataObject) -> None:
+    specs = _commands(served.backend)
+    spec = data.draw(st.sampled_from(specs))
+    keys = st.sampled_from([*spec.args, "extra"]) if spec.args else st.just("extra")
+    arguments = data.draw(st.dictionaries(keys, JSON_VALUES, max_size=4))
+    client = Raw(served.monitor)
+    try:
+        reply = client.command({"execute": spec.name, "arguments": arguments, "id": 7})
+        assert reply.get("id") == 7 and ("return" in reply) != ("error" in reply), reply
+        if "error" in reply:
+            assert reply["error"]["class"] in ("GenericError", "CommandNotFound", "DeviceNotFound")
+            assert "internal error" not in reply["error"]["desc"], reply
+        assert client.command({"execute": "query-block-exports", "id": 8})["id"] == 8  # still serving
+    finally:
+        client.close()
+    served.thread.call(_undo_faults, served.backend)
+
+
+def _undo_faults(backend: Backend) -> None:
+    controller = backend.controller
+    assert controller is not None
+    faults = controller.device.memhp.faults  # type: ignore[attr-defined]
+    faults.refuse_eject.clear()
+    faults.hold_remove.clear()
+    faults.ost_status.clear()
+
+
+def test_fault_commands_set_and_clear(served: Served) -> None:
+    client = Raw(served.monitor)
+    try:
+        assert client.command({"execute": "hotplug-fault-set", "arguments": {"fault": "refuse-eject", "slot": 1}}) \
+            == {"return": {}}
+        assert client.command({"execute": "hotplug-fault-set", "arguments": {"fault": "ost-status", "slot": 0,
+                                                                             "status": 0x82}}) == {"return": {}}
+        assert client.command({"execute": "query-hotplug-faults"})["return"] == {
+            "refuse-eject": [1], "hold-remove": [], "ost-status": [{"slot": 0, "status": 0x82}]}
+        assert client.command({"execute": "hotplug-fault-set", "arguments": {"fault": "hold-remove", "slot": 9}}
+                              )["error"]["desc"] == "slot 9 is not one of the controller's 2 slots"
+        assert client.command({"execute": "hotplug-fault-clear"}) == {"return": {}}
+        assert client.command({"execute": "query-hotplug-faults"})["return"] == {
+            "refuse-eject": [], "hold-remove": [], "ost-status": []}
+        assert client.command({"execute": "dimm-add", "arguments": {"id": "nope"}})["error"]["class"] \
+            == "DeviceNotFound"
+    finally:
+        client.close()
+
+
+def test_ivshmem_read_and_write_are_bounded(served: Served) -> None:
+    client = Raw(served.monitor)
+    try:
+        data = base64.b64encode(b"peers").decode()
+        assert client.command({"execute": "ivshmem-write", "arguments": {"offset": (1 << 20) - 5, "data": data}}) \
+            == {"return": {"written": 5}}
+        assert client.command({"execute": "ivshmem-write", "arguments": {"offset": (1 << 20) - 4, "data": data}}
+                              )["error"]["class"] == "GenericError"
+        assert client.command({"execute": "ivshmem-write", "arguments": {"offset": 0, "data": "%%%"}}
+                              )["error"]["desc"] == "'data' is not base64"
+        assert client.command({"execute": "ivshmem-read", "arguments": {"offset": -1, "length": 4}}
+                              )["error"]["class"] == "GenericError"
+        assert client.command({"execute": "query-ivshmem-peers", "arguments": {"group": "nope"}}
+                              )["error"]["desc"].startswith("no ivshmem group 'nope'")
+    finally:
+        client.close()
+
+
+# -- NBD exports at run time ----------------------------------------------------------------------
+
+
+def _nbdinfo_size(uri: str) -> int:
+    out = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
+
+
+def test_runtime_exports_as_qemu_storage_daemon(served: Served, qsd: tuple[Path, QemuInstall],
+                                                tmp_path: Path) -> None:
+    qemu = qsd[1]
+    image = tmp_path / "disk.qed"
+    qemu_img("create", "-f", "qed", str(image), "64M")
+    qemu_io(image, "write -P 0x5a 1M 3M")
+    ref = tmp_path / "ref.qed"
+    qemu_img("create", "-f", "qed", str(ref), "64M")
+    nbd_sock = tmp_path / "nbd.sock"
+    listener = Raw(served.monitor)  # only listens: it must see the deletion event
+    client = Raw(served.monitor)
+    reference = Raw(qsd[0])
+    try:
+        def both(cmd: dict[str, Any], ref_cmd: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+            return client.command(cmd), reference.command(ref_cmd or cmd)
+
+        start = {"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix",
+                                                                       "data": {"path": str(nbd_sock)}}}}
+        ours, theirs = both(start, {"execute": "nbd-server-start", "arguments": {
+            "addr": {"type": "unix", "data": {"path": str(tmp_path / "qsd-nbd.sock")}}}})
+        assert ours == theirs == {"return": {}}
+        ours, theirs = both(start, {"execute": "nbd-server-start", "arguments": {
+            "addr": {"type": "unix", "data": {"path": str(tmp_path / "qsd-nbd.sock")}}}})
+        assert ours == theirs, "a second nbd-server-start"
+        node = {"execute": "blockdev-add", "arguments": {"driver": "qed", "node-name": "d0",
+                                                         "file": {"driver": "file", "filename": str(image)}}}
+        ours, theirs = both(node, {"execute": "blockdev-add", "arguments": {
+            "driver": "qed", "node-name": "d0", "file": {"driver": "file", "filename": str(ref)}}})
+        assert ours == theirs == {"return": {}}
+        export = {"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "d0",
+                                                               "name": "disk", "writable": True}}
+        assert both(export) == ({"return": {}}, {"return": {}})
+        ours, theirs = both(export)
+        assert ours == theirs, "the same export id twice"
+        ours, theirs = both({"execute": "query-block-exports"})
+        assert ours == theirs == {"return": [{"type": "nbd", "id": "e0", "node-name": "d0", "shutting-down": False}]}
+
+        uri = f"nbd+unix:///disk?socket={nbd_sock}"
+        assert _nbdinfo_size(uri) == 64 << 20
+        compare = subprocess.run([*qemu.tool_cmd("qemu-img"), "compare", "-f", "qed", str(image), uri],
+                                 env=qemu.env(), capture_output=True, text=True, timeout=60)
+        assert compare.returncode == 0, compare.stdout + compare.stderr
+
+        # A client holds the export: mode=safe is refused with QEMU's words, the image stays served.
+        holder = subprocess.Popen([*NBDSH, "-u", uri, "-c", "h.pwrite(b'\\x77' * 4096, 8 << 20)\n"
+                                   "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, text=True)
+        ref_holder = subprocess.Popen([*NBDSH, "-u", f"nbd+unix:///disk?socket={tmp_path / 'qsd-nbd.sock'}",
+                                       "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: served.thread.call(lambda: bool(served.backend.nbd and
+                                                               served.backend.nbd.clients_of("disk"))),
+                       20, "the nbdsh client to choose the export")
+            time.sleep(0.5)  # the reference's client too (qemu-storage-daemon says nothing of its clients)
+            ours, theirs = both({"execute": "block-export-del", "arguments": {"id": "e0"}})
+            assert ours == theirs, (ours, theirs)
+            assert ours["error"]["desc"] == "export 'e0' still in use"
+            ours, theirs = both({"execute": "block-export-del", "arguments": {"id": "e0", "mode": "hard"}})
+            assert ours == theirs == {"return": {}}
+            deleted = listener.receive()
+            assert deleted["event"] == "BLOCK_EXPORT_DELETED" and deleted["data"] == {"id": "e0"}
+            assert served.thread.call(lambda: served.backend.nbd is not None
+                                      and served.backend.nbd.clients_of("disk") == []), "the client was not dropped"
+        finally:
+            for proc in (holder, ref_holder):
+                if proc.poll() is None:
+                    assert proc.stdin is not None
+                    proc.stdin.close()
+                    proc.wait(30)
+        assert served.thread.call(lambda: served.backend.nbd is not None and "disk" not in served.backend.nbd.exports)
+        ours, theirs = both({"execute": "query-block-exports"})
+        assert ours == theirs == {"return": []}
+        assert both({"execute": "blockdev-del", "arguments": {"node-name": "d0"}}) == ({"return": {}},
+                                                                                     {"return": {}})
+        assert both({"execute": "nbd-server-stop"}) == ({"return": {}}, {"return": {}})
+        wait_until(lambda: not nbd_sock.exists(), 10, "the NBD socket to go")
+    finally:
+        for c in (client, listener, reference):
+            c.close()
+    # The write through the export was flushed: the image is clean and holds it.
+    assert qemu_check(image)[0] == 0
+    qemu_io(image, "read -P 0x77 8M 4k", "read -P 0x5a 1M 3M")  # raises on a pattern mismatch
+
+
+def test_blockdev_add_refuses_what_it_cannot_open(served: Served, tmp_path: Path) -> None:
+    client = Raw(served.monitor)
+    try:
+        bad = tmp_path / "bad.qed"
+        bad.write_bytes(b"QED\0" + bytes(60))
+        for args, words in [
+            ({"driver": "qed", "node-name": "b", "file": {"driver": "file", "filename": str(bad)}}, "cluster"),
+            ({"driver": "qed", "node-name": "b", "file": {"driver": "file", "filename": str(tmp_path / "no")}},
+             "No such file"),
+            ({"driver": "vmdk", "node-name": "b", "file": "x"}, "does not accept value 'vmdk'"),
+            ({"driver": "raw", "node-name": "b", "file": {"driver": "nbd", "server": {}}}, "'file' is"),
+        ]:
+            reply = client.command({"execute": "blockdev-add", "arguments": args})
+            assert words in reply["error"]["desc"], reply
+        assert client.command({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "x",
+                                                                            "node-name": "b"}}
+                              )["error"]["desc"] == "NBD server not running"
+    finally:
+        client.close()
+
+
+# -- quit -------------------------------------------------------------------------------------------
+
+
+def test_quit_stops_cleanly(tmp_path: Path) -> None:
+    image = tmp_path / "q.qed"
+    qemu_img("create", "-f", "qed", str(image), "16M")
+    control, nbd_sock, iv = tmp_path / "qb.sock", tmp_path / "n.sock", tmp_path / "iv.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "qbackend", "serve", "--control", str(control),
+                             "--nbd", f"name=q,image={image},format=qed", "--nbd-socket", str(nbd_sock),
+                             "--ivshmem", f"socket={iv},size=64K"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: control.exists() and nbd_sock.exists(), 30, "qbackend's sockets")
+        subprocess.run([*NBDSH, "-u", f"nbd+unix:///q?socket={nbd_sock}", "-c",
+                        "h.pwrite(b'\\x42' * 65536, 0)"], check=True, timeout=30)  # no flush from the client
+        client = Raw(control)
+        assert client.command({"execute": "query-block-exports"})["return"] == [
+            {"type": "nbd", "id": "q", "node-name": "q", "shutting-down": False}]
+        assert client.command({"execute": "quit", "id": "bye"}) == {"return": {}, "id": "bye"}
+        shutdown = client.receive()
+        assert shutdown["event"] == "SHUTDOWN" and shutdown["data"] == {"guest": False, "reason": "host-qmp-quit"}
+        client.close()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert not control.exists() and not nbd_sock.exists() and not iv.exists()
+    assert qemu_check(image)[0] == 0
+    qemu_io(image, "read -P 0x42 0 64k")  # raises on a pattern mismatch
+
