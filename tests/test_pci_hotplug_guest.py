@@ -25,7 +25,7 @@ from qbackend.app.service import Backend, ServedDevice
 from qbackend.machine.launch import load_machine_config
 from qbackend.machine.qmp import QmpError, SyncQmp
 from qbackend.options import IvshmemOptions
-from qbackend.testing.harness import Guest, Harness, open_fds, rss_kib, wait_attached, wait_until
+from qbackend.testing.harness import Guest, Harness, mappings, memfd_fds, open_fds, rss_kib, wait_attached, wait_until
 
 pytestmark = pytest.mark.guest
 
@@ -216,6 +216,30 @@ def test_twenty_add_remove_cycles_leak_nothing(rig: Rig) -> None:
     wait_until(lambda: open_fds() <= fds, 5, f"the fds back to {fds}", seen=open_fds)
     assert open_fds() == fds
     assert rss_kib() - rss < 8 * 1024, f"RSS grew by {rss_kib() - rss} KiB over 20 cycles"
+
+
+def test_twenty_cycles_of_devices_without_shm_leak_nothing(rig: Rig) -> None:
+    """Unnamed memory (a memfd group per device): its group, memfd and mapping go with the device."""
+    if rig.machine != "pc":
+        pytest.skip("the same code on q35; once is enough for the suite's time")
+
+    def add_unnamed(name: str) -> None:
+        opts = IvshmemOptions(socket=rig.work / f"{name}.sock", size=SHM_SIZE, vectors=0, id=name)
+        rig.thread.run(rig.backend.pci_add_ivshmem, opts)
+        rig.wait_seen(rig.slot(name))
+        assert rig.thread.run(rig.backend.pci_del, name) is True
+
+    add_unnamed("warm-unnamed")
+    groups = set(rig.backend.groups)
+    wait_until(lambda: "warm-unnamed" not in rig.backend.devices, 5, "the warm-up device freed")
+    fds, maps, memfds = open_fds(), mappings(), memfd_fds()
+    for n in range(20):
+        add_unnamed(f"un{n}")
+    wait_until(lambda: open_fds() <= fds and mappings() <= maps and memfd_fds() <= memfds, 10,
+               "fds, memfd mappings and memfds back",
+               seen=lambda: (open_fds() - fds, mappings() - maps, memfd_fds() - memfds))
+    assert (open_fds(), mappings(), memfd_fds()) == (fds, maps, memfds)
+    assert set(rig.backend.groups) == groups, "a group outlived its last device"
 
 
 def test_window_matches_qemus_block_at_0xae00(rig: Rig) -> None:

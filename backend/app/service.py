@@ -6,7 +6,9 @@ its own so that synchronous code (pytest, scripts) can drive it.
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -61,6 +63,7 @@ class Backend:
     _nursery: trio.Nursery | None = None
     _token: trio.lowlevel.TrioToken | None = None
     _scope: trio.CancelScope | None = None
+    _unnamed: Iterator[int] = field(default_factory=itertools.count)  # names of groups without shm=
 
     @property
     def nbd(self) -> NbdServer | None:
@@ -69,7 +72,7 @@ class Backend:
 
     def group(self, shm: str | None, size: int) -> PeerGroup:
         """The peer group of a shm name; each unnamed device gets its own."""
-        key = shm or f"memfd-{len(self.groups)}"
+        key = shm or f"memfd-{next(self._unnamed)}"
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = PeerGroup(SharedMemory(size, shm), name=key)
@@ -339,11 +342,28 @@ class Backend:
             self._free_device(served)
 
     def _free_device(self, served: ServedDevice) -> None:
-        """Stop serving a device and release it (socket, fds, its peer id)."""
+        """Stop serving a device and release it (socket, fds, its peer id), and
+        its peer group with it when nothing else uses the group."""
         self.devices.pop(served.id, None)
         if served.scope is not None:
             served.scope.cancel()
         served.device.close()
+        group = getattr(served.device, "group", None)
+        if isinstance(group, PeerGroup):
+            self._release_group(group)
+
+    def _release_group(self, group: PeerGroup) -> None:
+        """Close a group (memory unmapped, memfd closed, watcher stopped) once
+        no device, ivshmem-server socket or peer uses it.  A /dev/shm file
+        given by name stays: host programs may still open it by that name."""
+        if group.endpoints or group.peers:
+            return
+        if any(getattr(s.device, "group", None) is group for s in self.devices.values()):
+            return
+        for key, g in list(self.groups.items()):
+            if g is group:
+                del self.groups[key]
+        group.close()
 
     def close(self) -> None:
         self.blocks.close_pending()

@@ -90,6 +90,23 @@ def open_fd_numbers() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
 
 
+def mappings(kind: str = "/memfd:") -> int:
+    """How many of this process's mappings (/proc/self/maps) are of ``kind``: by default memfds,
+    which is how a device's unnamed shared memory left mapped shows (``/dev/shm/`` for named ones)."""
+    return sum(kind in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+def memfd_fds() -> int:
+    """How many of this process's fds are memfds (a device's unnamed shared memory)."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:")
+        except OSError:
+            pass
+    return count
+
+
 def rss_kib() -> int:
     """This process's resident set size in KiB (VmRSS), for memory leak checks."""
     for line in Path("/proc/self/status").read_text().splitlines():
