@@ -163,3 +163,28 @@ class DimmOptions:
             raise OptionError(f"--dimm size={kv['size']}: a multiple of 128M (the guest's memory block size)")
         return cls(id=kv["id"], size=size, node=parse_int(kv.get("node", "0"), "--dimm node"),
                    populated=_parse_bool(kv.get("populated", "off"), "--dimm populated"))
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    """`--device socket=PATH,class=MODULE:CLASS[,id=ID][,KEY=VALUE...]`: a device of your own.
+
+    `class=package.module:ClassName` imports a module; `class=path/to/file.py:ClassName`
+    loads a file.  The other keys reach the class's constructor as strings.
+    """
+
+    socket: Path
+    cls: str
+    id: str = ""
+    kwargs: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> DeviceOptions:
+        kv = parse_keyval(text, "--device")
+        if "socket" not in kv or "class" not in kv:
+            raise OptionError("--device: socket=PATH and class=MODULE:CLASS are required "
+                              "(example: --device socket=/tmp/edu.sock,class=examples/edu.py:Edu)")
+        if ":" not in kv["class"]:
+            raise OptionError(f"--device class={kv['class']}: MODULE:CLASS or path/to/file.py:CLASS")
+        extra = tuple((k, v) for k, v in kv.items() if k not in ("socket", "class", "id"))
+        return cls(socket=Path(kv["socket"]), cls=kv["class"], id=kv.get("id", ""), kwargs=extra)

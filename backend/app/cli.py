@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from qbackend.errors import ControlError, QbackendError, UsageError
 from qbackend.options import (
+    DeviceOptions,
     DimmOptions,
     IvshmemOptions,
     NbdExportOptions,
@@ -39,6 +40,7 @@ EPILOG_SERVE = """\
 examples:
   qbackend serve --ivshmem socket=/tmp/iv0.sock,size=4M
   qbackend serve --ivshmem socket=/tmp/a.sock,shm=group1 --ivshmem socket=/tmp/b.sock,shm=group1
+  qbackend serve --device socket=/tmp/edu.sock,class=examples/edu.py:Edu     # your own device
 
 then attach a device to QEMU (10.1 or later), for example:
   qemu-system-x86_64 ... \\
@@ -87,6 +89,13 @@ examples:
   readonly=on    refuse writes (EPERM)
   format=raw|qed force the format
 """
+
+
+def _device_option(text: str) -> DeviceOptions:
+    try:
+        return DeviceOptions.parse(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _export_option(text: str) -> NbdExportOptions:
@@ -219,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_SERVE)
     serve.add_argument("--ivshmem", type=_ivshmem_option, action="append", default=[], metavar="KEY=VALUE,...",
                        help="an ivshmem device (repeatable); keys below")
+    serve.add_argument("--device", type=_device_option, action="append", default=[],
+                       metavar="socket=PATH,class=MODULE:CLASS[,id=ID][,KEY=VALUE...]",
+                       help="a PCI device of your own (a qbackend.devices.Device subclass); "
+                            "class=path/to/file.py:CLASS loads a file; other keys reach its constructor")
     serve.add_argument("--hotplug", type=_hotplug_option, metavar="socket=PATH[,machine=pc][,ram=512M][,slots=4]",
                        help="the hotplug-controller device (ACPI memory-hotplug block in BAR0); "
                             "ram= is the guest's base RAM, a bare number in MiB")
@@ -247,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_RUN)
     run.add_argument("--ivshmem", type=_ivshmem_option, action="append", default=[], metavar="KEY=VALUE,...",
                      help="an ivshmem device (repeatable); default: one of 4M; see 'serve --help'")
+    run.add_argument("--device", type=_device_option, action="append", default=[],
+                     metavar="socket=PATH,class=MODULE:CLASS[,...]", help="a device of your own; see 'serve --help'")
     run.add_argument("--workdir", type=Path, default=Path("build/run"),
                      help="where sockets and the QEMU log go (default: build/run)")
     run.add_argument("--machine", default="pc",
@@ -377,7 +392,7 @@ def _serve(args: argparse.Namespace) -> int:
     from qbackend.app.lifecycle import start_until_done, stop_on_signal
     from qbackend.machine.launch import load_machine_config
 
-    if not args.ivshmem and not args.nbd and not args.hotplug and not args.control:
+    if not args.ivshmem and not args.device and not args.nbd and not args.hotplug and not args.control:
         print("qbackend serve: nothing to serve; add a device, e.g. --ivshmem socket=/tmp/iv0.sock,size=4M, "
               "or --control PATH to add exports over QMP", file=sys.stderr)
         return 2
@@ -385,6 +400,8 @@ def _serve(args: argparse.Namespace) -> int:
         print("qbackend serve: --nbd needs --nbd-socket PATH and/or --nbd-tcp HOST:PORT", file=sys.stderr)
         return 2
     backend = _backend(args.ivshmem)
+    for opts in args.device:
+        backend.add_device(opts)
     if args.nbd:
         backend.add_nbd(args.nbd, args.nbd_socket, args.nbd_tcp)
     if args.dimm and not args.hotplug:
@@ -469,8 +486,10 @@ def _run(args: argparse.Namespace) -> int:
     from qbackend.machine.launch import QemuMachine, load_machine_config
 
     workdir: Path = args.workdir.resolve()
-    options = args.ivshmem or [IvshmemOptions(socket=workdir / "ivshmem0.sock")]
+    options = args.ivshmem or ([] if args.device else [IvshmemOptions(socket=workdir / "ivshmem0.sock")])
     backend = _backend(options)
+    for opts in args.device:
+        backend.add_device(opts)
     extra: list[str] = []
     # The hotplug controller always comes along: DIMM slots and the PCI hotplug bus.
     slots = max(4, len(args.dimm))

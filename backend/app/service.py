@@ -26,7 +26,7 @@ from qbackend.machine.qmp import QmpConnection, QmpError
 from qbackend.machine.qmp_replies import Event, QmpReplyError
 from qbackend.models.memhp import Effect, EjectRequested, MemoryHotplugBlock, Profile
 from qbackend.models.pcihp import EjectSlot
-from qbackend.options import DimmOptions, IvshmemOptions, NbdExportOptions
+from qbackend.options import DeviceOptions, DimmOptions, IvshmemOptions, NbdExportOptions
 from qbackend.plumbing.shared_memory import SharedMemory
 from qbackend.plumbing.threads import run_locked
 from qbackend.servers.nbd import NbdServer
@@ -94,6 +94,22 @@ class Backend:
         if opts.server is not None:
             add_ivshmem_server(group, opts.server, max(opts.vectors, 1))
         device = IvshmemDevice(group, vectors=opts.vectors, position=opts.peer, name=dev_id)
+        served = ServedDevice(dev_id, device, VfioUserServer(device, opts.socket, name=dev_id))
+        self.devices[dev_id] = served
+        if start and self._nursery is not None:
+            self._nursery.start_soon(self._serve_device, served)
+        return served
+
+    def add_device(self, opts: DeviceOptions, *, start: bool = True) -> ServedDevice:
+        """A device of the user's own class (`--device socket=...,class=...`)."""
+        from qbackend.app.device_loader import make_device
+
+        device = make_device(opts)
+        dev_id = opts.id or f"{type(device).__name__.lower()}{len(self.devices)}"
+        if dev_id in self.devices:
+            device.close()
+            raise ValueError(f"device id {dev_id!r} is used twice")
+        device.name = dev_id
         served = ServedDevice(dev_id, device, VfioUserServer(device, opts.socket, name=dev_id))
         self.devices[dev_id] = served
         if start and self._nursery is not None:

@@ -60,6 +60,10 @@ BAR_IO = 0x1
 BAR_MEM_64 = 0x4
 BAR_PREFETCH = 0x8
 
+CAP_ID_MSI = 0x05
+MSI_ENABLE = 1 << 0
+MSI_64BIT = 1 << 7
+MSI_PER_VECTOR_MASK = 1 << 8
 CAP_ID_MSIX = 0x11
 MSIX_CAP_SIZE = 12
 MSIX_ENABLE = 1 << 15
@@ -102,6 +106,23 @@ class MsixLayout:
             raise ValueError("MSI-X table overlaps the PBA")
 
 
+@dataclass(frozen=True)
+class MsiLayout:
+    """An MSI capability: 1, 2, 4, 8, 16 or 32 vectors, 64-bit addresses, optional per-vector masks."""
+
+    vectors: int = 1
+    is_64bit: bool = True
+    per_vector_mask: bool = False
+
+    def __post_init__(self) -> None:
+        if self.vectors not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"MSI vector count {self.vectors} is not a power of two in 1..32")
+
+    @property
+    def size(self) -> int:
+        return 10 + (4 if self.is_64bit else 0) + (10 if self.per_vector_mask else 0)
+
+
 class ConfigSpace:
     """256 bytes of config space with per-byte write masks.
 
@@ -113,13 +134,17 @@ class ConfigSpace:
     def __init__(self, *, vendor_id: int, device_id: int, class_code: int, revision: int = 0,
                  subsystem_vendor_id: int = 0, subsystem_id: int = 0,
                  bars: tuple[Bar, ...] = (), interrupt_pin: int = 0,
-                 msix: MsixLayout | None = None) -> None:
+                 msix: MsixLayout | None = None, msi: MsiLayout | None = None) -> None:
         self.data = bytearray(CONFIG_SIZE)
         self.wmask = bytearray(CONFIG_SIZE)
         self.w1cmask = bytearray(CONFIG_SIZE)
         self.bars = {bar.index: bar for bar in bars}
         self.msix = msix
         self.msix_cap = 0
+        self.msi = msi
+        self.msi_cap = 0
+        self._last_cap = 0  # the capability whose next pointer a new one goes into
+        self._free_cap = 0x40  # where the next capability goes
         self._put(Reg.VENDOR_ID, 2, vendor_id)
         self._put(Reg.DEVICE_ID, 2, device_id)
         self._put(Reg.REVISION, 1, revision)
@@ -144,6 +169,8 @@ class ConfigSpace:
             if msix.bar not in self.bars:
                 raise ValueError(f"MSI-X BAR{msix.bar} is not declared")
             self._add_msix(msix)
+        if msi is not None:
+            self._add_msi(msi)
 
     def _put(self, offset: int, size: int, value: int) -> None:
         self.data[offset:offset + size] = value.to_bytes(size, "little")
@@ -166,12 +193,38 @@ class ConfigSpace:
         else:
             self._mask(offset, 4, low_mask)
 
+    def _new_cap(self, cap_id: int, size: int) -> int:
+        """Append a capability to the list; its offset."""
+        cap = self._free_cap
+        self._free_cap = (cap + size + 3) & ~3
+        if self._last_cap:
+            self._put(self._last_cap + 1, 1, cap)
+        else:
+            self._put(Reg.STATUS, 2, self._get(Reg.STATUS, 2) | Status.CAP_LIST)
+            self._put(Reg.CAPABILITY_LIST, 1, cap)
+        self._put(cap, 1, cap_id)
+        self._put(cap + 1, 1, 0)  # the end of the list, until another follows
+        self._last_cap = cap
+        return cap
+
+    def _add_msi(self, msi: MsiLayout) -> None:
+        cap = self._new_cap(CAP_ID_MSI, msi.size)
+        log2 = msi.vectors.bit_length() - 1
+        control = (log2 << 1) | (MSI_64BIT if msi.is_64bit else 0) | (MSI_PER_VECTOR_MASK if msi.per_vector_mask else 0)
+        self._put(cap + 2, 2, control)
+        self._mask(cap + 2, 2, MSI_ENABLE | (0x7 << 4))  # enable, multiple message enable
+        self._mask(cap + 4, 4, 0xFFFFFFFC)  # message address (dword aligned)
+        data = cap + 8
+        if msi.is_64bit:
+            self._mask(cap + 8, 4, 0xFFFFFFFF)
+            data = cap + 12
+        self._mask(data, 2, 0xFFFF)
+        if msi.per_vector_mask:
+            self._mask(data + 4, 4, (1 << msi.vectors) - 1)  # mask bits; the pending bits are read-only
+        self.msi_cap = cap
+
     def _add_msix(self, msix: MsixLayout) -> None:
-        cap = 0x40
-        self._put(Reg.STATUS, 2, self._get(Reg.STATUS, 2) | Status.CAP_LIST)
-        self._put(Reg.CAPABILITY_LIST, 1, cap)
-        self._put(cap, 1, CAP_ID_MSIX)
-        self._put(cap + 1, 1, 0)  # end of the list
+        cap = self._new_cap(CAP_ID_MSIX, MSIX_CAP_SIZE)
         self._put(cap + 2, 2, msix.vectors - 1)
         self._mask(cap + 2, 2, MSIX_ENABLE | MSIX_FUNCTION_MASK)
         self._put(cap + 4, 4, msix.table_offset | msix.bar)
@@ -218,6 +271,12 @@ class ConfigSpace:
         status = self._get(Reg.STATUS, 2)
         status = status | Status.INTERRUPT if asserted else status & ~int(Status.INTERRUPT)
         self._put(Reg.STATUS, 2, status)
+
+    @property
+    def msi_enabled(self) -> bool:
+        """The MSI enable bit, as this copy of config space has it.  QEMU emulates
+        the MSI capability itself, so a device learns of MSI from SET_IRQS."""
+        return bool(self.msi_cap and self._get(self.msi_cap + 2, 2) & MSI_ENABLE)
 
     @property
     def msix_enabled(self) -> bool:

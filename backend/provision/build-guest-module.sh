@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the project's guest kernel module (provision/guest/ivshmem_msix) against the
+# Builds one of the project's guest kernel modules (provision/guest/NAME, where
+# NAME is OUT.ko's name without .ko: ivshmem_msix, edu_irq) against the
 # Debian headers of the guest kernel, installing linux-headers-KVER when it
 # is missing.  The kernel image and the headers must come from the same
 # package version, so KVER is the guest's (build/guest/kernel-version).
@@ -8,7 +9,9 @@ set -euo pipefail
 kver=${1:?usage: build-guest-module.sh KVER OUT.ko}
 out=${2:?usage: build-guest-module.sh KVER OUT.ko}
 here=$(cd "$(dirname "$0")" && pwd)
-src="$here/guest/ivshmem_msix"
+name=$(basename "$out" .ko)
+src="$here/guest/$name"
+[ -f "$src/Kbuild" ] || { echo "guest module: no sources in $src" >&2; exit 1; }
 headers="/usr/src/linux-headers-$kver"
 
 if [ -f "$out" ] && [ -z "$(find "$src" -newer "$out" -type f)" ] && [ "$out" -nt "$0" ] \
@@ -30,9 +33,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cp "$src"/*.c "$src"/Kbuild "$work"/
 make -s -C "$headers" M="$work" modules 2>&1 | grep -v 'Skipping BTF generation' || true
-[ -f "$work/ivshmem_msix.ko" ] || { echo "guest module: build failed" >&2; exit 1; }
+[ -f "$work/$name.ko" ] || { echo "guest module: build failed" >&2; exit 1; }
 mkdir -p "$(dirname "$out")"
-strip --strip-debug -o "$out.tmp" "$work/ivshmem_msix.ko"
+strip --strip-debug -o "$out.tmp" "$work/$name.ko"
 mv "$out.tmp" "$out"
 echo "$kver" > "$out.kver"
 echo "guest module: $(basename "$out") for $kver"

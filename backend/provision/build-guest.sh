@@ -62,13 +62,17 @@ for m in $modules; do
     esac
 done
 echo "$modules" > $root/lib/modules/order
-# The project's own module (provision/guest/ivshmem_msix), built against this kernel.
-"$here/build-guest-module.sh" "$kver" ivshmem_msix.ko
-cp ivshmem_msix.ko $root/lib/modules/
+# The project's own modules (provision/guest/ivshmem_msix, provision/guest/edu_irq),
+# built against this kernel.
+for own in ivshmem_msix edu_irq; do
+    "$here/build-guest-module.sh" "$kver" "$own.ko"
+    cp "$own.ko" $root/lib/modules/
+done
 install -m 0755 "$here/guest-init" $root/init
 # Guest tools of our own, static so that busybox's libc-less root runs them.
 gcc -static -O2 -o $root/bin/ioport "$here/guest/ioport.c"
 gcc -static -O2 -o $root/bin/memwrite "$here/guest/memwrite.c"
+gcc -static -O2 -Wall -o $root/bin/edu_check "$here/guest/edu_check.c"
 # Replaced atomically: a QEMU starting meanwhile reads the old or the new one.
 (cd $root && find . | cpio -o -H newc --quiet) | gzip -1 > initrd.img.tmp
 mv initrd.img.tmp initrd.img

@@ -43,6 +43,38 @@ class ConnectionClosed(Exception):
     pass
 
 
+class DmaAccess:
+    """A connection's guest memory for device code in any thread but the
+    connection's own (whose loop must be free to read the client's replies):
+    direct through the DMA maps' fds, else DMA_READ / DMA_WRITE messages."""
+
+    def __init__(self, conn: Connection, token: trio.lowlevel.TrioToken) -> None:
+        self._conn = conn
+        self._token = token
+
+    def read(self, address: int, count: int) -> bytes:
+        conn = self._conn
+        with conn.device.lock:
+            direct = conn._read_direct(address, count)
+        if direct is not None:
+            return direct
+        self._check_thread()
+        return trio.from_thread.run(conn.dma_read, address, count, trio_token=self._token)
+
+    def write(self, address: int, data: bytes) -> None:
+        conn = self._conn
+        with conn.device.lock:
+            if conn._write_direct(address, data):
+                return
+        self._check_thread()
+        trio.from_thread.run(conn.dma_write, address, data, trio_token=self._token)
+
+    def _check_thread(self) -> None:
+        if threading.get_ident() == self._conn.worker_ident:
+            raise DmaError("a DMA message cannot be sent from inside a region access (the client waits for "
+                           "its reply): do it in Device.defer()", errno=E.EDEADLK)
+
+
 class Connection:
     """One client of one device."""
 
@@ -50,6 +82,7 @@ class Connection:
         self.server = server
         self.device = server.device
         self.sock = sock
+        self.worker_ident: int | None = None  # the thread of run_blocking, once it runs
         self.protocol = vu.ServerConnection()
         self.dma = DmaTable(vu.MAX_DMA_MAPS)
         self._trio_token = trio.lowlevel.current_trio_token()
@@ -85,6 +118,7 @@ class Connection:
         in _handle_chunk.  On one CPU, every Python call or attribute lookup
         here is a visible share of a round trip, hence the local names.
         """
+        self.worker_ident = threading.get_ident()
         sock = self.sock
         fd = sock.fileno()
         write = os.write  # cheaper than sock.send; these replies carry no fds
@@ -477,6 +511,7 @@ class VfioUserServer:
                 conn = Connection(self, sock)
                 self.connection = conn
                 self.connections_served += 1
+                self.device.dma_port = DmaAccess(conn, trio.lowlevel.current_trio_token())
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._stop_on_cancel, conn)
@@ -486,6 +521,7 @@ class VfioUserServer:
                     # Release the client's fds before saying there is no
                     # client: "no connection" means "nothing held" to callers.
                     try:
+                        self.device.dma_port = None
                         conn.close()
                     finally:
                         self.connection = None

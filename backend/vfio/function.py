@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from qbackend.models.pci_config import CONFIG_SIZE, MSIX_ENTRY_SIZE, ConfigSpace
 from qbackend.protocol.vfio_user import (
@@ -27,6 +28,15 @@ _CONFIG = int(PciRegion.CONFIG)  # a plain int: reading an enum member is slow o
 
 ReadHandler = Callable[[int, int], bytes]
 WriteHandler = Callable[[int, bytes], None]
+
+
+class DmaPort(Protocol):
+    """Guest memory by guest-physical address, while a client is attached
+    (the vfio-user server provides it: `PciFunction.dma_port`)."""
+
+    def read(self, address: int, count: int) -> bytes: ...
+
+    def write(self, address: int, data: bytes) -> None: ...
 
 
 @dataclass
@@ -64,6 +74,7 @@ class PciFunction:
         self.lock = threading.RLock()
         self.regions: dict[int, Region] = {}
         self.region_accesses = [0] * PCI_NUM_REGIONS  # REGION_READ/WRITE messages per region
+        self.dma_port: DmaPort | None = None  # set by the server while a client is attached
         self._msix_table = bytearray()
         if config.msix is not None:
             layout = config.msix

@@ -76,11 +76,11 @@ class IrqIndex:
 class InterruptController:
     """The irq indexes of one PCI function, driven by SET_IRQS."""
 
-    def __init__(self, *, intx: bool, msix_vectors: int) -> None:
+    def __init__(self, *, intx: bool, msix_vectors: int, msi_vectors: int = 0) -> None:
         maskable = IrqInfoFlags.EVENTFD | IrqInfoFlags.MASKABLE
         self.indexes = [
             IrqIndex(PciIrq.INTX, 1 if intx else 0, maskable | IrqInfoFlags.AUTOMASKED),
-            IrqIndex(PciIrq.MSI, 0, IrqInfoFlags.EVENTFD | IrqInfoFlags.NORESIZE),
+            IrqIndex(PciIrq.MSI, msi_vectors, maskable | IrqInfoFlags.NORESIZE),
             IrqIndex(PciIrq.MSIX, msix_vectors, maskable | IrqInfoFlags.NORESIZE),
             IrqIndex(PciIrq.ERR, 1, IrqInfoFlags.EVENTFD),
             IrqIndex(PciIrq.REQ, 1, IrqInfoFlags.EVENTFD),
@@ -90,6 +90,15 @@ class InterruptController:
     @property
     def intx(self) -> IrqIndex:
         return self.indexes[PciIrq.INTX]
+
+    @property
+    def msi(self) -> IrqIndex:
+        return self.indexes[PciIrq.MSI]
+
+    @property
+    def msi_active(self) -> bool:
+        """The client has enabled MSI (it gave the MSI vectors eventfds)."""
+        return any(v.eventfd is not None for v in self.msi.vectors)
 
     @property
     def msix(self) -> IrqIndex:
