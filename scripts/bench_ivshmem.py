@@ -171,11 +171,10 @@ def host_latencies(n: int, pinned: bool) -> tuple[list[float], list[float]]:
 
 def guest_figures(rounds: int, doorbells: int) -> dict[str, float]:
     from qbackend.app.backend_thread import BackendThread
-    from qbackend.app.cli import vfio_user_device_arg
     from qbackend.app.service import Backend
     from qbackend.devices.ivshmem import IvshmemDevice
     from qbackend.machine.console import GuestConsole
-    from qbackend.machine.launch import QemuMachine
+    from qbackend.machine.launch import QemuMachine, vfio_user_device_arg
     from qbackend.options import IvshmemOptions
 
     size = 16 << 20

@@ -1,13 +1,13 @@
-"""Fixtures shared by the guest test modules (qbackend.testing.harness).
+"""Fixtures shared by the guest test modules.
 
-A guest boots in about half a minute under TCG, so a module's tests share
-one: `harness` is module-scoped and stops what the module started (guests,
-then the backend thread, then shared memory) when its last test is done.
+qbackend's own guest tests use its pytest plugin (qbackend.testing.plugin,
+registered by installing qbackend), the same one users get: `harness` is
+the plugin's module-scoped `qbackend_harness` under the short name these
+modules use.  A guest boots in about half a minute under TCG, so a
+module's tests share what it starts.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,7 +15,6 @@ from qbackend.testing.harness import Harness
 
 
 @pytest.fixture(scope="module")
-def harness(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
-    """One Harness per module, with a work directory named after the module."""
-    with Harness(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])) as h:
-        yield h
+def harness(qbackend_harness: Harness) -> Harness:
+    """The plugin's Harness for this module (stopped after its last test)."""
+    return qbackend_harness

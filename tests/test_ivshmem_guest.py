@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import pytest
 
 from qbackend.app.backend_thread import BackendThread
-from qbackend.app.cli import vfio_user_device_arg
 from qbackend.app.service import Backend, ServedDevice
+from qbackend.machine.launch import vfio_user_device_arg
 from qbackend.machine.qmp import SyncQmp
 from qbackend.options import IvshmemOptions
 from qbackend.protocol.vfio_user import PciRegion

@@ -20,13 +20,12 @@ from pathlib import Path
 import pytest
 
 from qbackend.app.backend_thread import BackendThread
-from qbackend.app.cli import vfio_user_device_arg
 from qbackend.app.service import Backend, ServedDevice
 from qbackend.devices.ivshmem import IvshmemDevice
 from qbackend.ivshmem.group import PeerGroup
 from qbackend.ivshmem.peer import IvshmemPeer
 from qbackend.machine.console import GuestConsole
-from qbackend.machine.launch import QemuMachine
+from qbackend.machine.launch import QemuMachine, vfio_user_device_arg
 from qbackend.options import IvshmemOptions
 from qbackend.testing.harness import Guest, Harness, open_fd_numbers, sysfs_pci, wait_equal, wait_until
 

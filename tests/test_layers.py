@@ -166,3 +166,13 @@ def test_no_trio_task_takes_a_lock_with_with() -> None:
                             if "lock" in text.lower() or "_cond" in text:
                                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {fn.name}: with {text}")
     assert offenders == []
+
+
+def test_every_package_is_installed() -> None:
+    """pyproject.toml lists the packages by hand (package-dir maps backend/ to qbackend): none is forgotten."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {m for m, p in FILES.items() if p.name == "__init__.py"} | {"qbackend.profiles"}
+    assert packages - listed == set(), "add these to [tool.setuptools] packages"
+    assert listed - packages == set(), "these are listed but do not exist"

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from qbackend.app.backend_thread import BackendThread
-from qbackend.app.cli import vfio_user_device_arg
 from qbackend.app.service import Backend
 from qbackend.devices.hotplug_controller import HotplugController
 from qbackend.machine.dimm_slots import DimmManager, RemovalState
+from qbackend.machine.launch import vfio_user_device_arg
 from qbackend.machine.qmp import SyncQmp
 from qbackend.models.memhp import EjectRefused, OstReported
 from qbackend.options import DimmOptions

@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 
 from qbackend.app.backend_thread import BackendThread
-from qbackend.app.cli import vfio_user_device_arg
 from qbackend.app.service import Backend, ServedDevice
-from qbackend.machine.launch import load_machine_config
+from qbackend.machine.launch import load_machine_config, vfio_user_device_arg
 from qbackend.machine.qmp import QmpError, SyncQmp
 from qbackend.options import IvshmemOptions
 from qbackend.testing.harness import Guest, Harness, mappings, memfd_fds, open_fds, rss_kib, wait_attached, wait_until
@@ -238,7 +237,8 @@ def test_twenty_cycles_of_devices_without_shm_leak_nothing(rig: Rig) -> None:
     wait_until(lambda: open_fds() <= fds and mappings() <= maps and memfd_fds() <= memfds, 10,
                "fds, memfd mappings and memfds back",
                seen=lambda: (open_fds() - fds, mappings() - maps, memfd_fds() - memfds))
-    assert (open_fds(), mappings(), memfd_fds()) == (fds, maps, memfds)
+    # Nothing grew (another fd of the process may have closed meanwhile: <= for the total).
+    assert open_fds() <= fds and (mappings(), memfd_fds()) == (maps, memfds)
     assert set(rig.backend.groups) == groups, "a group outlived its last device"
 
 

@@ -472,18 +472,11 @@ def _print_nbd(backend: Backend) -> None:
         print(f"export {name}: {export.info.size} bytes{ro}: {'  '.join(where)}", flush=True)
 
 
-def vfio_user_device_arg(dev_id: str, socket_path: Path, **props: object) -> str:
-    """A QEMU -device argument for vfio-user-pci (JSON: the socket is a struct)."""
-    spec = {"driver": "vfio-user-pci", "id": dev_id, "socket": {"type": "unix", "path": str(socket_path)},
-            **props}
-    return json.dumps(spec)
-
-
 def _run(args: argparse.Namespace) -> int:
     import trio
 
     from qbackend.app.lifecycle import start_until_done, stop_on_signal
-    from qbackend.machine.launch import QemuMachine, load_machine_config
+    from qbackend.machine.launch import QemuMachine, load_machine_config, vfio_user_device_arg
 
     workdir: Path = args.workdir.resolve()
     options = args.ivshmem or ([] if args.device else [IvshmemOptions(socket=workdir / "ivshmem0.sock")])

@@ -105,12 +105,20 @@ class Backend:
         from qbackend.app.device_loader import make_device
 
         device = make_device(opts)
-        dev_id = opts.id or f"{type(device).__name__.lower()}{len(self.devices)}"
-        if dev_id in self.devices:
+        try:
+            return self.add_served(device, opts.socket, dev_id=opts.id, start=start)
+        except BaseException:
             device.close()
+            raise
+
+    def add_served(self, device: PciFunction, socket_path: Path, *, dev_id: str = "",
+                   start: bool = True) -> ServedDevice:
+        """Serve a device object (a `qbackend.devices.Device`) on a vfio-user socket."""
+        dev_id = dev_id or f"{type(device).__name__.lower()}{len(self.devices)}"
+        if dev_id in self.devices:
             raise ValueError(f"device id {dev_id!r} is used twice")
         device.name = dev_id
-        served = ServedDevice(dev_id, device, VfioUserServer(device, opts.socket, name=dev_id))
+        served = ServedDevice(dev_id, device, VfioUserServer(device, socket_path, name=dev_id))
         self.devices[dev_id] = served
         if start and self._nursery is not None:
             self._nursery.start_soon(self._serve_device, served)

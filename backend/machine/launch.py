@@ -376,3 +376,10 @@ class QemuMachine:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def vfio_user_device_arg(dev_id: str, socket_path: Path, **props: object) -> str:
+    """A QEMU -device argument for vfio-user-pci (JSON: the socket is a struct)."""
+    spec = {"driver": "vfio-user-pci", "id": dev_id, "socket": {"type": "unix", "path": str(socket_path)},
+            **props}
+    return json.dumps(spec)
