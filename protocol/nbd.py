@@ -539,10 +539,12 @@ class NbdServerConnection:
             raise NbdProtocolError(f"bad request magic {magic:#x}")
         if command == Cmd.WRITE:
             if length > MAX_REQUEST:
-                # The payload cannot be skipped safely: say so and drop.
+                # The payload cannot be skipped safely: say so and drop.  EINVAL, as
+                # qemu-nbd answers: the spec keeps EOVERFLOW for DF reads and
+                # oversized requests that carry no payload.
                 self.phase = Phase.CLOSED
                 raise NbdProtocolError(f"WRITE of {length} bytes is over the {MAX_REQUEST}-byte limit",
-                                       self.error_reply(cookie, Errno.EOVERFLOW, "request too large"))
+                                       self.error_reply(cookie, Errno.EINVAL, "request too large"))
             if len(buf) < REQUEST.size + length:
                 return self._need()
             data = bytes(buf[REQUEST.size:REQUEST.size + length])

@@ -40,7 +40,7 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Complet
 class Server:
     def __init__(self, kind: str, image: Path, sock: Path, qemu: QemuInstall) -> None:
         if kind == "qbackend":
-            cmd = [sys.executable, "-m", "qbackend", "nbd", "--export", f"name=disk,image={image}",
+            cmd = [sys.executable, "-m", "qbackend", "nbd", "--export", f"name=disk,image={image},format=qed",
                    "--socket", str(sock)]
         else:
             cmd = [*qemu.tool_cmd("qemu-nbd"), "-f", "qed", "-x", "disk", "-k", str(sock), "-t", "-e", "16",

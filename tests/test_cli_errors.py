@@ -36,12 +36,12 @@ def test_nbd_on_a_corrupt_qed_image(tmp_path: Path) -> None:
 def test_nbd_on_a_truncated_qed_image(tmp_path: Path) -> None:
     bad = tmp_path / "short.qed"
     bad.write_bytes(b"QED\0garbage")
-    one_line_error(qbackend("nbd", "--export", f"name=d,image={bad}", "--socket", str(tmp_path / "n.sock"),
+    one_line_error(qbackend("nbd", "--export", f"name=d,image={bad},format=qed", "--socket", str(tmp_path / "n.sock"),
                             cwd=tmp_path), 1, "too short")
 
 
 def test_nbd_on_a_missing_image(tmp_path: Path) -> None:
-    one_line_error(qbackend("nbd", "--export", f"name=d,image={tmp_path / 'nope.qed'}", "--socket",
+    one_line_error(qbackend("nbd", "--export", f"name=d,image={tmp_path / 'nope.qed'},format=qed", "--socket",
                             str(tmp_path / "n.sock"), cwd=tmp_path), 1, "nope.qed", "does not exist")
 
 

@@ -63,8 +63,8 @@ def rig(harness: Harness) -> Iterator[Rig]:
                        check=True, capture_output=True, env=qemu.env())
     sock = work / "nbd.sock"
     backend = Backend()
-    backend.add_nbd([NbdExportOptions.parse(f"name=disk,image={disk}"),
-                     NbdExportOptions.parse(f"name=hot,image={hot}")], sock)
+    backend.add_nbd([NbdExportOptions.parse(f"name=disk,image={disk},format=qed"),
+                     NbdExportOptions.parse(f"name=hot,image={hot},format=qed")], sock)
     blockdev = {"driver": "nbd", "node-name": "nbd0", "server": {"type": "unix", "path": str(sock)},
                 "export": "disk"}
     harness.serve(backend)

@@ -66,9 +66,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                     str(SIZE)], check=True, capture_output=True, env=qemu.env())
     backend = Backend()
     sock = work / "nbd.sock"
-    backend.add_nbd([NbdExportOptions.parse(f"name=disk,image={disk}"),
+    backend.add_nbd([NbdExportOptions.parse(f"name=disk,image={disk},format=raw"),
                      NbdExportOptions.parse(f"name=ro,image={ro},readonly=on"),
-                     NbdExportOptions.parse(f"name=qdisk,image={qdisk}")], sock, ("127.0.0.1", 0))
+                     NbdExportOptions.parse(f"name=qdisk,image={qdisk},format=qed")], sock, ("127.0.0.1", 0))
     with BackendThread(backend) as thread:
         yield Served(thread, backend, sock, disk, ro, qdisk, qemu)
 
@@ -388,7 +388,7 @@ def test_shutdown_finishes_in_flight_writes_and_flushes(tmp_path: Path) -> None:
     subprocess.run([*qemu.tool_cmd("qemu-img"), "create", "-f", "qed", str(image), str(SIZE)], check=True,
                    capture_output=True, env=qemu.env())
     sock = tmp_path / "s.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "qbackend", "nbd", "--export", f"name=s,image={image}",
+    proc = subprocess.Popen([sys.executable, "-m", "qbackend", "nbd", "--export", f"name=s,image={image},format=qed",
                              "--socket", str(sock)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20

@@ -78,16 +78,18 @@ def _ivshmem_option(text: str) -> IvshmemOptions:
 
 EPILOG_NBD = """\
 examples:
-  qbackend nbd --export name=disk,image=disk.qed --socket /tmp/nbd.sock
+  qbackend nbd --export name=disk,image=disk.qed,format=qed --socket /tmp/nbd.sock
   qemu-img info nbd+unix:///disk?socket=/tmp/nbd.sock
   nbdinfo --list nbd+unix:///?socket=/tmp/nbd.sock
 
 --export keys:
   name=NAME      export name (default: the image file's stem); the first export
                  also answers the empty name
-  image=PATH     a QED image or a raw file (told apart by the QED magic)
+  image=PATH     a QED image or a raw file
+  format=raw|qed its format: required for a writable export (qbackend never probes
+                 a writable image); a read-only one without it is told apart by the
+                 QED magic, and a QED one naming a backing file then needs format=qed
   readonly=on    refuse writes (EPERM)
-  format=raw|qed force the format
 """
 
 

@@ -334,7 +334,16 @@ class Backend:
         """A new ivshmem device: its socket first, then device_add vfio-user-pci."""
         if self.pci is None or self._nursery is None:
             raise ValueError("PCI hotplug needs the hotplug controller, add_pci_slots() and a running backend")
-        served = self.add_ivshmem(opts, start=False)
+        return await self._pci_add(self.add_ivshmem(opts, start=False), qdev_id)
+
+    async def pci_add_device(self, opts: DeviceOptions, qdev_id: str | None = None) -> ServedDevice:
+        """A device of the user's own class, hot-plugged: its socket first, then device_add."""
+        if self.pci is None or self._nursery is None:
+            raise ValueError("PCI hotplug needs the hotplug controller, add_pci_slots() and a running backend")
+        return await self._pci_add(self.add_device(opts, start=False), qdev_id)
+
+    async def _pci_add(self, served: ServedDevice, qdev_id: str | None) -> ServedDevice:
+        assert self.pci is not None and self._nursery is not None
         served.created_by_pci_add = True
         await self._nursery.start(self._serve_device, served)  # listening before QEMU connects
         try:
@@ -399,11 +408,9 @@ class Backend:
 
 
 def _probe(opts: NbdExportOptions) -> str:
-    from qbackend.block.exports import detect_format
+    from qbackend.block.exports import probe_format
 
-    if not opts.image.exists():
-        raise FileNotFoundError(f"export {opts.name}: image {opts.image} does not exist")
-    return detect_format(opts.image)
+    return probe_format(opts)
 
 
 def _node(opts: NbdExportOptions, fmt: str) -> BlockNode:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from qbackend.block.blockfile import FileBlock
+from qbackend.errors import ImageError
 from qbackend.options import NbdExportOptions
 from qbackend.protocol.nbd import AllocationFlags, ExportInfo
 
@@ -45,6 +46,33 @@ def detect_format(path: Path) -> str:
         return "qed" if f.read(4) == b"QED\0" else "raw"
 
 
+def probe_format(opts: NbdExportOptions) -> str:
+    """The format of an export given without format=, where probing is safe.
+
+    Probing a writable image is refused: a client could write a QED header
+    naming a backing file into a raw image, and the next probe would follow
+    it to a file of the client's choosing (the hole QEMU closed).  A
+    read-only image is probed, but a QED one that names a backing file is
+    refused too: whether another file is read must not depend on bytes a
+    client may have written.  `format=qed` opens such an image as it says.
+    """
+    if not opts.readonly:
+        raise ImageError(f"export {opts.name}: give format=qed or format=raw (qbackend does not probe writable "
+                         "images: a client could turn a raw image into a QED one naming a file to read)")
+    if not opts.image.exists():
+        raise FileNotFoundError(f"export {opts.name}: image {opts.image} does not exist")
+    fmt = detect_format(opts.image)
+    if fmt == "qed":
+        from qbackend.block.qed import Feature, QedHeader
+
+        with open(opts.image, "rb") as f:
+            header = QedHeader.unpack(f.read(64))
+        if header.features & Feature.BACKING_FILE:
+            raise ImageError(f"export {opts.name}: {opts.image} looks like a QED image with a backing file; "
+                             "probing does not follow backing files: give format=qed if it is one")
+    return fmt
+
+
 class RawExport:
     """A plain file, served as it is."""
 
@@ -52,8 +80,8 @@ class RawExport:
         self.path = path
         self.block = FileBlock.open(path, writable=not readonly)
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # for SEEK_DATA / SEEK_HOLE
-        self.info = ExportInfo(name=name, size=self.block.size(), read_only=readonly,
-                               description=f"raw file {path}")
+        # No description: the image's host path is nobody's business but the host's (qemu-nbd says nothing).
+        self.info = ExportInfo(name=name, size=self.block.size(), read_only=readonly)
 
     def read(self, offset: int, length: int) -> bytes:
         data = self.block.pread(offset, length)
@@ -122,7 +150,7 @@ def _merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def open_export(opts: NbdExportOptions) -> Export:
     if not opts.image.exists():
         raise FileNotFoundError(f"export {opts.name}: image {opts.image} does not exist")
-    fmt = opts.format or detect_format(opts.image)
+    fmt = opts.format or probe_format(opts)
     if fmt == "raw":
         return RawExport(opts.name, opts.image, opts.readonly)
     if fmt == "qed":

@@ -161,6 +161,7 @@ class QmpMonitor:
             self._token = None
 
     async def _serve_client(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         if len(self.clients) >= MAX_CLIENTS:
             log.warning("QMP monitor: %d clients already; refusing another", len(self.clients))
@@ -183,6 +184,12 @@ class QmpMonitor:
             await trio.aclose_forcefully(stream)
 
     async def _read(self, client: _Client) -> None:
+        try:
+            await self._read_commands(client)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("QMP client gone: %s", exc)  # it vanished (mid-command, or with unread replies)
+
+    async def _read_commands(self, client: _Client) -> None:
         while not client.dropped:
             data = await client.stream.receive_some(RECEIVE_SIZE)
             for action in client.session.receive_data(data):

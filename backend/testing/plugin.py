@@ -188,7 +188,8 @@ def qbackend_vm(request: pytest.FixtureRequest, qbackend_harness: Harness) -> It
             extra += backend.dimms.cold_plug_args()
         if disks:
             nbd_sock = work / "nbd.sock"
-            exports = [NbdExportOptions(name=f"disk{n}", image=Path(p)) for n, p in enumerate(disks)]
+            exports = [NbdExportOptions(name=f"disk{n}", image=Path(p), format="qed" if str(p).endswith(".qed") else "raw")
+                       for n, p in enumerate(disks)]
             backend.add_nbd(exports, nbd_sock)
             for n, _ in enumerate(exports):
                 extra += ["-blockdev", f"driver=nbd,node-name=disk{n},server.type=unix,server.path={nbd_sock},"

@@ -8,11 +8,12 @@ hotplug bus and ``PCI_DEVICE_UNPLUGGED`` {id, slot} when it has left
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qbackend.errors import QbackendError
 from qbackend.machine.pci_slots import PciSlotManager
-from qbackend.options import IvshmemOptions
+from qbackend.options import DeviceOptions, IvshmemOptions
 from qbackend.protocol.qmp import Arg, CommandSpec, QmpCommandError
 from qbackend.servers.qmp_monitor import device_not_found
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 QUERY = CommandSpec("query-pci-hotplug", doc="the hotplug bus as the controller's window shows it",
                     returns="[{slot, id, vendor, device, class, removable, up, down}]")
 ADD = CommandSpec("pci-device-add", {
-    "driver": Arg(("ivshmem",), doc="the qbackend device to serve"),
+    "driver": Arg(("ivshmem", "device"), doc="ivshmem, or device: a qbackend.devices.Device class of yours"),
     "id": Arg("str", doc="QEMU device id (also the device's name in qbackend)"),
     "socket": Arg("str", doc="the vfio-user socket qbackend listens on"),
     "size": Arg("str", True, "ivshmem: shared memory, a bare number in bytes (default 4M)"),
@@ -31,6 +32,8 @@ ADD = CommandSpec("pci-device-add", {
     "vectors": Arg("int", True, "ivshmem: MSI-X vectors (0: none, as hot-plugged devices need)"),
     "peer": Arg("int", True, "ivshmem: IVPosition"),
     "server": Arg("str", True, "ivshmem: also serve the device's group as an ivshmem-server there"),
+    "class": Arg("str", True, "device: MODULE:CLASS or path/to/file.py:CLASS"),
+    "options": Arg("object", True, "device: keys for the class's constructor (strings)"),
 }, doc="serve a new qbackend device and device_add it on the hotplug bus", returns="{id, slot, socket, position}")
 ADD_QEMU = CommandSpec("pci-device-add-qemu", {"device": Arg("object", doc="QMP device_add arguments")},
                        doc="device_add any QEMU device on the hotplug bus", returns="{id, slot}")
@@ -49,6 +52,8 @@ def register(monitor: QmpMonitor, backend: Backend) -> None:
 
     async def add(args: dict[str, Any]) -> object:
         slots()
+        if args["driver"] == "device":
+            return await add_device(args)
         keys = [f"socket={args['socket'].replace(',', ',,')}", f"id={args['id'].replace(',', ',,')}"]
         for key in ("size", "shm", "vectors", "peer", "server"):
             if key in args:
@@ -60,6 +65,18 @@ def register(monitor: QmpMonitor, backend: Backend) -> None:
         served = await backend.pci_add_ivshmem(opts, args["id"])
         return {"id": args["id"], "slot": slots().slot_of(args["id"]), "socket": str(served.server.socket_path),
                 "position": getattr(served.device, "position", None)}
+
+    async def add_device(args: dict[str, Any]) -> object:
+        if "class" not in args:
+            raise QmpCommandError("Parameter 'class' is missing")
+        options = args.get("options", {})
+        if not all(isinstance(v, str) for v in options.values()):
+            raise QmpCommandError("'options' values are strings, as on the command line")
+        opts = DeviceOptions(socket=Path(args["socket"]), cls=args["class"], id=args["id"],
+                             kwargs=tuple(options.items()))
+        served = await backend.pci_add_device(opts, args["id"])
+        return {"id": args["id"], "slot": slots().slot_of(args["id"]), "socket": str(served.server.socket_path),
+                "position": None}
 
     async def add_qemu(args: dict[str, Any]) -> object:
         device = args["device"]
