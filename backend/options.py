@@ -188,3 +188,29 @@ class DeviceOptions:
             raise OptionError(f"--device class={kv['class']}: MODULE:CLASS or path/to/file.py:CLASS")
         extra = tuple((k, v) for k, v in kv.items() if k not in ("socket", "class", "id"))
         return cls(socket=Path(kv["socket"]), cls=kv["class"], id=kv.get("id", ""), kwargs=extra)
+
+
+@dataclass(frozen=True)
+class DiskOptions:
+    """`--disk image=PATH[,format=qed|raw][,readonly=on]` of `qbackend run`: a disk the guest
+    sees as virtio-blk, exported by qbackend over NBD."""
+
+    image: Path
+    format: str = ""
+    readonly: bool = False
+
+    KEYS = ("image", "format", "readonly")
+
+    @classmethod
+    def parse(cls, text: str) -> DiskOptions:
+        kv = parse_keyval(text, "--disk")
+        unknown = sorted(set(kv) - set(cls.KEYS))
+        if unknown:
+            raise OptionError(f"--disk: unknown key(s) {', '.join(unknown)}; known: {', '.join(cls.KEYS)}")
+        if "image" not in kv:
+            raise OptionError("--disk: image=PATH is required (example: --disk image=disk.qed,format=qed)")
+        fmt = kv.get("format", "")
+        if fmt not in ("", "raw", "qed"):
+            raise OptionError(f"--disk format={fmt}: raw or qed")
+        return cls(image=Path(kv["image"]), format=fmt,
+                   readonly=_parse_bool(kv.get("readonly", "off"), "--disk readonly"))

@@ -23,6 +23,7 @@ from qbackend.errors import ControlError, QbackendError, UsageError
 from qbackend.options import (
     DeviceOptions,
     DimmOptions,
+    DiskOptions,
     IvshmemOptions,
     NbdExportOptions,
     OptionError,
@@ -96,6 +97,13 @@ examples:
 def _device_option(text: str) -> DeviceOptions:
     try:
         return DeviceOptions.parse(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _disk_option(text: str) -> DiskOptions:
+    try:
+        return DiskOptions.parse(text)
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -264,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an ivshmem device (repeatable); default: one of 4M; see 'serve --help'")
     run.add_argument("--device", type=_device_option, action="append", default=[],
                      metavar="socket=PATH,class=MODULE:CLASS[,...]", help="a device of your own; see 'serve --help'")
+    run.add_argument("--disk", type=_disk_option, action="append", default=[],
+                     metavar="image=PATH[,format=qed|raw][,readonly=on]",
+                     help="a disk (repeatable): exported by qbackend over NBD, seen by the guest as /dev/vda, vdb, ...; "
+                          "format= is required unless readonly=on")
     run.add_argument("--workdir", type=Path, default=Path("build/run"),
                      help="where sockets and the QEMU log go (default: build/run)")
     run.add_argument("--machine", default="pc",
@@ -486,6 +498,15 @@ def _run(args: argparse.Namespace) -> int:
     for opts in args.device:
         backend.add_device(opts)
     extra: list[str] = []
+    if args.disk:
+        nbd_sock = workdir / "nbd.sock"
+        backend.add_nbd([NbdExportOptions(name=f"disk{n}", image=d.image.resolve(), readonly=d.readonly,
+                                          format=d.format) for n, d in enumerate(args.disk)], nbd_sock)
+        for n, disk in enumerate(args.disk):
+            ro = ",read-only=on" if disk.readonly else ""
+            extra += ["-blockdev", f"driver=nbd,node-name=disk{n},server.type=unix,server.path={nbd_sock},"
+                                   f"export=disk{n}{ro}",
+                      "-device", f"virtio-blk-pci,drive=disk{n},id=disk{n}"]
     # The hotplug controller always comes along: DIMM slots and the PCI hotplug bus.
     slots = max(4, len(args.dimm))
     bus = load_machine_config(args.machine).hotplug_bus
@@ -516,6 +537,7 @@ def _run(args: argparse.Namespace) -> int:
                       f"{control.path} list)")
                 for served in backend.devices.values():
                     print(f"{served.id}: vfio-user socket {served.server.socket_path}")
+                _print_nbd(backend)
                 print("Ctrl-C stops QEMU and qbackend", flush=True)
                 assert vm.proc is not None
                 status = await trio.to_thread.run_sync(vm.proc.wait, abandon_on_cancel=True)

@@ -144,10 +144,21 @@ class GuestConsole:
         """Wait for /init's ready line, then set the shell up for `run`."""
         if self._sock is None:
             self.connect()
+        deadline = time.monotonic() + timeout
         self.expect(re.escape(READY_LINE), timeout)
         # Echo off (so our input does not come back), no CR added to output,
-        # no prompts.  The tty buffers this until sh starts reading.
-        self.send("stty -echo -onlcr; PS1=; PS2=\n")
+        # no prompts.  /init prints the ready line just before it starts sh,
+        # and an interactive ash may drop what was typed before it started
+        # (seen on a loaded machine), so send it until a marker comes back.
+        for attempt in itertools.count(1):
+            tag = f"__UP_{self._token}_{attempt}__"
+            self.send(f'stty -echo -onlcr; PS1=; PS2=\necho "{tag[:4]}""{tag[4:]}"\n')
+            try:
+                self.expect(re.escape(tag), max(0.1, min(3.0, deadline - time.monotonic())))
+                break
+            except GuestError:
+                if time.monotonic() >= deadline:
+                    raise
         self.run("true", timeout=30)
         self._drain()
 

@@ -140,7 +140,8 @@ class GuestShell:
         """Poll the shell condition `cond` inside the guest (one console round
         trip, not one per try) until it holds; GuestCommandFailed if it never does."""
         tries = max(1, int(timeout * 20))
-        self.sh(f"i=0; until {cond}; do i=$((i+1)); [ $i -gt {tries} ] && exit 1; usleep 50000; done",
+        # In a subshell: `exit 1` on timeout must fail the command, not end the guest's shell.
+        self.sh(f"(i=0; until {cond}; do i=$((i+1)); [ $i -gt {tries} ] && exit 1; usleep 50000; done)",
                 timeout=timeout + 30)
 
     def pci_ids(self, path: str) -> tuple[str, str] | None:

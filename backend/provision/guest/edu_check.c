@@ -124,7 +124,7 @@ static int setup_device(void)
 		perror(path);
 		return -1;
 	}
-	bar = mmap(NULL, DEV_BUF + DEV_BUF_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	bar = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 	if (bar == MAP_FAILED) {
 		perror("mmap resource0");
 		return -1;
