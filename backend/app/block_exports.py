@@ -23,7 +23,7 @@ import trio
 from qbackend.block.exports import Export, open_export
 from qbackend.options import NbdExportOptions
 from qbackend.protocol.qmp import QmpCommandError
-from qbackend.servers.nbd import ExportInUse, NbdServer
+from qbackend.servers.nbd import HANDSHAKE_TIMEOUT, ExportInUse, NbdServer
 
 Emit = Callable[[str, Mapping[str, object]], None]
 
@@ -52,6 +52,8 @@ class BlockExports:
         self.nodes: dict[str, BlockNode] = {}
         self.exports: dict[str, BlockExport] = {}
         self.server: NbdServer | None = None
+        self.handshake_timeout = HANDSHAKE_TIMEOUT  # for the server start_server makes
+        self.max_connections = 0
         self._scope: trio.CancelScope | None = None
         self._pending: list[tuple[BlockExport, Export]] = []  # opened before the server runs
 
@@ -84,7 +86,8 @@ class BlockExports:
                            tcp: tuple[str, int] | None) -> NbdServer:
         if self.server is not None:
             raise QmpCommandError("NBD server already running")
-        server = NbdServer({}, socket_path, tcp)
+        server = NbdServer({}, socket_path, tcp, handshake_timeout=self.handshake_timeout,
+                           max_connections=self.max_connections)
         for record, export in self._pending:
             server.add_export(record.name, export)
         self._pending.clear()

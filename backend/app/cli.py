@@ -203,6 +203,31 @@ def _user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text}: between 0 and 3600 seconds")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0: no limit)")
+    return int(text)
+
+
+def _limit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                        help="drop a client that has not finished its NBD handshake (or sent its first vfio-user "
+                             "message) within this time (default 10, as qemu-nbd)")
+    parser.add_argument("--max-connections", type=_count, default=0, metavar="N",
+                        help="NBD clients at once at most; more are refused (default 0: no limit; "
+                             "with 1, multi-conn is not offered)")
+
+
 def _data_dir_option(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: an absent subcommand option must not hide the top-level one.
     parser.add_argument("--data-dir", type=Path, metavar="DIR", default=argparse.SUPPRESS,
@@ -255,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an NBD export served beside the devices (repeatable); keys: see 'qbackend nbd --help'")
     serve.add_argument("--nbd-socket", type=Path, help="UNIX socket for the --nbd exports")
     serve.add_argument("--nbd-tcp", type=_tcp_option, metavar="HOST:PORT", help="also serve NBD over TCP")
+    _limit_options(serve)
 
     nbd_cmd = sub.add_parser("nbd", help="serve disk images (QED or raw) over NBD until Ctrl-C",
                              description="Serve QED and raw images as NBD exports.",
@@ -264,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     nbd_cmd.add_argument("--socket", type=Path, help="UNIX socket to listen on")
     nbd_cmd.add_argument("--tcp", type=_tcp_option, metavar="HOST:PORT",
                          help="also (or only) listen on TCP, e.g. 127.0.0.1:10809")
+    _limit_options(nbd_cmd)
 
     run = sub.add_parser("run", help="start the devices, QEMU and a booted guest together",
                          description="Start qbackend's devices and a QEMU guest that uses them.",
@@ -351,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args)
         if args.command == "nbd":
-            return _nbd(args.export, args.socket, args.tcp)
+            return _nbd(args)
         if args.command == "console":
             return _console(args.path)
         if args.command == "dimm":
@@ -391,10 +418,10 @@ def _setup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backend(options: list[IvshmemOptions]) -> Backend:
+def _backend(options: list[IvshmemOptions], handshake_timeout: float = 10.0) -> Backend:
     from qbackend.app.service import Backend
 
-    backend = Backend()
+    backend = Backend(handshake_timeout=handshake_timeout)
     for opt in options:
         backend.add_ivshmem(opt)
     return backend
@@ -413,7 +440,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.nbd and args.nbd_socket is None and args.nbd_tcp is None:
         print("qbackend serve: --nbd needs --nbd-socket PATH and/or --nbd-tcp HOST:PORT", file=sys.stderr)
         return 2
-    backend = _backend(args.ivshmem)
+    backend = _backend(args.ivshmem, args.handshake_timeout)
+    backend.blocks.handshake_timeout = args.handshake_timeout
+    backend.blocks.max_connections = args.max_connections
     for opts in args.device:
         backend.add_device(opts)
     if args.nbd:
@@ -449,7 +478,10 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _nbd(exports: list[NbdExportOptions], socket_path: Path | None, tcp: tuple[str, int] | None) -> int:
+def _nbd(args: argparse.Namespace) -> int:
+    exports: list[NbdExportOptions] = args.export
+    socket_path: Path | None = args.socket
+    tcp: tuple[str, int] | None = args.tcp
     if socket_path is None and tcp is None:
         print("qbackend nbd: say where to listen: --socket PATH and/or --tcp HOST:PORT", file=sys.stderr)
         return 2
@@ -458,7 +490,9 @@ def _nbd(exports: list[NbdExportOptions], socket_path: Path | None, tcp: tuple[s
     from qbackend.app.lifecycle import start_until_done, stop_on_signal
     from qbackend.app.service import Backend
 
-    backend = Backend()
+    backend = Backend(handshake_timeout=args.handshake_timeout)
+    backend.blocks.handshake_timeout = args.handshake_timeout
+    backend.blocks.max_connections = args.max_connections
     backend.add_nbd(exports, socket_path, tcp)
 
     async def serve() -> None:

@@ -58,6 +58,7 @@ class Backend:
     qmp_path: Path | None = None
     qmp: QmpConnection | None = None
     reconcile_interval: float = 0.5
+    handshake_timeout: float = 10.0  # seconds a vfio-user or NBD client has for its handshake
     monitor: QmpMonitor | None = None
     pci: PciSlotManager | None = None
     _nursery: trio.Nursery | None = None
@@ -94,7 +95,8 @@ class Backend:
         if opts.server is not None:
             add_ivshmem_server(group, opts.server, max(opts.vectors, 1))
         device = IvshmemDevice(group, vectors=opts.vectors, position=opts.peer, name=dev_id)
-        served = ServedDevice(dev_id, device, VfioUserServer(device, opts.socket, name=dev_id))
+        served = ServedDevice(dev_id, device, VfioUserServer(device, opts.socket, name=dev_id,
+                                                             handshake_timeout=self.handshake_timeout))
         self.devices[dev_id] = served
         if start and self._nursery is not None:
             self._nursery.start_soon(self._serve_device, served)
@@ -118,7 +120,8 @@ class Backend:
         if dev_id in self.devices:
             raise ValueError(f"device id {dev_id!r} is used twice")
         device.name = dev_id
-        served = ServedDevice(dev_id, device, VfioUserServer(device, socket_path, name=dev_id))
+        served = ServedDevice(dev_id, device, VfioUserServer(device, socket_path, name=dev_id,
+                                                             handshake_timeout=self.handshake_timeout))
         self.devices[dev_id] = served
         if start and self._nursery is not None:
             self._nursery.start_soon(self._serve_device, served)
@@ -159,7 +162,8 @@ class Backend:
         self.dimms = DimmManager(dimms, machine=machine, ram_size=ram_size, slots=slots, block=block,
                                  lock=controller.lock, on_change=self._controller_changed,
                                  on_outcome=self._dimm_outcome)
-        served = ServedDevice(dev_id, controller, VfioUserServer(controller, socket_path, name=dev_id))
+        served = ServedDevice(dev_id, controller, VfioUserServer(controller, socket_path, name=dev_id,
+                                                                 handshake_timeout=self.handshake_timeout))
         self.devices[dev_id] = served
         self.controller = served
         return served

@@ -1,7 +1,12 @@
-"""The NBD server: listeners on a UNIX socket and optionally TCP, one worker
-thread per connection (as for vfio-user: blocking I/O keeps a request's
-cost low), the sans-IO protocol in protocol.nbd, exports in
-backend.nbd_exports.
+"""The NBD server: listeners on a UNIX socket and optionally TCP, the
+sans-IO protocol in qbackend.protocol.nbd, exports in qbackend.block.exports.
+
+A client's handshake runs in trio, bounded by `handshake_timeout` (10 s by
+default, as qemu-nbd): clients that connect and say nothing cost a task
+and are dropped with a log line.  Once it has chosen an export, the
+connection gets a worker thread for transmission (as for vfio-user:
+blocking I/O keeps a request's cost low).  `max_connections` bounds the
+clients at once (0: no bound); with 1, multi-conn is not offered.
 
 Requests are read in order and most are answered in order by the
 connection thread.  FLUSH and FUA writes go to a small pool, so a slow
@@ -11,6 +16,7 @@ out of order, which NBD allows (replies carry the request's cookie).
 
 from __future__ import annotations
 
+import dataclasses
 import errno as E
 import logging
 import socket
@@ -28,6 +34,7 @@ from qbackend.protocol import nbd
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 1 << 20
+HANDSHAKE_TIMEOUT = 10.0  # seconds, as qemu-nbd's handshake-max-seconds
 MAX_DESCRIPTORS = 1 << 20
 _ERRNOS = {E.EPERM: nbd.Errno.EPERM, E.EIO: nbd.Errno.EIO, E.ENOMEM: nbd.Errno.ENOMEM,
            E.EINVAL: nbd.Errno.EINVAL, E.ENOSPC: nbd.Errno.ENOSPC, E.EOVERFLOW: nbd.Errno.EOVERFLOW,
@@ -48,8 +55,11 @@ class NbdConnection:
         self.server = server
         self.sock = sock
         self.peer = peer
+        # With one connection at most, multi-conn is not offered (as QEMU does).
+        infos = {name: e.info if server.max_connections != 1 else dataclasses.replace(e.info, can_multi_conn=False)
+                 for name, e in server.exports.items()}
         self.protocol = nbd.NbdServerConnection(
-            exports={name: e.info for name, e in server.exports.items()},
+            exports=infos,
             default_export=next(iter(server.exports), None))
         self._send_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -104,13 +114,47 @@ class NbdConnection:
 
     # -- the loop (worker thread) ------------------------------------------------------
 
-    def run_blocking(self) -> None:
-        protocol = self.protocol
+    async def negotiate(self) -> Export | None:
+        """The greeting and the option haggling, in trio: a client that has not
+        finished its handshake costs a task, not a thread.  The export it chose,
+        or None when it ended (or broke the protocol) without choosing one."""
         try:
-            self._send(protocol.greeting())
-            export = self._handshake()
-            if export is None:
-                return
+            await self._asend(self.protocol.greeting())
+            return await self._handshake()
+        except nbd.NbdProtocolError as exc:
+            log.info("nbd %s: dropping the connection: %s", self.peer, exc)
+            self.server.stats["protocol_errors"] += 1
+            if exc.reply:
+                try:
+                    await self._asend(exc.reply)
+                except _Closed:
+                    pass
+        except _Closed:
+            pass
+        return None
+
+    async def _arecv(self) -> bytes:
+        while True:
+            try:
+                return self.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+            except OSError as exc:
+                raise _Closed(str(exc)) from None
+
+    async def _asend(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+            except OSError as exc:
+                raise _Closed(str(exc)) from None
+
+    def run_blocking(self, export: Export) -> None:
+        """Transmission, in the connection's worker thread, until the client goes."""
+        try:
             self._transmission(export)
         except nbd.NbdProtocolError as exc:
             log.info("nbd %s: dropping the connection: %s", self.peer, exc)
@@ -131,15 +175,15 @@ class NbdConnection:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
 
-    def _handshake(self) -> Export | None:
+    async def _handshake(self) -> Export | None:
         protocol = self.protocol
         while protocol.phase is not nbd.Phase.TRANSMISSION:
             event = protocol.next_event()
             if event is nbd.NEED_DATA:
-                protocol.receive_data(self._recv())
+                protocol.receive_data(await self._arecv())
                 continue
             assert isinstance(event, nbd.OptionHandled)
-            self._send(event.reply)
+            await self._asend(event.reply)
             if event.done:
                 return None
         negotiated = protocol.negotiated()
@@ -270,7 +314,8 @@ class NbdServer:
     """
 
     def __init__(self, exports: dict[str, Export], socket_path: Path | None = None,
-                 tcp: tuple[str, int] | None = None) -> None:
+                 tcp: tuple[str, int] | None = None, *, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 max_connections: int = 0) -> None:
         if socket_path is None and tcp is None:
             raise ValueError("an NBD server needs a socket path or a TCP address")
         self.exports = exports
@@ -280,6 +325,8 @@ class NbdServer:
         self.stats: Counter[str] = Counter()
         self.connections: set[NbdConnection] = set()
         self.connections_served = 0
+        self.handshake_timeout = handshake_timeout  # seconds a client has to choose an export
+        self.max_connections = max_connections  # 0: no limit
         self._left = trio.Event()  # set (and renewed) whenever a connection ends
 
     def _listeners(self) -> list[socket.socket]:
@@ -336,20 +383,34 @@ class NbdServer:
                 _flush_and_close(export)  # every connection has ended: nobody else holds its lock
 
     async def _serve_client(self, sock: socket.socket) -> None:
-        sock.setblocking(True)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             host, port = sock.getpeername()[:2]
             peer = f"{host}:{port}"
         else:
             peer = "unix"
+        if self.max_connections and len(self.connections) >= self.max_connections:
+            log.warning("nbd %s: %d connections already (--max-connections): refused", peer, len(self.connections))
+            self.stats["refused"] += 1
+            sock.close()
+            return
         conn = NbdConnection(self, sock, peer)
         self.connections.add(conn)
         self.connections_served += 1
         try:
+            sock.setblocking(False)
+            export = None
+            with trio.move_on_after(self.handshake_timeout) as scope:
+                export = await conn.negotiate()
+            if scope.cancelled_caught:
+                log.info("nbd %s: no handshake within %g s: dropped", peer, self.handshake_timeout)
+                self.stats["handshake_timeouts"] += 1
+            if export is None:
+                return
+            sock.setblocking(True)  # the worker thread does blocking I/O from here on
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_cancel, conn)
-                await trio.to_thread.run_sync(conn.run_blocking, limiter=trio.CapacityLimiter(1))
+                await trio.to_thread.run_sync(conn.run_blocking, export, limiter=trio.CapacityLimiter(1))
                 nursery.cancel_scope.cancel()
         finally:
             self.connections.discard(conn)

@@ -37,6 +37,7 @@ RECV_SIZE = 64 * 1024
 SCM_MAX_FD = 253  # the kernel's limit per message; room for all, so none are lost unclosed
 CMSG_BUFSIZE = socket.CMSG_SPACE(SCM_MAX_FD * struct.calcsize("i"))
 DMA_REPLY_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = 10.0  # seconds for a new client's first message
 
 
 class ConnectionClosed(Exception):
@@ -475,8 +476,10 @@ class VfioUserServer:
     end is read.
     """
 
-    def __init__(self, device: PciFunction, socket_path: str | os.PathLike[str], name: str = "") -> None:
+    def __init__(self, device: PciFunction, socket_path: str | os.PathLike[str], name: str = "", *,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         self.device = device
+        self.handshake_timeout = handshake_timeout  # seconds a client has to send its first message
         self.socket_path = Path(socket_path)
         self.name = name or f"{device.name}@{self.socket_path}"
         self.stats: Counter[str] = Counter()
@@ -489,7 +492,7 @@ class VfioUserServer:
         self._listener: socket.socket | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = self._listener = listen_unix(self.socket_path, backlog=8)
+        listener = self._listener = listen_unix(self.socket_path, backlog=128)
         log.info("%s: listening", self.name)
         try:
             async with trio.open_nursery() as nursery:
@@ -505,8 +508,15 @@ class VfioUserServer:
                 pass
 
     async def _serve_client(self, sock: socket.socket) -> None:
-        sock.setblocking(True)  # the connection's worker thread does blocking I/O
         try:
+            # A client that sends nothing (not even VERSION) costs a task, never a thread, and goes.
+            with trio.move_on_after(self.handshake_timeout) as wait:
+                await trio.lowlevel.wait_readable(sock)
+            if wait.cancelled_caught:
+                log.info("%s: a client sent nothing within %g s: dropped", self.name, self.handshake_timeout)
+                self.stats["handshake_timeouts"] += 1
+                return
+            sock.setblocking(True)  # the connection's worker thread does blocking I/O
             async with self._one_client:
                 conn = Connection(self, sock)
                 self.connection = conn

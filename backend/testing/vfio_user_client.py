@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 from qbackend.errors import QbackendError
@@ -44,7 +45,15 @@ class VfioUserClient:
     def __init__(self, path: str | os.PathLike[str], timeout: float = 10.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(os.fspath(path))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(os.fspath(path))
+                break
+            except BlockingIOError:  # the listen backlog is full for a moment (a burst of clients)
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
         self._next_id = 0
         self._buf = bytearray()
         self._fds: list[int] = []
