@@ -260,6 +260,7 @@ class OptionHandled(NamedTuple):
     option: int
     reply: bytes
     done: bool = False
+    start_tls: bool = False  # STARTTLS accepted: send `reply`, then the TLS handshake, then `tls_started()`
 
 
 Event = Union[Negotiated, Request, Rejected, Disconnect, OptionHandled, NeedData]
@@ -328,6 +329,8 @@ class NbdServerConnection:
     export: ExportInfo | None = None
     meta_contexts: tuple[str, ...] = ()
     _meta_export: str | None = None
+    tls: str = "off"  # "off": STARTTLS refused; "on": offered; "require": nothing else before it
+    tls_active: bool = False
     _buffer: bytearray = field(default_factory=bytearray)
     _eof: bool = False
 
@@ -392,7 +395,22 @@ class NbdServerConnection:
         del self._buffer[:OPTION_HEADER.size + length]
         return self._option(option, data)
 
+    def tls_started(self) -> None:
+        """The TLS handshake after STARTTLS is done: what was negotiated before it is forgotten (the spec)."""
+        if self._buffer:
+            self.phase = Phase.CLOSED
+            raise NbdProtocolError("the client sent data in the clear after STARTTLS")
+        self.tls_active = True
+        self.structured = False
+        self.meta_contexts = ()
+        self._meta_export = None
+
     def _option(self, option: int, data: bytes) -> Event:
+        if self.tls == "require" and not self.tls_active and option not in (Option.STARTTLS, Option.ABORT):
+            if option == Option.EXPORT_NAME:  # it has no error reply: the spec says close
+                self.phase = Phase.CLOSED
+                raise NbdProtocolError("EXPORT_NAME before STARTTLS on a server that requires TLS")
+            return OptionHandled(option, option_error(option, OptionReply.ERR_TLS_REQD, "TLS is required"))
         if option == Option.EXPORT_NAME:
             name = data.decode("utf-8", "replace")
             export = self._lookup(name)
@@ -427,7 +445,13 @@ class NbdServerConnection:
         if option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
             return self._meta_context(option, data)
         if option == Option.STARTTLS:
-            return OptionHandled(option, option_error(option, OptionReply.ERR_POLICY, "TLS is not offered"))
+            if self.tls == "off":
+                return OptionHandled(option, option_error(option, OptionReply.ERR_POLICY, "TLS is not offered"))
+            if data:
+                return OptionHandled(option, option_error(option, OptionReply.ERR_INVALID, "STARTTLS takes no data"))
+            if self.tls_active:
+                return OptionHandled(option, option_error(option, OptionReply.ERR_INVALID, "TLS is on already"))
+            return OptionHandled(option, option_reply(option, OptionReply.ACK), start_tls=True)
         return OptionHandled(option, option_error(option, OptionReply.ERR_UNSUP, f"option {option} not supported"))
 
     def _lookup(self, name: str) -> ExportInfo | None:

@@ -14,6 +14,7 @@ either way the image is flushed and closed, then ``BLOCK_EXPORT_DELETED``.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,8 @@ class BlockExports:
         self.server: NbdServer | None = None
         self.handshake_timeout = HANDSHAKE_TIMEOUT  # for the server start_server makes
         self.max_connections = 0
+        self.tls_mode = "off"
+        self.tls_context: ssl.SSLContext | None = None
         self._scope: trio.CancelScope | None = None
         self._pending: list[tuple[BlockExport, Export]] = []  # opened before the server runs
 
@@ -87,7 +90,8 @@ class BlockExports:
         if self.server is not None:
             raise QmpCommandError("NBD server already running")
         server = NbdServer({}, socket_path, tcp, handshake_timeout=self.handshake_timeout,
-                           max_connections=self.max_connections)
+                           max_connections=self.max_connections, tls_mode=self.tls_mode,
+                           tls_context=self.tls_context)
         for record, export in self._pending:
             server.add_export(record.name, export)
         self._pending.clear()

@@ -226,6 +226,27 @@ def _limit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connections", type=_count, default=0, metavar="N",
                         help="NBD clients at once at most; more are refused (default 0: no limit; "
                              "with 1, multi-conn is not offered)")
+    parser.add_argument("--tls-creds", type=Path, metavar="DIR",
+                        help="NBD over TLS (NBD_OPT_STARTTLS) with the X.509 files of DIR: ca-cert.pem, "
+                             "server-cert.pem, server-key.pem (QEMU's tls-creds-x509 layout)")
+    parser.add_argument("--tls", choices=("on", "require"), default=None,
+                        help="with --tls-creds: require TLS before anything else (default) or only offer it")
+    parser.add_argument("--tls-verify-peer", action="store_true",
+                        help="with --tls-creds: clients must present a certificate signed by ca-cert.pem")
+
+
+def _apply_limits(args: argparse.Namespace, backend: Backend) -> None:
+    """--handshake-timeout, --max-connections and the TLS options, onto the backend's NBD server."""
+    backend.blocks.handshake_timeout = args.handshake_timeout
+    backend.blocks.max_connections = args.max_connections
+    if args.tls_creds is None:
+        if args.tls or args.tls_verify_peer:
+            raise UsageError("--tls and --tls-verify-peer need --tls-creds DIR")
+        return
+    from qbackend.plumbing.tls import server_context
+
+    backend.blocks.tls_context = server_context(args.tls_creds, verify_peer=args.tls_verify_peer)
+    backend.blocks.tls_mode = args.tls or "require"
 
 
 def _data_dir_option(parser: argparse.ArgumentParser) -> None:
@@ -441,8 +462,7 @@ def _serve(args: argparse.Namespace) -> int:
         print("qbackend serve: --nbd needs --nbd-socket PATH and/or --nbd-tcp HOST:PORT", file=sys.stderr)
         return 2
     backend = _backend(args.ivshmem, args.handshake_timeout)
-    backend.blocks.handshake_timeout = args.handshake_timeout
-    backend.blocks.max_connections = args.max_connections
+    _apply_limits(args, backend)
     for opts in args.device:
         backend.add_device(opts)
     if args.nbd:
@@ -491,8 +511,7 @@ def _nbd(args: argparse.Namespace) -> int:
     from qbackend.app.service import Backend
 
     backend = Backend(handshake_timeout=args.handshake_timeout)
-    backend.blocks.handshake_timeout = args.handshake_timeout
-    backend.blocks.max_connections = args.max_connections
+    _apply_limits(args, backend)
     backend.add_nbd(exports, socket_path, tcp)
 
     async def serve() -> None:
@@ -512,10 +531,11 @@ def _print_nbd(backend: Backend) -> None:
         return
     for name, export in server.exports.items():
         where = []
+        scheme = "nbd" if server.tls_mode == "off" else "nbds"
         if server.socket_path is not None:
-            where.append(f"nbd+unix:///{name}?socket={server.socket_path}")
+            where.append(f"{scheme}+unix:///{name}?socket={server.socket_path}")
         if server.tcp is not None:
-            where.append(f"nbd://{server.tcp[0]}:{server.tcp_port}/{name}")
+            where.append(f"{scheme}://{server.tcp[0]}:{server.tcp_port}/{name}")
         ro = " (read-only)" if export.info.read_only else ""
         print(f"export {name}: {export.info.size} bytes{ro}: {'  '.join(where)}", flush=True)
 

@@ -20,6 +20,7 @@ import dataclasses
 import errno as E
 import logging
 import socket
+import ssl
 import threading
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,6 +60,7 @@ class NbdConnection:
         infos = {name: e.info if server.max_connections != 1 else dataclasses.replace(e.info, can_multi_conn=False)
                  for name, e in server.exports.items()}
         self.protocol = nbd.NbdServerConnection(
+            tls=server.tls_mode,
             exports=infos,
             default_export=next(iter(server.exports), None))
         self._send_lock = threading.Lock()
@@ -74,7 +76,9 @@ class NbdConnection:
     def _send(self, *parts: bytes) -> None:
         with self._send_lock:
             try:
-                if len(parts) == 1:
+                if isinstance(self.sock, ssl.SSLSocket):  # TLS has no sendmsg
+                    self.sock.sendall(b"".join(parts))
+                elif len(parts) == 1:
                     self.sock.sendall(parts[0])
                 else:
                     total = sum(len(p) for p in parts)
@@ -137,8 +141,10 @@ class NbdConnection:
         while True:
             try:
                 return self.sock.recv(RECV_SIZE)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError):
                 await trio.lowlevel.wait_readable(self.sock)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self.sock)
             except OSError as exc:
                 raise _Closed(str(exc)) from None
 
@@ -147,10 +153,33 @@ class NbdConnection:
         while view:
             try:
                 view = view[self.sock.send(view):]
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantWriteError):
                 await trio.lowlevel.wait_writable(self.sock)
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(self.sock)
             except OSError as exc:
                 raise _Closed(str(exc)) from None
+
+    async def _start_tls(self) -> None:
+        """After STARTTLS's ACK: the TLS handshake, then everything goes through TLS."""
+        context = self.server.tls_context
+        assert context is not None
+        tls = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.sock = tls
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(tls)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(tls)
+            except (ssl.SSLError, OSError) as exc:
+                log.info("nbd %s: TLS handshake failed: %s", self.peer, exc)
+                self.server.stats["tls_failures"] += 1
+                raise _Closed(f"TLS handshake failed: {exc}") from None
+        self.protocol.tls_started()
+        log.info("nbd %s: TLS on (%s)", self.peer, tls.version())
 
     def run_blocking(self, export: Export) -> None:
         """Transmission, in the connection's worker thread, until the client goes."""
@@ -186,6 +215,8 @@ class NbdConnection:
             await self._asend(event.reply)
             if event.done:
                 return None
+            if event.start_tls:
+                await self._start_tls()
         negotiated = protocol.negotiated()
         log.info("nbd %s: export %r (structured replies: %s, contexts: %s)", self.peer, negotiated.export.name,
                  negotiated.structured, ", ".join(negotiated.meta_contexts) or "none")
@@ -315,7 +346,9 @@ class NbdServer:
 
     def __init__(self, exports: dict[str, Export], socket_path: Path | None = None,
                  tcp: tuple[str, int] | None = None, *, handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 max_connections: int = 0) -> None:
+                 max_connections: int = 0, tls_mode: str = "off", tls_context: ssl.SSLContext | None = None) -> None:
+        if tls_mode not in ("off", "on", "require") or (tls_mode != "off") != (tls_context is not None):
+            raise ValueError("TLS: mode on or require with a context, or off without one")
         if socket_path is None and tcp is None:
             raise ValueError("an NBD server needs a socket path or a TCP address")
         self.exports = exports
@@ -327,6 +360,8 @@ class NbdServer:
         self.connections_served = 0
         self.handshake_timeout = handshake_timeout  # seconds a client has to choose an export
         self.max_connections = max_connections  # 0: no limit
+        self.tls_mode = tls_mode  # off, on (offered) or require (nothing but STARTTLS and ABORT before it)
+        self.tls_context = tls_context
         self._left = trio.Event()  # set (and renewed) whenever a connection ends
 
     def _listeners(self) -> list[socket.socket]:
@@ -407,13 +442,18 @@ class NbdServer:
                 self.stats["handshake_timeouts"] += 1
             if export is None:
                 return
-            sock.setblocking(True)  # the worker thread does blocking I/O from here on
+            conn.sock.setblocking(True)  # the worker thread does blocking I/O from here on (TLS or not)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_cancel, conn)
                 await trio.to_thread.run_sync(conn.run_blocking, export, limiter=trio.CapacityLimiter(1))
                 nursery.cancel_scope.cancel()
+        except Exception:
+            # A bug of ours costs this client its connection, not the server its life.
+            log.exception("nbd %s: internal error; dropping the connection", peer)
+            self.stats["internal_errors"] += 1
         finally:
             self.connections.discard(conn)
+            conn.sock.close()  # the TLS socket, once STARTTLS wrapped the plain one
             sock.close()
             self._left.set()
             self._left = trio.Event()
