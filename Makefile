@@ -8,7 +8,7 @@ QB := $(VENV)/bin/qbackend
 # Provisioned QEMU and guest go to the checkout's build/ (qbackend.machine.data_dir).
 DATA_DIR := $(CURDIR)/build
 
-.PHONY: setup host-packages venv qemu qemu-ppc guest test test-fast check bench run clean
+.PHONY: setup host-packages venv qemu qemu-ppc guest test test-fast check fuzz bench run clean
 
 setup: host-packages venv qemu qemu-ppc guest
 
@@ -46,16 +46,24 @@ test-fast:
 # of links (backend/*, protocol/ as qbackend/protocol, qemu-configs/ as
 # qbackend/profiles), made anew on every run.
 check: venv
-	$(VENV)/bin/ruff check backend protocol qemu-configs tests scripts
+	$(VENV)/bin/ruff check backend protocol qemu-configs tests scripts fuzz
 	@rm -rf build/typecheck && mkdir -p build/typecheck/qbackend
 	@for f in backend/*; do ln -s "$(CURDIR)/$$f" build/typecheck/qbackend/; done
 	@ln -s "$(CURDIR)/protocol" build/typecheck/qbackend/protocol
 	@ln -s "$(CURDIR)/qemu-configs" build/typecheck/qbackend/profiles
 	cd build/typecheck && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p qbackend
 
+# Coverage-guided fuzzing (atheris) of every parser of outside input, FUZZ_SECONDS per
+# target, one target after the other; fails on any finding (crash, hang, runaway memory),
+# which lands in build/fuzz/<target>/.  Executions and coverage per target are summarised.
+FUZZ_SECONDS ?= 30
+fuzz: venv
+	$(VENV)/bin/python -m fuzz.run --seconds $(FUZZ_SECONDS)
+
 bench:
 	$(VENV)/bin/python scripts/bench_vfio_user.py
 	$(VENV)/bin/python scripts/bench_nbd.py
+	$(VENV)/bin/python scripts/bench_nbd_clients.py
 	$(VENV)/bin/python scripts/bench_ivshmem.py
 	$(VENV)/bin/python scripts/bench_qed.py
 
