@@ -73,9 +73,7 @@ class IvshmemOptions:
     @classmethod
     def parse(cls, text: str) -> IvshmemOptions:
         kv = parse_keyval(text, "--ivshmem")
-        unknown = sorted(set(kv) - set(cls.KEYS))
-        if unknown:
-            raise OptionError(f"--ivshmem: unknown key(s) {', '.join(unknown)}; known: {', '.join(cls.KEYS)}")
+        _known_keys(kv, cls.KEYS, "--ivshmem")
         if "socket" not in kv:
             raise OptionError("--ivshmem: socket=PATH is required (the UNIX socket QEMU connects to)")
         size = parse_size(kv.get("size", "4M"), "--ivshmem size", default_unit="B")
@@ -93,6 +91,12 @@ class IvshmemOptions:
             raise OptionError(f"--ivshmem shm={shm}: a name in /dev/shm, without '/'")
         return cls(socket=Path(kv["socket"]), size=size, shm=shm, vectors=vectors,
                    id=kv.get("id", ""), peer=peer, server=Path(kv["server"]) if kv.get("server") else None)
+
+
+def _known_keys(kv: dict[str, str], keys: tuple[str, ...], option: str) -> None:
+    unknown = sorted(set(kv) - set(keys))
+    if unknown:
+        raise OptionError(f"{option}: unknown key(s) {', '.join(unknown)}; known: {', '.join(keys)}")
 
 
 _BOOL = {"on": True, "yes": True, "true": True, "1": True, "off": False, "no": False, "false": False, "0": False}
@@ -119,9 +123,7 @@ class NbdExportOptions:
     @classmethod
     def parse(cls, text: str) -> NbdExportOptions:
         kv = parse_keyval(text, "--export")
-        unknown = sorted(set(kv) - set(cls.KEYS))
-        if unknown:
-            raise OptionError(f"--export: unknown key(s) {', '.join(unknown)}; known: {', '.join(cls.KEYS)}")
+        _known_keys(kv, cls.KEYS, "--export")
         if "image" not in kv:
             raise OptionError("--export: image=PATH is required (example: --export name=disk,image=disk.qed)")
         fmt = kv.get("format", "")
@@ -153,9 +155,7 @@ class DimmOptions:
     @classmethod
     def parse(cls, text: str) -> DimmOptions:
         kv = parse_keyval(text, "--dimm")
-        unknown = sorted(set(kv) - set(cls.KEYS))
-        if unknown:
-            raise OptionError(f"--dimm: unknown key(s) {', '.join(unknown)}; known: {', '.join(cls.KEYS)}")
+        _known_keys(kv, cls.KEYS, "--dimm")
         if "id" not in kv or "size" not in kv:
             raise OptionError("--dimm: id= and size= are required (example: --dimm id=hot1,size=512M,node=0)")
         size = parse_size(kv["size"], "--dimm size", default_unit="M")
@@ -204,9 +204,7 @@ class DiskOptions:
     @classmethod
     def parse(cls, text: str) -> DiskOptions:
         kv = parse_keyval(text, "--disk")
-        unknown = sorted(set(kv) - set(cls.KEYS))
-        if unknown:
-            raise OptionError(f"--disk: unknown key(s) {', '.join(unknown)}; known: {', '.join(cls.KEYS)}")
+        _known_keys(kv, cls.KEYS, "--disk")
         if "image" not in kv:
             raise OptionError("--disk: image=PATH is required (example: --disk image=disk.qed,format=qed)")
         fmt = kv.get("format", "")

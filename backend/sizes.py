@@ -34,4 +34,8 @@ def parse_size(text: str, what: str, *, default_unit: Unit) -> int:
         raise SizeError(f"{what}: {text!r} is not a size (examples: 4096, 64K, 4M, 1G; "
                         f"a bare number is in {'bytes' if default_unit == 'B' else default_unit + 'iB'})")
     unit = m.group(2).upper() or default_unit
-    return int(m.group(1)) << _SHIFT[unit]
+    try:
+        number = int(m.group(1))
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits())
+        raise SizeError(f"{what}: {text!r} is far too large") from None
+    return number << _SHIFT[unit]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from qbackend.machine.console import GuestConsole
-from qbackend.testing.harness import GuestShell, wait_until
+from qbackend.testing.harness import GuestShell, start_qbackend, wait_until
 
 pytestmark = pytest.mark.guest
 
@@ -37,18 +37,11 @@ def _processes_mentioning(text: str) -> list[int]:
 
 def test_run_boots_a_guest_with_the_device_and_ctrl_c_cleans_up(tmp_path: Path) -> None:
     workdir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qbackend", "run", "--machine", "q35", "--workdir", str(workdir),
-         "--ivshmem", f"socket={workdir}/iv.sock,size=1M",
-         "--dimm", "id=cold,size=128M,populated=on", "--dimm", "id=hot,size=256M,node=0"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    lines = []
+    proc, lines = start_qbackend(["run", "--machine", "q35", "--workdir", str(workdir),
+                                  "--ivshmem", f"socket={workdir}/iv.sock,size=1M",
+                                  "--dimm", "id=cold,size=128M,populated=on", "--dimm", "id=hot,size=256M,node=0"],
+                                 REPO)
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "Ctrl-C stops" in line:
-                break
         text = "".join(lines)
         assert f"guest console: {workdir}/qemu-serial.sock" in text, text
         assert f"QMP socket:    {workdir}/qemu-qmp.sock" in text, text

@@ -6,7 +6,6 @@ file and qemu-img check is clean."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from qed_tools import qemu_check, qemu_img
 
 from qbackend.block.qed import QedImage
 from qbackend.machine.console import GuestConsole
-from qbackend.testing.harness import GuestShell
+from qbackend.testing.harness import GuestShell, start_qbackend
 
 pytestmark = pytest.mark.guest
 
@@ -29,16 +28,8 @@ def test_run_with_a_qed_disk(tmp_path: Path) -> None:
     disk = tmp_path / "disk.qed"
     qemu_img("create", "-f", "qed", str(disk), str(SIZE))
     workdir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "qbackend", "run", "--workdir", str(workdir),
-                             "--disk", f"image={disk},format=qed"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    lines = []
+    proc, lines = start_qbackend(["run", "--workdir", str(workdir), "--disk", f"image={disk},format=qed"], REPO)
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "Ctrl-C stops" in line:
-                break
         assert any("export disk0:" in line for line in lines), "".join(lines)
         with GuestConsole(workdir / "qemu-serial.sock") as console:
             console.wait_ready(timeout=90)

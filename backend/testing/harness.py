@@ -20,6 +20,8 @@ fixtures built on it are in tests/conftest.py.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -294,3 +296,17 @@ class Harness:
 def wait_attached(backend: Backend, timeout: float = 30.0) -> None:
     """Wait until qbackend has connected to QEMU's monitor (Backend.attach_qmp)."""
     wait_until(lambda: backend.qmp is not None, timeout, "qbackend to attach to QMP")
+
+
+def start_qbackend(args: list[str], cwd: Path, until: str = "Ctrl-C stops") -> tuple[subprocess.Popen[str], list[str]]:
+    """Start `python -m qbackend ARGS` and read its output up to the line holding `until`
+    (what `qbackend run` and `serve` print once everything is up); the process and those lines."""
+    proc = subprocess.Popen([sys.executable, "-m", "qbackend", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if until in line:
+            break
+    return proc, lines

@@ -52,6 +52,14 @@ def _num(text: str) -> int:
     return int(text, 0)
 
 
+def _cell(text: str) -> int:
+    """A number the guest passes in one 32-bit RTAS cell."""
+    n = _num(text)
+    if not 0 <= n <= 0xFFFFFFFF:
+        raise ValueError(f"{text} does not fit in a 32-bit cell")
+    return n
+
+
 def _sensor(text: str) -> int:
     return int(SENSORS[text]) if text in SENSORS else _num(text)
 
@@ -78,7 +86,10 @@ class Script:
         self.mem = FlatMemory(0x10000)
 
     def run_line(self, line: str) -> dict[str, Any] | None:
-        words = shlex.split(line, comments=True)
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as e:  # an unclosed quote: a refused line, as an unknown command is
+            return {"cmd": line.strip(), "ok": False, "error": f"{type(e).__name__}: {e}"}
         if not words:
             return None
         cmd, args = words[0], words[1:]
@@ -121,7 +132,7 @@ class Script:
         if cmd == "get-power-level":
             return {"ok": True, **result_json(d.get_power_level([_num(a[0])]))}
         if cmd == "cc-step":
-            self.mem.write(WA, _num(a[0]).to_bytes(4, "big"))
+            self.mem.write(WA, _cell(a[0]).to_bytes(4, "big"))
             r = d.configure_connector([WA, 0], self.mem)
             out = {"ok": True, **result_json(r)}
             try:
