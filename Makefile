@@ -57,8 +57,9 @@ check: venv
 # target, one target after the other; fails on any finding (crash, hang, runaway memory),
 # which lands in build/fuzz/<target>/.  Executions and coverage per target are summarised.
 FUZZ_SECONDS ?= 30
+FUZZ_SEED ?= 0
 fuzz: venv
-	$(VENV)/bin/python -m fuzz.run --seconds $(FUZZ_SECONDS)
+	$(VENV)/bin/python -m fuzz.run --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED)
 
 bench:
 	$(VENV)/bin/python scripts/bench_vfio_user.py

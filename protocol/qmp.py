@@ -19,8 +19,9 @@ Input is a stream of JSON values, not lines: a value may span lines and a
 line may hold several.  `JsonSplitter` finds where each value ends by
 counting brackets outside strings, as QEMU's json-streamer does, and
 bounds what it buffers: a value longer than `MAX_VALUE` or nested deeper
-than `MAX_NESTING` is answered with QEMU's limit error, then skipped up to
-the next newline.
+than `MAX_NESTING` (half QEMU's limit: what Python's json can both decode
+and encode) is answered with QEMU's limit error, then skipped up to the
+next newline.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ from enum import StrEnum
 from typing import Any
 
 MAX_VALUE = 4 << 20  # bytes of one JSON value (QEMU allows 64 MiB; qbackend's commands need far less)
-MAX_NESTING = 1024  # as QEMU's json-streamer
+# QEMU's json-streamer allows 1024, but Python's json decodes and encodes by recursion and
+# stops near 1000 levels less the stack in use: a value nested a little shallower than
+# that decodes, and then its id cannot be encoded into the reply (RecursionError).
+MAX_NESTING = 512
 
 
 class ErrorClass(StrEnum):
@@ -76,10 +80,17 @@ class JsonSplitter:
 
     def feed(self, data: bytes) -> list[bytes | JsonSplitter.LimitExceeded]:
         out: list[bytes | JsonSplitter.LimitExceeded] = []
+        rest: bytes | None = data
+        while rest is not None:  # a loop, not recursion: a chunk may hold many over-limit values
+            rest = self._feed_once(rest, out)
+        return out
+
+    def _feed_once(self, data: bytes, out: list[bytes | JsonSplitter.LimitExceeded]) -> bytes | None:
+        """Scan `data` into `out`; after a limit error, the input left to scan (else None)."""
         if self._skipping:
             nl = data.find(b"\n")
             if nl < 0:
-                return out
+                return None
             self._skipping = False
             data = data[nl + 1:]
         self._buf += data
@@ -112,7 +123,9 @@ class JsonSplitter:
                 self._depth += 1
                 if self._depth > MAX_NESTING:
                     out.append(self.LimitExceeded("JSON nesting depth limit exceeded"))
-                    return out + self._skip_line(bytes(buf[pos:]))
+                    rest = bytes(buf[pos:])
+                    self._skip_line()
+                    return rest or None
             elif ch in (0x7D, 0x5D):  # } ]
                 self._depth -= 1
                 if self._depth <= 0:
@@ -128,19 +141,19 @@ class JsonSplitter:
         self._scan = pos - start
         if len(buf) > MAX_VALUE:
             out.append(self.LimitExceeded("JSON token size limit exceeded"))
-            return out + self._skip_line(b"")
+            self._skip_line()
+            return None
         if not self._in_string and not buf.strip():
             buf.clear()
             self._scan = 0
-        return out
+        return None
 
-    def _skip_line(self, rest: bytes) -> list[bytes | JsonSplitter.LimitExceeded]:
-        """After a limit error: forget the value, drop input up to the next newline, go on after it."""
+    def _skip_line(self) -> None:
+        """After a limit error: forget the value and drop input up to the next newline."""
         self._buf.clear()
         self._scan = self._depth = 0
         self._in_string = self._escape = False
         self._skipping = True
-        return self.feed(rest) if rest else []
 
 
 # -- argument schemas ---------------------------------------------------------------------
