@@ -156,6 +156,11 @@ class AllocationFlags(IntFlag):
 
 BASE_ALLOCATION = "base:allocation"
 BASE_ALLOCATION_ID = 1
+# QEMU's context (qemu-nbd -A): per extent, the layer of the backing chain that
+# holds it: 0 nowhere (reads zero), 1 the image itself, 2 its backing file, ...
+ALLOCATION_DEPTH = "qemu:allocation-depth"
+ALLOCATION_DEPTH_ID = 2
+CONTEXT_IDS = {BASE_ALLOCATION: BASE_ALLOCATION_ID, ALLOCATION_DEPTH: ALLOCATION_DEPTH_ID}
 
 # Limits.  Options: names and queries are at most 4 KiB (as qemu-nbd);
 # requests: 32 MiB of payload, the spec's suggested maximum.
@@ -309,9 +314,10 @@ def structured_done(cookie: int) -> bytes:
     return structured_chunk(cookie, ChunkType.NONE, b"")
 
 
-def block_status_reply(cookie: int, context_id: int, extents: list[tuple[int, int]]) -> bytes:
+def block_status_reply(cookie: int, context_id: int, extents: list[tuple[int, int]], done: bool = True) -> bytes:
+    """One BLOCK_STATUS chunk (one per negotiated context; the last one `done`)."""
     payload = struct.pack(">I", context_id) + b"".join(EXTENT.pack(n, f) for n, f in extents)
-    return structured_chunk(cookie, ChunkType.BLOCK_STATUS, payload)
+    return structured_chunk(cookie, ChunkType.BLOCK_STATUS, payload, done=done)
 
 
 # -- the connection -------------------------------------------------------------------------
@@ -521,13 +527,15 @@ class NbdServerConnection:
             return OptionHandled(option, option_error(option, OptionReply.ERR_UNKNOWN, f"no export {name!r}"))
         matched = []
         if option == Option.LIST_META_CONTEXT and not queries:
-            matched = [BASE_ALLOCATION]
+            matched = list(CONTEXT_IDS)
         for query in queries:
-            if query == BASE_ALLOCATION or (option == Option.LIST_META_CONTEXT and query == "base:"):
-                if BASE_ALLOCATION not in matched:
-                    matched.append(BASE_ALLOCATION)
+            listing = option == Option.LIST_META_CONTEXT
+            for context in CONTEXT_IDS:
+                namespace = context.split(":", 1)[0] + ":"
+                if (query == context or (listing and query == namespace)) and context not in matched:
+                    matched.append(context)
         out = b"".join(option_reply(option, OptionReply.META_CONTEXT,
-                                    struct.pack(">I", BASE_ALLOCATION_ID) + m.encode()) for m in matched)
+                                    struct.pack(">I", CONTEXT_IDS[m]) + m.encode()) for m in matched)
         if option == Option.SET_META_CONTEXT:
             self.meta_contexts = tuple(matched)
             self._meta_export = export.name

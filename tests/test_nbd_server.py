@@ -104,7 +104,8 @@ def test_nbdinfo_lists_exports_sizes_block_sizes_and_contexts(served: Served) ->
     assert exports["disk"]["block_size_minimum"] == 1
     assert exports["disk"]["block_size_preferred"] == 4096
     assert exports["disk"]["block_size_maximum"] == 32 << 20
-    assert exports["disk"]["contexts"] == ["base:allocation"]
+    # Both, as qemu-nbd -A offers them (tests/test_nbd_allocation_depth.py compares the depths).
+    assert exports["disk"]["contexts"] == ["base:allocation", "qemu:allocation-depth"]
     assert doc["protocol"] == "newstyle-fixed"
 
 

@@ -38,6 +38,10 @@ class Export(Protocol):
         """(length, AllocationFlags) extents from offset, covering at least one byte."""
         ...
 
+    def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(length, depth) runs for qemu:allocation-depth: 0 unallocated, 1 this image, 2 its backing, ..."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -110,31 +114,39 @@ class RawExport:
     def flush(self) -> None:
         self.block.flush()
 
+    def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return [(length, 1)]  # a raw file is its own only layer, allocated everywhere (as QEMU's raw driver says)
+
     def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
-        end = min(offset + length, self.info.size)
-        extents: list[tuple[int, int]] = []
-        pos = offset
-        while pos < end:
-            try:
-                data = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno != E.ENXIO:
-                    raise
-                data = end  # no data from here to the end of the file
-            if data > pos:
-                n = min(data, end) - pos
-                extents.append((n, AllocationFlags.HOLE | AllocationFlags.ZERO))
-                pos += n
-                continue
-            hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
-            n = min(hole, end) - pos
-            extents.append((n, 0))
-            pos += n
-        return _merge(extents)
+        return file_extents(self.fd, offset, min(offset + length, self.info.size) - offset)
 
     def close(self) -> None:
         self.block.close()
         os.close(self.fd)
+
+
+def file_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
+    """base:allocation of a file's bytes: its holes (SEEK_HOLE) read as zeros, the rest is data."""
+    end = offset + length
+    extents: list[tuple[int, int]] = []
+    pos = offset
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != E.ENXIO:
+                raise
+            data = end  # no data from here to the end of the file
+        if data > pos:
+            n = min(data, end) - pos
+            extents.append((n, AllocationFlags.HOLE | AllocationFlags.ZERO))
+            pos += n
+            continue
+        hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        n = min(hole, end) - pos
+        extents.append((n, 0))
+        pos += n
+    return _merge(extents)
 
 
 def _merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:

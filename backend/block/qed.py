@@ -929,6 +929,28 @@ class QedImage:
                     merged.append(ext)
             return merged
 
+    def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(length, depth) of [offset, offset+length) through the backing chain: 1 where this
+        image holds the data (or a zero cluster), 2 where its backing file does, and so on;
+        0 where no layer does.  A raw backing file holds everything up to its end, and a
+        backing file shorter than the image holds the rest too (as QEMU reports it)."""
+        out: list[tuple[int, int]] = []
+        for ext in self.map(offset, length):
+            if ext.kind in (MapKind.DATA, MapKind.ZERO):
+                out.append((ext.length, 1))
+            elif self.backing is None:
+                out.append((ext.length, 0))
+            elif ext.kind is MapKind.UNALLOCATED:
+                # Past the end of a shorter backing file: QEMU counts it to the backing layer
+                # (its end of file reads zeros), and so does this, to report what qemu-nbd -A does.
+                out.append((ext.length, 2))
+            elif isinstance(self.backing, QedImage):
+                out += [(n, depth + 1 if depth else 0) for n, depth in
+                        self.backing.allocation_depth(ext.start, ext.length)]
+            else:
+                out.append((ext.length, 2))
+        return out
+
     # ---- check and repair
 
     def check(self, repair: bool = False, *, leaks_only: bool = False,

@@ -5,18 +5,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qbackend.block.qed import MapKind, QedImage
+from qbackend.block.blockfile import FileBlock
+from qbackend.block.exports import file_extents
+from qbackend.block.qed import MapKind, QedImage, RawBacking
 from qbackend.protocol.nbd import AllocationFlags, ExportInfo
 
-# base:allocation as qemu-nbd reports QED: allocated clusters and the
-# backing file's data are data; zero clusters, and unallocated clusters
-# with nothing below, read as zeros and hold no data.
+# base:allocation as qemu-nbd reports QED: allocated clusters are data; zero
+# clusters, and unallocated clusters with nothing below, read as zeros and
+# hold no data; what comes from the backing file is what the backing file
+# says (qemu-nbd looks through the whole chain, down to a raw file's holes).
 _FLAGS = {
     MapKind.DATA: 0,
-    MapKind.BACKING: 0,
     MapKind.ZERO: AllocationFlags.HOLE | AllocationFlags.ZERO,
     MapKind.UNALLOCATED: AllocationFlags.HOLE | AllocationFlags.ZERO,
 }
+
+
+def chain_status(image: QedImage, offset: int, length: int) -> list[tuple[int, int]]:
+    """(length, AllocationFlags) of [offset, offset+length) through the backing chain."""
+    out: list[tuple[int, int]] = []
+    for ext in image.map(offset, length):
+        if ext.kind is not MapKind.BACKING:
+            out.append((ext.length, int(_FLAGS[ext.kind])))
+        elif isinstance(image.backing, QedImage):
+            out += chain_status(image.backing, ext.start, ext.length)
+        elif isinstance(image.backing, RawBacking) and isinstance(image.backing.f, FileBlock):
+            out += file_extents(image.backing.f.fd, ext.start, ext.length)
+        else:
+            out.append((ext.length, 0))
+    return out
 
 
 class QedExport:
@@ -48,12 +65,20 @@ class QedExport:
 
     def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
-        for extent in self.image.map(offset, length):
-            flags = int(_FLAGS[extent.kind])
+        for n, flags in chain_status(self.image, offset, length):
             if out and out[-1][1] == flags:
-                out[-1] = (out[-1][0] + extent.length, flags)
+                out[-1] = (out[-1][0] + n, flags)
             else:
-                out.append((extent.length, flags))
+                out.append((n, flags))
+        return out
+
+    def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for n, depth in self.image.allocation_depth(offset, length):
+            if out and out[-1][1] == depth:
+                out[-1] = (out[-1][0] + n, depth)
+            else:
+                out.append((n, depth))
         return out
 
     def close(self) -> None:

@@ -284,10 +284,16 @@ class NbdConnection:
                     return
                 export.write_zeroes(req.offset, req.length, may_trim, bool(req.flags & nbd.CmdFlags.FUA))
             elif cmd == nbd.Cmd.BLOCK_STATUS:
-                extents = export.block_status(req.offset, req.length)
-                self._send(nbd.block_status_reply(req.cookie, nbd.BASE_ALLOCATION_ID,
-                                                  _clip(extents, req.length,
-                                                        bool(req.flags & nbd.CmdFlags.REQ_ONE))))
+                contexts = self.protocol.meta_contexts
+                chunks = []
+                for n, context in enumerate(contexts):
+                    extents = (export.allocation_depth(req.offset, req.length) if context == nbd.ALLOCATION_DEPTH
+                               else export.block_status(req.offset, req.length))
+                    chunks.append(nbd.block_status_reply(req.cookie, nbd.CONTEXT_IDS[context],
+                                                         _clip(extents, req.length,
+                                                               bool(req.flags & nbd.CmdFlags.REQ_ONE)),
+                                                         done=n == len(contexts) - 1))
+                self._send(b"".join(chunks))
                 return
             elif cmd == nbd.Cmd.CACHE:
                 pass  # the page cache already holds what was read; nothing to prefetch into
