@@ -25,6 +25,9 @@ OPTION_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
+# NBD_OPT_EXTENDED_HEADERS: 64-bit request lengths, 32-byte request and reply headers.
+EXTENDED_REQUEST_MAGIC = 0x21E41C71
+EXTENDED_REPLY_MAGIC = 0x6E8A278C
 
 
 class HandshakeFlags(IntFlag):
@@ -129,6 +132,7 @@ class ChunkType(IntEnum):
     OFFSET_DATA = 1
     OFFSET_HOLE = 2
     BLOCK_STATUS = 5
+    BLOCK_STATUS_EXT = 6  # 64-bit descriptors, with extended headers
     ERROR = (1 << 15) | 1
     ERROR_OFFSET = (1 << 15) | 2
 
@@ -174,6 +178,9 @@ GREETING = struct.Struct(">QQH")
 OPTION_HEADER = struct.Struct(">QII")  # magic, option, length
 OPTION_REPLY = struct.Struct(">QIII")  # magic, option, type, length
 REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+EXTENDED_REQUEST = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, 64-bit length
+EXTENDED_HEADER = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, payload length
+EXTENT_EXT = struct.Struct(">QQ")  # length, status
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 STRUCTURED_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
 INFO_EXPORT = struct.Struct(">HQH")
@@ -310,6 +317,12 @@ def structured_read_header(cookie: int, offset: int, length: int, done: bool = T
 
 
 
+def extended_chunk(cookie: int, chunk_type: int, offset: int, payload: bytes, done: bool = True) -> bytes:
+    """A reply chunk with the extended header (32 bytes: 64-bit offset and payload length)."""
+    return EXTENDED_HEADER.pack(EXTENDED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0, chunk_type, cookie, offset,
+                                len(payload)) + payload
+
+
 def structured_done(cookie: int) -> bytes:
     return structured_chunk(cookie, ChunkType.NONE, b"")
 
@@ -337,6 +350,7 @@ class NbdServerConnection:
     _meta_export: str | None = None
     tls: str = "off"  # "off": STARTTLS refused; "on": offered; "require": nothing else before it
     tls_active: bool = False
+    extended: bool = False  # NBD_OPT_EXTENDED_HEADERS accepted (it implies structured replies)
     _buffer: bytearray = field(default_factory=bytearray)
     _eof: bool = False
 
@@ -407,7 +421,7 @@ class NbdServerConnection:
             self.phase = Phase.CLOSED
             raise NbdProtocolError("the client sent data in the clear after STARTTLS")
         self.tls_active = True
-        self.structured = False
+        self.structured = self.extended = False
         self.meta_contexts = ()
         self._meta_export = None
 
@@ -418,6 +432,9 @@ class NbdServerConnection:
                 raise NbdProtocolError("EXPORT_NAME before STARTTLS on a server that requires TLS")
             return OptionHandled(option, option_error(option, OptionReply.ERR_TLS_REQD, "TLS is required"))
         if option == Option.EXPORT_NAME:
+            if self.extended:  # its reply has no way to end the haggling with extended headers
+                self.phase = Phase.CLOSED
+                raise NbdProtocolError("EXPORT_NAME after EXTENDED_HEADERS")
             name = data.decode("utf-8", "replace")
             export = self._lookup(name)
             if export is None:
@@ -442,6 +459,12 @@ class NbdServerConnection:
             return OptionHandled(option, out + option_reply(option, OptionReply.ACK))
         if option in (Option.INFO, Option.GO):
             return self._info_or_go(option, data)
+        if option == Option.EXTENDED_HEADERS:
+            if data:
+                return OptionHandled(option, option_error(option, OptionReply.ERR_INVALID,
+                                                          "EXTENDED_HEADERS takes no data"))
+            self.extended = self.structured = True
+            return OptionHandled(option, option_reply(option, OptionReply.ACK))
         if option == Option.STRUCTURED_REPLY:
             if data:
                 return OptionHandled(option, option_error(option, OptionReply.ERR_INVALID,
@@ -553,20 +576,48 @@ class NbdServerConnection:
 
     # -- transmission -------------------------------------------------------------------
 
-    def error_reply(self, cookie: int, error: int, message: str = "") -> bytes:
+    # -- replies, in the form the negotiation chose (simple, structured, extended) --
+
+    def error_reply(self, cookie: int, error: int, message: str = "", offset: int = 0) -> bytes:
+        if self.extended:
+            text = message.encode()[:MAX_STRING]
+            return extended_chunk(cookie, ChunkType.ERROR, offset, struct.pack(">IH", error, len(text)) + text)
         if self.structured:
             return structured_error(cookie, error, message)
         return simple_reply(cookie, error)
 
-    def _reject(self, cookie: int, command: int, error: Errno, reason: str) -> Rejected:
-        return Rejected(cookie, command, error, reason, self.error_reply(cookie, error, reason))
+    def done_reply(self, cookie: int, offset: int = 0) -> bytes:
+        """Success of a request without data."""
+        if self.extended:
+            return extended_chunk(cookie, ChunkType.NONE, offset, b"")
+        return structured_done(cookie) if self.structured else simple_reply(cookie)
+
+    def read_reply_header(self, cookie: int, offset: int, length: int) -> bytes:
+        """What goes before a READ's `length` data bytes."""
+        if self.extended:
+            return EXTENDED_HEADER.pack(EXTENDED_REPLY_MAGIC, REPLY_FLAG_DONE, ChunkType.OFFSET_DATA, cookie, offset,
+                                        8 + length) + struct.pack(">Q", offset)
+        if self.structured:
+            return structured_read_header(cookie, offset, length)
+        return simple_reply(cookie)
+
+    def block_status_chunk(self, cookie: int, offset: int, context_id: int, extents: list[tuple[int, int]],
+                           done: bool) -> bytes:
+        if self.extended:  # always the 64-bit form once extended headers are on (as QEMU does)
+            payload = struct.pack(">II", context_id, len(extents)) + b"".join(EXTENT_EXT.pack(n, f) for n, f in extents)
+            return extended_chunk(cookie, ChunkType.BLOCK_STATUS_EXT, offset, payload, done=done)
+        return block_status_reply(cookie, context_id, extents, done=done)
+
+    def _reject(self, cookie: int, command: int, error: Errno, reason: str, offset: int = 0) -> Rejected:
+        return Rejected(cookie, command, error, reason, self.error_reply(cookie, error, reason, offset))
 
     def _next_request(self) -> Event:
         buf = self._buffer
-        if len(buf) < REQUEST.size:
+        header, expected = (EXTENDED_REQUEST, EXTENDED_REQUEST_MAGIC) if self.extended else (REQUEST, REQUEST_MAGIC)
+        if len(buf) < header.size:
             return self._need()
-        magic, flags, command, cookie, offset, length = REQUEST.unpack_from(buf)
-        if magic != REQUEST_MAGIC:
+        magic, flags, command, cookie, offset, length = header.unpack_from(buf)
+        if magic != expected:
             self.phase = Phase.CLOSED
             raise NbdProtocolError(f"bad request magic {magic:#x}")
         if command == Cmd.WRITE:
@@ -577,13 +628,13 @@ class NbdServerConnection:
                 self.phase = Phase.CLOSED
                 raise NbdProtocolError(f"WRITE of {length} bytes is over the {MAX_REQUEST}-byte limit",
                                        self.error_reply(cookie, Errno.EINVAL, "request too large"))
-            if len(buf) < REQUEST.size + length:
+            if len(buf) < header.size + length:
                 return self._need()
-            data = bytes(buf[REQUEST.size:REQUEST.size + length])
-            del buf[:REQUEST.size + length]
+            data = bytes(buf[header.size:header.size + length])
+            del buf[:header.size + length]
         else:
             data = b""
-            del buf[:REQUEST.size]
+            del buf[:header.size]
         return self._check(cookie, command, flags, offset, length, data)
 
     def _check(self, cookie: int, command: int, flags: int, offset: int, length: int, data: bytes) -> Event:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -259,17 +260,18 @@ class Backend:
     async def _qmp_events(self, qmp: QmpConnection, scope: trio.CancelScope) -> None:
         """Hand QMP events to the slot manager until QEMU goes away."""
         try:
-            async for raw in qmp.events():
-                try:
-                    event = Event.parse(raw)
-                    if self.dimms is not None:
-                        await self.dimms.handle_event(event)
-                    if self.pci is not None:
-                        await self.pci.handle_event(event)
-                        if event.name == "DEVICE_DELETED":
-                            await self._free_pci_added(event.data.string("device", "") or None)
-                except QmpReplyError as exc:  # QEMU said something it does not document: skip it
-                    log.error("QMP event not understood (ignored): %s", exc)
+            async with aclosing(qmp.events()) as events:  # closed at once on cancel, not by the GC
+                async for raw in events:
+                    try:
+                        event = Event.parse(raw)
+                        if self.dimms is not None:
+                            await self.dimms.handle_event(event)
+                        if self.pci is not None:
+                            await self.pci.handle_event(event)
+                            if event.name == "DEVICE_DELETED":
+                                await self._free_pci_added(event.data.string("device", "") or None)
+                    except QmpReplyError as exc:  # QEMU said something it does not document: skip it
+                        log.error("QMP event not understood (ignored): %s", exc)
         except QmpError as exc:
             log.info("QMP: %s", exc)
         scope.cancel()

@@ -218,8 +218,9 @@ class NbdConnection:
             if event.start_tls:
                 await self._start_tls()
         negotiated = protocol.negotiated()
-        log.info("nbd %s: export %r (structured replies: %s, contexts: %s)", self.peer, negotiated.export.name,
-                 negotiated.structured, ", ".join(negotiated.meta_contexts) or "none")
+        log.info("nbd %s: export %r (structured replies: %s, extended headers: %s, contexts: %s)", self.peer,
+                 negotiated.export.name, negotiated.structured, self.protocol.extended,
+                 ", ".join(negotiated.meta_contexts) or "none")
         export = self.server.exports.get(negotiated.export.name)
         if export is None:  # removed while this client negotiated
             raise _Closed(f"export {negotiated.export.name!r} was removed")
@@ -261,10 +262,7 @@ class NbdConnection:
         try:
             if cmd == nbd.Cmd.READ:
                 data = export.read(req.offset, req.length)
-                if self.protocol.structured:
-                    self._send(nbd.structured_read_header(req.cookie, req.offset, req.length), data)
-                else:
-                    self._send(nbd.simple_reply(req.cookie), data)
+                self._send(self.protocol.read_reply_header(req.cookie, req.offset, req.length), data)
                 return
             if cmd == nbd.Cmd.WRITE:
                 if req.flags & nbd.CmdFlags.FUA:
@@ -280,7 +278,8 @@ class NbdConnection:
                 may_trim = not req.flags & nbd.CmdFlags.NO_HOLE
                 if req.flags & nbd.CmdFlags.FAST_ZERO and not may_trim:
                     # Zeroing without punching holes means writing zeros: not fast.
-                    self._send(self.protocol.error_reply(req.cookie, nbd.Errno.ENOTSUP, "zeroing is not fast"))
+                    self._send(self.protocol.error_reply(req.cookie, nbd.Errno.ENOTSUP, "zeroing is not fast",
+                                                         req.offset))
                     return
                 export.write_zeroes(req.offset, req.length, may_trim, bool(req.flags & nbd.CmdFlags.FUA))
             elif cmd == nbd.Cmd.BLOCK_STATUS:
@@ -289,24 +288,21 @@ class NbdConnection:
                 for n, context in enumerate(contexts):
                     extents = (export.allocation_depth(req.offset, req.length) if context == nbd.ALLOCATION_DEPTH
                                else export.block_status(req.offset, req.length))
-                    chunks.append(nbd.block_status_reply(req.cookie, nbd.CONTEXT_IDS[context],
-                                                         _clip(extents, req.length,
-                                                               bool(req.flags & nbd.CmdFlags.REQ_ONE)),
-                                                         done=n == len(contexts) - 1))
+                    chunks.append(self.protocol.block_status_chunk(
+                        req.cookie, req.offset, nbd.CONTEXT_IDS[context],
+                        _clip(extents, req.length, bool(req.flags & nbd.CmdFlags.REQ_ONE)),
+                        done=n == len(contexts) - 1))
                 self._send(b"".join(chunks))
                 return
             elif cmd == nbd.Cmd.CACHE:
                 pass  # the page cache already holds what was read; nothing to prefetch into
-            self._send(self._ok(req.cookie))
+            self._send(self.protocol.done_reply(req.cookie, req.offset))
         except _Closed:
             raise
         except Exception as exc:  # an I/O error on the image: tell the client, keep serving
             log.warning("nbd %s: %s %#x+%d failed: %s", self.peer, cmd.name, req.offset, req.length, exc)
             self.server.stats["io_errors"] += 1
-            self._send(self.protocol.error_reply(req.cookie, nbd_errno(exc), str(exc)))
-
-    def _ok(self, cookie: int) -> bytes:
-        return nbd.structured_done(cookie) if self.protocol.structured else nbd.simple_reply(cookie)
+            self._send(self.protocol.error_reply(req.cookie, nbd_errno(exc), str(exc), req.offset))
 
     def _in_pool(self, req: nbd.Request, work: object) -> None:
         if self._pool is None:
@@ -315,10 +311,10 @@ class NbdConnection:
         def run() -> None:
             try:
                 work()  # type: ignore[operator]
-                reply = self._ok(req.cookie)
+                reply = self.protocol.done_reply(req.cookie, req.offset)
             except Exception as exc:
                 log.warning("nbd %s: %s failed: %s", self.peer, req.command.name, exc)
-                reply = self.protocol.error_reply(req.cookie, nbd_errno(exc), str(exc))
+                reply = self.protocol.error_reply(req.cookie, nbd_errno(exc), str(exc), req.offset)
             try:
                 self._send(reply)
             except _Closed:
