@@ -23,7 +23,7 @@ import concurrent.futures
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -334,7 +334,7 @@ class QmpConnection:
             f"queued events: {[e.get('event') for e in core.pending()]}"
         )
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncGenerator[Event, None]:
         """Every event, in order, as it arrives (consuming the queue)."""
         while True:
             yield await self.next_event(timeout=math.inf)
