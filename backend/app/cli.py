@@ -258,8 +258,10 @@ def _data_dir_option(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="qbackend",
-        description="External devices for QEMU from one Python process: ivshmem and a hotplug controller "
-                    "over vfio-user, DIMM and PCI hotplug over QMP, QED/raw disks over NBD, a sPAPR DRC model.",
+        description="External devices for QEMU from one Python process: ivshmem, a hotplug controller and "
+                    "devices of your own (qbackend.devices.Device) over vfio-user; DIMM and PCI hotplug over "
+                    "QMP; QED/raw disks over NBD (TLS, extended headers); a QMP monitor of its own "
+                    "(serve --control); a sPAPR DRC model.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'qbackend COMMAND --help' for the options of each command.",
     )
@@ -279,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--no-host-packages", action="store_true",
                        help="do not install missing Debian packages (mmdebstrap, busybox-static, gcc, ...)")
 
-    serve = sub.add_parser("serve", help="serve devices on vfio-user sockets until Ctrl-C",
+    serve = sub.add_parser("serve", help="serve devices (and NBD exports, a QMP monitor) until Ctrl-C or quit",
                            description="Serve devices to QEMU until interrupted.",
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_SERVE)
     serve.add_argument("--ivshmem", type=_ivshmem_option, action="append", default=[], metavar="KEY=VALUE,...",
