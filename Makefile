@@ -65,6 +65,7 @@ bench:
 	$(VENV)/bin/python scripts/bench_vfio_user.py
 	$(VENV)/bin/python scripts/bench_nbd.py
 	$(VENV)/bin/python scripts/bench_nbd_clients.py
+	$(VENV)/bin/python scripts/bench_soak.py
 	$(VENV)/bin/python scripts/bench_ivshmem.py
 	$(VENV)/bin/python scripts/bench_qed.py
 
