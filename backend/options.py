@@ -93,6 +93,13 @@ class IvshmemOptions:
                    id=kv.get("id", ""), peer=peer, server=Path(kv["server"]) if kv.get("server") else None)
 
 
+def _image_format(kv: dict[str, str], option: str) -> str:
+    fmt = kv.get("format", "")
+    if fmt not in ("", "raw", "qed"):
+        raise OptionError(f"{option} format={fmt}: raw or qed")
+    return fmt
+
+
 def _known_keys(kv: dict[str, str], keys: tuple[str, ...], option: str) -> None:
     unknown = sorted(set(kv) - set(keys))
     if unknown:
@@ -116,7 +123,7 @@ class NbdExportOptions:
     name: str
     image: Path
     readonly: bool = False
-    format: str = ""  # raw or qed; empty: by the file's magic
+    format: str = ""  # raw or qed; empty: probed, which only a read-only export allows
 
     KEYS = ("name", "image", "readonly", "format")
 
@@ -126,9 +133,7 @@ class NbdExportOptions:
         _known_keys(kv, cls.KEYS, "--export")
         if "image" not in kv:
             raise OptionError("--export: image=PATH is required (example: --export name=disk,image=disk.qed)")
-        fmt = kv.get("format", "")
-        if fmt not in ("", "raw", "qed"):
-            raise OptionError(f"--export format={fmt}: raw or qed")
+        fmt = _image_format(kv, "--export")
         image = Path(kv["image"])
         return cls(name=kv.get("name", image.stem), image=image,
                    readonly=_parse_bool(kv.get("readonly", "off"), "--export readonly"), format=fmt)
@@ -207,8 +212,5 @@ class DiskOptions:
         _known_keys(kv, cls.KEYS, "--disk")
         if "image" not in kv:
             raise OptionError("--disk: image=PATH is required (example: --disk image=disk.qed,format=qed)")
-        fmt = kv.get("format", "")
-        if fmt not in ("", "raw", "qed"):
-            raise OptionError(f"--disk format={fmt}: raw or qed")
-        return cls(image=Path(kv["image"]), format=fmt,
+        return cls(image=Path(kv["image"]), format=_image_format(kv, "--disk"),
                    readonly=_parse_bool(kv.get("readonly", "off"), "--disk readonly"))

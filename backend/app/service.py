@@ -17,6 +17,7 @@ from typing import TypeVar
 import trio
 
 from qbackend.app.block_exports import BlockExports, BlockNode
+from qbackend.block.exports import probe_format
 from qbackend.devices.hotplug_controller import HotplugController
 from qbackend.devices.ivshmem import IvshmemDevice
 from qbackend.ivshmem.group import PeerGroup
@@ -138,8 +139,8 @@ class Backend:
             for opts in exports:
                 if opts.name in self.blocks.nodes:
                     raise ValueError(f"NBD export name {opts.name!r} is used twice")
-                fmt = opts.format or _probe(opts)
-                self.blocks.nodes[opts.name] = _node(opts, fmt)
+                fmt = opts.format or probe_format(opts)
+                self.blocks.nodes[opts.name] = BlockNode(opts.name, fmt, opts.image, opts.readonly)
                 self.blocks.add_at_start(opts.name, opts.name, opts.name, writable=not opts.readonly)
         except BaseException:
             self.blocks.close_pending()
@@ -411,13 +412,3 @@ class Backend:
         for group in self.groups.values():
             group.close()
         self.groups.clear()
-
-
-def _probe(opts: NbdExportOptions) -> str:
-    from qbackend.block.exports import probe_format
-
-    return probe_format(opts)
-
-
-def _node(opts: NbdExportOptions, fmt: str) -> BlockNode:
-    return BlockNode(opts.name, fmt, opts.image, opts.readonly)
