@@ -18,7 +18,7 @@ stream read after the segment with the fds), so the fds handed to
 completes.
 
 `ClientConnection` is the client's side (what a stock QEMU does, and what
-`backend.ivshmem_peer` does for host programs).  The server side only
+`qbackend.ivshmem.peer` does for host programs).  The server side only
 needs `encode`.
 """
 

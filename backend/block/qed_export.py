@@ -1,4 +1,4 @@
-"""A QED image as an NBD export (backend.qed does the format; this maps
+"""A QED image as an NBD export (qbackend.block.qed does the format; this maps
 NBD's operations and block status onto it)."""
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ other peer's eventfds (writing one rings that peer: a doorbell between two
 host peers never passes through qbackend).  Joins and leaves arrive on the
 socket; a reader thread applies them.
 
-In-process host programs can use `backend.ivshmem.LocalPeer` instead.
+In-process host programs can use `qbackend.ivshmem.local_peer.LocalPeer` instead.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 `ivshmem-doorbell` device speaks (protocol/ivshmem_server.py), so that a
 stock QEMU (`-chardev socket,path=PATH,id=ivs -device
 ivshmem-doorbell,chardev=ivs,vectors=N`) joins the same group as the
-vfio-user guests, and so do host programs (backend.ivshmem_peer, or QEMU's
+vfio-user guests, and so do host programs (qbackend.ivshmem.peer, or QEMU's
 contrib ivshmem-client).
 
 Each client gets an id from the group's id space, the group's memory fd,

@@ -1,7 +1,7 @@
 """DIMM slots, after seeds 001 and 003: declared slots with an id, a size, a
 NUMA node and populated=on|off; addresses laid out from the top of memory,
 skipping the PCI hole below 4 GiB; hot-add and hot-remove carried out over
-QMP; and the ACPI memory-hotplug block (backend.memhp) kept true to what
+QMP; and the ACPI memory-hotplug block (qbackend.models.memhp) kept true to what
 QEMU really has.
 
 The hot-remove sequence of spec 000 is tracked as states: requested

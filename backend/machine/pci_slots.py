@@ -1,6 +1,6 @@
 """The slots of the hotpluggable PCI bus, kept true to QEMU (query-pci, QMP
 events and qbackend's own requests) and shown in the PCI-hotplug block of
-the hotplug controller (backend.pcihp).
+the hotplug controller (qbackend.models.pcihp).
 
 Which bus: on pc the root bus (bsel 0, ACPI hotplug at 0xae00); on q35 the
 root port of the machine profile (bsel 0 there too: the root bus has no

@@ -1,6 +1,6 @@
 """The trio side of vfio-user: a UNIX socket per device, one client at a
 time, messages carried between the socket and the sans-IO protocol
-(protocol.vfio_user) and the device model (backend.pci_device).
+(qbackend.protocol.vfio_user) and the device model (qbackend.vfio.function).
 
 Each connection's receive loop runs in a worker thread of its own, started
 and supervised from trio, doing blocking recvmsg/send.  Measured here (one
@@ -8,8 +8,9 @@ CPU, synchronous 4-byte reads), a round trip through trio's scheduler
 (wait_readable) floors at about 35,000 per second, while a blocking loop
 reaches about 65,000; the latency target is 60,000.  Everything else (the
 listener, lifetimes, DMA requests from device models, QMP) stays in trio.
-The device model is shared between that thread and trio tasks, so both
-touch it only while holding `device.lock`.
+The device model is shared between that thread and trio tasks: both touch
+it only under `device.lock`, which trio takes through `run_locked` (in a
+worker thread, see qbackend.plumbing.threads), never directly.
 """
 
 from __future__ import annotations

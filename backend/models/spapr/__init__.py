@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["DrcError", "DrcSet", "DrcState", "DrcType", "MachineConfig", "RtasStatus",
            "drc_index", "split_index"]
 
-# Imported on first use, so that `qbackend` registering the drc command (backend.spapr.cli)
+# Imported on first use, so that `qbackend` registering the drc command (qbackend.app.drc_cli)
 # does not load the model.
 _HOME = {"DrcError": "drc", "DrcType": "drc", "MachineConfig": "drc", "drc_index": "drc", "split_index": "drc",
          "DrcSet": "state", "DrcState": "state", "RtasStatus": "state"}
