@@ -139,6 +139,35 @@ class NbdExportOptions:
                    readonly=_parse_bool(kv.get("readonly", "off"), "--export readonly"), format=fmt)
 
 
+@dataclass(frozen=True)
+class VhostUserBlkOptions:
+    """`--vhost-user-blk socket=PATH,image=PATH,format=raw|qed[,readonly=on][,num-queues=N][,id=ID]`"""
+
+    socket: Path
+    image: Path
+    format: str = ""
+    readonly: bool = False
+    num_queues: int = 1  # at most, as qemu-storage-daemon; QEMU's device asks one per vCPU unless told
+    id: str = "vub0"
+
+    KEYS = ("socket", "image", "format", "readonly", "num-queues", "id")
+
+    @classmethod
+    def parse(cls, text: str) -> VhostUserBlkOptions:
+        kv = parse_keyval(text, "--vhost-user-blk")
+        _known_keys(kv, cls.KEYS, "--vhost-user-blk")
+        if "socket" not in kv or "image" not in kv:
+            raise OptionError("--vhost-user-blk: socket=PATH and image=PATH are required (example: "
+                              "--vhost-user-blk socket=/tmp/vub.sock,image=disk.qed,format=qed)")
+        queues = parse_int(kv.get("num-queues", "1"), "--vhost-user-blk num-queues")
+        if not 1 <= queues <= 64:
+            raise OptionError(f"--vhost-user-blk num-queues={queues}: 1..64 (QEMU's device asks for one per "
+                              "vCPU unless told num-queues=)")
+        return cls(socket=Path(kv["socket"]), image=Path(kv["image"]), format=_image_format(kv, "--vhost-user-blk"),
+                   readonly=_parse_bool(kv.get("readonly", "off"), "--vhost-user-blk readonly"),
+                   num_queues=queues, id=kv.get("id", "") or "vub0")
+
+
 def parse_tcp(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():

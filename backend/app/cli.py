@@ -16,8 +16,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from qbackend.errors import ControlError, QbackendError, UsageError
 from qbackend.options import (
@@ -27,6 +28,7 @@ from qbackend.options import (
     IvshmemOptions,
     NbdExportOptions,
     OptionError,
+    VhostUserBlkOptions,
     parse_int,
     parse_keyval,
     parse_tcp,
@@ -70,11 +72,28 @@ accelerator from --accel or $QBACKEND_ACCEL (default tcg).
 """
 
 
-def _ivshmem_option(text: str) -> IvshmemOptions:
-    try:
-        return IvshmemOptions.parse(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+T = TypeVar("T")
+
+
+def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse `type=` from an option parser: its UsageError becomes argparse's one-line error."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+_ivshmem_option = _argument(IvshmemOptions.parse)
+_device_option = _argument(DeviceOptions.parse)
+_disk_option = _argument(DiskOptions.parse)
+_export_option = _argument(NbdExportOptions.parse)
+_tcp_option = _argument(parse_tcp)
+_dimm_option = _argument(DimmOptions.parse)
+_vhost_user_blk_option = _argument(VhostUserBlkOptions.parse)
 
 
 EPILOG_NBD = """\
@@ -94,39 +113,9 @@ examples:
 """
 
 
-def _device_option(text: str) -> DeviceOptions:
-    try:
-        return DeviceOptions.parse(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _disk_option(text: str) -> DiskOptions:
-    try:
-        return DiskOptions.parse(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
-
-def _export_option(text: str) -> NbdExportOptions:
-    try:
-        return NbdExportOptions.parse(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _tcp_option(text: str) -> tuple[str, int]:
-    try:
-        return parse_tcp(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _dimm_option(text: str) -> DimmOptions:
-    try:
-        return DimmOptions.parse(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 HOTPLUG_KEYS = ("socket", "machine", "ram", "slots", "profile")
@@ -302,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--nbd", type=_export_option, action="append", default=[], metavar="KEY=VALUE,...",
                        help="an NBD export served beside the devices (repeatable); keys: see 'qbackend nbd --help'")
     serve.add_argument("--nbd-socket", type=Path, help="UNIX socket for the --nbd exports")
+    serve.add_argument("--vhost-user-blk", type=_vhost_user_blk_option, action="append", default=[],
+                       metavar="socket=PATH,image=PATH,format=raw|qed[,readonly=on][,num-queues=N][,id=ID]",
+                       help="a disk for QEMU's vhost-user-blk-pci (repeatable): -chardev socket,id=vub0,path=PATH "
+                            "-device vhost-user-blk-pci,chardev=vub0 (guest RAM must be shared)")
     serve.add_argument("--nbd-tcp", type=_tcp_option, metavar="HOST:PORT", help="also serve NBD over TCP")
     _limit_options(serve)
 
@@ -456,7 +449,7 @@ def _serve(args: argparse.Namespace) -> int:
     from qbackend.app.lifecycle import start_until_done, stop_on_signal
     from qbackend.machine.launch import load_machine_config
 
-    if not args.ivshmem and not args.device and not args.nbd and not args.hotplug and not args.control:
+    if not (args.ivshmem or args.device or args.nbd or args.hotplug or args.control or args.vhost_user_blk):
         print("qbackend serve: nothing to serve; add a device, e.g. --ivshmem socket=/tmp/iv0.sock,size=4M, "
               "or --control PATH to add exports over QMP", file=sys.stderr)
         return 2
@@ -469,6 +462,12 @@ def _serve(args: argparse.Namespace) -> int:
         backend.add_device(opts)
     if args.nbd:
         backend.add_nbd(args.nbd, args.nbd_socket, args.nbd_tcp)
+    ids = [opts.id for opts in args.vhost_user_blk]
+    if len(set(ids)) != len(ids):
+        print("qbackend serve: give each --vhost-user-blk its own id=", file=sys.stderr)
+        return 2
+    for opts in args.vhost_user_blk:
+        backend.add_vhost_user_blk(opts)
     if args.dimm and not args.hotplug:
         print("qbackend serve: --dimm needs --hotplug socket=PATH (the controller that shows the slots)",
               file=sys.stderr)
@@ -528,6 +527,10 @@ def _nbd(args: argparse.Namespace) -> int:
 
 
 def _print_nbd(backend: Backend) -> None:
+    for export_id, entry in backend.blocks.vhost.items():
+        ro = " (read-only)" if entry.export.info.read_only else ""
+        print(f"vhost-user-blk {export_id}: {entry.export.info.size} bytes{ro}, {entry.server.num_queues} "
+              f"queue(s): {entry.server.socket_path}", flush=True)
     server = backend.nbd
     if server is None:
         return

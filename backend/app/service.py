@@ -28,7 +28,7 @@ from qbackend.machine.qmp import QmpConnection, QmpError
 from qbackend.machine.qmp_replies import Event, QmpReplyError
 from qbackend.models.memhp import Effect, EjectRequested, MemoryHotplugBlock, Profile
 from qbackend.models.pcihp import EjectSlot
-from qbackend.options import DeviceOptions, DimmOptions, IvshmemOptions, NbdExportOptions
+from qbackend.options import DeviceOptions, DimmOptions, IvshmemOptions, NbdExportOptions, VhostUserBlkOptions
 from qbackend.plumbing.shared_memory import SharedMemory
 from qbackend.plumbing.threads import run_locked
 from qbackend.servers.nbd import NbdServer
@@ -146,6 +146,15 @@ class Backend:
             self.blocks.close_pending()
             raise
         self.nbd_listen = (socket_path, tcp)
+
+    def add_vhost_user_blk(self, opts: VhostUserBlkOptions) -> None:
+        """A disk for QEMU's vhost-user-blk-pci: a block node and its export, both named opts.id."""
+        if opts.id in self.blocks.nodes:
+            raise ValueError(f"block node {opts.id!r} is used twice")
+        fmt = opts.format or probe_format(NbdExportOptions(opts.id, opts.image, opts.readonly, opts.format))
+        self.blocks.nodes[opts.id] = BlockNode(opts.id, fmt, opts.image, opts.readonly)
+        self.blocks.add_vhost_user_blk(opts.id, opts.id, opts.socket, not opts.readonly, opts.num_queues,
+                                       handshake_timeout=self.handshake_timeout)
 
     async def start_nbd(self, socket_path: Path | None, tcp: tuple[str, int] | None) -> NbdServer:
         """nbd-server-start: the NBD server, listening now."""
@@ -304,6 +313,7 @@ class Backend:
                         await nursery.start(self._serve_device, served)
                     if self.nbd_listen is not None:
                         await self.blocks.start_server(nursery, *self.nbd_listen)
+                    await self.blocks.start_vhost(nursery)
                     for group in self.groups.values():
                         await nursery.start(group.serve)
                     if self.monitor is not None:

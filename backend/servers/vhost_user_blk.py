@@ -1,0 +1,626 @@
+"""vhost-user-blk: a disk image served to QEMU's `vhost-user-blk-pci` over
+shared-memory virtqueues (QEMU's docs/interop/vhost-user.rst).
+
+The front end (QEMU) connects to our UNIX socket, negotiates, hands over
+guest RAM as fds (SET_MEM_TABLE, or ADD_MEM_REG / REM_MEM_REG one region at
+a time once CONFIGURE_MEM_SLOTS is agreed, so a DIMM hot-plug is one more
+region) and, for each virtqueue, where its rings are and two eventfds: the
+guest's kick, and our call (the interrupt).  We map the memory, walk the
+rings ourselves (qbackend.models.virtqueue), and carry the virtio-blk
+requests (qbackend.models.virtio_blk) out against the same `Export` objects
+the NBD server serves: one block layer, two front ends.
+
+Threads (see qbackend.plumbing.threads):
+- the trio task accepts one front end at a time; a client that sends
+  nothing within the handshake limit is dropped without costing a thread;
+- a connection worker reads and answers the control messages (blocking
+  recvmsg, fds and all);
+- one worker per started queue waits (poll) on the queue's kick and wake
+  eventfds and drains the ring.
+The connection's `lock` covers the memory table and every queue: a queue
+worker holds it for one drain, the connection worker for one message, so a
+memory change or a ring stop never meets a half-served request.
+
+Bad input: a malformed message is refused (with REPLY_ACK, a failure
+reply), its fds closed, and the connection goes on; a message that needs an
+answer we cannot give, or broken framing, ends the connection.  A request
+chain that points outside guest memory is answered with IOERR.  A ring that
+cannot be trusted (a looping chain, an index that jumps, a bad indirect
+table) stops that queue: there is no vhost-user message for "needs reset",
+so the queue's error eventfd is signalled (QEMU reports "vhost vring error")
+and the queue serves nothing until the front end sets it up again.
+"""
+
+from __future__ import annotations
+
+import errno as E
+import logging
+import mmap
+import os
+import select
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from qbackend.block.exports import Export
+from qbackend.models import virtio_blk as blk
+from qbackend.models.virtqueue import (
+    ChainError,
+    GuestMemory,
+    GuestMemoryError,
+    QueueBroken,
+    SplitVirtqueue,
+    VirtqueueError,
+)
+from qbackend.plumbing.unix import (
+    accept_forever,
+    clear_eventfd,
+    close_fds,
+    fds_from_ancdata,
+    listen_unix,
+    make_eventfd,
+    send_with_fds,
+    signal_eventfd,
+)
+from qbackend.protocol import vhost_user as vu
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+MAX_MEM_SLOTS = 64  # GET_MAX_MEM_SLOTS: regions at once (QEMU needs a few; each DIMM adds one)
+RECV_SIZE = vu.HEADER_SIZE + vu.MAX_PAYLOAD
+CMSG_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * 4)
+PROTOCOL_FEATURES = (vu.ProtocolFeature.MQ | vu.ProtocolFeature.REPLY_ACK | vu.ProtocolFeature.CONFIG
+                     | vu.ProtocolFeature.CONFIGURE_MEM_SLOTS)
+_PAGE = mmap.ALLOCATIONGRANULARITY
+_FENCE = threading.Lock()
+Request = vu.FrontendRequest
+
+
+def full_fence() -> None:
+    """A store-load barrier for the rings: a locked instruction on x86 (see models.virtqueue)."""
+    _FENCE.acquire()
+    _FENCE.release()
+
+
+class Refused(Exception):
+    """A message we do not carry out; the connection goes on (REPLY_ACK says failure)."""
+
+
+class _Mapping:
+    """One region of guest memory, mapped from the front end's fd."""
+
+    def __init__(self, region: vu.MemoryRegion, fd: int) -> None:
+        self.region = region
+        start = region.mmap_offset - region.mmap_offset % _PAGE  # mmap wants an aligned offset
+        skip = region.mmap_offset - start
+        try:
+            self.map = mmap.mmap(fd, skip + region.memory_size, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise Refused(f"cannot map guest memory at {region.guest_phys_addr:#x} "
+                          f"({region.memory_size:#x} bytes): {exc}") from None
+        self.view: memoryview | None = memoryview(self.map)[skip:skip + region.memory_size]
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+        try:
+            self.map.close()
+        except BufferError:
+            # A view is still alive somewhere (a request's buffer on its way out):
+            # the mapping goes when the last one does.
+            log.debug("guest memory at %#x: unmapped later, when its last view goes",
+                      self.region.guest_phys_addr)
+
+
+class _Queue:
+    """One virtqueue of a connection, and the worker that serves it once started."""
+
+    def __init__(self, index: int, memory: GuestMemory) -> None:
+        self.index = index
+        self.vq = SplitVirtqueue(memory, barrier=full_fence)
+        self.kick: int | None = None
+        self.call: int | None = None
+        self.err: int | None = None
+        self.enabled = False
+        self.started = False
+        self.wake = make_eventfd()  # tells the worker to look at `started` / `enabled` again
+        self.thread: threading.Thread | None = None
+        self.requests = 0
+
+    def fds(self) -> list[int]:
+        return [fd for fd in (self.kick, self.call, self.err, self.wake) if fd is not None]
+
+
+class Connection:
+    """One front end of one vhost-user-blk server."""
+
+    def __init__(self, server: VhostUserBlkServer, sock: socket.socket) -> None:
+        self.server = server
+        self.export = server.export
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.reader = vu.MessageReader()
+        self.memory = GuestMemory()
+        self.mappings: list[_Mapping] = []
+        self.queues = [_Queue(i, self.memory) for i in range(server.num_queues)]
+        self.config = server.config
+        self.features = 0  # SET_FEATURES
+        self.protocol_features = 0  # SET_PROTOCOL_FEATURES
+        self.closed = False
+        self._kept: set[int] = set()  # fds of the message being handled that a queue keeps
+        self._handlers: dict[int, Callable[[vu.Message], bytes | None]] = {
+            Request.GET_FEATURES: lambda m: vu.reply_u64(Request.GET_FEATURES, self.server.features),
+            Request.SET_FEATURES: self._set_features,
+            Request.SET_OWNER: lambda m: None,
+            Request.RESET_OWNER: self._reset_owner,
+            Request.GET_PROTOCOL_FEATURES: lambda m: vu.reply_u64(Request.GET_PROTOCOL_FEATURES,
+                                                                  int(PROTOCOL_FEATURES)),
+            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            Request.GET_QUEUE_NUM: lambda m: vu.reply_u64(Request.GET_QUEUE_NUM, len(self.queues)),
+            Request.GET_MAX_MEM_SLOTS: lambda m: vu.reply_u64(Request.GET_MAX_MEM_SLOTS, MAX_MEM_SLOTS),
+            Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.ADD_MEM_REG: self._add_mem_reg,
+            Request.REM_MEM_REG: self._rem_mem_reg,
+            Request.SET_VRING_NUM: self._set_vring_num,
+            Request.SET_VRING_ADDR: self._set_vring_addr,
+            Request.SET_VRING_BASE: self._set_vring_base,
+            Request.GET_VRING_BASE: self._get_vring_base,
+            Request.SET_VRING_KICK: self._set_vring_kick,
+            Request.SET_VRING_CALL: self._set_vring_call,
+            Request.SET_VRING_ERR: self._set_vring_err,
+            Request.SET_VRING_ENABLE: self._set_vring_enable,
+            Request.GET_CONFIG: self._get_config,
+            Request.SET_CONFIG: self._set_config,
+        }
+
+    # -- the message loop (connection worker thread) -------------------------------------
+
+    def run_blocking(self) -> None:
+        buffer = bytearray(RECV_SIZE)
+        view = memoryview(buffer)
+        try:
+            while True:
+                try:
+                    n, ancdata, _flags, _ = self.sock.recvmsg_into([buffer], CMSG_SPACE)
+                except OSError:
+                    return
+                fds = fds_from_ancdata(ancdata)
+                if not n:
+                    close_fds(fds)
+                    self.reader.end_of_stream()
+                    return
+                for message in self.reader.feed(view[:n], fds):
+                    self._handle(message)
+        except vu.VhostUserProtocolError as exc:
+            log.warning("%s: closing the connection: %s", self.server.name, exc)
+            self.server.stats["protocol_errors"] += 1
+        except _Hangup as exc:
+            log.warning("%s: closing the connection: %s", self.server.name, exc)
+        except Exception:
+            log.exception("%s: internal error; closing the connection", self.server.name)
+            self.server.stats["internal_errors"] += 1
+        finally:
+            close_fds(self.reader.take_stray_fds())
+
+    def _handle(self, message: vu.Message) -> None:
+        self.server.stats["messages"] += 1
+        handler = self._handlers.get(message.request)
+        ok, reply = True, None
+        self._kept.clear()
+        try:
+            if handler is None:
+                raise Refused(f"request {message.name} is not supported")
+            with self.lock:
+                reply = handler(message)
+        except (Refused, vu.VhostUserProtocolError, VirtqueueError, blk.VirtioBlkError) as exc:
+            ok = False
+            self.server.stats["refused"] += 1
+            log.warning("%s: refused %s: %s", self.server.name, message.name, exc)
+        finally:
+            close_fds(fd for fd in message.fds if fd not in self._kept)
+        if not ok and message.request in vu.REPLIES:
+            raise _Hangup(f"{message.name} needs an answer we cannot give")
+        if reply is None and message.need_reply and self.protocol_features & vu.ProtocolFeature.REPLY_ACK:
+            reply = vu.reply_ack(message.request, ok)
+        if reply is not None:
+            try:
+                send_with_fds(self.sock, reply)
+            except OSError as exc:
+                raise _Hangup(f"cannot reply: {exc}") from None
+
+    # -- negotiation -------------------------------------------------------------------
+
+    def _set_features(self, message: vu.Message) -> None:
+        features = vu.parse_u64(message.payload)
+        unknown = features & ~self.server.features
+        if unknown:
+            raise Refused(f"features {unknown:#x} were not offered")
+        self.features = features
+        for q in self.queues:
+            q.vq.set_features(features)
+            if not features & vu.VHOST_USER_F_PROTOCOL_FEATURES:
+                q.enabled = True  # spec: without protocol features a ring starts enabled
+
+    def _set_protocol_features(self, message: vu.Message) -> None:
+        features = vu.parse_u64(message.payload)
+        if features & ~int(PROTOCOL_FEATURES):
+            raise Refused(f"protocol features {features & ~int(PROTOCOL_FEATURES):#x} were not offered")
+        self.protocol_features = features
+
+    def _reset_owner(self, message: vu.Message) -> None:
+        for q in self.queues:
+            self._stop_queue(q)
+            q.vq.reset()
+
+    # -- guest memory ------------------------------------------------------------------
+
+    def _set_mem_table(self, message: vu.Message) -> None:
+        regions = vu.parse_memory_table(message.payload, message.fds)
+        new = []
+        try:
+            for region, fd in zip(regions, message.fds):
+                new.append(_Mapping(region, fd))
+        except Refused:
+            for m in new:
+                m.close()
+            raise
+        self._unmap_all()
+        try:
+            for m in new:
+                assert m.view is not None
+                r = m.region
+                self.memory.add_region(r.guest_phys_addr, r.memory_size, r.userspace_addr, m.view)
+                self.mappings.append(m)
+        except GuestMemoryError:
+            self._unmap_all()
+            for m in new:
+                m.close()
+            raise
+        self.server.stats["memory_tables"] += 1
+
+    def _add_mem_reg(self, message: vu.Message) -> None:
+        vu.require_fds(message, 1)
+        region = vu.parse_single_region(message.payload)
+        if len(self.mappings) >= MAX_MEM_SLOTS:
+            raise Refused(f"all {MAX_MEM_SLOTS} memory slots are in use")
+        m = _Mapping(region, message.fds[0])
+        assert m.view is not None
+        try:
+            self.memory.add_region(region.guest_phys_addr, region.memory_size, region.userspace_addr, m.view)
+        except GuestMemoryError:
+            m.close()
+            raise
+        self.mappings.append(m)
+        self.server.stats["regions_added"] += 1
+
+    def _rem_mem_reg(self, message: vu.Message) -> None:
+        region = vu.parse_single_region(message.payload)  # QEMU 11.1 sends an fd with it too; closed
+        for m in self.mappings:
+            r = m.region
+            if (r.guest_phys_addr, r.memory_size, r.userspace_addr) == (
+                    region.guest_phys_addr, region.memory_size, region.userspace_addr):
+                break
+        else:
+            raise Refused(f"no region at {region.guest_phys_addr:#x} of {region.memory_size:#x} bytes to remove")
+        self.memory.remove_region(r.guest_phys_addr)
+        for q in self.queues:
+            q.vq.detach()  # they find their rings again on next use; the old views must go first
+        self.mappings.remove(m)
+        m.close()
+        self.server.stats["regions_removed"] += 1
+
+    def _unmap_all(self) -> None:
+        for q in self.queues:
+            q.vq.detach()
+        self.memory.clear()
+        while self.mappings:
+            self.mappings.pop().close()
+
+    # -- rings -------------------------------------------------------------------------
+
+    def _queue(self, index: int) -> _Queue:
+        if not 0 <= index < len(self.queues):
+            raise Refused(f"queue {index} does not exist (the device has {len(self.queues)})")
+        return self.queues[index]
+
+    def _set_vring_num(self, message: vu.Message) -> None:
+        state = vu.VringState.parse(message.payload)
+        self._queue(state.index).vq.set_num(state.num)
+
+    def _set_vring_addr(self, message: vu.Message) -> None:
+        addr = vu.VringAddr.parse(message.payload)
+        self._queue(addr.index).vq.set_addresses(addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr)
+
+    def _set_vring_base(self, message: vu.Message) -> None:
+        state = vu.VringState.parse(message.payload)
+        self._queue(state.index).vq.set_base(state.num)
+
+    def _get_vring_base(self, message: vu.Message) -> bytes:
+        state = vu.VringState.parse(message.payload)
+        q = self._queue(state.index)
+        self._stop_queue(q)
+        if q.kick is not None:  # spec: the ring is stopped; a restart brings a new kick fd
+            self._drop_fd(q.kick)
+            q.kick = None
+        return vu.reply_vring_state(q.index, q.vq.get_base())
+
+    def _set_vring_kick(self, message: vu.Message) -> None:
+        index, fd = vu.parse_vring_file(message)
+        q = self._queue(index)
+        if fd is None:
+            raise Refused("polling a ring without a kick fd is not supported")
+        self._stop_queue(q)
+        if q.kick is not None:
+            self._drop_fd(q.kick)
+        q.kick = self._keep(fd)
+        self._start_queue(q)  # spec: a ring starts when its kick fd arrives
+
+    def _set_vring_call(self, message: vu.Message) -> None:
+        index, fd = vu.parse_vring_file(message)
+        q = self._queue(index)
+        if q.call is not None:
+            self._drop_fd(q.call)
+        q.call = self._keep(fd) if fd is not None else None
+
+    def _set_vring_err(self, message: vu.Message) -> None:
+        index, fd = vu.parse_vring_file(message)
+        q = self._queue(index)
+        if q.err is not None:
+            self._drop_fd(q.err)
+        q.err = self._keep(fd) if fd is not None else None
+
+    def _set_vring_enable(self, message: vu.Message) -> None:
+        state = vu.VringState.parse(message.payload)
+        if state.num not in (0, 1):
+            raise Refused(f"SET_VRING_ENABLE {state.num}: 0 or 1")
+        q = self._queue(state.index)
+        q.enabled = bool(state.num)
+        signal_eventfd(q.wake)  # an enabled ring may hold requests already
+
+    def _keep(self, fd: int) -> int:
+        self._kept.add(fd)
+        return fd
+
+    @staticmethod
+    def _drop_fd(fd: int) -> None:
+        close_fds([fd])
+
+    # -- config space ------------------------------------------------------------------
+
+    def _get_config(self, message: vu.Message) -> bytes:
+        req = vu.ConfigSpace.parse(message.payload)
+        if req.offset + req.size > blk.CONFIG_MAX_SIZE:
+            return vu.reply_config_error()
+        data = blk.config_bytes(self.config, req.offset + req.size)[req.offset:]
+        return vu.reply_config(req.offset, req.size, req.flags, data)
+
+    def _set_config(self, message: vu.Message) -> None:
+        req = vu.ConfigSpace.parse(message.payload)
+        self.config = blk.config_write(self.config, req.offset, req.data)
+
+    # -- queue workers -----------------------------------------------------------------
+
+    def _start_queue(self, q: _Queue) -> None:
+        """Called holding the lock, with q stopped."""
+        q.started = True
+        clear_eventfd(q.wake)
+        q.thread = threading.Thread(target=self._serve_queue, args=(q,), daemon=True,
+                                    name=f"{self.server.name} queue {q.index}")
+        q.thread.start()
+
+    def _stop_queue(self, q: _Queue) -> None:
+        """Called holding the lock.  The worker is between drains then (a drain holds the
+        lock), so once `started` is off it serves nothing more; it exits at its next look."""
+        if q.thread is None:
+            return
+        q.started = False
+        signal_eventfd(q.wake)
+        if q.thread is not threading.current_thread():
+            self.lock.release()  # the worker may be waiting for the lock to see `started`
+            try:
+                q.thread.join()
+            finally:
+                self.lock.acquire()
+        q.thread = None
+
+    def _serve_queue(self, q: _Queue) -> None:
+        kick, wake = q.kick, q.wake
+        assert kick is not None
+        poller = select.poll()
+        poller.register(kick, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+        first = True  # a ring that starts may hold requests made before (a reconnect)
+        try:
+            while True:
+                if not first:
+                    events = poller.poll()
+                    for fd, _ in events:
+                        clear_eventfd(fd)
+                first = False
+                with self.lock:
+                    if not q.started:
+                        return
+                    if q.enabled and q.vq.configured and not q.vq.broken:
+                        self._drain(q)
+        except Exception:
+            log.exception("%s: queue %d: internal error; the queue stops", self.server.name, q.index)
+            self.server.stats["internal_errors"] += 1
+
+    def _drain(self, q: _Queue) -> None:
+        """Serve every request the driver has made available (holding the lock)."""
+        vq, export, config = q.vq, self.export, self.config
+        writethrough = blk.cache_writethrough(self.features, config)
+        serial = self.server.serial
+        served = 0
+        try:
+            while True:
+                try:
+                    chain = vq.pop()
+                except ChainError as exc:
+                    log.warning("%s: queue %d: %s; answered with IOERR", self.server.name, q.index, exc)
+                    self.server.stats["bad_chains"] += 1
+                    if exc.tail is not None:
+                        exc.tail[0] = blk.Status.IOERR
+                    vq.push(exc.head, 1 if exc.tail is not None else 0)
+                    served += 1
+                    continue
+                if chain is None:
+                    break
+                request = blk.parse_request(chain, config)
+                if request.status is not None:
+                    log.info("%s: queue %d: request refused (%s): %s", self.server.name, q.index,
+                             request.status.name, request.reason)
+                    self.server.stats["refused_requests"] += 1
+                status, used = blk.execute(request, export, writethrough=writethrough, serial=serial)
+                if status is blk.Status.IOERR and request.status is None:
+                    self.server.stats["io_errors"] += 1
+                del request
+                chain.release()
+                vq.push(chain.head, used)
+                served += 1
+        except QueueBroken as exc:
+            log.warning("%s: queue %d: %s; the queue stops until the front end sets it up again",
+                        self.server.name, q.index, exc)
+            self.server.stats["broken_queues"] += 1
+            if not vq.broken:
+                vq.mark_broken(str(exc))
+            if q.err is not None:
+                signal_eventfd(q.err)
+        q.requests += served
+        self.server.stats["requests"] += served
+        if served and q.call is not None and vq.should_notify():
+            signal_eventfd(q.call)
+
+    # -- teardown ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Make the connection worker's recvmsg return (from any thread)."""
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Stop the queues, unmap guest memory, close every fd the front end gave us."""
+        with self.lock:
+            for q in self.queues:
+                self._stop_queue(q)
+            for q in self.queues:
+                q.vq.reset()
+                close_fds(q.fds())
+                q.kick = q.call = q.err = None
+            self._unmap_all()
+        self.sock.close()
+
+    def open_fds(self) -> list[int]:
+        fds = [fd for q in self.queues for fd in q.fds()]
+        if self.sock.fileno() >= 0:
+            fds.append(self.sock.fileno())
+        return fds
+
+
+class _Hangup(Exception):
+    """The connection cannot go on (a reply we cannot give or send)."""
+
+
+class VhostUserBlkServer:
+    """One disk on one UNIX socket (mode 0600), one front end at a time.
+
+    `export` is an opened Export (qbackend.block.exports), served as it is:
+    the server flushes it when a front end goes, and closes it only if it
+    was told to (`close_export`), since an export may also be served over NBD.
+    """
+
+    def __init__(self, export: Export, socket_path: str | os.PathLike[str], *, name: str = "",
+                 num_queues: int = 1, serial: str = "", handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        if not 1 <= num_queues <= 64:
+            raise ValueError(f"num-queues={num_queues}: 1..64")
+        self.export = export
+        self.socket_path = Path(socket_path)
+        self.name = name or f"vhost-user-blk@{self.socket_path}"
+        self.num_queues = num_queues
+        self.serial = serial.encode()[:blk.ID_BYTES]
+        self.handshake_timeout = handshake_timeout
+        info = export.info
+        # seg_max: what one request may carry; QEMU's own virtio-blk says queue size - 2.
+        # size_max: a request's buffers are gathered into one bytes, so keep each bounded.
+        self.config = blk.BlkConfig(
+            capacity=info.size // blk.SECTOR_SIZE, seg_max=126, size_max=1 << 20, num_queues=num_queues,
+            readonly=info.read_only,
+            max_discard_sectors=0 if info.read_only else (32 << 20) // blk.SECTOR_SIZE, max_discard_seg=1,
+            discard_sector_alignment=8,
+            max_write_zeroes_sectors=0 if info.read_only else (32 << 20) // blk.SECTOR_SIZE,
+            max_write_zeroes_seg=1, write_zeroes_may_unmap=True)
+        self.features = self.config.features() | vu.VHOST_USER_F_PROTOCOL_FEATURES
+        self.stats: Counter[str] = Counter()
+        self.connection: Connection | None = None
+        self.connections_served = 0
+        self._one_client = trio.Lock()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = listen_unix(self.socket_path)
+        log.info("%s: listening", self.name)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                await accept_forever(listener, self.name, nursery, self._serve_client)
+        finally:
+            listener.close()
+            try:
+                if self.socket_path.is_socket():
+                    self.socket_path.unlink()
+            except OSError:
+                pass
+
+    async def _serve_client(self, sock: socket.socket) -> None:
+        try:
+            with trio.move_on_after(self.handshake_timeout) as wait:
+                await trio.lowlevel.wait_readable(sock)
+            if wait.cancelled_caught:
+                log.info("%s: a client sent nothing within %g s: dropped", self.name, self.handshake_timeout)
+                self.stats["handshake_timeouts"] += 1
+                return
+            sock.setblocking(True)
+            async with self._one_client:
+                conn = Connection(self, sock)
+                self.connection = conn
+                self.connections_served += 1
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._stop_on_cancel, conn)
+                        await trio.to_thread.run_sync(conn.run_blocking, limiter=trio.CapacityLimiter(1))
+                        nursery.cancel_scope.cancel()
+                finally:
+                    try:
+                        await trio.to_thread.run_sync(self._close_connection, conn)
+                    finally:
+                        self.connection = None
+                    log.info("%s: front end disconnected", self.name)
+        finally:
+            sock.close()
+
+    def _close_connection(self, conn: Connection) -> None:
+        conn.close()
+        try:
+            self.export.flush()
+        except OSError as exc:
+            log.warning("%s: flush after the front end went: %s", self.name, os.strerror(exc.errno or E.EIO))
+
+    @staticmethod
+    async def _stop_on_cancel(conn: Connection) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            conn.stop()
+
+    def open_fds(self) -> list[int]:
+        """The fds this server holds for its front end (for leak checks)."""
+        return self.connection.open_fds() if self.connection is not None else []
