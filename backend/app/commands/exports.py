@@ -1,8 +1,9 @@
-"""NBD exports at run time, with qemu-storage-daemon's commands and
+"""Block exports at run time, with qemu-storage-daemon's commands and
 arguments: ``nbd-server-start``, ``nbd-server-stop``, ``blockdev-add``
 (drivers ``qed`` and ``raw`` over a ``file``), ``blockdev-del``,
-``block-export-add`` (type ``nbd``), ``block-export-del`` (mode ``safe`` or
-``hard``) and ``query-block-exports``; the ``BLOCK_EXPORT_DELETED`` event.
+``block-export-add`` (type ``nbd``, or ``vhost-user-blk`` with ``addr`` and
+``num-queues``), ``block-export-del`` (mode ``safe`` or ``hard``) and
+``query-block-exports``; the ``BLOCK_EXPORT_DELETED`` event.
 Anything those commands take that qbackend does not do (TLS, bitmaps,
 other drivers) is refused by the schema, not ignored.
 """
@@ -31,11 +32,14 @@ BLOCKDEV_ADD = CommandSpec("blockdev-add", {
 }, doc="open an image as a block node")
 BLOCKDEV_DEL = CommandSpec("blockdev-del", {"node-name": Arg("str")}, doc="close a block node no export uses")
 EXPORT_ADD = CommandSpec("block-export-add", {
-    "type": Arg(("nbd",)), "id": Arg("str"), "node-name": Arg("str"),
-    "name": Arg("str", True, "the NBD export name (default: the node name)"),
+    "type": Arg(("nbd", "vhost-user-blk")), "id": Arg("str"), "node-name": Arg("str"),
+    "name": Arg("str", True, "nbd: the export name (default: the node name)"),
     "writable": Arg("bool", True, "default false, as QEMU"),
-    "description": Arg("str", True, "accepted; qbackend does not send descriptions"),
-}, doc="export a block node over NBD")
+    "description": Arg("str", True, "nbd: accepted; qbackend does not send descriptions"),
+    "addr": Arg("object", True, "vhost-user-blk: SocketAddress {type: unix, path: PATH}"),
+    "num-queues": Arg("int", True, "vhost-user-blk: queues at most (default 1)"),
+    "logical-block-size": Arg("int", True, "vhost-user-blk: 512 only"),
+}, doc="export a block node over NBD, or to QEMU's vhost-user-blk-pci")
 EXPORT_DEL = CommandSpec("block-export-del", {"id": Arg("str"), "mode": Arg(("safe", "hard"), True)},
                          doc="remove an export: safe (default) refuses while clients use it, hard drops them")
 QUERY = CommandSpec("query-block-exports", doc="the exports", returns="[{type, id, node-name, shutting-down}]")
@@ -53,6 +57,14 @@ def _address(addr: dict[str, Any]) -> tuple[Path | None, tuple[str, int] | None]
         return None, (data["host"], int(data["port"]))
     raise QmpCommandError("'addr' is {'type': 'unix', 'data': {'path': ...}} or "
                           "{'type': 'inet', 'data': {'host': ..., 'port': '...'}}")
+
+
+def _unix_path(addr: object) -> Path:
+    """A vhost-user-blk export's SocketAddress (flat, as qemu-storage-daemon's)."""
+    if isinstance(addr, dict) and addr.get("type") == "unix" and isinstance(addr.get("path"), str) \
+            and set(addr) <= {"type", "path", "abstract", "tight"} and not addr.get("abstract"):
+        return Path(addr["path"])
+    raise QmpCommandError("vhost-user-blk needs 'addr': {'type': 'unix', 'path': PATH}")
 
 
 def _filename(file: object) -> Path:
@@ -88,6 +100,17 @@ def register(monitor: QmpMonitor, backend: Backend) -> None:
         return {}
 
     async def export_add(args: dict[str, Any]) -> object:
+        if args["type"] == "vhost-user-blk":
+            if "name" in args or "description" in args:
+                raise QmpCommandError("'name' and 'description' are for type nbd")
+            if args.get("logical-block-size", 512) != 512:
+                raise QmpCommandError("logical-block-size: qbackend serves 512-byte sectors only")
+            blocks().add_vhost_user_blk(args["id"], args["node-name"], _unix_path(args.get("addr")),
+                                        args.get("writable", False), args.get("num-queues", 1),
+                                        handshake_timeout=backend.handshake_timeout)
+            return {}
+        if {"addr", "num-queues", "logical-block-size"} & set(args):
+            raise QmpCommandError("'addr', 'num-queues' and 'logical-block-size' are for type vhost-user-blk")
         blocks().add_export(args["id"], args["node-name"], args.get("name"), args.get("writable", False))
         return {}
 
