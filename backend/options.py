@@ -226,14 +226,16 @@ class DeviceOptions:
 
 @dataclass(frozen=True)
 class DiskOptions:
-    """`--disk image=PATH[,format=qed|raw][,readonly=on]` of `qbackend run`: a disk the guest
-    sees as virtio-blk, exported by qbackend over NBD."""
+    """`--disk image=PATH[,format=qed|raw][,readonly=on][,via=nbd|vhost-user]` of `qbackend run`:
+    a disk the guest sees as virtio-blk, served by qbackend over NBD (QEMU's NBD client
+    under a virtio-blk-pci) or over vhost-user (a vhost-user-blk-pci)."""
 
     image: Path
     format: str = ""
     readonly: bool = False
+    via: str = "nbd"
 
-    KEYS = ("image", "format", "readonly")
+    KEYS = ("image", "format", "readonly", "via")
 
     @classmethod
     def parse(cls, text: str) -> DiskOptions:
@@ -241,5 +243,8 @@ class DiskOptions:
         _known_keys(kv, cls.KEYS, "--disk")
         if "image" not in kv:
             raise OptionError("--disk: image=PATH is required (example: --disk image=disk.qed,format=qed)")
+        via = kv.get("via", "nbd")
+        if via not in ("nbd", "vhost-user"):
+            raise OptionError(f"--disk via={via}: nbd or vhost-user")
         return cls(image=Path(kv["image"]), format=_image_format(kv, "--disk"),
-                   readonly=_parse_bool(kv.get("readonly", "off"), "--disk readonly"))
+                   readonly=_parse_bool(kv.get("readonly", "off"), "--disk readonly"), via=via)

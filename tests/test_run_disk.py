@@ -1,7 +1,8 @@
-"""`qbackend run --disk`: the main job with the QED-over-NBD half of the
-mission: the guest sees the disk as /dev/vda, makes a filesystem and writes
-a file; after the guest powers off, qbackend's own QED reader returns the
-file and qemu-img check is clean."""
+"""`qbackend run --disk`: the main job with the storage half of the mission,
+over NBD (virtio-blk-pci on QEMU's NBD client) and over vhost-user
+(vhost-user-blk-pci): the guest sees the disk as /dev/vda, makes a
+filesystem and writes a file; after the guest powers off, qbackend's own QED
+reader returns the file and qemu-img check is clean."""
 
 from __future__ import annotations
 
@@ -24,13 +25,16 @@ VIRTIO_BLK_MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_
                       "virtio_blk", "crc16", "mbcache", "jbd2", "crc32c_generic", "ext4")
 
 
-def test_run_with_a_qed_disk(tmp_path: Path) -> None:
+@pytest.mark.parametrize("via", ["nbd", "vhost-user"])
+def test_run_with_a_qed_disk(tmp_path: Path, via: str) -> None:
     disk = tmp_path / "disk.qed"
     qemu_img("create", "-f", "qed", str(disk), str(SIZE))
     workdir = tmp_path / "run"
-    proc, lines = start_qbackend(["run", "--workdir", str(workdir), "--disk", f"image={disk},format=qed"], REPO)
+    proc, lines = start_qbackend(["run", "--workdir", str(workdir), "--disk", f"image={disk},format=qed,via={via}"],
+                                 REPO)
     try:
-        assert any("export disk0:" in line for line in lines), "".join(lines)
+        shown = "export disk0:" if via == "nbd" else "vhost-user-blk disk0:"
+        assert any(shown in line for line in lines), "".join(lines)
         with GuestConsole(workdir / "qemu-serial.sock") as console:
             console.wait_ready(timeout=90)
             shell = GuestShell(console)

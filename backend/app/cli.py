@@ -316,9 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", type=_device_option, action="append", default=[],
                      metavar="socket=PATH,class=MODULE:CLASS[,...]", help="a device of your own; see 'serve --help'")
     run.add_argument("--disk", type=_disk_option, action="append", default=[],
-                     metavar="image=PATH[,format=qed|raw][,readonly=on]",
-                     help="a disk (repeatable): exported by qbackend over NBD, seen by the guest as /dev/vda, vdb, ...; "
-                          "format= is required unless readonly=on")
+                     metavar="image=PATH[,format=qed|raw][,readonly=on][,via=nbd|vhost-user]",
+                     help="a disk (repeatable), seen by the guest as /dev/vda, vdb, ...: served by qbackend over "
+                          "NBD (default) or vhost-user (vhost-user-blk-pci); format= is required unless readonly=on")
     run.add_argument("--workdir", type=Path, default=Path("build/run"),
                      help="where sockets and the QEMU log go (default: build/run)")
     run.add_argument("--machine", default="pc",
@@ -557,15 +557,26 @@ def _run(args: argparse.Namespace) -> int:
     for opts in args.device:
         backend.add_device(opts)
     extra: list[str] = []
-    if args.disk:
+    disks: list[DiskOptions] = args.disk
+    over_nbd = [(n, d) for n, d in enumerate(disks) if d.via == "nbd"]
+    if over_nbd:
         nbd_sock = workdir / "nbd.sock"
         backend.add_nbd([NbdExportOptions(name=f"disk{n}", image=d.image.resolve(), readonly=d.readonly,
-                                          format=d.format) for n, d in enumerate(args.disk)], nbd_sock)
-        for n, disk in enumerate(args.disk):
+                                          format=d.format) for n, d in over_nbd], nbd_sock)
+    for n, disk in enumerate(disks):
+        if disk.via == "nbd":
             ro = ",read-only=on" if disk.readonly else ""
             extra += ["-blockdev", f"driver=nbd,node-name=disk{n},server.type=unix,server.path={nbd_sock},"
                                    f"export=disk{n}{ro}",
                       "-device", f"virtio-blk-pci,drive=disk{n},id=disk{n}"]
+        else:
+            # vhost-user: QEMU maps nothing of the disk; qbackend reads the rings in guest RAM
+            # (QemuMachine's RAM is a shared memfd).  One queue: the guest has one vCPU.
+            sock = workdir / f"disk{n}-vhost-user.sock"
+            backend.add_vhost_user_blk(VhostUserBlkOptions(socket=sock, image=disk.image.resolve(), format=disk.format,
+                                                           readonly=disk.readonly, num_queues=1, id=f"disk{n}"))
+            extra += ["-chardev", f"socket,id=disk{n}-chr,path={sock}",
+                      "-device", f"vhost-user-blk-pci,chardev=disk{n}-chr,id=disk{n},num-queues=1"]
     # The hotplug controller always comes along: DIMM slots and the PCI hotplug bus.
     slots = max(4, len(args.dimm))
     bus = load_machine_config(args.machine).hotplug_bus
