@@ -68,6 +68,7 @@ bench:
 	$(VENV)/bin/python scripts/bench_soak.py
 	$(VENV)/bin/python scripts/bench_ivshmem.py
 	$(VENV)/bin/python scripts/bench_qed.py
+	$(VENV)/bin/python scripts/bench_vhost_user_blk.py
 
 run:
 	$(QB) run

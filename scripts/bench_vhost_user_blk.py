@@ -1,0 +1,192 @@
+"""make bench: fio in a guest on three disks of the same QED image, in one run.
+
+- vda: qbackend's vhost-user-blk (qbackend serve --vhost-user-blk), a vhost-user-blk-pci;
+- vdb: qemu-storage-daemon 11.1's own vhost-user-blk export, the reference;
+- vdc: qbackend's NBD export under QEMU's NBD client and a virtio-blk-pci.
+Each disk has its own copy of one image (a 256 MiB QED image, every cluster
+written), so the three read the same bytes.  fio (the host's fio-3.33 and
+its libraries, appended to the test guest's initramfs as a second archive)
+runs sequential 1 MiB reads and writes (QD4) and 4 KiB random reads at QD1
+and QD16, direct I/O with libaio, each for a few seconds; the disks are
+interleaved within each round and the median of the rounds is printed, as
+MB/s or IOPS and as ratios: qbackend vhost-user / qemu-storage-daemon, and
+qbackend vhost-user / qbackend NBD.  Nothing is pinned (a throughput
+benchmark; the guest, qemu-storage-daemon and qbackend share the 2 CPUs).
+
+    python scripts/bench_vhost_user_blk.py [--rounds N] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qbackend.machine.launch import GuestImage, QemuInstall, find_guest, find_qemu  # noqa: E402
+
+SIZE = 256 << 20
+MODULES = "virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk".split()
+DISKS = {"qbackend vhost-user": "0x10", "qemu-storage-daemon vhost-user": "0x11", "qbackend NBD": "0x12"}
+JOBS = {  # name: (fio arguments, what is printed)
+    "seq read 1M QD4": ("--rw=read --bs=1M --iodepth=4", "MB/s"),
+    "seq write 1M QD4": ("--rw=write --bs=1M --iodepth=4", "MB/s"),
+    "rand read 4K QD1": ("--rw=randread --bs=4k --iodepth=1", "IOPS"),
+    "rand read 4K QD16": ("--rw=randread --bs=4k --iodepth=16", "IOPS"),
+}
+
+
+def fio_initrd(guest: GuestImage, dest: Path) -> Path:
+    """The guest's initramfs plus a second cpio archive holding fio and its shared libraries
+    (the kernel unpacks concatenated archives in order)."""
+    fio = shutil.which("fio")
+    if fio is None:
+        raise SystemExit("bench_vhost_user_blk: fio is not installed (make setup installs it)")
+    libs = subprocess.run(["ldd", fio], capture_output=True, text=True, check=True).stdout
+    files = [Path(fio)]
+    for line in libs.splitlines():
+        parts = line.split()
+        path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
+        if path.startswith("/"):
+            files.append(Path(path))
+    staging = dest / "fio-root"
+    for f in files:
+        target = staging / str(f).lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f.resolve(), target)
+    (staging / "usr/bin").mkdir(parents=True, exist_ok=True)
+    cpio = subprocess.run("find . | cpio -o -H newc --quiet", shell=True, cwd=staging, capture_output=True,
+                          check=True).stdout
+    out = dest / "initrd-fio.img"
+    out.write_bytes(guest.initrd.read_bytes() + gzip.compress(cpio, compresslevel=1))
+    return out
+
+
+def make_images(qemu: QemuInstall, work: Path) -> list[Path]:
+    raw = work / "data.raw"
+    with open(raw, "wb") as f:
+        for _ in range(SIZE >> 20):
+            f.write(os.urandom(1 << 20))
+    images = []
+    for n in range(len(DISKS)):
+        image = work / f"disk{n}.qed"
+        subprocess.run([*qemu.tool_cmd("qemu-img"), "convert", "-f", "raw", "-O", "qed", str(raw), str(image)],
+                       check=True, env=qemu.env(), capture_output=True)
+        images.append(image)
+    raw.unlink()
+    return images
+
+
+def wait_for(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"bench_vhost_user_blk: {what} did not start")
+        time.sleep(0.05)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=4, help="fio runtime per job and disk")
+    args = parser.parse_args()
+
+    from qbackend.machine.console import GuestConsole
+    from qbackend.machine.launch import QemuMachine
+
+    qemu, guest = find_qemu(), find_guest()
+    with tempfile.TemporaryDirectory(prefix="bench-vub-") as tmp:
+        work = Path(tmp)
+        images = make_images(qemu, work)
+        bench_guest = GuestImage(guest.kernel, fio_initrd(guest, work), guest.kernel_version)
+        ours_sock, ref_sock, nbd_sock = work / "qb-vub.sock", work / "qsd-vub.sock", work / "qb-nbd.sock"
+        qb = subprocess.Popen([sys.executable, "-m", "qbackend", "serve",
+                               "--vhost-user-blk", f"socket={ours_sock},image={images[0]},format=qed,id=vub0",
+                               "--nbd", f"name=disk,image={images[2]},format=qed", "--nbd-socket", str(nbd_sock)],
+                              cwd=ROOT, stdout=subprocess.DEVNULL)
+        qsd = subprocess.Popen([*qemu.tool_cmd("qemu-storage-daemon"),
+                                "--blockdev", f"driver=file,node-name=f0,filename={images[1]}",
+                                "--blockdev", "driver=qed,node-name=q0,file=f0",
+                                "--export", f"type=vhost-user-blk,id=e0,node-name=q0,addr.type=unix,"
+                                            f"addr.path={ref_sock},writable=on"],
+                               env=qemu.env(), stdout=subprocess.DEVNULL)
+        vm: QemuMachine | None = None
+        try:
+            wait_for(ours_sock, qb, "qbackend")
+            wait_for(nbd_sock, qb, "qbackend's NBD server")
+            wait_for(ref_sock, qsd, "qemu-storage-daemon")
+            addrs = list(DISKS.values())
+            vm = QemuMachine(work, name="bench", guest=bench_guest, memory="1G", extra_args=[
+                "-chardev", f"socket,id=vub0,path={ours_sock}",
+                "-device", f"vhost-user-blk-pci,chardev=vub0,num-queues=1,addr={addrs[0]}",
+                "-chardev", f"socket,id=vub1,path={ref_sock}",
+                "-device", f"vhost-user-blk-pci,chardev=vub1,num-queues=1,addr={addrs[1]}",
+                "-blockdev", f"driver=nbd,node-name=nbd0,server.type=unix,server.path={nbd_sock},export=disk",
+                "-device", f"virtio-blk-pci,drive=nbd0,num-queues=1,addr={addrs[2]}"])
+            console = GuestConsole(vm.serial_path)
+            vm.start()
+            console.connect()
+            console.wait_ready(timeout=180)
+
+            def sh(cmd: str, timeout: float = 120) -> str:
+                return console.run_checked(cmd, timeout).strip()
+
+            sh("for m in " + " ".join(MODULES) + "; do insmod /lib/modules/$m.ko || exit 1; done")
+            devices: dict[str, str] = {}
+            deadline = time.monotonic() + 30
+            while len(devices) < len(DISKS) and time.monotonic() < deadline:
+                for name, addr in DISKS.items():
+                    slot = f"0000:00:{int(addr, 16):02x}.0"
+                    found = sh(f"for b in /sys/block/vd*; do readlink $b | grep -q {slot}/ "
+                               f"&& basename $b; done; true")
+                    if found:
+                        devices[name] = "/dev/" + found.split()[0]
+                time.sleep(0.2)
+            if len(devices) < len(DISKS):
+                listing = sh("ls -l /sys/block/; true")
+                raise SystemExit(f"bench_vhost_user_blk: the guest shows only {devices}:\n{listing}")
+            results: dict[str, dict[str, list[float]]] = {job: {d: [] for d in DISKS} for job in JOBS}
+            for fio_args, _ in JOBS.values():  # warm-up: one short pass of each
+                for dev in devices.values():
+                    sh(f"fio --name=w --filename={dev} --direct=1 --ioengine=libaio --thread {fio_args} "
+                       f"--runtime=1 --time_based --output-format=terse >/dev/null")
+            for _ in range(args.rounds):
+                for job, (fio_args, unit) in JOBS.items():
+                    for name, dev in devices.items():
+                        out = sh(f"fio --name=b --filename={dev} --direct=1 --ioengine=libaio --thread {fio_args} "
+                                 f"--runtime={args.seconds} --time_based --output-format=terse",
+                                 timeout=args.seconds * 10 + 60)
+                        fields = out.splitlines()[-1].split(";")
+                        write = "write" in fio_args
+                        bw_kib, iops = (float(fields[47]), float(fields[48])) if write else \
+                            (float(fields[6]), float(fields[7]))
+                        results[job][name].append(bw_kib / 1024 if unit == "MB/s" else iops)
+        finally:
+            if vm is not None:
+                vm.stop()
+            for proc in (qb, qsd):
+                proc.terminate()
+                proc.wait(30)
+
+    names = list(DISKS)
+    print(f"\nvhost-user-blk in a TCG guest (fio, direct I/O, libaio; medians of {args.rounds} interleaved rounds "
+          f"of {args.seconds} s; unpinned)")
+    print(f"{'job':<20}" + "".join(f"{n:>32}" for n in names) + f"{'vu/qsd':>9}{'vu/nbd':>9}")
+    for job, (_, unit) in JOBS.items():
+        med = [statistics.median(results[job][n]) for n in names]
+        print(f"{job:<20}" + "".join(f"{m:>26.1f} {unit:<5}" for m in med)
+              + f"{med[0] / med[1]:>8.2f}x{med[0] / med[2]:>8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
