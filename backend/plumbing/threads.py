@@ -12,6 +12,9 @@ Threads, and why each exists:
   must be used so that SCM_RIGHTS fds are never dropped;
 - one worker per NBD connection after its handshake (`servers.nbd`), for
   the same reason, plus a small pool for FLUSH and FUA writes;
+- for a vhost-user-blk front end (`servers.vhost_user_blk`): one worker
+  for its control messages (blocking recvmsg with fds), and one per started
+  virtqueue, a `poll` on the queue's kick eventfd that drains the ring;
 - one doorbell watcher per ivshmem peer group (`ivshmem.group`): a `poll`
   over every peer's eventfds, delivering doorbells without trio in between;
 - a host peer's reader and doorbell threads (`ivshmem.peer`, for programs
@@ -28,6 +31,9 @@ Locks they share:
   by the doorbell watcher, the workers (doorbell register writes) and the
   ivshmem-server clients;
 - a QED image's lock: its metadata, taken by NBD connection workers;
+- a vhost-user-blk connection's `lock`: its memory table and queues, taken
+  by the control worker for one message and by a queue worker for one
+  drain of its ring;
 - the send locks of a connection, the ivshmem-server client queue lock and
   the QMP event queue's condition: short critical sections for one message.
 
