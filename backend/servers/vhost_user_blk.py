@@ -196,8 +196,15 @@ class Connection:
                     close_fds(fds)
                     self.reader.end_of_stream()
                     return
-                for message in self.reader.feed(view[:n], fds):
-                    self._handle(message)
+                messages = self.reader.feed(view[:n], fds)
+                for i, message in enumerate(messages):
+                    try:
+                        self._handle(message)
+                    except BaseException:
+                        # One recvmsg may bring several messages, the fds with the last: when one
+                        # ends the connection, the fds of those behind it are ours to close too.
+                        close_fds(fd for later in messages[i + 1:] for fd in later.fds)
+                        raise
         except vu.VhostUserProtocolError as exc:
             log.warning("%s: closing the connection: %s", self.server.name, exc)
             self.server.stats["protocol_errors"] += 1
@@ -222,7 +229,10 @@ class Connection:
         except (Refused, vu.VhostUserProtocolError, VirtqueueError, blk.VirtioBlkError) as exc:
             ok = False
             self.server.stats["refused"] += 1
-            log.warning("%s: refused %s: %s", self.server.name, message.name, exc)
+            # str(exc), not exc: a record that keeps its args (pytest's capture, a MemoryHandler)
+            # would keep the traceback's frames, and in them views of guest memory (the mmap and
+            # its fd would outlive the front end).  The same goes for the logs of _drain.
+            log.warning("%s: refused %s: %s", self.server.name, message.name, str(exc))
         finally:
             close_fds(fd for fd in message.fds if fd not in self._kept)
         if not ok and message.request in vu.REPLIES:
@@ -263,6 +273,12 @@ class Connection:
 
     def _set_mem_table(self, message: vu.Message) -> None:
         regions = vu.parse_memory_table(message.payload, message.fds)
+        # Refuse an overlapping table before the old one goes, so that a bad
+        # message leaves the device with the memory it had.
+        spans = sorted((r.guest_phys_addr, r.guest_phys_addr + r.memory_size) for r in regions)
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            if start < end:
+                raise Refused(f"memory table regions overlap at {start:#x}")
         new = []
         try:
             for region, fd in zip(regions, message.fds):
@@ -464,7 +480,7 @@ class Connection:
                 try:
                     chain = vq.pop()
                 except ChainError as exc:
-                    log.warning("%s: queue %d: %s; answered with IOERR", self.server.name, q.index, exc)
+                    log.warning("%s: queue %d: %s; answered with IOERR", self.server.name, q.index, str(exc))
                     self.server.stats["bad_chains"] += 1
                     if exc.tail is not None:
                         exc.tail[0] = blk.Status.IOERR
@@ -487,7 +503,7 @@ class Connection:
                 served += 1
         except QueueBroken as exc:
             log.warning("%s: queue %d: %s; the queue stops until the front end sets it up again",
-                        self.server.name, q.index, exc)
+                        self.server.name, q.index, str(exc))
             self.server.stats["broken_queues"] += 1
             if not vq.broken:
                 vq.mark_broken(str(exc))
@@ -495,7 +511,9 @@ class Connection:
                 signal_eventfd(q.err)
         q.requests += served
         self.server.stats["requests"] += served
-        if served and q.call is not None and vq.should_notify():
+        # A broken queue raises QueueBroken from should_notify() too (it is sticky): the
+        # requests served before the break are in the used ring, so interrupt for them anyway.
+        if served and q.call is not None and (vq.broken is not None or vq.should_notify()):
             signal_eventfd(q.call)
 
     # -- teardown ----------------------------------------------------------------------
