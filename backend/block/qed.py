@@ -753,10 +753,16 @@ class QedImage:
                 else:
                     for ci in range(start // cs, (start + length - 1) // cs + 1):
                         to_alloc.append((ci, kind))
-            for host, pos, length in in_place:
-                self.f.pwrite(host, view[pos:pos + length])
             if to_alloc:
+                for host, pos, length in in_place:
+                    self.f.pwrite(host, view[pos:pos + length])
                 self._allocate_and_write(offset, view, to_alloc)
+                return
+        # Only clusters that are allocated already: their data goes outside the
+        # lock, as a read's does (clusters are never reused, so the file offsets
+        # stay this range's), and many clients' rewrites proceed at once.
+        for host, pos, length in in_place:
+            self.f.pwrite(host, view[pos:pos + length])
 
     def _allocate_and_write(self, offset: int, view: memoryview, clusters: list[tuple[int, ClusterKind]]) -> None:
         cs = self._cs
