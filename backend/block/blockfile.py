@@ -16,13 +16,14 @@ Reads at or past the end of the file come back short, as with ``os.pread``.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from qbackend.plumbing.libc import libc
 
 Buffer = bytes | bytearray | memoryview
 """What `BlockFile.pwrite` accepts."""
@@ -62,12 +63,9 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        fn = ctypes.CDLL(name, use_errno=True).fallocate
-    except (OSError, AttributeError):
+    lib = libc()
+    fn = getattr(lib, "fallocate", None) if lib is not None else None
+    if fn is None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     fn.restype = ctypes.c_int

@@ -29,6 +29,7 @@ from pathlib import Path
 import trio
 
 from qbackend.block.exports import Export
+from qbackend.plumbing.libc import trim_heap
 from qbackend.plumbing.unix import accept_forever, listen_tcp, listen_unix
 from qbackend.protocol import nbd
 
@@ -99,6 +100,12 @@ class NbdConnection:
         except OSError:
             return b""
         return self._view[:n]
+
+    def release_buffers(self) -> None:
+        """Give the receive buffers back now, not when a reference cycle is collected
+        (64 clients that leave would otherwise hold their memory until the next GC)."""
+        self._view.release()
+        self._buffer = bytearray()
 
     def stop(self) -> None:
         """Stop reading new requests (from any thread); what is in flight finishes."""
@@ -457,6 +464,9 @@ class NbdServer:
             self.connections.discard(conn)
             conn.sock.close()  # the TLS socket, once STARTTLS wrapped the plain one
             sock.close()
+            conn.release_buffers()
+            if not self.connections:
+                trim_heap()  # the last client gone: what the connection threads freed goes back
             self._left.set()
             self._left = trio.Event()
 
