@@ -73,6 +73,7 @@ install -m 0755 "$here/guest-init" $root/init
 gcc -static -O2 -o $root/bin/ioport "$here/guest/ioport.c"
 gcc -static -O2 -o $root/bin/memwrite "$here/guest/memwrite.c"
 gcc -static -O2 -Wall -o $root/bin/edu_check "$here/guest/edu_check.c"
+gcc -static -O2 -Wall -o $root/bin/mmio_bench "$here/guest/mmio_bench.c"
 # Replaced atomically: a QEMU starting meanwhile reads the old or the new one.
 (cd $root && find . | cpio -o -H newc --quiet) | gzip -1 > initrd.img.tmp
 mv initrd.img.tmp initrd.img
