@@ -69,6 +69,7 @@ bench:
 	$(VENV)/bin/python scripts/bench_ivshmem.py
 	$(VENV)/bin/python scripts/bench_qed.py
 	$(VENV)/bin/python scripts/bench_vhost_user_blk.py
+	$(VENV)/bin/python scripts/bench_mmio.py
 
 run:
 	$(QB) run
