@@ -17,6 +17,7 @@ from qbackend.ivshmem.group import PeerGroup
 from qbackend.models.ivshmem import (
     CLASS_MEMORY_RAM,
     DEVICE_ID,
+    INTR_STATUS,
     MSIX_BAR_SIZE,
     REGISTER_BAR_SIZE,
     REVISION,
@@ -81,6 +82,14 @@ class IvshmemDevice(PciFunction):
         self.regions[PciRegion.BAR2] = Region(memory.size, memory.read, memory.write, mmap_fd=memory.fd)
 
     def _bar0_read(self, offset: int, count: int) -> bytes:
+        # Every trapped read is a guest vCPU waiting: the common aligned 4-byte
+        # access goes straight to its register, and only a read that can change
+        # the INTx line (reading IntrStatus clears it) recomputes it.
+        if count == 4 and not offset & 3:
+            value = self.registers.read(offset)
+            if offset == INTR_STATUS and value:
+                self.update_intx()
+            return value.to_bytes(4, "little")
         out = bytearray()
         for base, lo, hi in dword_pieces(offset, count):
             out += self.registers.read(base).to_bytes(4, "little")[lo:hi]
@@ -88,6 +97,14 @@ class IvshmemDevice(PciFunction):
         return bytes(out)
 
     def _bar0_write(self, offset: int, data: bytes) -> None:
+        if len(data) == 4 and not offset & 3:
+            asserted = self.registers.intx_asserted
+            bell = self.registers.write(offset, int.from_bytes(data, "little"))
+            if bell is not None:
+                self.group.ring(bell.peer, bell.vector)
+            elif self.registers.intx_asserted != asserted:  # the line follows IntrMask & IntrStatus
+                self.update_intx()
+            return
         pos = 0
         for base, lo, hi in dword_pieces(offset, len(data)):
             chunk = data[pos:pos + hi - lo]
