@@ -220,3 +220,25 @@ def test_read_after_posted_write_sees_it_in_one_chunk(connect: Callable[[], Vfio
             assert reply.header.id == read_id and reply.payload[REGION_ACCESS.size:] == bytes([value])
     finally:
         c.close()
+
+
+def test_adaptive_polling_stops_when_the_client_goes_quiet(connect: Callable[[], VfioUserClient]) -> None:
+    """After each reply the connection worker spins briefly for the next request
+    (servers.vfio_user, SPIN_NS) while requests come close together; a client that
+    goes quiet must cost the process nearly no CPU (a spin that never stopped
+    would burn a whole CPU here), and the next request is still answered."""
+    import resource
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    with connect() as client:
+        for _ in range(2000):  # back to back: the worker is spinning by now
+            assert client.read(CONFIG, 0, 4) == b"\xf4\x1a\x10\x11"
+        time.sleep(0.2)
+        before, start = cpu(), time.monotonic()
+        time.sleep(2.0)
+        used = (cpu() - before) / (time.monotonic() - start)
+        assert used < 0.10, f"the process used {used:.0%} of a CPU while its client was quiet"
+        assert client.read(CONFIG, 0, 4) == b"\xf4\x1a\x10\x11"
