@@ -143,10 +143,16 @@ def test_runtime_export_over_qmp_then_hot_add_and_remove(rig: Rig, tmp_path: Pat
         rig.guest.wait_guest("[ -b /dev/vdb ]", 30)
         assert rig.sh("cat /sys/block/vdb/size") == str(HOT_SIZE // 512)
         rig.sh("dd if=/dev/urandom of=/tmp/pattern bs=4k count=64 2>/dev/null")
-        rig.sh("dd if=/tmp/pattern of=/dev/vdb bs=4k seek=100 conv=fsync 2>/dev/null")
+        # One queue per vCPU: writes from each CPU of the 2-vCPU guest go down that CPU's queue.
+        rig.sh("taskset 1 dd if=/tmp/pattern of=/dev/vdb bs=4k seek=100 oflag=direct 2>/dev/null")
+        rig.sh("taskset 2 dd if=/tmp/pattern of=/dev/vdb bs=4k seek=200 oflag=direct conv=fsync 2>/dev/null")
         want = rig.sh("md5sum /tmp/pattern").split()[0]
-        wait_until(lambda: hashlib.md5(rig.hot.read_bytes()[100 * 4096:164 * 4096]).hexdigest() == want, 10,
-                   "the guest's write in the raw image")
+        for block in (100, 200):
+            wait_until(lambda block=block: hashlib.md5(rig.hot.read_bytes()[block * 4096:(block + 64) * 4096])
+                       .hexdigest() == want, 10, f"the guest's write at block {block} in the raw image")
+        conn = server.connection
+        assert conn is not None
+        assert [q.requests > 0 for q in conn.queues] == [True, True], [q.requests for q in conn.queues]
         # While QEMU holds the export, mode=safe is refused (as for NBD clients).
         with pytest.raises(QmpError, match="still in use"):
             ours.execute("block-export-del", {"id": "vub1"})
