@@ -33,7 +33,7 @@ import trio
 
 from qbackend.ivshmem.group import CLIENT_KIND, PeerGroup
 from qbackend.plumbing.threads import run_locked
-from qbackend.plumbing.unix import accept_forever, fds_ancdata, listen_unix, make_eventfd, signal_eventfd
+from qbackend.plumbing.unix import accept_forever, fds_ancdata, listen_unix, make_eventfd, remove_socket, signal_eventfd
 from qbackend.protocol import ivshmem_server as wire
 
 log = logging.getLogger(__name__)
@@ -178,11 +178,7 @@ class IvshmemServerEndpoint:
                 await accept_forever(listener, f"ivshmem-server {self.group.name}", nursery, self._serve_client)
         finally:
             listener.close()
-            try:
-                if self.path.is_socket():
-                    self.path.unlink()
-            except OSError:
-                pass
+            remove_socket(self.path)
 
     def admit(self, sock: socket.socket, token: trio.lowlevel.TrioToken) -> ServerClient:
         """Setup and announcements for a new connection, atomically under the

@@ -3,7 +3,9 @@
 - `listen_unix`: bind a UNIX socket at a path (replacing only a stale
   socket, never another file), mode 0600 before `listen()` so nobody can
   connect in between, non-blocking; `listen_tcp` for TCP.
-- `accept_forever`: the accept loop, with back-off on EMFILE and friends.
+- `accept_forever`: the accept loop, with back-off on EMFILE and friends;
+  `serve_unix` listens, accepts and removes the socket at the end;
+  `sends_within` is the handshake time limit of a client that never speaks.
 - `send_with_fds` / `fds_from_ancdata` / `close_fds`: SCM_RIGHTS file
   descriptors out and in; whatever a handler does not claim, it closes.
 - `make_eventfd` / `signal_eventfd` / `clear_eventfd`: the eventfds that
@@ -90,6 +92,39 @@ async def accept_forever(listener: socket.socket, name: str, nursery: trio.Nurse
                 continue
             raise
         nursery.start_soon(serve_client, sock)
+
+
+async def serve_unix(path: Path, name: str, serve_client: Callable[[socket.socket], Awaitable[object]], *,
+                     backlog: int = 16, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen at ``path`` (listen_unix), started() once it does, serve each client
+    in a task of its own until cancelled; then close and remove the socket."""
+    listener = listen_unix(path, backlog=backlog)
+    log.info("%s: listening", name)
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            await accept_forever(listener, name, nursery, serve_client)
+    finally:
+        listener.close()
+        remove_socket(path)
+
+
+def remove_socket(path: Path) -> None:
+    """Remove the socket a server listened at (never another file put there since)."""
+    try:
+        if path.is_socket():
+            path.unlink()
+    except OSError:
+        pass
+
+
+async def sends_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether a new client sends its first bytes within ``seconds``: one that sends
+    nothing costs a task while it waits, never a thread."""
+    with trio.move_on_after(seconds):
+        await trio.lowlevel.wait_readable(sock)
+        return True
+    return False
 
 
 # -- file descriptors over a socket ----------------------------------------------------

@@ -30,7 +30,7 @@ import trio
 
 from qbackend.block.exports import Export
 from qbackend.plumbing.libc import trim_heap
-from qbackend.plumbing.unix import accept_forever, listen_tcp, listen_unix
+from qbackend.plumbing.unix import accept_forever, listen_tcp, listen_unix, remove_socket
 from qbackend.protocol import nbd
 
 log = logging.getLogger(__name__)
@@ -420,8 +420,8 @@ class NbdServer:
         finally:
             for listener in listeners:
                 listener.close()
-            if self.socket_path is not None and self.socket_path.is_socket():
-                self.socket_path.unlink()
+            if self.socket_path is not None:
+                remove_socket(self.socket_path)
             exports, self.exports = list(self.exports.values()), {}
             for export in exports:
                 _flush_and_close(export)  # every connection has ended: nobody else holds its lock

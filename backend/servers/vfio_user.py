@@ -28,7 +28,7 @@ from pathlib import Path
 import trio
 
 from qbackend.plumbing.threads import run_locked
-from qbackend.plumbing.unix import accept_forever, close_fds, fds_from_ancdata, listen_unix, send_with_fds
+from qbackend.plumbing.unix import close_fds, fds_from_ancdata, send_with_fds, sends_within, serve_unix
 from qbackend.protocol import vfio_user as vu
 from qbackend.vfio.dma import DmaError, DmaTable
 from qbackend.vfio.function import PciFunction
@@ -525,30 +525,13 @@ class VfioUserServer:
         self.connection: Connection | None = None
         self.connections_served = 0
         self._one_client = trio.Lock()
-        self._listener: socket.socket | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = self._listener = listen_unix(self.socket_path, backlog=128)
-        log.info("%s: listening", self.name)
-        try:
-            async with trio.open_nursery() as nursery:
-                task_status.started()
-                await accept_forever(listener, self.name, nursery, self._serve_client)
-        finally:
-            listener.close()
-            self._listener = None
-            try:
-                if self.socket_path.is_socket():
-                    self.socket_path.unlink()
-            except OSError:
-                pass
+        await serve_unix(self.socket_path, self.name, self._serve_client, backlog=128, task_status=task_status)
 
     async def _serve_client(self, sock: socket.socket) -> None:
         try:
-            # A client that sends nothing (not even VERSION) costs a task, never a thread, and goes.
-            with trio.move_on_after(self.handshake_timeout) as wait:
-                await trio.lowlevel.wait_readable(sock)
-            if wait.cancelled_caught:
+            if not await sends_within(sock, self.handshake_timeout):  # not even VERSION
                 log.info("%s: a client sent nothing within %g s: dropped", self.name, self.handshake_timeout)
                 self.stats["handshake_timeouts"] += 1
                 return

@@ -57,13 +57,13 @@ from qbackend.models.virtqueue import (
     VirtqueueError,
 )
 from qbackend.plumbing.unix import (
-    accept_forever,
     clear_eventfd,
     close_fds,
     fds_from_ancdata,
-    listen_unix,
     make_eventfd,
     send_with_fds,
+    sends_within,
+    serve_unix,
     signal_eventfd,
 )
 from qbackend.protocol import vhost_user as vu
@@ -584,25 +584,11 @@ class VhostUserBlkServer:
         self._one_client = trio.Lock()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = listen_unix(self.socket_path)
-        log.info("%s: listening", self.name)
-        try:
-            async with trio.open_nursery() as nursery:
-                task_status.started()
-                await accept_forever(listener, self.name, nursery, self._serve_client)
-        finally:
-            listener.close()
-            try:
-                if self.socket_path.is_socket():
-                    self.socket_path.unlink()
-            except OSError:
-                pass
+        await serve_unix(self.socket_path, self.name, self._serve_client, task_status=task_status)
 
     async def _serve_client(self, sock: socket.socket) -> None:
         try:
-            with trio.move_on_after(self.handshake_timeout) as wait:
-                await trio.lowlevel.wait_readable(sock)
-            if wait.cancelled_caught:
+            if not await sends_within(sock, self.handshake_timeout):
                 log.info("%s: a client sent nothing within %g s: dropped", self.name, self.handshake_timeout)
                 self.stats["handshake_timeouts"] += 1
                 return

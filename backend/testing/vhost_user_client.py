@@ -46,7 +46,7 @@ from qbackend.models.virtqueue import (
     desc_table_size,
     used_ring_size,
 )
-from qbackend.plumbing.unix import fds_from_ancdata, send_with_fds
+from qbackend.plumbing.unix import close_fds, fds_from_ancdata, send_with_fds
 from qbackend.protocol import vhost_user as vu
 
 Request = vu.FrontendRequest
@@ -282,11 +282,11 @@ class VhostUserFrontend:
             self.sock.close()
             self.sock = None
         for ring in self.vrings.values():
-            _close(ring.fds())
+            close_fds(ring.fds())
         self.vrings.clear()
-        _close(self._extra_fds)
+        close_fds(self._extra_fds)
         self._extra_fds.clear()
-        _close(self._reader.take_stray_fds())
+        close_fds(self._reader.take_stray_fds())
 
     def reconnect(self) -> None:
         self.connect()
@@ -330,13 +330,13 @@ class VhostUserFrontend:
                                                         socket.CMSG_SPACE(vu.MAX_FDS * 4))
                 fds = fds_from_ancdata(ancdata)
                 if not data:
-                    _close(fds)
+                    close_fds(fds)
                     raise EOFError("the back end closed the connection")
                 messages = self._reader.feed(data, fds)
                 if messages:
                     extra = messages[1:]
                     if extra:
-                        _close([fd for m in messages for fd in m.fds])
+                        close_fds([fd for m in messages for fd in m.fds])
                         raise FrontendError(f"the back end sent {extra[0].name} unasked")
                     return messages[0]
         finally:
@@ -344,7 +344,7 @@ class VhostUserFrontend:
 
     def _reply(self, request: int) -> vu.Message:
         reply = self.receive()
-        _close(reply.fds)
+        close_fds(reply.fds)
         if reply.request != request or not reply.is_reply:
             raise FrontendError(f"asked {_name(request)}, got {reply.name} "
                                 f"(flags {reply.flags:#x})")
@@ -389,7 +389,7 @@ class VhostUserFrontend:
                     return False
                 except (ConnectionResetError, BrokenPipeError):
                     return True
-                _close(fds_from_ancdata(ancdata))
+                close_fds(fds_from_ancdata(ancdata))
                 if not data:
                     return True
         finally:
@@ -501,10 +501,10 @@ class VhostUserFrontend:
         old = self.vrings.get(index)
         if old is not None and old.num == num and old.region is self.ram:
             desc, avail, used = old.desc, old.avail, old.used
-            _close(old.fds())
+            close_fds(old.fds())
         else:
             if old is not None:
-                _close(old.fds())
+                close_fds(old.fds())
             start = self._ring_cursor()
             desc = start
             avail = desc + desc_table_size(num)
@@ -582,7 +582,7 @@ class VhostUserFrontend:
         if base is not None:
             self.must(Request.SET_VRING_BASE, vu.vring_state(index, base))
         if ring.kick is not None:
-            _close([ring.kick])
+            close_fds([ring.kick])
         ring.kick = _eventfd()
         self.must(Request.SET_VRING_KICK, vu.vring_fd(index), [ring.kick])
 
@@ -813,9 +813,4 @@ def _name(request: int) -> str:
         return f"request {request}"
 
 
-def _close(fds: Sequence[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+
