@@ -90,3 +90,19 @@ def test_unreachable_control_socket(tmp_path: Path) -> None:
 def test_unknown_machine_profile(tmp_path: Path) -> None:
     one_line_error(qbackend("run", "--machine", "nope", "--workdir", str(tmp_path / "w"), cwd=tmp_path), 1,
                    "no machine profile", "pc, q35")
+
+
+@pytest.mark.parametrize(("option", "code", "words"), [
+    ("socket={sock}", 2, ("image=PATH", "required")),
+    ("socket={sock},image={tmp}/missing.qed,format=qed", 1, ("vub0", "does not exist")),
+    ("socket={sock},image={tmp}/raw.img", 1, ("format=qed or format=raw",)),
+    ("socket={sock},image={tmp}/raw.img,format=raw,num-queues=0", 2, ("num-queues=0", "1..64")),
+    ("socket={sock},image={tmp}/raw.img,format=vmdk", 2, ("raw or qed",)),
+    ("socket={sock},image={tmp}/raw.img,format=raw,queues=2", 2, ("unknown key", "queues")),
+])
+def test_serve_vhost_user_blk_errors(tmp_path: Path, option: str, code: int, words: tuple[str, ...]) -> None:
+    (tmp_path / "raw.img").write_bytes(bytes(1 << 20))
+    sock = tmp_path / "vub.sock"
+    one_line_error(qbackend("serve", "--vhost-user-blk", option.format(sock=sock, tmp=tmp_path), cwd=tmp_path),
+                   code, *words)
+    assert not sock.exists()

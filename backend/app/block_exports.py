@@ -156,7 +156,8 @@ class BlockExports:
         if writer is not None:
             raise QmpCommandError(f"Node '{node_name}' is busy: block export '{writer}' writes it, and each "
                                   "export opens the image for itself")
-        export = open_export(NbdExportOptions(name, node.filename, readonly=not writable, format=node.driver))
+        label = name if kind == "nbd" else export_id  # what errors call it
+        export = open_export(NbdExportOptions(label, node.filename, readonly=not writable, format=node.driver))
         record = BlockExport(export_id, node_name, name, writable, kind)
         self.exports[export_id] = record
         return record, export

@@ -62,6 +62,21 @@ then attach a device to QEMU (10.1 or later), for example:
   id=NAME        a name for logs; default ivshmemN
   server=PATH    also listen as an ivshmem server there, so a stock QEMU
                  -device ivshmem-doorbell (and host programs) join the group
+
+--vhost-user-blk keys (a disk for QEMU's vhost-user-blk-pci, as qemu-storage-daemon's
+--export type=vhost-user-blk):
+  socket=PATH    UNIX socket QEMU's -chardev socket,path=PATH connects to (required)
+  image=PATH     a QED image or a raw file (required)
+  format=raw|qed required for a writable disk (qbackend never probes a writable image)
+  readonly=on    the guest sees a read-only disk (VIRTIO_BLK_F_RO)
+  num-queues=N   queues offered, 1..64; default 1.  QEMU's device asks for one per
+                 vCPU unless given num-queues=, and refuses a back end that offers fewer
+  id=NAME        the export's id (query-block-exports) and the disk's serial; default vub0
+for example:
+  qbackend serve --vhost-user-blk socket=/tmp/vub.sock,image=disk.qed,format=qed
+  qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on \\
+    -machine pc,memory-backend=mem -chardev socket,id=vub0,path=/tmp/vub.sock \\
+    -device vhost-user-blk-pci,chardev=vub0,num-queues=1
 """
 
 EPILOG_RUN = """\
