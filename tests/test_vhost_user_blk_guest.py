@@ -153,6 +153,12 @@ def test_runtime_export_over_qmp_then_hot_add_and_remove(rig: Rig, tmp_path: Pat
         conn = server.connection
         assert conn is not None
         assert [q.requests > 0 for q in conn.queues] == [True, True], [q.requests for q in conn.queues]
+        # DISCARD (blkdiscard) reaches the raw image: a hole, zeros read back.
+        rig.sh(f"blkdiscard -o {100 * 4096} -l {64 * 4096} /dev/vdb")
+        wait_until(lambda: rig.hot.read_bytes()[100 * 4096:164 * 4096] == bytes(64 * 4096), 10,
+                   "zeros where the guest discarded")
+        assert rig.sh("dd if=/dev/vdb bs=4k skip=100 count=64 iflag=direct 2>/dev/null | md5sum").split()[0] == \
+            hashlib.md5(bytes(64 * 4096)).hexdigest()
         # While QEMU holds the export, mode=safe is refused (as for NBD clients).
         with pytest.raises(QmpError, match="still in use"):
             ours.execute("block-export-del", {"id": "vub1"})

@@ -675,3 +675,21 @@ def test_region_objects_close_cleanly() -> None:
         region = GuestRegion.create(0, 1 << 16, 0x1000)
         region.close()
         region.close()
+
+
+def test_discard_and_write_zeroes_reach_the_image(rig: Rig) -> None:
+    """DISCARD (type 11) and WRITE_ZEROES (type 13), each one 16-byte segment
+    (sector, count, flags): zeros read back, through the device and in the file;
+    a segment past the capacity is IOERR and changes nothing."""
+    with rig.ready() as f:
+        for kind, sector, flags in ((11, 300, 0), (13, 400, 0), (13, 500, 1)):  # 1: UNMAP allowed
+            req = f.make_request(0, kind, 0, out=struct.pack("<QII", sector, 8, flags))
+            assert f.run(req) == [VIRTIO_BLK_S_OK], (kind, sector)
+            rig.wrote(sector, bytes(8 * SECTOR_SIZE))
+            status, data = f.read_sectors(0, sector, 8)
+            assert status == VIRTIO_BLK_S_OK and data == bytes(8 * SECTOR_SIZE)
+        past = f.make_request(0, 13, 0, out=struct.pack("<QII", SECTORS - 4, 8, 0))
+        assert f.run(past) == [VIRTIO_BLK_S_IOERR]
+        good(rig, f, SECTORS - 4, 4)
+    rig.idle()
+    assert rig.image.read_bytes() == bytes(rig.model)
