@@ -127,6 +127,25 @@ ALLOWED_FLAGS = {
 }
 
 
+# ALLOWED_FLAGS and friends as plain ints, for NbdServerConnection._check.
+_CMD_BY_NUMBER = {int(c): c for c in Cmd}
+_ALLOWED = {int(c): int(f) for c, f in ALLOWED_FLAGS.items()}
+_DISC, _FLUSH, _TRIM, _BLOCK_STATUS = int(Cmd.DISC), int(Cmd.FLUSH), int(Cmd.TRIM), int(Cmd.BLOCK_STATUS)
+_WRITING = frozenset({int(Cmd.WRITE), int(Cmd.TRIM), int(Cmd.WRITE_ZEROES)})
+_GROWING = frozenset({int(Cmd.WRITE), int(Cmd.WRITE_ZEROES)})  # past the end: ENOSPC
+_READING = frozenset({int(Cmd.READ), int(Cmd.CACHE)})
+_DF = int(CmdFlags.DF)
+_FLAGS_SEEN: dict[int, CmdFlags] = {}
+
+
+def _cmd_flags(flags: int) -> CmdFlags:
+    """CmdFlags(flags), made once per value (few values ever occur: _check refuses others)."""
+    made = _FLAGS_SEEN.get(flags)
+    if made is None:
+        made = _FLAGS_SEEN[flags] = CmdFlags(flags)
+    return made
+
+
 class ChunkType(IntEnum):
     NONE = 0
     OFFSET_DATA = 1
@@ -638,36 +657,38 @@ class NbdServerConnection:
         return self._check(cookie, command, flags, offset, length, data)
 
     def _check(self, cookie: int, command: int, flags: int, offset: int, length: int, data: bytes) -> Event:
+        # Every request of the transmission phase comes through here, so the
+        # tests are on plain ints (enum calls and IntFlag arithmetic cost more
+        # than the rest of a request's parsing) and the CmdFlags are cached.
         export = self.export
         assert export is not None
-        try:
-            cmd = Cmd(command)
-        except ValueError:
+        cmd = _CMD_BY_NUMBER.get(command)
+        if cmd is None:
             return self._reject(cookie, command, Errno.EINVAL, f"unknown command {command}")
-        if flags & ~int(ALLOWED_FLAGS[cmd]):
+        if flags & ~_ALLOWED[command]:
             return self._reject(cookie, command, Errno.EINVAL, f"flags {flags:#x} not allowed on {cmd.name}")
-        if cmd == Cmd.DISC:
+        if command == _DISC:
             self.phase = Phase.CLOSED
             return Disconnect()
-        if cmd == Cmd.FLUSH:
-            return Request(cookie, cmd, CmdFlags(flags), offset, length)
-        if flags & CmdFlags.DF and not self.structured:
+        if command == _FLUSH:
+            return Request(cookie, cmd, _cmd_flags(flags), offset, length)
+        if flags & _DF and not self.structured:
             return self._reject(cookie, command, Errno.EINVAL, "DF needs structured replies")
-        if cmd == Cmd.BLOCK_STATUS and not self.meta_contexts:
+        if command == _BLOCK_STATUS and not self.meta_contexts:
             return self._reject(cookie, command, Errno.EINVAL, "BLOCK_STATUS without a negotiated meta context")
-        if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and export.read_only:
+        if command in _WRITING and export.read_only:
             return self._reject(cookie, command, Errno.EPERM, f"{cmd.name} on the read-only export {export.name!r}")
-        if cmd == Cmd.TRIM and not export.can_trim:
+        if command == _TRIM and not export.can_trim:
             return self._reject(cookie, command, Errno.EINVAL, "TRIM not supported")
         if length == 0:
             return self._reject(cookie, command, Errno.EINVAL, f"{cmd.name} of length 0")
         if offset + length > U64_END:
             return self._reject(cookie, command, Errno.EINVAL, f"offset {offset:#x} + {length} wraps 64 bits")
         if offset + length > export.size:
-            error = Errno.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
+            error = Errno.ENOSPC if command in _GROWING else Errno.EINVAL
             return self._reject(cookie, command, error,
                                 f"{cmd.name} {offset:#x}+{length} past the end of the export ({export.size} bytes)")
-        if cmd in (Cmd.READ, Cmd.CACHE) and length > MAX_REQUEST:
-            return self._reject(cookie, command, Errno.EINVAL if not flags & CmdFlags.DF else Errno.EOVERFLOW,
+        if command in _READING and length > MAX_REQUEST:
+            return self._reject(cookie, command, Errno.EINVAL if not flags & _DF else Errno.EOVERFLOW,
                                 f"{cmd.name} of {length} bytes is over the {MAX_REQUEST}-byte limit")
-        return Request(cookie, cmd, CmdFlags(flags), offset, length, data)
+        return Request(cookie, cmd, _cmd_flags(flags), offset, length, data)
