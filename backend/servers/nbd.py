@@ -19,10 +19,12 @@ from __future__ import annotations
 import dataclasses
 import errno as E
 import logging
+import select
 import socket
 import ssl
 import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,7 +32,16 @@ import trio
 
 from qbackend.block.exports import Export
 from qbackend.plumbing.libc import trim_heap
-from qbackend.plumbing.unix import accept_forever, listen_tcp, listen_unix, remove_socket
+from qbackend.plumbing.unix import (
+    accept_forever,
+    clear_eventfd,
+    close_fds,
+    listen_tcp,
+    listen_unix,
+    make_eventfd,
+    remove_socket,
+    signal_eventfd,
+)
 from qbackend.protocol import nbd
 
 log = logging.getLogger(__name__)
@@ -52,6 +63,9 @@ class _Closed(Exception):
     pass
 
 
+_NAMES = {cmd: cmd.name for cmd in nbd.Cmd}  # stats keys (an enum's .name is a slow property)
+
+
 class NbdConnection:
     def __init__(self, server: NbdServer, sock: socket.socket, peer: str) -> None:
         self.server = server
@@ -69,6 +83,11 @@ class NbdConnection:
         self._inflight: set[Future[None]] = set()
         self._buffer = bytearray(RECV_SIZE)
         self._view = memoryview(self._buffer)
+        # In the transmission loop (TransmissionLoop): replies the socket would not
+        # take at once, in order; while any wait, the client is not read (backpressure).
+        self._loop: TransmissionLoop | None = None
+        self._export: Export | None = None
+        self._out = bytearray()
         self.stopping = False
         self.export_name: str | None = None  # once the handshake has chosen one
 
@@ -76,6 +95,9 @@ class NbdConnection:
 
     def _send(self, *parts: bytes) -> None:
         with self._send_lock:
+            if self._loop is not None:
+                self._send_nonblocking(parts)
+                return
             try:
                 if isinstance(self.sock, ssl.SSLSocket):  # TLS has no sendmsg
                     self.sock.sendall(b"".join(parts))
@@ -88,6 +110,89 @@ class NbdConnection:
                         self.sock.sendall(b"".join(parts)[sent:])
             except OSError as exc:
                 raise _Closed(str(exc)) from None
+
+    def _send_nonblocking(self, parts: tuple[bytes, ...]) -> None:
+        """Loop mode, holding the send lock: send what the socket takes, keep the rest."""
+        loop = self._loop
+        assert loop is not None
+        if self._out:
+            for part in parts:
+                self._out += part
+            return
+        try:
+            sent = self.sock.sendmsg(parts) if len(parts) > 1 else self.sock.send(parts[0])
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise _Closed(str(exc)) from None
+        total = sum(len(p) for p in parts)
+        if sent < total:
+            self._out += b"".join(parts)[sent:]
+            loop.want_write(self)
+
+    def flush_out(self) -> bool:
+        """Loop mode: send what waits; True once nothing does."""
+        with self._send_lock:
+            try:
+                sent = self.sock.send(self._out) if self._out else 0
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                raise _Closed(str(exc)) from None
+            del self._out[:sent]
+            return not self._out
+
+    def readable(self) -> bool:
+        """Loop mode: serve what the client sent; False once the connection is over
+        (the loop then hands it to finish())."""
+        export = self._export
+        assert export is not None
+        try:
+            try:
+                n = self.sock.recv_into(self._buffer)
+            except BlockingIOError:
+                return True
+            except OSError:
+                n = 0
+            if not n and self.stopping:
+                return False
+            self.protocol.receive_data(self._view[:n])
+            return self._serve_events(export)
+        except nbd.NbdProtocolError as exc:
+            self._protocol_error(exc)
+        except _Closed:
+            pass
+        except Exception:
+            log.exception("nbd %s: internal error; dropping the connection", self.peer)
+            self.server.stats["internal_errors"] += 1
+        return False
+
+    def _serve_buffered(self, export: Export) -> bool:
+        try:
+            return self._serve_events(export)
+        except nbd.NbdProtocolError as exc:
+            self._protocol_error(exc)
+        except _Closed:
+            pass
+        return False
+
+    def finish(self) -> None:
+        """Loop mode, in a thread of its own: what is in flight finishes, what waits
+        is sent (blocking now), then the pool goes; the connection is over."""
+        try:
+            self._drain()
+            with self._send_lock:
+                self._loop = None
+                if self._out:
+                    self.sock.setblocking(True)
+                    self.sock.settimeout(10)
+                    self.sock.sendall(self._out)
+                    self._out.clear()
+        except (OSError, _Closed):
+            pass
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
     def _recv(self) -> memoryview | bytes:
         """The next bytes from the client, valid until the next call.
@@ -193,13 +298,7 @@ class NbdConnection:
         try:
             self._transmission(export)
         except nbd.NbdProtocolError as exc:
-            log.info("nbd %s: dropping the connection: %s", self.peer, exc)
-            self.server.stats["protocol_errors"] += 1
-            if exc.reply:
-                try:
-                    self._send(exc.reply)
-                except _Closed:
-                    pass
+            self._protocol_error(exc)
         except _Closed:
             pass
         except Exception:
@@ -210,6 +309,15 @@ class NbdConnection:
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+
+    def _protocol_error(self, exc: nbd.NbdProtocolError) -> None:
+        log.info("nbd %s: dropping the connection: %s", self.peer, exc)
+        self.server.stats["protocol_errors"] += 1
+        if exc.reply:
+            try:
+                self._send(exc.reply)
+            except _Closed:
+                pass
 
     async def _handshake(self) -> Export | None:
         protocol = self.protocol
@@ -235,19 +343,23 @@ class NbdConnection:
         return export
 
     def _transmission(self, export: Export) -> None:
+        while self._serve_events(export):
+            data = self._recv()
+            if not data and self.stopping:
+                self._drain()
+                return
+            self.protocol.receive_data(data)
+
+    def _serve_events(self, export: Export) -> bool:
+        """Serve the requests the protocol has whole; False after a disconnect."""
         protocol = self.protocol
         stats = self.server.stats
         while True:
             event = protocol.next_event()
             if event is nbd.NEED_DATA:
-                data = self._recv()
-                if not data and self.stopping:
-                    self._drain()
-                    return
-                protocol.receive_data(data)
-                continue
+                return True
             if isinstance(event, nbd.Request):
-                stats[event.command.name] += 1
+                stats[_NAMES[event.command]] += 1
                 self._handle(export, event)
             elif isinstance(event, nbd.Rejected):
                 stats["rejected"] += 1
@@ -255,8 +367,9 @@ class NbdConnection:
                 self._send(event.reply)
             else:
                 assert isinstance(event, nbd.Disconnect)
-                self._drain()
-                return
+                if self._loop is None:
+                    self._drain()
+                return False
 
     def _drain(self) -> None:
         for future in list(self._inflight):
@@ -372,6 +485,12 @@ class NbdServer:
         self.tls_mode = tls_mode  # off, on (offered) or require (nothing but STARTTLS and ABORT before it)
         self.tls_context = tls_context
         self._left = trio.Event()  # set (and renewed) whenever a connection ends
+        self._loop: TransmissionLoop | None = None  # started with the first plain connection
+
+    def _transmission_loop(self) -> TransmissionLoop:
+        if self._loop is None:
+            self._loop = TransmissionLoop("nbd")
+        return self._loop
 
     def _listeners(self) -> list[socket.socket]:
         out = []
@@ -420,6 +539,9 @@ class NbdServer:
         finally:
             for listener in listeners:
                 listener.close()
+            if self._loop is not None:  # every connection has ended (the nursery waited for them)
+                self._loop.close()
+                self._loop = None
             if self.socket_path is not None:
                 remove_socket(self.socket_path)
             exports, self.exports = list(self.exports.values()), {}
@@ -451,10 +573,16 @@ class NbdServer:
                 self.stats["handshake_timeouts"] += 1
             if export is None:
                 return
-            conn.sock.setblocking(True)  # the worker thread does blocking I/O from here on (TLS or not)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_cancel, conn)
-                await trio.to_thread.run_sync(conn.run_blocking, export, limiter=trio.CapacityLimiter(1))
+                if isinstance(conn.sock, ssl.SSLSocket):
+                    conn.sock.setblocking(True)  # TLS: a worker thread of its own, blocking I/O
+                    await trio.to_thread.run_sync(conn.run_blocking, export, limiter=trio.CapacityLimiter(1))
+                else:
+                    over = trio.Event()
+                    token = trio.lowlevel.current_trio_token()
+                    self._transmission_loop().add(conn, export, lambda: token.run_sync_soon(over.set))
+                    await over.wait()
                 nursery.cancel_scope.cancel()
         except Exception:
             # A bug of ours costs this client its connection, not the server its life.
@@ -469,6 +597,110 @@ class NbdServer:
                 trim_heap()  # the last client gone: what the connection threads freed goes back
             self._left.set()
             self._left = trio.Event()
+
+
+class TransmissionLoop:
+    """One thread serving the transmission phase of every plain (not TLS) connection.
+
+    A thread per connection pays, per request, for handing the GIL from thread
+    to thread, each handoff a wake-up of another CPU: 64 clients got 0.44x
+    qemu-nbd's rate so, with the server using only 0.7 of a CPU.  This thread
+    polls every connection's socket (epoll), reads what came and serves the
+    requests there, sending replies without blocking; what a socket does not
+    take waits in its connection, which is not read until it has gone (a
+    client that never reads its replies stops being served, and costs no more
+    memory).  FLUSH and FUA writes still go to the connection's pool, whose
+    replies come back through the same send path.  TLS connections keep a
+    thread each (an SSL socket does not mix with this).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.epoll = select.epoll()
+        self._wake = make_eventfd()
+        self.epoll.register(self._wake, select.EPOLLIN)
+        self._lock = threading.Lock()
+        self._new: list[tuple[NbdConnection, Export, Callable[[], None]]] = []
+        self._conns: dict[int, tuple[NbdConnection, Callable[[], None]]] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"{name} transmission", daemon=True)
+        self._thread.start()
+
+    def add(self, conn: NbdConnection, export: Export, done: Callable[[], None]) -> None:
+        """Serve conn from now; done() is called (from another thread) once it is over."""
+        conn.sock.setblocking(False)
+        conn._export = export
+        conn._loop = self
+        with self._lock:
+            self._new.append((conn, export, done))
+        signal_eventfd(self._wake)
+
+    def want_write(self, conn: NbdConnection) -> None:
+        """conn has replies waiting: wait for the socket to take them, read nothing meanwhile."""
+        try:
+            self.epoll.modify(conn.sock.fileno(), select.EPOLLOUT)
+        except OSError:
+            pass  # being closed
+
+    def close(self) -> None:
+        self._stopping = True
+        signal_eventfd(self._wake)
+        self._thread.join(10)
+        self.epoll.close()
+        close_fds([self._wake])
+
+    def _run(self) -> None:
+        conns = self._conns
+        while not self._stopping:
+            try:
+                events = self.epoll.poll()
+            except OSError:
+                return
+            for fd, mask in events:
+                if fd == self._wake:
+                    clear_eventfd(self._wake)
+                    self._take_new()
+                    continue
+                entry = conns.get(fd)
+                if entry is None:
+                    continue
+                conn, done = entry
+                try:
+                    if mask & select.EPOLLOUT:
+                        if conn.flush_out():
+                            self.epoll.modify(fd, select.EPOLLIN)
+                        continue
+                    alive = conn.readable()
+                except _Closed:
+                    alive = False
+                if not alive:
+                    self._end(fd, conn, done)
+
+    def _take_new(self) -> None:
+        with self._lock:
+            new, self._new = self._new, []
+        for conn, export, done in new:
+            fd = conn.sock.fileno()
+            self._conns[fd] = (conn, done)
+            self.epoll.register(fd, select.EPOLLIN)
+            # What the handshake's last read brought with it may hold requests already.
+            if not conn._serve_buffered(export):
+                self._end(fd, conn, done)
+
+    def _end(self, fd: int, conn: NbdConnection, done: Callable[[], None]) -> None:
+        del self._conns[fd]
+        try:
+            self.epoll.unregister(fd)
+        except OSError:
+            pass
+
+        def finish() -> None:
+            try:
+                conn.finish()
+            finally:
+                done()
+
+        threading.Thread(target=finish, name=f"{self.name} finish", daemon=True).start()
 
 
 class ExportInUse(Exception):
