@@ -691,3 +691,22 @@ def test_random_chains_round_trip(start: int, batches: list[list[list[tuple[byte
             d.reclaim(head)
         d.heap = (d.used + 6 + 8 * d.num + 0xFFF) & ~0xFFF  # buffers are free again too
     assert d.q.get_base() == (start + n) & 0xFFFF
+
+
+def test_a_loop_in_a_huge_indirect_table_is_found_within_16_bit_reach() -> None:
+    """An indirect table may claim up to 4 GiB, but `next` is a 16-bit index: a walk
+    longer than 2^16 entries is a loop, whatever the length says (a review of the
+    fuzz target found it: a 64 MiB self-linked table took seconds per pop)."""
+    ram = bytearray(2 << 20)
+    mem = GuestMemory()
+    mem.add_region(0, len(ram), 0x7000_0000_0000, ram)
+    q = SplitVirtqueue(mem)
+    q.set_num(8)
+    q.set_features(1 << VIRTIO_F_INDIRECT_DESC)
+    q.set_addresses(0, 0x1000, 0x2000, userspace=False)
+    table, entries = 0x10000, 96 << 10  # 1.5 MiB of table, in guest memory
+    struct.pack_into("<QIHH", ram, table, 0x3000, 1, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 0)  # links to itself
+    struct.pack_into("<QIHH", ram, 0, table, entries * 16, VIRTQ_DESC_F_INDIRECT, 0)
+    struct.pack_into("<HHH", ram, 0x1000, 0, 1, 0)  # avail: flags, idx 1, ring[0] = head 0
+    with pytest.raises(QueueBroken, match=r"longer than its indirect table \(65536\)"):
+        q.pop()

@@ -89,6 +89,7 @@ VIRTIO_F_VERSION_1 = 32
 
 MAX_QUEUE_SIZE = 32768  # the highest power of two that 16-bit indices can tell full from empty with
 DESC_SIZE = 16
+INDIRECT_REACH = 1 << 16  # entries of an indirect table that a 16-bit `next` can name
 USED_ELEM_SIZE = 8
 MAX_CHAIN_BYTES = 1 << 32  # "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes in total"
 
@@ -543,7 +544,9 @@ class SplitVirtqueue:
             addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 table = self._indirect_table(head, addr, length, flags, in_indirect)
-                limit = length // DESC_SIZE
+                # `next` is a 16-bit index: no walk of a table goes past 2^16 steps
+                # without looping, however long the driver says the table is.
+                limit = min(length // DESC_SIZE, INDIRECT_REACH)
                 index = seen = 0
                 in_indirect = True
                 continue
@@ -602,8 +605,9 @@ class SplitVirtqueue:
             return self.memory.gpa_view(addr, length)
         except GuestMemoryError:
             pass
-        try:  # straddling two regions: the device only reads it, so a copy will do
-            return memoryview(self.memory.read(addr, length))
+        try:  # straddling two regions: the device only reads it, so a copy will do, of
+            # what 16-bit indices can reach (not the 4 GiB a length may claim)
+            return memoryview(self.memory.read(addr, min(length, INDIRECT_REACH * DESC_SIZE)))
         except GuestMemoryError:
             self._break(f"descriptor chain {head} has its indirect table {addr:#x}+{length:#x} outside guest memory")
 
