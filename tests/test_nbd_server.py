@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from qbackend.block.qed import QedImage
 from qbackend.machine.launch import QemuInstall, find_qemu
 from qbackend.options import NbdExportOptions
 from qbackend.protocol import nbd
+from qbackend.testing.harness import wait_until
 
 SIZE = 32 << 20
 
@@ -433,3 +435,37 @@ def test_qemu_img_map_of_a_qed_export_equals_our_allocation_map(served: Served) 
         pos += n
     assert theirs == ours
     assert (20 << 20, 4096, True, False) in ours
+
+
+def test_a_client_that_never_reads_its_replies_stops_being_read(served: Served) -> None:
+    """Plain connections share one transmission thread (servers.nbd.TransmissionLoop).
+    A client that sends READs and never reads the replies must not stall the others
+    nor make the server hold more than one reply for it: once its socket takes no
+    more, the server stops reading its requests (they wait in the kernel)."""
+    greedy = connected(served)
+    try:
+        greedy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        greedy.sock.setblocking(False)
+        header = nbd.REQUEST.pack(nbd.REQUEST_MAGIC, 0, nbd.Cmd.READ, 7, 0, 1 << 20)
+        sent = 0
+        try:
+            for _ in range(4000):  # 4 GiB of replies asked for
+                greedy.sock.send(header)
+                sent += 1
+        except BlockingIOError:
+            pass  # the server stopped reading: our requests fill its receive buffer
+        greedy.sock.setblocking(True)
+
+        def waiting() -> int:
+            server = served.backend.nbd
+            assert server is not None
+            return sum(len(c._out) for c in served.thread.call(lambda: list(server.connections)))
+
+        wait_until(lambda: waiting() > 0, 10, "the greedy client's replies to back up")
+        assert waiting() <= (1 << 20) + 64, "more than one reply held for a client that does not read"
+        bystander_ok(served)  # everyone else is served meanwhile
+        assert sent > 0
+    finally:
+        greedy.close()
+    wait_no_connections(served)
+    bystander_ok(served)

@@ -130,17 +130,27 @@ class NbdConnection:
             self._out += b"".join(parts)[sent:]
             loop.want_write(self)
 
-    def flush_out(self) -> bool:
-        """Loop mode: send what waits; True once nothing does."""
+    def writable(self) -> bool:
+        """Loop mode: send what waits; once nothing does, serve the requests that
+        waited behind it, then read the client again.  False once it is over."""
         with self._send_lock:
             try:
                 sent = self.sock.send(self._out) if self._out else 0
             except BlockingIOError:
+                return True
+            except OSError:
                 return False
-            except OSError as exc:
-                raise _Closed(str(exc)) from None
             del self._out[:sent]
-            return not self._out
+            if self._out:
+                return True
+        assert self._export is not None
+        alive = self._serve_buffered(self._export)
+        # Under the send lock, as want_write() is: a pool thread's reply queued
+        # meanwhile cannot lose its wait for the socket.
+        with self._send_lock:
+            if alive and not self._out and self._loop is not None:
+                self._loop.epoll.modify(self.sock.fileno(), select.EPOLLIN)
+        return alive
 
     def readable(self) -> bool:
         """Loop mode: serve what the client sent; False once the connection is over
@@ -355,6 +365,8 @@ class NbdConnection:
         protocol = self.protocol
         stats = self.server.stats
         while True:
+            if self._out:  # loop mode: replies wait for the socket; the rest waits for them
+                return True
             event = protocol.next_event()
             if event is nbd.NEED_DATA:
                 return True
@@ -666,11 +678,7 @@ class TransmissionLoop:
                     continue
                 conn, done = entry
                 try:
-                    if mask & select.EPOLLOUT:
-                        if conn.flush_out():
-                            self.epoll.modify(fd, select.EPOLLIN)
-                        continue
-                    alive = conn.readable()
+                    alive = conn.writable() if mask & select.EPOLLOUT else conn.readable()
                 except _Closed:
                     alive = False
                 if not alive:
