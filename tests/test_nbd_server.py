@@ -442,14 +442,17 @@ def test_a_client_that_never_reads_its_replies_stops_being_read(served: Served) 
     A client that sends READs and never reads the replies must not stall the others
     nor make the server hold more than one reply for it: once its socket takes no
     more, the server stops reading its requests (they wait in the kernel)."""
+    assert served.backend.nbd is not None
+    promoted = served.backend.nbd.stats["promoted_to_thread"]
     greedy = connected(served)
     try:
         greedy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         greedy.sock.setblocking(False)
-        header = nbd.REQUEST.pack(nbd.REQUEST_MAGIC, 0, nbd.Cmd.READ, 7, 0, 1 << 20)
+        # 32 KiB reads: under servers.nbd.BULK, so the connection stays in the loop.
+        header = nbd.REQUEST.pack(nbd.REQUEST_MAGIC, 0, nbd.Cmd.READ, 7, 0, 32 << 10)
         sent = 0
         try:
-            for _ in range(4000):  # 4 GiB of replies asked for
+            for _ in range(40000):  # 1.2 GiB of replies asked for
                 greedy.sock.send(header)
                 sent += 1
         except BlockingIOError:
@@ -462,10 +465,36 @@ def test_a_client_that_never_reads_its_replies_stops_being_read(served: Served) 
             return sum(len(c._out) for c in served.thread.call(lambda: list(server.connections)))
 
         wait_until(lambda: waiting() > 0, 10, "the greedy client's replies to back up")
-        assert waiting() <= (1 << 20) + 64, "more than one reply held for a client that does not read"
+        assert waiting() <= (32 << 10) + 64, "more than one reply held for a client that does not read"
+        assert served.backend.nbd is not None and served.backend.nbd.stats["promoted_to_thread"] == promoted
         bystander_ok(served)  # everyone else is served meanwhile
         assert sent > 0
     finally:
         greedy.close()
     wait_no_connections(served)
     bystander_ok(served)
+
+
+def test_a_bulk_request_moves_the_connection_to_a_thread_and_it_goes_on(served: Served) -> None:
+    """Small requests are served by the shared transmission loop; the first READ or
+    WRITE of servers.nbd.BULK bytes or more hands the connection to a thread of its
+    own, mid-stream: the requests around the switch are all answered, in any order."""
+    assert served.backend.nbd is not None
+    before = served.backend.nbd.stats["promoted_to_thread"]
+    want = served.disk.read_bytes()
+    c = connected(served)
+    try:
+        small1 = c.request(nbd.Cmd.READ, 4 << 20, 4096)
+        big = c.request(nbd.Cmd.READ, 4 << 20, 1 << 20)
+        small2 = c.request(nbd.Cmd.READ, (4 << 20) + 8192, 4096)
+        got = {}
+        for _ in range(3):
+            cookie, _rtype, _flags, payload = c.structured_reply()
+            got[cookie] = payload[8:]  # OFFSET_DATA: the offset, then the data
+        assert got[small1] == want[4 << 20:(4 << 20) + 4096]
+        assert got[big] == want[4 << 20:5 << 20]
+        assert got[small2] == want[(4 << 20) + 8192:(4 << 20) + 12288]
+    finally:
+        c.close()
+    assert served.backend.nbd.stats["promoted_to_thread"] == before + 1
+    wait_no_connections(served)
