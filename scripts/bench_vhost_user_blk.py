@@ -19,9 +19,7 @@ benchmark; the guest, qemu-storage-daemon and qbackend share the 2 CPUs).
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -32,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qbackend.machine.launch import GuestImage, QemuInstall, find_guest, find_qemu  # noqa: E402
+from qbackend.machine.guest_tools import with_host_programs  # noqa: E402
+from qbackend.machine.launch import QemuInstall, find_guest, find_qemu  # noqa: E402
 
 SIZE = 256 << 20
 MODULES = "virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk".split()
@@ -43,32 +42,6 @@ JOBS = {  # name: (fio arguments, what is printed)
     "rand read 4K QD1": ("--rw=randread --bs=4k --iodepth=1", "IOPS"),
     "rand read 4K QD16": ("--rw=randread --bs=4k --iodepth=16", "IOPS"),
 }
-
-
-def fio_initrd(guest: GuestImage, dest: Path) -> Path:
-    """The guest's initramfs plus a second cpio archive holding fio and its shared libraries
-    (the kernel unpacks concatenated archives in order)."""
-    fio = shutil.which("fio")
-    if fio is None:
-        raise SystemExit("bench_vhost_user_blk: fio is not installed (make setup installs it)")
-    libs = subprocess.run(["ldd", fio], capture_output=True, text=True, check=True).stdout
-    files = [Path(fio)]
-    for line in libs.splitlines():
-        parts = line.split()
-        path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
-        if path.startswith("/"):
-            files.append(Path(path))
-    staging = dest / "fio-root"
-    for f in files:
-        target = staging / str(f).lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f.resolve(), target)
-    (staging / "usr/bin").mkdir(parents=True, exist_ok=True)
-    cpio = subprocess.run("find . | cpio -o -H newc --quiet", shell=True, cwd=staging, capture_output=True,
-                          check=True).stdout
-    out = dest / "initrd-fio.img"
-    out.write_bytes(guest.initrd.read_bytes() + gzip.compress(cpio, compresslevel=1))
-    return out
 
 
 def make_images(qemu: QemuInstall, work: Path) -> list[Path]:
@@ -107,7 +80,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-vub-") as tmp:
         work = Path(tmp)
         images = make_images(qemu, work)
-        bench_guest = GuestImage(guest.kernel, fio_initrd(guest, work), guest.kernel_version)
+        bench_guest = with_host_programs(guest, ["fio"], work)
         ours_sock, ref_sock, nbd_sock = work / "qb-vub.sock", work / "qsd-vub.sock", work / "qb-nbd.sock"
         qb = subprocess.Popen([sys.executable, "-m", "qbackend", "serve",
                                "--vhost-user-blk", f"socket={ours_sock},image={images[0]},format=qed,id=vub0",

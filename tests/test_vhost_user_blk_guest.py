@@ -2,7 +2,8 @@
 
 qbackend serves a QED image to `vhost-user-blk-pci` (guest RAM is a shared
 memfd, so the virtqueues live in memory both processes map): the guest
-sees /dev/vda with the image's size, makes ext4, writes files, syncs; on
+sees /dev/vda with the image's size, makes ext4 (the host's mkfs.ext4,
+added to the initramfs), writes files, syncs; on
 the host qbackend's QED reader returns the files and qemu-img check is
 clean, and the same image served over NBD reads identically.  A second
 disk is exported at run time over qbackend's QMP monitor (blockdev-add,
@@ -26,7 +27,8 @@ from qed_tools import qemu_check, qemu_img
 
 from qbackend.app.service import Backend
 from qbackend.block.qed import QedImage
-from qbackend.machine.launch import find_qemu
+from qbackend.machine.guest_tools import with_host_programs
+from qbackend.machine.launch import find_guest, find_qemu
 from qbackend.machine.qmp import QmpError, SyncQmp
 from qbackend.options import VhostUserBlkOptions
 from qbackend.testing.harness import Guest, Harness, start_qbackend, wait_until
@@ -65,7 +67,9 @@ def rig(harness: Harness) -> Iterator[Rig]:
     backend.add_vhost_user_blk(VhostUserBlkOptions(socket=sock, image=disk, format="qed", id="vub0"))
     backend.enable_control(work / "qbackend-qmp.sock")
     harness.serve(backend)
-    guest = harness.guest("vub", smp=2, slots=2, maxmem="2G", extra_args=[
+    # The host's mkfs.ext4 (busybox's mke2fs makes only ext2).
+    image = with_host_programs(find_guest(), ["mkfs.ext4"], work)
+    guest = harness.guest("vub", smp=2, slots=2, maxmem="2G", guest=image, extra_args=[
         "-chardev", f"socket,id=vub0,path={sock}",
         "-device", "vhost-user-blk-pci,chardev=vub0,id=vblk0,num-queues=1"])
     guest.sh("for m in " + " ".join(MODULES) + "; do insmod /lib/modules/$m.ko || exit 1; done")
@@ -75,7 +79,8 @@ def rig(harness: Harness) -> Iterator[Rig]:
 def test_guest_makes_ext4_on_the_disk_and_the_host_reads_the_files(rig: Rig, tmp_path: Path) -> None:
     rig.guest.wait_guest("[ -b /dev/vda ]", 20)
     assert rig.sh("cat /sys/block/vda/size") == str(SIZE // 512)
-    rig.sh("mke2fs -q /dev/vda && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt")
+    rig.sh("/usr/sbin/mkfs.ext4 -q -F /dev/vda && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt")
+    assert "ext4" in rig.sh("grep /mnt /proc/mounts")
     rig.sh("echo 'written over vhost-user' > /mnt/hello.txt")
     rig.sh("dd if=/dev/urandom of=/mnt/blob bs=64k count=48 2>/dev/null && sync")
     blob_sum = rig.sh("md5sum /mnt/blob").split()[0]

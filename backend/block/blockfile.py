@@ -19,7 +19,7 @@ import ctypes
 import errno
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -54,6 +54,18 @@ class BlockFile(Protocol):
     def truncate(self, n: int) -> None: ...
 
     def close(self) -> None: ...
+
+
+def views_after(views: Sequence[memoryview], skip: int) -> list[memoryview]:
+    """The views with their first ``skip`` bytes dropped."""
+    out = []
+    for v in views:
+        if skip >= v.nbytes:
+            skip -= v.nbytes
+            continue
+        out.append(v[skip:] if skip else v)
+        skip = 0
+    return out
 
 
 # -- a file ------------------------------------------------------------------
@@ -91,6 +103,18 @@ class FileBlock:
             flags |= os.O_CREAT
         fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
         return cls(fd, path=Path(path), writable=writable)
+
+    def preadv(self, offset: int, views: Sequence[memoryview]) -> int:
+        """Read straight into ``views`` (no bytes object between: vhost-user reads
+        land in guest memory so); the bytes read, short only at the end of the file."""
+        total = sum(v.nbytes for v in views)
+        got = 0
+        while got < total:
+            n = os.preadv(self.fd, views_after(views, got), offset + got)
+            if n == 0:
+                break
+            got += n
+        return got
 
     def pread(self, offset: int, n: int) -> bytes:
         data = os.pread(self.fd, n, offset)

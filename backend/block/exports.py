@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import errno as E
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from qbackend.block.blockfile import FileBlock
+from qbackend.block.blockfile import FileBlock, views_after
 from qbackend.errors import ImageError
 from qbackend.options import NbdExportOptions
 from qbackend.protocol.nbd import AllocationFlags, ExportInfo
@@ -90,6 +91,12 @@ class RawExport:
     def read(self, offset: int, length: int) -> bytes:
         data = self.block.pread(offset, length)
         return data if len(data) == length else data.ljust(length, b"\0")
+
+    def readinto(self, offset: int, views: Sequence[memoryview]) -> None:
+        """read(), straight into ``views`` (a vhost-user request's guest buffers)."""
+        got = self.block.preadv(offset, views)
+        for view in views_after(views, got):  # past the end of a file shorter than the export
+            view[:] = bytes(view.nbytes)
 
     def write(self, offset: int, data: bytes, fua: bool) -> None:
         self.block.pwrite(offset, data)

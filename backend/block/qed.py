@@ -41,7 +41,7 @@ import sys
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum, IntEnum, IntFlag
 from itertools import compress
@@ -723,6 +723,27 @@ class QedImage:
         if len(data) != n:
             raise QedCorruptError(f"data at file offset {runs[0][3]:#x} is cut short by the end of file")
         return data
+
+    def readinto(self, offset: int, views: Sequence[memoryview]) -> None:
+        """read() into ``views``: one contiguous stretch of the file goes straight in
+        (preadv, when the block file has it); anything else through read()."""
+        n = sum(v.nbytes for v in views)
+        preadv = getattr(self.f, "preadv", None)
+        with self._lock:
+            if self.closed:
+                raise QedError("image is closed")
+            self._check_range(offset, n)
+            runs = list(self._runs(offset, n))
+            direct = preadv is not None and len(runs) == 1 and runs[0][2] == ClusterKind.DATA
+        if direct and preadv is not None:  # outside the lock, as read() does: clusters are never reused
+            if preadv(runs[0][3], views) != n:
+                raise QedCorruptError(f"data at file offset {runs[0][3]:#x} is cut short by the end of file")
+            return
+        data = memoryview(self.read(offset, n))
+        pos = 0
+        for view in views:
+            view[:] = data[pos:pos + view.nbytes]
+            pos += view.nbytes
 
     def _assemble(self, offset: int, n: int, runs: list[tuple[int, int, ClusterKind, int]]) -> bytes:
         out = bytearray(n)

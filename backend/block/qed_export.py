@@ -3,6 +3,7 @@ NBD's operations and block status onto it)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from qbackend.block.blockfile import FileBlock
@@ -43,6 +44,10 @@ class QedExport:
 
     def read(self, offset: int, length: int) -> bytes:
         return self.image.read(offset, length)
+
+    def readinto(self, offset: int, views: Sequence[memoryview]) -> None:
+        """read(), straight into ``views`` (a vhost-user request's guest buffers)."""
+        self.image.readinto(offset, views)
 
     def write(self, offset: int, data: bytes, fua: bool) -> None:
         self.image.write(offset, data)

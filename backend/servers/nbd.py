@@ -630,10 +630,10 @@ class NbdServer:
             log.exception("nbd %s: internal error; dropping the connection", peer)
             self.stats["internal_errors"] += 1
         finally:
-            self.connections.discard(conn)
             conn.sock.close()  # the TLS socket, once STARTTLS wrapped the plain one
             sock.close()
             conn.release_buffers()
+            self.connections.discard(conn)
             if not self.connections:
                 trim_heap()  # the last client gone: what the connection threads freed goes back
             self._left.set()
