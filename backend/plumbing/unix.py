@@ -127,6 +127,15 @@ async def sends_within(sock: socket.socket, seconds: float) -> bool:
     return False
 
 
+def shutdown(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
+    """Shut a connection down from any thread (its worker's blocking receive returns);
+    a socket already closed or disconnected is not an error."""
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass
+
+
 # -- file descriptors over a socket ----------------------------------------------------
 
 def fds_ancdata(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:

@@ -40,6 +40,7 @@ from qbackend.plumbing.unix import (
     listen_unix,
     make_eventfd,
     remove_socket,
+    shutdown,
     signal_eventfd,
 )
 from qbackend.protocol import nbd
@@ -162,7 +163,8 @@ class NbdConnection:
         (the loop then hands it to finish())."""
         export = self._export
         assert export is not None
-        try:
+
+        def serve() -> bool:
             try:
                 n = self.sock.recv_into(self._buffer)
             except BlockingIOError:
@@ -173,22 +175,25 @@ class NbdConnection:
                 return False
             self.protocol.receive_data(self._view[:n])
             return self._serve_events(export)
+
+        return self._guarded(serve)
+
+    def _serve_buffered(self, export: Export) -> bool:
+        return self._guarded(lambda: self._serve_events(export))
+
+    def _guarded(self, work: Callable[[], bool]) -> bool:
+        """work() (serving requests); what ends the connection instead (a protocol
+        error, the client gone, a bug of ours) is dealt with here: then False."""
+        try:
+            return work()
         except nbd.NbdProtocolError as exc:
             self._protocol_error(exc)
         except _Closed:
             pass
         except Exception:
+            # A bug of ours must cost this client its connection, not the server its life.
             log.exception("nbd %s: internal error; dropping the connection", self.peer)
             self.server.stats["internal_errors"] += 1
-        return False
-
-    def _serve_buffered(self, export: Export) -> bool:
-        try:
-            return self._serve_events(export)
-        except nbd.NbdProtocolError as exc:
-            self._protocol_error(exc)
-        except _Closed:
-            pass
         return False
 
     def finish(self) -> None:
@@ -230,18 +235,12 @@ class NbdConnection:
     def stop(self) -> None:
         """Stop reading new requests (from any thread); what is in flight finishes."""
         self.stopping = True
-        try:
-            self.sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
+        shutdown(self.sock, socket.SHUT_RD)
 
     def drop(self) -> None:
         """Disconnect the client now (from any thread): its export is going away."""
         self.stopping = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shutdown(self.sock)
 
     # -- the loop (worker thread) ------------------------------------------------------
 
@@ -329,19 +328,14 @@ class NbdConnection:
 
     def run_blocking(self, export: Export, first: nbd.Request | None = None) -> None:
         """Transmission, in the connection's worker thread, until the client goes."""
-        try:
+        def serve() -> bool:
             if first is not None:
                 self._handle(export, first)
             self._transmission(export)
-        except nbd.NbdProtocolError as exc:
-            self._protocol_error(exc)
-        except _Closed:
-            pass
-        except Exception:
-            # A bug of ours must cost this client its connection, not the
-            # server its life.
-            log.exception("nbd %s: internal error; dropping the connection", self.peer)
-            self.server.stats["internal_errors"] += 1
+            return False
+
+        try:
+            self._guarded(serve)
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 import trio
 
 from qbackend.plumbing.threads import run_locked
-from qbackend.plumbing.unix import close_fds, fds_from_ancdata, send_with_fds, sends_within, serve_unix
+from qbackend.plumbing.unix import close_fds, fds_from_ancdata, send_with_fds, sends_within, serve_unix, shutdown
 from qbackend.protocol import vfio_user as vu
 from qbackend.vfio.dma import DmaError, DmaTable
 from qbackend.vfio.function import PciFunction
@@ -486,10 +486,7 @@ class Connection:
     def stop(self) -> None:
         """Make the worker thread's recvmsg return (from any thread)."""
         self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shutdown(self.sock)
 
     def close(self) -> None:
         """Drop everything the client gave us; the device state stays."""

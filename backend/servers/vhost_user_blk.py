@@ -64,6 +64,7 @@ from qbackend.plumbing.unix import (
     send_with_fds,
     sends_within,
     serve_unix,
+    shutdown,
     signal_eventfd,
 )
 from qbackend.protocol import vhost_user as vu
@@ -363,7 +364,7 @@ class Connection:
         q = self._queue(state.index)
         self._stop_queue(q)
         if q.kick is not None:  # spec: the ring is stopped; a restart brings a new kick fd
-            self._drop_fd(q.kick)
+            close_fds([q.kick])
             q.kick = None
         return vu.reply_vring_state(q.index, q.vq.get_base())
 
@@ -374,7 +375,7 @@ class Connection:
             raise Refused("polling a ring without a kick fd is not supported")
         self._stop_queue(q)
         if q.kick is not None:
-            self._drop_fd(q.kick)
+            close_fds([q.kick])
         q.kick = self._keep(fd)
         self._start_queue(q)  # spec: a ring starts when its kick fd arrives
 
@@ -382,14 +383,14 @@ class Connection:
         index, fd = vu.parse_vring_file(message)
         q = self._queue(index)
         if q.call is not None:
-            self._drop_fd(q.call)
+            close_fds([q.call])
         q.call = self._keep(fd) if fd is not None else None
 
     def _set_vring_err(self, message: vu.Message) -> None:
         index, fd = vu.parse_vring_file(message)
         q = self._queue(index)
         if q.err is not None:
-            self._drop_fd(q.err)
+            close_fds([q.err])
         q.err = self._keep(fd) if fd is not None else None
 
     def _set_vring_enable(self, message: vu.Message) -> None:
@@ -404,9 +405,6 @@ class Connection:
         self._kept.add(fd)
         return fd
 
-    @staticmethod
-    def _drop_fd(fd: int) -> None:
-        close_fds([fd])
 
     # -- config space ------------------------------------------------------------------
 
@@ -521,10 +519,7 @@ class Connection:
     def stop(self) -> None:
         """Make the connection worker's recvmsg return (from any thread)."""
         self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shutdown(self.sock)
 
     def close(self) -> None:
         """Stop the queues, unmap guest memory, close every fd the front end gave us."""
