@@ -58,10 +58,10 @@ def main() -> int:
     from qbackend.machine.launch import QemuMachine
 
     find_qemu()  # fails early, with its advice, when QEMU is missing
-    # name: (PCI slot, BAR, register offset)
-    devices = {"QEMU ivshmem-plain": ("0x10", 0, 8), "qbackend ivshmem": ("0x11", 0, 8)}
+    # name: (PCI slot, BAR, offset read, offset written); ivshmem: IVPosition, IntrMask
+    devices = {"QEMU ivshmem-plain": ("0x10", 0, 8, 0), "qbackend ivshmem": ("0x11", 0, 8, 0)}
     if args.libvfio_user:
-        devices["libvfio-user gpio"] = ("0x12", 2, 0)
+        devices["libvfio-user gpio"] = ("0x12", 2, 0, 0)
     else:
         print("bench_mmio: libvfio-user's gpio-pci-idio-16 not found (set LIBVFIO_USER_SERVER); "
               "measuring without it")
@@ -92,18 +92,19 @@ def main() -> int:
             def sh(cmd: str) -> str:
                 return console.run_checked(cmd, 300).strip()
 
-            target = {}
-            for name, (slot, bar, offset) in devices.items():
+            target: dict[tuple[str, str], str] = {}
+            for name, (slot, bar, read_at, write_at) in devices.items():
                 bdf = f"/sys/bus/pci/devices/0000:00:{int(slot, 16):02x}.0"
                 sh(f"echo 1 > {bdf}/enable")
-                target[name] = f"{bdf} {bar} {offset}"
+                target[name, "read"] = f"{bdf} {bar} {read_at}"
+                target[name, "write"] = f"{bdf} {bar} {write_at}"
             rates: dict[str, dict[str, list[float]]] = {op: {n: [] for n in devices} for op in ("read", "write")}
             for name in devices:  # warm-up
-                sh(f"mmio_bench {target[name]} 1000 read")
+                sh(f"mmio_bench {target[name, 'read']} 1000 read")
             for _ in range(args.rounds):
                 for op in ("read", "write"):
                     for name in devices:
-                        out = sh(f"mmio_bench {target[name]} {args.count} {op}").split()
+                        out = sh(f"mmio_bench {target[name, op]} {args.count} {op}").split()
                         rates[op][name].append(int(out[0]) / (int(out[3]) / 1e9))
             time.sleep(1.0)
             before = cpu_seconds(qb.pid)

@@ -3,7 +3,9 @@
 raw-socket client, synchronous (one in flight) and pipelined (64 in flight).
 
 Servers measured in the same run, interleaved, medians of several rounds:
-  qbackend      `qbackend serve --ivshmem ...` (this project)
+  qbackend      `qbackend serve --ivshmem ...` (this project), with its native
+                access loop (servers/vfio_user_fast.c)
+  qbackend-py   the same with QBACKEND_NATIVE=off: every access in Python
   python-floor  a minimal blocking Python loop answering the same reads
                 without any parsing: what a Python server cannot beat
   libvfio-user  libvfio-user's C sample `gpio-pci-idio-16`, when given with
@@ -33,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from qbackend.protocol import vfio_user as vu  # noqa: E402
 
+DEFAULT_LIBVFIO_USER = "/opt/libvfio-user-build/samples/gpio-pci-idio-16"  # as scripts/bench_mmio.py
 READ_CONFIG = vu.build_message(1, vu.Command.REGION_READ, vu.REGION_ACCESS.pack(0, vu.PciRegion.CONFIG, 4))
 REPLY_SIZE = vu.HEADER_SIZE + vu.REGION_ACCESS.size + 4
 VERSION = vu.build_message(0, vu.Command.VERSION, vu.VERSION_PREFIX.pack(0, 0) + json.dumps(
@@ -65,8 +68,10 @@ while True:
 
 
 def start_server(kind: str, path: str, pinned: bool, libvfio_user: str | None) -> subprocess.Popen[bytes]:
-    if kind == "qbackend":
+    env = dict(os.environ)
+    if kind in ("qbackend", "qbackend-py"):
         cmd = [sys.executable, "-m", "qbackend", "serve", "--ivshmem", f"socket={path},size=4K"]
+        env["QBACKEND_NATIVE"] = "on" if kind == "qbackend" else "off"
     elif kind == "python-floor":
         cmd = [sys.executable, "-c", FLOOR_SERVER, path]
     else:
@@ -74,7 +79,7 @@ def start_server(kind: str, path: str, pinned: bool, libvfio_user: str | None) -
         cmd = [libvfio_user, path]
     if pinned:
         cmd = ["taskset", "-c", "0", *cmd]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while not os.path.exists(path):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -151,10 +156,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=30000, help="requests per measurement (default 30000)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
-    parser.add_argument("--libvfio-user", default=os.environ.get("LIBVFIO_USER_SERVER"),
+    parser.add_argument("--libvfio-user", default=os.environ.get("LIBVFIO_USER_SERVER")
+                        or (DEFAULT_LIBVFIO_USER if os.path.exists(DEFAULT_LIBVFIO_USER) else None),
                         help="path to libvfio-user's samples/gpio-pci-idio-16, for comparison")
     args = parser.parse_args()
-    kinds = ["qbackend", "python-floor"] + (["libvfio-user"] if args.libvfio_user else [])
+    kinds = ["qbackend", "qbackend-py", "python-floor"] + (["libvfio-user"] if args.libvfio_user else [])
     results: dict[tuple[str, bool], list[tuple[float, float]]] = {}
     for r in range(args.rounds):
         for pinned in (True, False):
@@ -176,6 +182,11 @@ def main() -> None:
     target = 60000
     got = med("qbackend", True, 0)
     print(f"\nqbackend synchronous, pinned: {got:,.0f}/s; target {target:,}/s ({got / target:.2f} of target)")
+    if args.libvfio_user:
+        for pinned in (True, False):
+            ratio = med("qbackend", pinned, 0) / med("libvfio-user", pinned, 0)
+            print(f"qbackend / libvfio-user, synchronous, {'pinned to cpu0' if pinned else 'unpinned'}: "
+                  f"{ratio:.2f}x" + (" (target 0.8x)" if pinned else ""))
     if not args.libvfio_user:
         print("libvfio-user not measured (give --libvfio-user PATH); the notes measured ~124,000/s sync "
               "and ~285,000/s pipelined here")

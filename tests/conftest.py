@@ -9,6 +9,8 @@ module's tests share what it starts.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from qbackend.testing.harness import Harness
@@ -18,3 +20,14 @@ from qbackend.testing.harness import Harness
 def harness(qbackend_harness: Harness) -> Harness:
     """The plugin's Harness for this module (stopped after its last test)."""
     return qbackend_harness
+
+
+@pytest.fixture(scope="module", params=["native", "python"])
+def access_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Which vfio-user access path devices made meanwhile are served by: the
+    native loop (qbackend.servers.vfio_user_fast) or Python alone
+    (QBACKEND_NATIVE=off).  Module tests that take it run once per path."""
+    mode: str = request.param
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QBACKEND_NATIVE", "on" if mode == "native" else "off")
+        yield mode

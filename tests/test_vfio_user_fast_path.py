@@ -145,7 +145,7 @@ def test_serve_access_reports_the_access_a_device_error_stopped() -> None:
 
 
 @pytest.fixture(scope="module")
-def connect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], VfioUserClient]]:
+def connect(tmp_path_factory: pytest.TempPathFactory, access_path: str) -> Iterator[Callable[[], VfioUserClient]]:
     workdir: Path = tmp_path_factory.mktemp("vfu-fast")
     backend = Backend()
     served = backend.add_ivshmem(IvshmemOptions(socket=workdir / "dev.sock", vectors=2))

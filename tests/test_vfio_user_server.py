@@ -53,7 +53,7 @@ def open_fds() -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+def pair(tmp_path_factory: pytest.TempPathFactory, access_path: str) -> Iterator[Pair]:
     workdir: Path = tmp_path_factory.mktemp("vfu")
     backend = Backend()
     target = backend.add_ivshmem(IvshmemOptions(socket=workdir / "target.sock", vectors=4))
@@ -79,6 +79,22 @@ def expect_closed(client: VfioUserClient) -> None:
 
 
 # -- the handshake and info ---------------------------------------------------------
+
+
+def test_the_access_path_under_test_is_the_one_serving(pair: Pair, access_path: str) -> None:
+    """Every test here runs once per access path; make sure each run tests the path it names."""
+    with pair.connect() as client:
+        client.negotiate()
+        before = pair.target.device.region_accesses[CONFIG]
+        for _ in range(10):
+            assert client.read32(CONFIG, 0) == 0x11101AF4
+        conn = pair.target.server.connection
+        assert conn is not None
+        if access_path == "native":
+            assert conn.native is not None and conn.native.served >= 10
+        else:
+            assert conn.native is None
+        assert pair.target.device.region_accesses[CONFIG] == before + 10
 
 
 def test_socket_is_private(pair: Pair) -> None:

@@ -17,7 +17,10 @@ from qbackend.ivshmem.group import PeerGroup
 from qbackend.models.ivshmem import (
     CLASS_MEMORY_RAM,
     DEVICE_ID,
+    DOORBELL,
+    INTR_MASK,
     INTR_STATUS,
+    IV_POSITION,
     MSIX_BAR_SIZE,
     REGISTER_BAR_SIZE,
     REVISION,
@@ -27,7 +30,7 @@ from qbackend.models.ivshmem import (
 )
 from qbackend.models.pci_config import Bar, ConfigSpace, MsixLayout
 from qbackend.protocol.vfio_user import PciRegion
-from qbackend.vfio.function import PciFunction, Region
+from qbackend.vfio.function import PciFunction, PlainWindow, Region
 from qbackend.vfio.irqs import InterruptController
 
 log = logging.getLogger(__name__)
@@ -117,6 +120,17 @@ class IvshmemDevice(PciFunction):
 
     def intx_asserted(self) -> bool:
         return self.registers.intx_asserted
+
+    def plain_windows(self) -> list[PlainWindow]:
+        registers = memoryview(self.registers.memory)
+        return [
+            *super().plain_windows(),
+            # IntrMask: a write changes nothing else while IntrStatus is 0 (the line stays low).
+            PlainWindow(PciRegion.BAR0, INTR_MASK, registers[INTR_MASK:INTR_MASK + 4], writable=True,
+                        guard=registers[INTR_STATUS:INTR_STATUS + 4]),
+            # IVPosition, and Doorbell, which reads as 0; writes to either are not plain.
+            PlainWindow(PciRegion.BAR0, IV_POSITION, registers[IV_POSITION:DOORBELL + 4]),
+        ]
 
     # -- as a group member ------------------------------------------------------------
 

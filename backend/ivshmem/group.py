@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from qbackend.plumbing.native_lock import device_lock
 from qbackend.plumbing.unix import clear_eventfd, make_eventfd, signal_eventfd
 from qbackend.protocol.ivshmem_server import MAX_PEER_ID
 
@@ -152,8 +153,9 @@ class PeerGroup:
     peers; for vfio-user devices, eventfds the group makes on first need
     and watches in a thread of its own.
 
-    One lock (an RLock) for the whole group, used as every member device's
-    lock: a doorbell from one peer's connection thread touches another peer.
+    One lock (a recursive device lock, qbackend.plumbing.native_lock) for the
+    whole group, used as every member device's lock: a doorbell from one
+    peer's connection thread touches another peer.
     """
 
     def __init__(self, memory: SharedMemory, name: str = "", vectors: int = 1) -> None:
@@ -162,7 +164,7 @@ class PeerGroup:
         self.vectors = vectors  # per peer, for ivshmem-server clients
         self.peers: dict[int, Peer] = {}
         self.dropped_doorbells = 0
-        self.lock = threading.RLock()
+        self.lock = device_lock()
         self.endpoints: list[IvshmemServerEndpoint] = []  # ivshmem-server sockets
         self._device_fds: dict[int, tuple[list[int], list[Watch]]] = {}
         self._listeners: list[GroupListener] = []

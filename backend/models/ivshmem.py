@@ -33,13 +33,43 @@ class IvshmemRegisters:
 
     As in QEMU, accesses are handled as whole dwords (a narrower access acts
     on the dword that holds it), IntrStatus clears when read, and the
-    vector of a doorbell is its low 8 bits.
+    vector of a doorbell is its low 8 bits.  The registers live in `memory`,
+    BAR0's first 16 bytes as the guest reads them (Doorbell reads as 0), so
+    that the plain ones can be served straight from it
+    (qbackend.devices.ivshmem.plain_windows).
     """
 
     def __init__(self, position: int) -> None:
+        self.memory = bytearray(16)
+        # Host byte order: the native loop that serves from `memory` is built
+        # for little-endian hosts only, as the wire is.
+        self._words = memoryview(self.memory).cast("I")
         self.position = position
-        self.intr_mask = 0
-        self.intr_status = 0
+
+    @property
+    def intr_mask(self) -> int:
+        return self._words[INTR_MASK // 4]
+
+    @intr_mask.setter
+    def intr_mask(self, value: int) -> None:
+        self._words[INTR_MASK // 4] = value & 0xFFFFFFFF
+
+    @property
+    def intr_status(self) -> int:
+        return self._words[INTR_STATUS // 4]
+
+    @intr_status.setter
+    def intr_status(self, value: int) -> None:
+        self._words[INTR_STATUS // 4] = value & 0xFFFFFFFF
+
+    @property
+    def position(self) -> int:
+        value = self._words[IV_POSITION // 4]
+        return value - (1 << 32) if value & 0x80000000 else value  # -1 until the device has joined
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self._words[IV_POSITION // 4] = value & 0xFFFFFFFF
 
     def read(self, offset: int) -> int:
         reg = offset & 0xFC
@@ -49,7 +79,7 @@ class IvshmemRegisters:
             value, self.intr_status = self.intr_status, 0
             return value
         if reg == IV_POSITION:
-            return self.position
+            return self._words[IV_POSITION // 4]
         return 0
 
     def write(self, offset: int, value: int) -> Doorbell | None:

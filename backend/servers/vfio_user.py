@@ -30,6 +30,7 @@ import trio
 from qbackend.plumbing.threads import run_locked
 from qbackend.plumbing.unix import close_fds, fds_from_ancdata, send_with_fds, sends_within, serve_unix, shutdown
 from qbackend.protocol import vfio_user as vu
+from qbackend.servers.vfio_user_fast import NativeAccessLoop
 from qbackend.vfio.dma import DmaError, DmaTable
 from qbackend.vfio.function import PciFunction
 
@@ -90,6 +91,7 @@ class Connection:
         self.device = server.device
         self.sock = sock
         self.worker_ident: int | None = None  # the thread of run_blocking, once it runs
+        self.native: NativeAccessLoop | None = None  # the native access loop, once it serves
         self.protocol = vu.ServerConnection()
         self.dma = DmaTable(vu.MAX_DMA_MAPS)
         self._trio_token = trio.lowlevel.current_trio_token()
@@ -117,6 +119,12 @@ class Connection:
     def run_blocking(self) -> None:
         """Serve the client until it goes away; runs in the connection's thread.
 
+        Once the client is ready, receiving is the native access loop's
+        (NativeAccessLoop, when it can run here): it serves the plain
+        register accesses itself and hands back the bytes that need Python,
+        which are handled below exactly as the Python loop handles a
+        receive.  Without it, this loop receives too.
+
         Region accesses (nearly all traffic) are served straight from the
         receive buffer by the protocol's serve_access(), which parses,
         checks, calls the device and packs the reply.  A buffer holding
@@ -143,7 +151,9 @@ class Connection:
         # costs more than the rest of a round trip.
         buffer = bytearray(RECV_SIZE)
         buffers = [buffer]
-        view = memoryview(buffer)
+        whole = memoryview(buffer)
+        native: NativeAccessLoop | None = None
+        native_wanted = self.server.native
         # Adaptive polling.  A guest vCPU waits for each reply, and on this kind of
         # machine most of a round trip is the wake-up of a sleeping CPU on each
         # side.  So after a reply, while the client keeps sending within
@@ -151,49 +161,75 @@ class Connection:
         # the CPU each time, in case the client runs on ours) for up to
         # SPIN_NS before blocking; a spin that finds nothing turns spinning off
         # until messages come close together again, so an idle client costs
-        # one spin, then nothing.
+        # one spin, then nothing.  The native loop does the same.
         clock = time.perf_counter_ns
         yield_cpu = os.sched_yield
         dontwait = socket.MSG_DONTWAIT
         spin = False
         try:
             while True:
-                got = False
-                if spin:
-                    deadline = clock() + SPIN_NS
-                    while True:
-                        try:
-                            n, ancdata, _flags, _ = recvmsg_into(buffers, CMSG_BUFSIZE, dontwait)
-                            got = True
-                            break
-                        except BlockingIOError:
-                            if clock() > deadline:
+                if native_wanted and protocol.state is vu.State.READY:
+                    native_wanted = False
+                    native = NativeAccessLoop.start(self.device, fd, buffer, protocol.server_caps.max_data_xfer_size,
+                                                    SPIN_NS, SPIN_WINDOW_NS)
+                    self.native = native
+                    if native is not None:
+                        log.debug("%s: native access loop serving", self.server.name)
+                fds: tuple[int, ...] = ()
+                view = whole
+                if native is not None and not protocol.reader.buffered:
+                    status = native.serve()  # without the GIL, until a message needs Python
+                    if status > 0:
+                        begin, n = native.pending
+                        fds = native.take_fds()
+                        if begin:
+                            view = whole[begin:n]
+                            n -= begin
+                    elif status == 0 or status in (-E.ECONNRESET, -E.EPIPE):
+                        n = 0
+                    elif self.closed:
+                        return
+                    else:
+                        raise ConnectionClosed(os.strerror(-status))
+                else:
+                    got = False
+                    if spin:
+                        deadline = clock() + SPIN_NS
+                        while True:
+                            try:
+                                n, ancdata, _flags, _ = recvmsg_into(buffers, CMSG_BUFSIZE, dontwait)
+                                got = True
                                 break
-                            yield_cpu()
-                        except OSError:
-                            break  # the blocking receive below says what it was
-                    spin = got
-                if not got:
-                    waited = clock()
-                    try:
-                        n, ancdata, _flags, _ = recvmsg_into(buffers, CMSG_BUFSIZE)
-                    except (ConnectionResetError, BrokenPipeError):
-                        n, ancdata = 0, []
-                    except OSError as exc:
-                        if self.closed:
-                            return
-                        raise ConnectionClosed(str(exc)) from None
-                    spin = clock() - waited < SPIN_WINDOW_NS
+                            except BlockingIOError:
+                                if clock() > deadline:
+                                    break
+                                yield_cpu()
+                            except OSError:
+                                break  # the blocking receive below says what it was
+                        spin = got
+                    if not got:
+                        waited = clock()
+                        try:
+                            n, ancdata, _flags, _ = recvmsg_into(buffers, CMSG_BUFSIZE)
+                        except (ConnectionResetError, BrokenPipeError):
+                            n, ancdata = 0, []
+                        except OSError as exc:
+                            if self.closed:
+                                return
+                            raise ConnectionClosed(str(exc)) from None
+                        spin = clock() - waited < SPIN_WINDOW_NS
+                    if ancdata:
+                        fds = tuple(fds_from_ancdata(ancdata))
                 lock_acquire()
                 try:
                     reply: bytes | bytearray | None = None
-                    if not ancdata:
+                    if not fds:
                         try:
                             reply = serve_access(view, 0, n, device_read, device_write)
                         except (vu.RequestError, DmaError) as exc:
                             reply = self._access_refused(exc)
                     if reply is None or protocol.access_end != n:
-                        handle_chunk(view, n, ancdata, reply, out)
+                        handle_chunk(view, n, fds, reply, out)
                         reply = out
                 finally:
                     lock_release()
@@ -234,8 +270,8 @@ class Connection:
         msg_id, command, _size, flags, _error, _offset, _region, _count = access
         return self._refused(msg_id, command, bool(flags), exc)
 
-    def _handle_chunk(self, view: memoryview, n: int, ancdata: list[tuple[int, int, bytes]],
-                      first: bytes | bytearray | None, out: bytearray) -> None:
+    def _handle_chunk(self, view: memoryview, n: int, fds: tuple[int, ...], first: bytes | bytearray | None,
+                      out: bytearray) -> None:
         """Go on with what one recvmsg() brought (nothing at the end); replies go to `out`.
 
         `first` is the reply to the access at the front that run_blocking()
@@ -259,7 +295,7 @@ class Connection:
                 out += reply
                 pos = protocol.access_end
         if pos < n or not n:
-            protocol.receive_data(bytes(view[pos:n]), fds_from_ancdata(ancdata) if ancdata else ())
+            protocol.receive_data(bytes(view[pos:n]), fds)
             self._handle_events(out)
 
     def _handle_events(self, out: bytearray) -> None:
@@ -510,9 +546,12 @@ class VfioUserServer:
     """
 
     def __init__(self, device: PciFunction, socket_path: str | os.PathLike[str], name: str = "", *,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, native: bool = True) -> None:
         self.device = device
         self.handshake_timeout = handshake_timeout  # seconds a client has to send its first message
+        # Serve plain register accesses in the native loop where it can run
+        # (servers.vfio_user_fast); False keeps every access in Python.
+        self.native = native
         self.socket_path = Path(socket_path)
         self.name = name or f"{device.name}@{self.socket_path}"
         self.stats: Counter[str] = Counter()

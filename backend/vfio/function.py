@@ -9,12 +9,12 @@ regions.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from qbackend.models.pci_config import CONFIG_SIZE, MSIX_ENTRY_SIZE, ConfigSpace
+from qbackend.plumbing.native_lock import device_lock
 from qbackend.protocol.vfio_user import (
     PCI_NUM_REGIONS,
     PciIrq,
@@ -61,6 +61,28 @@ class Region:
         return ((0, self.size),) if self.mmap_fd is not None else ()
 
 
+@dataclass(frozen=True)
+class PlainWindow:
+    """Part of a region that is plain memory: a read inside it returns its
+    bytes, a write of the whole window (if `writable`) stores them, and
+    nothing else happens; so the server may serve those accesses without
+    calling the device (qbackend.servers.vfio_user_fast).  Other writes
+    (narrower ones, say, which a register may widen) go to the device's
+    handler.  `memory` is the window's bytes from `start` on (a bytearray or
+    a view of one, never resized or replaced); with a `guard`, a write is
+    plain only while those 4 bytes are zero."""
+
+    region: int
+    start: int
+    memory: bytearray | memoryview
+    writable: bool = False
+    guard: memoryview | None = None
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.memory)
+
+
 class PciFunction:
     """Base class: config space plus regions plus interrupts."""
 
@@ -70,10 +92,13 @@ class PciFunction:
         self.config = config
         self.irqs = irqs
         # Held by whoever touches the device: the connection's worker thread
-        # while it handles messages, trio tasks while they act as the host.
-        self.lock = threading.RLock()
+        # while it handles messages, trio tasks while they act as the host;
+        # the native access loop too, hence a lock C code can take.
+        self.lock = device_lock()
         self.regions: dict[int, Region] = {}
-        self.region_accesses = [0] * PCI_NUM_REGIONS  # REGION_READ/WRITE messages per region
+        self._accesses = [0] * PCI_NUM_REGIONS  # REGION_READ/WRITE messages per region served here
+        # Counts of the accesses the native loop served, per region (it adds to them).
+        self.native_accesses: Sequence[int] | None = None
         self.dma_port: DmaPort | None = None  # set by the server while a client is attached
         self._msix_table = bytearray()
         if config.msix is not None:
@@ -84,6 +109,25 @@ class PciFunction:
             self._msix_table = bytearray(layout.vectors * MSIX_ENTRY_SIZE)
 
     # -- region access, as the server calls it --------------------------------
+
+    @property
+    def region_accesses(self) -> list[int]:
+        """REGION_READ/WRITE messages served, per region (by this class or natively)."""
+        native = self.native_accesses
+        if native is None:
+            return list(self._accesses)
+        return [mine + native[i] for i, mine in enumerate(self._accesses)]
+
+    def plain_windows(self) -> list[PlainWindow]:
+        """The parts of regions that are plain memory (see PlainWindow).
+
+        Config space reads are (writes go through the masks, config_write);
+        a subclass adds its own windows, and one that overrides read() gets
+        none from here.
+        """
+        if type(self).read is not PciFunction.read:
+            return []
+        return [PlainWindow(_CONFIG, 0, memoryview(self.config.data))]
 
     def region(self, index: int) -> Region | None:
         if index == PciRegion.CONFIG:
@@ -108,25 +152,25 @@ class PciFunction:
         if index == _CONFIG:
             if offset + count > CONFIG_SIZE:
                 raise self._out_of_range(index, offset, count)
-            self.region_accesses[index] += 1
+            self._accesses[index] += 1
             return bytes(self.config.data[offset:offset + count])  # ConfigSpace.read, inlined: the hot path
         region = self.regions.get(index)
         if region is None or offset + count > region.size:
             raise self._out_of_range(index, offset, count)
-        self.region_accesses[index] += 1
+        self._accesses[index] += 1
         return region.read(offset, count)
 
     def write(self, index: int, offset: int, data: bytes) -> None:
         if index == _CONFIG:
             if offset + len(data) > CONFIG_SIZE:
                 raise self._out_of_range(index, offset, len(data))
-            self.region_accesses[index] += 1
+            self._accesses[index] += 1
             self.config_write(offset, data)
             return
         region = self.regions.get(index)
         if region is None or offset + len(data) > region.size:
             raise self._out_of_range(index, offset, len(data))
-        self.region_accesses[index] += 1
+        self._accesses[index] += 1
         region.write(offset, data)
 
     # -- config space side effects -------------------------------------------
