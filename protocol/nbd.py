@@ -387,6 +387,11 @@ class NbdServerConnection:
     def eof(self) -> bool:
         return self._eof
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken by next_event()."""
+        return len(self._buffer)
+
     def next_event(self) -> Event:
         if self.phase is Phase.TRANSMISSION:
             return self._next_request()

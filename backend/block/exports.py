@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from qbackend.block.blockfile import FileBlock, views_after
+from qbackend.block.read_map import ReadMap
 from qbackend.errors import ImageError
 from qbackend.options import NbdExportOptions
 from qbackend.protocol.nbd import AllocationFlags, ExportInfo
@@ -24,6 +25,8 @@ ZERO_CHUNK = bytes(1 << 20)
 
 class Export(Protocol):
     info: ExportInfo
+    # Where the export's bytes are in a file, for native readers; None if nothing is.
+    read_map: ReadMap | None
 
     def read(self, offset: int, length: int) -> bytes: ...
 
@@ -87,6 +90,8 @@ class RawExport:
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # for SEEK_DATA / SEEK_HOLE
         # No description: the image's host path is nobody's business but the host's (qemu-nbd says nothing).
         self.info = ExportInfo(name=name, size=self.block.size(), read_only=readonly)
+        # Every byte is where the guest sees it: native readers may read any of it.
+        self.read_map = ReadMap.create(self.block.fd, self.info.size, identity=True)
 
     def read(self, offset: int, length: int) -> bytes:
         data = self.block.pread(offset, length)
@@ -128,6 +133,8 @@ class RawExport:
         return file_extents(self.fd, offset, min(offset + length, self.info.size) - offset)
 
     def close(self) -> None:
+        if self.read_map is not None:
+            self.read_map.close()  # no native reader uses the file after this
         self.block.close()
         os.close(self.fd)
 

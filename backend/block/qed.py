@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from qbackend.block.blockfile import BlockFile, FileBlock
+from qbackend.block.read_map import ReadMap
 from qbackend.errors import ImageError
 
 if TYPE_CHECKING:
@@ -468,6 +469,9 @@ class QedImage:
         self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
         self._l2_cache_max = max(1, l2_cache_bytes // self._tb)
         self._tail_trimmed = False
+        # For native readers (the NBD server's): the data clusters reads have found.
+        fd = getattr(f, "fd", None)
+        self.read_map = ReadMap.create(fd, header.image_size, cs) if isinstance(fd, int) else None
         self._load_metadata()
 
     def _load_metadata(self) -> None:
@@ -477,6 +481,8 @@ class QedImage:
         self._tail_trimmed = size == self._file_size
         self._l1 = _table_from_bytes(self.f.pread(self.header.l1_table_offset, self._tb))
         self._l2_cache.clear()
+        if self.read_map is not None:
+            self.read_map.forget_all()
         self._bad_l1: dict[int, str] = {}
         starts: list[tuple[int, int]] = []
         for i, e in compress(enumerate(self._l1), self._l1):  # the nonzero entries
@@ -533,6 +539,8 @@ class QedImage:
                         self.f.flush()
             finally:
                 self.closed = True
+                if self.read_map is not None:
+                    self.read_map.close()  # no native reader uses the file after this
                 if self.backing is not None:
                     self.backing.close()
                 self.f.close()
@@ -621,7 +629,18 @@ class QedImage:
             raise QedCorruptError(f"L1 entry {l1i}: L2 table at {e:#x} is cut short by the end of the file")
         table = _table_from_bytes(data)
         self._cache_l2(e, table)
+        if self.read_map is not None:
+            self._map_table(l1i, table)
         return table
+
+    def _map_table(self, l1i: int, table: array[int]) -> None:
+        """Tell the read map where the data clusters of a table just read are: the
+        entries the I/O path would take (zero clusters, unallocated ones and bad
+        offsets stay with it)."""
+        assert self.read_map is not None
+        problem = self._data_offset_problem
+        mapped = array("Q", (e if e > L2_ZERO and problem(e) is None else 0 for e in table))
+        self.read_map.set_many(l1i * self._ne, mapped)
 
     def _cache_l2(self, offset: int, table: array[int]) -> None:
         self._l2_cache[offset] = table
@@ -816,8 +835,11 @@ class QedImage:
         """
         ne = self._ne
         by_table: dict[int, list[tuple[int, int]]] = {}
+        read_map = self.read_map
         for ci, value in updates:
             by_table.setdefault(ci // ne, []).append((ci % ne, value))
+            if read_map is not None:  # the one place entries change: the map follows (0 for a zero cluster)
+                read_map.set(ci, 0 if value == L2_ZERO else value)
         new_l1: list[int] = []
         for l1i, entries in by_table.items():
             table = self._l2(l1i)

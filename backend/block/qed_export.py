@@ -41,6 +41,7 @@ class QedExport:
     def __init__(self, name: str, path: Path, readonly: bool = False) -> None:
         self.image = QedImage.open_path(path, read_only=readonly)
         self.info = ExportInfo(name=name, size=self.image.image_size, read_only=readonly)
+        self.read_map = self.image.read_map
 
     def read(self, offset: int, length: int) -> bytes:
         return self.image.read(offset, length)

@@ -28,6 +28,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "QBACKEND_NATIVE"
+PACKAGE = Path(__file__).resolve().parent.parent
 COMPILE_TIMEOUT = 60.0
 
 
@@ -78,7 +79,9 @@ def _load(source: Path) -> Native | None:
         log.warning("native helper %s missing (%s): pure-Python path in use", source.name, exc)
         return None
     compiler = os.environ.get("CC", "cc")
-    digest = hashlib.sha256(code + declarations.encode() + compiler.encode()).hexdigest()[:16]
+    # Every header of the package counts: a helper may include another's (read_map_impl.h).
+    headers = b"".join(p.read_bytes() for p in sorted(PACKAGE.rglob("*.h")))
+    digest = hashlib.sha256(code + headers + compiler.encode()).hexdigest()[:16]
     library = _build(source, compiler, f"{source.stem}-{digest}.so")
     if library is None:
         return None

@@ -44,6 +44,7 @@ from qbackend.plumbing.unix import (
     signal_eventfd,
 )
 from qbackend.protocol import nbd
+from qbackend.servers.nbd_fast import NativeReads
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ class _Closed(Exception):
 # Requests of at least BULK bytes take a connection out of the transmission loop into
 # a thread of its own (TransmissionLoop): large reads and writes overlap across threads.
 BULK = 64 << 10
+# In the loop, the replies of one native batch (servers.nbd_fast) are at most this
+# many bytes: what a client that stops reading can make the server hold for it.
+LOOP_BATCH = BULK + 64
 _BULK_COMMANDS = frozenset({nbd.Cmd.READ, nbd.Cmd.WRITE})
 _NAMES = {cmd: cmd.name for cmd in nbd.Cmd}  # stats keys (an enum's .name is a slow property)
 
@@ -96,10 +100,11 @@ class NbdConnection:
         self.promote: nbd.Request | None = None  # the bulk request that ends loop mode
         self.stopping = False
         self.export_name: str | None = None  # once the handshake has chosen one
+        self._native: NativeReads | None = None  # plain READs served in C, once transmission starts
 
     # -- I/O -------------------------------------------------------------------
 
-    def _send(self, *parts: bytes) -> None:
+    def _send(self, *parts: bytes | memoryview) -> None:
         with self._send_lock:
             if self._loop is not None:
                 self._send_nonblocking(parts)
@@ -117,7 +122,7 @@ class NbdConnection:
             except OSError as exc:
                 raise _Closed(str(exc)) from None
 
-    def _send_nonblocking(self, parts: tuple[bytes, ...]) -> None:
+    def _send_nonblocking(self, parts: tuple[bytes | memoryview, ...]) -> None:
         """Loop mode, holding the send lock: send what the socket takes, keep the rest."""
         loop = self._loop
         assert loop is not None
@@ -173,7 +178,10 @@ class NbdConnection:
                 n = 0
             if not n and self.stopping:
                 return False
-            self.protocol.receive_data(self._view[:n])
+            data = self._serve_native(self._view[:n]) if n else self._view[:0]
+            if n and not data:
+                return True  # all served natively
+            self.protocol.receive_data(data)
             return self._serve_events(export)
 
         return self._guarded(serve)
@@ -231,6 +239,9 @@ class NbdConnection:
         (64 clients that leave would otherwise hold their memory until the next GC)."""
         self._view.release()
         self._buffer = bytearray()
+        if self._native is not None:
+            self._native.close()
+            self._native = None
 
     def stop(self) -> None:
         """Stop reading new requests (from any thread); what is in flight finishes."""
@@ -370,6 +381,8 @@ class NbdConnection:
         if export is None:  # removed while this client negotiated
             raise _Closed(f"export {negotiated.export.name!r} was removed")
         self.export_name = negotiated.export.name
+        mode = "extended" if protocol.extended else "structured" if negotiated.structured else "simple"
+        self._native = NativeReads.start(export, mode)
         return export
 
     def _transmission(self, export: Export) -> None:
@@ -378,7 +391,36 @@ class NbdConnection:
             if not data and self.stopping:
                 self._drain()
                 return
+            if data:
+                data = self._serve_native(data)
+                if not data:
+                    continue
             self.protocol.receive_data(data)
+
+    def _serve_native(self, data: memoryview | bytes) -> memoryview | bytes:
+        """Serve the plain READs at the front of `data` natively (NativeReads); what is
+        left for the protocol.  Only while the protocol holds nothing back: requests
+        are taken in the order they came."""
+        native = self._native
+        if native is None or self.protocol.buffered:
+            return data
+        # The transmission loop serves small reads only: a bulk one moves the connection to
+        # a thread of its own (see BULK), which the protocol's path does.
+        max_length, limit = (BULK - 1, LOOP_BATCH) if self._loop is not None else (nbd.MAX_REQUEST, None)
+        view = memoryview(data)
+        stats = self.server.stats
+        while view:
+            before = native.served
+            consumed, produced = native.serve(view, max_length, limit)
+            if not consumed:
+                break
+            stats["READ"] += native.served - before
+            stats["native_reads"] += native.served - before
+            self._send(native.out[:produced])
+            view = view[consumed:]
+            if self._out:  # loop mode: the socket is full; the protocol keeps the rest until it drains
+                break
+        return view
 
     def _serve_events(self, export: Export) -> bool:
         """Serve the requests the protocol has whole; False after a disconnect."""

@@ -1,0 +1,381 @@
+"""Native NBD READs (servers/nbd_fast.c) and the read map they use (block/read_map.c).
+
+The C code may serve only a plain READ of mapped bytes, and must answer it
+byte for byte as the Python path does, in each reply mode; everything else
+is Python's.  Checked three ways: sans-I/O, request bytes in and reply
+bytes out; a differential run, the same random request streams (reads of
+data, zero and backing clusters, writes that allocate, zeroing, trims,
+invalid requests) sent to two copies of one QED image, one served natively
+and one by Python alone, every reply compared; and real clients (nbdcopy,
+qemu-img) reading through the native path.  The NBD server's own suite
+also runs once per path (tests/conftest.py, `access_path`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qbackend.app.backend_thread import BackendThread
+from qbackend.app.service import Backend
+from qbackend.block import read_map
+from qbackend.block.exports import RawExport
+from qbackend.block.qed_export import QedExport
+from qbackend.machine.launch import QemuInstall, find_qemu
+from qbackend.options import NbdExportOptions
+from qbackend.plumbing import native
+from qbackend.protocol import nbd
+from qbackend.servers.nbd_fast import NativeReads
+
+pytestmark = pytest.mark.skipif(native.load(read_map.SOURCE) is None,
+                                reason="no C compiler or cffi here: the native paths cannot be built")
+
+MiB = 1 << 20
+
+
+def read_request(cookie: int, offset: int, length: int, flags: int = 0, extended: bool = False) -> bytes:
+    if extended:
+        return nbd.EXTENDED_REQUEST.pack(nbd.EXTENDED_REQUEST_MAGIC, flags, nbd.Cmd.READ, cookie, offset, length)
+    return nbd.REQUEST.pack(nbd.REQUEST_MAGIC, flags, nbd.Cmd.READ, cookie, offset, length)
+
+
+# -- sans-I/O: request bytes in, reply bytes out ---------------------------------------------
+
+
+@pytest.fixture
+def raw_export(tmp_path: Path) -> Iterator[tuple[RawExport, bytes]]:
+    data = os.urandom(2 * MiB)
+    path = tmp_path / "disk.raw"
+    path.write_bytes(data)
+    export = RawExport("disk", path)
+    assert export.read_map is not None
+    yield export, data
+    export.close()
+
+
+@pytest.mark.parametrize("mode", ["simple", "structured", "extended"])
+def test_reads_become_the_replies_the_python_protocol_builds(raw_export: tuple[RawExport, bytes],
+                                                             mode: str) -> None:
+    export, data = raw_export
+    reads = NativeReads.start(export, mode)
+    assert reads is not None
+    protocol = nbd.NbdServerConnection(exports={"disk": export.info})
+    protocol.structured = mode != "simple"
+    protocol.extended = mode == "extended"
+    try:
+        asks = [(1, 0, 512), (2, 4096, 65536), (3, 2 * MiB - 1, 1), (4, 12345, 777)]
+        stream = b"".join(read_request(c, o, n, extended=mode == "extended") for c, o, n in asks)
+        consumed, produced = reads.serve(memoryview(stream))
+        assert consumed == len(stream)
+        want = b"".join(protocol.read_reply_header(c, o, n) + data[o:o + n] for c, o, n in asks)
+        assert bytes(reads.out[:produced]) == want
+        assert reads.served == 4 and reads.bytes_read == sum(n for _, _, n in asks)
+    finally:
+        reads.close()
+
+
+def test_what_is_not_a_plain_mapped_read_is_left_to_python(raw_export: tuple[RawExport, bytes]) -> None:
+    export, data = raw_export
+    reads = NativeReads.start(export, "structured")
+    assert reads is not None
+    size = len(data)
+    try:
+        good = read_request(1, 0, 4096)
+        for case, request in {
+            "partial": good[:27],
+            "bad magic": nbd.REQUEST.pack(0x12345678, 0, nbd.Cmd.READ, 1, 0, 4096),
+            "a write": nbd.REQUEST.pack(nbd.REQUEST_MAGIC, 0, nbd.Cmd.WRITE, 1, 0, 4) + b"abcd",
+            "FUA flag": read_request(1, 0, 4096, flags=nbd.CmdFlags.FUA),
+            "length 0": read_request(1, 0, 0),
+            "past the end": read_request(1, size - 4096, 4097),
+            "wraps 64 bits": read_request(1, (1 << 64) - 512, 1024),
+            "extended header when not negotiated": read_request(1, 0, 4096, extended=True),
+        }.items():
+            assert reads.serve(memoryview(request)) == (0, 0), case
+        # DF is fine with structured replies (one chunk is all there is), not with simple ones.
+        assert reads.serve(memoryview(read_request(1, 0, 4096, flags=nbd.CmdFlags.DF)))[0] == 28
+        simple = NativeReads.start(export, "simple")
+        assert simple is not None
+        assert simple.serve(memoryview(read_request(1, 0, 4096, flags=nbd.CmdFlags.DF))) == (0, 0)
+        simple.close()
+        # Longer than asked for, or than the reply room: Python's; what came before is served.
+        assert reads.serve(memoryview(good + read_request(2, 0, 8192)), max_length=4096) == (28, 16 + 12 + 4096)
+        assert reads.serve(memoryview(good + good), limit=4096 + 100)[0] == 28
+        # Once the export's file is closed, nothing is read natively.
+        export.read_map.close() if export.read_map else None
+        assert reads.serve(memoryview(good)) == (0, 0)
+    finally:
+        reads.close()
+
+
+def test_the_read_map_of_a_qed_image_follows_its_tables(tmp_path: Path) -> None:
+    """Data clusters are mapped when their table is loaded; zero and unallocated ones never;
+    a write that allocates maps the new cluster; a reopened image starts over."""
+    qemu = find_qemu()
+    path = tmp_path / "q.qed"
+    subprocess.run([*qemu.tool_cmd("qemu-img"), "create", "-f", "qed", "-o", "cluster_size=65536", str(path),
+                    "64M"], check=True, capture_output=True, env=qemu.env())
+    subprocess.run([*qemu.tool_cmd("qemu-io"), "-f", "qed", "-c", "write -P 0x5a 0 128k",
+                    "-c", "write -z 1M 64k", str(path)], check=True, capture_output=True, env=qemu.env())
+    export = QedExport("q", path)
+    try:
+        rmap = export.read_map
+        assert rmap is not None
+        assert [rmap.get(c) for c in range(4)] == [0, 0, 0, 0]  # nothing loaded yet
+        assert export.read(0, 4096) == b"\x5a" * 4096  # loads the table
+        first, second = rmap.get(0), rmap.get(1)
+        assert first and second == first + 65536
+        assert rmap.get(16) == 0 and rmap.get(2) == 0  # the zero cluster, an unallocated one
+        export.write(3 * 65536, b"x" * 65536, False)  # allocates cluster 3
+        assert rmap.get(3) != 0
+        reads = NativeReads.start(export, "structured")
+        assert reads is not None
+        consumed, produced = reads.serve(memoryview(read_request(9, 3 * 65536, 65536)))
+        assert consumed == 28 and bytes(reads.out[28:produced]) == b"x" * 65536
+        # Clusters 1..3 are not contiguous in the file (2 is unallocated): Python's.
+        assert reads.serve(memoryview(read_request(9, 65536, 3 * 65536))) == (0, 0)
+        reads.close()
+    finally:
+        export.close()
+
+
+def test_the_map_has_a_memory_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_MAP_BYTES of map, clusters stay with the block layer, which reads them right."""
+    monkeypatch.setattr(read_map, "MAX_MAP_BYTES", read_map.BLOCK_BYTES)  # one block: 4096 clusters
+    qemu = find_qemu()
+    path = tmp_path / "q.qed"
+    subprocess.run([*qemu.tool_cmd("qemu-img"), "create", "-f", "qed", "-o", "cluster_size=4096", str(path),
+                    "64M"], check=True, capture_output=True, env=qemu.env())
+    subprocess.run([*qemu.tool_cmd("qemu-io"), "-f", "qed", "-c", "write -P 0x11 0 4k",
+                    "-c", "write -P 0x22 32M 4k", str(path)], check=True, capture_output=True, env=qemu.env())
+    export = QedExport("q", path)
+    try:
+        assert export.read(0, 4096) == b"\x11" * 4096 and export.read(32 * MiB, 4096) == b"\x22" * 4096
+        assert export.read_map is not None
+        assert export.read_map.get(0) != 0 and export.read_map.get(32 * MiB // 4096) == 0
+        reads = NativeReads.start(export, "simple")
+        assert reads is not None
+        assert reads.serve(memoryview(read_request(1, 32 * MiB, 4096))) == (0, 0)
+        reads.close()
+    finally:
+        export.close()
+
+
+# -- the same streams to both paths -------------------------------------------------------------
+
+
+@dataclass
+class Twins:
+    native: Served
+    python: Served
+    size: int
+
+
+@dataclass
+class Served:
+    thread: BackendThread
+    backend: Backend
+    socket: Path
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Twins]:
+    """Two copies of a QED image over a raw backing file, 4 KiB clusters, with data, zero
+    clusters and holes: one served with native READs, one by Python alone (its process
+    side opened the export with QBACKEND_NATIVE=off, so it has no read map)."""
+    work = tmp_path_factory.mktemp("nbd-native")
+    qemu = find_qemu()
+    size = 8 * MiB
+    backing = work / "base.raw"
+    backing.write_bytes(os.urandom(size))
+    image = work / "a.qed"
+    subprocess.run([*qemu.tool_cmd("qemu-img"), "create", "-f", "qed", "-o", "cluster_size=4096", "-b", str(backing),
+                    "-F", "raw", str(image), str(size)], check=True, capture_output=True, env=qemu.env())
+    commands = []
+    for n in range(40):
+        commands += ["-c", f"write -P {n + 1} {n * 200 * 1024} {(n % 5 + 1) * 4096}"]
+    commands += ["-c", "write -z 1M 64k", "-c", "write -z 3000k 8k"]
+    subprocess.run([*qemu.tool_cmd("qemu-io"), "-f", "qed", *commands, str(image)], check=True, capture_output=True,
+                   env=qemu.env())
+    copy = work / "b.qed"
+    shutil.copy(image, copy)
+    with pytest.MonkeyPatch.context() as patch:
+        served = []
+        for name, path, switch in (("native", image, "on"), ("python", copy, "off")):
+            patch.setenv("QBACKEND_NATIVE", switch)
+            backend = Backend()
+            sock = work / f"{name}.sock"
+            backend.add_nbd([NbdExportOptions.parse(f"name=disk,image={path},format=qed")], sock)
+            thread = BackendThread(backend)
+            thread.__enter__()
+            served.append(Served(thread, backend, sock))
+        patch.setenv("QBACKEND_NATIVE", "on")  # for the handshakes: the Python side has no map anyway
+        try:
+            yield Twins(served[0], served[1], size)
+        finally:
+            for s in served:
+                s.thread.__exit__(None, None, None)
+
+
+class Client:
+    """A raw NBD client in one of the three reply modes, pipelining requests."""
+
+    def __init__(self, path: Path, export: str, mode: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(10)
+        self.sock.connect(str(path))
+        self.mode = mode
+        self._recv(18)  # NBDMAGIC, IHAVEOPT, handshake flags
+        self.sock.sendall(struct.pack(">I", nbd.ClientFlags.FIXED_NEWSTYLE | nbd.ClientFlags.NO_ZEROES))
+        if mode == "extended":
+            self._option(nbd.Option.EXTENDED_HEADERS)
+        elif mode == "structured":
+            self._option(nbd.Option.STRUCTURED_REPLY)
+        name = export.encode()
+        self._option(nbd.Option.GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0), final=True)
+
+    def _recv(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            assert chunk, "the server closed the connection"
+            out += chunk
+        return bytes(out)
+
+    def _option(self, option: int, data: bytes = b"", final: bool = False) -> None:
+        self.sock.sendall(struct.pack(">QII", nbd.IHAVEOPT, option, len(data)) + data)
+        while True:
+            _magic, _opt, rtype, length = struct.unpack(">QIII", self._recv(20))
+            self._recv(length)
+            assert rtype in (nbd.OptionReply.ACK, nbd.OptionReply.INFO), hex(rtype)
+            if rtype == nbd.OptionReply.ACK:
+                return
+
+    def request(self, cookie: int, command: int, offset: int, length: int, data: bytes = b"", flags: int = 0) -> bytes:
+        if self.mode == "extended":
+            return nbd.EXTENDED_REQUEST.pack(nbd.EXTENDED_REQUEST_MAGIC, flags, command, cookie, offset,
+                                             len(data) or length) + data
+        return nbd.REQUEST.pack(nbd.REQUEST_MAGIC, flags, command, cookie, offset, len(data) or length) + data
+
+    def replies(self, lengths: dict[int, int]) -> dict[int, list[bytes]]:
+        """Every reply chunk, by cookie, until each cookie in `lengths` (a READ's length, else 0) is done."""
+        got: dict[int, list[bytes]] = {}
+        left = set(lengths)
+        while left:
+            if self.mode == "simple":
+                header = self._recv(16)
+                _magic, error, cookie = struct.unpack(">IIQ", header)
+                body = self._recv(lengths[cookie]) if not error and lengths[cookie] else b""
+                got.setdefault(cookie, []).append(header + body)
+                left.discard(cookie)
+                continue
+            if self.mode == "extended":
+                header = self._recv(32)
+                _magic, flags, _type, cookie, _offset, length = struct.unpack(">IHHQQQ", header)
+            else:
+                header = self._recv(20)
+                _magic, flags, _type, cookie, length = struct.unpack(">IHHQI", header)
+            got.setdefault(cookie, []).append(header + self._recv(length))
+            if flags & nbd.REPLY_FLAG_DONE:
+                left.discard(cookie)
+        return got
+
+    def close(self) -> None:
+        self.sock.sendall(self.request(0, nbd.Cmd.DISC, 0, 0))
+        self.sock.close()
+
+
+_OPS = st.tuples(
+    st.sampled_from(["read", "read", "read", "read", "write", "zero", "trim", "bad"]),
+    st.integers(0, 8 * MiB - 1),
+    st.one_of(st.sampled_from([1, 512, 4096, 65536, 200 * 1024]), st.integers(1, 300 * 1024)),
+    st.booleans(),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_OPS, min_size=1, max_size=30), st.sampled_from(["simple", "structured", "extended"]))
+def test_native_replies_equal_the_python_paths(twins: Twins, ops: list[tuple[str, int, int, bool]],
+                                               mode: str) -> None:
+    stream = []
+    lengths: dict[int, int] = {}
+    for cookie, (op, offset, length, flag) in enumerate(ops, 1):
+        length = min(length, twins.size - offset)
+        lengths[cookie] = 0
+        if op == "read":
+            flags = nbd.CmdFlags.DF if flag and mode != "simple" else 0
+            stream.append((cookie, nbd.Cmd.READ, offset, length, b"", flags))
+            lengths[cookie] = length
+        elif op == "write":
+            data = hashlib.sha256(b"%d" % cookie).digest() * (length // 32 + 1)
+            stream.append((cookie, nbd.Cmd.WRITE, offset, length, data[:length], 0))
+        elif op == "zero":
+            stream.append((cookie, nbd.Cmd.WRITE_ZEROES, offset, length, b"", 0 if flag else nbd.CmdFlags.NO_HOLE))
+        elif op == "trim":
+            stream.append((cookie, nbd.Cmd.TRIM, offset, length, b"", 0))
+        else:  # past the end, or of length 0: an error reply, from Python
+            stream.append((cookie, nbd.Cmd.READ, twins.size - 1 if flag else offset, length + 1 if flag else 0,
+                           b"", 0))
+    replies = []
+    for served in (twins.native, twins.python):
+        client = Client(served.socket, "disk", mode)
+        try:
+            client.sock.sendall(b"".join(client.request(*r) for r in stream))
+            replies.append(client.replies(lengths))
+        finally:
+            client.close()
+    assert replies[0] == replies[1], "the native and the Python path answered differently"
+
+
+def test_the_native_path_served_the_differential(twins: Twins) -> None:
+    """The run above compares two paths only if the native one did serve reads."""
+    def stats(served: Served) -> dict[str, int]:
+        server = served.backend.nbd
+        assert server is not None
+        return served.thread.call(lambda: dict(server.stats))
+
+    assert stats(twins.native).get("native_reads", 0) > 0
+    assert stats(twins.python).get("native_reads", 0) == 0
+
+
+# -- real clients ------------------------------------------------------------------------------
+
+
+def test_real_clients_read_through_the_native_path(tmp_path: Path) -> None:
+    """nbdcopy (libnbd, multi-conn, extended headers where offered) and qemu-img convert read a
+    QED export; the bytes are the image's, the native path served most reads."""
+    qemu: QemuInstall = find_qemu()
+    raw = tmp_path / "data.raw"
+    raw.write_bytes(os.urandom(24 * MiB))
+    image = tmp_path / "d.qed"
+    subprocess.run([*qemu.tool_cmd("qemu-img"), "convert", "-f", "raw", "-O", "qed", str(raw), str(image)],
+                   check=True, capture_output=True, env=qemu.env())
+    backend = Backend()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QBACKEND_NATIVE", "on")
+        sock = tmp_path / "nbd.sock"
+        backend.add_nbd([NbdExportOptions.parse(f"name=d,image={image},format=qed,readonly=on")], sock)
+        with BackendThread(backend) as thread:
+            uri = f"nbd+unix:///d?socket={sock}"
+            copied = tmp_path / "copy.raw"
+            subprocess.run(["nbdcopy", uri, str(copied)], check=True, capture_output=True, timeout=120)
+            assert copied.read_bytes() == raw.read_bytes()
+            converted = tmp_path / "convert.raw"
+            subprocess.run([*qemu.tool_cmd("qemu-img"), "convert", "-f", "raw", "-O", "raw", uri, str(converted)],
+                           check=True, capture_output=True, env=qemu.env(), timeout=120)
+            assert converted.read_bytes() == raw.read_bytes()
+            server = backend.nbd
+            assert server is not None
+            stats = thread.call(lambda: dict(server.stats))
+    assert stats["native_reads"] > stats["READ"] // 2, stats
