@@ -87,10 +87,11 @@ def test_one_input(data: bytes) -> None:
     if reads is None:  # no native helpers here
         return
     max_length = (1, 512, 4096, 65535, 1 << 20, nbd_fast.MAX_LENGTH)[data[1] % 6]
-    limit = (None, 100, 4096 + 40, 65536)[(data[1] >> 3) % 4]
+    limit = (nbd_fast.OUT_SIZE, 100, 4096 + 40, 65536)[(data[1] >> 3) % 4]
     stream = memoryview(data[2:])
     consumed, produced = reads.serve(stream, max_length, limit)
-    assert 0 <= consumed <= len(stream) and 0 <= produced <= (limit or nbd_fast.OUT_SIZE)
+    first = REPLY_HEADER_SIZE[mode] + max_length  # the first reply may be longer than the limit
+    assert 0 <= consumed <= len(stream) and 0 <= produced <= max(limit, min(first, nbd_fast.OUT_SIZE))
     header = nbd.EXTENDED_REQUEST if mode == "extended" else nbd.REQUEST
     magic = nbd.EXTENDED_REQUEST_MAGIC if mode == "extended" else nbd.REQUEST_MAGIC
     assert consumed % header.size == 0
@@ -108,7 +109,8 @@ def test_one_input(data: bytes) -> None:
         # It stopped at a whole request: one it may leave (anything but a plain, mapped,
         # fitting READ within the limits).
         got_magic, flags, command, cookie, offset, length = header.unpack_from(stream, consumed)
-        fits = REPLY_HEADER_SIZE[mode] + length <= (limit or nbd_fast.OUT_SIZE) - produced
+        size = REPLY_HEADER_SIZE[mode] + length
+        fits = size <= nbd_fast.OUT_SIZE - produced and (not produced or size <= limit - produced)
         plain = (got_magic == magic and command == nbd.Cmd.READ and flags in ((0, nbd.CmdFlags.DF) if mode != "simple"
                                                                             else (0,))
                  and 0 < length <= max_length and offset + length <= SIZE and fits)

@@ -6,8 +6,9 @@ same QED images, in the same run, interleaved; medians and ratios.
   allocating write     nbdcopy of random data into an empty image
   random 4 KiB reads   fio's nbd engine, queue depth 1 and 16
 
-Targets (issue 5): sequential read >= 0.8x qemu-nbd, random 4 KiB reads at
-QD16 >= 0.5x, allocating sequential writes >= 0.7x.  Placement: both
+Targets (issue 15): 1.0x qemu-nbd or better on every row.  READs of
+allocated data are served by the native path (servers/nbd_fast.c) where
+it can be built; QBACKEND_NATIVE=off measures the Python path alone.  Placement: both
 servers and clients float over the machine's CPUs (throughput, not round
 trips; see shared/notes/benchmarking-here.md).
 """
@@ -117,16 +118,16 @@ def main() -> None:
                     server.stop()
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
-    targets = {"seq read MiB/s": 0.8, "4k randread QD16 IOPS": 0.5, "allocating write MiB/s": 0.7,
-               "4k randread QD1 IOPS": None}
+    targets = {"seq read MiB/s": 1.0, "4k randread QD16 IOPS": 1.0, "allocating write MiB/s": 1.0,
+               "4k randread QD1 IOPS": 1.0}
     print(f"\nQED image of {args.size_mib} MiB, median of {args.rounds} interleaved rounds")
     print(f"{'measurement':<26}{'qbackend':>12}{'qemu-nbd':>12}{'ratio':>8}{'target':>9}")
     for name, target in targets.items():
         ours = statistics.median(results["qbackend"][name])
         theirs = statistics.median(results["qemu-nbd"][name])
         ratio = ours / theirs
-        mark = "" if target is None else (f"{target:.1f}x " + ("ok" if ratio >= target else "MISSED"))
-        print(f"{name:<26}{ours:>12,.0f}{theirs:>12,.0f}{ratio:>7.2f}x{mark:>11}")
+        mark = f"{target:.1f}x " + ("ok" if ratio >= target else "MISSED")
+        print(f"{name:<26}{ours:>12,.0f}{theirs:>12,.0f}{ratio:>7.2f}x  {mark:<11}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from qbackend.plumbing.unix import (
     signal_eventfd,
 )
 from qbackend.protocol import nbd
-from qbackend.servers.nbd_fast import NativeReads
+from qbackend.servers.nbd_fast import BATCH, NativeReads
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ class NbdConnection:
             return data
         # The transmission loop serves small reads only: a bulk one moves the connection to
         # a thread of its own (see BULK), which the protocol's path does.
-        max_length, limit = (BULK - 1, LOOP_BATCH) if self._loop is not None else (nbd.MAX_REQUEST, None)
+        max_length, limit = (BULK - 1, LOOP_BATCH) if self._loop is not None else (nbd.MAX_REQUEST, BATCH)
         view = memoryview(data)
         stats = self.server.stats
         while view:

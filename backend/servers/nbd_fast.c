@@ -6,7 +6,8 @@
  * export's read map locates (qbackend.block.read_map), puts the reply and
  * the data read from the image file into `out`.  It stops at the first
  * request it does not serve (another command, flags, a partial request, an
- * unmapped cluster, a short read, a reply that would not fit in `out`) and
+ * unmapped cluster, a short read, a reply that would not fit in `out`, or
+ * one that would take the batch past `soft_limit` when it is not the first) and
  * says how far it got: `consumed` bytes of `in`, `produced` bytes of `out`.
  * Python goes on from there, so it still checks and answers everything
  * else, errors included.  Per request, the checks are those of the
@@ -83,6 +84,9 @@ static uint32_t serve_one(struct qb_read_map *map, struct qb_nbd_batch *b, uint3
 		return 0;
 	header = b->mode == EXTENDED ? 40 : b->mode == STRUCTURED ? 28 : 16;
 	if (length > b->out_size - b->produced || header > b->out_size - b->produced - length)
+		return 0;
+	/* Past the soft limit only with the batch's first reply. */
+	if (b->produced && (b->produced >= b->soft_limit || header + length > b->soft_limit - b->produced))
 		return 0;
 	reply = b->out + b->produced;
 

@@ -4,6 +4,7 @@ struct qb_nbd_batch {
 	uint32_t in_len;
 	uint8_t *out;
 	uint32_t out_size;
+	uint32_t soft_limit;
 	uint32_t mode;
 	uint64_t max_length;
 	uint32_t consumed;
