@@ -654,7 +654,8 @@ class NbdServerConnection:
                                        self.error_reply(cookie, Errno.EINVAL, "request too large"))
             if len(buf) < header.size + length:
                 return self._need()
-            data = bytes(buf[header.size:header.size + length])
+            with memoryview(buf) as view:  # one copy (a bytearray slice would be a second)
+                data = bytes(view[header.size:header.size + length])
             del buf[:header.size + length]
         else:
             data = b""

@@ -56,6 +56,9 @@ class BlockFile(Protocol):
     def close(self) -> None: ...
 
 
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
 def views_after(views: Sequence[memoryview], skip: int) -> list[memoryview]:
     """The views with their first ``skip`` bytes dropped."""
     out = []
@@ -136,6 +139,13 @@ class FileBlock:
             done = os.pwrite(self.fd, view, offset)
             view = view[done:]
             offset += done
+
+    def pwritev(self, offset: int, views: Sequence[memoryview]) -> None:
+        """pwrite() of the views one after the other, with no bytes object between."""
+        total = sum(v.nbytes for v in views)
+        done = 0
+        while done < total:
+            done += os.pwritev(self.fd, views_after(views, done)[:IOV_MAX], offset + done)
 
     def discard(self, offset: int, n: int) -> None:
         if n <= 0:

@@ -809,6 +809,14 @@ class QedImage:
         end = offset + len(view)
         self._mark_dirty()
         base = self._file_size
+        pwritev = getattr(self.f, "pwritev", None)
+        if pwritev is not None and all(offset <= ci * cs and (ci + 1) * cs <= end for ci, _ in clusters):
+            # Whole clusters (a large aligned write): the caller's bytes go to the file as they
+            # are, with no buffer to build (and fault in) for them.
+            pwritev(base, [view[ci * cs - offset:(ci + 1) * cs - offset] for ci, _ in clusters])
+            self._file_size = base + len(clusters) * cs
+            self._set_entries([(ci, base + k * cs) for k, (ci, _) in enumerate(clusters)])
+            return
         buf = bytearray(len(clusters) * cs)
         copied_backing = False
         for k, (ci, kind) in enumerate(clusters):
