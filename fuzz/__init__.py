@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-TARGETS = ("vfio_user", "vhost_user", "nbd", "nbd_native", "ivshmem_server", "qmp", "qed", "spapr_script", "options",
-           "virtqueue")
+TARGETS = ("vfio_user", "vfio_user_native", "vhost_user", "nbd", "nbd_native", "ivshmem_server", "qmp", "qed",
+           "spapr_script", "options", "virtqueue")
 
 
 def chunks(data: bytes) -> Iterator[tuple[bytes, int]]:
