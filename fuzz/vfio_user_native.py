@@ -17,7 +17,7 @@ import socket
 import struct
 
 from qbackend.models.pci_config import Bar, ConfigSpace
-from qbackend.plumbing.native_lock import NativeLock, device_lock
+from qbackend.plumbing.native_lock import NativeLock
 from qbackend.protocol import vfio_user as vu
 from qbackend.servers.vfio_user_fast import MAX_COUNT, NativeAccessLoop
 from qbackend.vfio.function import PciFunction, PlainWindow
