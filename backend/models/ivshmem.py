@@ -28,6 +28,19 @@ class Doorbell:
     vector: int
 
 
+class _Word:
+    """One 32-bit register of IvshmemRegisters.memory, as an int attribute."""
+
+    def __init__(self, offset: int) -> None:
+        self.index = offset // 4
+
+    def __get__(self, registers: IvshmemRegisters, owner: type | None = None) -> int:
+        return registers._words[self.index]
+
+    def __set__(self, registers: IvshmemRegisters, value: int) -> None:
+        registers._words[self.index] = value & 0xFFFFFFFF
+
+
 class IvshmemRegisters:
     """BAR0 of ivshmem: four 32-bit registers, pure state.
 
@@ -46,21 +59,8 @@ class IvshmemRegisters:
         self._words = memoryview(self.memory).cast("I")
         self.position = position
 
-    @property
-    def intr_mask(self) -> int:
-        return self._words[INTR_MASK // 4]
-
-    @intr_mask.setter
-    def intr_mask(self, value: int) -> None:
-        self._words[INTR_MASK // 4] = value & 0xFFFFFFFF
-
-    @property
-    def intr_status(self) -> int:
-        return self._words[INTR_STATUS // 4]
-
-    @intr_status.setter
-    def intr_status(self, value: int) -> None:
-        self._words[INTR_STATUS // 4] = value & 0xFFFFFFFF
+    intr_mask = _Word(INTR_MASK)
+    intr_status = _Word(INTR_STATUS)
 
     @property
     def position(self) -> int:

@@ -658,7 +658,7 @@ class NbdServer:
                 else:
                     over = trio.Event()
                     token = trio.lowlevel.current_trio_token()
-                    self._transmission_loop().add(conn, export, lambda: token.run_sync_soon(over.set))
+                    self._transmission_loop().add(conn, export, _setter(token, over))
                     await over.wait()
                 nursery.cancel_scope.cancel()
         except Exception:
@@ -793,6 +793,18 @@ def _flush_and_close(export: Export) -> None:
             export.flush()
     finally:
         export.close()
+
+
+def _setter(token: trio.lowlevel.TrioToken, event: trio.Event) -> Callable[[], None]:
+    """`event.set()` from any thread; nothing once trio has stopped (the server went
+    first, and nobody waits any more)."""
+    def set_event() -> None:
+        try:
+            token.run_sync_soon(event.set)
+        except trio.RunFinishedError:
+            pass
+
+    return set_event
 
 
 async def _stop_on_cancel(conn: NbdConnection) -> None:
