@@ -461,6 +461,10 @@ class QedImage:
         self.open_check: CheckReport | None = None
         self.closed = False
         self._lock = threading.RLock()
+        # Guest clusters whose new data is being written outside the lock (write()),
+        # and the condition their writers signal when the tables point at it.
+        self._allocating: set[int] = set()
+        self._allocated = threading.Condition(self._lock)
         cs = header.cluster_size
         self._cs = cs
         self._ne = header.table_entries
@@ -530,6 +534,8 @@ class QedImage:
         with self._lock:
             if self.closed:
                 return
+            while self._allocating:  # writes whose new clusters are on their way to the file
+                self._allocated.wait()
             try:
                 if not self.read_only:
                     remaining = self.open_check is not None and self.open_check.corruptions_remaining
@@ -778,45 +784,71 @@ class QedImage:
         return bytes(out)
 
     def write(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        cs = self._cs
         with self._lock:
-            self._check_writable()
-            self._check_range(offset, len(data))
-            if not data:
-                return
-            view = memoryview(data)
-            cs = self._cs
-            to_alloc: list[tuple[int, ClusterKind]] = []  # (guest cluster index, old kind)
-            in_place: list[tuple[int, int, int]] = []  # (file offset, data offset, length)
-            for start, length, kind, host in self._runs(offset, len(data)):
-                if kind == ClusterKind.DATA:
-                    in_place.append((host, start - offset, length))
-                else:
-                    for ci in range(start // cs, (start + length - 1) // cs + 1):
-                        to_alloc.append((ci, kind))
+            while True:
+                self._check_writable()
+                self._check_range(offset, len(data))
+                if not data:
+                    return
+                to_alloc: list[tuple[int, ClusterKind]] = []  # (guest cluster index, old kind)
+                in_place: list[tuple[int, int, int]] = []  # (file offset, data offset, length)
+                for start, length, kind, host in self._runs(offset, len(data)):
+                    if kind == ClusterKind.DATA:
+                        in_place.append((host, start - offset, length))
+                    else:
+                        for ci in range(start // cs, (start + length - 1) // cs + 1):
+                            to_alloc.append((ci, kind))
+                # A cluster another write is allocating: wait for it, then look again
+                # (it is then allocated, and written in place).
+                if not any(ci in self._allocating for ci, _ in to_alloc):
+                    break
+                self._allocated.wait()
             if to_alloc:
                 for host, pos, length in in_place:
                     self.f.pwrite(host, view[pos:pos + length])
-                self._allocate_and_write(offset, view, to_alloc)
-                return
-        # Only clusters that are allocated already: their data goes outside the
-        # lock, as a read's does (clusters are never reused, so the file offsets
-        # stay this range's), and many clients' rewrites proceed at once.
-        for host, pos, length in in_place:
-            self.f.pwrite(host, view[pos:pos + length])
+                base, parts, copied_backing = self._reserve(offset, view, to_alloc)
+        if not to_alloc:
+            # Only clusters that are allocated already: their data goes outside the
+            # lock, as a read's does (clusters are never reused, so the file offsets
+            # stay this range's), and many clients' rewrites proceed at once.
+            for host, pos, length in in_place:
+                self.f.pwrite(host, view[pos:pos + length])
+            return
+        # The new clusters' data goes outside the lock too, into file space reserved
+        # for them; the table entries that make them the guest's follow it.
+        entries = [(ci, base + k * cs) for k, (ci, _) in enumerate(to_alloc)]
+        try:
+            pwritev = getattr(self.f, "pwritev", None)
+            if pwritev is not None:
+                pwritev(base, parts)
+            else:
+                self.f.pwrite(base, b"".join(parts))
+            if copied_backing:
+                self.f.flush()
+            with self._lock:
+                self._set_entries(entries)
+        finally:
+            with self._lock:
+                self._allocating.difference_update(ci for ci, _ in to_alloc)
+                self._allocated.notify_all()
 
-    def _allocate_and_write(self, offset: int, view: memoryview, clusters: list[tuple[int, ClusterKind]]) -> None:
+    def _reserve(self, offset: int, view: memoryview,
+                 clusters: list[tuple[int, ClusterKind]]) -> tuple[int, list[memoryview], bool]:
+        """Under the lock: file space for `clusters` at the end of the file, and what goes
+        there (views of the caller's bytes for whole clusters; else built with the backing
+        file's or zero bytes around them); whether backing data was copied."""
         cs = self._cs
         end = offset + len(view)
         self._mark_dirty()
         base = self._file_size
-        pwritev = getattr(self.f, "pwritev", None)
-        if pwritev is not None and all(offset <= ci * cs and (ci + 1) * cs <= end for ci, _ in clusters):
+        self._file_size = base + len(clusters) * cs
+        self._allocating.update(ci for ci, _ in clusters)
+        if all(offset <= ci * cs and (ci + 1) * cs <= end for ci, _ in clusters):
             # Whole clusters (a large aligned write): the caller's bytes go to the file as they
             # are, with no buffer to build (and fault in) for them.
-            pwritev(base, [view[ci * cs - offset:(ci + 1) * cs - offset] for ci, _ in clusters])
-            self._file_size = base + len(clusters) * cs
-            self._set_entries([(ci, base + k * cs) for k, (ci, _) in enumerate(clusters)])
-            return
+            return base, [view[ci * cs - offset:(ci + 1) * cs - offset] for ci, _ in clusters], False
         buf = bytearray(len(clusters) * cs)
         copied_backing = False
         for k, (ci, kind) in enumerate(clusters):
@@ -829,11 +861,7 @@ class QedImage:
                     buf[b:b + cs] = self._backing_read(cstart, cs)
                     copied_backing = True
             buf[b + lo - cstart:b + hi - cstart] = view[lo - offset:hi - offset]
-        self.f.pwrite(base, buf)
-        self._file_size = base + len(buf)
-        if copied_backing:
-            self.f.flush()
-        self._set_entries([(ci, base + k * cs) for k, (ci, _) in enumerate(clusters)])
+        return base, [memoryview(buf)], copied_backing
 
     def _set_entries(self, updates: list[tuple[int, int]]) -> None:
         """Point L2 entries (guest cluster index -> value) at new values, allocating tables.
