@@ -48,6 +48,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_common import wait_for_socket  # noqa: E402
+
 from qbackend.ivshmem.peer import IvshmemPeer  # noqa: E402
 from qbackend.plumbing.unix import clear_eventfd  # noqa: E402
 from qbackend.protocol import vfio_user as vu  # noqa: E402
@@ -90,11 +92,7 @@ def start_qbackend(workdir: Path, shm: str, pinned: bool) -> subprocess.Popen[by
     if pinned:
         cmd = ["taskset", "-c", "0", *cmd]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while not (workdir / "srv.sock").exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("qbackend serve did not start")
-        time.sleep(0.02)
+    wait_for_socket(workdir / "srv.sock", proc, "qbackend serve")
     return proc
 
 

@@ -27,22 +27,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from qbackend.machine.launch import find_qemu, vfio_user_device_arg  # noqa: E402
+from bench_common import DEFAULT_LIBVFIO_USER, wait_for_socket  # noqa: E402
 
-DEFAULT_LIBVFIO_USER = "/opt/libvfio-user-build/samples/gpio-pci-idio-16"
+from qbackend.machine.launch import find_qemu, vfio_user_device_arg  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_socket(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 20
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"bench_mmio: {what} did not start")
-        time.sleep(0.02)
 
 
 def main() -> int:
@@ -73,7 +65,7 @@ def main() -> int:
         procs = [qb]
         vm: QemuMachine | None = None
         try:
-            wait_socket(qb_sock, qb, "qbackend")
+            wait_for_socket(qb_sock, qb, "qbackend")
             extra = ["-object", "memory-backend-memfd,id=ivmem,size=4K,share=on",
                      "-device", f"ivshmem-plain,memdev=ivmem,addr={devices['QEMU ivshmem-plain'][0]}",
                      "-device", vfio_user_device_arg("qbiv", qb_sock, addr=devices["qbackend ivshmem"][0])]
@@ -81,7 +73,7 @@ def main() -> int:
                 lvu = subprocess.Popen([args.libvfio_user, str(lvu_sock)], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
                 procs.append(lvu)
-                wait_socket(lvu_sock, lvu, "libvfio-user's sample")
+                wait_for_socket(lvu_sock, lvu, "libvfio-user's sample")
                 extra += ["-device", vfio_user_device_arg("gpio", lvu_sock, addr=devices["libvfio-user gpio"][0])]
             vm = QemuMachine(work, name="mmio", extra_args=extra)
             console = GuestConsole(vm.serial_path)

@@ -28,6 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_common import wait_for_socket  # noqa: E402
+
 from qbackend.machine.launch import QemuInstall, find_qemu  # noqa: E402
 
 
@@ -48,11 +50,7 @@ class Server:
                    "--cache=writeback", str(image)]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=qemu.env(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"bench: {kind} did not start: {' '.join(cmd)}")
-            time.sleep(0.02)
+        wait_for_socket(sock, self.proc, f"{kind} ({' '.join(cmd)})")
         self.uri = f"nbd+unix:///disk?socket={sock}"
 
     def stop(self) -> None:

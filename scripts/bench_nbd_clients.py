@@ -18,11 +18,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench_common import wait_for_socket  # noqa: E402
 
 from qbackend.machine.launch import QemuInstall, find_qemu  # noqa: E402
 
@@ -83,11 +84,7 @@ def measure(kind: str, qemu: QemuInstall, clients: int, seconds: float, work: Pa
                "--cache=writeback", str(image)]
     server = subprocess.Popen(cmd, cwd=REPO, env=qemu.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if time.monotonic() > deadline:
-                raise SystemExit(f"bench: {kind} did not start")
-            time.sleep(0.02)
+        wait_for_socket(sock, None, kind)
         before = rss_kib(server.pid)
         out = subprocess.run(["/usr/bin/python3", "-c", CLIENTS, f"nbd+unix:///disk?socket={sock}", str(clients),
                               str(seconds), str(IMAGE_SIZE)], capture_output=True, text=True, timeout=seconds + 300)

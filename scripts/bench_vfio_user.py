@@ -33,9 +33,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_common import DEFAULT_LIBVFIO_USER, wait_for_socket  # noqa: E402
+
 from qbackend.protocol import vfio_user as vu  # noqa: E402
 
-DEFAULT_LIBVFIO_USER = "/opt/libvfio-user-build/samples/gpio-pci-idio-16"  # as scripts/bench_mmio.py
 READ_CONFIG = vu.build_message(1, vu.Command.REGION_READ, vu.REGION_ACCESS.pack(0, vu.PciRegion.CONFIG, 4))
 REPLY_SIZE = vu.HEADER_SIZE + vu.REGION_ACCESS.size + 4
 VERSION = vu.build_message(0, vu.Command.VERSION, vu.VERSION_PREFIX.pack(0, 0) + json.dumps(
@@ -80,11 +81,7 @@ def start_server(kind: str, path: str, pinned: bool, libvfio_user: str | None) -
     if pinned:
         cmd = ["taskset", "-c", "0", *cmd]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while not os.path.exists(path):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"bench: the {kind} server did not start ({' '.join(cmd)})")
-        time.sleep(0.02)
+    wait_for_socket(Path(path), proc, f"the {kind} server ({' '.join(cmd)})")
     return proc
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_common import wait_for_socket  # noqa: E402
+
 from qbackend.machine.guest_tools import with_host_programs  # noqa: E402
 from qbackend.machine.launch import QemuInstall, find_guest, find_qemu  # noqa: E402
 
@@ -59,14 +61,6 @@ def make_images(qemu: QemuInstall, work: Path) -> list[Path]:
     return images
 
 
-def wait_for(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"bench_vhost_user_blk: {what} did not start")
-        time.sleep(0.05)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -94,9 +88,9 @@ def main() -> int:
                                env=qemu.env(), stdout=subprocess.DEVNULL)
         vm: QemuMachine | None = None
         try:
-            wait_for(ours_sock, qb, "qbackend")
-            wait_for(nbd_sock, qb, "qbackend's NBD server")
-            wait_for(ref_sock, qsd, "qemu-storage-daemon")
+            wait_for_socket(ours_sock, qb, "qbackend")
+            wait_for_socket(nbd_sock, qb, "qbackend's NBD server")
+            wait_for_socket(ref_sock, qsd, "qemu-storage-daemon")
             addrs = list(DISKS.values())
             vm = QemuMachine(work, name="bench", guest=bench_guest, memory="1G", extra_args=[
                 "-chardev", f"socket,id=vub0,path={ours_sock}",

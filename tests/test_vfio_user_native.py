@@ -177,15 +177,6 @@ def _served_natively(served: ServedDevice) -> int:
     return conn.native.served
 
 
-def _receive_all(sock: socket.socket, size: int) -> bytes:
-    out = bytearray()
-    while len(out) < size:
-        chunk = sock.recv(size - len(out))
-        assert chunk, "the server closed the connection"
-        out += chunk
-    return bytes(out)
-
-
 def _message(msg_id: int, command: int, region: int, offset: int, count: int, data: bytes, flags: int) -> bytes:
     body = REGION_ACCESS.pack(offset, region, count) + data
     return vu.HEADER.pack(msg_id, command, vu.HEADER_SIZE + len(body), flags, 0) + body

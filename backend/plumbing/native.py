@@ -79,9 +79,7 @@ def _load(source: Path) -> Native | None:
         log.warning("native helper %s missing (%s): pure-Python path in use", source.name, exc)
         return None
     compiler = os.environ.get("CC", "cc")
-    # Every header of the package counts: a helper may include another's (read_map_impl.h).
-    headers = b"".join(p.read_bytes() for p in sorted(PACKAGE.rglob("*.h")))
-    digest = hashlib.sha256(code + headers + compiler.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(code + _headers() + compiler.encode()).hexdigest()[:16]
     library = _build(source, compiler, f"{source.stem}-{digest}.so")
     if library is None:
         return None
@@ -96,6 +94,13 @@ def _load(source: Path) -> Native | None:
         if library.parent.name.startswith("qbackend-native-"):  # a private build: loaded, not needed on disk
             shutil.rmtree(library.parent, ignore_errors=True)
     return Native(ffi, lib)
+
+
+@functools.cache
+def _headers() -> bytes:
+    """Every header of the package, once per process: a helper may include another's
+    (read_map_impl.h), so all of them count in each helper's cache key."""
+    return b"".join(p.read_bytes() for p in sorted(PACKAGE.rglob("*.h")))
 
 
 def _build(source: Path, compiler: str, name: str) -> Path | None:

@@ -24,7 +24,7 @@ from typing import Any
 from qbackend.plumbing import native
 from qbackend.plumbing.native_lock import NativeLock
 from qbackend.protocol.vfio_user import PCI_NUM_REGIONS
-from qbackend.vfio.function import PciFunction
+from qbackend.vfio.function import PciFunction, PlainWindow
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,9 @@ SCM_MAX_FD = 253
 class NativeAccessLoop:
     """One connection's C receive loop; `serve()` runs it until Python is needed."""
 
-    def __init__(self, helper: native.Native, device: PciFunction, lock: NativeLock, fd: int,
-                 buffer: bytearray, max_xfer: int, spin_ns: int, spin_window_ns: int) -> None:
+    def __init__(self, helper: native.Native, device: PciFunction, windows: list[PlainWindow], lock: NativeLock,
+                 fd: int, buffer: bytearray, max_xfer: int, spin_ns: int, spin_window_ns: int) -> None:
         ffi = helper.ffi
-        windows = device.plain_windows()
         # Everything the C side points into stays referenced from here.
         self._keep: list[Any] = []
         table = ffi.new("struct qb_window[]", len(windows))
@@ -84,12 +83,13 @@ class NativeAccessLoop:
               spin_window_ns: int) -> NativeAccessLoop | None:
         """The loop for a connection to `device`, or None to stay in Python."""
         lock = device.lock
-        if not isinstance(lock, NativeLock) or not device.plain_windows():
+        windows = device.plain_windows()
+        if not isinstance(lock, NativeLock) or not windows:
             return None
         helper = native.load(SOURCE)
         if helper is None:
             return None
-        return cls(helper, device, lock, fd, buffer, max_xfer, spin_ns, spin_window_ns)
+        return cls(helper, device, windows, lock, fd, buffer, max_xfer, spin_ns, spin_window_ns)
 
     def serve(self) -> int:
         """Serve until Python is needed (without the GIL): 1 with `pending`
