@@ -49,8 +49,8 @@ if _scattered is not None:
     for _i, _w in enumerate(_where):
         if _w is not None:
             _scattered.set(_i, _w * CLUSTER)
-_readers: dict[tuple[bool, str], nbd_fast.NativeReads | None] = {
-    (scattered, mode): nbd_fast.NativeReads.start(_Export(_scattered if scattered else _identity), mode)  # type: ignore[arg-type]
+_readers: dict[tuple[bool, str], nbd_fast.NativeRequests | None] = {
+    (scattered, mode): nbd_fast.NativeRequests.start(_Export(_scattered if scattered else _identity), mode)  # type: ignore[arg-type]
     for scattered in (False, True) for mode in MODES}
 
 

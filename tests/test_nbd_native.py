@@ -37,7 +37,7 @@ from qbackend.machine.launch import QemuInstall, find_qemu
 from qbackend.options import NbdExportOptions
 from qbackend.plumbing import native
 from qbackend.protocol import nbd
-from qbackend.servers.nbd_fast import NativeReads
+from qbackend.servers.nbd_fast import NativeRequests
 
 pytestmark = pytest.mark.skipif(native.load(read_map.SOURCE) is None,
                                 reason="no C compiler or cffi here: the native paths cannot be built")
@@ -49,6 +49,13 @@ def read_request(cookie: int, offset: int, length: int, flags: int = 0, extended
     if extended:
         return nbd.EXTENDED_REQUEST.pack(nbd.EXTENDED_REQUEST_MAGIC, flags, nbd.Cmd.READ, cookie, offset, length)
     return nbd.REQUEST.pack(nbd.REQUEST_MAGIC, flags, nbd.Cmd.READ, cookie, offset, length)
+
+
+def write_request(cookie: int, offset: int, data: bytes, flags: int = 0, extended: bool = False) -> bytes:
+    if extended:
+        return nbd.EXTENDED_REQUEST.pack(nbd.EXTENDED_REQUEST_MAGIC, flags, nbd.Cmd.WRITE, cookie, offset,
+                                         len(data)) + data
+    return nbd.REQUEST.pack(nbd.REQUEST_MAGIC, flags, nbd.Cmd.WRITE, cookie, offset, len(data)) + data
 
 
 def qed_image(folder: Path, cluster_size: int, *qemu_io: str) -> Path:
@@ -81,7 +88,7 @@ def raw_export(tmp_path: Path) -> Iterator[tuple[RawExport, bytes]]:
 def test_reads_become_the_replies_the_python_protocol_builds(raw_export: tuple[RawExport, bytes],
                                                              mode: str) -> None:
     export, data = raw_export
-    reads = NativeReads.start(export, mode)
+    reads = NativeRequests.start(export, mode)
     assert reads is not None
     protocol = nbd.NbdServerConnection(exports={"disk": export.info})
     protocol.structured = mode != "simple"
@@ -93,14 +100,74 @@ def test_reads_become_the_replies_the_python_protocol_builds(raw_export: tuple[R
         assert consumed == len(stream)
         want = b"".join(protocol.read_reply_header(c, o, n) + data[o:o + n] for c, o, n in asks)
         assert bytes(reads.out[:produced]) == want
-        assert reads.served == 4 and reads.bytes_read == sum(n for _, _, n in asks)
+        assert reads.reads == 4 and reads.bytes_read == sum(n for _, _, n in asks)
     finally:
         reads.close()
 
 
+@pytest.mark.parametrize("mode", ["simple", "structured", "extended"])
+def test_writes_land_in_the_file_and_get_the_python_protocols_reply(tmp_path: Path, mode: str) -> None:
+    data = os.urandom(2 * MiB)
+    path = tmp_path / "disk.raw"
+    path.write_bytes(data)
+    export = RawExport("disk", path)
+    requests = NativeRequests.start(export, mode)
+    assert requests is not None
+    protocol = nbd.NbdServerConnection(exports={"disk": export.info})
+    protocol.structured = mode != "simple"
+    protocol.extended = mode == "extended"
+    try:
+        writes = [(1, 0, os.urandom(512)), (2, 4096 + 3, os.urandom(65536)), (3, 2 * MiB - 1, b"z")]
+        stream = b"".join(write_request(c, o, d, extended=mode == "extended") for c, o, d in writes)
+        # A read after the writes sees them (requests are served in order).
+        stream += read_request(4, 4096, 8, extended=mode == "extended")
+        consumed, produced = requests.serve(memoryview(stream))
+        assert consumed == len(stream)
+        want = b"".join(protocol.done_reply(c, o) for c, o, _ in writes)
+        want += protocol.read_reply_header(4, 4096, 8) + data[4096:4099] + writes[1][2][:5]
+        assert bytes(requests.out[:produced]) == want
+        assert requests.writes == 3 and requests.reads == 1
+    finally:
+        requests.close()
+        export.close()
+    expected = bytearray(data)
+    for _, offset, chunk in writes:
+        expected[offset:offset + len(chunk)] = chunk
+    assert path.read_bytes() == expected
+
+
+def test_writes_to_a_read_only_export_or_unallocated_clusters_are_left_to_python(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    path.write_bytes(bytes(MiB))
+    read_only = RawExport("disk", path, readonly=True)
+    requests = NativeRequests.start(read_only, "simple")
+    assert requests is not None
+    try:
+        assert requests.serve(memoryview(write_request(1, 0, b"abcd"))) == (0, 0)
+        assert requests.serve(memoryview(read_request(1, 0, 4)))[0] == 28  # reads are still served
+    finally:
+        requests.close()
+        read_only.close()
+    assert path.read_bytes() == bytes(MiB)
+    # A QED image: the allocated cluster is rewritten in place, the unallocated one is Python's
+    # (allocating takes the table's lock and a new cluster).
+    image = qed_image(tmp_path, 65536, "write -P 7 0 64k")
+    export = QedExport("q", image)
+    try:
+        requests = NativeRequests.start(export, "structured")
+        assert requests is not None
+        export.read(0, 4096)  # loads the table, which maps its clusters
+        assert requests.serve(memoryview(write_request(1, 100, b"new!")))[0] == 28 + 4
+        assert requests.serve(memoryview(write_request(2, 65536, b"new!"))) == (0, 0)
+        assert export.read(96, 12) == b"\x07" * 4 + b"new!" + b"\x07" * 4
+        requests.close()
+    finally:
+        export.close()
+
+
 def test_what_is_not_a_plain_mapped_read_is_left_to_python(raw_export: tuple[RawExport, bytes]) -> None:
     export, data = raw_export
-    reads = NativeReads.start(export, "structured")
+    reads = NativeRequests.start(export, "structured")
     assert reads is not None
     size = len(data)
     try:
@@ -108,7 +175,11 @@ def test_what_is_not_a_plain_mapped_read_is_left_to_python(raw_export: tuple[Raw
         for case, request in {
             "partial": good[:27],
             "bad magic": nbd.REQUEST.pack(0x12345678, 0, nbd.Cmd.READ, 1, 0, 4096),
-            "a write": nbd.REQUEST.pack(nbd.REQUEST_MAGIC, 0, nbd.Cmd.WRITE, 1, 0, 4) + b"abcd",
+            "a FUA write": write_request(1, 0, b"abcd", flags=nbd.CmdFlags.FUA),
+            "a write still coming": write_request(1, 0, b"abcd")[:30],
+            "a write past the end": write_request(1, size - 2, b"abcd"),
+            "a trim": nbd.REQUEST.pack(nbd.REQUEST_MAGIC, 0, nbd.Cmd.TRIM, 1, 0, 4096),
+            "a flush": nbd.REQUEST.pack(nbd.REQUEST_MAGIC, 0, nbd.Cmd.FLUSH, 1, 0, 0),
             "FUA flag": read_request(1, 0, 4096, flags=nbd.CmdFlags.FUA),
             "length 0": read_request(1, 0, 0),
             "past the end": read_request(1, size - 4096, 4097),
@@ -118,7 +189,7 @@ def test_what_is_not_a_plain_mapped_read_is_left_to_python(raw_export: tuple[Raw
             assert reads.serve(memoryview(request)) == (0, 0), case
         # DF is fine with structured replies (one chunk is all there is), not with simple ones.
         assert reads.serve(memoryview(read_request(1, 0, 4096, flags=nbd.CmdFlags.DF)))[0] == 28
-        simple = NativeReads.start(export, "simple")
+        simple = NativeRequests.start(export, "simple")
         assert simple is not None
         assert simple.serve(memoryview(read_request(1, 0, 4096, flags=nbd.CmdFlags.DF))) == (0, 0)
         simple.close()
@@ -148,7 +219,7 @@ def test_the_read_map_of_a_qed_image_follows_its_tables(tmp_path: Path) -> None:
         assert rmap.get(16) == 0 and rmap.get(2) == 0  # the zero cluster, an unallocated one
         export.write(3 * 65536, b"x" * 65536, False)  # allocates cluster 3
         assert rmap.get(3) != 0
-        reads = NativeReads.start(export, "structured")
+        reads = NativeRequests.start(export, "structured")
         assert reads is not None
         consumed, produced = reads.serve(memoryview(read_request(9, 3 * 65536, 65536)))
         assert consumed == 28 and bytes(reads.out[28:produced]) == b"x" * 65536
@@ -174,7 +245,7 @@ def test_the_map_has_a_memory_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert export.read(0, 4096) == b"\x11" * 4096 and export.read(32 * MiB, 4096) == b"\x22" * 4096
         assert export.read_map is not None
         assert export.read_map.get(0) != 0 and export.read_map.get(32 * MiB // 4096) == 0
-        reads = NativeReads.start(export, "simple")
+        reads = NativeRequests.start(export, "simple")
         assert reads is not None
         assert reads.serve(memoryview(read_request(1, 32 * MiB, 4096))) == (0, 0)
         reads.close()
@@ -366,7 +437,7 @@ def test_the_native_path_served_the_differential(twins: Twins) -> None:
     def stats(served: Served) -> dict[str, int]:
         server = served.backend.nbd
         assert server is not None
-        return served.thread.call(lambda: dict(server.stats))
+        return served.thread.call(lambda: dict(server.counts()))
 
     assert stats(twins.native).get("native_reads", 0) > 0
     assert stats(twins.python).get("native_reads", 0) == 0
@@ -407,5 +478,5 @@ def test_real_clients_read_through_the_native_path(tmp_path: Path) -> None:
             assert converted.read_bytes() == raw.read_bytes()
             server = backend.nbd
             assert server is not None
-            stats = thread.call(lambda: dict(server.stats))
+            stats = thread.call(lambda: dict(server.counts()))
     assert stats["native_reads"] > stats["READ"] // 2, stats

@@ -101,7 +101,7 @@ def test_the_read_path_under_test_is_the_one_serving(served: Served, access_path
     """Every test here runs once per path (tests/conftest.py); make sure each run tests the one it names."""
     server = served.backend.nbd
     assert server is not None
-    before = served.thread.call(lambda: server.stats["native_reads"])
+    before = served.thread.call(lambda: server.counts()["native_reads"])
     c = connected(served)
     try:
         for n in range(8):
@@ -109,7 +109,7 @@ def test_the_read_path_under_test_is_the_one_serving(served: Served, access_path
             assert c.error_of(cookie) == 0
     finally:
         c.close()
-    served_natively = served.thread.call(lambda: server.stats["native_reads"]) - before
+    served_natively = served.thread.call(lambda: server.counts()["native_reads"]) - before
     assert served_natively == (8 if access_path == "native" else 0)
 
 

@@ -90,8 +90,9 @@ class RawExport:
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # for SEEK_DATA / SEEK_HOLE
         # No description: the image's host path is nobody's business but the host's (qemu-nbd says nothing).
         self.info = ExportInfo(name=name, size=self.block.size(), read_only=readonly)
-        # Every byte is where the guest sees it: native readers may read any of it.
-        self.read_map = ReadMap.create(self.block.fd, self.info.size, identity=True)
+        # Every byte is where the guest sees it: native readers may read any of it (and
+        # native writers write it, when the export is writable).
+        self.read_map = ReadMap.create(self.block.fd, self.info.size, identity=True, writable=not readonly)
 
     def read(self, offset: int, length: int) -> bytes:
         data = self.block.pread(offset, length)

@@ -473,9 +473,12 @@ class QedImage:
         self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
         self._l2_cache_max = max(1, l2_cache_bytes // self._tb)
         self._tail_trimmed = False
-        # For native readers (the NBD server's): the data clusters reads have found.
+        # For native readers and writers (the NBD server's): the data clusters reads have
+        # found.  Rewriting one of them in place is all a write there takes (write() does it
+        # outside the lock too), so native writers may, unless the image is read-only.
         fd = getattr(f, "fd", None)
-        self.read_map = ReadMap.create(fd, header.image_size, cs) if isinstance(fd, int) else None
+        self.read_map = (ReadMap.create(fd, header.image_size, cs, writable=not read_only)
+                         if isinstance(fd, int) else None)
         self._load_metadata()
 
     def _load_metadata(self) -> None:

@@ -8,7 +8,8 @@
 #include "read_map.h"
 #include "read_map_impl.h"
 
-void *qb_read_map_new(int fd, uint64_t size, uint32_t cluster_bits, int identity, uint64_t max_blocks)
+void *qb_read_map_new(int fd, uint64_t size, uint32_t cluster_bits, int identity, uint64_t max_blocks,
+		      int writable)
 {
 	struct qb_read_map *map = calloc(1, sizeof(*map));
 	uint64_t clusters;
@@ -17,6 +18,7 @@ void *qb_read_map_new(int fd, uint64_t size, uint32_t cluster_bits, int identity
 		goto fail;
 	map->fd = fd;
 	map->identity = identity;
+	map->writable = writable;
 	map->size = size;
 	map->cluster_bits = cluster_bits;
 	map->max_blocks = max_blocks;

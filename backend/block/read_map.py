@@ -1,7 +1,9 @@
-"""An image's guest-to-file map, kept for native readers (read_map.c).
+"""An image's guest-to-file map, kept for native readers and writers (read_map.c).
 
-The NBD server's native READ path (qbackend.servers.nbd_fast) serves a
-read without Python when every cluster it touches is mapped here.  The
+The NBD server's native path (qbackend.servers.nbd_fast) serves a read
+without Python when every cluster it touches is mapped here, and a write
+when the map is also `writable`: the export is, and writing a mapped
+cluster in place is all such a write takes.  The
 block layer fills the map with what it has read and checked (a QED image
 maps the data clusters of each L2 table it loads, and changes an entry
 where it changes the table: read_map_impl.h says why no lock is needed
@@ -27,28 +29,33 @@ MAX_MAP_BYTES = 64 << 20
 
 
 class ReadMap:
-    def __init__(self, helper: native.Native, fd: int, size: int, cluster_size: int, identity: bool) -> None:
+    def __init__(self, helper: native.Native, fd: int, size: int, cluster_size: int, identity: bool,
+                 writable: bool) -> None:
         lib = helper.lib
-        handle = lib.qb_read_map_new(fd, size, cluster_size.bit_length() - 1, identity, MAX_MAP_BYTES // BLOCK_BYTES)
+        handle = lib.qb_read_map_new(fd, size, cluster_size.bit_length() - 1, identity, MAX_MAP_BYTES // BLOCK_BYTES,
+                                  writable)
         if handle == helper.ffi.NULL:
             raise MemoryError("cannot allocate a read map")
         self.handle: Any = helper.ffi.gc(handle, lib.qb_read_map_free)
         self.cluster_size = cluster_size
+        self.writable = writable
         self._ffi = helper.ffi
         self._set, self._set_many, self._get = lib.qb_read_map_set, lib.qb_read_map_set_many, lib.qb_read_map_get
         self._forget_all, self._close = lib.qb_read_map_forget_all, lib.qb_read_map_close
         self.closed = False
 
     @classmethod
-    def create(cls, fd: int, size: int, cluster_size: int = 1 << 16, *, identity: bool = False) -> ReadMap | None:
-        """A map of the image in file `fd` (`identity`: guest offset = file offset), or None
+    def create(cls, fd: int, size: int, cluster_size: int = 1 << 16, *, identity: bool = False,
+               writable: bool = False) -> ReadMap | None:
+        """A map of the image in file `fd` (`identity`: guest offset = file offset; `writable`:
+        native writers may write mapped clusters in place, `fd` is open for writing), or None
         without native helpers.  `cluster_size` must be a power of two."""
         if cluster_size & (cluster_size - 1):
             raise ValueError(f"cluster size {cluster_size} is not a power of two")
         helper = native.load(SOURCE)
         if helper is None:
             return None
-        return cls(helper, fd, size, cluster_size, identity)
+        return cls(helper, fd, size, cluster_size, identity, writable)
 
     def set_many(self, first: int, entries: array[int]) -> None:
         """Clusters `first`, `first`+1, ... are at `entries` (0: not mapped); an array('Q')."""

@@ -1,4 +1,4 @@
-/* Where an image's bytes are in its file, for native readers (read_map.c).
+/* Where an image's bytes are in its file, for native readers and writers (read_map.c).
  *
  * A two-level table from guest cluster to file offset, filled by the
  * Python block layer with what it has checked (qbackend.block.read_map);
@@ -6,8 +6,11 @@
  * Entries are read and written atomically, without a lock: the block layer
  * clears an entry before the cluster stops holding the guest's data and
  * never gives a cluster to another guest offset, so a reader sees either
- * the mapping or 0.  `lock` (read-held by readers around the lookup and
- * the read of `fd`, write-held by close) keeps a reader off a file that
+ * the mapping or 0.  A map is `writable` when the export is and an
+ * in-place write to a mapped cluster is all a write there takes (QED:
+ * no metadata changes for a cluster already allocated).  `lock`
+ * (read-held by readers and writers around the lookup and the I/O on
+ * `fd`, write-held by close) keeps them off a file that
  * has been closed.  An identity map (a raw file) has no table.
  */
 #ifndef QB_READ_MAP_IMPL_H
@@ -22,6 +25,7 @@ struct qb_read_map {
 	pthread_rwlock_t lock;
 	int fd; /* -1 once closed */
 	int identity;
+	int writable; /* native writers may write the mapped clusters in place */
 	uint64_t size;
 	uint32_t cluster_bits;
 	uint64_t nblocks;

@@ -44,7 +44,7 @@ from qbackend.plumbing.unix import (
     signal_eventfd,
 )
 from qbackend.protocol import nbd
-from qbackend.servers.nbd_fast import BATCH, NativeReads
+from qbackend.servers.nbd_fast import BATCH, NativeLoop, NativeRequests
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class NbdConnection:
         self.promote: nbd.Request | None = None  # the bulk request that ends loop mode
         self.stopping = False
         self.export_name: str | None = None  # once the handshake has chosen one
-        self._native: NativeReads | None = None  # plain READs served in C, once transmission starts
+        self._native: NativeRequests | None = None  # plain READs and WRITEs in C, once transmission starts
 
     # -- I/O -------------------------------------------------------------------
 
@@ -160,7 +160,9 @@ class NbdConnection:
         # meanwhile cannot lose its wait for the socket.
         with self._send_lock:
             if alive and not self._out and self._loop is not None:
-                self._loop.epoll.modify(self.sock.fileno(), select.EPOLLIN)
+                self._loop.poller.modify(self.sock.fileno(), select.EPOLLIN)
+        if alive:
+            self._resume_native()
         return alive
 
     def readable(self) -> bool:
@@ -170,6 +172,19 @@ class NbdConnection:
         assert export is not None
 
         def serve() -> bool:
+            native = self._native
+            if native is not None and native.handed_over:
+                # The native loop stopped at something of Python's: go on from where it was.
+                # Then receive as Python does: the loop may have stopped at the end of the stream.
+                pending, unsent = native.take_over()
+                if unsent:
+                    self._send(unsent)
+                if pending:
+                    self.protocol.receive_data(pending)
+                if not self._serve_events(export):
+                    return False
+                if self._out:
+                    return True  # the socket is full: nothing more is read until it drains
             try:
                 n = self.sock.recv_into(self._buffer)
             except BlockingIOError:
@@ -184,7 +199,20 @@ class NbdConnection:
             self.protocol.receive_data(data)
             return self._serve_events(export)
 
-        return self._guarded(serve)
+        alive = self._guarded(serve)
+        if alive:
+            self._resume_native()
+        return alive
+
+    def _resume_native(self) -> None:
+        """Loop mode: give the connection back to the native loop once Python holds nothing
+        of it (no request bytes, no replies waiting, nothing in the pool, which sends on
+        this socket too).  Only the loop's thread calls this, between its polls."""
+        native, loop = self._native, self._loop
+        if (native is None or loop is None or not loop.native or native.native or self._out
+                or self.protocol.buffered or self._inflight or self.promote is not None or self.stopping):
+            return
+        native.resume(BULK - 1, LOOP_BATCH)
 
     def _serve_buffered(self, export: Export) -> bool:
         return self._guarded(lambda: self._serve_events(export))
@@ -382,7 +410,7 @@ class NbdConnection:
             raise _Closed(f"export {negotiated.export.name!r} was removed")
         self.export_name = negotiated.export.name
         mode = "extended" if protocol.extended else "structured" if negotiated.structured else "simple"
-        self._native = NativeReads.start(export, mode)
+        self._native = NativeRequests.start(export, mode, self._buffer)
         return export
 
     def _transmission(self, export: Export) -> None:
@@ -398,24 +426,27 @@ class NbdConnection:
             self.protocol.receive_data(data)
 
     def _serve_native(self, data: memoryview | bytes) -> memoryview | bytes:
-        """Serve the plain READs at the front of `data` natively (NativeReads); what is
-        left for the protocol.  Only while the protocol holds nothing back: requests
-        are taken in the order they came."""
+        """Serve the plain READs and WRITEs at the front of `data` natively (NativeRequests);
+        what is left for the protocol.  Only while the protocol holds nothing back:
+        requests are taken in the order they came."""
         native = self._native
         if native is None or self.protocol.buffered:
             return data
-        # The transmission loop serves small reads only: a bulk one moves the connection to
-        # a thread of its own (see BULK), which the protocol's path does.
+        # The transmission loop serves small requests only: a bulk one moves the connection
+        # to a thread of its own (see BULK), which the protocol's path does.
         max_length, limit = (BULK - 1, LOOP_BATCH) if self._loop is not None else (nbd.MAX_REQUEST, BATCH)
         view = memoryview(data)
         stats = self.server.stats
         while view:
-            before = native.served
+            reads, writes = native.reads, native.writes
             consumed, produced = native.serve(view, max_length, limit)
             if not consumed:
                 break
-            stats["READ"] += native.served - before
-            stats["native_reads"] += native.served - before
+            reads, writes = native.reads - reads, native.writes - writes
+            stats["READ"] += reads
+            stats["native_reads"] += reads
+            stats["WRITE"] += writes
+            stats["native_writes"] += writes
             self._send(native.out[:produced])
             view = view[consumed:]
             if self._out:  # loop mode: the socket is full; the protocol keeps the rest until it drains
@@ -564,6 +595,15 @@ class NbdServer:
         self._left = trio.Event()  # set (and renewed) whenever a connection ends
         self._loop: TransmissionLoop | None = None  # started with the first plain connection
 
+    def counts(self) -> Counter[str]:
+        """`stats` (requests by command, errors, ...) with what the native transmission loop
+        has served so far: READ and WRITE include them, native_reads and native_writes
+        say how many of them were served in C."""
+        out = Counter(self.stats)
+        if self._loop is not None:
+            _add_native_counts(out, self._loop)
+        return out
+
     def _transmission_loop(self) -> TransmissionLoop:
         if self._loop is None:
             self._loop = TransmissionLoop("nbd")
@@ -618,6 +658,7 @@ class NbdServer:
                 listener.close()
             if self._loop is not None:  # every connection has ended (the nursery waited for them)
                 self._loop.close()
+                _add_native_counts(self.stats, self._loop)
                 self._loop = None
             if self.socket_path is not None:
                 remove_socket(self.socket_path)
@@ -692,13 +733,20 @@ class TransmissionLoop:
     connection from its first READ or WRITE of BULK bytes or more on: one
     thread cannot overlap several clients' megabyte transfers (qbackend's
     sequential read fell to half of qemu-nbd's in the loop).
+
+    With native helpers the thread waits in C (servers.nbd_fast.NativeLoop),
+    which serves plain small READs and in-place WRITEs of every connection
+    itself and hands a connection to the Python code here only for the rest:
+    at 64 clients the Python loop had been the bottleneck (0.6x qemu-nbd).
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.epoll = select.epoll()
+        native_loop = NativeLoop.start()
+        self.native = native_loop is not None
+        self.poller: NativeLoop | _EpollPoller = native_loop if native_loop is not None else _EpollPoller()
         self._wake = make_eventfd()
-        self.epoll.register(self._wake, select.EPOLLIN)
+        self.poller.register(self._wake, select.EPOLLIN)
         self._lock = threading.Lock()
         self._new: list[tuple[NbdConnection, Export, Callable[[], None]]] = []
         self._conns: dict[int, tuple[NbdConnection, Callable[[], None]]] = {}
@@ -718,7 +766,7 @@ class TransmissionLoop:
     def want_write(self, conn: NbdConnection) -> None:
         """conn has replies waiting: wait for the socket to take them, read nothing meanwhile."""
         try:
-            self.epoll.modify(conn.sock.fileno(), select.EPOLLOUT)
+            self.poller.modify(conn.sock.fileno(), select.EPOLLOUT)
         except OSError:
             pass  # being closed
 
@@ -726,14 +774,14 @@ class TransmissionLoop:
         self._stopping = True
         signal_eventfd(self._wake)
         self._thread.join(10)
-        self.epoll.close()
+        self.poller.close()
         close_fds([self._wake])
 
     def _run(self) -> None:
         conns = self._conns
         while not self._stopping:
             try:
-                events = self.epoll.poll()
+                events = self.poller.poll()
             except OSError:
                 return
             for fd, mask in events:
@@ -758,15 +806,17 @@ class TransmissionLoop:
         for conn, export, done in new:
             fd = conn.sock.fileno()
             self._conns[fd] = (conn, done)
-            self.epoll.register(fd, select.EPOLLIN)
+            self.poller.register(fd, select.EPOLLIN, conn._native)
             # What the handshake's last read brought with it may hold requests already.
             if not conn._serve_buffered(export):
                 self._end(fd, conn, done)
+            else:
+                conn._resume_native()
 
     def _end(self, fd: int, conn: NbdConnection, done: Callable[[], None]) -> None:
         del self._conns[fd]
         try:
-            self.epoll.unregister(fd)
+            self.poller.unregister(fd)
         except OSError:
             pass
 
@@ -783,6 +833,29 @@ class TransmissionLoop:
                          daemon=True).start()
 
 
+class _EpollPoller:
+    """The transmission loop's poller without native helpers: select.epoll, with
+    NativeLoop's interface (every connection is Python's)."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+
+    def register(self, fd: int, events: int, requests: NativeRequests | None = None) -> None:
+        self._epoll.register(fd, events)
+
+    def modify(self, fd: int, events: int) -> None:
+        self._epoll.modify(fd, events)
+
+    def unregister(self, fd: int) -> None:
+        self._epoll.unregister(fd)
+
+    def poll(self) -> list[tuple[int, int]]:
+        return self._epoll.poll()
+
+    def close(self) -> None:
+        self._epoll.close()
+
+
 class ExportInUse(Exception):
     """block-export-del mode=safe of an export that clients still use."""
 
@@ -793,6 +866,14 @@ def _flush_and_close(export: Export) -> None:
             export.flush()
     finally:
         export.close()
+
+
+def _add_native_counts(stats: Counter[str], loop: TransmissionLoop) -> None:
+    if isinstance(loop.poller, NativeLoop):
+        native = loop.poller.counts()
+        for command, key in (("READ", "reads"), ("WRITE", "writes")):
+            stats[command] += native[key]
+            stats[f"native_{key}"] += native[key]
 
 
 def _setter(token: trio.lowlevel.TrioToken, event: trio.Event) -> Callable[[], None]:
