@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 import socket
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -378,7 +380,7 @@ class Client:
 
 
 _OPS = st.tuples(
-    st.sampled_from(["read", "read", "read", "read", "write", "zero", "trim", "bad"]),
+    st.sampled_from(["read", "read", "read", "read", "write", "write", "zero", "trim", "flush", "bad"]),
     st.integers(0, 8 * MiB - 1),
     st.one_of(st.sampled_from([1, 512, 4096, 65536, 200 * 1024]), st.integers(1, 300 * 1024)),
     st.booleans(),
@@ -387,12 +389,16 @@ _OPS = st.tuples(
 
 # No shrinking: a failing example shows as generated (each try of a stuck one would wait for the timeout).
 @settings(max_examples=60, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
-@given(st.lists(_OPS, min_size=1, max_size=30), st.sampled_from(["simple", "structured", "extended"]))
+@given(st.lists(_OPS, min_size=1, max_size=30), st.sampled_from(["simple", "structured", "extended"]),
+       st.sampled_from([0, 13, 4100, 70000]))
 # Replies bigger than the socket's buffers before large writes (the client must read while it sends).
 @example(ops=[("read", 248, 204800, True), ("read", 8086379, 204800, False), ("write", 4885, 204800, False),
-              ("write", 576815, 262762, False), ("read", 21908, 204800, True)], mode="extended")
+              ("write", 576815, 262762, False), ("read", 21908, 204800, True)], mode="extended", piece=0)
 def test_native_replies_equal_the_python_paths(twins: Twins, ops: list[tuple[str, int, int, bool]],
-                                               mode: str) -> None:
+                                               mode: str, piece: int) -> None:
+    """The same requests to both servers, sent at once or in pieces of `piece` bytes (the
+    native loop then holds partial requests, and hands a connection to Python and back
+    in the middle of a stream); the replies, by cookie, must be the same."""
     stream = []
     lengths: dict[int, int] = {}
     for cookie, (op, offset, length, flag) in enumerate(ops, 1):
@@ -404,11 +410,14 @@ def test_native_replies_equal_the_python_paths(twins: Twins, ops: list[tuple[str
             lengths[cookie] = length
         elif op == "write":
             data = hashlib.sha256(b"%d" % cookie).digest() * (length // 32 + 1)
+            # No FUA: Python's pool would write it while later requests run, in either order.
             stream.append((cookie, nbd.Cmd.WRITE, offset, length, data[:length], 0))
         elif op == "zero":
             stream.append((cookie, nbd.Cmd.WRITE_ZEROES, offset, length, b"", 0 if flag else nbd.CmdFlags.NO_HOLE))
         elif op == "trim":
             stream.append((cookie, nbd.Cmd.TRIM, offset, length, b"", 0))
+        elif op == "flush":
+            stream.append((cookie, nbd.Cmd.FLUSH, 0, 0, b"", 0))
         else:  # past the end, or of length 0: an error reply, from Python
             stream.append((cookie, nbd.Cmd.READ, twins.size - 1 if flag else offset, length + 1 if flag else 0,
                            b"", 0))
@@ -417,7 +426,8 @@ def test_native_replies_equal_the_python_paths(twins: Twins, ops: list[tuple[str
         client = Client(served.socket, "disk", mode)
         # Sent from a thread while the replies are read: a server may stop reading a client
         # that does not read its replies, and then both would wait for ever.
-        sender = threading.Thread(target=_send_quietly, args=(client.sock, b"".join(client.request(*r) for r in stream)))
+        sender = threading.Thread(target=_send_quietly,
+                                  args=(client.sock, b"".join(client.request(*r) for r in stream), piece))
         sender.start()
         try:
             replies.append(client.replies(lengths))
@@ -433,19 +443,27 @@ def test_native_replies_equal_the_python_paths(twins: Twins, ops: list[tuple[str
 
 
 def test_the_native_path_served_the_differential(twins: Twins) -> None:
-    """The run above compares two paths only if the native one did serve reads."""
+    """The run above compares two paths only if the native one did serve reads and writes."""
     def stats(served: Served) -> dict[str, int]:
         server = served.backend.nbd
         assert server is not None
         return served.thread.call(lambda: dict(server.counts()))
 
-    assert stats(twins.native).get("native_reads", 0) > 0
-    assert stats(twins.python).get("native_reads", 0) == 0
+    native, python = stats(twins.native), stats(twins.python)
+    assert native.get("native_reads", 0) > 0 and native.get("native_writes", 0) > 0, native
+    assert python.get("native_reads", 0) == 0 and python.get("native_writes", 0) == 0, python
 
 
-def _send_quietly(sock: socket.socket, data: bytes) -> None:
+def _send_quietly(sock: socket.socket, data: bytes, piece: int = 0) -> None:
+    """sendall(data), or in pieces of `piece` bytes a little apart (at most 200 of them)."""
     try:
-        sock.sendall(data)
+        if not piece:
+            sock.sendall(data)
+            return
+        piece = max(piece, len(data) // 200 + 1)
+        for start in range(0, len(data), piece):
+            sock.sendall(data[start:start + piece])
+            time.sleep(0.0005)
     except OSError:
         pass  # the reading side failed and ended the connection; its assertion says why
 
@@ -480,3 +498,86 @@ def test_real_clients_read_through_the_native_path(tmp_path: Path) -> None:
             assert server is not None
             stats = thread.call(lambda: dict(server.counts()))
     assert stats["native_reads"] > stats["READ"] // 2, stats
+
+
+def test_many_clients_mixing_native_and_python_requests_keep_every_byte(tmp_path: Path) -> None:
+    """12 clients at once, in all three reply modes, each in a slice of its own of a QED image
+    half allocated: writes that rewrite (native), allocate (Python), FUA writes, flushes, trims
+    and zeroing (Python, some in its pool) interleaved on each connection, every write read
+    back.  The loop hands connections to Python and back all the while; every reply must be a
+    success, the image must read as the model says, and `qemu-img check` must find it clean."""
+    qemu = find_qemu()
+    cluster, slice_size, clients = 65536, 1 * MiB, 12
+    image = qed_image(tmp_path, cluster, *(f"write -P {n % 250 + 1} {n * cluster} {cluster}"
+                                           for n in range(0, 64 * MiB // cluster, 2)))
+    model = bytearray(64 * MiB)
+    for n in range(0, 64 * MiB // cluster, 2):
+        model[n * cluster:(n + 1) * cluster] = bytes([n % 250 + 1]) * cluster
+    backend = Backend()
+    failures: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QBACKEND_NATIVE", "on")
+        sock = tmp_path / "nbd.sock"
+        backend.add_nbd([NbdExportOptions.parse(f"name=disk,image={image},format=qed")], sock)
+        with BackendThread(backend) as thread:
+            def client(k: int) -> None:
+                rng = random.Random(k)
+                c = Client(sock, "disk", ("simple", "structured", "extended")[k % 3])
+                base = k * 4 * slice_size  # slices 4 MiB apart: each spans allocated and empty clusters
+                try:
+                    for cookie in range(1, 121):
+                        offset = base + rng.randrange(slice_size - 65536)
+                        op = rng.choice(["write"] * 6 + ["fua", "flush", "trim", "zero"])
+                        if op in ("write", "fua"):
+                            data = rng.randbytes(rng.choice([512, 4096, 4096, 30000]))
+                            flags = nbd.CmdFlags.FUA if op == "fua" else 0
+                            c.sock.sendall(c.request(cookie, nbd.Cmd.WRITE, offset, 0, data, flags))
+                            model[offset:offset + len(data)] = data
+                        elif op == "flush":
+                            c.sock.sendall(c.request(cookie, nbd.Cmd.FLUSH, 0, 0))
+                        else:
+                            offset -= offset % cluster
+                            c.sock.sendall(c.request(cookie, nbd.Cmd.TRIM if op == "trim" else nbd.Cmd.WRITE_ZEROES,
+                                                     offset, cluster))
+                            model[offset:offset + cluster] = bytes(cluster)  # a QED trim reads as zeros
+                        assert _error(c.replies({cookie: 0})[cookie][-1], c.mode) == 0, (op, offset)
+                        read = c.request(cookie + 1000, nbd.Cmd.READ, offset, 4096)
+                        c.sock.sendall(read)
+                        got = c.replies({cookie + 1000: 4096})[cookie + 1000]
+                        assert _read_data(got, c.mode) == model[offset:offset + 4096], (op, offset)
+                    c.close()
+                except BaseException as exc:  # reported by the main thread
+                    failures.append(f"client {k}: {exc!r}")
+
+            threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            server = backend.nbd
+            assert server is not None
+            counts = thread.call(lambda: dict(server.counts()))
+            export = server.exports["disk"]
+            whole = thread.call(lambda: export.read(0, 64 * MiB))
+    assert not failures, failures
+    assert whole == model
+    assert counts["native_writes"] > 0 and counts["WRITE"] > counts["native_writes"], counts
+    check = subprocess.run([*qemu.tool_cmd("qemu-img"), "check", "-f", "qed", str(image)], capture_output=True,
+                           text=True, env=qemu.env())
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def _error(reply: bytes, mode: str) -> int:
+    """The error of a reply chunk (0: success)."""
+    if mode == "simple":
+        return int(struct.unpack_from(">I", reply, 4)[0])
+    header = 32 if mode == "extended" else 20
+    _magic, _flags, kind = struct.unpack_from(">IHH", reply)
+    return int(struct.unpack_from(">I", reply, header)[0]) if kind & 0x8000 else 0
+
+
+def _read_data(chunks: list[bytes], mode: str) -> bytes:
+    """The data of a READ's reply (one chunk: the server sends one per READ)."""
+    assert len(chunks) == 1
+    skip = {"simple": 16, "structured": 20 + 8, "extended": 32 + 8}[mode]
+    return chunks[0][skip:]
