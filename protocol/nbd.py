@@ -267,7 +267,9 @@ class Request(NamedTuple):
     flags: CmdFlags
     offset: int
     length: int
-    data: bytes = b""  # WRITE payload
+    # WRITE payload; a memoryview when the connection received it into memory of its own
+    # (NbdServerConnection.take_payload), valid until its next request.
+    data: bytes | memoryview = b""
 
 
 class Rejected(NamedTuple):
@@ -372,6 +374,8 @@ class NbdServerConnection:
     extended: bool = False  # NBD_OPT_EXTENDED_HEADERS accepted (it implies structured replies)
     _buffer: bytearray = field(default_factory=bytearray)
     _eof: bool = False
+    # (cookie, command, flags, offset, length) of the WRITE whose payload the caller receives
+    _payload_for: tuple[int, int, int, int, int] | None = None
 
     def greeting(self) -> bytes:
         return GREETING.pack(NBDMAGIC, IHAVEOPT, HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES)
@@ -392,7 +396,53 @@ class NbdServerConnection:
         """Bytes received and not yet taken by next_event()."""
         return len(self._buffer)
 
+    # -- large WRITE payloads, received by the caller --------------------------------------
+    # A WRITE's payload passes through the buffer otherwise, copied twice on its way to a
+    # file (into the buffer, then out into its own bytes): for large ones, that is what
+    # a server's CPU spends most on.
+
+    def pending_write(self) -> int:
+        """In transmission: the payload length of the WRITE whose header starts the buffer
+        while its payload has not all come (0 otherwise).  The caller may then receive the
+        payload itself: take_payload(), then payload_received() once it is whole."""
+        if self.phase is not Phase.TRANSMISSION or self._payload_for is not None:
+            return 0
+        header, expected = (EXTENDED_REQUEST, EXTENDED_REQUEST_MAGIC) if self.extended else (REQUEST, REQUEST_MAGIC)
+        buf = self._buffer
+        if len(buf) < header.size:
+            return 0
+        magic, _flags, command, _cookie, _offset, length = header.unpack_from(buf)
+        if magic != expected or command != Cmd.WRITE or length > MAX_REQUEST or len(buf) >= header.size + length:
+            return 0
+        return int(length)
+
+    def take_payload(self, into: memoryview) -> int:
+        """The WRITE of pending_write() leaves the buffer: the part of its payload received
+        so far goes to the front of `into` (its length, at least); how many bytes that is."""
+        header = EXTENDED_REQUEST if self.extended else REQUEST
+        buf = self._buffer
+        _magic, flags, command, cookie, offset, length = header.unpack_from(buf)
+        if self.pending_write() != length or len(into) < length:
+            raise ValueError("take_payload() without a pending WRITE of that size")
+        have = len(buf) - header.size
+        with memoryview(buf) as view:
+            into[:have] = view[header.size:]
+        buf.clear()  # the payload is not whole: nothing came after it
+        self._payload_for = (cookie, command, flags, offset, length)
+        return have
+
+    def payload_received(self, payload: memoryview) -> Event:
+        """The whole payload of take_payload()'s WRITE: its event, as next_event() would have
+        given it (a Request whose data is `payload`, or its refusal)."""
+        if self._payload_for is None or len(payload) != self._payload_for[4]:
+            raise ValueError("payload_received() without the payload take_payload() started")
+        cookie, command, flags, offset, length = self._payload_for
+        self._payload_for = None
+        return self._check(cookie, command, flags, offset, length, payload)
+
     def next_event(self) -> Event:
+        if self._payload_for is not None:
+            raise NbdProtocolError("next_event() while the caller receives a WRITE payload")
         if self.phase is Phase.TRANSMISSION:
             return self._next_request()
         if self.phase is Phase.CLIENT_FLAGS:
@@ -662,7 +712,8 @@ class NbdServerConnection:
             del buf[:header.size]
         return self._check(cookie, command, flags, offset, length, data)
 
-    def _check(self, cookie: int, command: int, flags: int, offset: int, length: int, data: bytes) -> Event:
+    def _check(self, cookie: int, command: int, flags: int, offset: int, length: int,
+               data: bytes | memoryview) -> Event:
         # Every request of the transmission phase comes through here, so the
         # tests are on plain ints (enum calls and IntFlag arithmetic cost more
         # than the rest of a request's parsing) and the CmdFlags are cached.

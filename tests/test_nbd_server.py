@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -516,3 +517,80 @@ def test_a_bulk_request_moves_the_connection_to_a_thread_and_it_goes_on(served: 
         c.close()
     assert served.backend.nbd.stats["promoted_to_thread"] == before + 1
     wait_no_connections(served)
+
+
+# -- large WRITE payloads (received straight into memory of their own) -------------------------
+
+
+def test_large_writes_land_whole_sent_in_pieces_and_refused_ones_are_skipped(served: Served) -> None:
+    """WRITEs of 64 KiB and more come into the connection's payload memory (over 4 MiB: memory of
+    their own), not through its receive buffer.  Sent in pieces, back to back, with a FUA one
+    (Python's pool keeps its own copy) and requests that are refused after their payload came:
+    every payload lands where it was sent, the refused ones leave nothing and the stream goes on."""
+    writes = [(0, os.urandom(64 << 10), 0), (1 << 20, os.urandom(5 << 20), 0),
+              (7 << 20, os.urandom(256 << 10), nbd.CmdFlags.FUA), (9 << 20 | 512, os.urandom(300 << 10), 0)]
+    stream = bytearray()
+    for n, (offset, data, flags) in enumerate(writes, 1):
+        stream += nbd.REQUEST.pack(nbd.REQUEST_MAGIC, flags, nbd.Cmd.WRITE, n, offset, len(data)) + data
+    # Past the end of the export: ENOSPC, after all of its payload has been read.
+    stream += nbd.REQUEST.pack(nbd.REQUEST_MAGIC, 0, nbd.Cmd.WRITE, 90, SIZE - 4096, 128 << 10) + bytes(128 << 10)
+    stream += nbd.REQUEST.pack(nbd.REQUEST_MAGIC, 0, nbd.Cmd.READ, 91, 1 << 20, 4096)
+    c = connected(served)
+    try:
+        def send() -> None:
+            for start in range(0, len(stream), 100_003):
+                c.sock.sendall(stream[start:start + 100_003])
+                time.sleep(0.001)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        errors = {}
+        for _ in range(len(writes) + 2):
+            cookie, rtype, _flags, payload = c.structured_reply()
+            errors[cookie] = int.from_bytes(payload[:4], "big") if rtype == nbd.ChunkType.ERROR else 0
+            if cookie == 91:
+                assert payload[8:] == writes[1][1][:4096]
+        sender.join()
+        assert errors == {1: 0, 2: 0, 3: 0, 4: 0, 90: nbd.Errno.ENOSPC, 91: 0}, errors
+    finally:
+        c.close()
+    with open(served.disk, "rb") as f:
+        for offset, data, _ in writes:
+            f.seek(offset)
+            assert f.read(len(data)) == data, offset
+    # A read-only export refuses a large write (EPERM) and reads on after its payload.
+    c = connected(served, "ro")
+    try:
+        cookie = c.request(nbd.Cmd.WRITE, 0, 200 << 10, bytes(200 << 10))
+        assert c.error_of(cookie) == nbd.Errno.EPERM
+        cookie = c.request(nbd.Cmd.READ, 0, 512)
+        assert c.structured_reply()[0] == cookie
+    finally:
+        c.close()
+
+
+def test_the_protocol_hands_a_large_payload_to_its_caller() -> None:
+    """Sans-I/O: pending_write() names a WRITE whose payload has not all come, take_payload()
+    moves what came into the caller's memory, payload_received() gives the request."""
+    info = nbd.ExportInfo(name="d", size=1 << 20)
+    protocol = nbd.NbdServerConnection(exports={"d": info})
+    protocol.phase, protocol.export = nbd.Phase.TRANSMISSION, info
+    data = os.urandom(100_000)
+    request = nbd.REQUEST.pack(nbd.REQUEST_MAGIC, 0, nbd.Cmd.WRITE, 5, 4096, len(data))
+    protocol.receive_data(request[:20])
+    assert protocol.pending_write() == 0  # no header yet
+    protocol.receive_data(request[20:] + data[:1000])
+    assert protocol.next_event() is nbd.NEED_DATA and protocol.pending_write() == len(data)
+    memory = memoryview(bytearray(len(data)))
+    assert protocol.take_payload(memory) == 1000 and protocol.buffered == 0
+    with pytest.raises(nbd.NbdProtocolError):
+        protocol.next_event()  # not while the caller receives the payload
+    memory[1000:] = data[1000:]
+    event = protocol.payload_received(memory)
+    assert isinstance(event, nbd.Request) and event.cookie == 5 and bytes(event.data) == data
+    with pytest.raises(ValueError):
+        protocol.payload_received(memory)  # once
+    # A whole one stays with next_event().
+    protocol.receive_data(request + data)
+    assert protocol.pending_write() == 0
+    assert isinstance(protocol.next_event(), nbd.Request)

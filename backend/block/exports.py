@@ -30,7 +30,7 @@ class Export(Protocol):
 
     def read(self, offset: int, length: int) -> bytes: ...
 
-    def write(self, offset: int, data: bytes, fua: bool) -> None: ...
+    def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None: ...
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None: ...
 
@@ -104,7 +104,7 @@ class RawExport:
         for view in views_after(views, got):  # past the end of a file shorter than the export
             view[:] = bytes(view.nbytes)
 
-    def write(self, offset: int, data: bytes, fua: bool) -> None:
+    def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         self.block.pwrite(offset, data)
         if fua:
             self.block.flush()

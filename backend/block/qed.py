@@ -786,7 +786,7 @@ class QedImage:
                 out[pos:pos + length] = self._backing_read(start, length)
         return bytes(out)
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
         cs = self._cs
         with self._lock:

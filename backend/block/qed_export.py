@@ -50,7 +50,7 @@ class QedExport:
         """read(), straight into ``views`` (a vhost-user request's guest buffers)."""
         self.image.readinto(offset, views)
 
-    def write(self, offset: int, data: bytes, fua: bool) -> None:
+    def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         self.image.write(offset, data)
         if fua:
             self.image.flush()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import errno as E
 import logging
+import mmap
 import select
 import socket
 import ssl
@@ -49,6 +50,9 @@ from qbackend.servers.nbd_fast import BATCH, NativeLoop, NativeRequests
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 1 << 20
+# A connection receives large WRITE payloads of up to this many bytes into memory it keeps
+# (and larger ones into their own): see NbdServerConnection.take_payload.
+MAX_HELD_PAYLOAD = 4 << 20
 HANDSHAKE_TIMEOUT = 10.0  # seconds, as qemu-nbd's handshake-max-seconds
 MAX_DESCRIPTORS = 1 << 20
 _ERRNOS = {E.EPERM: nbd.Errno.EPERM, E.EIO: nbd.Errno.EIO, E.ENOMEM: nbd.Errno.ENOMEM,
@@ -91,6 +95,7 @@ class NbdConnection:
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: set[Future[None]] = set()
         self._buffer = bytearray(RECV_SIZE)
+        self._payload: mmap.mmap | None = None  # large WRITE payloads (_receive_payload)
         self._view = memoryview(self._buffer)
         # In the transmission loop (TransmissionLoop): replies the socket would not
         # take at once, in order; while any wait, the client is not read (backpressure).
@@ -250,14 +255,14 @@ class NbdConnection:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
 
-    def _recv(self) -> memoryview | bytes:
-        """The next bytes from the client, valid until the next call.
+    def _recv(self, size: int = RECV_SIZE) -> memoryview | bytes:
+        """The next bytes from the client (at most `size`), valid until the next call.
 
         Into one preallocated buffer: a fresh 1 MiB bytes object per recv()
         costs more than most requests; the protocol copies what it keeps.
         """
         try:
-            n = self.sock.recv_into(self._buffer)
+            n = self.sock.recv_into(self._buffer, size)
         except OSError:
             return b""
         return self._view[:n]
@@ -267,6 +272,9 @@ class NbdConnection:
         (64 clients that leave would otherwise hold their memory until the next GC)."""
         self._view.release()
         self._buffer = bytearray()
+        if self._payload is not None:
+            self._payload.close()
+            self._payload = None
         if self._native is not None:
             self._native.close()
             self._native = None
@@ -414,8 +422,22 @@ class NbdConnection:
         return export
 
     def _transmission(self, export: Export) -> None:
+        recv_size = RECV_SIZE
         while self._serve_events(export):
-            data = self._recv()
+            if self.protocol.pending_write() >= BULK:
+                # A large WRITE: its payload straight into memory of its own, and then only
+                # the next request's header, so the next payload comes straight too.
+                event = self._receive_payload()
+                try:
+                    if not self._serve_event(export, event):
+                        return
+                finally:
+                    if isinstance(event, nbd.Request) and isinstance(event.data, memoryview):
+                        event.data.release()  # served: the memory is the next payload's
+                recv_size = self.protocol_header_size
+                continue
+            data = self._recv(recv_size)
+            recv_size = RECV_SIZE
             if not data and self.stopping:
                 self._drain()
                 return
@@ -424,6 +446,35 @@ class NbdConnection:
                 if not data:
                     continue
             self.protocol.receive_data(data)
+
+    @property
+    def protocol_header_size(self) -> int:
+        return 32 if self.protocol.extended else 28
+
+    def _receive_payload(self) -> nbd.Event:
+        """The pending WRITE's payload, received into the connection's payload memory (one
+        copy: from the socket); its event.  Payloads over MAX_HELD_PAYLOAD get memory
+        of their own, given back after the request."""
+        protocol = self.protocol
+        length = protocol.pending_write()
+        if length > MAX_HELD_PAYLOAD:
+            view = memoryview(bytearray(length))
+        else:
+            if self._payload is None:
+                self._payload = mmap.mmap(-1, MAX_HELD_PAYLOAD)  # pages become resident as used
+            view = memoryview(self._payload)[:length]
+        got = protocol.take_payload(view)
+        while got < length:
+            try:
+                n = self.sock.recv_into(view[got:])
+            except OSError:
+                n = 0
+            if not n:
+                view.release()
+                protocol.receive_data(b"")
+                return protocol.next_event()  # raises: the client went away in the middle of a message
+            got += n
+        return protocol.payload_received(view)
 
     def _serve_native(self, data: memoryview | bytes) -> memoryview | bytes:
         """Serve the plain READs and WRITEs at the front of `data` natively (NativeRequests);
@@ -456,28 +507,34 @@ class NbdConnection:
     def _serve_events(self, export: Export) -> bool:
         """Serve the requests the protocol has whole; False after a disconnect."""
         protocol = self.protocol
-        stats = self.server.stats
         while True:
             if self._out:  # loop mode: replies wait for the socket; the rest waits for them
                 return True
             event = protocol.next_event()
             if event is nbd.NEED_DATA:
                 return True
-            if isinstance(event, nbd.Request):
-                stats[_NAMES[event.command]] += 1
-                if self._loop is not None and event.length >= BULK and event.command in _BULK_COMMANDS:
-                    self.promote = event  # the loop hands this connection to a thread of its own
-                    return False
-                self._handle(export, event)
-            elif isinstance(event, nbd.Rejected):
-                stats["rejected"] += 1
-                log.info("nbd %s: request %#x refused: %s", self.peer, event.cookie, event.reason)
-                self._send(event.reply)
-            else:
-                assert isinstance(event, nbd.Disconnect)
-                if self._loop is None:
-                    self._drain()
+            if not self._serve_event(export, event):
                 return False
+
+    def _serve_event(self, export: Export, event: nbd.Event) -> bool:
+        """Serve one event of the protocol; False after a disconnect (or a promotion)."""
+        stats = self.server.stats
+        if isinstance(event, nbd.Request):
+            stats[_NAMES[event.command]] += 1
+            if self._loop is not None and event.length >= BULK and event.command in _BULK_COMMANDS:
+                self.promote = event  # the loop hands this connection to a thread of its own
+                return False
+            self._handle(export, event)
+        elif isinstance(event, nbd.Rejected):
+            stats["rejected"] += 1
+            log.info("nbd %s: request %#x refused: %s", self.peer, event.cookie, event.reason)
+            self._send(event.reply)
+        else:
+            assert isinstance(event, nbd.Disconnect)
+            if self._loop is None:
+                self._drain()
+            return False
+        return True
 
     def _drain(self) -> None:
         for future in list(self._inflight):
@@ -494,7 +551,8 @@ class NbdConnection:
                 return
             if cmd == nbd.Cmd.WRITE:
                 if req.flags & nbd.CmdFlags.FUA:
-                    self._in_pool(req, lambda: export.write(req.offset, req.data, True))
+                    data = bytes(req.data)  # the pool writes it after the next request has come
+                    self._in_pool(req, lambda: export.write(req.offset, data, True))
                     return
                 export.write(req.offset, req.data, False)
             elif cmd == nbd.Cmd.FLUSH:
