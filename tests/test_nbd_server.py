@@ -7,6 +7,7 @@ spec and say so."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -336,6 +337,52 @@ def test_bad_request_magic_and_vanishing_writer_are_dropped(served: Served) -> N
     wait_no_connections(served)
     assert served.disk.read_bytes()[:1 << 20] == keep  # nothing half-written
     assert open_fds() == before
+    bystander_ok(served)
+
+
+def test_large_reads_of_a_connection_with_its_own_thread(served: Served, access_path: str,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """After its first bulk request a connection has a thread of its own; there (native path)
+    large READs go from the file to the socket in C, by sendfile.  Their replies carry the
+    file's bytes, in order with small ones; a client that leaves while they are on their way
+    ends its connection, with nothing left of it, and the server serves on."""
+    server = served.backend.nbd
+    assert server is not None
+    data = served.ro.read_bytes()
+    c = connected(served, "ro")
+    try:
+        cookie = c.request(nbd.Cmd.READ, 0, 256 << 10)  # the connection gets its thread
+        assert c.structured_reply()[0] == cookie
+        before = served.thread.call(lambda: server.counts()["native_reads"])
+        asks = [(0, 1 << 20), (5, 100), (4096, 128 << 10), (512 << 10, 512 << 10), (77, 64 << 10)]
+        cookies = [c.request(nbd.Cmd.READ, offset, length) for offset, length in asks]
+        for cookie, (offset, length) in zip(cookies, asks):
+            got, rtype, _flags, payload = c.structured_reply()
+            assert (got, rtype) == (cookie, nbd.ChunkType.OFFSET_DATA)
+            assert payload[8:] == data[offset:offset + length], (offset, length)
+        served_natively = served.thread.call(lambda: server.counts()["native_reads"]) - before
+        assert served_natively == (len(asks) if access_path == "native" else 0)
+    finally:
+        c.close()
+    bystander_ok(served)  # the transmission loop (its epoll and eventfd) is there from the first client on
+    before_fds = settled_fds(served)
+    errors = server.stats["internal_errors"]
+    caplog.set_level(logging.INFO, logger="qbackend.servers.nbd")
+    for _ in range(3):
+        c = connected(served, "disk")
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        cookie = c.request(nbd.Cmd.READ, 0, 256 << 10)
+        assert c.structured_reply()[0] == cookie
+        for n in range(8):
+            c.request(nbd.Cmd.READ, n * (4 << 20), 4 << 20)
+        c.recv_exact(1000)  # some of the first reply, then gone
+        c.sock.close()
+    wait_no_connections(served)
+    extra = open_fds() - before_fds
+    assert not extra, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in extra}
+    assert server.stats["internal_errors"] == errors
+    if access_path == "native":  # the way out this checks: sendfile failing half-way
+        assert "left while a READ's reply was sent" in caplog.text
     bystander_ok(served)
 
 

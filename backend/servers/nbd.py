@@ -488,9 +488,18 @@ class NbdConnection:
         max_length, limit = (BULK - 1, LOOP_BATCH) if self._loop is not None else (nbd.MAX_REQUEST, BATCH)
         view = memoryview(data)
         stats = self.server.stats
+        # A thread of its own and no TLS: large READs go from the file to the socket in C.
+        direct = self._loop is None and not isinstance(self.sock, ssl.SSLSocket)
         while view:
             reads, writes = native.reads, native.writes
-            consumed, produced = native.serve(view, max_length, limit)
+            if direct:
+                with self._send_lock:  # the pool's replies wait meanwhile
+                    consumed, produced = native.serve(view, max_length, limit, self.sock.fileno())
+                if native.broken:
+                    log.info("nbd %s: the client left while a READ's reply was sent", self.peer)
+                    raise _Closed("sending a READ's reply failed")
+            else:
+                consumed, produced = native.serve(view, max_length, limit)
             if not consumed:
                 break
             reads, writes = native.reads - reads, native.writes - writes
@@ -498,7 +507,8 @@ class NbdConnection:
             stats["native_reads"] += reads
             stats["WRITE"] += writes
             stats["native_writes"] += writes
-            self._send(native.out[:produced])
+            if produced:
+                self._send(native.out[:produced])
             view = view[consumed:]
             if self._out:  # loop mode: the socket is full; the protocol keeps the rest until it drains
                 break
