@@ -387,8 +387,11 @@ static void count(struct qb_nbd_counts *counts, const struct qb_nbd_batch *b)
 static int serve_conn(struct qb_nbd_conn *c, struct qb_nbd_counts *counts)
 {
 	struct qb_nbd_batch *b = &c->batch;
+	int rounds;
 
-	for (;;) {
+	/* A bounded number of receives: a client that keeps its socket full must not keep
+	 * the others waiting (epoll reports it again). */
+	for (rounds = 0; rounds < 16; rounds++) {
 		uint32_t room = c->received_size - c->received_len, pos = 0;
 		ssize_t n = recv(c->fd, c->received + c->received_len, room, MSG_DONTWAIT);
 
@@ -424,6 +427,7 @@ static int serve_conn(struct qb_nbd_conn *c, struct qb_nbd_counts *counts)
 		if ((uint32_t)n < room)
 			return 0; /* most likely all the socket had: epoll says when more comes */
 	}
+	return 0;
 }
 
 int qb_nbd_loop_wait(int epfd, struct qb_nbd_ready *ready, int max, int timeout_ms, struct qb_nbd_counts *counts)
