@@ -70,22 +70,6 @@ _readers: dict[tuple[bool, str], nbd_fast.NativeRequests | None] = {
     for scattered in (False, True) for mode in MODES}
 
 
-def _expected(scattered: bool, offset: int, length: int) -> bytes | None:
-    if not scattered:
-        return _content[offset:offset + length]
-    out = bytearray()
-    pos = offset
-    while pos < offset + length:
-        where = _where[pos // CLUSTER]
-        if where is None:
-            return None
-        n = min(offset + length, (pos // CLUSTER + 1) * CLUSTER) - pos
-        start = where * CLUSTER + pos % CLUSTER
-        out += _content[start:start + n]
-        pos += n
-    return bytes(out)
-
-
 def _reply_header(mode: str, cookie: int, offset: int, length: int) -> bytes:
     if mode == "extended":
         return nbd.EXTENDED_HEADER.pack(nbd.EXTENDED_REPLY_MAGIC, nbd.REPLY_FLAG_DONE, nbd.ChunkType.OFFSET_DATA,

@@ -60,6 +60,14 @@ def write_request(cookie: int, offset: int, data: bytes, flags: int = 0, extende
     return nbd.REQUEST.pack(nbd.REQUEST_MAGIC, flags, nbd.Cmd.WRITE, cookie, offset, len(data)) + data
 
 
+def protocol_in(mode: str, info: nbd.ExportInfo) -> nbd.NbdServerConnection:
+    """The Python protocol of a connection whose replies are `mode`: what it builds is what the C code must."""
+    protocol = nbd.NbdServerConnection(exports={info.name: info})
+    protocol.structured = mode != "simple"
+    protocol.extended = mode == "extended"
+    return protocol
+
+
 def qed_image(folder: Path, cluster_size: int, *qemu_io: str) -> Path:
     """A 64 MiB QED image made by qemu-img, then written by qemu-io commands."""
     qemu = find_qemu()
@@ -92,9 +100,7 @@ def test_reads_become_the_replies_the_python_protocol_builds(raw_export: tuple[R
     export, data = raw_export
     reads = NativeRequests.start(export, mode)
     assert reads is not None
-    protocol = nbd.NbdServerConnection(exports={"disk": export.info})
-    protocol.structured = mode != "simple"
-    protocol.extended = mode == "extended"
+    protocol = protocol_in(mode, export.info)
     try:
         asks = [(1, 0, 512), (2, 4096, 65536), (3, 2 * MiB - 1, 1), (4, 12345, 777)]
         stream = b"".join(read_request(c, o, n, extended=mode == "extended") for c, o, n in asks)
@@ -115,9 +121,7 @@ def test_writes_land_in_the_file_and_get_the_python_protocols_reply(tmp_path: Pa
     export = RawExport("disk", path)
     requests = NativeRequests.start(export, mode)
     assert requests is not None
-    protocol = nbd.NbdServerConnection(exports={"disk": export.info})
-    protocol.structured = mode != "simple"
-    protocol.extended = mode == "extended"
+    protocol = protocol_in(mode, export.info)
     try:
         writes = [(1, 0, os.urandom(512)), (2, 4096 + 3, os.urandom(65536)), (3, 2 * MiB - 1, b"z")]
         stream = b"".join(write_request(c, o, d, extended=mode == "extended") for c, o, d in writes)

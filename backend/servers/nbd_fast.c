@@ -58,27 +58,11 @@ static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (ui
 static void put32(uint8_t *p, uint32_t v) { put16(p, (uint16_t)(v >> 16)); put16(p + 2, (uint16_t)v); }
 static void put64(uint8_t *p, uint64_t v) { put32(p, (uint32_t)(v >> 32)); put32(p + 4, (uint32_t)v); }
 
-/* Read all of [host, host+length) into data; 0, or -1 for anything short of that. */
-static int read_all(int fd, uint8_t *data, uint64_t length, uint64_t host)
+/* All of [host, host+length) read into data (or written from it); 0, or -1 for anything short of that. */
+static int file_io(int fd, uint8_t *data, uint64_t length, uint64_t host, int write)
 {
 	while (length) {
-		ssize_t n = pread(fd, data, length, (off_t)host);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return -1;
-		data += n;
-		host += (uint64_t)n;
-		length -= (uint64_t)n;
-	}
-	return 0;
-}
-
-static int write_all(int fd, const uint8_t *data, uint64_t length, uint64_t host)
-{
-	while (length) {
-		ssize_t n = pwrite(fd, data, length, (off_t)host);
+		ssize_t n = write ? pwrite(fd, data, length, (off_t)host) : pread(fd, data, length, (off_t)host);
 
 		if (n < 0 && errno == EINTR)
 			continue;
@@ -103,8 +87,7 @@ static int map_io(struct qb_read_map *map, uint8_t *data, uint64_t offset, uint6
 	for (done = 0; ok && done < length; done += run) {
 		/* Checks the export's size too; clusters apart in the file take an I/O call each. */
 		host = qb_read_map_run(map, offset + done, length - done, &run);
-		ok = host != UINT64_MAX && (write ? write_all(map->fd, data + done, run, host)
-						  : read_all(map->fd, data + done, run, host)) == 0;
+		ok = host != UINT64_MAX && file_io(map->fd, data + done, run, host, write) == 0;
 	}
 	pthread_rwlock_unlock(&map->lock);
 	return ok;
