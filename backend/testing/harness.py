@@ -92,18 +92,24 @@ def open_fd_numbers() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
 
 
-def mappings(kind: str = "/memfd:") -> int:
-    """How many of this process's mappings (/proc/self/maps) are of ``kind``: by default memfds,
-    which is how a device's unnamed shared memory left mapped shows (``/dev/shm/`` for named ones)."""
+# The name qbackend gives the memfds of devices' memory (plumbing.shared_memory, devices.api):
+# other memfds of the process (libffi's closures are one) come and go on their own.
+DEVICE_MEMFD = "/memfd:qbackend-"
+
+
+def mappings(kind: str = DEVICE_MEMFD) -> int:
+    """How many of this process's mappings (/proc/self/maps) are of ``kind``: by default device
+    memfds, which is how a device's unnamed shared memory left mapped shows (``/dev/shm/`` for
+    named ones)."""
     return sum(kind in line for line in Path("/proc/self/maps").read_text().splitlines())
 
 
 def memfd_fds() -> int:
-    """How many of this process's fds are memfds (a device's unnamed shared memory)."""
+    """How many of this process's fds are device memfds (a device's unnamed shared memory)."""
     count = 0
     for name in os.listdir("/proc/self/fd"):
         try:
-            count += os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:")
+            count += os.readlink(f"/proc/self/fd/{name}").startswith(DEVICE_MEMFD)
         except OSError:
             pass
     return count
