@@ -488,18 +488,11 @@ class NbdConnection:
         max_length, limit = (BULK - 1, LOOP_BATCH) if self._loop is not None else (nbd.MAX_REQUEST, BATCH)
         view = memoryview(data)
         stats = self.server.stats
-        # A thread of its own and no TLS: large READs go from the file to the socket in C.
-        direct = self._loop is None and not isinstance(self.sock, ssl.SSLSocket)
+        # Not sendfile for large READs: on this kernel it hands the socket the page cache's
+        # pages, not a copy, so a WRITE served after it changed a reply still on its way.
         while view:
             reads, writes = native.reads, native.writes
-            if direct:
-                with self._send_lock:  # the pool's replies wait meanwhile
-                    consumed, produced = native.serve(view, max_length, limit, self.sock.fileno())
-                if native.broken:
-                    log.info("nbd %s: the client left while a READ's reply was sent", self.peer)
-                    raise _Closed("sending a READ's reply failed")
-            else:
-                consumed, produced = native.serve(view, max_length, limit)
+            consumed, produced = native.serve(view, max_length, limit)
             if not consumed:
                 break
             reads, writes = native.reads - reads, native.writes - writes

@@ -28,9 +28,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
-#include <poll.h>
 #include <sys/epoll.h>
-#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -142,74 +140,6 @@ static uint32_t reply_size(int mode, int data)
 	return data ? 40 : 32;
 }
 
-/* Wait until `fd` may be written (a socket with a timeout is non-blocking underneath). */
-static int wait_writable(int fd)
-{
-	struct pollfd p = { .fd = fd, .events = POLLOUT };
-
-	return poll(&p, 1, -1) < 0 && errno != EINTR ? -1 : 0;
-}
-
-static int send_blocking(int fd, const uint8_t *data, size_t len, int more)
-{
-	while (len) {
-		ssize_t n = send(fd, data, len, MSG_NOSIGNAL | (more ? MSG_MORE : 0));
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-			if (wait_writable(fd))
-				return -1;
-			continue;
-		}
-		if (n <= 0)
-			return -1;
-		data += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
-/* A READ's reply straight to the socket: its header, then its data from the image file by
- * sendfile (the page cache to the socket, with no copy through this process).  0, or -1
- * once the socket (or the file) failed with the reply half sent. */
-static int sendfile_reply(struct qb_read_map *map, int sock, const uint8_t *header, uint32_t header_len,
-			  uint64_t offset, uint64_t length)
-{
-	uint64_t done, run = 0, host;
-	int ok = 1;
-
-	pthread_rwlock_rdlock(&map->lock);
-	if (send_blocking(sock, header, header_len, 1))
-		ok = 0;
-	for (done = 0; ok && done < length; done += run) {
-		off_t at;
-		uint64_t left;
-
-		host = qb_read_map_run(map, offset + done, length - done, &run);
-		if (host == UINT64_MAX) {
-			ok = 0; /* unmapped since the check: the reply cannot be finished */
-			break;
-		}
-		at = (off_t)host;
-		for (left = run; ok && left;) {
-			ssize_t n = sendfile(sock, map->fd, &at, left);
-
-			if (n < 0 && errno == EINTR)
-				continue;
-			if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-				ok = wait_writable(sock) == 0;
-				continue;
-			}
-			ok = n > 0;
-			if (ok)
-				left -= (uint64_t)n;
-		}
-	}
-	pthread_rwlock_unlock(&map->lock);
-	return ok ? 0 : -1;
-}
-
 /* Serve the request at in[pos:]: its size, or 0 with b->stop saying why not. */
 static uint32_t serve_one(struct qb_read_map *map, struct qb_nbd_batch *b, uint32_t pos)
 {
@@ -251,23 +181,6 @@ static uint32_t serve_one(struct qb_read_map *map, struct qb_nbd_batch *b, uint3
 	if (b->produced && (b->produced >= b->soft_limit || reply > b->soft_limit - b->produced)) {
 		b->stop = QB_STOP_FULL;
 		return 0;
-	}
-	if (is_read && b->sock >= 0 && length >= b->sendfile_min) {
-		if (b->produced) {
-			b->stop = QB_STOP_FULL; /* the replies before it go first */
-			return 0;
-		}
-		if (!mapped(map, offset, length))
-			return 0;
-		reply_header(b->out, b->mode, cookie, offset, length, 1);
-		if (sendfile_reply(map, (int)b->sock, b->out, header, offset, length)) {
-			b->stop = QB_STOP_BROKEN;
-			b->in_len = pos + size; /* nothing after it is served */
-			return size;
-		}
-		b->reads++;
-		b->bytes_read += length;
-		return size;
 	}
 	if (is_read) {
 		if (!map_io(map, b->out + b->produced + header, offset, length, 0))
@@ -315,8 +228,6 @@ int qb_nbd_serve(void *opaque, struct qb_nbd_batch *b)
 	}
 	while (b->consumed < b->in_len && (used = serve_one(map, b, b->consumed)))
 		b->consumed += used;
-	if (b->stop == QB_STOP_BROKEN)
-		return (int)(b->reads + b->writes);
 	if (b->consumed == b->in_len)
 		b->stop = QB_STOP_END;
 	return (int)(b->reads + b->writes);

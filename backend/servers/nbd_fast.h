@@ -3,7 +3,6 @@
 #define QB_STOP_PARTIAL 1 /* a request not whole yet: more bytes may make it servable */
 #define QB_STOP_PYTHON 2  /* the next request is Python's */
 #define QB_STOP_FULL 3    /* the batch's limit: serve on with an empty `out` */
-#define QB_STOP_BROKEN 4  /* sending to `sock` failed half-way: the connection is over */
 #define QB_CONN_PYTHON 0
 #define QB_CONN_NATIVE 1
 #define QB_NBD_LOOP_EVENTS 256
@@ -23,8 +22,6 @@ struct qb_nbd_batch {
 	uint32_t writes;
 	uint64_t bytes_read;
 	uint64_t bytes_written;
-	int32_t sock;          /* >= 0: READs of sendfile_min bytes or more are sent here, by sendfile */
-	uint32_t sendfile_min;
 };
 
 /* One connection of the transmission loop. */

@@ -47,9 +47,7 @@ MAX_LENGTH = 4 << 20  # larger requests go to Python
 # reads level with qemu-nbd here, where 4 MiB batches (out of the CPU caches) did not.
 BATCH = 1 << 20
 MODES = {"simple": 0, "structured": 1, "extended": 2}
-STOP_END, STOP_PARTIAL, STOP_PYTHON, STOP_FULL, STOP_BROKEN = 0, 1, 2, 3, 4  # nbd_fast.h: why a batch stopped
-# serve(sock=...): READs of this many bytes or more go to the socket by sendfile.
-SENDFILE_MIN = 64 << 10
+STOP_END, STOP_PARTIAL, STOP_PYTHON, STOP_FULL = 0, 1, 2, 3  # nbd_fast.h: why a batch stopped
 
 
 class NativeRequests:
@@ -79,8 +77,6 @@ class NativeRequests:
         batch.out = ffi.cast("uint8_t *", self._out_pointer)
         batch.out_size = OUT_SIZE
         batch.mode = mode
-        batch.sock = -1  # sendfile only when serve() is given a socket
-        batch.sendfile_min = SENDFILE_MIN
         self.conn = conn
         self._batch = batch
         self._serve = helper.lib.qb_nbd_serve
@@ -99,18 +95,12 @@ class NativeRequests:
             return None
         return cls(helper, export, MODES[mode], receive_buffer)
 
-    def serve(self, data: memoryview, max_length: int = MAX_LENGTH, limit: int = BATCH,
-              sock: int = -1) -> tuple[int, int]:
+    def serve(self, data: memoryview, max_length: int = MAX_LENGTH, limit: int = BATCH) -> tuple[int, int]:
         """Serve the requests at the front of `data` (none longer than `max_length`; replies
         of at most `limit` bytes in all, unless the first alone is longer), without the GIL:
         (bytes of `data` consumed, bytes of `out` to send).  (0, 0): the first request is
-        Python's (or not whole yet).
-
-        With `sock` (a blocking socket's fd, the caller holding its send lock), the replies
-        to large READs go to it directly, data by sendfile, in order with those in `out`;
-        `broken` then says whether sending failed (the connection is over)."""
+        Python's (or not whole yet)."""
         batch = self._batch
-        batch.sock = sock
         source: Any = self._ffi.from_buffer(data)
         batch.input = self._ffi.cast("uint8_t *", source)
         batch.in_len = len(data)
@@ -118,7 +108,6 @@ class NativeRequests:
         batch.soft_limit = min(limit, OUT_SIZE)
         served: int = self._serve(self._handle, batch)
         self._ffi.release(source)
-        batch.sock = -1
         if served:
             self.reads += batch.reads
             self.writes += batch.writes
@@ -126,11 +115,6 @@ class NativeRequests:
         consumed: int = batch.consumed
         produced: int = batch.produced
         return consumed, produced
-
-    @property
-    def broken(self) -> bool:
-        """The last serve() failed to send to its socket."""
-        return bool(self._batch.stop == STOP_BROKEN)
 
     # -- in a NativeLoop --
 
