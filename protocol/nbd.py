@@ -407,7 +407,7 @@ class NbdServerConnection:
         payload itself: take_payload(), then payload_received() once it is whole."""
         if self.phase is not Phase.TRANSMISSION or self._payload_for is not None:
             return 0
-        header, expected = (EXTENDED_REQUEST, EXTENDED_REQUEST_MAGIC) if self.extended else (REQUEST, REQUEST_MAGIC)
+        header, expected = self._request_header()
         buf = self._buffer
         if len(buf) < header.size:
             return 0
@@ -419,7 +419,7 @@ class NbdServerConnection:
     def take_payload(self, into: memoryview) -> int:
         """The WRITE of pending_write() leaves the buffer: the part of its payload received
         so far goes to the front of `into` (its length, at least); how many bytes that is."""
-        header = EXTENDED_REQUEST if self.extended else REQUEST
+        header, _expected = self._request_header()
         buf = self._buffer
         _magic, flags, command, cookie, offset, length = header.unpack_from(buf)
         if self.pending_write() != length or len(into) < length:
@@ -685,9 +685,17 @@ class NbdServerConnection:
     def _reject(self, cookie: int, command: int, error: Errno, reason: str, offset: int = 0) -> Rejected:
         return Rejected(cookie, command, error, reason, self.error_reply(cookie, error, reason, offset))
 
+    def _request_header(self) -> tuple[struct.Struct, int]:
+        return (EXTENDED_REQUEST, EXTENDED_REQUEST_MAGIC) if self.extended else (REQUEST, REQUEST_MAGIC)
+
+    @property
+    def request_header_size(self) -> int:
+        """The bytes of a request's header in transmission (extended headers are longer)."""
+        return self._request_header()[0].size
+
     def _next_request(self) -> Event:
         buf = self._buffer
-        header, expected = (EXTENDED_REQUEST, EXTENDED_REQUEST_MAGIC) if self.extended else (REQUEST, REQUEST_MAGIC)
+        header, expected = self._request_header()
         if len(buf) < header.size:
             return self._need()
         magic, flags, command, cookie, offset, length = header.unpack_from(buf)

@@ -38,7 +38,6 @@ class ReadMap:
             raise MemoryError("cannot allocate a read map")
         self.handle: Any = helper.ffi.gc(handle, lib.qb_read_map_free)
         self.cluster_size = cluster_size
-        self.writable = writable
         self._ffi = helper.ffi
         self._set, self._set_many, self._get = lib.qb_read_map_set, lib.qb_read_map_set_many, lib.qb_read_map_get
         self._forget_all, self._close = lib.qb_read_map_forget_all, lib.qb_read_map_close

@@ -214,7 +214,7 @@ class NbdConnection:
         of it (no request bytes, no replies waiting, nothing in the pool, which sends on
         this socket too).  Only the loop's thread calls this, between its polls."""
         native, loop = self._native, self._loop
-        if (native is None or loop is None or not loop.native or native.native or self._out
+        if (native is None or loop is None or not loop.native or native.in_loop or self._out
                 or self.protocol.buffered or self._inflight or self.promote is not None or self.stopping):
             return
         native.resume(BULK - 1, LOOP_BATCH)
@@ -434,7 +434,7 @@ class NbdConnection:
                 finally:
                     if isinstance(event, nbd.Request) and isinstance(event.data, memoryview):
                         event.data.release()  # served: the memory is the next payload's
-                recv_size = self.protocol_header_size
+                recv_size = self.protocol.request_header_size
                 continue
             data = self._recv(recv_size)
             recv_size = RECV_SIZE
@@ -446,10 +446,6 @@ class NbdConnection:
                 if not data:
                     continue
             self.protocol.receive_data(data)
-
-    @property
-    def protocol_header_size(self) -> int:
-        return 32 if self.protocol.extended else 28
 
     def _receive_payload(self) -> nbd.Event:
         """The pending WRITE's payload, received into the connection's payload memory (one
@@ -471,8 +467,7 @@ class NbdConnection:
                 n = 0
             if not n:
                 view.release()
-                protocol.receive_data(b"")
-                return protocol.next_event()  # raises: the client went away in the middle of a message
+                raise nbd.NbdProtocolError(f"client went away in the middle of a WRITE payload ({got} of {length} bytes)")
             got += n
         return protocol.payload_received(view)
 
@@ -804,7 +799,6 @@ class TransmissionLoop:
     def __init__(self, name: str) -> None:
         self.name = name
         native_loop = NativeLoop.start()
-        self.native = native_loop is not None
         self.poller: NativeLoop | _EpollPoller = native_loop if native_loop is not None else _EpollPoller()
         self._wake = make_eventfd()
         self.poller.register(self._wake, select.EPOLLIN)
@@ -823,6 +817,11 @@ class TransmissionLoop:
         with self._lock:
             self._new.append((conn, export, done))
         signal_eventfd(self._wake)
+
+    @property
+    def native(self) -> bool:
+        """Whether the loop waits in C (and serves native connections there)."""
+        return isinstance(self.poller, NativeLoop)
 
     def want_write(self, conn: NbdConnection) -> None:
         """conn has replies waiting: wait for the socket to take them, read nothing meanwhile."""

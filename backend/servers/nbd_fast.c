@@ -80,8 +80,6 @@ static int map_io(struct qb_read_map *map, uint8_t *data, uint64_t offset, uint6
 	int ok = 1;
 
 	pthread_rwlock_rdlock(&map->lock);
-	if (write && !map->writable)
-		ok = 0;
 	for (done = 0; ok && done < length; done += run) {
 		/* Checks the export's size too; clusters apart in the file take an I/O call each. */
 		host = qb_read_map_run(map, offset + done, length - done, &run);

@@ -79,6 +79,7 @@ class NativeRequests:
         batch.mode = mode
         self.conn = conn
         self._batch = batch
+        self._lib = helper.lib
         self._serve = helper.lib.qb_nbd_serve
         self.reads = 0  # served by serve() so far (the loop counts its own: NativeLoop.counts)
         self.writes = 0
@@ -137,10 +138,11 @@ class NativeRequests:
         batch = self._batch
         batch.max_length = min(max_length, MAX_LENGTH)
         batch.soft_limit = min(limit, OUT_SIZE)
-        self.conn.state = 1  # QB_CONN_NATIVE
+        self.conn.state = self._lib.QB_CONN_NATIVE
 
     @property
-    def native(self) -> bool:
+    def in_loop(self) -> bool:
+        """Served by the NativeLoop now (native state), not by Python."""
         return bool(self.conn.state)
 
     def close(self) -> None:
@@ -155,8 +157,6 @@ class NativeRequests:
 class NativeLoop:
     """The epoll set of a transmission loop, polled in C (see the module's docstring)."""
 
-    MAX_EVENTS = 256  # QB_NBD_LOOP_EVENTS
-
     def __init__(self, helper: native.Native) -> None:
         self._ffi = helper.ffi
         self._lib = helper.lib
@@ -164,7 +164,8 @@ class NativeLoop:
         if epfd < 0:
             raise OSError(-epfd, "epoll_create1")
         self.fd: int = epfd
-        self._ready = self._ffi.new("struct qb_nbd_ready[]", self.MAX_EVENTS)
+        self._max_events: int = self._lib.QB_NBD_LOOP_EVENTS
+        self._ready = self._ffi.new("struct qb_nbd_ready[]", self._max_events)
         self._counts = self._ffi.new("struct qb_nbd_counts *")
         # fd -> the C connection watched (those of Python-only fds are made here).
         self._watched: dict[int, Any] = {}
@@ -193,7 +194,7 @@ class NativeLoop:
                 self._ctl(2, fd, 0)  # EPOLL_CTL_DEL
             finally:
                 conn = self._watched.pop(fd)
-                conn.state = 0  # the loop never serves it again
+                conn.state = self._lib.QB_CONN_PYTHON  # the loop never serves it again
 
     def _ctl(self, op: int, fd: int, events: int) -> None:
         conn = self._watched.get(fd)
@@ -205,7 +206,7 @@ class NativeLoop:
 
     def poll(self, timeout: float = -1) -> list[tuple[int, int]]:
         """Serve native connections until some fd needs Python: those fds and their events."""
-        n = self._lib.qb_nbd_loop_wait(self.fd, self._ready, self.MAX_EVENTS,
+        n = self._lib.qb_nbd_loop_wait(self.fd, self._ready, self._max_events,
                                        -1 if timeout < 0 else int(timeout * 1000), self._counts)
         if n < 0:
             raise OSError(-n, "epoll_wait")
