@@ -591,3 +591,42 @@ def _read_data(chunks: list[bytes], mode: str) -> bytes:
     assert len(chunks) == 1
     skip = {"simple": 16, "structured": 20 + 8, "extended": 32 + 8}[mode]
     return chunks[0][skip:]
+
+
+def test_a_server_stopped_under_busy_clients_stops_cleanly(tmp_path: Path) -> None:
+    """Stopping the server while clients pipeline reads and writes: the transmission loop (in C
+    too) lets go of each connection before its socket and buffers are freed, and the server
+    stops without an error.  (CI once saw a stop free a connection's reply buffer while the
+    loop still used it; that race is narrow, and this test did not catch it before the fix.)"""
+    path = tmp_path / "disk.raw"
+    path.write_bytes(os.urandom(4 * MiB))
+    for _ in range(10):
+        backend = Backend()
+        sock = tmp_path / "nbd.sock"
+        backend.add_nbd([NbdExportOptions.parse(f"name=disk,image={path},format=raw")], sock)
+        thread = BackendThread(backend)
+        thread.__enter__()
+        clients = [Client(sock, "disk", mode) for mode in ("simple", "structured", "extended")]
+        stop = threading.Event()
+
+        def busy(c: Client, stop: threading.Event) -> None:
+            cookie = 0
+            while not stop.is_set():
+                cookie += 1
+                try:
+                    c.sock.sendall(c.request(cookie, nbd.Cmd.READ, cookie % 512 * 4096, 4096)
+                                   + c.request(cookie + 1 << 32, nbd.Cmd.WRITE, cookie % 512 * 4096, 0, b"x" * 512))
+                    c.sock.recv(1 << 16)
+                except OSError:
+                    return
+
+        threads = [threading.Thread(target=busy, args=(c, stop)) for c in clients]
+        for t in threads:
+            t.start()
+        time.sleep(0.05)
+        thread.__exit__(None, None, None)  # raises if the server's stop failed
+        stop.set()
+        for t in threads:
+            t.join(10)
+        for c in clients:
+            c.sock.close()

@@ -54,6 +54,7 @@ RECV_SIZE = 1 << 20
 # (and larger ones into their own): see NbdServerConnection.take_payload.
 MAX_HELD_PAYLOAD = 4 << 20
 HANDSHAKE_TIMEOUT = 10.0  # seconds, as qemu-nbd's handshake-max-seconds
+LOOP_LET_GO = 30.0  # seconds a stopping server waits for the loop to finish a connection
 MAX_DESCRIPTORS = 1 << 20
 _ERRNOS = {E.EPERM: nbd.Errno.EPERM, E.EIO: nbd.Errno.EIO, E.ENOMEM: nbd.Errno.ENOMEM,
            E.EINVAL: nbd.Errno.EINVAL, E.ENOSPC: nbd.Errno.ENOSPC, E.EOVERFLOW: nbd.Errno.EOVERFLOW,
@@ -737,6 +738,7 @@ class NbdServer:
         conn = NbdConnection(self, sock, peer)
         self.connections.add(conn)
         self.connections_served += 1
+        over: trio.Event | None = None  # set once the transmission loop has let go of conn
         try:
             sock.setblocking(False)
             export = None
@@ -763,6 +765,15 @@ class NbdServer:
             log.exception("nbd %s: internal error; dropping the connection", peer)
             self.stats["internal_errors"] += 1
         finally:
+            if over is not None and not over.is_set():
+                # Cancelled (the server stops): conn.stop() has ended its reading, and the loop
+                # lets go of it soon; its socket and buffers (the C loop's too) may go only then.
+                with trio.move_on_after(LOOP_LET_GO) as waiting:
+                    waiting.shield = True
+                    await over.wait()
+                if not over.is_set():
+                    log.warning("nbd %s: the transmission loop kept the connection %g s after the stop",
+                                peer, LOOP_LET_GO)
             conn.sock.close()  # the TLS socket, once STARTTLS wrapped the plain one
             sock.close()
             conn.release_buffers()
