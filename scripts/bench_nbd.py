@@ -11,9 +11,13 @@ same QED images, in the same run, interleaved; medians and ratios.
 
 Before each timed write the page cache is written back (sync), or whichever
 server comes next pays for the other's writeback; the images written are
-deleted at the end of a round, and who goes first alternates.  The disk's flush here took 0.8 s or 1.6 s at random for
-the same 512 MiB, longer than the copy itself, which is why it is a row of its
-own (timed with libnbd's Python binding, as /usr/bin/python3 has it).
+deleted at the end of a round, and who goes first alternates.  Right before the
+write, four times the image's size of free memory is made resident again
+(bench_common.warm_memory: this VM hands free pages back to the host, whose
+faults otherwise cost more than the server's work, and at random).  The disk's
+flush here took 0.8 s or 1.6 s at random for the same 512 MiB, longer than the
+copy itself, which is why it is a row of its own (timed with libnbd's Python
+binding, as /usr/bin/python3 has it).
 
 Targets (issue 15): 1.0x qemu-nbd or better on every row.  READs of
 allocated data are served by the native path (servers/nbd_fast.c) where
@@ -37,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_common import wait_for_socket  # noqa: E402
+from bench_common import wait_for_socket, warm_memory  # noqa: E402
 
 from qbackend.machine.launch import QemuInstall, find_qemu  # noqa: E402
 
@@ -130,6 +134,7 @@ def main() -> None:
                 server = Server(kind, empty, sock, qemu)
                 try:
                     os.sync()
+                    warm_memory(4 * size)
                     res.setdefault("allocating write MiB/s", []).append(timed_copy(str(data), server.uri, size))
                     res.setdefault("flush after it MiB/s", []).append(timed_flush(server.uri, size))
                 finally:
