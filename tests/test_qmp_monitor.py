@@ -480,6 +480,147 @@ def test_blockdev_add_refuses_what_it_cannot_open(served: Served, tmp_path: Path
         client.close()
 
 
+def _tls_creds(root: Path) -> tuple[Path, Path]:
+    """(server folder, client folder) of one CA, in QEMU's tls-creds-x509 layout."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    server, client = root / "server", root / "client"
+    for folder in (server, client):
+        folder.mkdir()
+        (folder / "ca-cert.pem").write_bytes(ca.cert_pem.bytes())
+    (server / "server-cert.pem").write_bytes(cert.cert_chain_pems[0].bytes())
+    (server / "server-key.pem").write_bytes(cert.private_key_pem.bytes())
+    return server, client
+
+
+def _nodes(reply: dict[str, Any], image: Path) -> list[dict[str, Any]]:
+    """What query-named-block-nodes says of each node that qbackend says too (file names made alike)."""
+    return [{"node-name": n["node-name"], "drv": n["drv"], "ro": n["ro"], "file": Path(n["file"]) == image,
+             "children": n["children"], "format": n["image"]["format"], "size": n["image"]["virtual-size"]}
+            for n in reply["return"]]
+
+
+def test_tls_objects_and_file_nodes_as_qemu_storage_daemon(served: Served, qsd: tuple[Path, QemuInstall],
+                                                           tmp_path: Path) -> None:
+    """object-add tls-creds-x509 and nbd-server-start tls-creds (TLS required: a plain client
+    is refused, nbdcopy over nbds+unix:// writes and reads), max-connections, blockdev-add of a
+    driver=file node and a qed node naming it, query-named-block-nodes, block-export-add
+    allocation-depth, and the errors of each: the same replies as qemu-storage-daemon 11.1's."""
+    server_creds, client_creds = _tls_creds(tmp_path)
+    ours_img, ref_img = tmp_path / "ours.qed", tmp_path / "ref.qed"
+    for image in (ours_img, ref_img):
+        qemu_img("create", "-f", "qed", str(image), "16M")
+    nbd_sock, ref_sock = tmp_path / "nbd.sock", tmp_path / "ref-nbd.sock"
+    client, reference = Raw(served.monitor), Raw(qsd[0])
+
+    def both(cmd: dict[str, Any], mine: dict[str, Any] | None = None,
+             theirs: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        def args(extra: dict[str, Any] | None) -> dict[str, Any]:
+            return {**cmd, "arguments": {**cmd.get("arguments", {}), **(extra or {})}}
+        return client.command(args(mine)), reference.command(args(theirs))
+
+    try:
+        creds = {"execute": "object-add", "arguments": {"qom-type": "tls-creds-x509", "id": "tls0",
+                                                        "dir": str(server_creds), "endpoint": "server",
+                                                        "verify-peer": False}}
+        assert both(creds) == ({"return": {}}, {"return": {}})
+        for cmd, what in [
+            (creds, "a duplicate id"),
+            ({"execute": "object-add", "arguments": {"qom-type": "tls-creds-x509", "id": "c1", "dir": str(client_creds),
+                                                     "endpoint": "client"}}, "client credentials"),
+            ({"execute": "object-add", "arguments": {"qom-type": "tls-creds-x509", "id": "bad",
+                                                     "dir": str(tmp_path / "none"), "endpoint": "server"}},
+             "a folder that is not there"),
+            ({"execute": "object-add", "arguments": {"qom-type": "tls-creds-x509", "id": "y", "dir": str(server_creds),
+                                                     "endpoint": "server", "bogus": 1}}, "an unknown argument"),
+            ({"execute": "object-del", "arguments": {"id": "nope"}}, "an unknown object"),
+        ]:
+            ours, theirs = both(cmd)
+            assert ours == theirs, what
+        for creds_id, what in (("nope", "no such credentials"), ("c1", "client credentials")):
+            ours, theirs = both({"execute": "nbd-server-start", "arguments": {"tls-creds": creds_id}},
+                                {"addr": {"type": "unix", "data": {"path": str(nbd_sock)}}},
+                                {"addr": {"type": "unix", "data": {"path": str(ref_sock)}}})
+            assert ours == theirs and "error" in ours, what
+        ours, theirs = both({"execute": "nbd-server-start", "arguments": {"tls-creds": "tls0", "max-connections": 4}},
+                            {"addr": {"type": "unix", "data": {"path": str(nbd_sock)}}},
+                            {"addr": {"type": "unix", "data": {"path": str(ref_sock)}}})
+        assert ours == theirs == {"return": {}}
+        assert served.thread.call(lambda: served.backend.nbd is not None and served.backend.nbd.max_connections == 4)
+        # The server keeps its credentials: the object goes, as in QEMU.
+        assert both({"execute": "object-del", "arguments": {"id": "tls0"}}) == ({"return": {}}, {"return": {}})
+
+        assert both({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "ro", "read-only": True}},
+                    {"filename": str(ours_img)}, {"filename": str(ref_img)}) == ({"return": {}}, {"return": {}})
+        ours, theirs = both({"execute": "blockdev-add", "arguments": {"driver": "qed", "node-name": "w", "file": "ro"}})
+        assert ours == theirs and "error" in ours, "a writable node over a read-only file node"
+        assert both({"execute": "blockdev-del", "arguments": {"node-name": "ro"}}) == ({"return": {}}, {"return": {}})
+        assert both({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "f0"}},
+                    {"filename": str(ours_img)}, {"filename": str(ref_img)}) == ({"return": {}}, {"return": {}})
+        node = {"execute": "blockdev-add", "arguments": {"driver": "qed", "node-name": "d0", "file": "f0"}}
+        assert both(node) == ({"return": {}}, {"return": {}})
+        for cmd, what in [
+            ({"execute": "blockdev-add", "arguments": {"driver": "qed", "node-name": "d1", "file": "nonode"}},
+             "a file node that is not there"),
+            ({"execute": "blockdev-del", "arguments": {"node-name": "f0"}}, "a file node in use"),
+            ({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "f1", "filename": str(tmp_path)}},
+             "a folder"),
+            ({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "f1"}}, "no filename"),
+            ({"execute": "blockdev-add", "arguments": {"driver": "qed", "node-name": "d1"}}, "no file"),
+            ({"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "/x"}},
+                                                           "max-connections": -1}}, "a negative limit"),
+        ]:
+            ours, theirs = both(cmd)
+            assert ours == theirs and "error" in ours, what
+        ours, theirs = both({"execute": "query-named-block-nodes", "arguments": {"flat": True}})
+        assert _nodes(ours, ours_img) == _nodes(theirs, ref_img)
+        assert [n["node-name"] for n in ours["return"]] == ["d0", "f0"]
+        assert both({"execute": "block-export-add", "arguments": {
+            "type": "nbd", "id": "e0", "node-name": "d0", "name": "disk", "writable": True,
+            "allocation-depth": True}}) == ({"return": {}}, {"return": {}})
+
+        data = tmp_path / "data.raw"
+        data.write_bytes(os.urandom(1 << 20) + bytes(15 << 20))
+        for sock in (nbd_sock, ref_sock):
+            plain = subprocess.run(["nbdinfo", f"nbd+unix:///disk?socket={sock}"], capture_output=True,
+                                   text=True, timeout=30)
+            assert plain.returncode != 0, f"a client without TLS was served on {sock}"
+            uri = f"nbds+unix:///disk?socket={sock}&tls-certificates={client_creds}"
+            subprocess.run(["nbdcopy", str(data), uri], check=True, timeout=60)
+            back = tmp_path / "back.raw"
+            subprocess.run(["nbdcopy", uri, str(back)], check=True, timeout=60)
+            assert back.read_bytes() == data.read_bytes(), sock
+            depth = subprocess.run(["nbdinfo", "--map=qemu:allocation-depth", uri], capture_output=True,
+                                   text=True, timeout=30)
+            assert depth.returncode == 0 and "local" in depth.stdout, depth.stdout + depth.stderr
+        for cmd in ({"execute": "block-export-del", "arguments": {"id": "e0"}},
+                    {"execute": "nbd-server-stop"},
+                    {"execute": "blockdev-del", "arguments": {"node-name": "d0"}},
+                    {"execute": "blockdev-del", "arguments": {"node-name": "f0"}}):
+            assert both(cmd) == ({"return": {}}, {"return": {}}), cmd
+        wait_until(lambda: not nbd_sock.exists(), 10, "the NBD socket to go")
+    finally:
+        client.close()
+        reference.close()
+    assert qemu_check(ours_img)[0] == 0
+
+
+def test_tls_credentials_verify_peers_by_default(tmp_path: Path) -> None:
+    """QEMU's default for tls-creds-x509 is verify-peer on: a server endpoint made without it asks
+    clients for a certificate; a client endpoint makes no server context."""
+    import ssl
+
+    from qbackend.plumbing.tls import X509Credentials
+
+    server_creds, client_creds = _tls_creds(tmp_path)
+    made = X509Credentials.load("t", server_creds, "server")
+    assert made.context is not None and made.context.verify_mode == ssl.CERT_REQUIRED
+    assert X509Credentials.load("t", server_creds, "server", verify_peer=False).context.verify_mode == ssl.CERT_NONE  # type: ignore[union-attr]
+    assert X509Credentials.load("c", client_creds).context is None
+
+
 # -- quit -------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,10 @@
 """Block nodes and their exports, as qemu-storage-daemon has them.
 
-A *node* is an image opened by ``blockdev-add`` (driver ``qed`` or ``raw``
-over a ``file``); an *export* serves a node (``block-export-add``): type
+A *node* is an image opened by ``blockdev-add``: driver ``qed`` or ``raw``
+over a ``file``, given inline (``{driver: file, filename}``) or as the name
+of a node of driver ``file`` added before (which is then busy while a node
+uses it); a ``file`` node exported itself serves the file's bytes, as raw.
+An *export* serves a node (``block-export-add``): type
 ``nbd`` under a name, once the NBD server runs (``nbd-server-start``), or
 type ``vhost-user-blk`` on a socket of its own, to QEMU's
 ``vhost-user-blk-pci``.  Both kinds serve the same `Export` objects
@@ -28,6 +31,7 @@ import trio
 
 from qbackend.block.exports import Export, open_export
 from qbackend.options import NbdExportOptions
+from qbackend.plumbing.tls import X509Credentials
 from qbackend.protocol.qmp import QmpCommandError
 from qbackend.servers.nbd import HANDSHAKE_TIMEOUT, ExportInUse, NbdServer
 from qbackend.servers.vhost_user_blk import VhostUserBlkServer
@@ -38,9 +42,15 @@ Emit = Callable[[str, Mapping[str, object]], None]
 @dataclass(frozen=True)
 class BlockNode:
     node_name: str
-    driver: str  # qed or raw
+    driver: str  # qed, raw, or file
     filename: Path
     read_only: bool
+    file_node: str | None = None  # the file node it was opened over, when named (QEMU's reference)
+
+    @property
+    def format(self) -> str:
+        """How an export reads the file: a file node's bytes are raw."""
+        return "raw" if self.driver == "file" else self.driver
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,7 @@ class BlockExports:
         self.max_connections = 0
         self.tls_mode = "off"
         self.tls_context: ssl.SSLContext | None = None
+        self.credentials: dict[str, X509Credentials] = {}  # object-add qom-type=tls-creds-x509, by id
         self._scope: trio.CancelScope | None = None
         self._pending: list[tuple[BlockExport, Export]] = []  # opened before the server runs
         self.vhost: dict[str, VhostUserBlkExport] = {}  # by export id
@@ -81,16 +92,31 @@ class BlockExports:
 
     # -- nodes --
 
-    def add_node(self, node_name: str, driver: str, filename: Path, read_only: bool) -> BlockNode:
+    def add_node(self, node_name: str, driver: str, filename: Path, read_only: bool,
+                 file_node: str | None = None) -> BlockNode:
+        """A qed, raw or file node over `filename`; for a qed or raw node named over a file node
+        (`file_node`), the file is that node's."""
         if node_name in self.nodes:
             raise QmpCommandError(f"Duplicate nodes with node-name='{node_name}'")
-        if driver not in ("qed", "raw"):
-            raise QmpCommandError(f"Unknown driver '{driver}' (qbackend serves qed and raw)")
+        if driver not in ("qed", "raw", "file"):
+            raise QmpCommandError(f"Unknown driver '{driver}' (qbackend serves qed, raw and file)")
+        if file_node is not None:
+            base = self.nodes.get(file_node)
+            if base is None or base.driver != "file":
+                raise QmpCommandError(f"Cannot find device='{file_node}' nor node-name='{file_node}'"
+                                      if base is None else f"'file' names node '{file_node}', which is not "
+                                      "of driver file")
+            if base.read_only and not read_only:
+                raise QmpCommandError("Block node is read-only")
+            filename = base.filename
         if not filename.exists():
             raise QmpCommandError(f"Could not open '{filename}': No such file or directory")
+        if filename.is_dir():
+            raise QmpCommandError(f"Could not open '{filename}': Is a directory")
+        node = BlockNode(node_name, driver, filename, read_only, file_node)
         # Open it once now, read-only, so that a corrupt image is refused here and not at export time.
-        open_export(NbdExportOptions(node_name, filename, readonly=True, format=driver)).close()
-        node = self.nodes[node_name] = BlockNode(node_name, driver, filename, read_only)
+        open_export(NbdExportOptions(node_name, filename, readonly=True, format=node.format)).close()
+        self.nodes[node_name] = node
         return node
 
     def del_node(self, node_name: str) -> None:
@@ -100,17 +126,54 @@ class BlockExports:
         if users:
             raise QmpCommandError(f"Node '{node_name}' is busy: block device is in use by block export "
                                   f"'{users[0]}'")
+        if any(n.file_node == node_name for n in self.nodes.values()):
+            raise QmpCommandError(f"Block device {node_name} is in use")
         del self.nodes[node_name]
+
+    def query_nodes(self) -> list[dict[str, object]]:
+        """query-named-block-nodes: QEMU's fields for what qbackend knows of a node (an inline
+        file child is not a node of its own here)."""
+        from qbackend.block.qed import HEADER, QedFormatError, QedHeader  # loaded when used, as open_export does
+
+        def image(node: BlockNode) -> dict[str, object]:
+            info: dict[str, object] = {"filename": str(node.filename), "format": node.driver}
+            try:  # read from the file, not opened: an export may be writing it
+                info["actual-size"] = node.filename.stat().st_blocks * 512
+                if node.format == "raw":
+                    info["virtual-size"] = node.filename.stat().st_size
+                else:
+                    with open(node.filename, "rb") as f:
+                        header = QedHeader.unpack(f.read(HEADER.size))
+                    info["virtual-size"], info["cluster-size"] = header.image_size, header.cluster_size
+            except (OSError, QedFormatError):
+                pass  # the file changed under the node since it was added: what can still be said
+            return info
+
+        return [{"node-name": n.node_name, "drv": n.driver, "file": str(n.filename), "ro": n.read_only,
+                 "encrypted": False, "detect_zeroes": "off", "image": image(n),
+                 "children": [{"node-name": n.file_node, "child": "file"}] if n.file_node else []}
+                for n in reversed(self.nodes.values())]  # newest first, as QEMU lists them
 
     # -- the NBD server --
 
     async def start_server(self, nursery: trio.Nursery, socket_path: Path | None,
-                           tcp: tuple[str, int] | None) -> NbdServer:
+                           tcp: tuple[str, int] | None, *, max_connections: int | None = None,
+                           tls_creds: str | None = None) -> NbdServer:
+        """The NBD server; `max_connections` and `tls_creds` (a tls-creds-x509 object's id: TLS
+        required, as QEMU) as nbd-server-start gives them, else the command line's."""
         if self.server is not None:
             raise QmpCommandError("NBD server already running")
+        tls_mode, tls_context = self.tls_mode, self.tls_context
+        if tls_creds is not None:
+            creds = self.credentials.get(tls_creds)
+            if creds is None:
+                raise QmpCommandError(f"No TLS credentials with id '{tls_creds}'")
+            if creds.context is None:
+                raise QmpCommandError("Expected TLS credentials for a server endpoint")
+            tls_mode, tls_context = "require", creds.context
         server = NbdServer({}, socket_path, tcp, handshake_timeout=self.handshake_timeout,
-                           max_connections=self.max_connections, tls_mode=self.tls_mode,
-                           tls_context=self.tls_context)
+                           max_connections=self.max_connections if max_connections is None else max_connections,
+                           tls_mode=tls_mode, tls_context=tls_context)
         for record, export in self._pending:
             server.add_export(record.name, export)
         self._pending.clear()
@@ -157,7 +220,7 @@ class BlockExports:
             raise QmpCommandError(f"Node '{node_name}' is busy: block export '{writer}' writes it, and each "
                                   "export opens the image for itself")
         label = name if kind == "nbd" else export_id  # what errors call it
-        export = open_export(NbdExportOptions(label, node.filename, readonly=not writable, format=node.driver))
+        export = open_export(NbdExportOptions(label, node.filename, readonly=not writable, format=node.format))
         record = BlockExport(export_id, node_name, name, writable, kind)
         self.exports[export_id] = record
         return record, export

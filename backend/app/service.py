@@ -156,11 +156,13 @@ class Backend:
         self.blocks.add_vhost_user_blk(opts.id, opts.id, opts.socket, not opts.readonly, opts.num_queues,
                                        handshake_timeout=self.handshake_timeout)
 
-    async def start_nbd(self, socket_path: Path | None, tcp: tuple[str, int] | None) -> NbdServer:
-        """nbd-server-start: the NBD server, listening now."""
+    async def start_nbd(self, socket_path: Path | None, tcp: tuple[str, int] | None, *,
+                        max_connections: int | None = None, tls_creds: str | None = None) -> NbdServer:
+        """nbd-server-start: the NBD server, listening now (BlockExports.start_server)."""
         if self._nursery is None:
             raise ValueError("the backend is not running")
-        return await self.blocks.start_server(self._nursery, socket_path, tcp)
+        return await self.blocks.start_server(self._nursery, socket_path, tcp, max_connections=max_connections,
+                                              tls_creds=tls_creds)
 
     def add_hotplug_controller(self, socket_path: Path, dimms: list[DimmOptions], *, machine: str,
                                ram_size: int, slots: int, profile: Profile = Profile.QEMU,

@@ -1,11 +1,13 @@
 """Block exports at run time, with qemu-storage-daemon's commands and
-arguments: ``nbd-server-start``, ``nbd-server-stop``, ``blockdev-add``
-(drivers ``qed`` and ``raw`` over a ``file``), ``blockdev-del``,
-``block-export-add`` (type ``nbd``, or ``vhost-user-blk`` with ``addr`` and
-``num-queues``), ``block-export-del`` (mode ``safe`` or ``hard``) and
+arguments: ``nbd-server-start`` (``tls-creds`` naming an ``object-add``
+tls-creds-x509, ``max-connections``), ``nbd-server-stop``, ``blockdev-add``
+(drivers ``qed`` and ``raw`` over a ``file``, inline or a ``file`` node's
+name), ``blockdev-del``, ``query-named-block-nodes``, ``block-export-add``
+(type ``nbd``, or ``vhost-user-blk`` with ``addr`` and ``num-queues``),
+``block-export-del`` (mode ``safe`` or ``hard``) and
 ``query-block-exports``; the ``BLOCK_EXPORT_DELETED`` event.
-Anything those commands take that qbackend does not do (TLS, bitmaps,
-other drivers) is refused by the schema, not ignored.
+Anything those commands take that qbackend does not do (tls-authz, bitmaps,
+other drivers) is refused, not ignored.
 """
 
 from __future__ import annotations
@@ -22,20 +24,26 @@ if TYPE_CHECKING:
 
 SERVER_START = CommandSpec("nbd-server-start", {
     "addr": Arg("object", doc="SocketAddressLegacy: {type: unix, data: {path}} or {type: inet, data: {host, port}}"),
-    "max-connections": Arg("int", True, "accepted for compatibility; 0 (unlimited) only"),
+    "tls-creds": Arg("str", True, "the id of tls-creds-x509 credentials (endpoint=server): TLS required"),
+    "tls-authz": Arg("str", True, "not supported: refused"),
+    "max-connections": Arg("int", True, "clients at once at most (default 0: no limit; with 1, no multi-conn)"),
 }, doc="start the NBD server (as qemu-storage-daemon)")
 SERVER_STOP = CommandSpec("nbd-server-stop", doc="stop the NBD server; its exports are removed")
 BLOCKDEV_ADD = CommandSpec("blockdev-add", {
-    "driver": Arg(("qed", "raw")), "node-name": Arg("str"),
-    "file": Arg("any", doc="{driver: file, filename: PATH}, or a file name"),
+    "driver": Arg(("qed", "raw", "file")), "node-name": Arg("str"),
+    "file": Arg("any", True, "qed and raw: {driver: file, filename: PATH}, or the name of a file node"),
+    "filename": Arg("str", True, "file: the file's path"),
     "read-only": Arg("bool", True),
 }, doc="open an image as a block node")
+QUERY_NODES = CommandSpec("query-named-block-nodes", {"flat": Arg("bool", True, "accepted: the list is flat")},
+                          doc="the block nodes", returns="[{node-name, drv, file, ro, image: {...}, ...}]")
 BLOCKDEV_DEL = CommandSpec("blockdev-del", {"node-name": Arg("str")}, doc="close a block node no export uses")
 EXPORT_ADD = CommandSpec("block-export-add", {
     "type": Arg(("nbd", "vhost-user-blk")), "id": Arg("str"), "node-name": Arg("str"),
     "name": Arg("str", True, "nbd: the export name (default: the node name)"),
     "writable": Arg("bool", True, "default false, as QEMU"),
     "description": Arg("str", True, "nbd: accepted; qbackend does not send descriptions"),
+    "allocation-depth": Arg("bool", True, "nbd: accepted; qbackend always offers qemu:allocation-depth"),
     "addr": Arg("object", True, "vhost-user-blk: SocketAddress {type: unix, path: PATH}"),
     "num-queues": Arg("int", True, "vhost-user-blk: queues at most (default 1)"),
     "logical-block-size": Arg("int", True, "vhost-user-blk: 512 only"),
@@ -67,13 +75,25 @@ def _unix_path(addr: object) -> Path:
     raise QmpCommandError("vhost-user-blk needs 'addr': {'type': 'unix', 'path': PATH}")
 
 
-def _filename(file: object) -> Path:
-    if isinstance(file, str):
-        return Path(file)
+def _file(args: dict[str, Any]) -> tuple[Path, str | None]:
+    """A node's file: (its path, the file node it names or None)."""
+    driver, file, filename = args["driver"], args.get("file"), args.get("filename")
+    if driver == "file":
+        if filename is None:
+            raise QmpCommandError("Parameter 'filename' is missing")
+        if file is not None:
+            raise QmpCommandError("Parameter 'file' is unexpected")
+        return Path(filename), None
+    if file is None:
+        raise QmpCommandError("Parameter 'file' is missing")
+    if filename is not None:
+        raise QmpCommandError("Parameter 'filename' is unexpected")
+    if isinstance(file, str):  # a reference to a node, as in QEMU
+        return Path(), file
     if isinstance(file, dict) and file.get("driver") == "file" and isinstance(file.get("filename"), str) \
             and set(file) <= {"driver", "filename", "node-name"}:
-        return Path(file["filename"])
-    raise QmpCommandError("'file' is {'driver': 'file', 'filename': PATH} (or a file name)")
+        return Path(file["filename"]), None
+    raise QmpCommandError("'file' is {'driver': 'file', 'filename': PATH} or the name of a file node")
 
 
 def register(monitor: QmpMonitor, backend: Backend) -> None:
@@ -81,10 +101,14 @@ def register(monitor: QmpMonitor, backend: Backend) -> None:
         return backend.blocks
 
     async def server_start(args: dict[str, Any]) -> object:
-        if args.get("max-connections", 0) != 0:
-            raise QmpCommandError("max-connections is not supported by qbackend yet")
+        if "tls-authz" in args:
+            raise QmpCommandError("tls-authz is not supported by qbackend (object-add tls-creds-x509 "
+                                  "verify-peer=true checks clients against the CA)")
+        max_connections = args.get("max-connections")
+        if max_connections is not None and not 0 <= max_connections <= 0xFFFFFFFF:
+            raise QmpCommandError("Parameter 'max-connections' expects uint32_t")
         socket_path, tcp = _address(args["addr"])
-        await backend.start_nbd(socket_path, tcp)
+        await backend.start_nbd(socket_path, tcp, max_connections=max_connections, tls_creds=args.get("tls-creds"))
         return {}
 
     async def server_stop(args: dict[str, Any]) -> object:
@@ -92,7 +116,8 @@ def register(monitor: QmpMonitor, backend: Backend) -> None:
         return {}
 
     async def blockdev_add(args: dict[str, Any]) -> object:
-        blocks().add_node(args["node-name"], args["driver"], _filename(args["file"]), args.get("read-only", False))
+        filename, file_node = _file(args)
+        blocks().add_node(args["node-name"], args["driver"], filename, args.get("read-only", False), file_node)
         return {}
 
     async def blockdev_del(args: dict[str, Any]) -> object:
@@ -121,7 +146,10 @@ def register(monitor: QmpMonitor, backend: Backend) -> None:
     async def query(args: dict[str, Any]) -> object:
         return blocks().query()
 
+    async def query_nodes(args: dict[str, Any]) -> object:
+        return blocks().query_nodes()
+
     for spec, handler in ((SERVER_START, server_start), (SERVER_STOP, server_stop), (BLOCKDEV_ADD, blockdev_add),
                           (BLOCKDEV_DEL, blockdev_del), (EXPORT_ADD, export_add), (EXPORT_DEL, export_del),
-                          (QUERY, query)):
+                          (QUERY, query), (QUERY_NODES, query_nodes)):
         monitor.register(spec, handler)
