@@ -544,11 +544,21 @@ def test_tls_objects_and_file_nodes_as_qemu_storage_daemon(served: Served, qsd: 
                                 {"addr": {"type": "unix", "data": {"path": str(nbd_sock)}}},
                                 {"addr": {"type": "unix", "data": {"path": str(ref_sock)}}})
             assert ours == theirs and "error" in ours, what
-        ours, theirs = both({"execute": "nbd-server-start", "arguments": {"tls-creds": "tls0", "max-connections": 4}},
+        ours, theirs = both({"execute": "nbd-server-start", "arguments": {"tls-creds": "tls0", "max-connections": 4,
+                                                                          "handshake-max-seconds": 2}},
                             {"addr": {"type": "unix", "data": {"path": str(nbd_sock)}}},
                             {"addr": {"type": "unix", "data": {"path": str(ref_sock)}}})
         assert ours == theirs == {"return": {}}
         assert served.thread.call(lambda: served.backend.nbd is not None and served.backend.nbd.max_connections == 4)
+        for sock in (nbd_sock, ref_sock):  # a client that never speaks is dropped after the 2 s given
+            idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            idle.settimeout(20)
+            idle.connect(str(sock))
+            start = time.monotonic()
+            while idle.recv(4096):  # the greeting, then the end
+                pass
+            assert 1.5 < time.monotonic() - start < 20, sock
+            idle.close()
         # The server keeps its credentials: the object goes, as in QEMU.
         assert both({"execute": "object-del", "arguments": {"id": "tls0"}}) == ({"return": {}}, {"return": {}})
 

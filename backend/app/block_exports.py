@@ -158,9 +158,10 @@ class BlockExports:
 
     async def start_server(self, nursery: trio.Nursery, socket_path: Path | None,
                            tcp: tuple[str, int] | None, *, max_connections: int | None = None,
-                           tls_creds: str | None = None) -> NbdServer:
-        """The NBD server; `max_connections` and `tls_creds` (a tls-creds-x509 object's id: TLS
-        required, as QEMU) as nbd-server-start gives them, else the command line's."""
+                           tls_creds: str | None = None, handshake_timeout: float | None = None) -> NbdServer:
+        """The NBD server; `max_connections`, `tls_creds` (a tls-creds-x509 object's id: TLS
+        required, as QEMU) and `handshake_timeout` as nbd-server-start gives them, else the
+        command line's."""
         if self.server is not None:
             raise QmpCommandError("NBD server already running")
         tls_mode, tls_context = self.tls_mode, self.tls_context
@@ -171,7 +172,8 @@ class BlockExports:
             if creds.context is None:
                 raise QmpCommandError("Expected TLS credentials for a server endpoint")
             tls_mode, tls_context = "require", creds.context
-        server = NbdServer({}, socket_path, tcp, handshake_timeout=self.handshake_timeout,
+        server = NbdServer({}, socket_path, tcp,
+                           handshake_timeout=self.handshake_timeout if handshake_timeout is None else handshake_timeout,
                            max_connections=self.max_connections if max_connections is None else max_connections,
                            tls_mode=tls_mode, tls_context=tls_context)
         for record, export in self._pending:

@@ -157,12 +157,13 @@ class Backend:
                                        handshake_timeout=self.handshake_timeout)
 
     async def start_nbd(self, socket_path: Path | None, tcp: tuple[str, int] | None, *,
-                        max_connections: int | None = None, tls_creds: str | None = None) -> NbdServer:
+                        max_connections: int | None = None, tls_creds: str | None = None,
+                        handshake_timeout: float | None = None) -> NbdServer:
         """nbd-server-start: the NBD server, listening now (BlockExports.start_server)."""
         if self._nursery is None:
             raise ValueError("the backend is not running")
         return await self.blocks.start_server(self._nursery, socket_path, tcp, max_connections=max_connections,
-                                              tls_creds=tls_creds)
+                                              tls_creds=tls_creds, handshake_timeout=handshake_timeout)
 
     def add_hotplug_controller(self, socket_path: Path, dimms: list[DimmOptions], *, machine: str,
                                ram_size: int, slots: int, profile: Profile = Profile.QEMU,

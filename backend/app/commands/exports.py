@@ -12,6 +12,7 @@ other drivers) is refused, not ignored.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ SERVER_START = CommandSpec("nbd-server-start", {
     "tls-creds": Arg("str", True, "the id of tls-creds-x509 credentials (endpoint=server): TLS required"),
     "tls-authz": Arg("str", True, "not supported: refused"),
     "max-connections": Arg("int", True, "clients at once at most (default 0: no limit; with 1, no multi-conn)"),
+    "handshake-max-seconds": Arg("int", True, "seconds a client has to finish the handshake (default 10; 0: no limit)"),
 }, doc="start the NBD server (as qemu-storage-daemon)")
 SERVER_STOP = CommandSpec("nbd-server-stop", doc="stop the NBD server; its exports are removed")
 BLOCKDEV_ADD = CommandSpec("blockdev-add", {
@@ -104,11 +106,14 @@ def register(monitor: QmpMonitor, backend: Backend) -> None:
         if "tls-authz" in args:
             raise QmpCommandError("tls-authz is not supported by qbackend (object-add tls-creds-x509 "
                                   "verify-peer=true checks clients against the CA)")
-        max_connections = args.get("max-connections")
-        if max_connections is not None and not 0 <= max_connections <= 0xFFFFFFFF:
-            raise QmpCommandError("Parameter 'max-connections' expects uint32_t")
+        for name in ("max-connections", "handshake-max-seconds"):
+            if not 0 <= args.get(name, 0) <= 0xFFFFFFFF:
+                raise QmpCommandError(f"Parameter '{name}' expects uint32_t")
+        seconds = args.get("handshake-max-seconds")
         socket_path, tcp = _address(args["addr"])
-        await backend.start_nbd(socket_path, tcp, max_connections=max_connections, tls_creds=args.get("tls-creds"))
+        await backend.start_nbd(socket_path, tcp, max_connections=args.get("max-connections"),
+                                tls_creds=args.get("tls-creds"),
+                                handshake_timeout=None if seconds is None else seconds or math.inf)
         return {}
 
     async def server_stop(args: dict[str, Any]) -> object:
