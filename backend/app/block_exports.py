@@ -92,14 +92,14 @@ class BlockExports:
 
     # -- nodes --
 
-    def add_node(self, node_name: str, driver: str, filename: Path, read_only: bool,
-                 file_node: str | None = None) -> BlockNode:
-        """A qed, raw or file node over `filename`; for a qed or raw node named over a file node
-        (`file_node`), the file is that node's."""
+    def add_node(self, node_name: str, driver: str, file: Path | str, read_only: bool) -> BlockNode:
+        """A qed, raw or file node over `file`: a path, or (for qed and raw) the name of a file
+        node, whose file it then is (QEMU's reference)."""
         if node_name in self.nodes:
             raise QmpCommandError(f"Duplicate nodes with node-name='{node_name}'")
         if driver not in ("qed", "raw", "file"):
             raise QmpCommandError(f"Unknown driver '{driver}' (qbackend serves qed, raw and file)")
+        file_node, filename = (file, Path()) if isinstance(file, str) else (None, file)
         if file_node is not None:
             base = self.nodes.get(file_node)
             if base is None or base.driver != "file":
@@ -138,9 +138,10 @@ class BlockExports:
         def image(node: BlockNode) -> dict[str, object]:
             info: dict[str, object] = {"filename": str(node.filename), "format": node.driver}
             try:  # read from the file, not opened: an export may be writing it
-                info["actual-size"] = node.filename.stat().st_blocks * 512
+                stat = node.filename.stat()
+                info["actual-size"] = stat.st_blocks * 512
                 if node.format == "raw":
-                    info["virtual-size"] = node.filename.stat().st_size
+                    info["virtual-size"] = stat.st_size
                 else:
                     with open(node.filename, "rb") as f:
                         header = QedHeader.unpack(f.read(HEADER.size))

@@ -1,6 +1,6 @@
 """Block exports at run time, with qemu-storage-daemon's commands and
 arguments: ``nbd-server-start`` (``tls-creds`` naming an ``object-add``
-tls-creds-x509, ``max-connections``), ``nbd-server-stop``, ``blockdev-add``
+tls-creds-x509, ``max-connections``, ``handshake-max-seconds``), ``nbd-server-stop``, ``blockdev-add``
 (drivers ``qed`` and ``raw`` over a ``file``, inline or a ``file`` node's
 name), ``blockdev-del``, ``query-named-block-nodes``, ``block-export-add``
 (type ``nbd``, or ``vhost-user-blk`` with ``addr`` and ``num-queues``),
@@ -77,24 +77,24 @@ def _unix_path(addr: object) -> Path:
     raise QmpCommandError("vhost-user-blk needs 'addr': {'type': 'unix', 'path': PATH}")
 
 
-def _file(args: dict[str, Any]) -> tuple[Path, str | None]:
-    """A node's file: (its path, the file node it names or None)."""
+def _file(args: dict[str, Any]) -> Path | str:
+    """A node's file: its path, or the name of the file node it names."""
     driver, file, filename = args["driver"], args.get("file"), args.get("filename")
     if driver == "file":
         if filename is None:
             raise QmpCommandError("Parameter 'filename' is missing")
         if file is not None:
             raise QmpCommandError("Parameter 'file' is unexpected")
-        return Path(filename), None
+        return Path(filename)
     if file is None:
         raise QmpCommandError("Parameter 'file' is missing")
     if filename is not None:
         raise QmpCommandError("Parameter 'filename' is unexpected")
     if isinstance(file, str):  # a reference to a node, as in QEMU
-        return Path(), file
+        return file
     if isinstance(file, dict) and file.get("driver") == "file" and isinstance(file.get("filename"), str) \
             and set(file) <= {"driver", "filename", "node-name"}:
-        return Path(file["filename"]), None
+        return Path(file["filename"])
     raise QmpCommandError("'file' is {'driver': 'file', 'filename': PATH} or the name of a file node")
 
 
@@ -121,8 +121,7 @@ def register(monitor: QmpMonitor, backend: Backend) -> None:
         return {}
 
     async def blockdev_add(args: dict[str, Any]) -> object:
-        filename, file_node = _file(args)
-        blocks().add_node(args["node-name"], args["driver"], filename, args.get("read-only", False), file_node)
+        blocks().add_node(args["node-name"], args["driver"], _file(args), args.get("read-only", False))
         return {}
 
     async def blockdev_del(args: dict[str, Any]) -> object:
