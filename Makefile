@@ -8,7 +8,7 @@ QB := $(VENV)/bin/qbackend
 # Provisioned QEMU and guest go to the checkout's build/ (qbackend.machine.data_dir).
 DATA_DIR := $(CURDIR)/build
 
-.PHONY: setup host-packages venv qemu qemu-ppc guest test test-fast check fuzz bench run clean
+.PHONY: setup host-packages venv native qemu qemu-ppc guest test test-dev test-fast check fuzz bench run clean
 
 setup: host-packages venv qemu qemu-ppc guest
 
@@ -17,10 +17,15 @@ host-packages:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml hatch_build.py
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
 	@touch $@
+
+# The C helpers of the editable checkout, rebuilt in place when a .c or .h
+# is newer than its library (installed copies carry them from the wheel).
+native: venv
+	@$(VENV)/bin/python backend/qbackend/plumbing/native_build.py
 
 qemu: venv
 ifeq ($(QEMU),)
@@ -35,33 +40,40 @@ qemu-ppc: venv
 guest: venv
 	@$(QB) --data-dir $(DATA_DIR) setup --no-host-packages --only guest
 
-test:
-	$(VENV)/bin/python -m pytest
+# The suite as CI runs it: against a wheel built from this tree, installed (not
+# editable) into a virtual environment of its own, with the C helpers required.
+INSTALLED := build/installed
+test: venv
+	@rm -rf build/dist
+	$(VENV)/bin/python -m pip wheel -q --no-deps -w build/dist .
+	@test -x $(INSTALLED)/bin/python || $(PYTHON) -m venv $(INSTALLED)
+	$(INSTALLED)/bin/python -m pip install -q "$$(ls build/dist/qbackend-*.whl)[test]"
+	$(INSTALLED)/bin/python -m pip install -q --force-reinstall --no-deps build/dist/qbackend-*.whl
+	QBACKEND_NATIVE=require $(INSTALLED)/bin/python -m pytest $(PYTEST_ARGS)
 
-# The tests that boot no guest (about a minute).
-test-fast:
-	$(VENV)/bin/python -m pytest -m "not guest"
+# The developer's loop: the suite on the editable checkout.
+test-dev: native
+	QBACKEND_NATIVE=require $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# mypy reads the package as it installs: build/typecheck/qbackend is a tree
-# of links (backend/*, protocol/ as qbackend/protocol, qemu-configs/ as
-# qbackend/profiles), made anew on every run.
+# The tests that boot no guest (about a minute), on the editable checkout.
+test-fast: native
+	QBACKEND_NATIVE=require $(VENV)/bin/python -m pytest -m "not guest" $(PYTEST_ARGS)
+
+# ruff and mypy on the tree as it is: its folders are the import paths
+# (mypy_path in pyproject.toml names the three source roots).
 check: venv
-	$(VENV)/bin/ruff check backend protocol qemu-configs tests scripts fuzz
-	@rm -rf build/typecheck && mkdir -p build/typecheck/qbackend
-	@for f in backend/*; do ln -s "$(CURDIR)/$$f" build/typecheck/qbackend/; done
-	@ln -s "$(CURDIR)/protocol" build/typecheck/qbackend/protocol
-	@ln -s "$(CURDIR)/qemu-configs" build/typecheck/qbackend/profiles
-	cd build/typecheck && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p qbackend
+	$(VENV)/bin/ruff check backend protocol qemu-configs tests scripts fuzz hatch_build.py
+	$(VENV)/bin/mypy -p qbackend
 
 # Coverage-guided fuzzing (atheris) of every parser of outside input, FUZZ_SECONDS per
 # target, one target after the other; fails on any finding (crash, hang, runaway memory),
 # which lands in build/fuzz/<target>/.  Executions and coverage per target are summarised.
 FUZZ_SECONDS ?= 30
 FUZZ_SEED ?= 0
-fuzz: venv
+fuzz: native
 	$(VENV)/bin/python -m fuzz.run --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED)
 
-bench:
+bench: native
 	$(VENV)/bin/python scripts/bench_vfio_user.py
 	$(VENV)/bin/python scripts/bench_nbd.py
 	$(VENV)/bin/python scripts/bench_nbd_clients.py

@@ -72,7 +72,7 @@ def start_server(kind: str, path: str, pinned: bool, libvfio_user: str | None) -
     env = dict(os.environ)
     if kind in ("qbackend", "qbackend-py"):
         cmd = [sys.executable, "-m", "qbackend", "serve", "--ivshmem", f"socket={path},size=4K"]
-        env["QBACKEND_NATIVE"] = "on" if kind == "qbackend" else "off"
+        env["QBACKEND_NATIVE"] = "require" if kind == "qbackend" else "off"
     elif kind == "python-floor":
         cmd = [sys.executable, "-c", FLOOR_SERVER, path]
     else:

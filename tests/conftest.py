@@ -29,5 +29,5 @@ def access_path(request: pytest.FixtureRequest) -> Iterator[str]:
     (QBACKEND_NATIVE=off).  Module tests that take it run once per path."""
     mode: str = request.param
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QBACKEND_NATIVE", "on" if mode == "native" else "off")
+        patch.setenv("QBACKEND_NATIVE", "require" if mode == "native" else "off")
         yield mode

@@ -1,4 +1,5 @@
-"""The dependency rule of qbackend's layers (see qbackend/__init__.py).
+"""The dependency rule of qbackend's layers: LAYERS below is the one layer map
+(docs/architecture.md's table is checked against it).
 
 Each module may import from its own layer and from the layers below it,
 never from a layer above.  Beyond the order:
@@ -16,11 +17,13 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Lowest first.  Modules of the same rank may import each other.
 LAYERS = [
-    ("base", ["errors", "sizes", "options"]),
+    ("base", ["errors", "sizes", "options", "version", "profiles"]),
     ("protocol", ["protocol"]),
     ("models", ["models"]),
     ("plumbing", ["plumbing"]),
@@ -38,12 +41,16 @@ NO_IO = {"trio", "socket", "asyncio", "threading", "select", "selectors", "mmap"
 CLI_MODULES = {"qbackend.app.cli", "qbackend.app.qed_cli", "qbackend.app.drc_cli", "qbackend.app.ivshmem_cli"}
 
 
+SOURCE_ROOTS = ("backend", "protocol", "qemu-configs")
+
+
 def package_files() -> dict[str, Path]:
-    """Import name -> file, as setuptools installs them."""
+    """Import name -> file: a file's path under its source root is its import path."""
     out = {}
-    for folder, prefix in ((REPO / "backend", ["qbackend"]), (REPO / "protocol", ["qbackend", "protocol"])):
-        for path in folder.rglob("*.py"):
-            parts = [*prefix, *path.relative_to(folder).with_suffix("").parts]
+    for root in SOURCE_ROOTS:
+        folder = REPO / root
+        for path in (folder / "qbackend").rglob("*.py"):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()
             out[".".join(parts)] = path
@@ -78,7 +85,7 @@ FILES = package_files()
 
 def test_every_module_sits_in_a_layer() -> None:
     homeless = sorted(m for m in FILES if m != "qbackend" and layer_part(m) not in RANK)
-    assert homeless == [], "add these to LAYERS (and qbackend/__init__.py's list)"
+    assert homeless == [], "add these to LAYERS (and to docs/architecture.md's table)"
 
 
 def test_no_module_imports_a_layer_above_its_own() -> None:
@@ -168,11 +175,26 @@ def test_no_trio_task_takes_a_lock_with_with() -> None:
     assert offenders == []
 
 
-def test_every_package_is_installed() -> None:
-    """pyproject.toml lists the packages by hand (package-dir maps backend/ to qbackend): none is forgotten."""
-    import tomllib
+def test_every_source_file_is_where_its_import_path_says() -> None:
+    """Under backend/, protocol/ and qemu-configs/, every tracked Python file is
+    ROOT/qbackend/...: no file outside the package, and qbackend itself is a
+    namespace package (no __init__.py) that the three roots join."""
+    import subprocess
 
-    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    packages = {m for m, p in FILES.items() if p.name == "__init__.py"} | {"qbackend.profiles"}
-    assert packages - listed == set(), "add these to [tool.setuptools] packages"
-    assert listed - packages == set(), "these are listed but do not exist"
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    stray = [f for f in tracked if f.split("/")[0] in SOURCE_ROOTS and f.split("/")[1] != "qbackend"]
+    assert stray == []
+    assert not any((REPO / root / "qbackend" / "__init__.py").exists() for root in SOURCE_ROOTS)
+    assert "qbackend.protocol.nbd" in FILES and "qbackend.profiles" in FILES and "qbackend.block.qed" in FILES
+
+
+def test_the_architecture_table_is_the_layer_map() -> None:
+    """docs/architecture.md's layer table lists LAYERS' layers, in LAYERS' order."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    table = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1].strip().strip("`") for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| layer") and not line.startswith("| ---")]
+    assert rows == [layer for layer, _parts in LAYERS]

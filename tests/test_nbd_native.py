@@ -307,7 +307,7 @@ def twins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Twins]:
             thread = BackendThread(backend)
             thread.__enter__()
             served.append(Served(thread, backend, sock))
-        patch.setenv("QBACKEND_NATIVE", "on")  # for the handshakes: the Python side has no map anyway
+        patch.setenv("QBACKEND_NATIVE", "require")  # for the handshakes: the Python side has no map anyway
         try:
             yield Twins(served[0], served[1], size)
         finally:
@@ -492,7 +492,7 @@ def test_real_clients_read_through_the_native_path(tmp_path: Path) -> None:
                    check=True, capture_output=True, env=qemu.env())
     backend = Backend()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QBACKEND_NATIVE", "on")
+        patch.setenv("QBACKEND_NATIVE", "require")
         sock = tmp_path / "nbd.sock"
         backend.add_nbd([NbdExportOptions.parse(f"name=d,image={image},format=qed,readonly=on")], sock)
         with BackendThread(backend) as thread:
@@ -526,7 +526,7 @@ def test_many_clients_mixing_native_and_python_requests_keep_every_byte(tmp_path
     backend = Backend()
     failures: list[str] = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QBACKEND_NATIVE", "on")
+        patch.setenv("QBACKEND_NATIVE", "require")
         sock = tmp_path / "nbd.sock"
         backend.add_nbd([NbdExportOptions.parse(f"name=disk,image={image},format=qed")], sock)
         with BackendThread(backend) as thread:

@@ -86,41 +86,15 @@ def test_native_lock_excludes_other_threads() -> None:
     assert total[0] == 80000
 
 
-# -- building, caching, falling back -------------------------------------------------------
+# -- falling back -----------------------------------------------------------------------------
 
 
-def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
-
-
-def test_helpers_are_built_once_into_the_cache(tmp_path: Path) -> None:
-    code = ("import logging, sys; logging.basicConfig(level=logging.DEBUG, stream=sys.stdout)\n"
-            "from qbackend.plumbing.native_lock import device_lock, NativeLock\n"
-            "print(isinstance(device_lock(), NativeLock))")
-    env = {"QBACKEND_CACHE_DIR": str(tmp_path), "QBACKEND_NATIVE": "on"}
-    first = _python(code, env)
-    assert first.returncode == 0, first.stderr
-    assert "True" in first.stdout and "built" in first.stdout
-    (library,) = tmp_path.glob("native_lock-*.so")
-    stamp = library.stat().st_mtime_ns
-    second = _python(code, env)
-    assert "True" in second.stdout and "built" not in second.stdout  # taken from the cache
-    assert library.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [library.name]  # no build directory left behind
-    off = _python(code, {**env, "QBACKEND_NATIVE": "off"})
-    assert "False" in off.stdout
-
-
-@pytest.mark.parametrize("env", [{"CC": "false"}, {"CC": "/nonexistent/cc"}, {"QBACKEND_NATIVE": "off"}],
-                         ids=["compiler-fails", "no-compiler", "switched-off"])
-def test_the_server_falls_back_to_python(tmp_path: Path, env: dict[str, str]) -> None:
-    """Without a working compiler `qbackend serve` says so in one line and serves every access in Python."""
+def test_the_server_serves_in_python_when_switched_off(tmp_path: Path) -> None:
+    """`QBACKEND_NATIVE=off`: `qbackend serve` serves every access in Python, and says nothing of it."""
     sock = tmp_path / "dev.sock"
-    cache = tmp_path / "cache"
     proc = subprocess.Popen([sys.executable, "-m", "qbackend", "serve", "--ivshmem", f"socket={sock},size=4K"],
-                            env={**os.environ, "QBACKEND_NATIVE": "on", "QBACKEND_CACHE_DIR": str(cache), **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            env={**os.environ, "QBACKEND_NATIVE": "off"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
@@ -135,10 +109,7 @@ def test_the_server_falls_back_to_python(tmp_path: Path, env: dict[str, str]) ->
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=10)
-    assert "Traceback" not in err
-    assert not list(cache.glob("*.so"))
-    if "CC" in env:
-        assert err.count("pure-Python path in use") >= 1, err
+    assert "Traceback" not in err and "not loaded" not in err
 
 
 # -- the loop against the Python path ----------------------------------------------------------
@@ -156,7 +127,7 @@ def twins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Twins]:
     workdir = tmp_path_factory.mktemp("native")
     backend = Backend()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QBACKEND_NATIVE", "on")
+        patch.setenv("QBACKEND_NATIVE", "require")
         fast = backend.add_ivshmem(IvshmemOptions(socket=workdir / "native.sock", vectors=0))
         patch.setenv("QBACKEND_NATIVE", "off")
         slow = backend.add_ivshmem(IvshmemOptions(socket=workdir / "python.sock", vectors=0))

@@ -16,7 +16,6 @@ The folder holds ``qemu/`` (qemu-system-x86_64 and the QEMU tools),
 
 from __future__ import annotations
 
-import importlib.resources
 import os
 from pathlib import Path
 
@@ -34,9 +33,10 @@ def _is_checkout(path: Path) -> bool:
 
 def checkout_root() -> Path | None:
     """The source checkout qbackend runs from, if any."""
-    package = Path(str(importlib.resources.files("qbackend")))
-    if _is_checkout(package.parent):  # an editable install: backend/ is the package
-        return package.parent
+    # An editable install runs backend/qbackend/ of the checkout itself.
+    source_root = Path(__file__).resolve().parents[2]
+    if _is_checkout(source_root.parent):
+        return source_root.parent
     here = Path.cwd()
     for candidate in (here, *here.parents):
         if _is_checkout(candidate):

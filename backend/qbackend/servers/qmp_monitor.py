@@ -27,11 +27,11 @@ from typing import Any
 
 import trio
 
-from qbackend import __version__
 from qbackend.errors import QbackendError
 from qbackend.plumbing.unix import accept_forever, listen_unix
 from qbackend.protocol import qmp
 from qbackend.protocol.qmp import CommandSpec, ErrorClass, Execute, QmpCommandError, QmpSession, Reply
+from qbackend.version import __version__
 
 log = logging.getLogger(__name__)
 
