@@ -529,6 +529,8 @@ class Connection:
         self.closed = True
         for event, _ in self._replies.values():
             event.set()
+        if self.native is not None:
+            self.server.stats["native_accesses"] += self.native.served
         with self.device.lock:
             self.dma.clear()
             self.device.irqs.close()
@@ -561,6 +563,15 @@ class VfioUserServer:
         self.connection: Connection | None = None
         self.connections_served = 0
         self._one_client = trio.Lock()
+
+    def counts(self) -> Counter[str]:
+        """`stats` (errors, rejected accesses, ...) with `native_accesses`: the region
+        accesses the native access loop served, the current client's included."""
+        out = Counter(self.stats)
+        conn = self.connection
+        if conn is not None and conn.native is not None and not conn.closed:
+            out["native_accesses"] += conn.native.served
+        return out
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await serve_unix(self.socket_path, self.name, self._serve_client, backlog=128, task_status=task_status)
