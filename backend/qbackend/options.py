@@ -177,7 +177,7 @@ def parse_tcp(text: str) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class DimmOptions:
-    """`--dimm id=ID,size=SIZE[,node=N][,populated=on|off]` (seed 003's -dimm)."""
+    """`--dimm id=ID,size=SIZE[,node=N][,populated=on|off]` (a DIMM slot and what it holds)."""
 
     id: str
     size: int

@@ -312,7 +312,7 @@ class DimmManager:
         return changed
 
     async def memory_total(self) -> dict[str, int]:
-        """Base plus plugged, as seed 003's query-memory-total, beside QEMU's summary."""
+        """Base plus plugged, as query-memory-total reports it, beside QEMU's summary."""
         plugged = sum(s.size for s in self.block.slots if s.enabled)
         total: dict[str, int] = {"base": self.ram_size, "plugged": plugged, "total": self.ram_size + plugged}
         if self.qmp is not None:  # QEMU's own figures beside ours, when there is a QEMU

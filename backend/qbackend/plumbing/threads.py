@@ -6,7 +6,7 @@ Threads, and why each exists:
   handshakes, QMP commands, the slot managers, the ivshmem-server clients;
 - one worker per vfio-user connection (`servers.vfio_user`): a blocking
   `recvmsg_into` into a preallocated buffer, then the region access in the
-  same thread.  Measured here (stop 10's benchmark): a trio
+  same thread.  Measured on a 2-core machine: a trio
   `wait_readable` round trip floors at about 35k requests/s, the worker at
   about 54k, level with a Python loop that parses nothing; and `recvmsg`
   must be used so that SCM_RIGHTS fds are never dropped;

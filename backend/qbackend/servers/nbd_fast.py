@@ -2,7 +2,7 @@
 transmission loop that serves plain connections with them.
 
 Why: a 4 KiB READ cost the Python path about 30 us of parsing, QED lookup
-and reply building (stop 12's profile), against a few for the pread and
+and reply building (profiled), against a few for the pread and
 the send themselves, and a 4 KiB WRITE more; with 64 clients on one loop
 thread, that thread was the bottleneck (0.6x qemu-nbd's rate).
 

@@ -2,7 +2,7 @@
 
 Why: a guest vCPU waits for every trapped register access, and the Python
 path's parse, device call and reply cost more than the socket round trip
-(stop 12's benchmark: a Python loop that parses nothing reaches about 0.5x
+(a Python loop that parses nothing reaches about 0.5x
 libvfio-user's synchronous rate, pinned).  The C loop receives, serves the
 accesses that fall inside a device's plain windows
 (qbackend.vfio.function.PlainWindow) under the device lock, replies, and

@@ -1,4 +1,4 @@
-"""DIMM slots over QMP: the queries of seed 003, hot-add and hot-remove.
+"""DIMM slots over QMP: the DIMM queries, hot-add and hot-remove.
 
 Events: ``DIMM_ADDED`` {id, slot, address, node}; ``DIMM_REMOVED`` {id, slot}
 once QEMU has deleted it; ``DIMM_REMOVE_FAILED`` {id, slot, ost-status} when

@@ -1,7 +1,6 @@
 """sPAPR (pseries) dynamic reconfiguration: connectors, their device-tree
 properties, the DRC state machine with its RTAS calls, and hotplug event
-logs, modelled on QEMU 11.1's pseries machine.  Everything here is sans-IO
-except `qemu_ppc`, which starts a real qemu-system-ppc64 to compare with.
+logs, modelled on QEMU 11.1's pseries machine.  Everything here is sans-IO.
 
     fdt      dtb encode/decode, libfdt-style node building, dts text
     drc      connector types and indexes, machine topology, ibm,drc-* arrays,
@@ -10,8 +9,9 @@ except `qemu_ppc`, which starts a real qemu-system-ppc64 to compare with.
     events   v6 hotplug event logs for check-exception
     ghash    GLib hash-table iteration order (QEMU's order of DRC entries)
     script   a line-oriented driver for the state machine (qbackend drc run)
-    cli      the ``qbackend drc`` command group
-    qemu_ppc the provisioned qemu-system-ppc64 and a dumpdtb helper (tests)
+
+The ``qbackend drc`` command group is in the command line's layer, and the
+provisioned qemu-system-ppc64 is driven by ``qbackend.machine.ppc``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["DrcError", "DrcSet", "DrcState", "DrcType", "MachineConfig", "RtasStatus",
            "drc_index", "split_index"]
 
-# Imported on first use, so that `qbackend` registering the drc command (qbackend.app.drc_cli)
+# Imported on first use, so that the command line registering the drc command
 # does not load the model.
 _HOME = {"DrcError": "drc", "DrcType": "drc", "MachineConfig": "drc", "drc_index": "drc", "split_index": "drc",
          "DrcSet": "state", "DrcState": "state", "RtasStatus": "state"}
