@@ -6,6 +6,7 @@ and the only top-level package it installs is `qbackend`."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,13 +42,20 @@ class Installed:
         env.pop("XDG_DATA_HOME", None)
         return env
 
-    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.qbackend), *args], cwd=self.cwd, env=self.env(), capture_output=True,
+    def run(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.qbackend), *args], cwd=self.cwd, env=env or self.env(), capture_output=True,
                               text=True, timeout=timeout)
 
-    def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([str(self.qbackend), *args], cwd=self.cwd, env=self.env(), text=True,
+    def popen(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        return subprocess.Popen([str(self.qbackend), *args], cwd=self.cwd, env=env or self.env(), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def without_a_compiler(self) -> dict[str, str]:
+        """The environment with nothing on PATH but the virtual environment's own
+        programs: no cc, gcc or ld is there to build anything at run time."""
+        return {**self.env(), "PATH": str(self.venv / "bin"), "CC": "/nonexistent/cc",
+                "QBACKEND_NATIVE": "require"}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +90,95 @@ def test_the_only_top_level_package_is_qbackend(installed: Installed) -> None:
     location = next(line.split(":", 1)[1].strip() for line in result.stdout.splitlines()
                     if line.startswith("Location:"))
     assert not Path(location).is_relative_to(REPO), "installed as an editable checkout"
+
+
+def test_every_c_helper_loads_from_the_installed_copy(installed: Installed) -> None:
+    """The wheel carries the compiled helpers: each loads from site-packages, none from the checkout."""
+    code = ("import json, qbackend.plumbing.native as n\n"
+            "print(json.dumps({'file': n.__file__, 'loaded': n.loaded()}))")
+    result = subprocess.run([str(installed.python), "-c", code], cwd=installed.cwd,
+                            env=installed.without_a_compiler(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert not Path(report["file"]).is_relative_to(REPO)
+    assert len(report["loaded"]) == 4 and all(why is None for why in report["loaded"].values()), report
+
+
+def _served_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("served:")]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+def test_nbd_is_served_natively_without_a_compiler(installed: Installed) -> None:
+    """QBACKEND_NATIVE=require, no compiler on PATH: `qbackend nbd` starts, nbdcopy writes
+    and reads a QED image through it, and the server says its reads were served in C."""
+    image, data, back = (installed.cwd / name for name in ("native.qed", "data.bin", "back.bin"))
+    data.write_bytes(os.urandom(8 << 20))
+    env = installed.without_a_compiler()
+    assert installed.run("qed", "create", str(image), "8M", env=env).returncode == 0
+    sock = installed.cwd / "native-nbd.sock"
+    proc = installed.popen("nbd", "--export", f"name=d,image={image},format=qed", "--socket", str(sock), env=env)
+    try:
+        wait_until(sock.exists, 30, "the NBD socket")
+        url = f"nbd+unix:///d?socket={sock}"
+        subprocess.run(["nbdcopy", str(data), url], check=True, timeout=60)
+        subprocess.run(["nbdcopy", url, str(back)], check=True, timeout=60)
+        assert back.read_bytes() == data.read_bytes()
+    finally:
+        out = stop(proc)
+    assert "Traceback" not in out and "not loaded" not in out, out
+    counts = dict(item.rsplit(" ", 1) for item in _served_line(out)[len("served: "):].split(", "))
+    assert int(counts["native_reads"]) > 0, out
+
+
+def test_vfio_user_is_served_natively_without_a_compiler(installed: Installed) -> None:
+    """QBACKEND_NATIVE=require, no compiler on PATH: `qbackend serve --ivshmem` answers a raw
+    vfio-user client's register reads in C, and says how many at its stop."""
+    sock = installed.cwd / "native-iv.sock"
+    proc = installed.popen("serve", "--ivshmem", f"socket={sock},size=1M,id=iv0", env=installed.without_a_compiler())
+    client = (
+        "import sys\n"
+        "from qbackend.testing.vfio_user_client import VfioUserClient\n"
+        "from qbackend.protocol.vfio_user import PciRegion\n"
+        "with VfioUserClient(sys.argv[1]) as c:\n"
+        "    c.negotiate()\n"
+        "    ids = {c.read32(PciRegion.CONFIG, 0) for _ in range(100)}\n"
+        "    print(hex(ids.pop()))\n")
+    try:
+        wait_until(sock.exists, 30, "the vfio-user socket")
+        result = subprocess.run([str(installed.python), "-c", client, str(sock)], cwd=installed.cwd,
+                                env=installed.env(), capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and result.stdout.strip() == "0x11101af4", result.stdout + result.stderr
+    finally:
+        out = stop(proc)
+    assert "Traceback" not in out and "not loaded" not in out, out
+    line = next((line for line in out.splitlines() if line.startswith("iv0: served native_accesses ")), None)
+    assert line is not None and int(line.rsplit(" ", 1)[1]) >= 100, out
+
+
+def test_an_editable_install_is_a_plain_path_that_jedi_follows(tmp_path: Path) -> None:
+    """`pip install -e` writes a .pth naming the source roots (no import hook), so an editor's
+    go-to-definition (jedi here) lands on the checkout's own file."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    for args in (["--no-deps", "-e", str(REPO)], ["jedi"]):
+        result = subprocess.run([python, "-m", "pip", "install", "-q", *args], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    assert not list(site.glob("__editable__*finder*.py")), "an import hook, which editors cannot follow"
+    code = ("import jedi\n"
+            "source = 'from qbackend.block import qed\\nfrom qbackend.protocol import nbd\\n'\n"
+            "script = jedi.Script(source)\n"
+            "for line, column in ((1, 27), (2, 30)):\n"
+            "    (name,) = script.goto(line, column, follow_imports=True)\n"
+            "    print(name.module_path)\n")
+    result = subprocess.run([python, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(REPO / "backend" / "qbackend" / "block" / "qed.py"),
+                                     str(REPO / "protocol" / "qbackend" / "protocol" / "nbd.py")]
 
 
 def test_help_and_qed_tools(installed: Installed) -> None:
@@ -163,3 +260,33 @@ def test_run_boots_when_told_where_qemu_and_the_guest_are(installed: Installed) 
     finally:
         out = stop(proc)
     assert "stopped" in out, "".join(lines) + out
+
+
+def test_a_build_without_a_compiler_is_pure_python_and_says_so(tmp_path: Path) -> None:
+    """No C compiler at build time: the wheel build says so once and makes a pure-Python
+    wheel; installed, it serves in Python (auto), and QBACKEND_NATIVE=require refuses to
+    start with one line naming the helper."""
+    dist = tmp_path / "dist"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w", str(dist), str(REPO)],
+                           cwd=tmp_path, env={**os.environ, "CC": "/nonexistent/cc"}, capture_output=True, text=True,
+                           timeout=600)
+    assert build.returncode == 0, build.stdout + build.stderr
+    assert (build.stdout + build.stderr).count("C helpers not built") == 1, build.stdout + build.stderr
+    (wheel,) = dist.glob("qbackend-*.whl")
+    assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stdout + install.stderr
+    qbackend = str(venv / "bin" / "qbackend")
+    env = {k: v for k, v in os.environ.items() if k not in ("QBACKEND_NATIVE", "PYTHONPATH")}
+    image = tmp_path / "pure.qed"
+    assert subprocess.run([qbackend, "qed", "create", str(image), "1M"], env=env, timeout=60).returncode == 0
+    refused = subprocess.run([qbackend, "nbd", "--export", f"image={image},format=qed", "--socket",
+                              str(tmp_path / "n.sock")], env={**env, "QBACKEND_NATIVE": "require"},
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "QBACKEND_NATIVE=require" in line and ".c" in line, line
+    assert not (tmp_path / "n.sock").exists()

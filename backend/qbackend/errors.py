@@ -13,6 +13,7 @@ its message as one line; the message says what is wrong and what to do.
     +-- QemuError                      QEMU is missing, failed, or answered QMP wrongly
     +-- DeviceError                    a device or its peer group refused a request (DMA, doorbells)
     +-- ControlError                   the control socket refused a command, or is unreachable
+    +-- SocketPathError                a socket cannot be made where asked (in use, no folder)
     +-- ModelError                     a register model or state machine refused (sPAPR DRC)
 
 Wire errors are the exception: the sans-IO codecs in `qbackend.protocol`
@@ -66,6 +67,13 @@ class DeviceError(QbackendError):
 
 class ControlError(QbackendError):
     """A control-socket command failed, or the socket cannot be reached."""
+
+
+class SocketPathError(QbackendError, OSError):
+    """A UNIX socket cannot be made at the path asked for: another process serves it,
+    its folder does not exist, or another kind of file is there."""
+
+    errno = E.EADDRINUSE
 
 
 class ModelError(QbackendError, ValueError):

@@ -1,8 +1,13 @@
 """UNIX-socket plumbing, written once for every server and peer.
 
-- `listen_unix`: bind a UNIX socket at a path (replacing only a stale
-  socket, never another file), mode 0600 before `listen()` so nobody can
-  connect in between, non-blocking; `listen_tcp` for TCP.
+- `listen_unix`: bind a UNIX socket at a path, mode 0600 before `listen()`
+  so nobody can connect in between, non-blocking; `listen_tcp` for TCP.
+  A socket already at the path is replaced only when it is stale (nothing
+  accepts on it); a live one, any other file, or a missing folder is an
+  error (`SocketPathError`): qbackend never takes over another process's
+  socket and never makes folders it was not asked for.
+- `remove_socket`: remove a socket this process made and still owns (the
+  same inode), never one another process has put there since.
 - `accept_forever`: the accept loop, with back-off on EMFILE and friends;
   `serve_unix` listens, accepts and removes the socket at the end;
   `sends_within` is the handshake time limit of a client that never speaks.
@@ -25,6 +30,8 @@ from pathlib import Path
 
 import trio
 
+from qbackend.errors import SocketPathError
+
 log = logging.getLogger(__name__)
 
 # Out of fds or memory: a passing overload, not a reason to stop listening.
@@ -35,30 +42,64 @@ _ONE = (1).to_bytes(8, "little")
 
 # -- listening ----------------------------------------------------------------------
 
+# The sockets this process made: path -> (st_dev, st_ino) of what it bound there.
+_OWNED: dict[str, tuple[int, int]] = {}
+
+
 def listen_unix(path: Path, backlog: int = 16) -> socket.socket:
     """A non-blocking listening socket at ``path``, mode 0600.
 
-    A socket left at ``path`` by an earlier run is replaced; any other file
-    there is an error (FileExistsError), never removed.
+    A socket left at ``path`` by a process that has gone (nothing accepts on
+    it) is replaced.  A socket some process still serves, any other file,
+    or a folder that does not exist is a `SocketPathError`, and nothing at
+    the path is touched.
     """
+    if not path.parent.is_dir():
+        raise SocketPathError(f"{path}: folder {path.parent} does not exist; create it first", errno=E.ENOENT)
     if path.is_socket():
+        owner = _live_socket_owner(path)
+        if owner is not None:
+            raise SocketPathError(f"{path}: already served by {owner}; stop it or choose another path")
         path.unlink()
-    elif path.exists():
-        raise FileExistsError(f"{path} exists and is not a socket; not replacing it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    elif path.exists() or path.is_symlink():
+        raise SocketPathError(f"{path} exists and is not a socket; not replacing it", errno=E.EEXIST)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         listener.bind(str(path))
         os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)  # before listen(): nobody can connect yet
         listener.listen(backlog)
         listener.setblocking(False)
+        st = os.stat(path)
     except OSError as exc:
         listener.close()
-        raise OSError(exc.errno, f"cannot listen there: {exc.strerror}", str(path)) from None
+        raise SocketPathError(f"{path}: cannot listen there: {exc.strerror}", errno=exc.errno) from None
     except BaseException:
         listener.close()
         raise
+    _OWNED[str(path)] = (st.st_dev, st.st_ino)
     return listener
+
+
+def _live_socket_owner(path: Path) -> str | None:
+    """Who accepts connections on the socket at ``path`` ("PID n", or "another process"
+    when the kernel does not say), or None when nothing does (a stale socket)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None
+        except OSError:
+            return "another process"  # it exists and did not refuse: treat it as live
+        try:
+            creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            pid = int.from_bytes(creds[:4], "little")
+        except OSError:
+            pid = 0
+        return f"PID {pid}" if pid > 0 else "another process"
+    finally:
+        probe.close()
 
 
 def listen_tcp(host: str, port: int, backlog: int = 64) -> socket.socket:
@@ -110,9 +151,14 @@ async def serve_unix(path: Path, name: str, serve_client: Callable[[socket.socke
 
 
 def remove_socket(path: Path) -> None:
-    """Remove the socket a server listened at (never another file put there since)."""
+    """Remove the socket this process made at ``path`` if it is still the one there
+    (the same inode): never a file or socket another process has put there since."""
+    made = _OWNED.pop(str(path), None)
+    if made is None:
+        return
     try:
-        if path.is_socket():
+        st = os.lstat(path)
+        if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == made:
             path.unlink()
     except OSError:
         pass
