@@ -38,7 +38,8 @@ LAYERS = [
 ]
 RANK = {part: rank for rank, (_layer, parts) in enumerate(LAYERS) for part in parts}
 NO_IO = {"trio", "socket", "asyncio", "threading", "select", "selectors", "mmap", "subprocess", "qemu"}
-CLI_MODULES = {"qbackend.app.cli", "qbackend.app.qed_cli", "qbackend.app.drc_cli", "qbackend.app.ivshmem_cli"}
+CLI_COMMANDS = ("setup", "serve", "run", "nbd", "console", "dimm", "pci", "qed", "drc", "ivshmem")
+CLI_MODULES = {"qbackend.app.cli", "qbackend.app.cli.common", *(f"qbackend.app.cli.{c}" for c in CLI_COMMANDS)}
 
 
 SOURCE_ROOTS = ("backend", "protocol", "qemu-configs")
@@ -119,6 +120,10 @@ def test_models_do_no_io() -> None:
     offenders = [f"{path.relative_to(REPO)}:{line} imports {name}" for module, path in files.items()
                  for line, name in imports(path, module) if name.split(".")[0] in NO_IO]
     assert offenders == []
+
+
+def test_the_command_line_modules_are_the_cli_package() -> None:
+    assert CLI_MODULES == {m for m in FILES if m == "qbackend.app.cli" or m.startswith("qbackend.app.cli.")}
 
 
 def test_nothing_below_the_command_line_imports_it() -> None:

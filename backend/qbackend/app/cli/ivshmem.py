@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qbackend.sizes import parse_size
+
+if TYPE_CHECKING:
+    from qbackend.app.cli.common import Subparsers
 
 # trio and the control socket are imported by the functions that use them: registering the
 # command with qbackend's parser stays cheap for the other commands
@@ -40,7 +43,7 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     """Add the `ivshmem` command to qbackend's subparsers."""
     iv = sub.add_parser("ivshmem", help="ivshmem peer groups: peers, doorbells, memory; a standalone ivshmem-server",
                         description="Drive the ivshmem peer groups of a running qbackend, or serve one.",
@@ -67,9 +70,10 @@ def register(sub: Any) -> None:
     server.add_argument("--vectors", type=_int, default=1, help="eventfds per peer (default 1; max 64)")
     server.add_argument("--serve-control", type=Path, dest="serve_control",
                         help="also serve a QMP monitor there for the commands above")
+    iv.set_defaults(func=run)
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import base64
 
     from qbackend.app.monitor_client import call, monitor

@@ -10,9 +10,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from qbackend.app.cli.common import Subparsers
     from qbackend.models.spapr.drc import MachineConfig
 
 # The model (drc, fdt, state, script) is imported when a drc command runs or shows its help:
@@ -59,7 +60,7 @@ class _DrcParser(argparse.ArgumentParser):
         return super().format_help()
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     """Add the ``drc`` command group to qbackend's subparsers."""
     drc = sub.add_parser("drc", help="pseries DRC model: device-tree properties, RTAS state machine",
                          description="sPAPR dynamic-reconfiguration connectors as QEMU 11.1's "
@@ -75,14 +76,15 @@ def register(sub: Any) -> None:
                     help="entry order: QEMU's own (default, byte-identical) or sorted by index")
     dt.add_argument("--no-drmem", action="store_true",
                     help="leave out ibm,dynamic-reconfiguration-memory (QEMU adds it at CAS)")
-    run = dsub.add_parser("run", help="drive the state machine and RTAS calls from a script",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.script_help = True
-    _machine_args(run)
-    run.add_argument("script", help="script file, or - for stdin (one command per line, below)")
-    run.add_argument("--legacy-events", action="store_true",
-                     help="the guest did not negotiate the hot-plug event source (EPOW, by count)")
-    run.add_argument("--keep-going", action="store_true", help="do not stop at the first error")
+    script = dsub.add_parser("run", help="drive the state machine and RTAS calls from a script",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    script.script_help = True
+    _machine_args(script)
+    script.add_argument("script", help="script file, or - for stdin (one command per line, below)")
+    script.add_argument("--legacy-events", action="store_true",
+                        help="the guest did not negotiate the hot-plug event source (EPOW, by count)")
+    script.add_argument("--keep-going", action="store_true", help="do not stop at the first error")
+    drc.set_defaults(func=run)
 
 
 def machine_from_args(args: argparse.Namespace) -> MachineConfig:
@@ -104,7 +106,7 @@ def machine_from_args(args: argparse.Namespace) -> MachineConfig:
                          dimms=tuple(dimms))
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from qbackend.models.spapr.drc import DrcError
     from qbackend.models.spapr.fdt import encode, to_dts
     from qbackend.models.spapr.script import Script

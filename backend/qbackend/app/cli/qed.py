@@ -7,7 +7,7 @@
     qbackend qed convert [-O qed|raw] [-o ...] [-p] SRC DST
     qbackend qed resize FILE [+]SIZE
 
-`cli.py` calls `add_parser` to register the group and `run` to dispatch to it.
+`register` adds the group to qbackend's parser; `run` dispatches to its subcommand.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from qbackend.block.blockfile import FileBlock
 from qbackend.block.qed import (
@@ -37,6 +37,9 @@ from qbackend.block.qed_check import CheckReport
 from qbackend.errors import UsageError
 from qbackend.options import OptionError, parse_keyval
 from qbackend.sizes import parse_size
+
+if TYPE_CHECKING:
+    from qbackend.app.cli.common import Subparsers
 
 EPILOG = """\
 examples:
@@ -57,7 +60,7 @@ class CliError(UsageError):
     """A qed command that cannot run as written."""
 
 
-def add_parser(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     """Register `qed` and its subcommands on the top-level subparsers."""
     qed = sub.add_parser("qed", help="create, inspect, check and convert QED images (like qemu-img)",
                          description="QED image tools with qemu-img's vocabulary.",
@@ -106,6 +109,7 @@ def add_parser(sub: Any) -> None:
     resize.add_argument("-f", dest="fmt", default="qed", choices=["qed"])
     resize.add_argument("filename", type=Path)
     resize.add_argument("size", help="new size, or +SIZE")
+    qed.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,98 @@
+"""qbackend's command line.
+
+    qbackend serve --ivshmem socket=/tmp/iv0.sock,size=4M
+    qbackend run                      # QEMU + a booted guest + the devices
+    qbackend console PATH             # talk to a guest's serial console
+
+One module per command: its `register` adds the command's parser, and the
+function it leaves in `func` runs the command.  Each command imports what it
+needs when it runs (trio, the device service, QEMU helpers), so that light
+commands such as `qbackend qed info` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from qbackend.app.cli import console, dimm, drc, ivshmem, nbd, pci, qed, run, serve, setup
+from qbackend.errors import QbackendError
+
+# The order of `qbackend --help`.
+COMMANDS = (setup, serve, nbd, run, pci, dimm, console, drc, qed, ivshmem)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line that says where help is (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="qbackend",
+        description="External devices for QEMU from one Python process: ivshmem, a hotplug controller and "
+                    "devices of your own (qbackend.devices.Device) over vfio-user; DIMM and PCI hotplug over "
+                    "QMP; QED/raw disks over NBD (TLS, extended headers); a QMP monitor of its own "
+                    "(serve --control); a sPAPR DRC model.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'qbackend COMMAND --help' for the options of each command.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--data-dir", type=Path, metavar="DIR",
+                        help="where provisioned QEMU and the test guest live (default: $QBACKEND_DATA_DIR, "
+                             "else a checkout's build/, else ~/.local/share/qbackend)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of a user error as one line (the first line of a long one)."""
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    return text.splitlines()[0]
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The error to report if ``exc`` is a user error (possibly inside trio's
+    exception groups), else None: then it is a bug and keeps its traceback."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_user_error(e) for e in exc.exceptions]
+        return leaves[0] if leaves and all(leaf is not None for leaf in leaves) else None
+    if isinstance(exc, (QbackendError, OSError)):
+        return exc
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    # qemu.qmp logs each failed connect while it retries (QEMU still starting): noise unless -vv.
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if args.verbose >= 2 else logging.CRITICAL)
+    if args.data_dir is not None:
+        from qbackend.machine.data_dir import set_data_dir
+
+        set_data_dir(args.data_dir)
+    try:
+        code: int = args.func(args)
+        return code
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        error = _user_error(exc)
+        if error is None:
+            raise
+        print(f"qbackend {args.command}: {_one_line(error)}", file=sys.stderr)
+        return error.exit_code if isinstance(error, QbackendError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""What several subcommands share: option types, the NBD limit options, and
+the lines that say where exports are served."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from qbackend.errors import UsageError
+from qbackend.options import (
+    DeviceOptions,
+    DimmOptions,
+    DiskOptions,
+    IvshmemOptions,
+    NbdExportOptions,
+    VhostUserBlkOptions,
+    parse_tcp,
+)
+
+if TYPE_CHECKING:
+    from qbackend.app.service import Backend
+
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+T = TypeVar("T")
+
+
+def argument(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse `type=` from an option parser: its UsageError becomes argparse's one-line error."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+ivshmem_option = argument(IvshmemOptions.parse)
+device_option = argument(DeviceOptions.parse)
+disk_option = argument(DiskOptions.parse)
+export_option = argument(NbdExportOptions.parse)
+tcp_option = argument(parse_tcp)
+dimm_option = argument(DimmOptions.parse)
+vhost_user_blk_option = argument(VhostUserBlkOptions.parse)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text}: between 0 and 3600 seconds")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0: no limit)")
+    return int(text)
+
+
+def limit_options(parser: argparse.ArgumentParser) -> None:
+    """--handshake-timeout, --max-connections and the TLS options of `serve` and `nbd`."""
+    parser.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                        help="drop a client that has not finished its NBD handshake (or sent its first vfio-user "
+                             "message) within this time (default 10, as qemu-nbd)")
+    parser.add_argument("--max-connections", type=_count, default=0, metavar="N",
+                        help="NBD clients at once at most; more are refused (default 0: no limit; "
+                             "with 1, multi-conn is not offered)")
+    parser.add_argument("--tls-creds", type=Path, metavar="DIR",
+                        help="NBD over TLS (NBD_OPT_STARTTLS) with the X.509 files of DIR: ca-cert.pem, "
+                             "server-cert.pem, server-key.pem (QEMU's tls-creds-x509 layout)")
+    parser.add_argument("--tls", choices=("on", "require"), default=None,
+                        help="with --tls-creds: require TLS before anything else (default) or only offer it")
+    parser.add_argument("--tls-verify-peer", action="store_true",
+                        help="with --tls-creds: clients must present a certificate signed by ca-cert.pem")
+
+
+def apply_limits(args: argparse.Namespace, backend: Backend) -> None:
+    """--handshake-timeout, --max-connections and the TLS options, onto the backend's NBD server."""
+    backend.blocks.handshake_timeout = args.handshake_timeout
+    backend.blocks.max_connections = args.max_connections
+    if args.tls_creds is None:
+        if args.tls or args.tls_verify_peer:
+            raise UsageError("--tls and --tls-verify-peer need --tls-creds DIR")
+        return
+    from qbackend.plumbing.tls import server_context
+
+    backend.blocks.tls_context = server_context(args.tls_creds, verify_peer=args.tls_verify_peer)
+    backend.blocks.tls_mode = args.tls or "require"
+
+
+def data_dir_option(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: an absent subcommand option must not hide the top-level one.
+    parser.add_argument("--data-dir", type=Path, metavar="DIR", default=argparse.SUPPRESS,
+                        help="where provisioned QEMU and the guest live (as 'qbackend --data-dir')")
+
+
+def ivshmem_backend(options: Iterable[IvshmemOptions], handshake_timeout: float = 10.0) -> Backend:
+    """A Backend with these ivshmem devices."""
+    from qbackend.app.service import Backend
+
+    backend = Backend(handshake_timeout=handshake_timeout)
+    for opt in options:
+        backend.add_ivshmem(opt)
+    return backend
+
+
+def print_exports(backend: Backend) -> None:
+    """Where each vhost-user-blk disk and NBD export is served."""
+    for export_id, entry in backend.blocks.vhost.items():
+        ro = " (read-only)" if entry.export.info.read_only else ""
+        print(f"vhost-user-blk {export_id}: {entry.export.info.size} bytes{ro}, {entry.server.num_queues} "
+              f"queue(s): {entry.server.socket_path}", flush=True)
+    server = backend.nbd
+    if server is None:
+        return
+    for name, export in server.exports.items():
+        where = []
+        scheme = "nbd" if server.tls_mode == "off" else "nbds"
+        if server.socket_path is not None:
+            where.append(f"{scheme}+unix:///{name}?socket={server.socket_path}")
+        if server.tcp is not None:
+            where.append(f"{scheme}://{server.tcp[0]}:{server.tcp_port}/{name}")
+        ro = " (read-only)" if export.info.read_only else ""
+        print(f"export {name}: {export.info.size} bytes{ro}: {'  '.join(where)}", flush=True)

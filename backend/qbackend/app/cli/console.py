@@ -1,0 +1,57 @@
+"""`qbackend console PATH`: relay this terminal to a guest's serial console socket."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qbackend.app.cli.common import Subparsers
+
+
+def register(sub: Subparsers) -> None:
+    console = sub.add_parser("console", help="attach the terminal to a guest's serial console socket",
+                             description="Relay this terminal to a UNIX socket (a QEMU serial chardev). "
+                                         "Leave with Ctrl-].")
+    console.add_argument("path", type=Path)
+    console.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """A minimal terminal relay; Ctrl-] leaves."""
+    import select
+    import socket
+    import termios
+    import tty
+
+    path: Path = args.path
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(os.fspath(path))
+    stdin = sys.stdin.fileno()
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    print(f"connected to {path}; Ctrl-] leaves", file=sys.stderr)
+    try:
+        if saved is not None:
+            tty.setraw(stdin)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        while True:
+            ready, _, _ = select.select([stdin, sock], [], [])
+            if sock in ready:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                os.write(sys.stdout.fileno(), data)
+            if stdin in ready:
+                data = os.read(stdin, 1024)
+                if not data or b"\x1d" in data:
+                    break
+                sock.sendall(data)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        sock.close()
+    return 0

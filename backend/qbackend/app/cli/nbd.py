@@ -1,0 +1,70 @@
+"""`qbackend nbd`: serve QED and raw images over NBD until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qbackend.app.cli.common import apply_limits, export_option, limit_options, print_exports, tcp_option
+from qbackend.options import NbdExportOptions
+
+if TYPE_CHECKING:
+    from qbackend.app.cli.common import Subparsers
+
+EPILOG = """\
+examples:
+  qbackend nbd --export name=disk,image=disk.qed,format=qed --socket /tmp/nbd.sock
+  qemu-img info nbd+unix:///disk?socket=/tmp/nbd.sock
+  nbdinfo --list nbd+unix:///?socket=/tmp/nbd.sock
+
+--export keys:
+  name=NAME      export name (default: the image file's stem); the first export
+                 also answers the empty name
+  image=PATH     a QED image or a raw file
+  format=raw|qed its format: required for a writable export (qbackend never probes
+                 a writable image); a read-only one without it is told apart by the
+                 QED magic, and a QED one naming a backing file then needs format=qed
+  readonly=on    refuse writes (EPERM)
+"""
+
+
+def register(sub: Subparsers) -> None:
+    nbd = sub.add_parser("nbd", help="serve disk images (QED or raw) over NBD until Ctrl-C",
+                         description="Serve QED and raw images as NBD exports.",
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    nbd.add_argument("--export", type=export_option, action="append", required=True,
+                     metavar="KEY=VALUE,...", help="an export (repeatable); keys below")
+    nbd.add_argument("--socket", type=Path, help="UNIX socket to listen on")
+    nbd.add_argument("--tcp", type=tcp_option, metavar="HOST:PORT",
+                     help="also (or only) listen on TCP, e.g. 127.0.0.1:10809")
+    limit_options(nbd)
+    nbd.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    exports: list[NbdExportOptions] = args.export
+    socket_path: Path | None = args.socket
+    tcp: tuple[str, int] | None = args.tcp
+    if socket_path is None and tcp is None:
+        print("qbackend nbd: say where to listen: --socket PATH and/or --tcp HOST:PORT", file=sys.stderr)
+        return 2
+    import trio
+
+    from qbackend.app.lifecycle import start_until_done, stop_on_signal
+    from qbackend.app.service import Backend
+
+    backend = Backend(handshake_timeout=args.handshake_timeout)
+    apply_limits(args, backend)
+    backend.add_nbd(exports, socket_path, tcp)
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_on_signal, nursery.cancel_scope)
+            await start_until_done(nursery, backend.run)
+            print_exports(backend)
+            print("serving; Ctrl-C stops (in-flight requests finish, images are flushed)", flush=True)
+
+    trio.run(serve)
+    return 0
