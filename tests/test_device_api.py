@@ -23,10 +23,11 @@ from qbackend.app.backend_thread import BackendThread
 from qbackend.app.device_loader import load_class, make_device
 from qbackend.app.service import Backend
 from qbackend.devices import Bar, Device
+from qbackend.devices.api import UserFunction, function_of
 from qbackend.errors import UsageError
 from qbackend.options import DeviceOptions
 from qbackend.protocol import vfio_user as vu
-from qbackend.testing.harness import wait_until
+from qbackend.testing.harness import memfd_fds, wait_until
 from qbackend.testing.vfio_user_client import VfioUserClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,6 +180,7 @@ def test_intx_follows_raise_and_acknowledge(edu: Served) -> None:
 
 USER_DEVICE = '''
 from qbackend.devices import Bar, Device
+from qbackend.devices.api import UserFunction, function_of
 
 class Counter(Device):
     vendor_id, device_id = 0x1234, 0x0001
@@ -201,16 +203,17 @@ def test_a_class_from_a_file_with_keys_for_its_constructor(tmp_path: Path) -> No
     path = tmp_path / "mydevice.py"
     path.write_text(textwrap.dedent(USER_DEVICE))
     device = make_device(DeviceOptions.parse(f"socket={tmp_path}/c.sock,class={path}:Counter,start=0x10"))
+    function = function_of(device)
     try:
         assert type(device).__name__ == "Counter" and device.value == 0x10  # type: ignore[attr-defined]
-        assert device.read(BAR0, 4, 4) == (0x14).to_bytes(4, "little")
-        device.write(BAR0, 0, (7).to_bytes(2, "little"))
+        assert function.read(BAR0, 4, 4) == (0x14).to_bytes(4, "little")
+        function.write(BAR0, 0, (7).to_bytes(2, "little"))
         assert device.value == 7  # type: ignore[attr-defined]
-        assert device.region(2) is not None and device.region(2).mmap_fd is not None  # type: ignore[union-attr]
-        assert device.config.msix is not None and device.config.msix.vectors == 4
-        assert device.region(5) is not None  # the MSI-X table and PBA
+        assert function.region(2) is not None and function.region(2).mmap_fd is not None  # type: ignore[union-attr]
+        assert function.config.msix is not None and function.config.msix.vectors == 4
+        assert function.region(5) is not None  # the MSI-X table and PBA
     finally:
-        device.close()
+        function.close()
     for spec, words in ((f"{path}:Nope", "has no Nope"), (f"{tmp_path}/missing.py:X", "does not exist"),
                         ("no.such.module:X", "cannot import"), (f"{path}:Bar", "not a qbackend.devices.Device")):
         with pytest.raises(UsageError, match=words):
@@ -246,11 +249,120 @@ class Plain(Device):
 
 def test_mappable_bar_memory_is_shared(tmp_path: Path) -> None:
     device = Plain()
+    function = function_of(device)
     try:
         device.bar_memory(0)[0:5] = b"hello"
-        assert device.read(BAR0, 0, 5) == b"hello"
-        region = device.region(0)
+        assert function.read(BAR0, 0, 5) == b"hello"
+        region = function.region(0)
         assert region is not None and region.mmap_fd is not None
         assert os.pread(region.mmap_fd, 5, 0) == b"hello"
     finally:
-        device.close()
+        function.close()
+
+
+# -- the public class is its contract; the server's side is apart -----------------------------------
+
+CONTRACT = {
+    "vendor_id", "device_id", "class_code", "revision", "subsystem_vendor_id", "subsystem_id",
+    "bars", "intx", "msi_vectors", "msix_vectors", "msix_bar",
+    "bar_read", "bar_write", "reset", "connected", "disconnected",
+    "lock", "irq_mode", "raise_irq", "lower_irq", "dma_read", "dma_write", "defer", "bar_memory",
+}
+
+
+def server_side_names() -> set[str]:
+    """Every public name of a device's UserFunction (what the server, the native loop,
+    the backend and the tests call), class attributes and instance ones."""
+    function = function_of(Device())
+    try:
+        return {name for name in dir(function) if not name.startswith("_")}
+    finally:
+        function.close()
+
+
+def test_the_public_class_is_its_contract() -> None:
+    assert {name for name in dir(Device) if not name.startswith("_")} == CONTRACT
+    assert set(vars(Device())) == {"_Device__function"}  # its one link to the server's side, name-mangled
+
+
+class Shadow(Device):
+    """A device that takes, for its own ends, every name the server's side uses
+    (they are added below the class); none may change how it is served."""
+
+    vendor_id, device_id = 0x1234, 0x5AD0
+    bars = (Bar(0, 4096), Bar(2, 4096, mappable=True))
+    msi_vectors = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value = 0
+        self.hooks: list[str] = []
+        self.shadowed: list[str] = []  # the names of the server's side that were called here
+
+    def bar_read(self, bar: int, offset: int, size: int) -> int:
+        return self.value
+
+    def bar_write(self, bar: int, offset: int, size: int, value: int) -> None:
+        self.value = value
+        Device.raise_irq(self)  # its own raise_irq is one of the shadows
+
+    def reset(self) -> None:  # no super().reset(): config space and interrupts reset all the same
+        self.hooks.append("reset")
+        self.value = 0
+
+    def connected(self) -> None:
+        self.hooks.append("connected")
+
+    def disconnected(self) -> None:
+        self.hooks.append("disconnected")
+
+
+def _shadow(name: str) -> object:
+    def method(self: Shadow, *args: object, **kwargs: object) -> str:
+        self.shadowed.append(name)
+        return f"the device's own {name}"
+    return method
+
+
+for _name in server_side_names() - set(vars(Shadow)):
+    setattr(Shadow, _name, _shadow(_name))
+
+
+def test_a_device_may_name_its_methods_as_the_server_names_its_own(tmp_path: Path, access_path: str) -> None:
+    assert {"read", "write", "close", "config", "lock", "name", "regions", "irqs", "region", "plain_windows",
+            "client_connected", "client_disconnected", "dma_port", "config_write", "msix_bar_read",
+            "intx_asserted", "update_intx"} <= server_side_names()
+    assert server_side_names() - {"reset"} <= set(vars(Shadow))
+    memfds = memfd_fds()
+    device = Shadow()
+    backend = Backend()
+    served = backend.add_served(device, tmp_path / "shadow.sock", dev_id="shadow")
+    function = served.device
+    assert isinstance(function, UserFunction) and function.device is device and function.name == "shadow"
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        with BackendThread(backend):
+            with VfioUserClient(served.server.socket_path) as c:
+                c.negotiate()
+                wait_until(lambda: device.hooks == ["connected"], 5, "connected()")
+                config = c.read(CONFIG, 0, 64)
+                assert struct.unpack_from("<HH", config, 0) == (0x1234, 0x5AD0)
+                fields, _caps, fds = c.region_info(2, 64)  # room for the sparse-mmap capability
+                assert len(fds) == 1 and fields[4] == 4096  # the mappable BAR's memory
+                os.close(fds[0])
+                c.set_irqs(MSI, EVENTFD_TRIGGER, 0, 1, [efd])
+                c.write32(BAR0, 0x10, 42)
+                assert c.read32(BAR0, 0x10) == 42
+                assert select.select([efd], [], [], 5)[0], "no MSI"
+                c.write(CONFIG, 4, b"\x06\x00")  # memory space and bus master on
+                assert c.read(CONFIG, 4, 2) == b"\x06\x00"
+                c.call(vu.Command.DEVICE_RESET)
+                assert c.read(CONFIG, 4, 2) == b"\x00\x00"
+                assert c.read32(BAR0, 0) == 0
+                assert device.hooks == ["connected", "reset"]
+                assert function.region_accesses[BAR0] >= 3
+            wait_until(lambda: device.hooks[-1:] == ["disconnected"], 5, "disconnected()")
+    finally:
+        os.close(efd)
+    assert device.shadowed == []
+    assert memfd_fds() == memfds  # the backend closed the function, and with it the BAR's memory

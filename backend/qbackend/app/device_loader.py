@@ -68,6 +68,4 @@ def make_device(opts: DeviceOptions) -> Device:
         keys = ", ".join(k for k, _ in opts.kwargs) or "none"
         raise UsageError(f"--device class={opts.cls}: {cls.__name__}() does not take these keys ({keys}): {exc}") \
             from None
-    if opts.id:
-        device.name = opts.id
     return device

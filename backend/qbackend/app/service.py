@@ -18,6 +18,7 @@ import trio
 
 from qbackend.app.block_exports import BlockExports, BlockNode
 from qbackend.block.exports import probe_format
+from qbackend.devices.api import Device, function_of
 from qbackend.devices.hotplug_controller import HotplugController
 from qbackend.devices.ivshmem import IvshmemDevice
 from qbackend.ivshmem.group import PeerGroup
@@ -108,22 +109,24 @@ class Backend:
         """A device of the user's own class (`--device socket=...,class=...`)."""
         from qbackend.app.device_loader import make_device
 
-        device = make_device(opts)
+        function = function_of(make_device(opts))
         try:
-            return self.add_served(device, opts.socket, dev_id=opts.id, start=start)
+            return self.add_served(function, opts.socket, dev_id=opts.id, start=start)
         except BaseException:
-            device.close()
+            function.close()
             raise
 
-    def add_served(self, device: PciFunction, socket_path: Path, *, dev_id: str = "",
+    def add_served(self, device: Device | PciFunction, socket_path: Path, *, dev_id: str = "",
                    start: bool = True) -> ServedDevice:
-        """Serve a device object (a `qbackend.devices.Device`) on a vfio-user socket."""
+        """Serve a device object (a `qbackend.devices.Device`, or a PciFunction) on a
+        vfio-user socket; for a Device, the ServedDevice's `device` is its UserFunction."""
         dev_id = dev_id or f"{type(device).__name__.lower()}{len(self.devices)}"
+        function = function_of(device) if isinstance(device, Device) else device
         if dev_id in self.devices:
             raise ValueError(f"device id {dev_id!r} is used twice")
-        device.name = dev_id
-        served = ServedDevice(dev_id, device, VfioUserServer(device, socket_path, name=dev_id,
-                                                             handshake_timeout=self.handshake_timeout))
+        function.name = dev_id
+        served = ServedDevice(dev_id, function, VfioUserServer(function, socket_path, name=dev_id,
+                                                               handshake_timeout=self.handshake_timeout))
         self.devices[dev_id] = served
         if start and self._nursery is not None:
             self._nursery.start_soon(self._serve_device, served)

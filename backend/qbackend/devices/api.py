@@ -50,12 +50,21 @@ The contract:
   else through vfio-user DMA messages.  The messages need the connection's
   thread to be free, so from inside `bar_read`/`bar_write` hand such work
   to `defer(fn, *args)`, which runs it in a background thread.
-- **Lifecycle**: `reset()` (QEMU's device reset; call `super().reset()`),
-  `connected()` and `disconnected()` (a QEMU attached or went away).
+- **Lifecycle**: `reset()` (QEMU reset the device: put your registers
+  back to their power-on values; config space and interrupts are reset
+  before it is called, INTx lowered), `connected()` and `disconnected()` (a
+  QEMU attached or went away).
 
 Everything a BAR callback does runs under the device's lock (`self.lock`,
 re-entrant); take it yourself in code that runs elsewhere (`defer`, your
 own threads) and touches the same state.
+
+That is all a `Device` has: the entry points the vfio-user server calls
+(config space, region accesses, interrupt set-up, the client's coming and
+going) are on a `UserFunction`, a `PciFunction` that each `Device` gets in
+`Device.__init__` and that is what gets served.  So a subclass may name its
+own methods and attributes as it likes (`read`, `close`, `config`, `name`,
+...) without replacing one of the server's.
 """
 
 from __future__ import annotations
@@ -71,6 +80,7 @@ from typing import ClassVar
 from qbackend.errors import DeviceError
 from qbackend.models.pci_config import Bar as _ConfigBar
 from qbackend.models.pci_config import ConfigSpace, MsiLayout, MsixLayout
+from qbackend.plumbing.native_lock import Lock
 from qbackend.vfio.function import DmaPort, PciFunction, Region
 from qbackend.vfio.irqs import InterruptController
 
@@ -95,8 +105,15 @@ class Bar:
                           prefetchable=self.prefetchable)
 
 
-class Device(PciFunction):
-    """The base class of a user's PCI device (see the module's documentation)."""
+class Device:
+    """The base class of a user's PCI device (see the module's documentation).
+
+    What a subclass may override: the class attributes, `bar_read`,
+    `bar_write`, `reset`, `connected`, `disconnected`.  What it may call:
+    `raise_irq`, `lower_irq`, `irq_mode`, `dma_read`, `dma_write`, `defer`,
+    `bar_memory`, `lock`.  Nothing else is here: the server's side lives in
+    the device's `UserFunction` (`function_of`).
+    """
 
     vendor_id: ClassVar[int] = 0x1234
     device_id: ClassVar[int] = 0x0000
@@ -111,7 +128,94 @@ class Device(PciFunction):
     msix_bar: ClassVar[int] = 5
 
     def __init__(self) -> None:
-        cls = type(self)
+        # Two leading underscores: Python mangles the name to _Device__function,
+        # which no subclass's attribute can collide with.
+        self.__function = UserFunction(self)
+
+    # -- what a device overrides --
+
+    def bar_read(self, bar: int, offset: int, size: int) -> int:
+        """A guest read of `size` bytes at `offset` of BAR `bar`; default: all ones."""
+        return _ALL_ONES[size]
+
+    def bar_write(self, bar: int, offset: int, size: int, value: int) -> None:
+        """A guest write; default: ignored."""
+
+    def reset(self) -> None:
+        """QEMU reset the device: registers to their power-on values (config
+        space and interrupts are reset already)."""
+
+    def connected(self) -> None:
+        """A QEMU has attached (after the vfio-user handshake)."""
+
+    def disconnected(self) -> None:
+        """The QEMU went away (device_del, or it ended)."""
+
+    # -- what a device calls --
+
+    @property
+    def lock(self) -> Lock:
+        """The device's lock (re-entrant), held around every BAR callback."""
+        return self.__function.lock
+
+    @property
+    def irq_mode(self) -> str:
+        """What the guest enabled: "msix", "msi", "intx" or "none"."""
+        return self.__function.irq_mode()
+
+    def raise_irq(self, vector: int = 0) -> bool:
+        """Send `vector` (MSI-X, else MSI, else assert INTx); True if it went out now."""
+        return self.__function.raise_irq(vector)
+
+    def lower_irq(self) -> None:
+        """De-assert INTx (MSI and MSI-X are edges: nothing to lower)."""
+        self.__function.lower_irq()
+
+    def dma_read(self, address: int, count: int) -> bytes:
+        """`count` bytes of guest memory at guest-physical `address`."""
+        return self.__function.dma().read(address, count)
+
+    def dma_write(self, address: int, data: bytes) -> None:
+        """Write `data` into guest memory at guest-physical `address`."""
+        self.__function.dma().write(address, data)
+
+    def defer(self, fn: Callable[..., object], *args: object) -> None:
+        """Run `fn(*args)` soon in a background thread (for DMA messages, slow work)."""
+        name = self.__function.name
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("%s: deferred %s failed", name, getattr(fn, "__name__", fn))
+
+        threading.Thread(target=run, name=f"{name}-deferred", daemon=True).start()
+
+    def bar_memory(self, index: int) -> mmap.mmap:
+        """The shared memory behind a `mappable` BAR (what the guest sees there)."""
+        return self.__function.memories[index][1]
+
+
+def function_of(device: Device) -> UserFunction:
+    """The `UserFunction` that serves `device` (what a `VfioUserServer` takes)."""
+    function = getattr(device, "_Device__function", None)  # Device.__function, as Python mangles it
+    if not isinstance(function, UserFunction):
+        raise DeviceError(f"{type(device).__name__}: its __init__ must call super().__init__()")
+    return function
+
+
+class UserFunction(PciFunction):
+    """A `Device` as the vfio-user server sees it: the config space and
+    regions its class declares, its interrupts, and its hooks called where
+    the server's entry points need them.
+
+    The device's hooks are looked up once, here, so a BAR access costs the
+    same one call into the user's `bar_read` / `bar_write` as it would if
+    the device were a PciFunction itself.
+    """
+
+    def __init__(self, device: Device) -> None:
+        cls = type(device)
         config_bars = [bar.config_bar() for bar in cls.bars]
         msix = None
         if cls.msix_vectors:
@@ -127,52 +231,41 @@ class Device(PciFunction):
                              msi=MsiLayout(cls.msi_vectors) if cls.msi_vectors else None)
         super().__init__(config, InterruptController(intx=cls.intx, msix_vectors=cls.msix_vectors,
                                                      msi_vectors=cls.msi_vectors))
+        self.device = device
         self.name = cls.__name__
-        self._intx_level = False
-        self._memories: dict[int, tuple[int, mmap.mmap]] = {}
+        self.has_intx = cls.intx
+        self.intx_level = False  # raise_irq() in INTx mode until lower_irq()
+        self.memories: dict[int, tuple[int, mmap.mmap]] = {}
+        self._device_reset = device.reset
+        self._device_connected = device.connected
+        self._device_disconnected = device.disconnected
+        bar_read, bar_write = device.bar_read, device.bar_write
         for bar in cls.bars:
             if bar.mappable:
                 fd = os.memfd_create(f"qbackend-{cls.__name__}-bar{bar.index}", os.MFD_CLOEXEC)
                 os.ftruncate(fd, bar.size)
                 memory = mmap.mmap(fd, bar.size)
-                self._memories[bar.index] = (fd, memory)
-                self.regions[bar.index] = Region(bar.size, self._memory_reader(memory),
-                                                 self._memory_writer(memory), mmap_fd=fd)
+                self.memories[bar.index] = (fd, memory)
+                self.regions[bar.index] = Region(bar.size, _memory_reader(memory), _memory_writer(memory),
+                                                 mmap_fd=fd)
             else:
-                self.regions[bar.index] = Region(bar.size, self._reader(bar.index), self._writer(bar.index))
+                self.regions[bar.index] = Region(bar.size, _reader(bar_read, bar.index),
+                                                 _writer(bar_write, bar.index))
         if msix is not None:
             self.regions[cls.msix_bar] = Region(msix.pba_offset * 2, self.msix_bar_read, self.msix_bar_write)
 
-    # -- what a device overrides --
+    # -- interrupts, for Device --
 
-    def bar_read(self, bar: int, offset: int, size: int) -> int:
-        """A guest read of `size` bytes at `offset` of BAR `bar`; default: all ones."""
-        return _ALL_ONES[size]
-
-    def bar_write(self, bar: int, offset: int, size: int, value: int) -> None:
-        """A guest write; default: ignored."""
-
-    def connected(self) -> None:
-        """A QEMU has attached (after the vfio-user handshake)."""
-
-    def disconnected(self) -> None:
-        """The QEMU went away (device_del, or it ended)."""
-
-    # -- interrupts --
-
-    @property
     def irq_mode(self) -> str:
-        """What the guest enabled: "msix", "msi", "intx" or "none"."""
         if self.config.msix_enabled:
             return "msix"
         if self.irqs.msi_active:
             return "msi"
-        return "intx" if type(self).intx else "none"
+        return "intx" if self.has_intx else "none"
 
-    def raise_irq(self, vector: int = 0) -> bool:
-        """Send `vector` (MSI-X, else MSI, else assert INTx); True if it went out now."""
+    def raise_irq(self, vector: int) -> bool:
         with self.lock:
-            mode = self.irq_mode
+            mode = self.irq_mode()
             if mode == "msix":
                 return self.msix_notify(vector)
             if mode == "msi":
@@ -180,91 +273,73 @@ class Device(PciFunction):
                     return False
                 return self.irqs.msi.trigger(vector)
             if mode == "intx":
-                self._intx_level = True
+                self.intx_level = True
                 self.update_intx()
                 return True
             return False
 
     def lower_irq(self) -> None:
-        """De-assert INTx (MSI and MSI-X are edges: nothing to lower)."""
         with self.lock:
-            self._intx_level = False
+            self.intx_level = False
             self.update_intx()
 
     def intx_asserted(self) -> bool:
-        return self._intx_level
+        return self.intx_level
 
-    # -- DMA --
-
-    def dma_read(self, address: int, count: int) -> bytes:
-        """`count` bytes of guest memory at guest-physical `address`."""
-        return self._dma().read(address, count)
-
-    def dma_write(self, address: int, data: bytes) -> None:
-        """Write `data` into guest memory at guest-physical `address`."""
-        self._dma().write(address, data)
-
-    def _dma(self) -> DmaPort:
+    def dma(self) -> DmaPort:
         port = self.dma_port
         if port is None:
             raise DeviceError(f"{self.name}: no client is attached: there is no guest memory to reach")
         return port
 
-    def defer(self, fn: Callable[..., object], *args: object) -> None:
-        """Run `fn(*args)` soon in a background thread (for DMA messages, slow work)."""
+    # -- the server's entry points --
 
-        def run() -> None:
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("%s: deferred %s failed", self.name, getattr(fn, "__name__", fn))
-
-        threading.Thread(target=run, name=f"{self.name}-deferred", daemon=True).start()
-
-    # -- mappable BARs --
-
-    def bar_memory(self, index: int) -> mmap.mmap:
-        """The shared memory behind a `mappable` BAR (what the guest sees there)."""
-        return self._memories[index][1]
-
-    # -- the binding to PciFunction --
-
-    def _reader(self, bar: int) -> Callable[[int, int], bytes]:
-        def read(offset: int, count: int) -> bytes:
-            if count in _ALL_ONES:
-                return (self.bar_read(bar, offset, count) & _ALL_ONES[count]).to_bytes(count, "little")
-            return b"".join(read(offset + pos, min(4, count - pos)) for pos in range(0, count, 4))
-        return read
-
-    def _writer(self, bar: int) -> Callable[[int, bytes], None]:
-        def write(offset: int, data: bytes) -> None:
-            if len(data) in _ALL_ONES:
-                self.bar_write(bar, offset, len(data), int.from_bytes(data, "little"))
-                return
-            for pos in range(0, len(data), 4):
-                write(offset + pos, data[pos:pos + 4])
-        return write
-
-    @staticmethod
-    def _memory_reader(memory: mmap.mmap) -> Callable[[int, int], bytes]:
-        return lambda offset, count: memory[offset:offset + count]
-
-    @staticmethod
-    def _memory_writer(memory: mmap.mmap) -> Callable[[int, bytes], None]:
-        def write(offset: int, data: bytes) -> None:
-            memory[offset:offset + len(data)] = data
-        return write
+    def reset(self) -> None:
+        super().reset()
+        # As QEMU's PCI core does on reset, whatever the device's own state says.
+        self.intx_level = False
+        self._device_reset()
 
     def client_connected(self) -> None:
-        self.connected()
+        self._device_connected()
 
     def client_disconnected(self) -> None:
         with self.lock:
-            self._intx_level = False
-        self.disconnected()
+            self.intx_level = False
+        self._device_disconnected()
 
     def close(self) -> None:
-        for fd, memory in self._memories.values():
+        for fd, memory in self.memories.values():
             memory.close()
             os.close(fd)
-        self._memories.clear()
+        self.memories.clear()
+
+
+# BAR accesses of sizes other than 1, 2, 4, 8 are split into 4-byte pieces.
+
+def _reader(bar_read: Callable[[int, int, int], int], bar: int) -> Callable[[int, int], bytes]:
+    def read(offset: int, count: int) -> bytes:
+        if count in _ALL_ONES:
+            return (bar_read(bar, offset, count) & _ALL_ONES[count]).to_bytes(count, "little")
+        return b"".join(read(offset + pos, min(4, count - pos)) for pos in range(0, count, 4))
+    return read
+
+
+def _writer(bar_write: Callable[[int, int, int, int], None], bar: int) -> Callable[[int, bytes], None]:
+    def write(offset: int, data: bytes) -> None:
+        if len(data) in _ALL_ONES:
+            bar_write(bar, offset, len(data), int.from_bytes(data, "little"))
+            return
+        for pos in range(0, len(data), 4):
+            write(offset + pos, data[pos:pos + 4])
+    return write
+
+
+def _memory_reader(memory: mmap.mmap) -> Callable[[int, int], bytes]:
+    return lambda offset, count: memory[offset:offset + count]
+
+
+def _memory_writer(memory: mmap.mmap) -> Callable[[int, bytes], None]:
+    def write(offset: int, data: bytes) -> None:
+        memory[offset:offset + len(data)] = data
+    return write

@@ -60,6 +60,7 @@ import pytest
 
 from qbackend.app.backend_thread import BackendThread
 from qbackend.app.service import Backend
+from qbackend.devices.api import Device
 from qbackend.machine.data_dir import set_data_dir
 from qbackend.machine.launch import GuestImage, find_guest, vfio_user_device_arg
 from qbackend.machine.qmp import SyncQmp
@@ -165,7 +166,7 @@ def qbackend_vm(request: pytest.FixtureRequest, qbackend_harness: Harness) -> It
     made: list[VM] = []
     image = _guest_image(request.config)
 
-    def boot(devices: Sequence[PciFunction | IvshmemOptions] = (), *, machine: str = "pc",
+    def boot(devices: Sequence[Device | PciFunction | IvshmemOptions] = (), *, machine: str = "pc",
              memory: str = "512M", dimms: Sequence[str | DimmOptions] = (), disks: Sequence[str | Path] = (),
              append: str = "", extra_args: Sequence[str] = ()) -> VM:
         work = qbackend_harness.workdir / f"vm{len(made)}"
