@@ -12,6 +12,12 @@ starts disabled: with no driver to clear the events, a level-triggered INTx
 would otherwise never drop.  Guest writes act as
 the block says; an eject becomes an effect that the backend carries out
 over QMP.
+
+It is a `PciFunction` itself rather than a public `qbackend.devices.Device`:
+its interrupt follows config space, which the public API gives a device no
+hook on.  A guest that enables MSI-X while an event is pending must get the
+vector then (`config_write`), and the INTx line counts only while MSI-X is
+off (`intx_asserted`).
 """
 
 from __future__ import annotations

@@ -6,6 +6,20 @@ prefetchable BAR).  Unlike QEMU's ivshmem-plain/-doorbell, this device also
 has an INTx pin: without MSI-X a doorbell sets IntrStatus to 1 and the line
 is raised while IntrStatus & IntrMask is nonzero, as the original device
 spec describes pin-based interrupts.
+
+It is a `PciFunction` itself rather than a public `qbackend.devices.Device`,
+because the public API cannot say what it needs:
+
+- its shape is per instance: `vectors` decides whether MSI-X and BAR1
+  exist at all and how many vectors there are, where a Device declares
+  them once for its class;
+- BAR2 is its peer group's shared memory (the group's fd, mapped by every
+  peer), where a mappable Device BAR gets a memfd of its own;
+- its lock is the group's lock (a doorbell rung from another peer's
+  thread is delivered under it), where a Device has a lock of its own;
+- IntrMask, IVPosition and Doorbell are plain windows that the native
+  access loop serves without Python (servers/vfio_user_fast.py), which the
+  public API does not offer.
 """
 
 

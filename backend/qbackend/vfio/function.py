@@ -1,6 +1,8 @@
 """A PCI function as the vfio-user server sees it: config space, regions
 (BARs), interrupts.  Concrete devices (ivshmem, the hotplug controller)
-subclass `PciFunction` and supply BAR handlers.
+subclass `PciFunction` and supply BAR handlers; a user's
+`qbackend.devices.Device` is served through `qbackend.devices.api.UserFunction`,
+a subclass that holds it.
 
 Region accesses arrive already checked against the wire rules; the range
 checks against region sizes are here, since only the device knows its
