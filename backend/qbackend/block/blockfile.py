@@ -19,10 +19,12 @@ import ctypes
 import errno
 import os
 import random
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from qbackend.errors import ImageError
 from qbackend.plumbing.libc import libc
 
 Buffer = bytes | bytearray | memoryview
@@ -101,10 +103,21 @@ class FileBlock:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, writable: bool = True, create: bool = False) -> FileBlock:
+        """Open a regular file (or a block device) as a block file.  Opened without
+        blocking and checked before use: a FIFO, a terminal or a socket named as an
+        image would otherwise block its opener (and every peer waiting on it) for good."""
         flags = os.O_RDWR if writable else os.O_RDONLY
         if create:
             flags |= os.O_CREAT
-        fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        try:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise ImageError(f"{path}: not a regular file ({_file_kind(mode)}); an image must be a file")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
         return cls(fd, path=Path(path), writable=writable)
 
     def preadv(self, offset: int, views: Sequence[memoryview]) -> int:
@@ -353,3 +366,11 @@ def _apply(image: bytearray, op: tuple[str, int, bytes | int]) -> None:
 
 def _read_all(block: BlockFile) -> bytes:
     return block.pread(0, block.size())
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a file"

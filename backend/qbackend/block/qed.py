@@ -258,20 +258,39 @@ class RawBacking:
         self.f.close()
 
 
-def open_backing_file(path: Path, *, raw: bool, depth: int = 0) -> Backing:
-    """Open a backing file read-only: raw when told so, else probed (QED or raw)."""
+FileIdentity = tuple[int, int]  # (st_dev, st_ino)
+
+
+def file_identity(f: BlockFile) -> FileIdentity | None:
+    """Which file `f` is, for telling a backing chain that loops; None if it has no fd."""
+    fd = getattr(f, "fd", None)
+    if not isinstance(fd, int):
+        return None
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def open_backing_file(path: Path, *, raw: bool, depth: int = 0, chain: frozenset[FileIdentity] = frozenset()
+                      ) -> Backing:
+    """Open a backing file read-only: raw when told so, else probed (QED or raw).
+    `chain`: the files above it; a backing file that is one of them (the same file by
+    another name included) is refused, not opened again and again."""
     if depth >= MAX_BACKING_DEPTH:
         raise QedBackingError(f"backing chain deeper than {MAX_BACKING_DEPTH} at {path}")
     try:
         f = FileBlock.open(path, writable=False)
     except OSError as exc:
         raise QedBackingError(f"cannot open backing file {path}: {exc.strerror}") from exc
+    except ImageError as exc:
+        raise QedBackingError(f"backing file {exc}") from exc
     try:
+        if file_identity(f) in chain:
+            raise QedBackingError(f"backing file {path} is already in the chain above it (a loop)")
         if raw:
             return RawBacking(f)
         magic = f.pread(0, 4)
         if magic == b"QED\0":
-            return QedImage.open(f, read_only=True, base_dir=path.parent, _depth=depth + 1)
+            return QedImage.open(f, read_only=True, base_dir=path.parent, _depth=depth + 1, _chain=chain)
         if magic == b"QFI\xfb":
             raise QedBackingError(f"backing file {path} is qcow2, which is not supported")
         return RawBacking(f)
@@ -398,7 +417,8 @@ class QedImage:
     @classmethod
     def open(cls, f: BlockFile, *, read_only: bool = False, backing: Backing | None = None,
              open_backing: bool = True, base_dir: Path | None = None, check_on_open: bool = True,
-             l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES, _depth: int = 0) -> QedImage:
+             l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES, _depth: int = 0,
+             _chain: frozenset[FileIdentity] = frozenset()) -> QedImage:
         """Open an image on ``f`` (the image owns ``f`` from now on: `close` closes it).
 
         The backing file is ``backing`` if given, else opened by name relative
@@ -424,9 +444,10 @@ class QedImage:
                             raise QedBackingError(f"backing file {img.backing_name!r} is relative and the "
                                                   "image has no folder; pass backing=")
                         target = base / target
+                    here = file_identity(f)
                     img.backing = open_backing_file(target, raw=bool(header.features
                                                                      & Feature.BACKING_FORMAT_NO_PROBE),
-                                                    depth=_depth)
+                                                    depth=_depth, chain=_chain | {here} if here else _chain)
                 else:
                     img._backing_missing = True
             if not read_only:
