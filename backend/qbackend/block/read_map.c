@@ -5,8 +5,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#include "read_map.h"
-#include "read_map_impl.h"
+#include "read_map_impl.h" /* and read_map.h */
 
 void *qb_read_map_new(int fd, uint64_t size, uint32_t cluster_bits, int identity, uint64_t max_blocks,
 		      int writable)

@@ -22,18 +22,23 @@ from typing import Any
 from qbackend.plumbing import native
 
 SOURCE = Path(__file__).with_name("read_map.c")
-BLOCK_BYTES = 8 << 12  # one second-level block of the map (read_map_impl.h): 4096 clusters
 # At most this much memory per image; clusters past it are served by the block layer (a
 # 64 KiB-cluster image is mapped up to 512 GiB of data).
 MAX_MAP_BYTES = 64 << 20
+
+
+def block_bytes(helper: native.Native) -> int:
+    """The memory of one second-level block of the map (read_map.h): 8-byte entries."""
+    bits: int = helper.lib.QB_MAP_BLOCK_BITS
+    return 8 << bits
 
 
 class ReadMap:
     def __init__(self, helper: native.Native, fd: int, size: int, cluster_size: int, identity: bool,
                  writable: bool) -> None:
         lib = helper.lib
-        handle = lib.qb_read_map_new(fd, size, cluster_size.bit_length() - 1, identity, MAX_MAP_BYTES // BLOCK_BYTES,
-                                  writable)
+        max_blocks = MAX_MAP_BYTES // block_bytes(helper)
+        handle = lib.qb_read_map_new(fd, size, cluster_size.bit_length() - 1, identity, max_blocks, writable)
         if handle == helper.ffi.NULL:
             raise MemoryError("cannot allocate a read map")
         self.handle: Any = helper.ffi.gc(handle, lib.qb_read_map_free)

@@ -19,7 +19,7 @@
 #include <pthread.h>
 #include <stdint.h>
 
-#define QB_MAP_BLOCK_BITS 12 /* 4096 entries (32 KiB) per second-level block */
+#include "read_map.h" /* QB_MAP_BLOCK_BITS */
 
 struct qb_read_map {
 	pthread_rwlock_t lock;

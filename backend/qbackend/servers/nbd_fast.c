@@ -35,6 +35,7 @@
 #include "nbd_fast.h"
 #include "../block/read_map_impl.h"
 
+/* Wire numbers of qbackend.protocol.nbd (tests/test_wire_constants.py checks each against it). */
 #define REQUEST_MAGIC 0x25609513u
 #define EXTENDED_REQUEST_MAGIC 0x21e41c71u
 #define SIMPLE_REPLY_MAGIC 0x67446698u
@@ -46,8 +47,12 @@
 #define REPLY_FLAG_DONE 1
 #define CHUNK_NONE 0
 #define CHUNK_OFFSET_DATA 1
-
-enum mode { SIMPLE = 0, STRUCTURED = 1, EXTENDED = 2 };
+#define REQUEST_SIZE 28
+#define EXTENDED_REQUEST_SIZE 32
+#define SIMPLE_REPLY_SIZE 16
+#define STRUCTURED_REPLY_SIZE 20
+#define EXTENDED_REPLY_SIZE 32
+#define CHUNK_OFFSET_SIZE 8 /* an OFFSET_DATA chunk's payload starts with the offset */
 
 static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 static uint32_t get32(const uint8_t *p) { return (uint32_t)get16(p) << 16 | get16(p + 2); }
@@ -105,16 +110,16 @@ static int mapped(struct qb_read_map *map, uint64_t offset, uint64_t length)
 /* The header of a reply to (cookie, offset) at p: a READ's of `length` data bytes, or a done reply. */
 static void reply_header(uint8_t *p, int mode, uint64_t cookie, uint64_t offset, uint64_t length, int data)
 {
-	if (mode == SIMPLE) {
+	if (mode == QB_NBD_SIMPLE) {
 		put32(p, SIMPLE_REPLY_MAGIC);
 		put32(p + 4, 0);
 		put64(p + 8, cookie);
-	} else if (mode == STRUCTURED) {
+	} else if (mode == QB_NBD_STRUCTURED) {
 		put32(p, STRUCTURED_REPLY_MAGIC);
 		put16(p + 4, REPLY_FLAG_DONE);
 		put16(p + 6, data ? CHUNK_OFFSET_DATA : CHUNK_NONE);
 		put64(p + 8, cookie);
-		put32(p + 16, data ? (uint32_t)(8 + length) : 0);
+		put32(p + 16, data ? (uint32_t)(CHUNK_OFFSET_SIZE + length) : 0);
 		if (data)
 			put64(p + 20, offset);
 	} else {
@@ -123,7 +128,7 @@ static void reply_header(uint8_t *p, int mode, uint64_t cookie, uint64_t offset,
 		put16(p + 6, data ? CHUNK_OFFSET_DATA : CHUNK_NONE);
 		put64(p + 8, cookie);
 		put64(p + 16, offset);
-		put64(p + 24, data ? 8 + length : 0);
+		put64(p + 24, data ? CHUNK_OFFSET_SIZE + length : 0);
 		if (data)
 			put64(p + 32, offset);
 	}
@@ -131,18 +136,18 @@ static void reply_header(uint8_t *p, int mode, uint64_t cookie, uint64_t offset,
 
 static uint32_t reply_size(int mode, int data)
 {
-	if (mode == SIMPLE)
-		return 16;
-	if (mode == STRUCTURED)
-		return data ? 28 : 20;
-	return data ? 40 : 32;
+	if (mode == QB_NBD_SIMPLE)
+		return SIMPLE_REPLY_SIZE;
+	if (mode == QB_NBD_STRUCTURED)
+		return STRUCTURED_REPLY_SIZE + (data ? CHUNK_OFFSET_SIZE : 0);
+	return EXTENDED_REPLY_SIZE + (data ? CHUNK_OFFSET_SIZE : 0);
 }
 
 /* Serve the request at in[pos:]: its size, or 0 with b->stop saying why not. */
 static uint32_t serve_one(struct qb_read_map *map, struct qb_nbd_batch *b, uint32_t pos)
 {
 	const uint8_t *req = b->input + pos;
-	uint32_t size = b->mode == EXTENDED ? 32 : 28, header;
+	uint32_t size = b->mode == QB_NBD_EXTENDED ? EXTENDED_REQUEST_SIZE : REQUEST_SIZE, header;
 	uint16_t flags, command;
 	uint64_t cookie, offset, length, reply;
 	int is_read;
@@ -152,15 +157,15 @@ static uint32_t serve_one(struct qb_read_map *map, struct qb_nbd_batch *b, uint3
 		return 0;
 	}
 	b->stop = QB_STOP_PYTHON;
-	if (get32(req) != (b->mode == EXTENDED ? EXTENDED_REQUEST_MAGIC : REQUEST_MAGIC))
+	if (get32(req) != (b->mode == QB_NBD_EXTENDED ? EXTENDED_REQUEST_MAGIC : REQUEST_MAGIC))
 		return 0;
 	flags = get16(req + 4);
 	command = get16(req + 6);
 	cookie = get64(req + 8);
 	offset = get64(req + 16);
-	length = b->mode == EXTENDED ? get64(req + 24) : get32(req + 24);
+	length = b->mode == QB_NBD_EXTENDED ? get64(req + 24) : get32(req + 24);
 	if (command == CMD_READ) {
-		if ((flags & ~FLAG_DF) || ((flags & FLAG_DF) && b->mode == SIMPLE))
+		if ((flags & ~FLAG_DF) || ((flags & FLAG_DF) && b->mode == QB_NBD_SIMPLE))
 			return 0;
 	} else if (command != CMD_WRITE || flags) {
 		return 0; /* FUA writes go to Python's pool, so a flush does not stall this loop */
@@ -220,7 +225,7 @@ int qb_nbd_serve(void *opaque, struct qb_nbd_batch *b)
 	b->bytes_read = 0;
 	b->bytes_written = 0;
 	b->stop = QB_STOP_END;
-	if (b->mode > EXTENDED) {
+	if (b->mode > QB_NBD_EXTENDED) {
 		b->stop = QB_STOP_PYTHON;
 		return 0;
 	}

@@ -1,4 +1,5 @@
-/* cffi declarations of nbd_fast.c (read by qbackend.servers.nbd_fast). */
+/* cffi declarations of nbd_fast.c (read by qbackend.servers.nbd_fast, which takes
+ * these numbers from the loaded library rather than typing them again). */
 #define QB_STOP_END 0     /* everything consumed */
 #define QB_STOP_PARTIAL 1 /* a request not whole yet: more bytes may make it servable */
 #define QB_STOP_PYTHON 2  /* the next request is Python's */
@@ -6,6 +7,10 @@
 #define QB_CONN_PYTHON 0
 #define QB_CONN_NATIVE 1
 #define QB_NBD_LOOP_EVENTS 256
+/* qb_nbd_batch.mode: the replies the connection negotiated */
+#define QB_NBD_SIMPLE 0
+#define QB_NBD_STRUCTURED 1
+#define QB_NBD_EXTENDED 2
 
 struct qb_nbd_batch {
 	const uint8_t *input;

@@ -46,8 +46,6 @@ MAX_LENGTH = 4 << 20  # larger requests go to Python
 # Replies per batch, by default: pread then send of about 1 MiB at a time kept sequential
 # reads level with qemu-nbd here, where 4 MiB batches (out of the CPU caches) did not.
 BATCH = 1 << 20
-MODES = {"simple": 0, "structured": 1, "extended": 2}
-STOP_END, STOP_PARTIAL, STOP_PYTHON, STOP_FULL = 0, 1, 2, 3  # nbd_fast.h: why a batch stopped
 
 
 class NativeRequests:
@@ -94,7 +92,9 @@ class NativeRequests:
         helper = native.load(SOURCE)
         if helper is None:
             return None
-        return cls(helper, export, MODES[mode], receive_buffer)
+        lib = helper.lib  # nbd_fast.h's numbers, not typed again here
+        modes = {"simple": lib.QB_NBD_SIMPLE, "structured": lib.QB_NBD_STRUCTURED, "extended": lib.QB_NBD_EXTENDED}
+        return cls(helper, export, modes[mode], receive_buffer)
 
     def serve(self, data: memoryview, max_length: int = MAX_LENGTH, limit: int = BATCH) -> tuple[int, int]:
         """Serve the requests at the front of `data` (none longer than `max_length`; replies

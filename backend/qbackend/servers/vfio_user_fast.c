@@ -33,12 +33,14 @@
 #error "vfio-user is little-endian on the wire; this loop copies fields as they are"
 #endif
 
+/* Wire numbers of qbackend.protocol.vfio_user (tests/test_wire_constants.py checks each against it). */
 #define REGION_READ 9
 #define REGION_WRITE 10
 #define FLAG_NO_REPLY 0x10
 #define TYPE_REPLY 1
-#define ACCESS_SIZE 32 /* header (16) + offset, region, count (16) */
-#define SCM_MAX_FD 253
+#define HEADER_SIZE 16
+#define REGION_ACCESS_SIZE 16 /* offset, region, count */
+#define ACCESS_SIZE (HEADER_SIZE + REGION_ACCESS_SIZE)
 
 struct access {
 	uint16_t id;
@@ -64,7 +66,7 @@ static int64_t now_ns(void)
 static ssize_t receive(struct qb_access_loop *loop, int flags)
 {
 	union {
-		char bytes[CMSG_SPACE(SCM_MAX_FD * sizeof(int))];
+		char bytes[CMSG_SPACE(QB_SCM_MAX_FD * sizeof(int))];
 		struct cmsghdr align;
 	} control;
 	struct iovec iov = { loop->buf, loop->bufsize };
@@ -146,7 +148,11 @@ static uint32_t serve_one(struct qb_access_loop *loop, uint32_t pos, uint32_t en
 	uint32_t guard;
 
 	memcpy(&a, message, sizeof(a));
-	/* The checks of the Python fast path (ServerConnection.serve_access). */
+	/* Mirrors the Python rule, qbackend.protocol.vfio_user: ServerConnection.serve_access's
+	 * checks (flags, command, size) and access_in_limits (the range; here max_count is at
+	 * most the connection's max_xfer, and find_window keeps offset + count inside a window,
+	 * so inside 64 bits).  Change the two together: tests/test_vfio_user_native.py compares
+	 * their replies byte for byte. */
 	if (a.flags & ~FLAG_NO_REPLY || a.count == 0 || a.count > loop->max_count)
 		return 0;
 	if (a.command == REGION_READ) {

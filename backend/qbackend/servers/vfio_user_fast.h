@@ -1,4 +1,5 @@
 /* cffi declarations of vfio_user_fast.c (read by qbackend.servers.vfio_user_fast). */
+#define QB_SCM_MAX_FD 253 /* the kernel's limit of fds per message: room for all, none lost unclosed */
 struct qb_window {
 	uint32_t region;
 	uint32_t writable;

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("vfio_user_fast.c")
 MAX_COUNT = 64  # the largest access served natively: registers, not bulk data
 OUT_SIZE = 64 * 1024  # replies to one receive, sent in one write
-SCM_MAX_FD = 253
 
 
 class NativeAccessLoop:
@@ -52,7 +51,8 @@ class NativeAccessLoop:
             entry.guard = self._pointer(ffi, window.guard, False) if window.guard is not None else ffi.NULL
         if device.native_accesses is None:  # kept by the device across connections
             device.native_accesses = ffi.new("uint64_t[]", PCI_NUM_REGIONS)
-        self._fds = ffi.new("int[]", SCM_MAX_FD)
+        max_fds = helper.lib.QB_SCM_MAX_FD  # the size of the C loop's control buffer
+        self._fds = ffi.new("int[]", max_fds)
         loop = ffi.new("struct qb_access_loop *")
         loop.fd = fd
         loop.bufsize = len(buffer)
@@ -67,7 +67,7 @@ class NativeAccessLoop:
         loop.max_count = min(MAX_COUNT, max_xfer)
         loop.spin_ns = spin_ns
         loop.spin_window_ns = spin_window_ns
-        loop.max_fds = SCM_MAX_FD
+        loop.max_fds = max_fds
         loop.fds = self._fds
         self._keep += [table, lock]
         self._loop = loop

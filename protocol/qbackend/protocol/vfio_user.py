@@ -529,7 +529,18 @@ def _parse_capabilities(raw: bytes) -> Capabilities:
     )
 
 
+def access_in_limits(offset: int, count: int, max_xfer: int) -> bool:
+    """The range rule of a region access, the one every path that serves
+    accesses applies: 1 to `max_xfer` bytes, none past the 64-bit space.
+    The parsers of REGION_READ and REGION_WRITE and serve_access() call it;
+    the native access loop (servers/vfio_user_fast.c, serve_one) mirrors it
+    and serve_access()'s other checks, and the differential tests
+    (tests/test_vfio_user_native.py) hold the two paths to the same replies."""
+    return 0 < count <= max_xfer and offset + count <= _U64_END
+
+
 def _check_range(offset: int, count: int, max_xfer: int) -> None:
+    """Raise the RequestError that says how an access breaks access_in_limits()."""
     _require(count > 0, "access of 0 bytes")
     _require(count <= max_xfer, f"access of {count} bytes is over the limit of {max_xfer}", E.E2BIG)
     _require(offset + count - 1 <= U64_MAX, f"offset {offset:#x} + count {count} overflows 64 bits")
@@ -622,7 +633,7 @@ def _parse_region_read(payload: bytes, n: int, nfds: int, max_xfer: int) -> Body
     if n != REGION_ACCESS.size:
         raise RequestError(f"REGION_READ payload of {n} bytes; expected 16")
     offset, region, count = REGION_ACCESS.unpack_from(payload)
-    if not 0 < count <= max_xfer or offset + count > _U64_END:
+    if not access_in_limits(offset, count, max_xfer):
         _check_range(offset, count, max_xfer)
     return RegionRead(region, offset, count)
 
@@ -631,7 +642,7 @@ def _parse_region_write(payload: bytes, n: int, nfds: int, max_xfer: int) -> Bod
     if n < REGION_ACCESS.size:
         raise RequestError(f"REGION_WRITE payload of {n} bytes is too short")
     offset, region, count = REGION_ACCESS.unpack_from(payload)
-    if not 0 < count <= max_xfer or offset + count > _U64_END:
+    if not access_in_limits(offset, count, max_xfer):
         _check_range(offset, count, max_xfer)
     if n - REGION_ACCESS.size != count:
         raise RequestError(f"REGION_WRITE count {count} but {n - REGION_ACCESS.size} bytes of data")
@@ -884,7 +895,7 @@ class ServerConnection:
             return None
         access = _ACCESS_UNPACK(buffer, pos)
         msg_id, command, size, flags, _error, offset, region, count = access
-        if flags & _NOT_NO_REPLY or not 0 < count <= self._max_xfer or offset + count > _U64_END:
+        if flags & _NOT_NO_REPLY or not access_in_limits(offset, count, self._max_xfer):
             return None
         if command == _REGION_READ:
             if size != 32:
