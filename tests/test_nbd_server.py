@@ -553,7 +553,7 @@ def test_a_client_that_never_reads_its_replies_stops_being_read(served: Served) 
         def waiting() -> int:
             server = served.backend.nbd
             assert server is not None
-            return sum(len(c._out) for c in served.thread.call(lambda: list(server.connections)))
+            return sum(len(c.out) for c in served.thread.call(lambda: list(server.connections)))
 
         wait_until(lambda: waiting() > 0, 10, "the greedy client's replies to back up")
         # One reply of the Python path, or one batch of native replies (servers.nbd.LOOP_BATCH).
