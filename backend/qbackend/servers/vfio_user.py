@@ -23,6 +23,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -45,6 +46,9 @@ SPIN_NS = 100_000
 SPIN_WINDOW_NS = 500_000
 DMA_REPLY_TIMEOUT = 5.0
 HANDSHAKE_TIMEOUT = 10.0  # seconds for a new client's first message
+
+# What run_blocking's receive step hands on: view, the length of view's bytes to handle, their fds.
+Received = tuple[memoryview, int, tuple[int, ...]]
 
 
 class ConnectionClosed(Exception):
@@ -119,130 +123,28 @@ class Connection:
     def run_blocking(self) -> None:
         """Serve the client until it goes away; runs in the connection's thread.
 
-        Once the client is ready, receiving is the native access loop's
-        (NativeAccessLoop, when it can run here): it serves the plain
-        register accesses itself and hands back the bytes that need Python,
-        which are handled below exactly as the Python loop handles a
-        receive.  Without it, this loop receives too.
-
-        Region accesses (nearly all traffic) are served straight from the
-        receive buffer by the protocol's serve_access(), which parses,
-        checks, calls the device and packs the reply.  A buffer holding
-        exactly one access (a vCPU waiting on an MMIO or config access) is
-        the common case and is finished inline below; anything else goes on
-        in _handle_chunk.  On one CPU, every Python call or attribute lookup
-        here is a visible share of a round trip, hence the local names.
+        Each round is three steps: receive (one recvmsg, or the native
+        access loop until it hands bytes back), serve (everything those
+        bytes ask, under the device lock) and send (the replies, in one
+        write).  The steps are closures made once per connection by
+        _receive_step, _serve_step and _send_step: on one CPU every Python
+        call or attribute lookup here is a visible share of a round trip,
+        so each holds what it uses in local names.
         """
         self.worker_ident = threading.get_ident()
-        sock = self.sock
-        fd = sock.fileno()
-        write = os.write  # cheaper than sock.send; these replies carry no fds
-        protocol = self.protocol
-        serve_access = protocol.serve_access
-        device_read, device_write = self.device.read, self.device.write
-        handle_chunk = self._handle_chunk
-        # Bound methods rather than `with`: a with-statement looks up
-        # __enter__/__exit__ and makes two method objects each time.
-        lock_acquire, lock_release = self.device.lock.acquire, self.device.lock.release
-        send_acquire, send_release = self._send_lock.acquire, self._send_lock.release
-        recvmsg_into = sock.recvmsg_into
-        out = bytearray()  # replies to a chunk of several messages
         # One preallocated buffer: a fresh large bytes object per recvmsg()
         # costs more than the rest of a round trip.
         buffer = bytearray(RECV_SIZE)
-        buffers = [buffer]
-        whole = memoryview(buffer)
-        native: NativeAccessLoop | None = None
-        native_wanted = self.server.native
-        # Adaptive polling.  A guest vCPU waits for each reply, and on this kind of
-        # machine most of a round trip is the wake-up of a sleeping CPU on each
-        # side.  So after a reply, while the client keeps sending within
-        # SPIN_WINDOW_NS, look for its next message without sleeping (yielding
-        # the CPU each time, in case the client runs on ours) for up to
-        # SPIN_NS before blocking; a spin that finds nothing turns spinning off
-        # until messages come close together again, so an idle client costs
-        # one spin, then nothing.  The native loop does the same.
-        clock = time.perf_counter_ns
-        yield_cpu = os.sched_yield
-        dontwait = socket.MSG_DONTWAIT
-        spin = False
+        receive = self._receive_step(buffer)
+        serve = self._serve_step()
+        send = self._send_step()
+        out = bytearray()  # replies to a chunk of several messages
         try:
             while True:
-                if native_wanted and protocol.state is vu.State.READY:
-                    native_wanted = False
-                    native = NativeAccessLoop.start(self.device, fd, buffer, protocol.server_caps.max_data_xfer_size,
-                                                    SPIN_NS, SPIN_WINDOW_NS)
-                    self.native = native
-                    if native is not None:
-                        log.debug("%s: native access loop serving", self.server.name)
-                fds: tuple[int, ...] = ()
-                view = whole
-                if native is not None and not protocol.reader.buffered:
-                    status = native.serve()  # without the GIL, until a message needs Python
-                    if status > 0:
-                        begin, n = native.pending
-                        fds = native.take_fds()
-                        if begin:
-                            view = whole[begin:n]
-                            n -= begin
-                    elif status == 0 or status in (-E.ECONNRESET, -E.EPIPE):
-                        n = 0
-                    elif self.closed:
-                        return
-                    else:
-                        raise ConnectionClosed(os.strerror(-status))
-                else:
-                    got = False
-                    if spin:
-                        deadline = clock() + SPIN_NS
-                        while True:
-                            try:
-                                n, ancdata, _flags, _ = recvmsg_into(buffers, CMSG_BUFSIZE, dontwait)
-                                got = True
-                                break
-                            except BlockingIOError:
-                                if clock() > deadline:
-                                    break
-                                yield_cpu()
-                            except OSError:
-                                break  # the blocking receive below says what it was
-                        spin = got
-                    if not got:
-                        waited = clock()
-                        try:
-                            n, ancdata, _flags, _ = recvmsg_into(buffers, CMSG_BUFSIZE)
-                        except (ConnectionResetError, BrokenPipeError):
-                            n, ancdata = 0, []
-                        except OSError as exc:
-                            if self.closed:
-                                return
-                            raise ConnectionClosed(str(exc)) from None
-                        spin = clock() - waited < SPIN_WINDOW_NS
-                    if ancdata:
-                        fds = tuple(fds_from_ancdata(ancdata))
-                lock_acquire()
-                try:
-                    reply: bytes | bytearray | None = None
-                    if not fds:
-                        try:
-                            reply = serve_access(view, 0, n, device_read, device_write)
-                        except (vu.RequestError, DmaError) as exc:
-                            reply = self._access_refused(exc)
-                    if reply is None or protocol.access_end != n:
-                        handle_chunk(view, n, fds, reply, out)
-                        reply = out
-                finally:
-                    lock_release()
+                view, n, fds = receive()
+                reply = serve(view, n, fds, out)
                 if reply:
-                    send_acquire()
-                    try:
-                        sent = write(fd, reply)
-                        if sent != len(reply):
-                            sock.sendall(reply[sent:])
-                    except OSError as exc:
-                        raise ConnectionClosed(str(exc)) from None
-                    finally:
-                        send_release()
+                    send(reply)
                     if out:
                         out.clear()
                 if not n:
@@ -262,6 +164,154 @@ class Connection:
             # its server.
             log.exception("%s: internal error; closing the connection", self.server.name)
             self.server.stats["internal_errors"] += 1
+
+    def _receive_step(self, buffer: bytearray) -> Callable[[], Received]:
+        """run_blocking's receive: a function returning (view, n, fds), the next
+        bytes to handle (view[0:n]; n == 0 at the end of the stream) and the fds
+        that came with them, or raising ConnectionClosed.
+
+        Once the client is ready, receiving is the native access loop's
+        (NativeAccessLoop, when it can run here): it serves the plain
+        register accesses itself and hands back the bytes that need Python,
+        which run_blocking handles exactly as bytes received here.  Python
+        receives itself before that, without the native loop, and while the
+        protocol holds part of a message (the rest must come to it).
+
+        Adaptive polling.  A guest vCPU waits for each reply, and on this kind
+        of machine most of a round trip is the wake-up of a sleeping CPU on
+        each side.  So after a reply, while the client keeps sending within
+        SPIN_WINDOW_NS, look for its next message without sleeping (yielding
+        the CPU each time, in case the client runs on ours) for up to SPIN_NS
+        before blocking; a spin that finds nothing turns spinning off until
+        messages come close together again, so an idle client costs one
+        spin, then nothing.  The native loop does the same.
+        """
+        sock = self.sock
+        fd = sock.fileno()
+        protocol = self.protocol
+        ready = vu.State.READY
+        recvmsg_into = sock.recvmsg_into
+        buffers = [buffer]
+        whole = memoryview(buffer)
+        clock = time.perf_counter_ns
+        yield_cpu = os.sched_yield
+        dontwait = socket.MSG_DONTWAIT
+        spin = False
+        native: NativeAccessLoop | None = None
+        native_wanted = self.server.native
+
+        def receive() -> Received:
+            nonlocal spin, native, native_wanted
+            if native_wanted and protocol.state is ready:
+                native_wanted = False
+                native = self._start_native(fd, buffer)
+            if native is not None and not protocol.reader.buffered:
+                return self._receive_native(native, whole)
+            got = False
+            if spin:
+                deadline = clock() + SPIN_NS
+                while True:
+                    try:
+                        n, ancdata, _flags, _ = recvmsg_into(buffers, CMSG_BUFSIZE, dontwait)
+                        got = True
+                        break
+                    except BlockingIOError:
+                        if clock() > deadline:
+                            break
+                        yield_cpu()
+                    except OSError:
+                        break  # the blocking receive below says what it was
+                spin = got
+            if not got:
+                waited = clock()
+                try:
+                    n, ancdata, _flags, _ = recvmsg_into(buffers, CMSG_BUFSIZE)
+                except (ConnectionResetError, BrokenPipeError):
+                    n, ancdata = 0, []
+                except OSError as exc:
+                    raise ConnectionClosed(str(exc)) from None
+                spin = clock() - waited < SPIN_WINDOW_NS
+            return whole, n, tuple(fds_from_ancdata(ancdata)) if ancdata else ()
+
+        return receive
+
+    def _start_native(self, fd: int, buffer: bytearray) -> NativeAccessLoop | None:
+        """The native access loop for this connection, once the client is ready (None: stay in Python)."""
+        native = NativeAccessLoop.start(self.device, fd, buffer, self.protocol.server_caps.max_data_xfer_size,
+                                        SPIN_NS, SPIN_WINDOW_NS)
+        self.native = native
+        if native is not None:
+            log.debug("%s: native access loop serving", self.server.name)
+        return native
+
+    def _receive_native(self, native: NativeAccessLoop, whole: memoryview) -> Received:
+        """Run the native loop (without the GIL) until a message needs Python: what it hands back."""
+        status = native.serve()
+        if status > 0:
+            begin, end = native.pending
+            fds = native.take_fds()
+            return (whole[begin:end] if begin else whole), end - begin, fds
+        if status == 0 or status in (-E.ECONNRESET, -E.EPIPE):
+            return whole, 0, ()
+        raise ConnectionClosed(os.strerror(-status))
+
+    def _serve_step(self) -> Callable[[memoryview, int, tuple[int, ...], bytearray], bytes | bytearray | None]:
+        """run_blocking's serve: a function that handles view[0:n] (and its fds)
+        under the device lock and returns the replies to send.
+
+        Region accesses (nearly all traffic) are served straight from the
+        receive buffer by the protocol's serve_access(), which parses,
+        checks, calls the device and packs the reply.  A buffer holding
+        exactly one access (a vCPU waiting on an MMIO or config access) is
+        the common case and is finished here; anything else goes on in
+        _handle_chunk, which puts the replies in `out` (returned then).
+        """
+        protocol = self.protocol
+        serve_access = protocol.serve_access
+        device_read, device_write = self.device.read, self.device.write
+        handle_chunk = self._handle_chunk
+        access_refused = self._access_refused
+        # Bound methods rather than `with`: a with-statement looks up
+        # __enter__/__exit__ and makes two method objects each time.
+        lock_acquire, lock_release = self.device.lock.acquire, self.device.lock.release
+
+        def serve(view: memoryview, n: int, fds: tuple[int, ...], out: bytearray) -> bytes | bytearray | None:
+            lock_acquire()
+            try:
+                reply: bytes | bytearray | None = None
+                if not fds:
+                    try:
+                        reply = serve_access(view, 0, n, device_read, device_write)
+                    except (vu.RequestError, DmaError) as exc:
+                        reply = access_refused(exc)
+                if reply is None or protocol.access_end != n:
+                    handle_chunk(view, n, fds, reply, out)
+                    reply = out
+            finally:
+                lock_release()
+            return reply
+
+        return serve
+
+    def _send_step(self) -> Callable[[bytes | bytearray], None]:
+        """run_blocking's send: a function that sends replies that carry no fds, or raises ConnectionClosed."""
+        sock = self.sock
+        fd = sock.fileno()
+        write = os.write  # cheaper than sock.send
+        send_acquire, send_release = self._send_lock.acquire, self._send_lock.release
+
+        def send(reply: bytes | bytearray) -> None:
+            send_acquire()
+            try:
+                sent = write(fd, reply)
+                if sent != len(reply):
+                    sock.sendall(reply[sent:])
+            except OSError as exc:
+                raise ConnectionClosed(str(exc)) from None
+            finally:
+                send_release()
+
+        return send
 
     def _access_refused(self, exc: vu.RequestError | DmaError) -> bytes:
         """The error reply for the access serve_access() failed to carry out."""
