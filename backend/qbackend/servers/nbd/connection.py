@@ -228,11 +228,11 @@ class NbdConnection:
             if cmd == nbd.Cmd.WRITE:
                 if req.flags & nbd.CmdFlags.FUA:
                     data = bytes(req.data)  # the pool writes it after the next request has come
-                    self._in_pool(req, lambda: export.write(req.offset, data, True))
+                    self._to_pool(req, lambda: export.write(req.offset, data, True))
                     return
                 export.write(req.offset, req.data, False)
             elif cmd == nbd.Cmd.FLUSH:
-                self._in_pool(req, export.flush)
+                self._to_pool(req, export.flush)
                 return
             elif cmd == nbd.Cmd.TRIM:
                 export.trim(req.offset, req.length, bool(req.flags & nbd.CmdFlags.FUA))
@@ -268,7 +268,7 @@ class NbdConnection:
 
     # -- FLUSH and FUA writes: a small pool, so that a slow flush holds up no read -------
 
-    def _in_pool(self, req: nbd.Request, work: Callable[[], object]) -> None:
+    def _to_pool(self, req: nbd.Request, work: Callable[[], object]) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nbd-flush")
 
@@ -289,7 +289,7 @@ class NbdConnection:
         future.add_done_callback(self._inflight.discard)
 
     @property
-    def in_pool(self) -> bool:
+    def pool_busy(self) -> bool:
         """Whether the pool has requests of this connection in flight (they send on its socket)."""
         return bool(self._inflight)
 

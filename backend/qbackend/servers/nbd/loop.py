@@ -224,7 +224,7 @@ class _LoopDriver:
         conn = self.conn
         native = conn.native
         if (native is None or not self.loop.native or native.in_loop or conn.out
-                or conn.protocol.buffered or conn.in_pool or conn.promote is not None or conn.stopping):
+                or conn.protocol.buffered or conn.pool_busy or conn.promote is not None or conn.stopping):
             return
         native.resume(BULK - 1, LOOP_BATCH)
 
