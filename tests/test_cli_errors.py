@@ -1,14 +1,23 @@
 """User errors at the command line: one line on stderr saying what is wrong
 and what to do, no traceback, qemu-img-like exit codes (1: the operation
-failed, 2: the command line is wrong)."""
+failed, 2: the command line is wrong); --version; and what the servers say
+they served when they stop."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from qbackend.protocol.vfio_user import PciRegion
+from qbackend.testing.harness import wait_until
+from qbackend.testing.vfio_user_client import VfioUserClient
 
 
 def qbackend(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -106,3 +115,110 @@ def test_serve_vhost_user_blk_errors(tmp_path: Path, option: str, code: int, wor
     one_line_error(qbackend("serve", "--vhost-user-blk", option.format(sock=sock, tmp=tmp_path), cwd=tmp_path),
                    code, *words)
     assert not sock.exists()
+
+
+USER_DEVICE = '''\
+from qbackend.devices import Device
+
+
+class Counter(Device):
+    def __init__(self, start: str = "0") -> None:
+        super().__init__()
+        self.start = int(start)
+'''
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--ivshmem", "socket=a.sock,id=x", "--ivshmem", "socket=b.sock,id=x"), ("device id 'x'", "used twice")),
+    (("--ivshmem", "socket=a.sock,shm={shm},size=4M", "--ivshmem", "socket=b.sock,shm={shm},size=8M"),
+     ("shm={shm}", "4194304", "8388608")),
+    (("--ivshmem", "socket=a.sock,shm={shm},peer=1", "--ivshmem", "socket=b.sock,shm={shm},peer=1"),
+     ("group {shm}", "peer id 1 is taken")),
+    (("--nbd", "name=d,image=d.raw,format=raw", "--nbd", "name=d,image=d.raw,format=raw", "--nbd-socket", "n.sock"),
+     ("export name 'd'", "used twice")),
+    (("--nbd", "name=d,image=d.raw,format=raw", "--nbd-socket", "n.sock",
+      "--vhost-user-blk", "socket=v.sock,image=d.raw,format=raw,id=d"), ("block node 'd'", "used twice")),
+    (("--hotplug", "socket=h.sock,slots=1", "--dimm", "id=a,size=128M", "--dimm", "id=b,size=128M"),
+     ("2 DIMMs", "1 slots")),
+    (("--device", "socket=a.sock,class=dev.py:Counter,start=abc"), ("class=dev.py:Counter", "start=abc")),
+])
+def test_serve_with_devices_that_do_not_fit_together(tmp_path: Path, args: tuple[str, ...],
+                                                     words: tuple[str, ...]) -> None:
+    (tmp_path / "d.raw").write_bytes(bytes(1 << 20))
+    (tmp_path / "dev.py").write_text(USER_DEVICE)
+    shm = f"qbackend-test-{tmp_path.name}"
+    try:
+        one_line_error(qbackend("serve", *(a.format(shm=shm) for a in args), cwd=tmp_path), 2,
+                       *(w.format(shm=shm) for w in words))
+    finally:
+        (Path("/dev/shm") / shm).unlink(missing_ok=True)
+    assert not list(tmp_path.glob("*.sock"))
+
+
+def test_nbd_on_a_busy_tcp_port_names_the_address(tmp_path: Path) -> None:
+    (tmp_path / "d.raw").write_bytes(bytes(4096))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        one_line_error(qbackend("nbd", "--export", "image=d.raw,format=raw", "--tcp", address, cwd=tmp_path), 1,
+                       address, "in use")
+
+
+def test_console_on_a_missing_socket_names_it(tmp_path: Path) -> None:
+    one_line_error(qbackend("console", "nothere.sock", cwd=tmp_path), 1, "nothere.sock", "No such file")
+
+
+def test_version() -> None:
+    from qbackend.version import __version__
+
+    result = qbackend("--version", cwd=Path.cwd())
+    assert result.returncode == 0 and result.stderr == "", result
+    assert result.stdout == f"qbackend {__version__}\n"
+
+
+def served(args: list[str], cwd: Path, sock: Path, client: Callable[[], None]) -> str:
+    """Run `qbackend ARGS` natively, let `client` use it, stop it with SIGTERM: its stdout."""
+    env = {**os.environ, "QBACKEND_NATIVE": "require"}
+    proc = subprocess.Popen([sys.executable, "-m", "qbackend", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(sock.exists, 30, "the socket")
+        client()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    return out
+
+
+def test_nbd_says_what_it_served_at_stop(tmp_path: Path) -> None:
+    image, back, sock = tmp_path / "d.raw", tmp_path / "back.raw", tmp_path / "nbd.sock"
+    image.write_bytes(os.urandom(1 << 20))
+
+    def read_it() -> None:  # requests below BULK (64 KiB): the native loop's, not a thread's
+        subprocess.run(["nbdcopy", "--request-size=16384", f"nbd+unix:///d?socket={sock}", str(back)], check=True,
+                       timeout=60)
+
+    out = served(["nbd", "--export", f"name=d,image={image},format=raw", "--socket", str(sock)], tmp_path, sock,
+                 read_it)
+    assert back.read_bytes() == image.read_bytes()
+    lines = [line for line in out.splitlines() if line.startswith("served: ")]
+    assert len(lines) == 1 and out.endswith(lines[0] + "\n"), out
+    counts = {key: int(n) for key, n in (pair.split(" ") for pair in lines[0][len("served: "):].split(", "))}
+    assert list(counts) == sorted(counts) and all(counts.values()), lines[0]
+    assert counts["native_reads"] > 0 and counts["READ"] >= counts["native_reads"], lines[0]
+
+
+def test_serve_says_what_each_device_served_at_stop(tmp_path: Path) -> None:
+    sock = tmp_path / "iv.sock"
+
+    def read_config() -> None:
+        with VfioUserClient(str(sock)) as client:
+            client.negotiate()
+            for _ in range(100):
+                client.read32(PciRegion.CONFIG, 0)
+
+    out = served(["serve", "--ivshmem", f"socket={sock},size=1M,id=iv0"], tmp_path, sock, read_config)
+    line = next(line for line in out.splitlines() if line.startswith("iv0: served native_accesses "))
+    assert int(line.rsplit(" ", 1)[1]) >= 100, out

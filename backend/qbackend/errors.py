@@ -9,6 +9,7 @@ its message as one line; the message says what is wrong and what to do.
     +-- UsageError                     exit 2: a bad option or argument (qemu-img's usage code)
     |   +-- OptionError                   a device/export option (qbackend.options)
     |   +-- SizeError                     a size that does not parse (qbackend.sizes)
+    |   +-- ConfigError                   devices and exports that do not fit together (an id twice)
     +-- ImageError                     a disk image that cannot be used (QED errors, exports)
     +-- QemuError                      QEMU is missing, failed, or answered QMP wrongly
     +-- DeviceError                    a device or its peer group refused a request (DMA, doorbells)
@@ -47,6 +48,12 @@ class UsageError(QbackendError):
 
     exit_code = 2
     errno = E.EINVAL
+
+
+class ConfigError(UsageError, ValueError):
+    """The devices, exports and servers asked of one backend do not fit together: an id
+    given twice, two sizes for one shared memory, a second NBD server, a PCI hot-plug
+    without the controller that shows the slots.  A ValueError too, as OptionError."""
 
 
 class ImageError(QbackendError):

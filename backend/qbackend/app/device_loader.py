@@ -68,4 +68,7 @@ def make_device(opts: DeviceOptions) -> Device:
         keys = ", ".join(k for k, _ in opts.kwargs) or "none"
         raise UsageError(f"--device class={opts.cls}: {cls.__name__}() does not take these keys ({keys}): {exc}") \
             from None
+    except ValueError as exc:  # a key's value the class refuses, e.g. int("abc")
+        given = ", ".join(f"{k}={v}" for k, v in opts.kwargs)
+        raise UsageError(f"--device class={opts.cls}: {cls.__name__}({given}): {exc}") from None
     return device

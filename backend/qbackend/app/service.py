@@ -21,6 +21,7 @@ from qbackend.block.exports import probe_format
 from qbackend.devices.api import Device, function_of
 from qbackend.devices.hotplug_controller import HotplugController
 from qbackend.devices.ivshmem import IvshmemDevice
+from qbackend.errors import ConfigError
 from qbackend.ivshmem.group import PeerGroup
 from qbackend.ivshmem.server import add_server as add_ivshmem_server
 from qbackend.machine.dimm_slots import Dimm, DimmManager
@@ -87,13 +88,13 @@ class Backend:
             if self._nursery is not None:
                 self._nursery.start_soon(group.serve)
         elif group.memory.size != size:
-            raise ValueError(f"shm={shm} is {group.memory.size} bytes in another device; this one asks {size}")
+            raise ConfigError(f"shm={shm} is {group.memory.size} bytes in another device; this one asks {size}")
         return group
 
     def add_ivshmem(self, opts: IvshmemOptions, *, start: bool = True) -> ServedDevice:
         dev_id = opts.id or f"ivshmem{len(self.devices)}"
         if dev_id in self.devices:
-            raise ValueError(f"device id {dev_id!r} is used twice")
+            raise ConfigError(f"device id {dev_id!r} is used twice; give each device its own id=")
         group = self.group(opts.shm, opts.size)
         if opts.server is not None:
             add_ivshmem_server(group, opts.server, max(opts.vectors, 1))
@@ -123,7 +124,7 @@ class Backend:
         dev_id = dev_id or f"{type(device).__name__.lower()}{len(self.devices)}"
         function = function_of(device) if isinstance(device, Device) else device
         if dev_id in self.devices:
-            raise ValueError(f"device id {dev_id!r} is used twice")
+            raise ConfigError(f"device id {dev_id!r} is used twice; give each device its own id=")
         function.name = dev_id
         served = ServedDevice(dev_id, function, VfioUserServer(function, socket_path, name=dev_id,
                                                                handshake_timeout=self.handshake_timeout))
@@ -137,11 +138,11 @@ class Backend:
         """The NBD server of this process and its exports, opened now and
         served from run(); each export is also a block node of its name."""
         if self.nbd_listen is not None:
-            raise ValueError("one NBD server per process: give all --nbd exports together")
+            raise ConfigError("one NBD server per process: give all --nbd exports together")
         try:
             for opts in exports:
                 if opts.name in self.blocks.nodes:
-                    raise ValueError(f"NBD export name {opts.name!r} is used twice")
+                    raise ConfigError(f"NBD export name {opts.name!r} is used twice")
                 fmt = opts.format or probe_format(opts)
                 self.blocks.nodes[opts.name] = BlockNode(opts.name, fmt, opts.image, opts.readonly)
                 self.blocks.add_at_start(opts.name, opts.name, opts.name, writable=not opts.readonly)
@@ -153,7 +154,8 @@ class Backend:
     def add_vhost_user_blk(self, opts: VhostUserBlkOptions) -> None:
         """A disk for QEMU's vhost-user-blk-pci: a block node and its export, both named opts.id."""
         if opts.id in self.blocks.nodes:
-            raise ValueError(f"block node {opts.id!r} is used twice")
+            raise ConfigError(f"block node {opts.id!r} is used twice (an NBD export or a vhost-user-blk disk "
+                              "has that name)")
         fmt = opts.format or probe_format(NbdExportOptions(opts.id, opts.image, opts.readonly, opts.format))
         self.blocks.nodes[opts.id] = BlockNode(opts.id, fmt, opts.image, opts.readonly)
         self.blocks.add_vhost_user_blk(opts.id, opts.id, opts.socket, not opts.readonly, opts.num_queues,
@@ -164,7 +166,7 @@ class Backend:
                         handshake_timeout: float | None = None) -> NbdServer:
         """nbd-server-start: the NBD server, listening now (BlockExports.start_server)."""
         if self._nursery is None:
-            raise ValueError("the backend is not running")
+            raise ConfigError("nbd-server-start: the backend is not running")
         return await self.blocks.start_server(self._nursery, socket_path, tcp, max_connections=max_connections,
                                               tls_creds=tls_creds, handshake_timeout=handshake_timeout)
 
@@ -173,7 +175,7 @@ class Backend:
                                dev_id: str = "hotplug") -> ServedDevice:
         """The hotplug controller and the DIMM slots it shows; QMP comes with attach_qmp()."""
         if self.controller is not None:
-            raise ValueError("one hotplug controller per process")
+            raise ConfigError(f"hotplug controller {dev_id!r}: one hotplug controller per process")
         block = MemoryHotplugBlock(slots, profile)
         controller = HotplugController(block, on_effect=self._controller_effect)
         self.dimms = DimmManager(dimms, machine=machine, ram_size=ram_size, slots=slots, block=block,
@@ -345,7 +347,7 @@ class Backend:
         """Keep the controller's PCI-hotplug block true to QEMU's hotplug bus
         (None: the root bus, as on pc; q35: the root port's id)."""
         if self.controller is None:
-            raise ValueError("PCI slots are shown by the hotplug controller: add it first")
+            raise ConfigError("PCI slots are shown by the hotplug controller: add it first")
         controller = self.controller.device
         assert isinstance(controller, HotplugController)
         self.pci = PciSlotManager(controller.pcihp, controller.lock, bus_id=bus_id,
@@ -356,13 +358,15 @@ class Backend:
     async def pci_add_ivshmem(self, opts: IvshmemOptions, qdev_id: str | None = None) -> ServedDevice:
         """A new ivshmem device: its socket first, then device_add vfio-user-pci."""
         if self.pci is None or self._nursery is None:
-            raise ValueError("PCI hotplug needs the hotplug controller, add_pci_slots() and a running backend")
+            raise ConfigError(f"ivshmem {opts.id or opts.socket}: PCI hotplug needs the hotplug controller, "
+                              "add_pci_slots() and a running backend")
         return await self._pci_add(self.add_ivshmem(opts, start=False), qdev_id)
 
     async def pci_add_device(self, opts: DeviceOptions, qdev_id: str | None = None) -> ServedDevice:
         """A device of the user's own class, hot-plugged: its socket first, then device_add."""
         if self.pci is None or self._nursery is None:
-            raise ValueError("PCI hotplug needs the hotplug controller, add_pci_slots() and a running backend")
+            raise ConfigError(f"device {opts.id or opts.cls}: PCI hotplug needs the hotplug controller, "
+                              "add_pci_slots() and a running backend")
         return await self._pci_add(self.add_device(opts, start=False), qdev_id)
 
     async def _pci_add(self, served: ServedDevice, qdev_id: str | None) -> ServedDevice:
@@ -380,7 +384,7 @@ class Backend:
     async def pci_del(self, qdev_id: str, timeout: float = 30.0) -> bool:
         """device_del, and wait until the guest has ejected it; True when gone."""
         if self.pci is None:
-            raise ValueError("no PCI hotplug slots in this backend")
+            raise ConfigError(f"{qdev_id}: no PCI hotplug slots in this backend")
         gone = await self.pci.remove(qdev_id, timeout)
         if gone:
             await self._free_pci_added(qdev_id)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from qbackend.errors import ConfigError
 from qbackend.plumbing.native_lock import device_lock
 from qbackend.plumbing.unix import clear_eventfd, make_eventfd, signal_eventfd
 from qbackend.protocol.ivshmem_server import MAX_PEER_ID
@@ -191,9 +192,10 @@ class PeerGroup:
             if position is None:
                 position = self.allocate_id()
             if not 0 <= position <= MAX_PEER_ID:
-                raise ValueError(f"ivshmem peer id {position} is outside 0..{MAX_PEER_ID}")
+                raise ConfigError(f"ivshmem group {self.name}: peer id {position} is outside 0..{MAX_PEER_ID}")
             if position in self.peers:
-                raise ValueError(f"ivshmem peer id {position} is taken")
+                raise ConfigError(f"ivshmem group {self.name}: peer id {position} is taken; give another peer= "
+                                  "or none (the lowest free id)")
             peer.position = position
             self.peers[position] = peer
             log.info("ivshmem group %s: peer %d (%s %s) joined", self.name, position, peer.kind, peer.name)

@@ -31,6 +31,7 @@ from typing import Any
 
 import trio
 
+from qbackend.errors import ConfigError
 from qbackend.ivshmem.group import CLIENT_KIND, PeerGroup
 from qbackend.plumbing.threads import run_locked
 from qbackend.plumbing.unix import accept_forever, fds_ancdata, listen_unix, make_eventfd, remove_socket, signal_eventfd
@@ -249,15 +250,15 @@ async def serve_endpoints(group: PeerGroup, *, task_status: trio.TaskStatus[None
 def add_server(group: PeerGroup, path: Path, vectors: int) -> IvshmemServerEndpoint:
     """Give a group an ivshmem-server socket (before it is served)."""
     if not 1 <= vectors <= wire.MAX_VECTORS:
-        raise ValueError(f"ivshmem-server vectors={vectors}: 1..{wire.MAX_VECTORS}")
+        raise ConfigError(f"ivshmem-server {path}: vectors={vectors}: 1..{wire.MAX_VECTORS}")
     for endpoint in group.endpoints:
         if Path(endpoint.path) == Path(path):
             return endpoint
     if group.endpoints and group.vectors != vectors:
-        raise ValueError(f"group {group.name}: its ivshmem-server hands out {group.vectors} vectors per peer, "
-                         f"not {vectors}")
+        raise ConfigError(f"group {group.name}: its ivshmem-server hands out {group.vectors} vectors per peer, "
+                          f"not {vectors}")
     if group._serving:
-        raise ValueError(f"group {group.name} is already served; give server= before qbackend starts")
+        raise ConfigError(f"group {group.name} is already served; give server= before qbackend starts")
     group.vectors = vectors
     endpoint = IvshmemServerEndpoint(group, path)
     group.endpoints.append(endpoint)

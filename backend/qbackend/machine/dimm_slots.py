@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from qbackend.errors import QbackendError
+from qbackend.errors import ConfigError, QbackendError
 from qbackend.machine.qmp import QmpConnection, QmpError
 from qbackend.machine.qmp_replies import DimmInfo, Event, OspmStatus, memory_size_summary
 from qbackend.models.memhp import OST_BUSY, OST_EJECT_IN_PROGRESS, OST_EVENT_EJECT, MemoryHotplugBlock
@@ -112,10 +112,10 @@ class DimmManager:
                  block: MemoryHotplugBlock, lock: Any, on_change: Callable[[], None] = lambda: None,
                  on_outcome: Callable[[Dimm], None] = lambda d: None) -> None:
         if len(dimms) > slots:
-            raise DimmError(f"{len(dimms)} DIMMs declared but the machine has {slots} slots")
+            raise ConfigError(f"{len(dimms)} DIMMs declared but the machine has {slots} slots (--hotplug slots=N)")
         ids = [d.id for d in dimms]
         if len(set(ids)) != len(ids):
-            raise DimmError(f"DIMM ids must be unique: {ids}")
+            raise ConfigError(f"DIMM ids must be unique: {ids}")
         self.machine = machine
         self.ram_size = ram_size
         self.block = block

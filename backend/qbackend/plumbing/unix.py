@@ -111,6 +111,10 @@ def listen_tcp(host: str, port: int, backlog: int = 64) -> socket.socket:
         listener.bind((host, port))
         listener.listen(backlog)
         listener.setblocking(False)
+    except OSError as exc:  # the message names the address: "127.0.0.1:10809: ... in use"
+        listener.close()
+        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        raise OSError(exc.errno, f"cannot listen there: {exc.strerror}", where) from None
     except BaseException:
         listener.close()
         raise

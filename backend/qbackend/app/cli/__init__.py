@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from qbackend.app.cli import console, dimm, drc, ivshmem, nbd, pci, qed, run, serve, setup
-from qbackend.errors import QbackendError
+from qbackend.app.cli.common import report
+from qbackend.version import __version__
 
 # The order of `qbackend --help`.
 COMMANDS = (setup, serve, nbd, run, pci, dimm, console, drc, qed, ivshmem)
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'qbackend COMMAND --help' for the options of each command.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"qbackend {__version__}",
+                        help="print qbackend's version and exit")
     parser.add_argument("--data-dir", type=Path, metavar="DIR",
                         help="where provisioned QEMU and the test guest live (default: $QBACKEND_DATA_DIR, "
                              "else a checkout's build/, else ~/.local/share/qbackend)")
@@ -50,25 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         command.register(sub)
     return parser
-
-
-def _one_line(exc: BaseException) -> str:
-    """The message of a user error as one line (the first line of a long one)."""
-    text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
-        text = f"{exc.filename}: {exc.strerror}"
-    return text.splitlines()[0]
-
-
-def _user_error(exc: BaseException) -> BaseException | None:
-    """The error to report if ``exc`` is a user error (possibly inside trio's
-    exception groups), else None: then it is a bug and keeps its traceback."""
-    if isinstance(exc, BaseExceptionGroup):
-        leaves = [_user_error(e) for e in exc.exceptions]
-        return leaves[0] if leaves and all(leaf is not None for leaf in leaves) else None
-    if isinstance(exc, (QbackendError, OSError)):
-        return exc
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,11 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:
-        error = _user_error(exc)
-        if error is None:
+        failed = report(f"qbackend {args.command}", exc)
+        if failed is None:
             raise
-        print(f"qbackend {args.command}: {_one_line(error)}", file=sys.stderr)
-        return error.exit_code if isinstance(error, QbackendError) else 1
+        return failed
 
 
 if __name__ == "__main__":

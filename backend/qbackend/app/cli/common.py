@@ -1,14 +1,15 @@
-"""What several subcommands share: option types, the NBD limit options, and
-the lines that say where exports are served."""
+"""What several subcommands share: how a user error is reported, option
+types, the NBD limit options, and the lines that say where exports are served."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from qbackend.errors import UsageError
+from qbackend.errors import QbackendError, UsageError
 from qbackend.options import (
     DeviceOptions,
     DimmOptions,
@@ -25,6 +26,35 @@ if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 T = TypeVar("T")
+
+
+def report(prefix: str, exc: BaseException) -> int | None:
+    """If ``exc`` is a user error (a QbackendError or an OSError, possibly inside trio's
+    exception groups), print it as one line after ``prefix`` and return the exit code:
+    the error's own (2 for the command line, 1 for an operation), 1 for an OSError.
+    Else None: it is a bug, and keeps its traceback."""
+    error = _user_error(exc)
+    if error is None:
+        return None
+    print(f"{prefix}: {_one_line(error)}", file=sys.stderr)
+    return error.exit_code if isinstance(error, QbackendError) else 1
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_user_error(e) for e in exc.exceptions]
+        return leaves[0] if leaves and all(leaf is not None for leaf in leaves) else None
+    if isinstance(exc, (QbackendError, OSError)):
+        return exc
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of a user error as one line (the first line of a long one)."""
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    return text.splitlines()[0]
 
 
 def argument(parse: Callable[[str], T]) -> Callable[[str], T]:
@@ -129,3 +159,10 @@ def print_exports(backend: Backend) -> None:
             where.append(f"{scheme}://{server.tcp[0]}:{server.tcp_port}/{name}")
         ro = " (read-only)" if export.info.read_only else ""
         print(f"export {name}: {export.info.size} bytes{ro}: {'  '.join(where)}", flush=True)
+
+
+def served_line(counts: Mapping[str, int]) -> str:
+    """What a server served, for the line printed at stop: "served: READ 12, native_reads 12"
+    (the nonzero counts, by name)."""
+    pairs = [f"{key} {n}" for key, n in sorted(counts.items()) if n]
+    return "served: " + (", ".join(pairs) if pairs else "nothing")

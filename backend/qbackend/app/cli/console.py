@@ -30,7 +30,11 @@ def run(args: argparse.Namespace) -> int:
 
     path: Path = args.path
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(os.fspath(path))
+    try:
+        sock.connect(os.fspath(path))
+    except OSError as exc:  # connect() names no path; the one-line error should
+        sock.close()
+        raise OSError(exc.errno, f"cannot connect: {exc.strerror}", str(path)) from None
     stdin = sys.stdin.fileno()
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     print(f"connected to {path}; Ctrl-] leaves", file=sys.stderr)

@@ -88,17 +88,25 @@ def register(sub: Subparsers) -> None:
 
 
 def machine_from_args(args: argparse.Namespace) -> MachineConfig:
+    from qbackend.errors import UsageError
     from qbackend.models.spapr.drc import Dimm, MachineConfig, PciBridge
     from qbackend.sizes import parse_size
 
     bridges = []
     for text in args.bridge:
-        phb, chassis, devfn = (int(x, 0) for x in text.split(":"))
+        try:
+            phb, chassis, devfn = (int(x, 0) for x in text.split(":"))
+        except ValueError:
+            raise UsageError(f"--bridge {text}: PHB:CHASSIS:DEVFN expected, three numbers") from None
         bridges.append(PciBridge(phb, chassis, devfn))
     dimms = []
     for text in args.dimm:
-        addr, size = text.split(":")
-        dimms.append(Dimm(int(addr, 0), parse_size(size, "--dimm size", default_unit="M")))
+        try:
+            addr, size = text.split(":")
+            start = int(addr, 0)
+        except ValueError:
+            raise UsageError(f"--dimm {text}: ADDR:SIZE expected, e.g. 0x40000000:256M") from None
+        dimms.append(Dimm(start, parse_size(size, "--dimm size", default_unit="M")))
     return MachineConfig(cpus=args.cpus, maxcpus=args.maxcpus, threads=args.threads,
                          memory=parse_size(args.memory, "--memory", default_unit="M"),
                          maxmem=parse_size(args.maxmem, "--maxmem", default_unit="M") if args.maxmem else None,

@@ -7,11 +7,19 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qbackend.app.cli.common import apply_limits, export_option, limit_options, print_exports, tcp_option
+from qbackend.app.cli.common import (
+    apply_limits,
+    export_option,
+    limit_options,
+    print_exports,
+    served_line,
+    tcp_option,
+)
 from qbackend.options import NbdExportOptions
 
 if TYPE_CHECKING:
     from qbackend.app.cli.common import Subparsers
+    from qbackend.servers.nbd import NbdServer
 
 EPILOG = """\
 examples:
@@ -58,13 +66,18 @@ def run(args: argparse.Namespace) -> int:
     backend = Backend(handshake_timeout=args.handshake_timeout)
     apply_limits(args, backend)
     backend.add_nbd(exports, socket_path, tcp)
+    server: NbdServer | None = None  # kept: the backend lets go of its server when it stops
 
     async def serve() -> None:
+        nonlocal server
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stop_on_signal, nursery.cancel_scope)
             await start_until_done(nursery, backend.run)
+            server = backend.nbd
             print_exports(backend)
             print("serving; Ctrl-C stops (in-flight requests finish, images are flushed)", flush=True)
 
     trio.run(serve)
+    if server is not None:
+        print(served_line(server.counts()), flush=True)
     return 0

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from qbackend.app.cli.common import report
 from qbackend.block.blockfile import FileBlock
 from qbackend.block.qed import (
     DEFAULT_CLUSTER_SIZE,
@@ -119,11 +120,11 @@ def run(args: argparse.Namespace) -> int:
             "resize": _resize,
         }[args.qed_command]
         return handler(args)
-    except (QedError, OSError, OptionError, CliError) as exc:
-        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        where = f" {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
-        print(f"qbackend qed {args.qed_command}:{where} {text}", file=sys.stderr)
-        return 1
+    except BaseException as exc:  # reported as main() does, with the subcommand's name
+        failed = report(f"qbackend qed {args.qed_command}", exc)
+        if failed is None:
+            raise
+        return failed
 
 
 # -- helpers ---------------------------------------------------------------------------

@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from qbackend.machine.launch import QemuMachine, load_machine_config, vfio_user_device_arg
 
     workdir: Path = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)  # the sockets go there, and listening makes no folders
     options = args.ivshmem or ([] if args.device else [IvshmemOptions(socket=workdir / "ivshmem0.sock")])
     backend = ivshmem_backend(options)
     for opts in args.device:

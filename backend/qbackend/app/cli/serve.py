@@ -170,4 +170,6 @@ def run(args: argparse.Namespace) -> int:
             print("serving; Ctrl-C stops", flush=True)
 
     trio.run(serve)
+    for served in backend.devices.values():
+        print(f"{served.id}: served native_accesses {served.server.counts()['native_accesses']}", flush=True)
     return 0
