@@ -1,9 +1,9 @@
-"""QMP, the server side: JsonSplitter framing and QmpSession dispatch.
+"""QMP, the server side: QEMU's JSON reader (qmp_json.JsonStream) and QmpSession dispatch.
 
 Documented outcome: a list of actions; every error is a reply, nothing raises.
 Checked besides: every reply is one line of JSON, every `Execute` carries
-arguments its spec accepts, and the splitter cuts the same values however the
-stream is chunked.
+arguments its spec accepts, and the reader gives the same values and errors
+(positions included) however the stream is chunked.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 from fuzz import chunks
 from qbackend.protocol import qmp
 from qbackend.protocol.qmp import Arg, CommandSpec
+from qbackend.protocol.qmp_json import JsonError, JsonStream, Parsed
 
 SPECS = {spec.name: spec for spec in (
     CommandSpec("query-status"),
@@ -30,16 +31,12 @@ def _check_message(data: bytes) -> None:
     assert isinstance(msg, dict) and ("return" in msg) != ("error" in msg), msg
 
 
-def _values(parts: list[bytes | qmp.JsonSplitter.LimitExceeded]) -> list[bytes | qmp.JsonSplitter.LimitExceeded]:
-    return [p.strip() if isinstance(p, bytes) else p for p in parts]
-
-
 def test_one_input(data: bytes) -> None:
     session = qmp.QmpSession(SPECS.get)
-    whole = qmp.JsonSplitter()
-    cut = qmp.JsonSplitter()
+    whole = JsonStream()
+    cut = JsonStream()
     stream = b""
-    pieces: list[bytes | qmp.JsonSplitter.LimitExceeded] = []
+    pieces: list[Parsed | JsonError] = []
     for chunk, _nfds in chunks(data):
         stream += chunk
         pieces += cut.feed(chunk)
@@ -52,4 +49,4 @@ def test_one_input(data: bytes) -> None:
                 _check_message(session.returned(action, {"ok": True}))
                 _check_message(session.failed(action, qmp.QmpCommandError("failed", qmp.ErrorClass.DEVICE_NOT_FOUND)))
     assert session.receive_data(b"") == [] and session.closed
-    assert _values(pieces) == _values(whole.feed(stream)), (pieces, stream)
+    assert pieces == whole.feed(stream), (pieces, stream)

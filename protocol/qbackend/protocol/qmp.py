@@ -16,29 +16,20 @@ is EOF.  The errors and their texts are QEMU's own (checked against
 qemu-storage-daemon 11.1 in tests/test_qmp_monitor.py).
 
 Input is a stream of JSON values, not lines: a value may span lines and a
-line may hold several.  `JsonSplitter` finds where each value ends by
-counting brackets outside strings, as QEMU's json-streamer does, and
-bounds what it buffers: a value longer than `MAX_VALUE` or nested deeper
-than `MAX_NESTING` (half QEMU's limit: what Python's json can both decode
-and encode) is answered with QEMU's limit error, then skipped up to the
-next newline.
+line may hold several.  `qmp_json.JsonStream` reads it as QEMU's monitor
+does, errors and their positions included.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-MAX_VALUE = 4 << 20  # bytes of one JSON value (QEMU allows 64 MiB; qbackend's commands need far less)
-# QEMU's json-streamer allows 1024, but Python's json decodes and encodes by recursion and
-# stops near 1000 levels less the stack in use: a value nested a little shallower than
-# that decodes, and then its id cannot be encoded into the reply (RecursionError).
-MAX_NESTING = 512
+from qbackend.protocol.qmp_json import JsonError, JsonStream
 
 
 class ErrorClass(StrEnum):
@@ -56,104 +47,6 @@ class QmpCommandError(Exception):
         super().__init__(desc)
         self.desc = desc
         self.error_class = error_class
-
-
-# -- framing ------------------------------------------------------------------------------
-
-_STRUCTURAL = re.compile(rb'["\\{}\[\]\n]')
-
-
-class JsonSplitter:
-    """Bytes in, whole JSON values (as bytes) out; `LimitExceeded` for oversized ones."""
-
-    @dataclass(frozen=True)
-    class LimitExceeded:
-        desc: str
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._scan = 0  # how far _buf has been scanned
-        self._depth = 0
-        self._in_string = False
-        self._escape = False
-        self._skipping = False  # after a limit error: drop input up to the next newline
-
-    def feed(self, data: bytes) -> list[bytes | JsonSplitter.LimitExceeded]:
-        out: list[bytes | JsonSplitter.LimitExceeded] = []
-        rest: bytes | None = data
-        while rest is not None:  # a loop, not recursion: a chunk may hold many over-limit values
-            rest = self._feed_once(rest, out)
-        return out
-
-    def _feed_once(self, data: bytes, out: list[bytes | JsonSplitter.LimitExceeded]) -> bytes | None:
-        """Scan `data` into `out`; after a limit error, the input left to scan (else None)."""
-        if self._skipping:
-            nl = data.find(b"\n")
-            if nl < 0:
-                return None
-            self._skipping = False
-            data = data[nl + 1:]
-        self._buf += data
-        pos = self._scan
-        start = 0  # where the value being scanned began
-        buf = self._buf
-        while True:
-            m = _STRUCTURAL.search(buf, pos)
-            end = m.start() if m else len(buf)
-            if self._escape and end > pos:  # the byte after a backslash, whatever it is
-                self._escape = False
-                pos += 1
-                continue
-            if m is None:
-                pos = len(buf)
-                break
-            ch = buf[end]
-            pos = end + 1
-            if self._in_string:
-                if self._escape:
-                    self._escape = False
-                elif ch == 0x5C:  # backslash
-                    self._escape = True
-                elif ch == 0x22:  # quote
-                    self._in_string = False
-                continue
-            if ch == 0x22:
-                self._in_string = True
-            elif ch in (0x7B, 0x5B):  # { [
-                self._depth += 1
-                if self._depth > MAX_NESTING:
-                    out.append(self.LimitExceeded("JSON nesting depth limit exceeded"))
-                    rest = bytes(buf[pos:])
-                    self._skip_line()
-                    return rest or None
-            elif ch in (0x7D, 0x5D):  # } ]
-                self._depth -= 1
-                if self._depth <= 0:
-                    self._depth = 0
-                    out.append(bytes(buf[start:pos]))
-                    start = pos
-            elif ch == 0x0A and self._depth == 0:
-                # A newline outside any bracket ends a scalar (or a stray token) at the top level.
-                if buf[start:end].strip():
-                    out.append(bytes(buf[start:end]))
-                start = pos
-        del buf[:start]
-        self._scan = pos - start
-        if len(buf) > MAX_VALUE:
-            out.append(self.LimitExceeded("JSON token size limit exceeded"))
-            self._skip_line()
-            return None
-        if not self._in_string and not buf.strip():
-            buf.clear()
-            self._scan = 0
-        return None
-
-    def _skip_line(self) -> None:
-        """After a limit error: forget the value and drop input up to the next newline."""
-        self._buf.clear()
-        self._scan = self._depth = 0
-        self._in_string = self._escape = False
-        self._skipping = True
 
 
 # -- argument schemas ---------------------------------------------------------------------
@@ -296,7 +189,7 @@ class QmpSession:
 
     def __init__(self, lookup: Callable[[str], CommandSpec | None]) -> None:
         self._lookup = lookup
-        self._splitter = JsonSplitter()
+        self._stream = JsonStream()
         self.negotiated = False
         self.closed = False
 
@@ -305,19 +198,14 @@ class QmpSession:
             self.closed = True
             return []
         actions: list[Action] = []
-        for value in self._splitter.feed(data):
-            if isinstance(value, JsonSplitter.LimitExceeded):
-                actions.append(Reply(error_message(ErrorClass.GENERIC, value.desc)))
+        for item in self._stream.feed(data):
+            if isinstance(item, JsonError):
+                actions.append(Reply(error_message(ErrorClass.GENERIC, item.desc)))
             else:
-                actions.append(self._message(value))
+                actions.append(self._message(item.value))
         return actions
 
-    def _message(self, raw: bytes) -> Action:
-        try:
-            obj = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            text = str(exc).split(":", 1)[0] if isinstance(exc, json.JSONDecodeError) else str(exc)
-            return Reply(error_message(ErrorClass.GENERIC, f"JSON parse error, {text}"))
+    def _message(self, obj: object) -> Action:
         if not isinstance(obj, dict):
             return Reply(error_message(ErrorClass.GENERIC, "QMP input must be a JSON object"))
         has_id = "id" in obj
