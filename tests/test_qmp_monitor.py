@@ -742,3 +742,18 @@ def test_twenty_runtime_export_cycles_leak_nothing(served: Served, tmp_path: Pat
         assert client.command({"execute": "nbd-server-stop"}) == {"return": {}}
     finally:
         client.close()
+
+
+def test_pci_device_add_with_a_socket_in_a_missing_folder_is_an_error_and_makes_nothing(served: Served) -> None:
+    client = Raw(served.monitor)
+    try:
+        missing = served.workdir / "no" / "such" / "dir"
+        reply = client.command({"execute": "pci-device-add", "id": 1, "arguments": {
+            "driver": "ivshmem", "id": "nowhere", "socket": str(missing / "x.sock")}})
+        assert reply["error"]["class"] == "GenericError", reply
+        assert "does not exist" in reply["error"]["desc"] and str(missing) in reply["error"]["desc"], reply
+        assert not (served.workdir / "no").exists()
+        assert "nowhere" not in served.backend.devices
+        assert client.command({"execute": "query-pci-hotplug", "id": 2})["id"] == 2  # and the monitor goes on
+    finally:
+        client.close()

@@ -372,7 +372,11 @@ class Backend:
     async def _pci_add(self, served: ServedDevice, qdev_id: str | None) -> ServedDevice:
         assert self.pci is not None and self._nursery is not None
         served.created_by_pci_add = True
-        await self._nursery.start(self._serve_device, served)  # listening before QEMU connects
+        try:
+            await self._nursery.start(self._serve_device, served)  # listening before QEMU connects
+        except BaseException:
+            self._free_device(served)  # its socket could not be made: nothing of it stays
+            raise
         try:
             await self.pci.add({"driver": "vfio-user-pci", "id": qdev_id or served.id,
                                 "socket": {"type": "unix", "path": str(served.server.socket_path)}})

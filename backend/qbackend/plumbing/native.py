@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qbackend.errors import QbackendError
+from qbackend.errors import QbackendError, UsageError
 from qbackend.plumbing.native_build import HELPERS, library_name
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def mode() -> str:
         return "auto"
     if value == "require":
         return "require"
-    raise QbackendError(f"{ENV_SWITCH}={value!r}: use auto, off or require")
+    raise UsageError(f"{ENV_SWITCH}={value!r}: use auto, off or require")
 
 
 def enabled() -> bool:

@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
         set_data_dir(args.data_dir)
     try:
+        # QBACKEND_NATIVE=require: a C helper missing from this install is said now, not
+        # when the first client comes.
+        from qbackend.plumbing.native import check_required
+
+        check_required()
         code: int = args.func(args)
         return code
     except KeyboardInterrupt:
