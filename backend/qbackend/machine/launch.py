@@ -230,8 +230,12 @@ class QemuMachine:
         numa_nodes: int = 1,
         slots: int = 0,
         maxmem: str | None = None,
+        reboot: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
+        # False: a guest reboot (or a kernel panic, with panic=-1) ends QEMU, which tests
+        # notice at once; True: the machine resets and boots again, and a panic halts.
+        self.reboot = reboot
         self.config = load_machine_config(machine)
         self.machine = self.config.machine
         self.memory = memory
@@ -255,7 +259,7 @@ class QemuMachine:
 
     def args(self) -> list[str]:
         """The full argv QEMU is started with."""
-        append = "console=ttyS0 loglevel=1 panic=-1"
+        append = "console=ttyS0 loglevel=1 " + ("panic=0" if self.reboot else "panic=-1")
         if self.append:
             append += " " + self.append
         return [
@@ -263,7 +267,7 @@ class QemuMachine:
             "-accel", self.accel,
             *self._memory_args(),
             "-smp", str(self.smp),
-            "-nodefaults", "-display", "none", "-vga", "none", "-no-reboot",
+            "-nodefaults", "-display", "none", "-vga", "none", *([] if self.reboot else ["-no-reboot"]),
             "-kernel", str(self.guest.kernel),
             "-initrd", str(self.guest.initrd),
             "-append", append,
