@@ -258,3 +258,18 @@ def test_random_accesses_match_the_reference(profile: Profile, ops: list[tuple[s
             want = ref.write(off, size, val)
             assert ["ost" if isinstance(e, OstReported) else "eject" for e in got] == want
     assert [s.status for s in b.slots] == [s.flags for s in ref.slots]
+
+
+def test_a_machine_reset_keeps_the_dimms_and_drops_pending_inserts() -> None:
+    """What was plugged stays (address, size, node, enabled); its insert event is stale after a
+    reset (the DIMM is present at boot); a requested removal stays requested, as in QEMU."""
+    block = MemoryHotplugBlock(3)
+    block.plug(0, 0x1_0000_0000, 128 << 20, 1, "d0")
+    block.plug(1, 0x1_0800_0000, 128 << 20, 0, "d1")
+    block.request_unplug(1)
+    block.machine_reset()
+    assert [(s.address, s.size, s.node, s.enabled, s.inserting, s.removing) for s in block.slots] == [
+        (0x1_0000_0000, 128 << 20, 1, True, False, False),
+        (0x1_0800_0000, 128 << 20, 0, True, False, True),
+        (0, 0, 0, False, False, False)]
+    assert block.event_pending  # the removal request

@@ -133,3 +133,16 @@ def test_random_sequences_keep_the_invariants(ops: list[tuple[str, int, int, int
                 assert not (bus.up | bus.down) & (1 << lowest)  # eject cleared the slot's events
     for bus in b.buses.values():
         assert 0 <= bus.up <= 0xFFFFFFFF and 0 <= bus.down <= 0xFFFFFFFF
+
+
+def test_a_machine_reset_keeps_the_devices_and_ends_pending_events() -> None:
+    """QEMU carries out pending removals at a reset (DEVICE_DELETED follows); what stays is
+    present at boot, so no UP is pending any more."""
+    block = PciHotplugBlock()
+    block.plug(0, 3, "a")
+    block.plug(0, 4, "b")
+    block.request_unplug(0, 4)
+    block.machine_reset()
+    bus = block.buses[0]
+    assert (bus.up, bus.down, bus.devices) == (0, 0, {3: "a", 4: "b"})
+    assert not block.event_pending

@@ -127,7 +127,13 @@ class HotplugController(PciFunction):
         self.update_interrupt()
 
     def reset(self) -> None:
-        # The hotplug blocks survive a reset, as QEMU's do; the interrupt enable does not.
+        # The slots survive a reset, as QEMU's do: what is plugged stays plugged.  What was
+        # plugged before the reset is present at boot, so its insert event is not pending
+        # any more (the guest's firmware and ACPI find it as they find cold-plugged devices);
+        # a pending PCI removal is carried out by QEMU at the reset.  The interrupt enable
+        # does not survive either.
         super().reset()
+        self.memhp.machine_reset()
+        self.pcihp.machine_reset()
         self.irq_enable = 0
         self._pending = False

@@ -129,6 +129,15 @@ class MemoryHotplugBlock:
         """Fault injection: an insert event for a slot nothing was plugged into."""
         self.slots[slot].inserting = True
 
+    def machine_reset(self) -> None:
+        """The machine was reset: the DIMMs in the slots stay, and count as present at boot
+        (cold-plugged DIMMs raise no insert event), so pending insert events are dropped.  A
+        pending removal stays requested, as QEMU keeps it across a reset."""
+        for s in self.slots:
+            s.inserting = False
+        self.selector = 0
+        self.ost_event = self.ost_status = 0
+
     @property
     def event_pending(self) -> bool:
         return any(s.inserting or s.removing for s in self.slots)

@@ -84,6 +84,17 @@ class PciHotplugBlock:
         bus = self.buses[bsel]
         bus.removable = bus.removable | (1 << slot) if removable else bus.removable & ~(1 << slot)
 
+    def machine_reset(self) -> None:
+        """The machine was reset.  QEMU carries out every pending removal then (its device
+        goes, DEVICE_DELETED follows, and `unplugged` frees the slot here): the request is
+        over.  What stays plugged is present at boot and found by enumeration, so its
+        insert event is not pending any more either (in QEMU the guest's ACPI has read and
+        so cleared it; here nothing may ever read it)."""
+        for bus in self.buses.values():
+            bus.up = bus.down = 0
+        self.select = 0
+        self.acpi_index = 0
+
     @property
     def event_pending(self) -> bool:
         return any(bus.up or bus.down for bus in self.buses.values())
