@@ -113,9 +113,12 @@ def _query_version(cmd: list[str], env: dict[str, str]) -> tuple[int, ...]:
     return _parse_version(out.stdout)
 
 
-def find_qemu() -> QemuInstall:
-    """The QEMU to use: ``$QEMU`` if set, else the data directory's ``qemu/``."""
-    env_qemu = os.environ.get("QEMU")
+def find_qemu(qemu: str | os.PathLike[str] | None = None, *, data: Path | None = None) -> QemuInstall:
+    """The QEMU to use: ``qemu`` (a path or a command name) if given, else
+    ``$QEMU`` if set, else the data directory's ``qemu/`` (``data``, else
+    `data_dir()`)."""
+    env_qemu = os.fspath(qemu) if qemu is not None else os.environ.get("QEMU")
+    what = repr(env_qemu) if qemu is not None else f"QEMU={env_qemu!r}"
     if env_qemu:
         path = Path(env_qemu)
         if not path.is_absolute():
@@ -123,7 +126,7 @@ def find_qemu() -> QemuInstall:
             path = Path(found) if found else path
         if not (path.is_file() and os.access(path, os.X_OK)):
             raise QemuNotFound(
-                f"QEMU={env_qemu!r} is not an executable file. Set QEMU to the path of a "
+                f"{what} is not an executable file. Set QEMU to the path of a "
                 f"qemu-system-x86_64 (>= {MIN_VERSION[0]}.{MIN_VERSION[1]}), or unset it "
                 "and run `make setup` to provision QEMU into build/qemu."
             )
@@ -132,18 +135,18 @@ def find_qemu() -> QemuInstall:
             version = _query_version(inst.system_cmd(), inst.env())
         except QemuNotFound as e:
             raise QemuNotFound(
-                f"QEMU={env_qemu!r} does not look like qemu-system-x86_64: {e}. Point QEMU at "
+                f"{what} does not look like qemu-system-x86_64: {e}. Point QEMU at "
                 "a qemu-system-x86_64 (>= 10.1), or unset it and run `make setup`."
             ) from e
         if version[:2] < MIN_VERSION:
             raise QemuNotFound(
-                f"QEMU={env_qemu!r} is version {'.'.join(map(str, version))}; qbackend needs "
+                f"{what} is version {'.'.join(map(str, version))}; qbackend needs "
                 f">= {MIN_VERSION[0]}.{MIN_VERSION[1]} (vfio-user-pci). Point QEMU at a newer "
                 "qemu-system-x86_64, or unset it and run `make setup`."
             )
         return QemuInstall(binary=inst.binary, version=version)
 
-    root = data_dir() / "qemu"
+    root = (data or data_dir()) / "qemu"
     binary = root / "usr/bin/qemu-system-x86_64"
     if not (binary.exists() and (root / ".complete").exists()):
         raise QemuNotFound(

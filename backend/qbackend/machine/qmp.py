@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import math
 import threading
 import time
@@ -57,6 +58,33 @@ class QmpError(QemuError, RuntimeError):
 
 class QmpTimeout(QmpError, TimeoutError):
     """No matching event (or reply) arrived in time."""
+
+
+# -- qemu.qmp's log -----------------------------------------------------------
+
+CLIENT_NAME = "qbackend"
+"""The name of every QMPClient made here; qemu.qmp logs under
+``qemu.qmp.protocol.qbackend`` for them."""
+_NOT_UP_YET = ("FileNotFoundError", "ConnectionRefusedError")
+
+
+class _NotUpYet(logging.Filter):
+    """Drops qemu.qmp's "Failed to establish connection" records when the
+    socket is not there or not listening yet: `_Core._connect` retries
+    then, and says so itself (QmpError) if QEMU never comes up.  Other
+    connection failures are logged as qemu.qmp logs them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not (isinstance(args, tuple) and len(args) == 2 and args[0] == "Failed to establish connection"):
+            return True
+        detail = str(args[1])
+        # the error record holds "FileNotFoundError: ..."; the debug one a traceback ending in it
+        last = detail.rstrip().rsplit("\n", 1)[-1].lstrip(" |")
+        return not (detail.startswith(_NOT_UP_YET) or last.startswith(_NOT_UP_YET))
+
+
+logging.getLogger(f"qemu.qmp.protocol.{CLIENT_NAME}").addFilter(_NotUpYet())
 
 
 # -- the asyncio loop thread -------------------------------------------------
@@ -125,7 +153,7 @@ class _Core:
     async def _connect(self, path: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            client = QMPClient("qbackend")
+            client = QMPClient(CLIENT_NAME)
             try:
                 await client.connect(path)
                 break

@@ -13,8 +13,9 @@ yet.  A test asserting on the server's side of a guest write waits for it
 with `wait_until` (or `wait_equal`), which fails with what it waited for
 and the last value it saw.
 
-No pytest here: this is part of the package (pytest is a test extra); the
-fixtures built on it are in tests/conftest.py.
+No pytest here: this is part of the package (pytest is an extra); the
+fixtures built on it are the pytest plugin's (qbackend.testing.plugin),
+which imports this module only when a test asks for one of them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any, TypeVar
 from qbackend.app.backend_thread import BackendThread
 from qbackend.app.service import Backend
 from qbackend.machine.console import GuestConsole
-from qbackend.machine.launch import QemuMachine
+from qbackend.machine.launch import GuestImage, QemuInstall, QemuMachine, find_guest, find_qemu
 from qbackend.machine.qmp import SyncQmp
 
 T = TypeVar("T")
@@ -248,9 +249,35 @@ class Harness:
     backend, then shared memory objects are unlinked.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, qemu: str | Path | None = None, data: Path | None = None,
+                 kernel: Path | None = None, initrd: Path | None = None) -> None:
+        """What its guests run, unless a `guest` call says otherwise: the
+        qemu-system-x86_64 `qemu` (else ``$QEMU``), and the kernel and
+        initrd given (else the guest) from the data directory `data` (else
+        `qbackend.machine.data_dir`).  Looked up at the first guest, so a
+        Harness that boots none needs none of it."""
         self.workdir = workdir
         self._stack = ExitStack()
+        self._qemu, self._data, self._kernel, self._initrd = qemu, data, kernel, initrd
+        self._install: QemuInstall | None = None
+        self._image: GuestImage | None = None
+
+    def qemu_install(self) -> QemuInstall:
+        """The QEMU this harness's guests run (QemuNotFound says what is missing)."""
+        if self._install is None:
+            self._install = find_qemu(self._qemu, data=self._data)
+        return self._install
+
+    def guest_image(self) -> GuestImage:
+        """The kernel and initrd this harness's guests boot."""
+        if self._image is None:
+            if self._kernel and self._initrd:
+                self._image = GuestImage(self._kernel, self._initrd)
+            else:
+                found = find_guest(self._data / "guest" if self._data else None)
+                self._image = GuestImage(self._kernel or found.kernel, self._initrd or found.initrd,
+                                         "" if self._kernel else found.kernel_version)
+        return self._image
 
     def serve(self, backend: Backend) -> BackendThread:
         """Start serving `backend` in a thread; stopped at close."""
@@ -264,6 +291,10 @@ class Harness:
         own name.  Started with `start` (see `start`); without it, for a
         test that needs the guest's socket paths before QEMU runs (to attach
         qbackend to its monitor first), start it later with `start`."""
+        if machine.get("qemu") is None:
+            machine["qemu"] = self.qemu_install()
+        if machine.get("guest") is None:
+            machine["guest"] = self.guest_image()
         guest = Guest(self.workdir, name, **machine)
         if start:
             self.start(guest, ready=ready, ready_timeout=ready_timeout)
