@@ -13,6 +13,8 @@ checks what qbackend made of one waits for it (wait_until)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -191,6 +193,48 @@ def test_dimm_added_by_a_user_on_another_monitor_shows_within_a_second(rig: Rig)
     rig.user.next_event("DEVICE_DELETED", data={"device": "user1"}, timeout=10)
     rig.user.execute("object-del", {"id": "mem-user"})
     wait_until(lambda: not rig.controller.memhp.slots[3].enabled, 1.0, "slot 3 to be empty again")
+    rig.assert_window_matches_qemu()
+
+
+def dimm_list(rig: Rig) -> list[str]:
+    """`qbackend dimm list` against the rig's qbackend, as a user runs it."""
+    result = subprocess.run([sys.executable, "-m", "qbackend", "dimm", "--control", str(rig.monitor), "list"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.splitlines()
+
+
+def test_a_dimm_plugged_on_qemus_own_monitor_shows_in_dimm_list_and_query_memory_hotplug(rig: Rig) -> None:
+    """Plugged and unplugged by someone else on QEMU's monitor (a plain RAM
+    backend, QEMU choosing slot and address): qbackend's QMP says so within
+    a second, marked not declared, and so does `qbackend dimm list`."""
+    before = rig.mem_total_kb()
+    rig.user.execute("object-add", {"qom-type": "memory-backend-ram", "id": "mem-theirs", "size": 128 * MiB})
+    rig.user.execute("device_add", {"driver": "pc-dimm", "id": "theirs", "memdev": "mem-theirs"})
+    (qemu_row,) = [d["data"] for d in rig.user.execute("query-memory-devices") if d["data"].get("id") == "theirs"]
+    with SyncQmp(rig.monitor) as qmp:
+        def theirs() -> list[dict[str, object]]:
+            return [r for r in qmp.execute("query-memory-hotplug") if r["id"] == "theirs"]
+
+        (row,) = wait_until(theirs, 1.0, "query-memory-hotplug to list the DIMM")
+        assert row == {"id": "theirs", "slot": qemu_row["slot"], "address": qemu_row["addr"], "size": 128 * MiB,
+                       "node": qemu_row["node"], "state": "plugged", "declared": False}
+        (line,) = wait_until(lambda: [ln for ln in dimm_list(rig) if ln.startswith("theirs ")], 10,
+                             "dimm list to show the DIMM")
+        assert line.split()[1:] == [str(qemu_row["slot"]), f"{qemu_row['addr']:#018x}", "128M",
+                                    str(qemu_row["node"]), "plugged", "(not", "declared)"]
+        wait_until(lambda: rig.mem_total_kb() == before + 128 * 1024, 10, "the guest's MemTotal to grow",
+                   seen=rig.mem_total_kb)
+        rig.assert_window_matches_qemu()
+
+        rig.user.execute("device_del", {"id": "theirs"})
+        rig.user.next_event("DEVICE_DELETED", data={"device": "theirs"}, timeout=30)
+        rig.user.execute("object-del", {"id": "mem-theirs"})
+        wait_until(lambda: not theirs(), 1.0, "query-memory-hotplug to drop the DIMM", seen=theirs)
+        wait_until(lambda: not [ln for ln in dimm_list(rig) if ln.startswith("theirs ")], 10,
+                   "dimm list to drop the DIMM")
+        wait_until(lambda: rig.mem_total_kb() == before, 10, "MemTotal back", seen=rig.mem_total_kb)
+        assert all(r["declared"] for r in qmp.execute("query-memory-hotplug"))
     rig.assert_window_matches_qemu()
 
 

@@ -147,9 +147,10 @@ def test_qemu_qmp_client_negotiates_and_queries(served: Served) -> None:
     assert set(got["query-version"]["qemu"]) == {"major", "minor", "micro"}
     assert got["query-memory-total"] == {"base": 512 << 20, "plugged": 0, "total": 512 << 20}
     assert got["query-memory-hotplug"] == [
-        {"id": "hot1", "slot": 0, "address": 1 << 32, "size": 128 << 20, "node": 0, "state": "empty"},
+        {"id": "hot1", "slot": 0, "address": 1 << 32, "size": 128 << 20, "node": 0, "state": "empty",
+         "declared": True},
         {"id": "hot2", "slot": 1, "address": (1 << 32) + (128 << 20), "size": 256 << 20, "node": 0,
-         "state": "empty"}]
+         "state": "empty", "declared": True}]
     assert got["query-block-exports"] == []
 
 

@@ -124,7 +124,9 @@ class DimmManager:
         self.on_outcome = on_outcome  # a removal ended: REMOVED or FAILED (whoever asked for it)
         self.dimms = {d.id: Dimm(d, slot, addr)
                       for slot, (d, addr) in enumerate(zip(dimms, layout(dimms, machine, ram_size)))}
-        self.others: dict[str, DimmInfo] = {}  # DIMMs QEMU has that we did not declare
+        # DIMMs QEMU has that are none of the declared ones (plugged by anyone
+        # on QEMU's own monitor), by QEMU's slot number: kept by `reconcile`.
+        self.others: dict[int, DimmInfo] = {}
         self.qmp: QmpConnection | None = None
         self.ost: list[OspmStatus] = []  # ACPI_DEVICE_OST events seen, newest last
 
@@ -286,7 +288,6 @@ class DimmManager:
     def _reconcile_slots(self, seen: dict[int, DimmInfo]) -> bool:
         """Under the controller's lock: the block and the slots as QEMU has them; True if anything changed."""
         changed = False
-        self.others = {}
         for slot_no, slot in enumerate(self.block.slots):
             data = seen.get(slot_no)
             if data is None:
@@ -305,10 +306,11 @@ class DimmManager:
             if plugged != d.plugged:
                 d.plugged = plugged
                 changed = True
-        ours = {d.id for d in self.dimms.values()}
-        for data in seen.values():
-            if data.id not in ours:
-                self.others[str(data.id)] = data
+        declared_at = {d.slot: d.id for d in self.dimms.values()}
+        others = {slot: data for slot, data in seen.items() if declared_at.get(slot) != data.id}
+        if others != self.others:
+            self.others = others
+            changed = True
         return changed
 
     async def memory_total(self) -> dict[str, int]:
@@ -322,6 +324,18 @@ class DimmManager:
 
     def as_json(self) -> list[dict[str, Any]]:
         out = [d.as_json() for d in self.dimms.values()]
-        out += [{"id": i, "slot": v.slot, "address": v.addr, "size": v.size, "node": v.node,
-                 "plugged": True, "removal": None, "declared": False} for i, v in self.others.items()]
+        out += [{"id": v.id, "slot": v.slot, "address": v.addr, "size": v.size, "node": v.node,
+                 "plugged": True, "removal": None, "declared": False} for _, v in sorted(self.others.items())]
         return out
+
+    def hotplug_status(self) -> list[dict[str, Any]]:
+        """query-memory-hotplug: every declared slot and its state, then each
+        DIMM QEMU has that is none of them (plugged on QEMU's own monitor,
+        by anyone), ``declared: false``, its id None if it was given none.
+        What QEMU plugs and unplugs shows within a reconcile interval."""
+        rows: list[dict[str, Any]] = [
+            {"id": d.id, "slot": d.slot, "address": d.address, "size": d.opts.size, "node": d.opts.node,
+             "state": d.state, "declared": True} for d in self.dimms.values()]
+        rows += [{"id": v.id, "slot": v.slot, "address": v.addr, "size": v.size, "node": v.node,
+                  "state": "plugged", "declared": False} for _, v in sorted(self.others.items())]
+        return rows

@@ -25,7 +25,8 @@ def register(sub: Subparsers) -> None:
     dimm.add_argument("--control", type=Path, default=Path("build/run/qbackend.sock"),
                       help="its QMP monitor (default: build/run/qbackend.sock, where 'make run' puts it)")
     dimm_sub = dimm.add_subparsers(dest="dimm_command", metavar="ACTION", required=True)
-    dimm_sub.add_parser("list", help="slots, addresses, nodes, what is plugged")
+    dimm_sub.add_parser("list", help="slots, addresses, nodes, what is plugged (DIMMs plugged on QEMU's "
+                                     "own monitor too, marked 'not declared')")
     dimm_sub.add_parser("total", help="memory total: base plus plugged")
     for name, what in (("add", "hot-add"), ("del", "hot-remove")):
         p = dimm_sub.add_parser(name, help=f"{what} the DIMM of a declared slot")
@@ -42,9 +43,9 @@ def run(args: argparse.Namespace) -> int:
         if args.dimm_command == "list":
             rows = call(qmp, "query-memory-hotplug")
             print(f"{'id':<12}{'slot':>5}  {'address':<20}{'size':>8}{'node':>5}  state")
-            for r in rows:
-                print(f"{r['id']:<12}{r['slot']:>5}  {r['address']:#018x}  {r['size'] >> 20:>6}M{r['node']:>5}  "
-                      f"{r['state']}")
+            for r in rows:  # after the declared slots, DIMMs plugged on QEMU's own monitor
+                print(f"{r['id'] or '-':<12}{r['slot']:>5}  {r['address']:#018x}  {r['size'] >> 20:>6}M{r['node']:>5}  "
+                      f"{r['state']}{'' if r.get('declared', True) else ' (not declared)'}")
         elif args.dimm_command == "total":
             t = call(qmp, "query-memory-total")
             print(f"base {t['base'] >> 20} MiB + plugged {t['plugged'] >> 20} MiB = {t['total'] >> 20} MiB "

@@ -19,8 +19,10 @@ if TYPE_CHECKING:
     from qbackend.app.service import Backend
     from qbackend.servers.qmp_monitor import QmpMonitor
 
-QUERY_HOTPLUG = CommandSpec("query-memory-hotplug", doc="every declared DIMM slot and its state",
-                            returns="[{id, slot, address, size, node, state}]")
+QUERY_HOTPLUG = CommandSpec("query-memory-hotplug",
+                            doc="every declared DIMM slot and its state, then the DIMMs plugged on QEMU's own "
+                                "monitor (declared: false)",
+                            returns="[{id, slot, address, size, node, state, declared}]")
 QUERY_TOTAL = CommandSpec("query-memory-total", doc="memory total: base plus plugged DIMMs",
                           returns="{base, plugged, total, and with a QEMU attached its qemu-base, qemu-plugged}")
 DIMM_ADD = CommandSpec("dimm-add", {"id": Arg("str", doc="a declared slot's DIMM id")},
@@ -44,8 +46,7 @@ def register(monitor: QmpMonitor, backend: Backend) -> None:
         return backend.dimms
 
     async def query_hotplug(args: dict[str, Any]) -> object:
-        return [{"id": d.id, "slot": d.slot, "address": d.address, "size": d.opts.size, "node": d.opts.node,
-                 "state": d.state} for d in dimms().dimms.values()]
+        return dimms().hotplug_status()
 
     async def query_total(args: dict[str, Any]) -> object:
         return await dimms().memory_total()
