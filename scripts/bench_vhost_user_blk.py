@@ -36,7 +36,6 @@ from qbackend.machine.guest_tools import with_host_programs  # noqa: E402
 from qbackend.machine.launch import QemuInstall, find_guest, find_qemu  # noqa: E402
 
 SIZE = 256 << 20
-MODULES = "virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk".split()
 DISKS = {"qbackend vhost-user": "0x10", "qemu-storage-daemon vhost-user": "0x11", "qbackend NBD": "0x12"}
 JOBS = {  # name: (fio arguments, what is printed)
     "seq read 1M QD4": ("--rw=read --bs=1M --iodepth=4", "MB/s"),
@@ -107,7 +106,6 @@ def main() -> int:
             def sh(cmd: str, timeout: float = 120) -> str:
                 return console.run_checked(cmd, timeout).strip()
 
-            sh("for m in " + " ".join(MODULES) + "; do insmod /lib/modules/$m.ko || exit 1; done")
             devices: dict[str, str] = {}
             deadline = time.monotonic() + 30
             while len(devices) < len(DISKS) and time.monotonic() < deadline:

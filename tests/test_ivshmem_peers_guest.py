@@ -105,7 +105,6 @@ def start_guest(harness: Harness, name: str, extra: list[str]) -> PeerGuest:
 
 def boot(guest: PeerGuest) -> None:
     guest.guest.wait_ready(timeout=120)
-    guest.sh("insmod /lib/modules/ivshmem_msix.ko")
     assert guest.sh(f"readlink {guest.sysfs}/driver").endswith("/ivshmem_msix")
 
 

@@ -25,8 +25,6 @@ from qbackend.testing.harness import Guest, Harness
 pytestmark = pytest.mark.guest
 
 SIZE = 64 << 20
-MODULES = ("virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk "
-           "crc16 mbcache jbd2 crc32c_generic ext4").split()
 
 
 @dataclass
@@ -70,7 +68,6 @@ def rig(harness: Harness) -> Iterator[Rig]:
     harness.serve(backend)
     guest = harness.guest(qemu=qemu, extra_args=["-blockdev", json.dumps(blockdev),
                                                  "-device", "virtio-blk-pci,drive=nbd0,id=vblk0"])
-    guest.sh("for m in " + " ".join(MODULES) + "; do insmod /lib/modules/$m.ko || exit 1; done")
     yield Rig(qemu, guest, guest.monitor(), sock, disk, hot)
 
 

@@ -45,8 +45,6 @@ def test_the_own_device_answers_from_the_guest(vm: Any) -> None:
 
 
 def test_the_disk_is_virtio_blk(vm: Any) -> None:
-    vm.sh("for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do "
-          "insmod /lib/modules/$m.ko; done; true")
     vm.wait_guest("[ -b /dev/vda ]")
     assert vm.sh("cat /sys/block/vda/size") == str(32 * MiB // 512)
 

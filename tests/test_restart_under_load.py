@@ -38,7 +38,6 @@ REPO = Path(__file__).resolve().parent.parent
 SIZE = 64 << 20
 RECORD = 4096
 KILLS = 6
-MODULES = "virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk".split()
 # The guest's writer: record i at block i, "record %08d" then zeros (conv=sync pads the
 # block); /tmp/done holds the last i whose dd (write + fsync) returned, a failed dd goes
 # to /tmp/failed.  Blocks 1.. spread over many 64 KiB QED clusters, so kills land in
@@ -101,7 +100,6 @@ def test_sigkill_under_a_writing_guest_loses_no_fsynced_record(harness: Harness,
                 "server": {"type": "unix", "path": str(sock)}}
     guest = harness.guest("restart", extra_args=["-blockdev", json.dumps(blockdev),
                                                  "-device", "virtio-blk-pci,drive=nbd0,id=vblk0"])
-    guest.sh("for m in " + " ".join(MODULES) + "; do insmod /lib/modules/$m.ko || exit 1; done")
     guest.wait_guest("[ -b /dev/vda ]", 10)
 
     def done() -> int:

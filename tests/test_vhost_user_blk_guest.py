@@ -38,8 +38,6 @@ pytestmark = pytest.mark.guest
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 64 << 20
 HOT_SIZE = 32 << 20
-MODULES = ("virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk "
-           "crc16 mbcache jbd2 crc32c_generic ext4").split()
 
 
 @dataclass
@@ -72,7 +70,6 @@ def rig(harness: Harness) -> Iterator[Rig]:
     guest = harness.guest("vub", smp=2, slots=2, maxmem="2G", guest=image, extra_args=[
         "-chardev", f"socket,id=vub0,path={sock}",
         "-device", "vhost-user-blk-pci,chardev=vub0,id=vblk0,num-queues=1"])
-    guest.sh("for m in " + " ".join(MODULES) + "; do insmod /lib/modules/$m.ko || exit 1; done")
     yield Rig(guest, guest.monitor(), backend, disk, hot, hot_sock, work / "qbackend-qmp.sock")
 
 
