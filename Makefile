@@ -13,7 +13,7 @@ DATA_DIR := $(CURDIR)/build
 setup: host-packages venv qemu qemu-ppc guest
 
 host-packages:
-	@bash backend/provision/install-host-packages.sh
+	@bash backend/qbackend/provision/install-host-packages.sh
 
 venv: $(STAMP)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Unpacks a QEMU 11.1 from Debian trixie-backports, with its libraries, into
 # a folder, without a chroot: binaries run through the folder's own dynamic
-# loader (qbackend.machine.launch).
+# loader (qbackend.machine.launch).  The unpacking goes to DEST.tmp, renamed
+# to DEST once complete.
 # Usage: provision-qemu.sh DEST PACKAGES BINARY
 #   DEST      the folder (build/qemu, build/qemu-ppc)
 #   PACKAGES  comma-separated Debian packages (qemu-system-x86,qemu-utils,...)
@@ -20,7 +21,7 @@ command -v mmdebstrap >/dev/null || {
     echo "$name: mmdebstrap is missing; run 'make setup' (it installs host packages first)" >&2
     exit 1
 }
-rm -rf "$dest" "$dest.tmp"
+rm -rf "$dest.tmp"
 mkdir -p "$(dirname "$dest")"
 mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)
 mirror=${mirror:-http://deb.debian.org/debian}
@@ -37,5 +38,6 @@ unpack() {
 unpack unshare || { rm -rf "$dest.tmp"; unpack root; }
 [ -x "$dest.tmp/usr/bin/$binary" ] || { echo "$name: $binary is missing after unpacking" >&2; exit 1; }
 touch "$dest.tmp/.complete"
+rm -rf "$dest"
 mv "$dest.tmp" "$dest"
 echo "$name: done"
