@@ -26,6 +26,7 @@ from qbackend.devices import Bar, Device
 from qbackend.devices.api import UserFunction, function_of
 from qbackend.errors import UsageError
 from qbackend.options import DeviceOptions
+from qbackend.plumbing.peer_memory import sealed_memfd
 from qbackend.protocol import vfio_user as vu
 from qbackend.testing.harness import memfd_fds, wait_until
 from qbackend.testing.vfio_user_client import VfioUserClient
@@ -108,8 +109,7 @@ def test_registers_as_the_spec_gives_them(edu: Served) -> None:
 
 def test_dma_through_an_fd_map_and_the_completion_msi(edu: Served) -> None:
     with edu.client() as c:
-        mem = os.memfd_create("guest-ram")
-        os.ftruncate(mem, 0x10000)
+        mem = sealed_memfd("guest-ram", 0x10000)
         efd = os.eventfd(0, os.EFD_NONBLOCK)
         try:
             c.dma_map(0x100000, 0x10000, mem)

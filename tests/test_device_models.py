@@ -29,6 +29,7 @@ from qbackend.models.pci_config import (
     Reg,
     Status,
 )
+from qbackend.plumbing.peer_memory import sealed_memfd
 from qbackend.plumbing.shared_memory import SharedMemory
 from qbackend.protocol.vfio_user import (
     IRQ_SET,
@@ -717,8 +718,7 @@ def table() -> Iterator[DmaTable]:
 
 def memfd(size: int) -> tuple[int, int]:
     """A memfd of `size` bytes to hand over, and a dup the test keeps."""
-    fd = os.memfd_create("dma-test", os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
+    fd = sealed_memfd("dma-test", size)
     return fd, os.dup(fd)
 
 

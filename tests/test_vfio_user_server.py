@@ -21,6 +21,7 @@ import pytest
 from qbackend.app.backend_thread import BackendThread
 from qbackend.app.service import Backend, ServedDevice
 from qbackend.options import IvshmemOptions
+from qbackend.plumbing.peer_memory import sealed_memfd
 from qbackend.protocol import vfio_user as vu
 from qbackend.testing.vfio_user_client import ClientError, VfioUserClient
 
@@ -222,8 +223,7 @@ def test_dma_through_fd_and_through_messages(pair: Pair) -> None:
     server = pair.target.server
     with pair.connect() as c:
         c.negotiate()
-        mem = os.memfd_create("guest-ram")
-        os.ftruncate(mem, 0x10000)
+        mem = sealed_memfd("guest-ram", 0x10000)
         os.pwrite(mem, b"fd-backed guest memory", 0x1000)
         c.dma_map(0x100000, 0x10000, mem)
         os.close(mem)
@@ -384,8 +384,7 @@ def test_disconnect_releases_every_fd_and_the_device_serves_again(pair: Pair) ->
     efds = [_eventfd() for _ in range(4)]
     c.set_irqs(vu.PciIrq.MSIX, vu.IrqSetFlags.DATA_EVENTFD | vu.IrqSetFlags.ACTION_TRIGGER, 0, 4, efds)
     c.set_irqs(vu.PciIrq.INTX, vu.IrqSetFlags.DATA_EVENTFD | vu.IrqSetFlags.ACTION_TRIGGER, 0, 1, [efds[0]])
-    mem = os.memfd_create("ram")
-    os.ftruncate(mem, 0x4000)
+    mem = sealed_memfd("ram", 0x4000)
     c.dma_map(0, 0x4000, mem)
     for fd in efds + [mem]:
         os.close(fd)

@@ -61,6 +61,7 @@ class Backend:
     dimms: DimmManager | None = None
     qmp_path: Path | None = None
     qmp: QmpConnection | None = None
+    qemu_gone: str | None = None  # once the QEMU followed has gone: what the hotplug commands say
     reconcile_interval: float = 0.5
     handshake_timeout: float = 10.0  # seconds a vfio-user or NBD client has for its handshake
     monitor: QmpMonitor | None = None
@@ -110,11 +111,12 @@ class Backend:
         """A device of the user's own class (`--device socket=...,class=...`)."""
         from qbackend.app.device_loader import make_device
 
-        function = function_of(make_device(opts))
+        device = make_device(opts)
         try:
-            return self.add_served(function, opts.socket, dev_id=opts.id, start=start)
+            # The Device itself: its class names it when no id= is given (edu0, not userfunction0).
+            return self.add_served(device, opts.socket, dev_id=opts.id, start=start)
         except BaseException:
-            function.close()
+            function_of(device).close()
             raise
 
     def add_served(self, device: Device | PciFunction, socket_path: Path, *, dev_id: str = "",
@@ -253,12 +255,25 @@ class Backend:
         except (QmpError, ValueError) as exc:
             log.warning("eject of %s written by the guest failed: %s", device_id, exc)
 
+    async def qemu_version(self) -> tuple[int, int, int]:
+        """The version of the QEMU followed (QMP query-version)."""
+        if self.qmp is None:
+            raise QmpError(self.qemu_gone or "not connected to QEMU's QMP monitor")
+        reply = await self.qmp.execute("query-version")
+        try:
+            qemu = reply["qemu"]
+            return int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"])
+        except (KeyError, TypeError, ValueError):
+            raise QmpReplyError(f"query-version: not a version: {reply!r}") from None
+
     async def _qmp_task(self) -> None:
         assert self.qmp_path is not None
+        self.qemu_gone = None
         try:
             qmp = self.qmp = await QmpConnection.open(self.qmp_path, timeout=30)
         except QmpError as exc:
             log.error("cannot reach QEMU's QMP monitor at %s: %s", self.qmp_path, exc)
+            self.qemu_gone = f"QEMU is not reachable: its QMP monitor {self.qmp_path} did not answer"
             return
         try:
             if self.dimms is not None:
@@ -272,6 +287,7 @@ class Backend:
             log.warning("QMP connection to %s ended: %s", self.qmp_path, exc)
         finally:
             self.qmp = None
+            self.qemu_gone = f"QEMU is gone: its QMP monitor {self.qmp_path} closed"
             with trio.CancelScope(shield=True):
                 await qmp.close()
 

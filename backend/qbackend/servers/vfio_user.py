@@ -581,6 +581,7 @@ class Connection:
             event.set()
         if self.native is not None:
             self.server.stats["native_accesses"] += self.native.served
+            self.native.close()
         with self.device.lock:
             self.dma.clear()
             self.device.irqs.close()

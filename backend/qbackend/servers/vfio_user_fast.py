@@ -70,8 +70,10 @@ class NativeAccessLoop:
         loop.max_fds = max_fds
         loop.fds = self._fds
         self._keep += [table, lock]
-        self._loop = loop
+        self._ffi = ffi
+        self._loop: Any = loop
         self._serve = helper.lib.qb_serve_accesses
+        self._served_before_close = 0
 
     def _pointer(self, ffi: Any, memory: bytearray | memoryview, writable: bool) -> Any:
         buffer = ffi.from_buffer(memory, require_writable=writable)
@@ -113,5 +115,21 @@ class NativeAccessLoop:
     @property
     def served(self) -> int:
         """Accesses served natively so far."""
+        if self._loop is None:
+            return self._served_before_close
         served: int = self._loop.served
         return served
+
+    def close(self) -> None:
+        """Let go of the buffers the C side pointed into, once the loop no longer runs (the
+        connection's thread has ended).  Released now rather than by the garbage collector,
+        which may clear a memoryview before the cffi buffer that still holds it (a crash at
+        interpreter exit)."""
+        if self._loop is None:
+            return
+        self._served_before_close = self.served
+        self._loop = None
+        for kept in self._keep:
+            if isinstance(kept, self._ffi.CData):
+                self._ffi.release(kept)
+        self._keep.clear()

@@ -56,6 +56,7 @@ from qbackend.models.virtqueue import (
     SplitVirtqueue,
     VirtqueueError,
 )
+from qbackend.plumbing.peer_memory import PeerMemoryError, check_peer_memory
 from qbackend.plumbing.unix import (
     clear_eventfd,
     close_fds,
@@ -99,6 +100,10 @@ class _Mapping:
         self.region = region
         start = region.mmap_offset - region.mmap_offset % _PAGE  # mmap wants an aligned offset
         skip = region.mmap_offset - start
+        try:
+            check_peer_memory(fd, region.mmap_offset, region.memory_size)
+        except PeerMemoryError as exc:
+            raise Refused(f"guest memory at {region.guest_phys_addr:#x}: {exc}") from None
         try:
             self.map = mmap.mmap(fd, skip + region.memory_size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE, offset=start)

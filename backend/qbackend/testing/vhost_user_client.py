@@ -46,6 +46,7 @@ from qbackend.models.virtqueue import (
     desc_table_size,
     used_ring_size,
 )
+from qbackend.plumbing.peer_memory import sealed_memfd
 from qbackend.plumbing.unix import close_fds, fds_from_ancdata, send_with_fds
 from qbackend.protocol import vhost_user as vu
 
@@ -101,9 +102,8 @@ class GuestRegion:
     @classmethod
     def create(cls, gpa: int, size: int, uva: int, *, mmap_offset: int = 0, name: str = "qbackend-guest-ram",
                heap_start: int = 0) -> GuestRegion:
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = sealed_memfd(name, mmap_offset + size)  # as QEMU's memory-backend-memfd
         try:
-            os.ftruncate(fd, mmap_offset + size)
             m = mmap.mmap(fd, mmap_offset + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)

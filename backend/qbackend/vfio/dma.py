@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 from qbackend.errors import DeviceError
+from qbackend.plumbing.peer_memory import PeerMemoryError, check_peer_memory
 from qbackend.protocol.vfio_user import DmaMap, DmaMapFlags, DmaUnmap, DmaUnmapFlags, RequestError
 
 
@@ -63,6 +64,11 @@ class DmaTable:
                     prot |= mmap.PROT_READ
                 if req.flags & DmaMapFlags.WRITE:
                     prot |= mmap.PROT_WRITE | mmap.PROT_READ
+                try:
+                    check_peer_memory(fd, req.offset, req.size)
+                except PeerMemoryError as exc:
+                    raise RequestError(f"DMA region {req.addr:#x}+{req.size:#x}: {exc}",
+                                       exc.errno or E.EINVAL) from None
                 try:
                     memory = mmap.mmap(fd, req.size, flags=mmap.MAP_SHARED, prot=prot or mmap.PROT_READ,
                                        offset=req.offset)

@@ -163,9 +163,9 @@ def run(args: argparse.Namespace) -> int:
             nursery.start_soon(stop_on_signal, nursery.cancel_scope)
             await start_until_done(nursery, backend.run)
             for served in backend.devices.values():
-                dev = served.device
-                print(f"{served.id}: {served.server.socket_path} (IVPosition {getattr(dev, 'position', '-')})",
-                      flush=True)
+                position = getattr(served.device, "position", None)  # ivshmem's peer id
+                where = f" (IVPosition {position})" if position is not None else ""
+                print(f"{served.id}: {served.server.socket_path}{where}", flush=True)
             print_exports(backend)
             print("serving; Ctrl-C stops", flush=True)
 
