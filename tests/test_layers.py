@@ -38,7 +38,7 @@ LAYERS = [
 ]
 RANK = {part: rank for rank, (_layer, parts) in enumerate(LAYERS) for part in parts}
 NO_IO = {"trio", "socket", "asyncio", "threading", "select", "selectors", "mmap", "subprocess", "qemu"}
-CLI_COMMANDS = ("setup", "serve", "run", "nbd", "console", "dimm", "pci", "qed", "drc", "ivshmem")
+CLI_COMMANDS = ("setup", "serve", "run", "nbd", "console", "dimm", "pci", "qed", "drc", "ivshmem", "qemu")
 CLI_MODULES = {"qbackend.app.cli", "qbackend.app.cli.common", *(f"qbackend.app.cli.{c}" for c in CLI_COMMANDS)}
 
 

@@ -334,7 +334,8 @@ def test_events_reach_every_negotiated_client_and_only_them(served: Served) -> N
 # random would land in the working directory), and quit, which would end the module's monitor.
 NOT_FUZZED = {"quit", "nbd-server-start", "pci-device-add"}
 
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats()
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70)
+                           | st.floats(allow_nan=False, allow_infinity=False)
                            | st.text(max_size=12), lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
 

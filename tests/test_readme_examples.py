@@ -1,25 +1,31 @@
-"""The README's two examples, run as written: its own device served with
-`qbackend serve --device` and driven over vfio-user, and its booted-guest
-test run by pytest in a folder outside the repository against the installed
-package (and, with a wrong expected value, failing)."""
+"""The README's examples, run as written: its own device served with
+`qbackend serve --device` and driven over vfio-user, its booted-guest test
+run by pytest in a folder outside the repository against the installed
+package (and, with a wrong expected value, failing), and its own-QEMU lines
+(`qbackend serve` and `qbackend qemu -- ...`) booting the guest with the
+device."""
 
 from __future__ import annotations
 
 import os
 import re
 import select
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from qbackend.machine.console import GuestConsole
 from qbackend.protocol import vfio_user as vu
-from qbackend.testing.harness import wait_until
+from qbackend.testing.harness import GuestShell, wait_until
 from qbackend.testing.vfio_user_client import VfioUserClient
 
 REPO = Path(__file__).resolve().parent.parent
-BLOCKS = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+README = (REPO / "README.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
 
 
 def block(first_line: str) -> str:
@@ -79,3 +85,51 @@ def test_a_users_guest_test_outside_the_repository(tmp_path: Path) -> None:
     failed = _pytest(bad, "test_hello.py")
     assert failed.returncode == 1 and "1 failed" in failed.stdout, failed.stdout + failed.stderr
     assert "0x87654321" in failed.stdout
+
+
+def shell_command(first: str) -> str:
+    """The README's indented command starting with ``first``, with its continuation lines."""
+    lines = README.splitlines()
+    starts = [n for n, line in enumerate(lines) if line.startswith("    " + first)]
+    assert len(starts) == 1, f"README has no single command starting with {first!r}"
+    command = [lines[starts[0]][4:]]
+    while command[-1].endswith("\\"):
+        command.append(lines[starts[0] + len(command)][4:])
+    return "\n".join(command)
+
+
+@pytest.mark.guest
+def test_serving_a_device_to_a_qemu_you_start_yourself(tmp_path: Path) -> None:
+    """The README's own-QEMU lines, as a user types them (their /tmp/ made the test's own
+    folder): `qbackend serve` in one shell, `qbackend qemu -- ...` in another, the guest's
+    console on that shell's terminal; the guest sees the ivshmem device."""
+    if not (REPO / "build" / "qemu" / ".complete").exists():
+        pytest.skip("needs `make setup` (build/qemu)")
+    serve = shell_command("qbackend serve --ivshmem socket=/tmp/iv0.sock").replace("/tmp/", f"{tmp_path}/")
+    qemu = shell_command("qbackend qemu -- $(qbackend qemu --print memory)").replace("/tmp/", f"{tmp_path}/")
+    assert "-serial stdio" in qemu and "vfio-user-pci" in qemu
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "QEMU")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["QBACKEND_DATA_DIR"] = str(REPO / "build")
+    server = subprocess.Popen(["bash", "-c", serve], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ours, theirs = socket.socketpair()
+    vm = None
+    try:
+        wait_until((tmp_path / "iv0.sock").exists, 30, "the device's socket")
+        vm = subprocess.Popen(["bash", "-c", qemu], cwd=tmp_path, env=env, stdin=theirs, stdout=theirs,
+                              stderr=subprocess.PIPE, start_new_session=True)
+        theirs.close()
+        console = GuestConsole.over(ours)
+        console.wait_ready(timeout=120)
+        assert GuestShell(console).find_pci(0x1AF4, 0x1110), "the guest has no ivshmem device"
+    finally:
+        ours.close()
+        theirs.close()
+        outputs = []
+        for proc in (vm, server):
+            if proc is not None:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                outputs.append(proc.communicate(timeout=30)[0])
+    assert "serving; Ctrl-C stops" in outputs[-1], outputs

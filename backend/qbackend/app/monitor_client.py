@@ -13,6 +13,11 @@ from qbackend.errors import ControlError
 from qbackend.machine.qmp import QmpError, QmpTimeout, SyncQmp
 
 
+class MonitorClosed(ControlError):
+    """qbackend closed its monitor while a command waited for an event: it stopped
+    (a 'qbackend run' stops when its QEMU ends)."""
+
+
 @contextmanager
 def monitor(path: Path, timeout: float = 10.0) -> Iterator[SyncQmp]:
     """A negotiated QMP connection to a running qbackend; ControlError if there is none."""
@@ -26,6 +31,11 @@ def monitor(path: Path, timeout: float = 10.0) -> Iterator[SyncQmp]:
         raise ControlError(f"cannot reach qbackend at {path}: {exc} ({hint})") from None
     try:
         yield qmp
+    except MonitorClosed as exc:
+        log = path.parent / "qemu.log"  # beside the monitor in a run directory
+        if log.exists():
+            raise MonitorClosed(f"{exc}; see {log}") from None
+        raise
     finally:
         try:
             qmp.close()
@@ -50,7 +60,8 @@ def wait_outcome(qmp: SyncQmp, names: tuple[str, ...], data: dict[str, Any], tim
             event = qmp.next_event(None, data=data, timeout=max(left, 0.001))
         except QmpTimeout:
             raise ControlError(f"no {' or '.join(names)} within {timeout:g} s") from None
-        except QmpError as exc:
-            raise ControlError(f"qbackend went away: {exc}") from None
+        except QmpError:
+            raise MonitorClosed(f"qbackend closed its monitor while waiting for {' or '.join(names)}: it "
+                                "stopped, or its QEMU ended (a 'qbackend run' says how)") from None
         if event.get("event") in names:
             return event

@@ -49,6 +49,14 @@ class GuestConsole:
         self._token = f"{time.monotonic_ns() & 0xFFFFFF:06x}"
         self.last_status: int | None = None
 
+    @classmethod
+    def over(cls, sock: socket.socket, name: str = "stdio") -> GuestConsole:
+        """A console on a socket already connected: one end of a socketpair whose other
+        end is a QEMU's stdin and stdout (``-serial stdio``)."""
+        console = cls(name)
+        console._sock = sock
+        return console
+
     # -- connection ---------------------------------------------------------
 
     def connect(self, timeout: float = 10.0) -> None:

@@ -32,6 +32,14 @@ from .data_dir import data_dir
 
 MIN_VERSION = (10, 1)
 
+
+def guest_append(extra: str = "", *, reboot: bool = False) -> str:
+    """The test guest's kernel command line: its console on the first serial port, and
+    on a panic a halt (QEMU ends: -no-reboot) or, with ``reboot``, a reboot."""
+    append = "console=ttyS0 loglevel=1 " + ("panic=0" if reboot else "panic=-1")
+    return f"{append} {extra}" if extra else append
+
+
 class QemuNotFound(QemuError):
     """No usable QEMU (or guest image); the message says what to do."""
 
@@ -262,9 +270,7 @@ class QemuMachine:
 
     def args(self) -> list[str]:
         """The full argv QEMU is started with."""
-        append = "console=ttyS0 loglevel=1 " + ("panic=0" if self.reboot else "panic=-1")
-        if self.append:
-            append += " " + self.append
+        append = guest_append(self.append, reboot=self.reboot)
         return [
             *self.qemu.system_cmd(),
             "-accel", self.accel,
@@ -291,8 +297,7 @@ class QemuMachine:
         if self.slots:
             size += f",slots={self.slots},maxmem={self.maxmem or '4G'}"
         if self.numa_nodes <= 1:
-            return ["-object", f"memory-backend-memfd,id=mem,size={self.memory},share=on",
-                    "-machine", f"{self.machine},memory-backend=mem", "-m", size]
+            return [*shared_memory_args(self.machine, self.memory), "-m", size]
         total = parse_size(self.memory, "memory", default_unit="M")  # as QEMU's -m
         if total % (self.numa_nodes << 20):
             raise QemuError(f"memory {self.memory} does not split into {self.numa_nodes} nodes of whole MiB")
@@ -383,6 +388,25 @@ class QemuMachine:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def shared_memory_args(machine: str = "pc", size: str = "512M") -> list[str]:
+    """Guest RAM as one shared memfd, which vfio-user and vhost-user back ends need (QEMU
+    sends them its fds): ``-object memory-backend-memfd,... -machine MACHINE,memory-backend=mem``."""
+    return ["-object", f"memory-backend-memfd,id=mem,size={size},share=on",
+            "-machine", f"{machine},memory-backend=mem"]
+
+
+def describe_exit(status: int) -> str:
+    """How a QEMU process ended, from its Popen returncode: "QEMU was killed by SIGABRT",
+    "QEMU exited with status 1"."""
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"QEMU was killed by {name}"
+    return f"QEMU exited with status {status}"
 
 
 def vfio_user_device_arg(dev_id: str, socket_path: Path, **props: object) -> str:

@@ -2,7 +2,8 @@
 
     qbackend serve --ivshmem socket=/tmp/iv0.sock,size=4M
     qbackend run                      # QEMU + a booted guest + the devices
-    qbackend console PATH             # talk to a guest's serial console
+    qbackend console                  # talk to its guest's serial console
+    qbackend qemu -- ARGS             # the provisioned QEMU by hand
 
 One module per command: its `register` adds the command's parser, and the
 function it leaves in `func` runs the command.  Each command imports what it
@@ -18,12 +19,12 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from qbackend.app.cli import console, dimm, drc, ivshmem, nbd, pci, qed, run, serve, setup
+from qbackend.app.cli import console, dimm, drc, ivshmem, nbd, pci, qed, qemu, run, serve, setup
 from qbackend.app.cli.common import report
 from qbackend.version import __version__
 
 # The order of `qbackend --help`.
-COMMANDS = (setup, serve, nbd, run, pci, dimm, console, drc, qed, ivshmem)
+COMMANDS = (setup, serve, nbd, run, pci, dimm, console, qemu, drc, qed, ivshmem)
 
 
 class Parser(argparse.ArgumentParser):

@@ -131,6 +131,27 @@ def data_dir_option(parser: argparse.ArgumentParser) -> None:
                         help="where provisioned QEMU and the guest live (as 'qbackend --data-dir')")
 
 
+def instance_options(parser: argparse.ArgumentParser, what: str = "its QMP monitor") -> None:
+    """--instance NAME and --control PATH: which running qbackend a command talks to."""
+    parser.add_argument("--instance", metavar="NAME",
+                        help="the 'qbackend run --name NAME' to talk to (default: the only one running)")
+    parser.add_argument("--control", type=Path, metavar="PATH",
+                        help=f"{what} at PATH instead (a 'qbackend serve --control PATH', or a 'run --workdir')")
+
+
+def control_path(args: argparse.Namespace) -> Path:
+    """The QMP monitor a command talks to: --control PATH, else the running instance
+    (--instance NAME, or the only one; one-line errors for none or several)."""
+    if args.control is not None:
+        if args.instance is not None:
+            raise UsageError("give --instance NAME or --control PATH, not both")
+        control: Path = args.control
+        return control
+    from qbackend.machine.instances import find
+
+    return find(args.instance).control
+
+
 def ivshmem_backend(options: Iterable[IvshmemOptions], handshake_timeout: float = 10.0) -> Backend:
     """A Backend with these ivshmem devices."""
     from qbackend.app.service import Backend

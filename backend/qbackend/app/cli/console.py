@@ -1,4 +1,5 @@
-"""`qbackend console PATH`: relay this terminal to a guest's serial console socket."""
+"""`qbackend console [PATH]`: relay this terminal to a guest's serial console socket
+(by default, the guest of the running `qbackend run`)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ if TYPE_CHECKING:
 
 
 def register(sub: Subparsers) -> None:
-    console = sub.add_parser("console", help="attach the terminal to a guest's serial console socket",
-                             description="Relay this terminal to a UNIX socket (a QEMU serial chardev). "
-                                         "Leave with Ctrl-].")
-    console.add_argument("path", type=Path)
+    console = sub.add_parser("console", help="attach the terminal to a guest's serial console",
+                             description="Relay this terminal to the guest console of the running 'qbackend run', "
+                                         "or to the UNIX socket PATH (a QEMU serial chardev). Leave with Ctrl-].")
+    console.add_argument("path", type=Path, nargs="?",
+                         help="a serial console socket (default: that of the running 'qbackend run')")
+    console.add_argument("--instance", metavar="NAME",
+                         help="the 'qbackend run --name NAME' whose guest to attach to (default: the only one running)")
     console.set_defaults(func=run)
 
 
@@ -28,7 +32,16 @@ def run(args: argparse.Namespace) -> int:
     import termios
     import tty
 
-    path: Path = args.path
+    if args.path is not None and args.instance is not None:
+        from qbackend.errors import UsageError
+
+        raise UsageError("give PATH or --instance NAME, not both")
+    if args.path is not None:
+        path: Path = args.path
+    else:
+        from qbackend.machine.instances import find
+
+        path = find(args.instance, "give the PATH of a serial console socket").serial
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(os.fspath(path))

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from qbackend.app.cli.common import control_path, instance_options
 
 if TYPE_CHECKING:
     from qbackend.app.cli.common import Subparsers
 
 EPILOG = """\
-examples (against 'make run' / 'qbackend run --dimm ...'):
+examples (against the running 'qbackend run --dimm id=hot1,size=256M'; several: add --instance NAME):
   qbackend dimm list
   qbackend dimm add hot1
   qbackend dimm del hot1        # waits for the guest: removed, or failed (OST 0x82, busy)
@@ -22,8 +23,7 @@ def register(sub: Subparsers) -> None:
     dimm = sub.add_parser("dimm", help="hot-add, hot-remove and list DIMMs of a running qbackend",
                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
                           description="Drive the DIMM slots of a running 'qbackend run' or 'qbackend serve'.")
-    dimm.add_argument("--control", type=Path, default=Path("build/run/qbackend.sock"),
-                      help="its QMP monitor (default: build/run/qbackend.sock, where 'make run' puts it)")
+    instance_options(dimm)
     dimm_sub = dimm.add_subparsers(dest="dimm_command", metavar="ACTION", required=True)
     dimm_sub.add_parser("list", help="slots, addresses, nodes, what is plugged (DIMMs plugged on QEMU's "
                                      "own monitor too, marked 'not declared')")
@@ -39,7 +39,7 @@ def register(sub: Subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from qbackend.app.monitor_client import call, monitor, wait_outcome
 
-    with monitor(args.control) as qmp:
+    with monitor(control_path(args)) as qmp:
         if args.dimm_command == "list":
             rows = call(qmp, "query-memory-hotplug")
             print(f"{'id':<12}{'slot':>5}  {'address':<20}{'size':>8}{'node':>5}  state")

@@ -5,7 +5,7 @@ qbackend through its control socket, or serve a group by itself.
     qbackend ivshmem ring PEER VECTOR
     qbackend ivshmem dump OFFSET LEN       # hexdump of the shared memory
     qbackend ivshmem write OFFSET TEXT
-    qbackend ivshmem server --socket PATH --shm NAME --vectors N [--control PATH]
+    qbackend ivshmem server --socket PATH --shm NAME --vectors N [--serve-control PATH]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qbackend.app.cli.common import control_path, instance_options
 from qbackend.sizes import parse_size
 
 if TYPE_CHECKING:
@@ -24,15 +25,16 @@ if TYPE_CHECKING:
 # command with qbackend's parser stays cheap for the other commands
 
 EPILOG = """\
-examples (against 'qbackend serve --control PATH --ivshmem ...,shm=g,server=/tmp/g.sock'):
-  qbackend ivshmem --control PATH peers
-  qbackend ivshmem --control PATH ring 1 0          # peer 1, vector 0
-  qbackend ivshmem --control PATH dump 0x1000 64
-  qbackend ivshmem --control PATH write 0 'hello'
+examples (against the running 'qbackend run'; several: add --instance NAME; a
+'qbackend serve --control PATH --ivshmem ...,shm=g': add --control PATH):
+  qbackend ivshmem peers
+  qbackend ivshmem ring 1 0          # peer 1, vector 0
+  qbackend ivshmem dump 0x1000 64
+  qbackend ivshmem write 0 'hello'
 
 a group by itself (an ivshmem-server for stock QEMUs and host programs):
-  qbackend ivshmem server --socket /tmp/g.sock --shm g --size 4M --vectors 2 --control /tmp/g.ctl
-  qemu-system-x86_64 ... -chardev socket,path=/tmp/g.sock,id=ivs -device ivshmem-doorbell,chardev=ivs,vectors=2
+  qbackend ivshmem server --socket /tmp/g.sock --shm g --size 4M --vectors 2 --serve-control /tmp/g.ctl
+  qbackend qemu -- ... -chardev socket,path=/tmp/g.sock,id=ivs -device ivshmem-doorbell,chardev=ivs,vectors=2
 """
 
 
@@ -48,8 +50,7 @@ def register(sub: Subparsers) -> None:
     iv = sub.add_parser("ivshmem", help="ivshmem peer groups: peers, doorbells, memory; a standalone ivshmem-server",
                         description="Drive the ivshmem peer groups of a running qbackend, or serve one.",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    iv.add_argument("--control", type=Path, default=Path("build/run/qbackend.sock"),
-                    help="qbackend's QMP monitor (default: build/run/qbackend.sock, where 'make run' puts it)")
+    instance_options(iv, "qbackend's QMP monitor")
     iv.add_argument("--group", help="which group (its shm name); needed when there are several")
     actions = iv.add_subparsers(dest="ivshmem_command", metavar="ACTION", required=True)
     actions.add_parser("peers", help="the group's peers: id, kind, vectors, doorbells received")
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     req: dict[str, Any] = {}
     if args.group:
         req["group"] = args.group
-    with monitor(args.control) as qmp:
+    with monitor(control_path(args)) as qmp:
         if args.ivshmem_command == "peers":
             _print_peers(call(qmp, "query-ivshmem-peers", req))
         elif args.ivshmem_command == "ring":

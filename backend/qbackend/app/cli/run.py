@@ -23,10 +23,33 @@ if TYPE_CHECKING:
 
 EPILOG = """\
 Starts the devices, then QEMU with a booted busybox guest and the devices
-attached; prints where the guest console and the QMP socket are.  Ctrl-C
-stops everything.  QEMU comes from $QEMU or from 'make setup'; the
-accelerator from --accel or $QBACKEND_ACCEL (default tcg).
+attached; prints where the guest console and the QMP sockets are.  Ctrl-C
+stops everything.  While it runs, 'qbackend console', 'qbackend pci',
+'qbackend dimm' and 'qbackend ivshmem' find it from any folder (with
+several instances running, by --instance NAME).  When QEMU ends by itself,
+qbackend stops too: with status 0 if QEMU did (the guest powered off),
+else 1, saying how QEMU ended.  QEMU comes from $QEMU or from 'qbackend
+setup' ('make setup' in a checkout); the accelerator from --accel or
+$QBACKEND_ACCEL (default tcg).
+
+The run directory (sockets, qemu.log) is $XDG_RUNTIME_DIR/qbackend/NAME, or
+DATA_DIR/run/NAME when XDG_RUNTIME_DIR is not set (see 'qbackend --help'
+for DATA_DIR); --workdir puts it elsewhere.
 """
+
+# Added to the guest's kernel command line: hot-added DIMMs come online, movable
+# (so that they can be removed again).
+RUN_APPEND = "memhp_default_state=online_movable"
+
+
+def _name(text: str) -> str:
+    from qbackend.errors import UsageError
+    from qbackend.machine.instances import check_name
+
+    try:
+        return check_name(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(sub: Subparsers) -> None:
@@ -41,8 +64,12 @@ def register(sub: Subparsers) -> None:
                         metavar="image=PATH[,format=qed|raw][,readonly=on][,via=nbd|vhost-user]",
                         help="a disk (repeatable), seen by the guest as /dev/vda, vdb, ...: served by qbackend over "
                              "NBD (default) or vhost-user (vhost-user-blk-pci); format= is required unless readonly=on")
-    parser.add_argument("--workdir", type=Path, default=Path("build/run"),
-                        help="where sockets and the QEMU log go (default: build/run)")
+    parser.add_argument("--name", type=_name, default="default",
+                        help="the instance's name, for --instance NAME of console, pci, dimm and ivshmem; one "
+                             "instance of a name runs at a time (default: default)")
+    parser.add_argument("--workdir", type=Path, default=None, metavar="DIR",
+                        help="where sockets and the QEMU log go (default: the run directory of --name, "
+                             "$XDG_RUNTIME_DIR/qbackend/NAME or DATA_DIR/run/NAME)")
     parser.add_argument("--machine", default="pc",
                         help="machine profile from qemu-configs/: pc (default) or q35")
     parser.add_argument("--accel", default=None, help="QEMU accelerator (default: $QBACKEND_ACCEL or tcg)")
@@ -59,10 +86,20 @@ def run(args: argparse.Namespace) -> int:
     import trio
 
     from qbackend.app.lifecycle import start_until_done, stop_on_signal
-    from qbackend.machine.launch import QemuMachine, load_machine_config, vfio_user_device_arg
+    from qbackend.errors import QemuError, SocketPathError
+    from qbackend.machine.instances import CONTROL_SOCKET, DEFAULT_NAME, make_run_dir, run_dir, serving_pid
+    from qbackend.machine.launch import QemuMachine, describe_exit, load_machine_config, vfio_user_device_arg
 
-    workdir: Path = args.workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)  # the sockets go there, and listening makes no folders
+    workdir: Path = (args.workdir or run_dir(args.name)).absolute()
+    owner = serving_pid(workdir / CONTROL_SOCKET)
+    if owner is not None:  # its sockets are live: refused before anything is made or replaced
+        who = f"PID {owner}" if owner else "another process"
+        if args.workdir is None:
+            raise SocketPathError(f"an instance named {args.name!r} is already running ({who}, {workdir}); stop "
+                                  "it, or give this one another --name")
+        raise SocketPathError(f"{workdir} is the run directory of a running qbackend ({who}); stop it, or give "
+                              "another --workdir")
+    make_run_dir(workdir)  # the sockets go there, and listening makes no folders
     options = args.ivshmem or ([] if args.device else [IvshmemOptions(socket=workdir / "ivshmem0.sock")])
     backend = ivshmem_backend(options)
     for opts in args.device:
@@ -101,9 +138,17 @@ def run(args: argparse.Namespace) -> int:
     for served in backend.devices.values():
         extra += ["-device", vfio_user_device_arg(served.id, served.server.socket_path)]
     vm = QemuMachine(workdir, machine=args.machine, memory=args.memory, accel=args.accel, extra_args=extra,
-                     numa_nodes=args.numa, slots=slots, maxmem="4G", append="memhp_default_state=online_movable")
+                     numa_nodes=args.numa, slots=slots, maxmem="4G", append=RUN_APPEND)
     backend.attach_qmp(vm.qmp_path)
-    control = backend.enable_control(workdir / "qbackend.sock")
+    control = backend.enable_control(workdir / CONTROL_SOCKET)
+    # How the commands that talk to this instance find it: by itself, by name, or by path.
+    if args.workdir is not None:
+        console_cmd, control_opt = f"qbackend console {vm.serial_path}", f" --control {control.path}"
+    elif args.name != DEFAULT_NAME:
+        console_cmd, control_opt = f"qbackend console --instance {args.name}", f" --instance {args.name}"
+    else:
+        console_cmd, control_opt = "qbackend console", ""
+    qemu_status: list[int] = []  # QEMU's exit status, when it ended by itself
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -112,17 +157,16 @@ def run(args: argparse.Namespace) -> int:
             try:
                 await trio.to_thread.run_sync(vm.start)
                 print(f"QEMU pid {vm.pid}, log {vm.log_path}")
-                print(f"guest console: {vm.serial_path}   (attach: qbackend console {vm.serial_path})")
+                print(f"guest console: {vm.serial_path}   (attach: {console_cmd})")
                 print(f"QMP socket:    {vm.qmp_path}   (yours, a second monitor: {vm.user_qmp_path})")
-                print(f"qbackend QMP:  {control.path}   (qmp-shell {control.path}; qbackend dimm --control "
-                      f"{control.path} list)")
+                print(f"qbackend QMP:  {control.path}   (qmp-shell {control.path}; qbackend pci{control_opt} "
+                      "list)")
                 for served in backend.devices.values():
                     print(f"{served.id}: vfio-user socket {served.server.socket_path}")
                 print_exports(backend)
                 print("Ctrl-C stops QEMU and qbackend", flush=True)
                 assert vm.proc is not None
-                status = await trio.to_thread.run_sync(vm.proc.wait, abandon_on_cancel=True)
-                print(f"QEMU exited with status {status}")
+                qemu_status.append(await trio.to_thread.run_sync(vm.proc.wait, abandon_on_cancel=True))
             finally:
                 vm.stop()
                 nursery.cancel_scope.cancel()
@@ -130,5 +174,9 @@ def run(args: argparse.Namespace) -> int:
             path.unlink(missing_ok=True)
 
     trio.run(run)
-    print("stopped; no QEMU or socket left behind")
+    print("stopped; no QEMU or socket left behind", flush=True)
+    if qemu_status and qemu_status[0] != 0:
+        raise QemuError(f"{describe_exit(qemu_status[0])} (see {vm.log_path})")
+    if qemu_status:
+        print("QEMU exited with status 0 (the guest powered off)")
     return 0

@@ -43,6 +43,8 @@ def register(monitor: QmpMonitor, backend: Backend) -> None:
     def dimms() -> DimmManager:
         if backend.dimms is None:
             raise QmpCommandError("this qbackend has no DIMM slots (start it with the hotplug controller)")
+        if backend.qemu_gone is not None:
+            raise QmpCommandError(backend.qemu_gone)
         return backend.dimms
 
     async def query_hotplug(args: dict[str, Any]) -> object:
