@@ -311,6 +311,34 @@ def test_a_client_that_reads_late_gets_every_message_in_order(rig: Rig) -> None:
     wait_for(lambda: open_fds() - before <= set(rig.group.service_fds()))
 
 
+def test_a_client_that_never_reads_is_dropped_before_its_fds_pile_up(rig: Rig) -> None:
+    """Each announcement of a peer's vector holds a duplicate fd until the client takes it:
+    a client that never reads is dropped once MAX_QUEUED_FDS are waiting, and they are
+    closed; the process never holds more than that many for it."""
+    from qbackend.ivshmem.server import MAX_QUEUED_FDS
+
+    before = open_fds()
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(str(rig.server))
+    wait_for(lambda: 2 in rig.group.peers)
+    peak = 0
+
+    def churn() -> None:
+        nonlocal peak
+        for _ in range(MAX_QUEUED_FDS):  # two vectors each: twice the bound
+            LocalPeer(rig.group, 2).close()
+            peak = max(peak, len(open_fds()))
+
+    try:
+        rig.thread.call(churn)
+        assert peak - len(before) <= MAX_QUEUED_FDS + 64, (len(before), peak)
+        wait_for(lambda: 2 not in rig.group.peers)  # dropped: its peer left the group
+    finally:
+        silent.close()
+    wait_for(lambda: set(rig.group.peers) == {0, 1})
+    wait_for(lambda: open_fds() - before <= set(rig.group.service_fds()))
+
+
 def test_doorbells_between_host_peers_and_vfio_user_devices(rig: Rig) -> None:
     before = open_fds()
     dev = rig.a.device

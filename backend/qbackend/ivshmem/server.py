@@ -40,6 +40,9 @@ from qbackend.protocol import ivshmem_server as wire
 log = logging.getLogger(__name__)
 
 MAX_QUEUE = 1 << 16  # messages waiting for a client that does not read
+# Of those, messages carrying an fd (each holds a duplicate here): far fewer, since every one
+# costs the whole process a descriptor; a client that reads lets this never fill.
+MAX_QUEUED_FDS = 1024
 
 
 class ServerClient:
@@ -50,7 +53,8 @@ class ServerClient:
     socket does not take at once waits in a queue (fds duplicated, so that
     a peer leaving meanwhile cannot close them under us) that the client's
     task flushes when the socket is writable; a client that lets the queue
-    grow past MAX_QUEUE is dropped.
+    grow past MAX_QUEUE messages, or MAX_QUEUED_FDS messages with an fd, is
+    dropped (and its queued fds closed).
     """
 
     kind = CLIENT_KIND
@@ -65,6 +69,7 @@ class ServerClient:
         self.counts = [0] * vectors
         self.broken = False
         self._queue: deque[tuple[bytes, int | None]] = deque()
+        self._queued_fds = 0
         self._queue_lock = threading.Lock()
         self._token = token  # the trio loop whose task sends what is queued
         self._wakeup = trio.Event()
@@ -78,6 +83,11 @@ class ServerClient:
             if len(self._queue) >= MAX_QUEUE:
                 self._fail(f"more than {MAX_QUEUE} messages unread")
                 return
+            if fd is not None and self._queued_fds >= MAX_QUEUED_FDS:
+                self._fail(f"more than {MAX_QUEUED_FDS} fds unread")
+                return
+            if fd is not None:
+                self._queued_fds += 1
             self._queue.append((wire.encode(value), os.dup(fd) if fd is not None else None))
             self._flush_locked()
             left = bool(self._queue)
@@ -98,6 +108,7 @@ class ServerClient:
             self._queue.popleft()
             if fd is not None:
                 os.close(fd)
+                self._queued_fds -= 1
 
     def _fail(self, why: str) -> None:
         log.info("ivshmem-server %s: client %d: %s; dropping it", self.group.name, self.position, why)
@@ -154,6 +165,7 @@ class ServerClient:
                 if fd is not None:
                     os.close(fd)
             self._queue.clear()
+            self._queued_fds = 0
         for fd in self.eventfds:
             os.close(fd)
         self.eventfds = []
