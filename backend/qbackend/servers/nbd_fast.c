@@ -30,6 +30,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "nbd_fast.h"
@@ -279,6 +280,19 @@ static void count(struct qb_nbd_counts *counts, const struct qb_nbd_batch *b)
 	counts->bytes_written += b->bytes_written;
 }
 
+/* Since when c waits for the rest of a request, after a receive that served what it could. */
+static void note_waiting(struct qb_nbd_conn *c)
+{
+	struct timespec now;
+
+	if (!c->received_len) {
+		c->waiting_since_ns = 0;
+		return;
+	}
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	c->waiting_since_ns = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+}
+
 /* A ready connection in native state: serve it until the socket has nothing more now
  * (0) or Python must take over (1; what is pending is left in the connection). */
 static int serve_conn(struct qb_nbd_conn *c, struct qb_nbd_counts *counts)
@@ -319,6 +333,7 @@ static int serve_conn(struct qb_nbd_conn *c, struct qb_nbd_counts *counts)
 		} while (b->stop == QB_STOP_FULL);
 		memmove(c->received, c->received + pos, c->received_len - pos);
 		c->received_len -= pos;
+		note_waiting(c);
 		if (b->stop == QB_STOP_PYTHON || c->received_len == c->received_size)
 			return 1;
 		if ((uint32_t)n < room)

@@ -41,6 +41,7 @@ struct qb_nbd_conn {
 	uint32_t received_len;
 	uint32_t out_start;   /* at a hand-over: replies not sent, batch.out[out_start:out_start+out_len] */
 	uint32_t out_len;
+	int64_t waiting_since_ns; /* CLOCK_MONOTONIC since when the rest of a request is awaited (0: none is) */
 };
 
 struct qb_nbd_ready {

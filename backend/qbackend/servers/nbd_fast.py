@@ -52,7 +52,8 @@ class NativeRequests:
     """One connection's native server: `serve(data)` answers what it can at the front of
     `data`; in a NativeLoop, the C side of the connection (`conn`)."""
 
-    def __init__(self, helper: native.Native, export: Export, mode: int, receive_buffer: bytearray | None) -> None:
+    def __init__(self, helper: native.Native, export: Export, mode: int,
+                 receive_buffer: bytearray | mmap.mmap | None) -> None:
         assert export.read_map is not None
         ffi = helper.ffi
         self._ffi = ffi
@@ -84,7 +85,8 @@ class NativeRequests:
         self.bytes_read = 0
 
     @classmethod
-    def start(cls, export: Export, mode: str, receive_buffer: bytearray | None = None) -> NativeRequests | None:
+    def start(cls, export: Export, mode: str,
+              receive_buffer: bytearray | mmap.mmap | None = None) -> NativeRequests | None:
         """For a connection to `export` whose replies are `mode` ("simple", "structured" or
         "extended") and that receives into `receive_buffer` (for a NativeLoop)."""
         if getattr(export, "read_map", None) is None:
@@ -131,6 +133,7 @@ class NativeRequests:
         pending = bytes(self._in[:conn.received_len])
         unsent = bytes(self.out[conn.out_start:conn.out_start + conn.out_len])
         conn.received_len = conn.out_len = conn.out_start = 0
+        conn.waiting_since_ns = 0
         return pending, unsent
 
     def resume(self, max_length: int, limit: int) -> None:
@@ -139,6 +142,11 @@ class NativeRequests:
         batch.max_length = min(max_length, MAX_LENGTH)
         batch.soft_limit = min(limit, OUT_SIZE)
         self.conn.state = self._lib.QB_CONN_NATIVE
+
+    @property
+    def waiting_since(self) -> float:
+        """In the loop: time.monotonic() since when the rest of a request is awaited (0.0: none is)."""
+        return float(self.conn.waiting_since_ns) / 1e9
 
     @property
     def in_loop(self) -> bool:

@@ -376,13 +376,26 @@ class NbdServerConnection:
     _eof: bool = False
     # (cookie, command, flags, offset, length) of the WRITE whose payload the caller receives
     _payload_for: tuple[int, int, int, int, int] | None = None
+    # A WRITE refused on its header (read-only export, out of range, bad flags) before its
+    # payload had all come: the payload bytes still to come, dropped as they do (never
+    # buffered), and the refusal, given once they all have (qemu-nbd answers after the
+    # payload too, and keeps the connection).
+    _skip: int = 0
+    _refused: Rejected | None = None
 
     def greeting(self) -> bytes:
         return GREETING.pack(NBDMAGIC, IHAVEOPT, HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES)
 
     def receive_data(self, data: bytes | memoryview) -> None:
-        """Buffer `data` (copied; b"" means end of stream)."""
+        """Buffer `data` (copied; b"" means end of stream).  The payload of a WRITE
+        refused on its header is not kept (see `skipping`)."""
         if data:
+            if self._skip:
+                n = min(self._skip, len(data))
+                self._skip -= n
+                if n == len(data):
+                    return
+                data = data[n:]
             self._buffer += data
         else:
             self._eof = True
@@ -395,6 +408,12 @@ class NbdServerConnection:
     def buffered(self) -> int:
         """Bytes received and not yet taken by next_event()."""
         return len(self._buffer)
+
+    @property
+    def skipping(self) -> int:
+        """Payload bytes of a refused WRITE still to come (dropped by receive_data as they
+        come): the connection is in the middle of a request."""
+        return self._skip
 
     # -- large WRITE payloads, received by the caller --------------------------------------
     # A WRITE's payload passes through the buffer otherwise, copied twice on its way to a
@@ -411,34 +430,47 @@ class NbdServerConnection:
         buf = self._buffer
         if len(buf) < header.size:
             return 0
-        magic, _flags, command, _cookie, _offset, length = header.unpack_from(buf)
+        magic, flags, command, cookie, offset, length = header.unpack_from(buf)
         if magic != expected or command != Cmd.WRITE or length > MAX_REQUEST or len(buf) >= header.size + length:
             return 0
+        if self._skip or not isinstance(self._check(cookie, command, flags, offset, length, b""), Request):
+            return 0  # refused on its header: next_event() drops its payload as it comes
         return int(length)
 
     def take_payload(self, into: memoryview) -> int:
-        """The WRITE of pending_write() leaves the buffer: the part of its payload received
-        so far goes to the front of `into` (its length, at least); how many bytes that is."""
+        """The WRITE of pending_write() (its header checked: a refused one is never
+        pending) leaves the buffer: the part of its payload received so far goes to the
+        front of `into`, which must hold it (it may be shorter than the payload, which the
+        caller may receive piece by piece); how many bytes that is."""
         header, _expected = self._request_header()
         buf = self._buffer
         _magic, flags, command, cookie, offset, length = header.unpack_from(buf)
-        if self.pending_write() != length or len(into) < length:
-            raise ValueError("take_payload() without a pending WRITE of that size")
         have = len(buf) - header.size
+        if self.pending_write() != length or len(into) < min(have, length):
+            raise ValueError("take_payload() without a pending WRITE, or into memory too small for what came")
         with memoryview(buf) as view:
             into[:have] = view[header.size:]
         buf.clear()  # the payload is not whole: nothing came after it
         self._payload_for = (cookie, command, flags, offset, length)
         return have
 
-    def payload_received(self, payload: memoryview) -> Event:
+    @property
+    def receiving(self) -> Request | None:
+        """The WRITE whose payload the caller receives (after take_payload()), without its data."""
+        if self._payload_for is None:
+            return None
+        cookie, command, flags, offset, length = self._payload_for
+        return Request(cookie, Cmd.WRITE, _cmd_flags(flags), offset, length)
+
+    def payload_received(self, payload: memoryview | None) -> Event:
         """The whole payload of take_payload()'s WRITE: its event, as next_event() would have
-        given it (a Request whose data is `payload`, or its refusal)."""
-        if self._payload_for is None or len(payload) != self._payload_for[4]:
+        given it (a Request whose data is `payload`, or its refusal).  None: the caller
+        took the payload in pieces and served the WRITE itself; the Request, without data."""
+        if self._payload_for is None or (payload is not None and len(payload) != self._payload_for[4]):
             raise ValueError("payload_received() without the payload take_payload() started")
         cookie, command, flags, offset, length = self._payload_for
         self._payload_for = None
-        return self._check(cookie, command, flags, offset, length, payload)
+        return self._check(cookie, command, flags, offset, length, b"" if payload is None else payload)
 
     def next_event(self) -> Event:
         if self._payload_for is not None:
@@ -465,6 +497,9 @@ class NbdServerConnection:
     def _need(self) -> NeedData:
         if self._eof:
             self.phase = Phase.CLOSED
+            if self._skip:
+                raise NbdProtocolError(f"client went away in the middle of a refused WRITE's payload "
+                                       f"({self._skip} bytes short)")
             raise NbdProtocolError(f"client went away in the middle of a message ({len(self._buffer)} bytes)"
                                    if self._buffer else "client closed the connection")
         return NEED_DATA
@@ -694,6 +729,11 @@ class NbdServerConnection:
         return self._request_header()[0].size
 
     def _next_request(self) -> Event:
+        if self._refused is not None:  # a refused WRITE's payload is being dropped
+            if self._skip:
+                return self._need()
+            refused, self._refused = self._refused, None
+            return refused
         buf = self._buffer
         header, expected = self._request_header()
         if len(buf) < header.size:
@@ -711,6 +751,12 @@ class NbdServerConnection:
                 raise NbdProtocolError(f"WRITE of {length} bytes is over the {MAX_REQUEST}-byte limit",
                                        self.error_reply(cookie, Errno.EINVAL, "request too large"))
             if len(buf) < header.size + length:
+                # Checked now, before its payload: a refused WRITE's payload is never held.
+                event = self._check(cookie, command, flags, offset, length, b"")
+                if isinstance(event, Rejected):
+                    self._skip = header.size + length - len(buf)
+                    self._refused = event
+                    buf.clear()  # the payload is not whole: nothing came after it
                 return self._need()
             with memoryview(buf) as view:  # one copy (a bytearray slice would be a second)
                 data = bytes(view[header.size:header.size + length])

@@ -36,13 +36,22 @@ served share state but no control flow, and each reads best alone:
 - `server`: NbdServer, the way from accept to a driver, and the end.
 """
 
-from qbackend.servers.nbd.connection import BULK, LOOP_BATCH, MAX_DESCRIPTORS, RECV_SIZE, NbdConnection, nbd_errno
+from qbackend.servers.nbd.connection import (
+                                             BULK,
+                                             HANDSHAKE_RECV,
+                                             LOOP_BATCH,
+                                             MAX_DESCRIPTORS,
+                                             RECV_SIZE,
+                                             NbdConnection,
+                                             nbd_errno,
+)
 from qbackend.servers.nbd.loop import TransmissionLoop
 from qbackend.servers.nbd.server import HANDSHAKE_TIMEOUT, LOOP_LET_GO, ExportInUse, NbdServer
 from qbackend.servers.nbd.threaded import MAX_HELD_PAYLOAD
 
 __all__ = [
     "BULK",
+    "HANDSHAKE_RECV",
     "HANDSHAKE_TIMEOUT",
     "LOOP_BATCH",
     "LOOP_LET_GO",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import errno as E
 import logging
+import mmap
 import socket
 import ssl
 import threading
@@ -35,7 +36,11 @@ if TYPE_CHECKING:
 # One logger for the package: what operators filter on is the NBD server, not its modules.
 log = logging.getLogger("qbackend.servers.nbd")
 
+# A connection in transmission receives into RECV_SIZE bytes of its own (anonymous memory,
+# resident only as far as a receive filled it); during the handshake it has none (the
+# handshake receives at most HANDSHAKE_RECV bytes at a time).  See docs/resources.md.
 RECV_SIZE = 1 << 20
+HANDSHAKE_RECV = 16 << 10
 MAX_DESCRIPTORS = 1 << 20
 # Requests of at least BULK bytes take a connection out of the transmission loop into
 # a thread of its own (servers.nbd.loop): large reads and writes overlap across threads.
@@ -44,6 +49,10 @@ BULK = 64 << 10
 # many bytes: what a client that stops reading can make the server hold for it.
 LOOP_BATCH = BULK + 64
 _BULK_COMMANDS = frozenset({nbd.Cmd.READ, nbd.Cmd.WRITE})
+# WRITE_ZEROES and TRIM of at least this many bytes (up to the whole export with extended
+# headers) go to the pool, as FLUSH does: their work, in bounded steps of the block layer,
+# holds up neither the transmission loop's other clients nor this one's next requests.
+LONG_ZEROING = 32 << 20
 _NAMES = {cmd: cmd.name for cmd in nbd.Cmd}  # stats keys (an enum's .name is a slow property)
 _ERRNOS = {E.EPERM: nbd.Errno.EPERM, E.EIO: nbd.Errno.EIO, E.ENOMEM: nbd.Errno.ENOMEM,
            E.EINVAL: nbd.Errno.EINVAL, E.ENOSPC: nbd.Errno.ENOSPC, E.EOVERFLOW: nbd.Errno.EOVERFLOW,
@@ -82,12 +91,27 @@ class NbdConnection:
         # take at once, in order; while any wait, the client is not read (backpressure).
         self.loop: TransmissionLoop | None = None
         self.out = bytearray()
-        self.promote: nbd.Request | None = None  # the bulk request that ends loop mode
+        # A bulk request ends loop mode: the loop hands the connection to a thread of its own,
+        # which starts with `first` (or with the WRITE whose payload is still coming).
+        self.promote = False
+        self.first: nbd.Request | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: set[Future[None]] = set()
-        self.buffer = bytearray(RECV_SIZE)
+        # The receive buffer: none until transmission starts (start_receiving).
+        self.buffer: mmap.mmap | bytearray = bytearray()
         self.view = memoryview(self.buffer)
         self.native: NativeRequests | None = None  # plain READs and WRITEs in C, once transmission starts
+        # time.monotonic() when the connection began waiting for more of an unfinished request
+        # (0.0: it does not): the server drops it once that is payload_timeout seconds ago.
+        self.waiting_since = 0.0
+
+    def start_receiving(self) -> None:
+        """Transmission starts: the connection's receive buffer, anonymous memory whose
+        pages become resident only as far as a receive fills them."""
+        if not len(self.buffer):
+            self.view.release()
+            self.buffer = mmap.mmap(-1, RECV_SIZE)
+            self.view = memoryview(self.buffer)
 
     # -- sending -------------------------------------------------------------------------
 
@@ -133,8 +157,8 @@ class NbdConnection:
         what is left for the protocol.  Only while the protocol holds nothing back:
         requests are taken in the order they came."""
         native = self.native
-        if native is None or self.protocol.buffered:
-            return data
+        if native is None or self.protocol.buffered or self.protocol.skipping:
+            return data  # (while a refused WRITE's payload is dropped, its bytes are no requests)
         # The transmission loop serves small requests only: a bulk one moves the connection
         # to a thread of its own (see BULK), which the protocol's path does.
         max_length, limit = (BULK - 1, LOOP_BATCH) if self.loop is not None else (nbd.MAX_REQUEST, BATCH)
@@ -167,6 +191,11 @@ class NbdConnection:
                 return True
             event = protocol.next_event()
             if event is nbd.NEED_DATA:
+                if self.loop is not None and protocol.buffered and protocol.pending_write() >= BULK:
+                    # A bulk WRITE whose payload is still coming: the thread of its own receives
+                    # it (in bounded pieces), the loop does not gather it here.
+                    self.promote = True
+                    return False
                 return True
             if not self.serve_event(export, event):
                 return False
@@ -177,7 +206,7 @@ class NbdConnection:
         if isinstance(event, nbd.Request):
             stats[_NAMES[event.command]] += 1
             if self.loop is not None and event.length >= BULK and event.command in _BULK_COMMANDS:
-                self.promote = event  # the loop hands this connection to a thread of its own
+                self.promote, self.first = True, event  # the loop hands this connection to a thread of its own
                 return False
             self.handle(export, event)
         elif isinstance(event, nbd.Rejected):
@@ -228,14 +257,18 @@ class NbdConnection:
             if cmd == nbd.Cmd.WRITE:
                 if req.flags & nbd.CmdFlags.FUA:
                     data = bytes(req.data)  # the pool writes it after the next request has come
-                    self._to_pool(req, lambda: export.write(req.offset, data, True))
+                    self.to_pool(req, lambda: export.write(req.offset, data, True))
                     return
                 export.write(req.offset, req.data, False)
             elif cmd == nbd.Cmd.FLUSH:
-                self._to_pool(req, export.flush)
+                self.to_pool(req, export.flush)
                 return
             elif cmd == nbd.Cmd.TRIM:
-                export.trim(req.offset, req.length, bool(req.flags & nbd.CmdFlags.FUA))
+                fua = bool(req.flags & nbd.CmdFlags.FUA)
+                if req.length >= LONG_ZEROING:  # long work: not in the driver's thread
+                    self.to_pool(req, lambda: export.trim(req.offset, req.length, fua))
+                    return
+                export.trim(req.offset, req.length, fua)
             elif cmd == nbd.Cmd.WRITE_ZEROES:
                 may_trim = not req.flags & nbd.CmdFlags.NO_HOLE
                 if req.flags & nbd.CmdFlags.FAST_ZERO and not may_trim:
@@ -243,7 +276,11 @@ class NbdConnection:
                     self.send(self.protocol.error_reply(req.cookie, nbd.Errno.ENOTSUP, "zeroing is not fast",
                                                         req.offset))
                     return
-                export.write_zeroes(req.offset, req.length, may_trim, bool(req.flags & nbd.CmdFlags.FUA))
+                fua = bool(req.flags & nbd.CmdFlags.FUA)
+                if req.length >= LONG_ZEROING:
+                    self.to_pool(req, lambda: export.write_zeroes(req.offset, req.length, may_trim, fua))
+                    return
+                export.write_zeroes(req.offset, req.length, may_trim, fua)
             elif cmd == nbd.Cmd.BLOCK_STATUS:
                 contexts = self.protocol.meta_contexts
                 chunks = []
@@ -266,9 +303,9 @@ class NbdConnection:
             self.server.stats["io_errors"] += 1
             self.send(self.protocol.error_reply(req.cookie, nbd_errno(exc), str(exc), req.offset))
 
-    # -- FLUSH and FUA writes: a small pool, so that a slow flush holds up no read -------
+    # -- FLUSH, FUA writes, long zeroing: a small pool, so that they hold up no read -----
 
-    def _to_pool(self, req: nbd.Request, work: Callable[[], object]) -> None:
+    def to_pool(self, req: nbd.Request, work: Callable[[], object]) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nbd-flush")
 
@@ -318,11 +355,13 @@ class NbdConnection:
     def release_buffers(self) -> None:
         """Give the receive buffers back now, not when a reference cycle is collected
         (64 clients that leave would otherwise hold their memory until the next GC)."""
-        self.view.release()
-        self.buffer = bytearray()
         if self.native is not None:
-            self.native.close()
+            self.native.close()  # it receives into self.buffer too: first
             self.native = None
+        self.view.release()
+        if isinstance(self.buffer, mmap.mmap):
+            self.buffer.close()
+        self.buffer = bytearray()
 
 
 def _clip(extents: list[tuple[int, int]], length: int, only_one: bool) -> list[tuple[int, int]]:

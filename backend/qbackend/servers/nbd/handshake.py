@@ -2,9 +2,12 @@
 STARTTLS.  A client that has not finished its handshake costs a task, not a
 thread; the server bounds it with handshake_timeout (servers.nbd.server).
 
-It ends with the chosen export, the connection's native requests started
-for it (when the helpers and the export's read map are there), and, after
-STARTTLS, `conn.sock` the TLS socket.
+Until it ends a connection has no receive buffer of its own: each receive
+is at most HANDSHAKE_RECV bytes, and the protocol keeps at most one option
+of 64 KiB (docs/resources.md).  It ends with the chosen export, the
+connection's receive buffer, its native requests started for it (when the
+helpers and the export's read map are there), and, after STARTTLS,
+`conn.sock` the TLS socket.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import trio
 
 from qbackend.block.exports import Export
 from qbackend.protocol import nbd
-from qbackend.servers.nbd.connection import RECV_SIZE, Closed, NbdConnection, log
+from qbackend.servers.nbd.connection import HANDSHAKE_RECV, Closed, NbdConnection, log
 from qbackend.servers.nbd_fast import NativeRequests
 
 
@@ -60,6 +63,7 @@ async def _options(conn: NbdConnection) -> Export | None:
         raise Closed(f"export {negotiated.export.name!r} was removed")
     conn.export_name = negotiated.export.name
     mode = "extended" if protocol.extended else "structured" if negotiated.structured else "simple"
+    conn.start_receiving()  # the receive buffer only now: a client still in its handshake costs little
     conn.native = NativeRequests.start(export, mode, conn.buffer)
     return export
 
@@ -67,7 +71,7 @@ async def _options(conn: NbdConnection) -> Export | None:
 async def _receive(conn: NbdConnection) -> bytes:
     while True:
         try:
-            return conn.sock.recv(RECV_SIZE)
+            return conn.sock.recv(HANDSHAKE_RECV)
         except (BlockingIOError, ssl.SSLWantReadError):
             await trio.lowlevel.wait_readable(conn.sock)
         except ssl.SSLWantWriteError:

@@ -31,17 +31,24 @@ from __future__ import annotations
 
 import select
 import threading
+import time
 from collections.abc import Callable
 
 from qbackend.block.exports import Export
 from qbackend.plumbing.unix import clear_eventfd, close_fds, make_eventfd, signal_eventfd
-from qbackend.servers.nbd.connection import BULK, LOOP_BATCH, Closed, NbdConnection
+from qbackend.servers.nbd.connection import BULK, LOOP_BATCH, Closed, NbdConnection, log
 from qbackend.servers.nbd.threaded import run_promoted
 from qbackend.servers.nbd_fast import NativeLoop, NativeRequests
 
+# Seconds close() waits for the thread to end.
+LOOP_JOIN = 10.0
+
 
 class TransmissionLoop:
-    """The one transmission thread and its poller (see the module's docstring)."""
+    """The one transmission thread and its poller (see the module's docstring).
+
+    The thread owns the poller (its epoll set) and the wake-up eventfd, and closes
+    them on its way out: never another thread while it may still poll them."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -49,10 +56,11 @@ class TransmissionLoop:
         self.poller: NativeLoop | _EpollPoller = native_loop if native_loop is not None else _EpollPoller()
         self._wake = make_eventfd()
         self.poller.register(self._wake, select.EPOLLIN)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # _new, and _closed with the fds it guards
         self._new: list[_LoopDriver] = []
         self._conns: dict[int, _LoopDriver] = {}
         self._stopping = False
+        self._closed = False  # the thread has closed the poller and the eventfd
         self._thread = threading.Thread(target=self._run, name=f"{name} transmission", daemon=True)
         self._thread.start()
 
@@ -63,7 +71,8 @@ class TransmissionLoop:
         conn.loop = self
         with self._lock:
             self._new.append(_LoopDriver(self, conn, export, done))
-        signal_eventfd(self._wake)
+            if not self._closed:
+                signal_eventfd(self._wake)
 
     @property
     def native(self) -> bool:
@@ -72,19 +81,36 @@ class TransmissionLoop:
 
     def want_write(self, conn: NbdConnection) -> None:
         """conn has replies waiting: wait for the socket to take them, read nothing meanwhile."""
-        try:
-            self.poller.modify(conn.sock.fileno(), select.EPOLLOUT)
-        except OSError:
-            pass  # being closed
+        with self._lock:  # (taken after a send lock, never before one)
+            try:
+                if not self._closed:
+                    self.poller.modify(conn.sock.fileno(), select.EPOLLOUT)
+            except OSError:
+                pass  # being closed
 
     def close(self) -> None:
-        self._stopping = True
-        signal_eventfd(self._wake)
-        self._thread.join(10)
-        self.poller.close()
-        close_fds([self._wake])
+        """Stop the thread and wait LOOP_JOIN seconds at most for it to end.  One that has
+        not (a pread stuck on a hung mount) keeps its poller and eventfd, and closes them
+        when it ends: they are not closed under it."""
+        with self._lock:
+            self._stopping = True
+            if not self._closed:
+                signal_eventfd(self._wake)
+        self._thread.join(LOOP_JOIN)
+        if self._thread.is_alive():
+            log.warning("%s: the transmission thread has not ended %g s after the stop; "
+                        "it closes its epoll set when it does", self.name, LOOP_JOIN)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            with self._lock:
+                self._closed = True
+                self.poller.close()
+                close_fds([self._wake])
+
+    def _serve(self) -> None:
         conns = self._conns
         while not self._stopping:
             try:
@@ -130,7 +156,7 @@ class TransmissionLoop:
 
         def finish() -> None:
             try:
-                if conn.promote is not None:
+                if conn.promote:
                     run_promoted(conn)
                 else:
                     driver.finish()
@@ -186,6 +212,10 @@ class _LoopDriver:
 
         alive = conn.guarded(serve)
         if alive:
+            protocol = conn.protocol
+            # In the middle of a request: since when its next bytes are awaited (the server
+            # drops a client that stops sending there).
+            conn.waiting_since = time.monotonic() if protocol.buffered or protocol.skipping else 0.0
             self.resume_native()
         return alive
 
@@ -224,7 +254,8 @@ class _LoopDriver:
         conn = self.conn
         native = conn.native
         if (native is None or not self.loop.native or native.in_loop or conn.out
-                or conn.protocol.buffered or conn.pool_busy or conn.promote is not None or conn.stopping):
+                or conn.protocol.buffered or conn.protocol.skipping or conn.pool_busy or conn.promote
+                or conn.stopping):
             return
         native.resume(BULK - 1, LOOP_BATCH)
 

@@ -6,19 +6,27 @@ cannot overlap several clients' megabyte transfers).
 
 Plain READs and WRITEs at the front of what was received are served natively
 (NbdConnection.serve_native); a large WRITE's payload is received straight
-into memory the driver keeps for it, one copy from the socket.
+into memory the driver keeps for it, one copy from the socket, and only
+once its header has passed the checks (a refused WRITE's payload is
+dropped as it comes: NbdServerConnection.skipping).  That memory is
+MAX_HELD_PAYLOAD bytes: a longer payload is received and written in
+pieces of that size, so a WRITE header claiming 32 MiB costs no more than
+one of 4 MiB (docs/resources.md).  While a request is unfinished,
+`conn.waiting_since` says since when its next bytes are awaited: the
+server drops a client that stops sending in the middle of one.
 """
 
 from __future__ import annotations
 
 import mmap
+import time
 
 from qbackend.block.exports import Export
 from qbackend.protocol import nbd
-from qbackend.servers.nbd.connection import BULK, RECV_SIZE, NbdConnection
+from qbackend.servers.nbd.connection import BULK, RECV_SIZE, NbdConnection, log, nbd_errno
 
-# A connection receives large WRITE payloads of up to this many bytes into memory it keeps
-# (and larger ones into their own): see NbdServerConnection.take_payload.
+# A connection receives large WRITE payloads into this many bytes of memory it keeps
+# (anonymous: resident as used), longer ones in pieces of this size.
 MAX_HELD_PAYLOAD = 4 << 20
 
 
@@ -29,11 +37,11 @@ def run_blocking(conn: NbdConnection, export: Export, first: nbd.Request | None 
 
 def run_promoted(conn: NbdConnection) -> None:
     """Take over from the transmission loop, which has let go of conn for its bulk request
-    (conn.promote): send what waited there, blocking now; then go on as run_blocking
-    does, starting with that request."""
-    export, first = conn.export, conn.promote
-    assert export is not None and first is not None
-    conn.promote = None
+    (conn.first, or the WRITE whose payload is still coming): send what waited there,
+    blocking now; then go on as run_blocking does, starting with that request."""
+    export, first = conn.export, conn.first
+    assert export is not None and conn.promote
+    conn.promote, conn.first = False, None
     conn.server.stats["promoted_to_thread"] += 1
     with conn.send_lock:
         conn.loop = None
@@ -73,20 +81,20 @@ class _ThreadedDriver:
         conn, export = self.conn, self.export
         protocol = conn.protocol
         recv_size = RECV_SIZE
+        monotonic = time.monotonic
         while conn.serve_events(export):
             if protocol.pending_write() >= BULK:
-                # A large WRITE: its payload straight into memory of its own, and then only
-                # the next request's header, so the next payload comes straight too.
-                event = self._receive_payload()
-                try:
-                    if not conn.serve_event(export, event):
-                        return
-                finally:
-                    if isinstance(event, nbd.Request) and isinstance(event.data, memoryview):
-                        event.data.release()  # served: the memory is the next payload's
+                # A large WRITE (its header checked): its payload straight into memory of its
+                # own, and then only the next request's header, so the next payload comes
+                # straight too.
+                if not self._receive_payload():
+                    return
                 recv_size = protocol.request_header_size
                 continue
+            if protocol.buffered or protocol.skipping:
+                conn.waiting_since = monotonic()  # in the middle of a request
             data = self._recv(recv_size)
+            conn.waiting_since = 0.0
             recv_size = RECV_SIZE
             if not data and conn.stopping:
                 conn.drain()
@@ -110,26 +118,75 @@ class _ThreadedDriver:
             return b""
         return conn.view[:n]
 
-    def _receive_payload(self) -> nbd.Event:
-        """The pending WRITE's payload, received into the driver's payload memory (one
-        copy: from the socket); its event.  Payloads over MAX_HELD_PAYLOAD get memory
-        of their own, given back after the request."""
-        protocol = self.conn.protocol
+    def _receive_payload(self) -> bool:
+        """Receive the pending WRITE's payload into the driver's payload memory (one copy:
+        from the socket) and serve it; False after a disconnect.  A payload longer than
+        that memory is received and written piece by piece (_write_in_pieces)."""
+        conn = self.conn
+        protocol = conn.protocol
         length = protocol.pending_write()
-        if length > MAX_HELD_PAYLOAD:
-            view = memoryview(bytearray(length))
-        else:
-            if self._payload is None:
-                self._payload = mmap.mmap(-1, MAX_HELD_PAYLOAD)  # pages become resident as used
-            view = memoryview(self._payload)[:length]
-        got = protocol.take_payload(view)
-        while got < length:
+        if self._payload is None:
+            self._payload = mmap.mmap(-1, MAX_HELD_PAYLOAD)  # pages become resident as used
+        with memoryview(self._payload) as memory:
+            if length > MAX_HELD_PAYLOAD:
+                self._write_in_pieces(memory, protocol.take_payload(memory))
+                return True
+            view = memory[:length]
             try:
-                n = self.conn.sock.recv_into(view[got:])
+                self._fill(view, protocol.take_payload(view))
+                return conn.serve_event(self.export, protocol.payload_received(view))
+            finally:
+                view.release()  # served (a FUA write's pool has a copy): the memory is the next payload's
+
+    def _fill(self, view: memoryview, got: int) -> None:
+        """Receive into view[got:] until it is full (the rest of a WRITE payload)."""
+        conn = self.conn
+        sock = conn.sock
+        monotonic = time.monotonic
+        length = len(view)
+        while got < length:
+            conn.waiting_since = monotonic()
+            try:
+                n = sock.recv_into(view[got:])
             except OSError:
                 n = 0
+            conn.waiting_since = 0.0
             if not n:
-                view.release()
-                raise nbd.NbdProtocolError(f"client went away in the middle of a WRITE payload ({got} of {length} bytes)")
+                raise nbd.NbdProtocolError(f"client went away in the middle of a WRITE payload ({got} of {length} "
+                                           "bytes)" if not conn.stopping else "stopped in the middle of a WRITE payload")
             got += n
-        return protocol.payload_received(view)
+
+    def _write_in_pieces(self, memory: memoryview, got: int) -> None:
+        """The WRITE of protocol.receiving, longer than `memory`: its payload received and
+        written a piece at a time (`got` bytes of the first piece are there), then its reply.
+        A failed piece's error is the reply; the rest of the payload is still received
+        (and dropped), as the protocol requires.  FUA: the export is flushed at the end."""
+        conn, export = self.conn, self.export
+        protocol = conn.protocol
+        req = protocol.receiving
+        assert req is not None
+        error: Exception | None = None
+        done = 0
+        while done < req.length:
+            with memory[:min(len(memory), req.length - done)] as piece:
+                self._fill(piece, got)
+                got = 0
+                if error is None:
+                    try:
+                        export.write(req.offset + done, piece, False)
+                    except Exception as exc:
+                        error = exc
+                done += len(piece)
+        event = protocol.payload_received(None)
+        assert isinstance(event, nbd.Request)  # its header was checked before its payload
+        stats = conn.server.stats
+        stats["WRITE"] += 1
+        stats["written_in_pieces"] += 1
+        if error is not None:
+            log.warning("nbd %s: WRITE %#x+%d failed: %s", conn.peer, req.offset, req.length, error)
+            stats["io_errors"] += 1
+            conn.send(protocol.error_reply(req.cookie, nbd_errno(error), str(error), req.offset))
+        elif req.flags & nbd.CmdFlags.FUA:
+            conn.to_pool(req, export.flush)  # durable with its reply: every piece, flushed
+        else:
+            conn.send(protocol.done_reply(req.cookie, req.offset))
