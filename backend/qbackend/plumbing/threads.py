@@ -27,6 +27,18 @@ Threads, and why each exists:
 - one asyncio thread for every QMP client (`machine.qmp`), because
   qemu.qmp is asyncio-only.
 
+What a client can make these threads hold, memory and time (per NBD
+connection before and after its handshake, per request, the time limits,
+the total under many hostile clients), is written down in
+docs/resources.md.  In short for NBD: a client in its handshake costs about
+7 KiB and no thread; one in the transmission loop at most about 1.1 MiB; one
+with a thread of its own at most about 9.2 MiB (its WRITE payloads, however
+long they claim to be, in 4 MiB pieces; a refused one's dropped as it
+comes); a client that stops in the middle of a request is dropped after
+the payload timeout.  At a stop, nothing a thread may still use is freed or
+closed under it: a thread that does not let go in time keeps what it holds
+and frees it on its way out.
+
 Locks they share:
 
 - a device's `PciFunction.lock` (RLock): its registers and the vfio-user

@@ -19,9 +19,16 @@ What happens to a client:
   FUA writes go to a small pool per connection, so a slow flush does not
   hold up the reads behind it: their replies can come back out of order,
   which NBD allows (replies carry the request's cookie).
+- A WRITE is checked on its header, before its payload: a refused one's
+  payload is dropped as it comes and its error sent after it; an accepted
+  one over 4 MiB (MAX_HELD_PAYLOAD) is received and written in pieces.  A
+  client that stops in the middle of a request is dropped after
+  payload_timeout seconds (the handshake timeout unless set); between
+  requests it may stay idle.  docs/resources.md has the whole budget.
 - A stopping server stops reading new requests, waits for the loop to let
   go of each connection (LOOP_LET_GO at most) and for what is in flight,
-  then flushes and closes the exports.
+  then flushes and closes the exports.  What a thread may still use is not
+  freed under it: a connection the loop keeps longer is left to the loop.
 
 A package of one module per driver, because the four ways a connection is
 served share state but no control flow, and each reads best alone:
