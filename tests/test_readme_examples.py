@@ -87,15 +87,21 @@ def test_a_users_guest_test_outside_the_repository(tmp_path: Path) -> None:
     assert "0x87654321" in failed.stdout
 
 
-def shell_command(first: str) -> str:
-    """The README's indented command starting with ``first``, with its continuation lines."""
+def shell_command(first: str, containing: str = "") -> str:
+    """The README's indented command starting with ``first`` (and holding ``containing``),
+    with its continuation lines."""
     lines = README.splitlines()
-    starts = [n for n, line in enumerate(lines) if line.startswith("    " + first)]
-    assert len(starts) == 1, f"README has no single command starting with {first!r}"
-    command = [lines[starts[0]][4:]]
-    while command[-1].endswith("\\"):
-        command.append(lines[starts[0] + len(command)][4:])
-    return "\n".join(command)
+
+    def whole(start: int) -> str:
+        command = [lines[start][4:]]
+        while command[-1].endswith("\\"):
+            command.append(lines[start + len(command)][4:])
+        return "\n".join(command)
+
+    found = [whole(n) for n, line in enumerate(lines) if line.startswith("    " + first)]
+    found = [command for command in found if containing in command]
+    assert len(found) == 1, f"README has no single command starting with {first!r} and holding {containing!r}"
+    return found[0]
 
 
 @pytest.mark.guest
@@ -106,7 +112,8 @@ def test_serving_a_device_to_a_qemu_you_start_yourself(tmp_path: Path) -> None:
     if not (REPO / "build" / "qemu" / ".complete").exists():
         pytest.skip("needs `make setup` (build/qemu)")
     serve = shell_command("qbackend serve --ivshmem socket=/tmp/iv0.sock").replace("/tmp/", f"{tmp_path}/")
-    qemu = shell_command("qbackend qemu -- $(qbackend qemu --print memory)").replace("/tmp/", f"{tmp_path}/")
+    qemu = shell_command("qbackend qemu -- $(qbackend qemu --print memory)", "iv0.sock").replace("/tmp/",
+                                                                                                f"{tmp_path}/")
     assert "-serial stdio" in qemu and "vfio-user-pci" in qemu
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "QEMU")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
