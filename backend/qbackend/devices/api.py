@@ -32,12 +32,25 @@ The contract:
   subclass, programming interface), `revision`, `subsystem_vendor_id`,
   `subsystem_id`.
 - **BARs**: `bars`, a tuple of `Bar(index, size, io=False, is_64bit=False,
-  prefetchable=False, mappable=False)`.  Accesses to a BAR call
-  `bar_read(bar, offset, size) -> int` and `bar_write(bar, offset, size,
-  value)` with sizes 1, 2, 4 or 8 (little-endian values; a longer access
-  is split into 4-byte pieces).  A `mappable` BAR is backed by shared
-  memory that QEMU maps into the guest directly: its accesses never reach
-  Python; the device reads and writes it through `bar_memory(index)`.
+  prefetchable=False, mappable=False, mappable_areas=())`.  Accesses to a
+  BAR call `bar_read(bar, offset, size) -> int` and `bar_write(bar, offset,
+  size, value)` with sizes 1, 2, 4 or 8 (little-endian values; a longer
+  access is split into 4-byte pieces).  A `mappable` BAR is backed by
+  shared memory that QEMU maps into the guest directly: its accesses never
+  reach Python; the device reads and writes it through `bar_memory(index)`.
+  A sparse BAR maps only its `mappable_areas`, ((offset, size), ...) pairs
+  in whole pages (4096 bytes), and traps the rest to `bar_read`/`bar_write`:
+  registers beside shared memory.  `bar_memory(index)` is then as large as
+  the BAR, at the BAR's offsets; only the areas' bytes are the guest's.
+- **Capabilities**: `capabilities`, a tuple of standard capabilities from
+  `qbackend.devices`: `PowerManagement(d1=False, d2=False, pme_support=0)`
+  (the guest may write the power state), `PciExpress(max_payload=128,
+  link_speed=1, link_width=1)` (an endpoint; Device Control and Link
+  Control writable), `VendorSpecific(data)` (read-only bytes); and
+  `extended_capabilities`, e.g. `(DeviceSerialNumber(0x0123456789ABCDEF),)`,
+  chained from 0x100 (they need `PciExpress`).  qbackend lays them out after
+  MSI-X and MSI, links them and gives each field the write mask the PCI
+  specifications give it; a device with `PciExpress` has a 4 KiB config space.
 - **Interrupts**: `intx` (pin INTA#, default on), `msi_vectors` (0, or 1,
   2, 4, 8, 16, 32), `msix_vectors` (0..2048; the table and PBA go in BAR
   `msix_bar`, which must be free).  `raise_irq(vector)` sends the vector
@@ -59,6 +72,32 @@ Everything a BAR callback does runs under the device's lock (`self.lock`,
 re-entrant); take it yourself in code that runs elsewhere (`defer`, your
 own threads) and touches the same state.
 
+When a callback goes wrong, the device is at fault, never the server, and
+the device keeps being served (qbackend.devices.faults):
+
+- **A callback that raises** (`bar_read`, `bar_write`, `reset`,
+  `connected`, `disconnected`, a job given to `defer`): the access is
+  answered as if nothing were there (a read gets all ones of its size, a
+  write is dropped), the device stays connected and serves the next access
+  at once.  The fault is logged with the device's id, the access (BAR,
+  offset, size, the value of a write) and your traceback, once per place
+  (the file and line that raised); later faults there are only counted.
+- **A value that does not fit its read**: `bar_read` must return an `int`
+  from 0 to ``(1 << 8 * size) - 1``; anything else (wider, negative, not
+  an int) is a fault as above, not truncated: mask it yourself
+  (``value & 0xFFFFFFFF``) where a narrower read of a wider register
+  should see its low bytes.
+- **A callback that does not return**: after a second (``stall=SECONDS``
+  among the `--device` keys) its current stack is logged, once per stuck
+  call.  QEMU waits 5 s for each reply, then the guest reads all ones; a
+  stuck callback holds the device's lock, so the device serves nothing
+  else meanwhile.  Ctrl-C and SIGTERM still stop qbackend within a few
+  seconds, its sockets removed.
+
+Faults and stalls are counted (`faults`, `stalls` in the device's
+statistics); the pytest plugin fails the test during which a device of
+its guest faulted or stalled, with the traceback or stack in the report.
+
 That is all a `Device` has: the entry points the vfio-user server calls
 (config space, region accesses, interrupt set-up, the client's coming and
 going) are on a `UserFunction`, a `PciFunction` that each `Device` gets in
@@ -77,9 +116,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from qbackend.devices.faults import CALLERS, Access, DeviceFaults
 from qbackend.errors import DeviceError
 from qbackend.models.pci_config import Bar as _ConfigBar
-from qbackend.models.pci_config import ConfigSpace, MsiLayout, MsixLayout
+from qbackend.models.pci_config import (
+    Capability,
+    ConfigSpace,
+    ExtendedCapability,
+    MsiLayout,
+    MsixLayout,
+)
 from qbackend.plumbing.native_lock import Lock
 from qbackend.vfio.function import DmaPort, PciFunction, Region
 from qbackend.vfio.irqs import InterruptController
@@ -87,6 +133,7 @@ from qbackend.vfio.irqs import InterruptController
 log = logging.getLogger(__name__)
 
 _ALL_ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+PAGE_SIZE = 4096  # what a mappable area is made of
 
 
 @dataclass(frozen=True)
@@ -99,6 +146,26 @@ class Bar:
     is_64bit: bool = False
     prefetchable: bool = False
     mappable: bool = False  # backed by shared memory QEMU maps into the guest (no callbacks)
+    # A sparse BAR: these (offset, size) pages are shared memory, the rest trapped to the callbacks.
+    mappable_areas: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        areas = sorted(self.mappable_areas)
+        if areas and (self.mappable or self.io):
+            raise DeviceError(f"BAR{self.index}: mappable_areas are for a memory BAR that is not mappable as a whole")
+        end = 0
+        for offset, size in areas:
+            if offset % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+                raise DeviceError(f"BAR{self.index}: mappable area {offset:#x}+{size:#x} is not whole pages")
+            if offset < end or offset + size > self.size:
+                raise DeviceError(f"BAR{self.index}: mappable area {offset:#x}+{size:#x} overlaps another "
+                                  f"or ends past the BAR's {self.size:#x} bytes")
+            end = offset + size
+
+    @property
+    def shared(self) -> bool:
+        """Backed by shared memory (all of it, or its areas)."""
+        return self.mappable or bool(self.mappable_areas)
 
     def config_bar(self) -> _ConfigBar:
         return _ConfigBar(self.index, self.size, io=self.io, is_64bit=self.is_64bit,
@@ -126,6 +193,8 @@ class Device:
     msi_vectors: ClassVar[int] = 0
     msix_vectors: ClassVar[int] = 0
     msix_bar: ClassVar[int] = 5
+    capabilities: ClassVar[tuple[Capability, ...]] = ()
+    extended_capabilities: ClassVar[tuple[ExtendedCapability, ...]] = ()
 
     def __init__(self) -> None:
         # Two leading underscores: Python mangles the name to _Device__function,
@@ -180,19 +249,22 @@ class Device:
         self.__function.dma().write(address, data)
 
     def defer(self, fn: Callable[..., object], *args: object) -> None:
-        """Run `fn(*args)` soon in a background thread (for DMA messages, slow work)."""
-        name = self.__function.name
+        """Run `fn(*args)` soon in a background thread (for DMA messages, slow work);
+        an exception it raises is a fault of the device (logged and counted)."""
+        function = self.__function
+        faults = function.faults
 
         def run() -> None:
             try:
                 fn(*args)
-            except Exception:
-                log.exception("%s: deferred %s failed", name, getattr(fn, "__name__", fn))
+            except Exception as exc:
+                faults.raised(exc, f"deferred {getattr(fn, '__qualname__', fn)}()", "the job ended")
 
-        threading.Thread(target=run, name=f"{name}-deferred", daemon=True).start()
+        threading.Thread(target=run, name=f"{function.name}-deferred", daemon=True).start()
 
     def bar_memory(self, index: int) -> mmap.mmap:
-        """The shared memory behind a `mappable` BAR (what the guest sees there)."""
+        """The shared memory behind a `mappable` BAR, or a sparse BAR's (as large
+        as the BAR: its mappable areas at their offsets are what the guest sees)."""
         return self.__function.memories[index][1]
 
 
@@ -211,7 +283,10 @@ class UserFunction(PciFunction):
 
     The device's hooks are looked up once, here, so a BAR access costs the
     same one call into the user's `bar_read` / `bar_write` as it would if
-    the device were a PciFunction itself.
+    the device were a PciFunction itself.  Every call into the device is
+    made inside a `try` (free in CPython 3.11 while nothing raises) that
+    turns an exception into a fault of the device (`faults`,
+    qbackend.devices.faults): never into an error of the server's.
     """
 
     def __init__(self, device: Device) -> None:
@@ -228,11 +303,15 @@ class UserFunction(PciFunction):
                              revision=cls.revision, subsystem_vendor_id=cls.subsystem_vendor_id,
                              subsystem_id=cls.subsystem_id, bars=tuple(config_bars),
                              interrupt_pin=1 if cls.intx else 0, msix=msix,
-                             msi=MsiLayout(cls.msi_vectors) if cls.msi_vectors else None)
+                             msi=MsiLayout(cls.msi_vectors) if cls.msi_vectors else None,
+                             capabilities=tuple(cls.capabilities),
+                             extended_capabilities=tuple(cls.extended_capabilities))
         super().__init__(config, InterruptController(intx=cls.intx, msix_vectors=cls.msix_vectors,
                                                      msi_vectors=cls.msi_vectors))
         self.device = device
         self.name = cls.__name__
+        self.faults = DeviceFaults(lambda: self.name)
+        self._worker: int | None = None  # the thread serving the client (watched for stalls)
         self.has_intx = cls.intx
         self.intx_level = False  # raise_irq() in INTx mode until lower_irq()
         self.memories: dict[int, tuple[int, mmap.mmap]] = {}
@@ -241,16 +320,20 @@ class UserFunction(PciFunction):
         self._device_disconnected = device.disconnected
         bar_read, bar_write = device.bar_read, device.bar_write
         for bar in cls.bars:
-            if bar.mappable:
+            if bar.shared:
                 fd = os.memfd_create(f"qbackend-{cls.__name__}-bar{bar.index}", os.MFD_CLOEXEC)
                 os.ftruncate(fd, bar.size)
                 memory = mmap.mmap(fd, bar.size)
                 self.memories[bar.index] = (fd, memory)
-                self.regions[bar.index] = Region(bar.size, _memory_reader(memory), _memory_writer(memory),
-                                                 mmap_fd=fd)
+                read, write = _memory_reader(memory), _memory_writer(memory)
+                if bar.mappable_areas:
+                    read, write = _sparse(bar.mappable_areas, (read, write),
+                                          (_reader(bar_read, bar.index, self.faults), _writer(bar_write, bar.index, self.faults)))
+                self.regions[bar.index] = Region(bar.size, read, write, mmap_fd=fd,
+                                                 mmap_areas=tuple(sorted(bar.mappable_areas)))
             else:
-                self.regions[bar.index] = Region(bar.size, _reader(bar_read, bar.index),
-                                                 _writer(bar_write, bar.index))
+                self.regions[bar.index] = Region(bar.size, _reader(bar_read, bar.index, self.faults),
+                                                 _writer(bar_write, bar.index, self.faults))
         if msix is not None:
             self.regions[cls.msix_bar] = Region(msix.pba_offset * 2, self.msix_bar_read, self.msix_bar_write)
 
@@ -298,15 +381,47 @@ class UserFunction(PciFunction):
         super().reset()
         # As QEMU's PCI core does on reset, whatever the device's own state says.
         self.intx_level = False
-        self._device_reset()
+        self._call_hook(self._device_reset, "reset")
 
     def client_connected(self) -> None:
-        self._device_connected()
+        # The server calls this in the thread that serves the client (on its
+        # VERSION): from now on that thread's callbacks are watched for stalls.
+        if self._worker is None:
+            self._worker = threading.get_ident()
+            self.faults.watch()
+        self._call_hook(self._device_connected, "connected")
 
     def client_disconnected(self) -> None:
         with self.lock:
             self.intx_level = False
-        self._device_disconnected()
+        if self._worker is not None:
+            self.faults.unwatch(self._worker)
+            self._worker = None
+        self._call_hook(self._device_disconnected, "disconnected")
+
+    def _call_hook(self, hook: Callable[[], object], name: str) -> None:
+        """A device's lifecycle hook; an exception is its fault.  Watched for stalls
+        in whichever thread calls it (this function's frame marks where the
+        device's code begins: faults.CALLERS)."""
+        faults = self.faults
+        faults.watch()
+        try:
+            hook()
+        except Exception as exc:
+            faults.raised(exc, f"{name}()", "the server goes on")
+        finally:
+            faults.unwatch()
+
+    def record_accesses(self, keep: int = 32) -> None:
+        """Keep the device's latest `keep` BAR accesses in ``faults.accesses`` (for
+        reports of failed tests); costs a little on each access, so only on request."""
+        if self.faults.accesses is not None:
+            return
+        self.faults.record_accesses(keep)
+        for bar in type(self.device).bars:
+            region = self.regions[bar.index]
+            region.read = _recording_reader(region.read, bar.index, self.faults)
+            region.write = _recording_writer(region.write, bar.index, self.faults)
 
     def close(self) -> None:
         for fd, memory in self.memories.values():
@@ -315,24 +430,106 @@ class UserFunction(PciFunction):
         self.memories.clear()
 
 
-# BAR accesses of sizes other than 1, 2, 4, 8 are split into 4-byte pieces.
+# BAR accesses of sizes other than 1, 2, 4, 8 are split into 4-, 2- and 1-byte pieces.
+# A callback's exception, or a read's value that is not an int of its size
+# (int.to_bytes checks both, for nothing more than the conversion costs), is
+# the device's fault: reported, answered all ones (a read) or dropped (a write).
 
-def _reader(bar_read: Callable[[int, int, int], int], bar: int) -> Callable[[int, int], bytes]:
+def _pieces(count: int) -> list[tuple[int, int]]:
+    out, pos = [], 0
+    while pos < count:
+        n = 4 if count - pos >= 4 else 2 if count - pos >= 2 else 1
+        out.append((pos, n))
+        pos += n
+    return out
+
+
+def _reader(bar_read: Callable[[int, int, int], int], bar: int, faults: DeviceFaults) -> Callable[[int, int], bytes]:
+    to_bytes = int.to_bytes  # unbound: a value that is not an int is a TypeError, not a call of its own method
+
     def read(offset: int, count: int) -> bytes:
         if count in _ALL_ONES:
-            return (bar_read(bar, offset, count) & _ALL_ONES[count]).to_bytes(count, "little")
-        return b"".join(read(offset + pos, min(4, count - pos)) for pos in range(0, count, 4))
+            try:
+                value = bar_read(bar, offset, count)
+            except Exception as exc:
+                return faults.read_raised(exc, bar, offset, count)
+            try:
+                return to_bytes(value, count, "little")
+            except (TypeError, OverflowError):
+                return faults.bad_value(bar_read, value, bar, offset, count)
+        return b"".join(read(offset + pos, n) for pos, n in _pieces(count))
     return read
 
 
-def _writer(bar_write: Callable[[int, int, int, int], None], bar: int) -> Callable[[int, bytes], None]:
+def _writer(bar_write: Callable[[int, int, int, int], None], bar: int,
+            faults: DeviceFaults) -> Callable[[int, bytes], None]:
+    from_bytes = int.from_bytes
+
     def write(offset: int, data: bytes) -> None:
-        if len(data) in _ALL_ONES:
-            bar_write(bar, offset, len(data), int.from_bytes(data, "little"))
+        size = len(data)
+        if size in _ALL_ONES:
+            value = from_bytes(data, "little")
+            try:
+                bar_write(bar, offset, size, value)
+            except Exception as exc:
+                faults.write_raised(exc, bar, offset, size, value)
             return
-        for pos in range(0, len(data), 4):
-            write(offset + pos, data[pos:pos + 4])
+        for pos, n in _pieces(size):
+            write(offset + pos, data[pos:pos + n])
     return write
+
+
+# Where a device's code begins, for the stall watcher: the frames below these are the user's.
+CALLERS.update({_reader(lambda bar, offset, size: 0, 0, DeviceFaults(str)).__code__,
+                _writer(lambda bar, offset, size, value: None, 0, DeviceFaults(str)).__code__,
+                UserFunction._call_hook.__code__})
+
+
+def _recording_reader(read: Callable[[int, int], bytes], bar: int,
+                      faults: DeviceFaults) -> Callable[[int, int], bytes]:
+    def recording(offset: int, count: int) -> bytes:
+        before = faults.faults
+        data = read(offset, count)
+        if faults.accesses is not None:
+            faults.accesses.append(Access("read", bar, offset, count,
+                                          int.from_bytes(data, "little") if faults.faults == before else None))
+        return data
+    return recording
+
+
+def _recording_writer(write: Callable[[int, bytes], None], bar: int,
+                      faults: DeviceFaults) -> Callable[[int, bytes], None]:
+    def recording(offset: int, data: bytes) -> None:
+        before = faults.faults
+        write(offset, data)
+        if faults.accesses is not None:
+            faults.accesses.append(Access("write", bar, offset, len(data),
+                                          int.from_bytes(data, "little") if faults.faults == before else None))
+    return recording
+
+
+def _sparse(areas: tuple[tuple[int, int], ...], memory: tuple[Callable[[int, int], bytes], Callable[[int, bytes], None]],
+            trapped: tuple[Callable[[int, int], bytes], Callable[[int, bytes], None]],
+            ) -> tuple[Callable[[int, int], bytes], Callable[[int, bytes], None]]:
+    """A sparse BAR's handlers: an access inside a mappable area (which QEMU
+    still sends when it did not map it) reaches the memory, one outside
+    reaches the device; one across a border is split there."""
+    edges = sorted({edge for offset, size in areas for edge in (offset, offset + size)})
+    mapped = [(offset, offset + size) for offset, size in areas]
+
+    def pieces(offset: int, count: int) -> list[tuple[int, int, bool]]:
+        cuts = [offset, *(e for e in edges if offset < e < offset + count), offset + count]
+        return [(start, end - start, any(lo <= start < hi for lo, hi in mapped))
+                for start, end in zip(cuts, cuts[1:])]
+
+    def read(offset: int, count: int) -> bytes:
+        return b"".join((memory if inside else trapped)[0](start, n) for start, n, inside in pieces(offset, count))
+
+    def write(offset: int, data: bytes) -> None:
+        for start, n, inside in pieces(offset, len(data)):
+            (memory if inside else trapped)[1](start, data[start - offset:start - offset + n])
+
+    return read, write
 
 
 def _memory_reader(memory: mmap.mmap) -> Callable[[int, int], bytes]:

@@ -138,6 +138,17 @@ class VfioUserClient:
         fields = vu.REGION_INFO.unpack_from(reply.payload)
         return fields, reply.payload[vu.REGION_INFO.size:], reply.fds
 
+    def region_info_full(self, index: int) -> tuple[vu.RegionInfo, list[int]]:
+        """GET_REGION_INFO as QEMU asks it: with argsz 32, then again with the
+        argsz the reply named when its capabilities did not fit; the parsed
+        reply (sparse-mmap areas included) and the fds it carried."""
+        fields, caps, fds = self.region_info(index)
+        if fields[0] > vu.REGION_INFO.size:
+            for fd in fds:
+                os.close(fd)
+            fields, caps, fds = self.region_info(index, fields[0])
+        return vu.RegionInfo.unpack(vu.REGION_INFO.pack(*fields) + caps), fds
+
     def read(self, region: int, offset: int, count: int) -> bytes:
         reply = self.call(vu.Command.REGION_READ, vu.REGION_ACCESS.pack(offset, region, count))
         return reply.payload[vu.REGION_ACCESS.size:]

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from qbackend.models.pci_config import CONFIG_SIZE, MSIX_ENTRY_SIZE, ConfigSpace
+from qbackend.models.pci_config import MSIX_ENTRY_SIZE, ConfigSpace
 from qbackend.plumbing.native_lock import device_lock
 from qbackend.protocol.vfio_user import (
     PCI_NUM_REGIONS,
@@ -43,11 +43,19 @@ class DmaPort(Protocol):
 
 @dataclass
 class Region:
+    """A BAR: its handlers, and for a mappable one the fd behind it.
+
+    With `mmap_fd`, the client may map the fd into the guest: all of the
+    region, or only `mmap_areas` ((offset, size) pairs, page-aligned, at the
+    same offsets in the fd), the rest staying trapped to `read`/`write`.
+    """
+
     size: int
     read: ReadHandler
     write: WriteHandler
     mmap_fd: int | None = None  # handed to the client; stays owned by the device
     mmap_offset: int = 0
+    mmap_areas: tuple[tuple[int, int], ...] = ()  # empty: the whole region
 
     @property
     def flags(self) -> RegionFlags:
@@ -58,9 +66,12 @@ class Region:
 
     @property
     def sparse_areas(self) -> tuple[tuple[int, int], ...]:
-        # The whole region is mappable; saying so with the sparse-mmap
-        # capability is what makes QEMU map it rather than trap it.
-        return ((0, self.size),) if self.mmap_fd is not None else ()
+        # Saying which parts are mappable with the sparse-mmap capability is
+        # what makes QEMU map them rather than trap them (all of the region
+        # unless areas are given).
+        if self.mmap_fd is None:
+            return ()
+        return self.mmap_areas or ((0, self.size),)
 
 
 @dataclass(frozen=True)
@@ -138,7 +149,7 @@ class PciFunction:
 
     def region_size(self, index: int) -> int:
         if index == PciRegion.CONFIG:
-            return CONFIG_SIZE
+            return self.config.size
         region = self.regions.get(index)
         return region.size if region else 0
 
@@ -152,7 +163,7 @@ class PciFunction:
 
     def read(self, index: int, offset: int, count: int) -> bytes:
         if index == _CONFIG:
-            if offset + count > CONFIG_SIZE:
+            if offset + count > self.config.size:
                 raise self._out_of_range(index, offset, count)
             self._accesses[index] += 1
             return bytes(self.config.data[offset:offset + count])  # ConfigSpace.read, inlined: the hot path
@@ -164,7 +175,7 @@ class PciFunction:
 
     def write(self, index: int, offset: int, data: bytes) -> None:
         if index == _CONFIG:
-            if offset + len(data) > CONFIG_SIZE:
+            if offset + len(data) > self.config.size:
                 raise self._out_of_range(index, offset, len(data))
             self._accesses[index] += 1
             self.config_write(offset, data)

@@ -738,6 +738,51 @@ def region_info_payload(
     return body[:max(argsz, REGION_INFO.size)]
 
 
+@dataclass(frozen=True)
+class RegionInfo:
+    """A GET_REGION_INFO reply as a client reads it: the fixed part and, when
+    FLAG_CAPS is set, the sparse-mmap areas from its capability chain
+    (VFIO_REGION_INFO_CAP_SPARSE_MMAP; other capabilities are skipped)."""
+
+    argsz: int
+    flags: RegionFlags
+    index: int
+    size: int
+    offset: int
+    sparse_areas: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> RegionInfo:
+        """Parse a reply payload; ProtocolError if it is short or its chain is broken
+        (a reply cut to a small argsz has no chain to read: FLAG_CAPS with argsz
+        beyond the payload gives the fixed part alone)."""
+        if len(payload) < REGION_INFO.size:
+            raise ProtocolError(f"GET_REGION_INFO reply of {len(payload)} bytes is too short")
+        argsz, raw_flags, index, cap_offset, size, offset = REGION_INFO.unpack_from(payload)
+        flags = RegionFlags(raw_flags)
+        areas: list[tuple[int, int]] = []
+        if flags & RegionFlags.CAPS and argsz <= len(payload):
+            seen: set[int] = set()
+            at = cap_offset
+            while at:
+                if at in seen or at < REGION_INFO.size or at + CAP_HEADER.size > len(payload):
+                    raise ProtocolError(f"region {index}: capability at {at} is outside the reply or loops")
+                seen.add(at)
+                cap_id, version, next_at = CAP_HEADER.unpack_from(payload, at)
+                if cap_id == SPARSE_MMAP_CAP_ID:
+                    body = at + CAP_HEADER.size
+                    if version != SPARSE_MMAP_CAP_VERSION or body + SPARSE_MMAP_HEADER.size > len(payload):
+                        raise ProtocolError(f"region {index}: sparse-mmap capability version {version} or short")
+                    (count, _reserved) = SPARSE_MMAP_HEADER.unpack_from(payload, body)
+                    first = body + SPARSE_MMAP_HEADER.size
+                    if first + count * SPARSE_MMAP_AREA.size > len(payload):
+                        raise ProtocolError(f"region {index}: {count} sparse-mmap areas do not fit the reply")
+                    areas += [SPARSE_MMAP_AREA.unpack_from(payload, first + n * SPARSE_MMAP_AREA.size)
+                              for n in range(count)]
+                at = next_at
+        return cls(argsz, flags, index, size, offset, tuple(areas))
+
+
 def irq_info_payload(index: int, flags: IrqInfoFlags, count: int) -> bytes:
     return IRQ_INFO.pack(IRQ_INFO.size, int(flags), index, count)
 
