@@ -62,6 +62,32 @@ CONFIGS: dict[str, tuple[list[str], MachineConfig]] = {
 }
 
 
+# -cpu and the machine's max-cpu-compat (which sets the compatibility PVR at
+# reset, as CAS does later): the boot core's node, built as a hot-added core's is.
+CPU_CONFIGS: dict[str, tuple[list[str], str, int]] = {
+    "POWER9": (["-cpu", "POWER9"], "POWER9", 0),
+    "POWER10": (["-cpu", "POWER10"], "POWER10", 0),
+    "POWER11-compat-power10": (["-cpu", "POWER11", "-M", "pseries,max-cpu-compat=power10"], "POWER11",
+                               0x0F000006),
+    "POWER10-compat-power9": (["-cpu", "POWER10", "-M", "pseries,max-cpu-compat=power9"], "POWER10",
+                              0x0F000005),
+}
+
+
+@pytest.mark.parametrize("name", list(CPU_CONFIGS))
+def test_cpu_models_and_compat_match_qemu(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    args, model, compat = CPU_CONFIGS[name]
+    blob = dump_pseries_dtb(["-m", "1G", "-smp", "1", *args], tmp_path_factory.mktemp(name), QEMU_PPC)
+    cpus = decode(blob).root.find("/cpus")
+    assert cpus is not None
+    (node,) = [c for c in cpus.children if c.name.startswith("PowerPC,")]
+    config = MachineConfig(cpus=1, memory=1 << 30, cpu_model=model)
+    ours = cpu_node(0x10000000, 0, 1, 0, htab_shift_for(config.memory), config.cpu, hotplugged=False,
+                    compat_pvr=compat)
+    assert ours.name == node.name
+    assert list(ours.props.items()) == list(node.props.items())
+
+
 @pytest.fixture(scope="module")
 def dumps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Node, float]]:
     out = {}

@@ -405,6 +405,6 @@ def test_bad_host_requests() -> None:
     with pytest.raises(DrcError):
         rtas_call(s, "nope", [])
     assert cpu_node(CPU1, 1, 1, 0, 23).props["name"] == b"PowerPC,POWER11@1\0"
-    assert pci_node(PciFunction(devfn=9, vendor_id=1, device_id=2, class_code=3), 5).name == "pci@1,1"
+    assert pci_node(PciFunction(devfn=9, vendor_id=1, device_id=2, class_code=3), 5).name == "legacy-device@1,1"
     assert drc_index(DrcType.PMEM, 3) == 0x90000003
     assert "memory@" in to_dts(lmb_node(LMB4))

@@ -42,6 +42,8 @@ def _machine_args(p: argparse.ArgumentParser) -> None:
                    help="a pci-bridge on a PHB's root bus (repeatable)")
     g.add_argument("--dimm", action="append", default=[], metavar="ADDR:SIZE",
                    help="a cold-plugged DIMM (shows in ibm,dynamic-memory-v2)")
+    g.add_argument("--cpu-model", default="POWER11", metavar="MODEL",
+                   help="-cpu: POWER9, POWER10 or POWER11 (default, QEMU 11.1's)")
 
 
 class _DrcParser(argparse.ArgumentParser):
@@ -54,7 +56,8 @@ class _DrcParser(argparse.ArgumentParser):
         if self.script_help and self.epilog is None:
             from qbackend.models.spapr import script
 
-            self.epilog = ("script lines:\n" + (script.__doc__ or "").split("\n\n")[1]
+            parts = (script.__doc__ or "").split("\n\n")
+            self.epilog = ("script lines:\n" + parts[1] + "\n\n" + parts[2]
                            + "\n\nexample:\n  printf 'plug-dimm 0x40000000 256M mem1\\nstate 0x80000004\\n' | "
                            "qbackend drc run --memory 1G --maxmem 4G --slots 4 -")
         return super().format_help()
@@ -81,8 +84,21 @@ def register(sub: Subparsers) -> None:
     script.script_help = True
     _machine_args(script)
     script.add_argument("script", help="script file, or - for stdin (one command per line, below)")
-    script.add_argument("--legacy-events", action="store_true",
-                        help="the guest did not negotiate the hot-plug event source (EPOW, by count)")
+    cas = script.add_argument_group(
+        "what the guest negotiated at CAS (the script's cas command changes it; reset forgets it)")
+    cas.add_argument("--legacy-events", action="store_true",
+                     help="the guest did not negotiate the hot-plug event source (EPOW, by count)")
+    cas.add_argument("--mmu", choices=("radix", "hash"), default="radix",
+                     help="MMU mode: radix (default, a current Linux) gives hot-added cores "
+                          "ibm,pft-size <0 0>; hash the hash table's order")
+    cas.add_argument("--compat-pvr", default=None, metavar="PVR|none",
+                     help="compatibility PVR, a hot-added core's cpu-version (default: the CPU "
+                          "model's own logical PVR, e.g. 0x0f000007 for POWER11; none: the raw PVR)")
+    cas.add_argument("--htab-shift", type=int, default=None, metavar="N",
+                     help="hash MMU: the hash table order (default QEMU's for the RAM present)")
+    script.add_argument("--clock", default=None, metavar="YYYY-MM-DDTHH:MM:SS",
+                        help="the guest's clock, which event logs carry (default 2000-01-01T00:00:00; "
+                             "the script's clock command sets it)")
     script.add_argument("--keep-going", action="store_true", help="do not stop at the first error")
     drc.set_defaults(func=run)
 
@@ -111,7 +127,7 @@ def machine_from_args(args: argparse.Namespace) -> MachineConfig:
                          memory=parse_size(args.memory, "--memory", default_unit="M"),
                          maxmem=parse_size(args.maxmem, "--maxmem", default_unit="M") if args.maxmem else None,
                          slots=args.slots, phbs=tuple(args.phb), bridges=tuple(bridges),
-                         dimms=tuple(dimms))
+                         dimms=tuple(dimms), cpu_model=args.cpu_model)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,7 +151,17 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.buffer.write(data)
             sys.stdout.flush()
         return 0
-    script = Script(config, hp_event_source=not args.legacy_events)
+    from datetime import datetime
+
+    try:
+        compat = None if args.compat_pvr is None else 0 if args.compat_pvr == "none" \
+            else int(args.compat_pvr, 0)
+        script = Script(config, hp_event_source=not args.legacy_events, mmu=args.mmu,
+                        compat_pvr=compat, htab_shift=args.htab_shift,
+                        clock=datetime.fromisoformat(args.clock) if args.clock else None)
+    except (DrcError, ValueError) as e:
+        print(f"qbackend drc: {e}", file=sys.stderr)
+        return 2
     stream = sys.stdin if args.script == "-" else open(args.script)
     failed = False
     with stream:

@@ -219,8 +219,11 @@ class MachineConfig:
     """Extra spapr-pci-host-bridge indexes; PHB 0 always exists."""
     bridges: tuple[PciBridge, ...] = ()
     dimms: tuple[Dimm, ...] = ()
+    cpu_model: str = "POWER11"
+    """``-cpu``: a key of `CPU_MODELS`."""
 
     def __post_init__(self) -> None:
+        cpu_model(self.cpu_model)
         mc = self.max_cpus
         if self.cpus < 1 or mc < self.cpus:
             raise DrcError(f"cpus={self.cpus} maxcpus={mc}: need 1 <= cpus <= maxcpus")
@@ -257,6 +260,10 @@ class MachineConfig:
     @property
     def max_mem(self) -> int:
         return self.maxmem if self.maxmem is not None else self.memory
+
+    @property
+    def cpu(self) -> CpuModel:
+        return cpu_model(self.cpu_model)
 
     @property
     def vsmt(self) -> int:
@@ -443,13 +450,31 @@ def lmb_node(index: int, node_id: int = 0, numa_form: int = 2) -> Node:
     return node
 
 
+PA_FEATURES_300 = bytes.fromhex(
+    "4200f63fc7c000f0800000000000000000008000800080000000800080008000"
+    "00008000c000000000008000800080008000800080008000800080008000800080000000")
+"""``ibm,pa-features`` at ISA 3.00 (POWER9, or a newer core in POWER9 compatibility)."""
+PA_FEATURES_310 = bytes.fromhex(
+    "4a00f63fc7c000f0800000000000000000008000800080000000800080008000"
+    "00008000c0000000000080008000800080008000800080008000800080008000"
+    "800080000000ce0000008000")
+"""``ibm,pa-features`` at ISA 3.10 and later (POWER10, POWER11)."""
+LOGICAL_PVR_3_00 = 0x0F000005
+LOGICAL_PVR_3_10 = 0x0F000006
+LOGICAL_PVR_3_11 = 0x0F000007
+
+
 @dataclass(frozen=True)
 class CpuModel:
     """What a CPU node says about the core type.  Defaults are QEMU 11.1's
-    pseries default CPU (POWER11) under TCG, as its device tree shows."""
+    pseries default CPU (POWER11) under TCG, as its device tree shows;
+    `CPU_MODELS` has the others (``-cpu``)."""
 
     fw_name: str = "PowerPC,POWER11"
     pvr: int = 0x00821200
+    logical_pvr: int = LOGICAL_PVR_3_11
+    """The logical (compatibility) PVR of the core's own ISA level: the
+    newest compatibility mode it accepts at CAS."""
     cache_line: int = 0x80
     l1_dcache: int = 0x8000
     l1_icache: int = 0x8000
@@ -460,24 +485,54 @@ class CpuModel:
     vmx: int = 2
     dfp: bool = True
     segment_page_sizes: tuple[int, ...] = (0x0C, 0x00, 0x01, 0x0C, 0x00, 0x10, 0x110, 0x01, 0x10, 0x01)
-    pa_features: bytes = bytes.fromhex(
-        "4a00f63fc7c000f0800000000000000000008000800080000000800080008000"
-        "00008000c0000000000080008000800080008000800080008000800080008000"
-        "800080000000ce0000008000")
     pi_features: bytes = bytes.fromhex("010000")
     radix_ap: tuple[int, ...] = (0x0C, 0xA0000010, 0x20000015, 0x4000001E)
     dec_bits: int = 56
 
+    @property
+    def compat_pvrs(self) -> tuple[int, ...]:
+        """Compatibility PVRs this model can run with (ISA 3.00 up to its
+        own level; older modes change more of the tree than is modelled)."""
+        return tuple(range(LOGICAL_PVR_3_00, self.logical_pvr + 1))
+
+    def pa_features(self, compat_pvr: int = 0) -> bytes:
+        """``ibm,pa-features`` as spapr_dt_pa_features picks it: by the
+        compatibility level when one is set, else by the core's own."""
+        level = compat_pvr or self.logical_pvr
+        return PA_FEATURES_300 if level == LOGICAL_PVR_3_00 else PA_FEATURES_310
+
+
+CPU_MODELS: dict[str, CpuModel] = {
+    "POWER9": CpuModel(fw_name="PowerPC,POWER9", pvr=0x004E1202, logical_pvr=LOGICAL_PVR_3_00),
+    "POWER10": CpuModel(fw_name="PowerPC,POWER10", pvr=0x00801200, logical_pvr=LOGICAL_PVR_3_10),
+    "POWER11": CpuModel(),
+}
+"""The -cpu models of QEMU 11.1's pseries machine this module describes
+(their boot CPU nodes are compared with QEMU's in tests/test_spapr_qemu.py)."""
+
+
+def cpu_model(name: str) -> CpuModel:
+    try:
+        return CPU_MODELS[name.upper()]
+    except KeyError:
+        raise DrcError(f"CPU model {name!r}: one of {', '.join(CPU_MODELS)}") from None
+
 
 def cpu_node(index: int, vcpu_id: int, threads: int, chip_id: int, htab_shift: int,
-             model: CpuModel = CpuModel(), hotplugged: bool = True) -> Node:
+             model: CpuModel = CpuModel(), hotplugged: bool = True, compat_pvr: int = 0) -> Node:
     """A CPU core node as QEMU's spapr_dt_cpu builds it (hot-added cores also
-    carry ``name``)."""
+    carry ``name``).  ``htab_shift`` is the hash table order the guest runs
+    with, 0 in radix mode (QEMU frees the HPT when the guest picks radix at
+    CAS), and ``compat_pvr`` the compatibility PVR negotiated at CAS (0:
+    none, the raw PVR shows), which replaces ``cpu-version`` in place."""
+    if compat_pvr and compat_pvr not in model.compat_pvrs:
+        raise DrcError(f"compatibility PVR {compat_pvr:#010x} is not one of {model.fw_name}'s "
+                       f"({', '.join(f'{p:#010x}' for p in model.compat_pvrs)})")
     node = Node(f"{model.fw_name}@{vcpu_id:x}")
     node.setprop_cell("ibm,my-drc-index", index)
     node.setprop_cell("reg", vcpu_id)
     node.setprop_string("device_type", "cpu")
-    node.setprop_cell("cpu-version", model.pvr)
+    node.setprop_cell("cpu-version", compat_pvr or model.pvr)
     for p in ("d-cache-block-size", "d-cache-line-size", "i-cache-block-size", "i-cache-line-size"):
         node.setprop_cell(p, model.cache_line)
     node.setprop_cell("d-cache-size", model.l1_dcache)
@@ -495,7 +550,7 @@ def cpu_node(index: int, vcpu_id: int, threads: int, chip_id: int, htab_shift: i
     if model.dfp:
         node.setprop_cell("ibm,dfp", 1)
     node.setprop("ibm,segment-page-sizes", cells(*model.segment_page_sizes))
-    node.setprop("ibm,pa-features", model.pa_features)
+    node.setprop("ibm,pa-features", model.pa_features(compat_pvr))
     node.setprop("ibm,pi-features", model.pi_features)
     node.setprop_cell("ibm,chip-id", chip_id)
     node.setprop("ibm,pft-size", cells(0, htab_shift))
@@ -518,6 +573,103 @@ def htab_shift_for(ram: int) -> int:
     return shift
 
 
+# PCI node names by class code: QEMU 11.1 spapr_pci.c's table (class -> name
+# and subclasses; a subclass may name programming interfaces).  A class past
+# the table is "pci"; a subclass or interface not listed keeps the name found
+# so far.
+_PCI_IFACES_PIC = {0x10: "io-apic", 0x20: "io-xapic"}
+_PCI_IFACES_USB = {0x00: "usb-uhci", 0x10: "usb-ohci", 0x20: "usb-ehci", 0x30: "usb-xhci",
+                   0x80: "usb-unknown", 0xFE: "usb-device"}
+PCI_CLASS_NAMES: tuple[tuple[str, dict[int, tuple[str, dict[int, str]]]], ...] = (
+    ("legacy-device", {0x01: ("display", {})}),
+    ("mass-storage", {0x00: ("scsi", {}), 0x01: ("ide", {}), 0x02: ("fdc", {}), 0x03: ("ipi", {}),
+                      0x04: ("raid", {}), 0x05: ("ata", {}), 0x06: ("sata", {}), 0x07: ("sas", {})}),
+    ("network", {0x00: ("ethernet", {}), 0x01: ("token-ring", {}), 0x02: ("fddi", {}),
+                 0x03: ("atm", {}), 0x04: ("isdn", {}), 0x05: ("worldfip", {}), 0x06: ("picmg", {})}),
+    ("display", {0x00: ("vga", {}), 0x01: ("xga", {}), 0x02: ("3d-controller", {})}),
+    ("multimedia-device", {0x00: ("video", {}), 0x01: ("sound", {}), 0x02: ("telephony", {})}),
+    ("memory-controller", {0x00: ("memory", {}), 0x01: ("flash", {})}),
+    ("unknown-bridge", {0x00: ("host", {}), 0x01: ("isa", {}), 0x02: ("eisa", {}), 0x03: ("mca", {}),
+                        0x04: ("pci", {}), 0x05: ("pcmcia", {}), 0x06: ("nubus", {}),
+                        0x07: ("cardbus", {}), 0x08: ("raceway", {}),
+                        0x09: ("semi-transparent-pci", {}), 0x0A: ("infiniband", {})}),
+    ("communication-controller", {0x00: ("serial", {}), 0x01: ("parallel", {}),
+                                  0x02: ("multiport-serial", {}), 0x03: ("modem", {}),
+                                  0x04: ("gpib", {}), 0x05: ("smart-card", {})}),
+    ("system-peripheral", {0x00: ("interrupt-controller", _PCI_IFACES_PIC),
+                           0x01: ("dma-controller", {}), 0x02: ("timer", {}), 0x03: ("rtc", {}),
+                           0x04: ("hot-plug-controller", {}), 0x05: ("sd-host-controller", {})}),
+    ("input-controller", {0x00: ("keyboard", {}), 0x01: ("pen", {}), 0x02: ("mouse", {}),
+                          0x03: ("scanner", {}), 0x04: ("gameport", {})}),
+    ("docking-station", {0x00: ("dock", {})}),
+    ("cpu", {0x02: ("pentium", {}), 0x20: ("powerpc", {}), 0x30: ("mips", {}),
+             0x40: ("co-processor", {})}),
+    ("serial-bus", {0x00: ("firewire", {}), 0x01: ("access-bus", {}), 0x02: ("ssa", {}),
+                    0x03: ("usb", _PCI_IFACES_USB), 0x04: ("fibre-channel", {}), 0x05: ("smb", {}),
+                    0x06: ("infiniband", {}), 0x07: ("ipmi", {}), 0x08: ("sercos", {}),
+                    0x09: ("canbus", {})}),
+    ("wireless-controller", {0x00: ("irda", {}), 0x01: ("consumer-ir", {}),
+                             0x10: ("rf-controller", {}), 0x11: ("bluetooth", {}),
+                             0x12: ("broadband", {})}),
+    ("intelligent-io", {}),
+    ("satellite-device", {0x00: ("satellite-tv", {}), 0x01: ("satellite-audio", {}),
+                          0x03: ("satellite-voice", {}), 0x04: ("satellite-data", {})}),
+    ("encryption", {0x00: ("network-encryption", {}), 0x01: ("entertainment-encryption", {})}),
+    ("data-processing-controller", {0x00: ("dpio", {}), 0x01: ("counter", {}),
+                                    0x10: ("measurement", {}), 0x20: ("management-card", {})}),
+)
+
+
+def pci_node_name(class_code: int) -> str:
+    """The node base name QEMU gives a function of this 24-bit class code
+    (spapr_pci.c's dt_name_from_class)."""
+    base, sub, iface = (class_code >> 16) & 0xFF, (class_code >> 8) & 0xFF, class_code & 0xFF
+    if base >= len(PCI_CLASS_NAMES):
+        return "pci"
+    name, subclasses = PCI_CLASS_NAMES[base]
+    if sub not in subclasses:
+        return name
+    name, ifaces = subclasses[sub]
+    return ifaces.get(iface, name)
+
+
+class BarType(IntEnum):
+    """The space code of a ``reg`` / ``assigned-addresses`` entry (IEEE
+    1275 PCI binding: phys.hi bits 25..24)."""
+
+    IO = 1
+    MEM32 = 2
+    MEM64 = 3
+
+
+ROM_BAR = 6
+PCI_BAR_UNMAPPED = None
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One region of a PCI function: ``index`` 0..5 for the BARs, 6 for the
+    expansion ROM; ``addr`` is where the BAR is mapped (None: unmapped, as
+    every BAR of a function the guest has not set up yet)."""
+
+    index: int
+    type: BarType
+    size: int
+    addr: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index <= ROM_BAR or self.size <= 0 or self.size >= 1 << 64:
+            raise DrcError(f"bad BAR {self}")
+        if self.index == ROM_BAR and self.type is not BarType.MEM32:
+            raise DrcError("the expansion ROM is a 32-bit memory region")
+
+    def register(self, bridge: bool = False) -> int:
+        """Config-space offset of the BAR (pci_bar)."""
+        if self.index == ROM_BAR:
+            return 0x38 if bridge else 0x30
+        return 0x10 + 4 * self.index
+
+
 @dataclass(frozen=True)
 class PciFunction:
     """Config-space facts a PCI device node is built from."""
@@ -537,19 +689,57 @@ class PciFunction:
     express: bool = False
     min_grant: int = 0
     max_latency: int = 0
-    reg: bytes = b""
-    """``reg`` cells (config space entry plus one per BAR)."""
-    assigned_addresses: bytes = b""
-    loc_code: str = ""
-    name: str = "pci"
-    """Node base name (QEMU derives it from the class code)."""
+    bars: tuple[Bar, ...] = ()
+    """The function's regions, in BAR order (``reg`` and ``assigned-addresses``
+    are built from them unless given as bytes below)."""
+    bus: int = 0
+    """The bus number the guest gave the function's bus (0 for a PHB's root bus)."""
+    type_name: str = ""
+    """QEMU's device type (``-device`` driver), which the made-up
+    ``ibm,loc-code`` carries: ``qemu_TYPE:PHB:BUS:SLOT.FUNC``."""
+    reg: bytes | None = None
+    """``reg`` cells as bytes, overriding `bars`."""
+    assigned_addresses: bytes | None = None
+    loc_code: str | None = None
+    """``ibm,loc-code``, overriding the one made from `type_name`."""
+    name: str | None = None
+    """Node base name; by default QEMU's name for the class code (`pci_node_name`)."""
+
+    def __post_init__(self) -> None:
+        if len({b.index for b in self.bars}) != len(self.bars):
+            raise DrcError("a BAR index is given twice")
+
+    @property
+    def node_name(self) -> str:
+        return self.name if self.name is not None else pci_node_name(self.class_code)
+
+    def resource_props(self) -> tuple[bytes, bytes]:
+        """(``reg``, ``assigned-addresses``) as populate_resource_props
+        makes them: the config space entry, then per region {phys.hi with
+        bus/device/function, space code and BAR register, 0, 0, size}; the
+        mapped regions again with the non-relocatable bit and their address."""
+        dev = (self.bus & 0xFF) << 16 | (self.devfn >> 3) << 11 | (self.devfn & 7) << 8
+        reg = [cells(dev, 0, 0, 0, 0)]
+        assigned = []
+        for b in sorted(self.bars, key=lambda b: b.index):
+            hi = dev | b.register() | b.type << 24
+            reg.append(cells(hi, 0, 0, b.size >> 32, b.size & 0xFFFFFFFF))
+            if b.addr is not None:
+                assigned.append(cells(hi | 1 << 31, b.addr >> 32, b.addr & 0xFFFFFFFF,
+                                      b.size >> 32, b.size & 0xFFFFFFFF))
+        return b"".join(reg), b"".join(assigned)
+
+    def location(self, phb: int) -> str:
+        if self.loc_code is not None:
+            return self.loc_code
+        return f"qemu_{self.type_name}:{phb:04x}:{self.bus:02x}:{self.devfn >> 3:02x}.{self.devfn & 7:x}"
 
 
-def pci_node(fn: PciFunction, index: int, pcie_ecs: bool = True) -> Node:
+def pci_node(fn: PciFunction, index: int, pcie_ecs: bool = True, phb: int = 0) -> Node:
     """A PCI function's node as spapr_dt_pci_device builds it."""
     slot, func = fn.devfn >> 3, fn.devfn & 7
     unit = f"{slot:x}" if func == 0 else f"{slot:x},{func:x}"
-    node = Node(f"{fn.name}@{unit}")
+    node = Node(f"{fn.node_name}@{unit}")
     node.setprop_cell("vendor-id", fn.vendor_id)
     node.setprop_cell("device-id", fn.device_id)
     node.setprop_cell("revision-id", fn.revision)
@@ -568,14 +758,16 @@ def pci_node(fn: PciFunction, index: int, pcie_ecs: bool = True) -> Node:
         node.setprop("66mhz-capable", b"")
     if fn.status & 0x0040:
         node.setprop("udf-supported", b"")
-    node.setprop_string("ibm,loc-code", fn.loc_code)
+    node.setprop_string("ibm,loc-code", fn.location(phb))
     node.setprop_cell("ibm,my-drc-index", index)
     if fn.msi_vectors:
         node.setprop_cell("ibm,req#msi", fn.msi_vectors)
     if fn.msix_vectors:
         node.setprop_cell("ibm,req#msi-x", fn.msix_vectors)
-    node.setprop("reg", fn.reg)
-    node.setprop("assigned-addresses", fn.assigned_addresses)
+    reg, assigned = fn.resource_props()
+    node.setprop("reg", fn.reg if fn.reg is not None else reg)
+    node.setprop("assigned-addresses", fn.assigned_addresses if fn.assigned_addresses is not None
+                 else assigned)
     if pcie_ecs and fn.express:
         node.setprop_cell("ibm,pci-config-space-type", 1)
     node.setprop_cell("min-grant", fn.min_grant)

@@ -1,16 +1,29 @@
 """A line-oriented driver for the DRC model, for scripts and tests:
 
     plug-cpu CORE [ID]                 plug-dimm ADDR SIZE [ID] [NODE]
-    plug-pci PHB DEVFN VENDOR DEVICE CLASS [ID]          plug-phb INDEX [ID]
-    unplug ID                          reset
-    set-indicator SENSOR INDEX VALUE   get-sensor-state SENSOR INDEX
-    set-power-level DOMAIN LEVEL       get-power-level DOMAIN
-    configure-connector INDEX          cc-step INDEX
-    check-exception [MASK]             state INDEX
-    events                             # a comment
+    plug-pci PHB DEVFN VENDOR DEVICE CLASS [ID] [KEY=VALUE ...]
+    plug-phb INDEX [ID]                unplug ID
+    reset                              cas [mmu=radix|hash] [compat=PVR|none] [hp-events=on|off] [htab-shift=N]
+    clock YYYY-MM-DDTHH:MM:SS          set-indicator SENSOR INDEX VALUE
+    get-sensor-state SENSOR INDEX      set-power-level DOMAIN LEVEL
+    get-power-level DOMAIN             configure-connector INDEX
+    cc-step INDEX                      check-exception [MASK]
+    state INDEX                        events
+    # a comment
 
 Numbers take 0x prefixes; sizes take K/M/G; SENSOR is 9001..9003 or
-isolation / dr-indicator / allocation / entity-sense.  `Script.run_line`
+isolation / dr-indicator / allocation / entity-sense.  plug-pci's keys
+describe the function as its config space does: barN=io|mem32|mem64:SIZE[@ADDR]
+(N 0..5; ADDR once the guest mapped it), rom=SIZE[@ADDR], irq-pin=N (0: none;
+default 1), subsystem-vendor=N, subsystem=N, revision=N, type=DRIVER (QEMU's
+device type, for ibm,loc-code), bus=N, msi=N, msix=N (vectors), express=1,
+status=N, cache-line=N, min-grant=N, max-latency=N.  `reset` is a machine
+reset (system_reset): pending unplugs complete, queued events are dropped and
+the CAS state is forgotten until `cas` (what the rebooted guest negotiates;
+compat=none is no compatibility mode).  `clock` sets the guest's clock, which
+an event log's date and time show (the time the event was queued).
+
+`Script.run_line`
 returns one JSON-able dict per command ("ok": false with "error" on a
 refused host request); RTAS results carry "status" and "rets" exactly as the
 guest would see them, plus the effects the backend must carry out.
@@ -20,10 +33,11 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import asdict
+from datetime import datetime
 from typing import Any
 
 from qbackend.errors import QbackendError
-from qbackend.models.spapr.drc import MachineConfig, PciFunction
+from qbackend.models.spapr.drc import Bar, BarType, MachineConfig, PciFunction
 from qbackend.models.spapr.events import EventClass, HotplugEvent
 from qbackend.models.spapr.fdt import to_dts
 from qbackend.models.spapr.state import (
@@ -34,6 +48,7 @@ from qbackend.models.spapr.state import (
     Effect,
     FlatMemory,
     IrqPulse,
+    Mmu,
     Released,
     RtasResult,
     Sensor,
@@ -80,9 +95,64 @@ def result_json(r: RtasResult) -> dict[str, Any]:
             "effects": [effect_json(e) for e in r.effects]}
 
 
+_PCI_KEYS = {"irq-pin": "irq_pin", "subsystem-vendor": "subsystem_vendor_id", "subsystem": "subsystem_id",
+             "revision": "revision", "bus": "bus", "msi": "msi_vectors", "msix": "msix_vectors",
+             "status": "status", "cache-line": "cache_line_size", "min-grant": "min_grant",
+             "max-latency": "max_latency"}
+_BAR_TYPES = {"io": BarType.IO, "mem32": BarType.MEM32, "mem64": BarType.MEM64}
+
+
+def _bar(index: int, text: str) -> Bar:
+    """``[TYPE:]SIZE[@ADDR]``; the ROM is mem32 whatever is written."""
+    kind, _, rest = text.rpartition(":")
+    size, _, addr = rest.partition("@")
+    if index == 6:
+        kind = kind or "mem32"
+    if kind not in _BAR_TYPES:
+        raise ValueError(f"BAR {index}: type io, mem32 or mem64 expected, not {kind!r}")
+    return Bar(index, _BAR_TYPES[kind], parse_size(size, f"BAR {index} size", default_unit="B"),
+               _num(addr) if addr else None)
+
+
+def pci_function(phb_devfn: int, vendor: int, device: int, class_code: int, keys: dict[str, str]) -> PciFunction:
+    """A PciFunction from plug-pci's KEY=VALUE words."""
+    kw: dict[str, Any] = {}
+    bars = []
+    for key, value in keys.items():
+        if key in _PCI_KEYS:
+            kw[_PCI_KEYS[key]] = _num(value)
+        elif key.startswith("bar") and key[3:].isdigit() and int(key[3:]) < 6:
+            bars.append(_bar(int(key[3:]), value))
+        elif key == "rom":
+            bars.append(_bar(6, value))
+        elif key == "type":
+            kw["type_name"] = value
+        elif key == "express":
+            kw["express"] = value not in ("0", "off", "no")
+        elif key == "name":
+            kw["name"] = value
+        else:
+            raise ValueError(f"plug-pci: unknown key {key!r}")
+    return PciFunction(devfn=phb_devfn, vendor_id=vendor, device_id=device, class_code=class_code,
+                       bars=tuple(bars), **kw)
+
+
+def _switch(text: str) -> bool:
+    if text in ("on", "1", "yes"):
+        return True
+    if text in ("off", "0", "no"):
+        return False
+    raise ValueError(f"on or off expected, not {text!r}")
+
+
 class Script:
-    def __init__(self, config: MachineConfig, hp_event_source: bool = True) -> None:
-        self.drcs = DrcSet.for_machine(config, hp_event_source=hp_event_source)
+    def __init__(self, config: MachineConfig, hp_event_source: bool = True, mmu: str = "radix",
+                 compat_pvr: int | None = None, htab_shift: int | None = None,
+                 clock: datetime | None = None) -> None:
+        self.now = clock or datetime(2000, 1, 1)
+        self.drcs = DrcSet.for_machine(config, hp_event_source=hp_event_source, mmu=Mmu(mmu),
+                                       compat_pvr=compat_pvr, htab_shift=htab_shift,
+                                       clock=lambda: self.now)
         self.mem = FlatMemory(0x10000)
 
     def run_line(self, line: str) -> dict[str, Any] | None:
@@ -113,9 +183,11 @@ class Script:
                                              node_id=_num(a[3]) if len(a) > 3 else 0))
         if cmd == "plug-pci":
             phb, devfn = _num(a[0]), _num(a[1])
-            fn = PciFunction(devfn=devfn, vendor_id=_num(a[2]), device_id=_num(a[3]),
-                             class_code=_num(a[4]))
-            return self._effects(d.plug_pci(phb, fn, a[5] if len(a) > 5 else f"pci{phb}:{devfn:#x}"))
+            rest = a[5:]
+            ident = rest.pop(0) if rest and "=" not in rest[0] else f"pci{phb}:{devfn:#x}"
+            keys = dict(w.split("=", 1) for w in rest)
+            fn = pci_function(devfn, _num(a[2]), _num(a[3]), _num(a[4]), keys)
+            return self._effects(d.plug_pci(phb, fn, ident))
         if cmd == "plug-phb":
             n = _num(a[0])
             return self._effects(d.plug_phb(n, a[1] if len(a) > 1 else f"phb{n}"))
@@ -123,6 +195,21 @@ class Script:
             return self._effects(d.unplug(a[0]))
         if cmd == "reset":
             return self._effects(d.reset())
+        if cmd == "cas":
+            keys = dict(w.split("=", 1) for w in a)
+            unknown = set(keys) - {"mmu", "compat", "hp-events", "htab-shift"}
+            if unknown:
+                raise ValueError(f"cas: unknown key {sorted(unknown)[0]!r}")
+            compat = keys.get("compat")
+            d.cas(mmu=Mmu(keys["mmu"]) if "mmu" in keys else None,
+                  compat_pvr=None if compat is None else 0 if compat == "none" else _cell(compat),
+                  hp_events=_switch(keys["hp-events"]) if "hp-events" in keys else None,
+                  htab_shift=_num(keys["htab-shift"]) if "htab-shift" in keys else None)
+            return {"ok": True, "mmu": d.mmu.value, "compat": f"{d.effective_compat_pvr:#010x}",
+                    "hp_events": d.hp_event_source, "pft_shift": d.pft_shift()}
+        if cmd == "clock":
+            self.now = datetime.fromisoformat(a[0])
+            return {"ok": True, "clock": self.now.isoformat()}
         if cmd == "set-indicator":
             return {"ok": True, **result_json(d.set_indicator([_sensor(a[0]), _num(a[1]), _num(a[2])]))}
         if cmd == "get-sensor-state":

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import Enum, IntEnum
+from enum import Enum, IntEnum, StrEnum
 from typing import Protocol
 
 from qbackend.errors import ModelError
@@ -45,6 +45,13 @@ from qbackend.models.spapr.drc import (
 )
 from qbackend.models.spapr.events import HP_TYPE_OF, EventClass, HotplugEvent, HpAction, HpId
 from qbackend.models.spapr.fdt import Node, Tag, Token, tokens
+
+
+class Mmu(StrEnum):
+    """The MMU mode a guest picks at CAS (option vector 5, byte 24)."""
+
+    HASH = "hash"
+    RADIX = "radix"
 
 
 class RtasStatus(IntEnum):
@@ -352,10 +359,69 @@ class DrcSet:
     hot-plug source and memory is added by count-indexed."""
     numa_form: int = 2
     clock: Callable[[], datetime] = field(default=lambda: datetime(2000, 1, 1))
+    """The guest's clock (QEMU's RTC): an event log carries the date and time
+    its event was queued at."""
     plid_order: str = "little"
+    mmu: Mmu = Mmu.RADIX
+    """The MMU mode the guest picked at CAS; after a reset, hash until it
+    negotiates again."""
+    compat_pvr: int | None = None
+    """The compatibility PVR negotiated at CAS: 0 for none (the raw PVR),
+    None for the CPU model's own logical PVR, which a current Linux gets."""
+    htab_shift: int | None = None
+    """The hash page table order in hash mode; None: QEMU's choice for the
+    RAM (boot RAM and DIMMs) present when the table was made."""
     drcs: dict[int, Drc] = field(default_factory=dict)
     events: list[PendingEvent] = field(default_factory=list)
     next_plid: int = 0
+
+    def __post_init__(self) -> None:
+        self.mmu = Mmu(self.mmu)
+        self._check_compat(self.compat_pvr)
+
+    def _check_compat(self, pvr: int | None) -> None:
+        model = self.config.cpu
+        if pvr and pvr not in model.compat_pvrs:
+            raise DrcError(f"compatibility PVR {pvr:#010x} is not one {model.fw_name} accepts "
+                           f"({', '.join(f'{p:#010x}' for p in model.compat_pvrs)}, or 0 for none)")
+
+    # -- what the guest negotiated ----------------------------------------------------------
+    @property
+    def effective_compat_pvr(self) -> int:
+        return self.config.cpu.logical_pvr if self.compat_pvr is None else self.compat_pvr
+
+    def plugged_memory(self) -> int:
+        return LMB_SIZE * sum(1 for d in self.drcs.values() if d.kind is DrcType.LMB and d.device)
+
+    def pft_shift(self) -> int:
+        """The second cell of ``ibm,pft-size``: 0 in radix mode, else the HPT order."""
+        if self.mmu is Mmu.RADIX:
+            return 0
+        if self.htab_shift is None:
+            self.htab_shift = htab_shift_for(self.config.memory + self.plugged_memory())
+        return self.htab_shift
+
+    def cas(self, mmu: Mmu | str | None = None, compat_pvr: int | None = None,
+            hp_events: bool | None = None, htab_shift: int | None = None) -> None:
+        """What h_client_architecture_support settles: the MMU mode (QEMU frees
+        the hash table for radix and sets one up for hash, sized for the RAM
+        present now unless ``htab_shift`` says otherwise), the compatibility
+        PVR (0: none) and whether hotplug events get their own source.  What
+        is not given stays."""
+        if compat_pvr is not None:
+            self._check_compat(compat_pvr)
+            self.compat_pvr = compat_pvr
+        if hp_events is not None:
+            self.hp_event_source = hp_events
+        if mmu is not None:
+            self.mmu = Mmu(mmu)
+            self.htab_shift = None
+        if htab_shift is not None:
+            if not 18 <= htab_shift <= 46:
+                raise DrcError(f"htab-shift {htab_shift}: QEMU's hash tables are 2**18 .. 2**46 bytes")
+            self.htab_shift = htab_shift
+        if self.mmu is Mmu.HASH:
+            self.pft_shift()
 
     @classmethod
     def for_machine(cls, config: MachineConfig, **kw: object) -> DrcSet:
@@ -438,8 +504,12 @@ class DrcSet:
         drc.device = device
         return drc
 
-    def reset_drc(self, drc: Drc) -> list[Effect]:
-        """spapr_drc_reset: finish a pending unplug, then ready or empty."""
+    def reset_drc(self, drc: Drc, dr_indicator: bool = True) -> list[Effect]:
+        """spapr_drc_reset: finish a pending unplug, then ready or empty.
+        ``dr_indicator``: also set a physical DRC's indicator from whether it
+        holds a device (QEMU does that in a reset handler of its own)."""
+        if drc.physical and dr_indicator:
+            drc.dr_indicator = DrIndicator.ACTIVE if drc.device else DrIndicator.INACTIVE
         effects = self._release(drc) if drc.unplug_requested and drc.device else []
         if drc.device is not None:
             drc.state = drc.ready_state
@@ -447,15 +517,27 @@ class DrcSet:
         else:
             drc.state = drc.empty_state
             drc.ccs_offset = drc.ccs_depth = -1
-        if drc.physical:
-            drc.dr_indicator = DrIndicator.ACTIVE if drc.device else DrIndicator.INACTIVE
         return effects
 
     def reset(self) -> list[Effect]:
-        """A machine reset (also what happens at CAS for DRCs in transit)."""
+        """A machine reset as spapr_machine_reset does it: a hash table for
+        the RAM present, the physical DRCs' indicators set from their devices (a reset handler that runs with
+        the devices, before the DRCs), then every DRC is reset (a pending
+        unplug completes: the device is released), the queued events are
+        dropped, and what the guest negotiated at CAS is forgotten: no
+        compatibility mode, hash MMU, hotplug events on the EPOW source,
+        until the guest negotiates again (`cas`)."""
+        self.mmu, self.htab_shift = Mmu.HASH, None
+        self.pft_shift()     # spapr_setup_hpt, first: DIMMs about to be released still count
+        for drc in self.drcs.values():
+            if drc.physical:
+                drc.dr_indicator = DrIndicator.ACTIVE if drc.device else DrIndicator.INACTIVE
         effects: list[Effect] = []
         for drc in list(self.drcs.values()):
-            effects += self.reset_drc(drc)
+            effects += self.reset_drc(drc, dr_indicator=False)
+        self.events.clear()
+        self.compat_pvr = 0
+        self.hp_event_source = False
         return effects
 
     def unplug_request_drc(self, drc: Drc) -> list[Effect]:
@@ -477,14 +559,17 @@ class DrcSet:
 
     def plug_cpu(self, core: int, device: str, hotplugged: bool = True,
                  chip_id: int | None = None) -> list[Effect]:
+        """Plug a core.  Its node is built when the guest first asks for it
+        (configure-connector), from what was negotiated then: the MMU mode
+        (``ibm,pft-size``) and the compatibility PVR (``cpu-version``)."""
         cfg = self.config
         vcpu = core * cfg.vsmt
         index = drc_index(DrcType.CPU, vcpu)
         cores_per_chip = max(1, cfg.max_cpus // cfg.threads)
         chip = chip_id if chip_id is not None else (core * cfg.threads) // (cfg.threads * cores_per_chip)
-        shift = htab_shift_for(cfg.memory)
         drc = self.attach(index, Device(device, lambda i: cpu_node(
-            i, vcpu, cfg.threads, chip, shift, hotplugged=True)))
+            i, vcpu, cfg.threads, chip, self.pft_shift(), cfg.cpu, hotplugged=True,
+            compat_pvr=self.effective_compat_pvr)))
         if not hotplugged:
             return self.reset_drc(drc)
         return self._queue(DrcType.CPU, HpAction.ADD, HpId.DRC_INDEX, index=index)
@@ -525,7 +610,7 @@ class DrcSet:
     def plug_pci(self, phb: int, fn: PciFunction, device: str, chassis: int = 0,
                  hotplugged: bool = True) -> list[Effect]:
         index = drc_index(DrcType.PCI, (phb << 16) | (chassis << 8) | fn.devfn)
-        drc = self.attach(index, Device(device, lambda i: pci_node(fn, i)))
+        drc = self.attach(index, Device(device, lambda i: pci_node(fn, i, phb=phb)))
         if not hotplugged:
             return self.reset_drc(drc)
         if fn.devfn & 7:
@@ -783,6 +868,7 @@ __all__ = [
     "GuestMemory",
     "IrqPulse",
     "Isolation",
+    "Mmu",
     "Op",
     "Released",
     "RtasResult",
