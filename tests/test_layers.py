@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from qbackend.app.cli.commands import SUMMARIES
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Lowest first.  Modules of the same rank may import each other.
@@ -38,8 +40,8 @@ LAYERS = [
 ]
 RANK = {part: rank for rank, (_layer, parts) in enumerate(LAYERS) for part in parts}
 NO_IO = {"trio", "socket", "asyncio", "threading", "select", "selectors", "mmap", "subprocess", "qemu"}
-CLI_COMMANDS = ("setup", "serve", "run", "nbd", "console", "dimm", "pci", "qed", "drc", "ivshmem", "qemu")
-CLI_MODULES = {"qbackend.app.cli", "qbackend.app.cli.common", *(f"qbackend.app.cli.{c}" for c in CLI_COMMANDS)}
+CLI_MODULES = {"qbackend.app.cli", "qbackend.app.cli.common", "qbackend.app.cli.commands",
+               *(f"qbackend.app.cli.{c}" for c in SUMMARIES)}
 
 
 SOURCE_ROOTS = ("backend", "protocol", "qemu-configs")

@@ -6,25 +6,24 @@
     qbackend qemu -- ARGS             # the provisioned QEMU by hand
 
 One module per command: its `register` adds the command's parser, and the
-function it leaves in `func` runs the command.  Each command imports what it
-needs when it runs (trio, the device service, QEMU helpers), so that light
-commands such as `qbackend qed info` start fast.
+function it leaves in `func` runs the command.  Only the module of the command
+given is imported (qbackend.app.cli.commands), and each imports what it needs
+when it runs (trio, the device service, QEMU helpers), so that light commands
+such as `qbackend qed info` start fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from qbackend.app.cli import console, dimm, drc, ivshmem, nbd, pci, qed, qemu, run, serve, setup
-from qbackend.app.cli.common import report
+from qbackend.app.cli.commands import SUMMARIES
 from qbackend.version import __version__
-
-# The order of `qbackend --help`.
-COMMANDS = (setup, serve, nbd, run, pci, dimm, console, qemu, drc, qed, ivshmem)
 
 
 class Parser(argparse.ArgumentParser):
@@ -34,7 +33,20 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_named(argv: Sequence[str]) -> str | None:
+    """The command `argv` runs (its first word that is not a global option), if any."""
+    words = iter(argv)
+    for word in words:
+        if word == "--data-dir":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv`, only the command it names is registered whole (the others
+    stand by their summaries, which is all `qbackend --help` shows of them)."""
     parser = Parser(
         prog="qbackend",
         description="External devices for QEMU from one Python process: ivshmem, a hotplug controller and "
@@ -51,13 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where provisioned QEMU and the test guest live (default: $QBACKEND_DATA_DIR, "
                              "else a checkout's build/, else ~/.local/share/qbackend)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in COMMANDS:
-        command.register(sub)
+    wanted = None if argv is None else command_named(argv)
+    for name, summary in SUMMARIES.items():
+        if argv is None or name == wanted:
+            importlib.import_module(f"qbackend.app.cli.{name}").register(sub)
+        else:
+            sub.add_parser(name, help=summary)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
     # qemu.qmp logs each failed connect while it retries (QEMU still starting): noise unless -vv.
@@ -77,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:
+        from qbackend.app.cli.common import report
+
         failed = report(f"qbackend {args.command}", exc)
         if failed is None:
             raise

@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qbackend.app.cli.commands import SUMMARIES
+
 if TYPE_CHECKING:
     from qbackend.app.cli.common import Subparsers
 
 
 def register(sub: Subparsers) -> None:
-    console = sub.add_parser("console", help="attach the terminal to a guest's serial console",
+    console = sub.add_parser("console", help=SUMMARIES["console"],
                              description="Relay this terminal to the guest console of the running 'qbackend run', "
                                          "or to the UNIX socket PATH (a QEMU serial chardev). Leave with Ctrl-].")
     console.add_argument("path", type=Path, nargs="?",

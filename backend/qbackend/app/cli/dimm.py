@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from qbackend.app.cli.commands import SUMMARIES
 from qbackend.app.cli.common import control_path, instance_options
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ examples (against the running 'qbackend run --dimm id=hot1,size=256M'; several: 
 
 
 def register(sub: Subparsers) -> None:
-    dimm = sub.add_parser("dimm", help="hot-add, hot-remove and list DIMMs of a running qbackend",
+    dimm = sub.add_parser("dimm", help=SUMMARIES["dimm"],
                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
                           description="Drive the DIMM slots of a running 'qbackend run' or 'qbackend serve'.")
     instance_options(dimm)

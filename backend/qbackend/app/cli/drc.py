@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qbackend.app.cli.commands import SUMMARIES
+
 if TYPE_CHECKING:
     from qbackend.app.cli.common import Subparsers
     from qbackend.models.spapr.drc import MachineConfig
@@ -65,7 +67,7 @@ class _DrcParser(argparse.ArgumentParser):
 
 def register(sub: Subparsers) -> None:
     """Add the ``drc`` command group to qbackend's subparsers."""
-    drc = sub.add_parser("drc", help="pseries DRC model: device-tree properties, RTAS state machine",
+    drc = sub.add_parser("drc", help=SUMMARIES["drc"],
                          description="sPAPR dynamic-reconfiguration connectors as QEMU 11.1's "
                                      "pseries machine has them.",
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)

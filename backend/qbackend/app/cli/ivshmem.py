@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qbackend.app.cli.commands import SUMMARIES
 from qbackend.app.cli.common import control_path, instance_options
 from qbackend.sizes import parse_size
 
@@ -47,7 +48,7 @@ def _int(text: str) -> int:
 
 def register(sub: Subparsers) -> None:
     """Add the `ivshmem` command to qbackend's subparsers."""
-    iv = sub.add_parser("ivshmem", help="ivshmem peer groups: peers, doorbells, memory; a standalone ivshmem-server",
+    iv = sub.add_parser("ivshmem", help=SUMMARIES["ivshmem"],
                         description="Drive the ivshmem peer groups of a running qbackend, or serve one.",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     instance_options(iv, "qbackend's QMP monitor")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qbackend.app.cli.commands import SUMMARIES
 from qbackend.app.cli.common import (
     apply_limits,
     export_option,
@@ -39,7 +40,7 @@ examples:
 
 
 def register(sub: Subparsers) -> None:
-    nbd = sub.add_parser("nbd", help="serve disk images (QED or raw) over NBD until Ctrl-C",
+    nbd = sub.add_parser("nbd", help=SUMMARIES["nbd"],
                          description="Serve QED and raw images as NBD exports.",
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     nbd.add_argument("--export", type=export_option, action="append", required=True,

@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
+from qbackend.app.cli.commands import SUMMARIES
 from qbackend.app.cli.common import control_path, instance_options
 from qbackend.errors import ControlError, UsageError
 
@@ -25,7 +26,7 @@ docs/qemu-issues.md), so 'pci del' refuses such a device there unless --force.
 
 
 def register(sub: Subparsers) -> None:
-    pci = sub.add_parser("pci", help="hot-add, hot-remove and list PCI devices of a running qbackend",
+    pci = sub.add_parser("pci", help=SUMMARIES["pci"],
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
                          description="Drive PCI hotplug through a running 'qbackend run' or 'qbackend serve'.")
     instance_options(pci)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from qbackend.app.cli.commands import SUMMARIES
 from qbackend.app.cli.common import report
 from qbackend.block.blockfile import FileBlock
 from qbackend.block.qed import (
@@ -63,7 +64,7 @@ class CliError(UsageError):
 
 def register(sub: Subparsers) -> None:
     """Register `qed` and its subcommands on the top-level subparsers."""
-    qed = sub.add_parser("qed", help="create, inspect, check and convert QED images (like qemu-img)",
+    qed = sub.add_parser("qed", help=SUMMARIES["qed"],
                          description="QED image tools with qemu-img's vocabulary.",
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     cmds = qed.add_subparsers(dest="qed_command", metavar="SUBCOMMAND", required=True)

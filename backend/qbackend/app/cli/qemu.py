@@ -12,6 +12,7 @@ import os
 import shlex
 from typing import TYPE_CHECKING
 
+from qbackend.app.cli.commands import SUMMARIES
 from qbackend.errors import UsageError
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ QEMU is $QEMU if set, else the data directory's qemu/ ('qbackend setup').
 
 
 def register(sub: Subparsers) -> None:
-    parser = sub.add_parser("qemu", help="run the provisioned QEMU, or print the pieces of a command line of your own",
+    parser = sub.add_parser("qemu", help=SUMMARIES["qemu"],
                             description="Run qemu-system-x86_64 as qbackend runs it (the provisioned folder's "
                                         "loader, libraries and firmware, or $QEMU), with ARGS after '--'; or print "
                                         "what a command line of your own needs.",

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qbackend.app.cli.commands import SUMMARIES
 from qbackend.app.cli.common import (
     data_dir_option,
     device_option,
@@ -53,7 +54,7 @@ def _name(text: str) -> str:
 
 
 def register(sub: Subparsers) -> None:
-    parser = sub.add_parser("run", help="start the devices, QEMU and a booted guest together",
+    parser = sub.add_parser("run", help=SUMMARIES["run"],
                             description="Start qbackend's devices and a QEMU guest that uses them.",
                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     parser.add_argument("--ivshmem", type=ivshmem_option, action="append", default=[], metavar="KEY=VALUE,...",

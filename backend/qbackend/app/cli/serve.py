@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qbackend.app.cli.commands import SUMMARIES
 from qbackend.app.cli.common import (
     apply_limits,
     device_option,
@@ -87,15 +88,16 @@ def _hotplug_option(text: str) -> dict[str, object]:
 
 
 def register(sub: Subparsers) -> None:
-    serve = sub.add_parser("serve", help="serve devices (and NBD exports, a QMP monitor) until Ctrl-C or quit",
+    serve = sub.add_parser("serve", help=SUMMARIES["serve"],
                            description="Serve devices to QEMU until interrupted.",
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     serve.add_argument("--ivshmem", type=ivshmem_option, action="append", default=[], metavar="KEY=VALUE,...",
                        help="an ivshmem device (repeatable); keys below")
     serve.add_argument("--device", type=device_option, action="append", default=[],
-                       metavar="socket=PATH,class=MODULE:CLASS[,id=ID][,KEY=VALUE...]",
+                       metavar="socket=PATH,class=MODULE:CLASS[,id=ID][,stall=SECONDS][,KEY=VALUE...]",
                        help="a PCI device of your own (a qbackend.devices.Device subclass); "
-                            "class=path/to/file.py:CLASS loads a file; other keys reach its constructor")
+                            "class=path/to/file.py:CLASS loads a file; stall=SECONDS (default 1): log the stack "
+                            "of a callback running longer; other keys reach its constructor")
     serve.add_argument("--hotplug", type=_hotplug_option, metavar="socket=PATH[,machine=pc][,ram=512M][,slots=4]",
                        help="the hotplug-controller device (ACPI memory-hotplug block in BAR0); "
                             "ram= is the guest's base RAM, a bare number in MiB")
@@ -171,5 +173,7 @@ def run(args: argparse.Namespace) -> int:
 
     trio.run(serve)
     for served in backend.devices.values():
-        print(f"{served.id}: served native_accesses {served.server.counts()['native_accesses']}", flush=True)
+        counts = served.server.counts()
+        faults = "".join(f" {key} {counts[key]}" for key in ("faults", "stalls") if counts[key])
+        print(f"{served.id}: served native_accesses {counts['native_accesses']}{faults}", flush=True)
     return 0

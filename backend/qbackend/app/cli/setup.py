@@ -9,6 +9,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from qbackend.app.cli.commands import SUMMARIES
 from qbackend.app.cli.common import data_dir_option
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ class Interrupted(BaseException):
 
 
 def register(sub: Subparsers) -> None:
-    setup = sub.add_parser("setup", help="provision QEMU 11.1 and the test guest into the data directory",
+    setup = sub.add_parser("setup", help=SUMMARIES["setup"],
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
                            description="Unpack QEMU 11.1 for x86 from Debian trixie-backports and build "
                                        "the busybox test guest: what 'qbackend run' needs, as 'make setup' "
