@@ -36,6 +36,7 @@ from qbackend.models.virtqueue import (
 )
 from qbackend.options import VhostUserBlkOptions
 from qbackend.protocol import vhost_user as vu
+from qbackend.servers import vhost_user_blk_fast
 from qbackend.servers.vhost_user_blk import VhostUserBlkServer
 from qbackend.testing.harness import mappings, open_fds, wait_equal, wait_until
 from qbackend.testing.vhost_user_client import (
@@ -178,6 +179,7 @@ def test_negotiation(rig: Rig) -> None:
 
 def test_read_write_flush_get_id_and_config(rig: Rig) -> None:
     payload = os.urandom(3 * SECTOR_SIZE)
+    native_before = rig.rw.stats["native_requests"]
     with rig.ready() as f:
         assert f.capacity() == IMAGE_SIZE // SECTOR_SIZE
         blk_size = struct.unpack("<I", f.get_config(4, offset=20))[0]
@@ -209,6 +211,9 @@ def test_read_write_flush_get_id_and_config(rig: Rig) -> None:
     with open(rig.image, "rb") as disk:
         disk.seek(100 * SECTOR_SIZE)
         assert disk.read(len(payload)) == payload
+    if vhost_user_blk_fast.load() is not None:
+        # Every one of these plain requests was answered in C, none by Python.
+        assert rig.rw.stats["native_requests"] - native_before == 10, rig.rw.stats
 
 
 def test_get_config_past_the_config_space_fails(rig: Rig) -> None:

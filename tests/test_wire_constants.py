@@ -1,7 +1,7 @@
 """Every number the C helpers share with Python has one source of truth.
 
 The C helpers (servers/nbd_fast.c, servers/vfio_user_fast.c,
-block/read_map.c, plumbing/native_lock.c) name their wire numbers with
+servers/vhost_user_blk_fast.c, block/read_map.c, plumbing/native_lock.c) name their wire numbers with
 `#define`s; the Python protocol modules name the same numbers as enums and
 constants.  Here every `#define` and enum member of every C source and
 header of the package is parsed and checked against its Python twin, so a
@@ -23,7 +23,10 @@ from qbackend.plumbing import native
 from qbackend.plumbing.native_build import HELPERS
 from qbackend.protocol import nbd
 from qbackend.protocol import vfio_user as vu
+from qbackend.models import virtio_blk as blk
+from qbackend.models import virtqueue as vq
 from qbackend.servers import vfio_user as vfio_user_server
+from qbackend.servers import vhost_user_blk as vhost_user_blk_server
 
 PACKAGE = Path(native.__file__).resolve().parent.parent
 
@@ -74,6 +77,34 @@ EXPECTED: dict[str, Expected] = {
     "servers/vfio_user_fast.h": {
         # The Python receive loop's room for fds must be the C loop's.
         "QB_SCM_MAX_FD": vfio_user_server.SCM_MAX_FD,
+    },
+    "servers/vhost_user_blk_fast.c": {
+        "VIRTQ_DESC_F_NEXT": vq.VIRTQ_DESC_F_NEXT,
+        "VIRTQ_DESC_F_WRITE": vq.VIRTQ_DESC_F_WRITE,
+        "VIRTQ_DESC_F_INDIRECT": vq.VIRTQ_DESC_F_INDIRECT,
+        "VIRTQ_AVAIL_F_NO_INTERRUPT": vq.VIRTQ_AVAIL_F_NO_INTERRUPT,
+        "DESC_SIZE": vq.DESC_SIZE,
+        "USED_ELEM_SIZE": vq.USED_ELEM_SIZE,
+        "INDIRECT_REACH": vq.INDIRECT_REACH,
+        "BLK_HEADER_SIZE": blk.HEADER_SIZE,
+        "BLK_SECTOR_SHIFT": blk.SECTOR_SHIFT,
+        "BLK_ID_BYTES": blk.ID_BYTES,
+        "BLK_T_IN": blk.RequestType.IN,
+        "BLK_T_OUT": blk.RequestType.OUT,
+        "BLK_T_FLUSH": blk.RequestType.FLUSH,
+        "BLK_T_GET_ID": blk.RequestType.GET_ID,
+        "BLK_S_OK": blk.Status.OK,
+    },
+    "servers/vhost_user_blk_fast.h": {
+        # C's memory table has room for every region the server accepts.
+        "QB_VU_MAX_REGIONS": vhost_user_blk_server.MAX_MEM_SLOTS,
+        "QB_VU_MAX_IOV": FROM_LIB,
+        "QB_VU_EMPTY": FROM_LIB,
+        "QB_VU_PYTHON": FROM_LIB,
+        "QB_VU_MORE": FROM_LIB,
+        "QB_VU_WAKE": FROM_LIB,
+        "QB_VU_RELOAD": FROM_LIB,
+        "QB_VU_FAILED": FROM_LIB,
     },
     "block/read_map.h": {"QB_MAP_BLOCK_BITS": FROM_LIB},
     "block/read_map.c": {},

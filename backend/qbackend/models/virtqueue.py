@@ -381,6 +381,10 @@ class SplitVirtqueue:
         self._avail_idx = 0  # the driver's avail idx as last read
         self._signalled_used = 0  # used idx when should_notify() last ran
         self._signalled_valid = False
+        self.ring_gpas: tuple[int, int, int] | None = None
+        """Where resolve() found the descriptor table, available and used rings (GPAs)."""
+        self.resolutions = 0
+        """How many times resolve() has succeeded: a native twin reloads the rings when it moves."""
 
     # -- configuration (vhost-user messages) -----------------------------------------
 
@@ -444,6 +448,7 @@ class SplitVirtqueue:
         self.detach()
         mem, num, addrs = self.memory, self.num, self.addresses
         views: list[memoryview] = []
+        gpas: list[int] = []
         for name, addr, size, align in (("descriptor table", addrs.desc, desc_table_size(num), DESC_ALIGN),
                                         ("available ring", addrs.avail, avail_ring_size(num), AVAIL_ALIGN),
                                         ("used ring", addrs.used, used_ring_size(num), USED_ALIGN)):
@@ -455,17 +460,31 @@ class SplitVirtqueue:
                     v.release()
                 self._break(f"the {name} ({size:#x} bytes at {addr:#x}) is not in guest memory: {exc}")
             views.append(view)
+            gpas.append(gpa)
             if gpa % align:
                 for v in views:
                     v.release()
                 self._break(f"the {name} at guest address {gpa:#x} is not {align}-byte aligned")
         self._desc, self._avail, self._used = views
+        self.ring_gpas = (gpas[0], gpas[1], gpas[2])
+        self.resolutions += 1
         # On a fresh start the driver's used idx is where we go on from (0 for a new
         # ring, the old value after a reconnect); mid-run it is ours, written by push().
         self.used_idx = _U16.unpack_from(self._used, 2)[0]
         self._avail_idx = self.last_avail_idx
         self._signalled_valid = False
         self._generation = mem.generation
+
+    def ready(self) -> None:
+        """Raise QueueBroken if the queue is broken; resolve the rings if the memory
+        table changed since (what every ring access does first)."""
+        self._ready()
+
+    def sync_indices(self, last_avail_idx: int, used_idx: int) -> None:
+        """Take over the indices from another server of this ring (the native path,
+        which served the chains before `last_avail_idx` and pushed up to `used_idx`)."""
+        self.last_avail_idx = self._avail_idx = last_avail_idx & 0xFFFF
+        self.used_idx = used_idx & 0xFFFF
 
     def _ready(self) -> None:
         if self.broken is not None:

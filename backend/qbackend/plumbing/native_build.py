@@ -28,6 +28,7 @@ HELPERS = (
     "block/read_map.c",
     "servers/nbd_fast.c",
     "servers/vfio_user_fast.c",
+    "servers/vhost_user_blk_fast.c",
 )
 FLAGS = ("-O2", "-shared", "-fPIC", "-pthread", "-Wall")
 COMPILE_TIMEOUT = 120.0

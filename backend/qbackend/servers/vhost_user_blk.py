@@ -17,9 +17,20 @@ Threads (see qbackend.plumbing.threads):
   recvmsg, fds and all);
 - one worker per started queue waits (poll) on the queue's kick and wake
   eventfds and drains the ring.
-The connection's `lock` covers the memory table and every queue: a queue
-worker holds it for one drain, the connection worker for one message, so a
-memory change or a ring stop never meets a half-served request.
+Each queue has its own `lock`: its worker holds it for one drain, and the
+connection worker holds every queue's lock (and the connection's) for one
+message, so a memory change or a ring stop never meets a half-served
+request, while the queues share no lock with each other: a guest with N
+queues and N vCPUs keeps N CPUs busy.
+
+With native helpers (qbackend.servers.vhost_user_blk_fast) a queue worker
+waits and serves in C, without the GIL: plain requests (IN and OUT of bytes
+the export's read map locates, FLUSH, GET_ID) never reach Python.  The C
+side stops before the first chain it does not serve; the worker gives the
+ring's indices to the Python model, which serves that one chain (the model
+is the reference: errors, allocating writes, DISCARD, WRITE_ZEROES, broken
+rings), and takes them back.  While the connection worker handles a message
+the model holds the indices (given before, reloaded after).
 
 Bad input: a malformed message is refused (with REPLY_ACK, a failure
 reply), its fds closed, and the connection goes on; a message that needs an
@@ -41,7 +52,8 @@ import select
 import socket
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import trio
@@ -56,6 +68,7 @@ from qbackend.models.virtqueue import (
     SplitVirtqueue,
     VirtqueueError,
 )
+from qbackend.plumbing.native_lock import device_lock
 from qbackend.plumbing.peer_memory import PeerMemoryError, check_peer_memory
 from qbackend.plumbing.unix import (
     clear_eventfd,
@@ -69,6 +82,8 @@ from qbackend.plumbing.unix import (
     signal_eventfd,
 )
 from qbackend.protocol import vhost_user as vu
+from qbackend.servers.vhost_user_blk_fast import NativeMemory, NativeQueue
+from qbackend.servers.vhost_user_blk_fast import load as load_native
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +94,7 @@ CMSG_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * 4)
 PROTOCOL_FEATURES = (vu.ProtocolFeature.MQ | vu.ProtocolFeature.REPLY_ACK | vu.ProtocolFeature.CONFIG
                      | vu.ProtocolFeature.CONFIGURE_MEM_SLOTS)
 _PAGE = mmap.ALLOCATIONGRANULARITY
+LOGICAL_BLOCK_SIZES = (512, 4096)
 _FENCE = threading.Lock()
 Request = vu.FrontendRequest
 
@@ -131,6 +147,8 @@ class _Queue:
     def __init__(self, index: int, memory: GuestMemory) -> None:
         self.index = index
         self.vq = SplitVirtqueue(memory, barrier=full_fence)
+        self.lock = device_lock()  # this queue's state and ring (see the module doc)
+        self.native: NativeQueue | None = None  # the C side, with native helpers
         self.kick: int | None = None
         self.call: int | None = None
         self.err: int | None = None
@@ -138,7 +156,13 @@ class _Queue:
         self.started = False
         self.wake = make_eventfd()  # tells the worker to look at `started` / `enabled` again
         self.thread: threading.Thread | None = None
-        self.requests = 0
+        self.python_requests = 0
+
+    @property
+    def requests(self) -> int:
+        """Requests answered, by either path."""
+        native = self.native.c.requests if self.native is not None else 0
+        return self.python_requests + int(native)
 
     def fds(self) -> list[int]:
         return [fd for fd in (self.kick, self.call, self.err, self.wake) if fd is not None]
@@ -156,6 +180,10 @@ class Connection:
         self.memory = GuestMemory()
         self.mappings: list[_Mapping] = []
         self.queues = [_Queue(i, self.memory) for i in range(server.num_queues)]
+        helper = load_native() if server.native else None
+        self.native_memory = NativeMemory(helper) if helper is not None else None
+        for q in self.queues:
+            q.native = NativeQueue.create(self.native_memory, self.export, q.lock, q.wake, server.serial)
         self.config = server.config
         self.features = 0  # SET_FEATURES
         self.protocol_features = 0  # SET_PROTOCOL_FEATURES
@@ -213,28 +241,28 @@ class Connection:
                         raise
         except vu.VhostUserProtocolError as exc:
             log.warning("%s: closing the connection: %s", self.server.name, exc)
-            self.server.stats["protocol_errors"] += 1
+            self.server.counters["protocol_errors"] += 1
         except _Hangup as exc:
             log.warning("%s: closing the connection: %s", self.server.name, exc)
         except Exception:
             log.exception("%s: internal error; closing the connection", self.server.name)
-            self.server.stats["internal_errors"] += 1
+            self.server.counters["internal_errors"] += 1
         finally:
             close_fds(self.reader.take_stray_fds())
 
     def _handle(self, message: vu.Message) -> None:
-        self.server.stats["messages"] += 1
+        self.server.counters["messages"] += 1
         handler = self._handlers.get(message.request)
         ok, reply = True, None
         self._kept.clear()
         try:
             if handler is None:
                 raise Refused(f"request {message.name} is not supported")
-            with self.lock:
+            with self.lock, self._queues_held():
                 reply = handler(message)
         except (Refused, vu.VhostUserProtocolError, VirtqueueError, blk.VirtioBlkError) as exc:
             ok = False
-            self.server.stats["refused"] += 1
+            self.server.counters["refused"] += 1
             # str(exc), not exc: a record that keeps its args (pytest's capture, a MemoryHandler)
             # would keep the traceback's frames, and in them views of guest memory (the mmap and
             # its fd would outlive the front end).  The same goes for the logs of _drain.
@@ -250,6 +278,32 @@ class Connection:
                 send_with_fds(self.sock, reply)
             except OSError as exc:
                 raise _Hangup(f"cannot reply: {exc}") from None
+
+    @contextmanager
+    def _queues_held(self) -> Iterator[None]:
+        """Every queue's lock, taken after asking the native workers to let go (`pause`);
+        the models hold the rings' indices meanwhile, and the native sides reload after."""
+        natives = [q.native for q in self.queues if q.native is not None]
+        for nq in natives:
+            nq.pause()
+        held: list[_Queue] = []
+        try:
+            for q in self.queues:
+                q.lock.acquire()
+                held.append(q)
+            for q in self.queues:
+                if q.native is not None:
+                    q.native.give(q.vq)
+                    q.native.forget_rings()
+            yield
+        finally:
+            for q in reversed(held):
+                q.lock.release()
+            for nq in natives:
+                nq.unpause()
+            for q in self.queues:
+                if q.native is not None and q.thread is not None:
+                    signal_eventfd(q.wake)  # a worker waiting for the pause to end
 
     # -- negotiation -------------------------------------------------------------------
 
@@ -305,7 +359,8 @@ class Connection:
             for m in new:
                 m.close()
             raise
-        self.server.stats["memory_tables"] += 1
+        self._native_memory_changed()
+        self.server.counters["memory_tables"] += 1
 
     def _add_mem_reg(self, message: vu.Message) -> None:
         vu.require_fds(message, 1)
@@ -320,7 +375,8 @@ class Connection:
             m.close()
             raise
         self.mappings.append(m)
-        self.server.stats["regions_added"] += 1
+        self._native_memory_changed()
+        self.server.counters["regions_added"] += 1
 
     def _rem_mem_reg(self, message: vu.Message) -> None:
         region = vu.parse_single_region(message.payload)  # QEMU 11.1 sends an fd with it too; closed
@@ -331,16 +387,26 @@ class Connection:
                 break
         else:
             raise Refused(f"no region at {region.guest_phys_addr:#x} of {region.memory_size:#x} bytes to remove")
+        if self.native_memory is not None:
+            self.native_memory.clear()  # C lets go of the region before the model does
         self.memory.remove_region(r.guest_phys_addr)
         for q in self.queues:
             q.vq.detach()  # they find their rings again on next use; the old views must go first
         self.mappings.remove(m)
         m.close()
-        self.server.stats["regions_removed"] += 1
+        self._native_memory_changed()
+        self.server.counters["regions_removed"] += 1
+
+    def _native_memory_changed(self) -> None:
+        """C's table follows the model's (every queue's lock is held; the queues reload)."""
+        if self.native_memory is not None:
+            self.native_memory.rebuild(self.memory)
 
     def _unmap_all(self) -> None:
         for q in self.queues:
             q.vq.detach()
+        if self.native_memory is not None:
+            self.native_memory.clear()
         self.memory.clear()
         while self.mappings:
             self.mappings.pop().close()
@@ -427,29 +493,35 @@ class Connection:
     # -- queue workers -----------------------------------------------------------------
 
     def _start_queue(self, q: _Queue) -> None:
-        """Called holding the lock, with q stopped."""
+        """Called holding the queue's lock, with q stopped."""
         q.started = True
         clear_eventfd(q.wake)
-        q.thread = threading.Thread(target=self._serve_queue, args=(q,), daemon=True,
+        if q.native is not None:
+            q.native.request_stop(False)
+        target = self._serve_queue_native if q.native is not None else self._serve_queue
+        q.thread = threading.Thread(target=target, args=(q,), daemon=True,
                                     name=f"{self.server.name} queue {q.index}")
         q.thread.start()
 
     def _stop_queue(self, q: _Queue) -> None:
-        """Called holding the lock.  The worker is between drains then (a drain holds the
-        lock), so once `started` is off it serves nothing more; it exits at its next look."""
+        """Called holding the queue's lock.  The worker is between drains then (a drain holds
+        the lock), so once `started` is off it serves nothing more; it exits at its next look."""
         if q.thread is None:
             return
         q.started = False
+        if q.native is not None:
+            q.native.request_stop()
         signal_eventfd(q.wake)
         if q.thread is not threading.current_thread():
-            self.lock.release()  # the worker may be waiting for the lock to see `started`
+            q.lock.release()  # the worker may be waiting for the lock to see `started`
             try:
                 q.thread.join()
             finally:
-                self.lock.acquire()
+                q.lock.acquire()
         q.thread = None
 
     def _serve_queue(self, q: _Queue) -> None:
+        """The Python path's worker."""
         kick, wake = q.kick, q.wake
         assert kick is not None
         poller = select.poll()
@@ -463,57 +535,120 @@ class Connection:
                     for fd, _ in events:
                         clear_eventfd(fd)
                 first = False
-                with self.lock:
+                with q.lock:
                     if not q.started:
                         return
                     if q.enabled and q.vq.configured and not q.vq.broken:
                         self._drain(q)
         except Exception:
             log.exception("%s: queue %d: internal error; the queue stops", self.server.name, q.index)
-            self.server.stats["internal_errors"] += 1
+            self.server.counters["internal_errors"] += 1
 
-    def _drain(self, q: _Queue) -> None:
-        """Serve every request the driver has made available (holding the lock)."""
-        vq, export, config = q.vq, self.export, self.config
-        writethrough = blk.cache_writethrough(self.features, config)
-        serial = self.server.serial
-        served = 0
+    def _serve_queue_native(self, q: _Queue) -> None:
+        """The native path's worker: C waits and serves; Python acts when C says so."""
+        nq = q.native
+        assert nq is not None and q.kick is not None
         try:
             while True:
-                try:
-                    chain = vq.pop()
-                except ChainError as exc:
-                    log.warning("%s: queue %d: %s; answered with IOERR", self.server.name, q.index, str(exc))
-                    self.server.stats["bad_chains"] += 1
-                    if exc.tail is not None:
-                        exc.tail[0] = blk.Status.IOERR
-                    vq.push(exc.head, 1 if exc.tail is not None else 0)
-                    served += 1
-                    continue
-                if chain is None:
-                    break
-                request = blk.parse_request(chain, config)
-                if request.status is not None:
-                    log.info("%s: queue %d: request refused (%s): %s", self.server.name, q.index,
-                             request.status.name, request.reason)
-                    self.server.stats["refused_requests"] += 1
-                status, used = blk.execute(request, export, writethrough=writethrough, serial=serial)
-                if status is blk.Status.IOERR and request.status is None:
-                    self.server.stats["io_errors"] += 1
-                del request
-                chain.release()
-                vq.push(chain.head, used)
+                rc = nq.run()
+                with q.lock:
+                    if not q.started:
+                        return
+                    if rc == nq.FAILED:
+                        log.warning("%s: queue %d: waiting for kicks failed (%s); the queue stops",
+                                    self.server.name, q.index, os.strerror(nq.error))
+                        return
+                    self._load_native(q, nq)
+                    if rc == nq.PYTHON and nq.serving:
+                        self._serve_python_one(q, nq)
+        except Exception:
+            log.exception("%s: queue %d: internal error; the queue stops", self.server.name, q.index)
+            self.server.counters["internal_errors"] += 1
+
+    def _load_native(self, q: _Queue, nq: NativeQueue) -> None:
+        """Bring the C side up to date (holding the queue's lock)."""
+        vq = q.vq
+        nq.give(vq)  # the model's indices are C's (a memory change re-resolves from them)
+        usable = q.enabled and vq.configured and vq.broken is None
+        if usable:
+            try:
+                vq.ready()
+            except QueueBroken as exc:
+                self._queue_broke(q, exc)
+                usable = False
+        config = self.config
+        nq.load(vq, serving=usable, capacity=config.capacity, readonly=config.readonly,
+                writethrough=blk.cache_writethrough(self.features, config), kick=q.kick, call=q.call)
+
+    def _serve_python_one(self, q: _Queue, nq: NativeQueue) -> None:
+        """The chain C stopped at, served by the model (holding the queue's lock)."""
+        vq = q.vq
+        nq.give(vq)
+        writethrough = blk.cache_writethrough(self.features, self.config)
+        try:
+            pushed = self._serve_one(q, writethrough)
+        except QueueBroken as exc:
+            self._queue_broke(q, exc)
+            nq.take(vq, False)
+            nq.load(vq, serving=False, capacity=self.config.capacity, readonly=self.config.readonly,
+                    writethrough=writethrough, kick=q.kick, call=q.call)
+            # The requests served before the break are in the used ring: interrupt for them.
+            if nq.c.need_notify and q.call is not None:
+                signal_eventfd(q.call)
+            return
+        if pushed:
+            q.python_requests += 1
+            self.server.counters["requests"] += 1
+        nq.take(vq, pushed)
+
+    def _queue_broke(self, q: _Queue, exc: QueueBroken) -> None:
+        log.warning("%s: queue %d: %s; the queue stops until the front end sets it up again",
+                    self.server.name, q.index, str(exc))
+        self.server.counters["broken_queues"] += 1
+        if not q.vq.broken:
+            q.vq.mark_broken(str(exc))
+        if q.err is not None:
+            signal_eventfd(q.err)
+
+    def _serve_one(self, q: _Queue, writethrough: bool) -> bool:
+        """Pop one chain and answer it; False when the ring is empty.  QueueBroken passes."""
+        vq = q.vq
+        try:
+            chain = vq.pop()
+        except ChainError as exc:
+            log.warning("%s: queue %d: %s; answered with IOERR", self.server.name, q.index, str(exc))
+            self.server.counters["bad_chains"] += 1
+            if exc.tail is not None:
+                exc.tail[0] = blk.Status.IOERR
+            vq.push(exc.head, 1 if exc.tail is not None else 0)
+            return True
+        if chain is None:
+            return False
+        request = blk.parse_request(chain, self.config)
+        if request.status is not None:
+            log.info("%s: queue %d: request refused (%s): %s", self.server.name, q.index,
+                     request.status.name, request.reason)
+            self.server.counters["refused_requests"] += 1
+        status, used = blk.execute(request, self.export, writethrough=writethrough, serial=self.server.serial)
+        if status is blk.Status.IOERR and request.status is None:
+            self.server.counters["io_errors"] += 1
+        del request
+        chain.release()
+        vq.push(chain.head, used)
+        return True
+
+    def _drain(self, q: _Queue) -> None:
+        """Serve every request the driver has made available (the Python path, holding the lock)."""
+        vq = q.vq
+        writethrough = blk.cache_writethrough(self.features, self.config)
+        served = 0
+        try:
+            while self._serve_one(q, writethrough):
                 served += 1
         except QueueBroken as exc:
-            log.warning("%s: queue %d: %s; the queue stops until the front end sets it up again",
-                        self.server.name, q.index, str(exc))
-            self.server.stats["broken_queues"] += 1
-            if not vq.broken:
-                vq.mark_broken(str(exc))
-            if q.err is not None:
-                signal_eventfd(q.err)
-        q.requests += served
-        self.server.stats["requests"] += served
+            self._queue_broke(q, exc)
+        q.python_requests += served
+        self.server.counters["requests"] += served
         # A broken queue raises QueueBroken from should_notify() too (it is sticky): the
         # requests served before the break are in the used ring, so interrupt for them anyway.
         if served and q.call is not None and (vq.broken is not None or vq.should_notify()):
@@ -528,14 +663,15 @@ class Connection:
 
     def close(self) -> None:
         """Stop the queues, unmap guest memory, close every fd the front end gave us."""
-        with self.lock:
+        with self.lock, self._queues_held():
             for q in self.queues:
                 self._stop_queue(q)
             for q in self.queues:
                 q.vq.reset()
-                close_fds(q.fds())
+                close_fds(fd for fd in (q.kick, q.call, q.err) if fd is not None)
                 q.kick = q.call = q.err = None
             self._unmap_all()
+        close_fds(q.wake for q in self.queues)
         self.sock.close()
 
     def open_fds(self) -> list[int]:
@@ -555,12 +691,19 @@ class VhostUserBlkServer:
     `export` is an opened Export (qbackend.block.exports), served as it is:
     the server flushes it when a front end goes, and closes it only if it
     was told to (`close_export`), since an export may also be served over NBD.
+    `logical_block_size` (512 or 4096) is the guest's logical block size
+    (virtio-blk's blk_size, as qemu-storage-daemon's option of that name);
+    `native` False serves every request in Python (default: as
+    QBACKEND_NATIVE says; qbackend.plumbing.native).
     """
 
     def __init__(self, export: Export, socket_path: str | os.PathLike[str], *, name: str = "",
-                 num_queues: int = 1, serial: str = "", handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+                 num_queues: int = 1, serial: str = "", handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 logical_block_size: int = blk.SECTOR_SIZE, native: bool = True) -> None:
         if not 1 <= num_queues <= 64:
             raise ValueError(f"num-queues={num_queues}: 1..64")
+        if logical_block_size not in LOGICAL_BLOCK_SIZES:
+            raise ValueError(f"logical-block-size={logical_block_size}: 512 or 4096")
         self.export = export
         self.socket_path = Path(socket_path)
         self.name = name or f"vhost-user-blk@{self.socket_path}"
@@ -572,13 +715,18 @@ class VhostUserBlkServer:
         # size_max: a request's buffers are gathered into one bytes, so keep each bounded.
         self.config = blk.BlkConfig(
             capacity=info.size // blk.SECTOR_SIZE, seg_max=126, size_max=1 << 20, num_queues=num_queues,
+            blk_size=logical_block_size,
             readonly=info.read_only,
             max_discard_sectors=0 if info.read_only else (32 << 20) // blk.SECTOR_SIZE, max_discard_seg=1,
             discard_sector_alignment=8,
             max_write_zeroes_sectors=0 if info.read_only else (32 << 20) // blk.SECTOR_SIZE,
             max_write_zeroes_seg=1, write_zeroes_may_unmap=True)
         self.features = self.config.features() | vu.VHOST_USER_F_PROTOCOL_FEATURES
-        self.stats: Counter[str] = Counter()
+        self.logical_block_size = logical_block_size
+        self.native = native
+        self.counters: Counter[str] = Counter()
+        """What the server counted (the Python path's requests among them); see `stats`."""
+        self._native_requests = 0  # of connections gone
         self.connection: Connection | None = None
         self.connections_served = 0
         self._one_client = trio.Lock()
@@ -590,7 +738,7 @@ class VhostUserBlkServer:
         try:
             if not await sends_within(sock, self.handshake_timeout):
                 log.info("%s: a client sent nothing within %g s: dropped", self.name, self.handshake_timeout)
-                self.stats["handshake_timeouts"] += 1
+                self.counters["handshake_timeouts"] += 1
                 return
             sock.setblocking(True)
             async with self._one_client:
@@ -611,8 +759,22 @@ class VhostUserBlkServer:
         finally:
             sock.close()
 
+    @property
+    def stats(self) -> Counter[str]:
+        """The counters, with the requests the native path answered counted in `requests`
+        (and apart, in `native_requests`)."""
+        out = Counter(self.counters)
+        native = self._native_requests
+        conn = self.connection
+        if conn is not None:
+            native += sum(int(q.native.c.requests) for q in conn.queues if q.native is not None)
+        out["native_requests"] = native
+        out["requests"] += native
+        return out
+
     def _close_connection(self, conn: Connection) -> None:
         conn.close()
+        self._native_requests += sum(int(q.native.c.requests) for q in conn.queues if q.native is not None)
         try:
             self.export.flush()
         except OSError as exc:

@@ -1,0 +1,531 @@
+/* virtio-blk requests on split virtqueues served in C (vhost-user-blk).
+ *
+ * qb_vu_drain takes the chains the driver made available, in order, and
+ * serves those that are plain: IN and OUT whose every byte the export's read
+ * map locates (qbackend.block.read_map; OUT only in a writable map), FLUSH,
+ * GET_ID.  Each chain is walked and checked as the Python model walks it
+ * (qbackend.models.virtqueue: the avail index may not run more than the
+ * queue size ahead, heads and `next` inside their table, no loops, indirect
+ * tables well formed and inside guest memory, buffers inside guest memory,
+ * nothing device-readable after something device-writable, at most 2^32
+ * bytes) and parsed as qbackend.models.virtio_blk parses it.  Anything else,
+ * a chain that breaks one of those rules, a request refused, an I/O that
+ * fails or comes up short, stops the drain *before* that chain is consumed:
+ * `last_avail_idx` names it and Python serves it (its model is the
+ * reference, errors and all), then calls again.  So every request is
+ * answered in ring order, and the C side never answers anything odd.
+ *
+ * Descriptors are copied out of guest memory once and used from the copy;
+ * the data goes straight between guest memory and the image file
+ * (preadv/pwritev, run by run of the read map).  Used entries are published
+ * one by one (release store of used idx); the call eventfd is signalled by
+ * the virtio rules (VIRTQ_AVAIL_F_NO_INTERRUPT, or used_event with
+ * VIRTIO_F_EVENT_IDX), as SplitVirtqueue.should_notify decides.
+ *
+ * qb_vu_run is a queue worker's loop: wait for a kick, take the queue's lock,
+ * drain, notify, let go; it returns to Python when Python has to act (a
+ * chain for it, the wake eventfd, a reload).  Each queue has its own lock,
+ * so queues run in parallel; the control thread takes every queue's lock
+ * (after raising `pause`, so a busy queue lets go) to change guest memory.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "vhost_user_blk_fast.h"
+#include "../block/read_map_impl.h"
+
+/* Wire numbers of qbackend.models.virtqueue and virtio_blk (tests/test_wire_constants.py). */
+#define VIRTQ_DESC_F_NEXT 1
+#define VIRTQ_DESC_F_WRITE 2
+#define VIRTQ_DESC_F_INDIRECT 4
+#define VIRTQ_AVAIL_F_NO_INTERRUPT 1
+#define DESC_SIZE 16
+#define USED_ELEM_SIZE 8
+#define INDIRECT_REACH 65536
+#define BLK_HEADER_SIZE 16
+#define BLK_SECTOR_SHIFT 9
+#define BLK_ID_BYTES 20
+#define BLK_T_IN 0
+#define BLK_T_OUT 1
+#define BLK_T_FLUSH 4
+#define BLK_T_GET_ID 8
+#define BLK_S_OK 0
+
+struct desc {
+	uint64_t addr;
+	uint32_t len;
+	uint16_t flags;
+	uint16_t next;
+};
+
+struct chain {
+	struct iovec iov[QB_VU_MAX_IOV];
+	uint32_t niov;
+	uint32_t nreadable;  /* iov[0:nreadable] device-readable, the rest device-writable */
+	uint64_t readable;   /* bytes */
+	uint64_t writable;
+};
+
+static uint16_t load16(const uint8_t *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE); }
+
+/* The host address of [gpa, gpa+len) when it lies inside one region, else NULL. */
+static uint8_t *one_region(const struct qb_vu_mem *mem, uint64_t gpa, uint64_t len)
+{
+	uint32_t i;
+
+	for (i = 0; i < mem->count; i++) {
+		const struct qb_vu_region *r = &mem->regions[i];
+
+		if (gpa >= r->gpa && gpa - r->gpa < r->size && len <= r->size - (gpa - r->gpa))
+			return r->host + (gpa - r->gpa);
+	}
+	return NULL;
+}
+
+/* [gpa, gpa+len) as iovecs appended to c (across regions that adjoin); 0, or -1. */
+static int add_buffer(const struct qb_vu_mem *mem, struct chain *c, uint64_t gpa, uint64_t len)
+{
+	while (len) {
+		const struct qb_vu_region *r = NULL;
+		uint64_t n;
+		uint32_t i;
+
+		for (i = 0; i < mem->count; i++)
+			if (gpa >= mem->regions[i].gpa && gpa - mem->regions[i].gpa < mem->regions[i].size) {
+				r = &mem->regions[i];
+				break;
+			}
+		if (!r || c->niov == QB_VU_MAX_IOV)
+			return -1;
+		n = r->size - (gpa - r->gpa);
+		if (n > len)
+			n = len;
+		c->iov[c->niov].iov_base = r->host + (gpa - r->gpa);
+		c->iov[c->niov].iov_len = n;
+		c->niov++;
+		gpa += n;
+		len -= n;
+	}
+	return 0;
+}
+
+/* Walk the chain at `head` into c, by the model's rules; 0, or -1: Python's. */
+static int walk(const struct qb_vu_queue *q, uint16_t head, struct chain *c)
+{
+	const uint8_t *table = q->desc;
+	uint64_t limit = q->num, seen = 0, total = 0;
+	uint32_t index = head;
+	int in_indirect = 0, any_writable = 0;
+	struct desc d;
+
+	c->niov = c->nreadable = 0;
+	c->readable = c->writable = 0;
+	for (;;) {
+		if (++seen > limit)
+			return -1; /* a loop */
+		memcpy(&d, table + (uint64_t)DESC_SIZE * index, sizeof(d));
+		__atomic_signal_fence(__ATOMIC_SEQ_CST); /* d is a copy: never read twice from the guest */
+		if (d.flags & VIRTQ_DESC_F_INDIRECT) {
+			if (!q->indirect || in_indirect || (d.flags & VIRTQ_DESC_F_NEXT) || d.len == 0 ||
+			    d.len % DESC_SIZE)
+				return -1;
+			table = one_region(q->mem, d.addr, d.len);
+			if (!table)
+				return -1;
+			limit = d.len / DESC_SIZE;
+			if (limit > INDIRECT_REACH)
+				limit = INDIRECT_REACH;
+			index = 0;
+			seen = 0;
+			in_indirect = 1;
+			continue;
+		}
+		if (d.flags & VIRTQ_DESC_F_WRITE) {
+			any_writable = 1;
+			c->writable += d.len;
+		} else {
+			if (any_writable)
+				return -1;
+			c->readable += d.len;
+		}
+		if (d.len && add_buffer(q->mem, c, d.addr, d.len))
+			return -1;
+		if (!(d.flags & VIRTQ_DESC_F_WRITE))
+			c->nreadable = c->niov;
+		total += d.len;
+		if (!(d.flags & VIRTQ_DESC_F_NEXT))
+			break;
+		index = d.next;
+		if (index >= limit)
+			return -1;
+	}
+	return total > (1ull << 32) ? -1 : 0;
+}
+
+/* iov[0:n] less its first `skip` bytes and its last `cut`, into out; the count, or -1 if none. */
+static int trim(const struct iovec *iov, uint32_t n, uint64_t skip, uint64_t cut, struct iovec *out)
+{
+	uint32_t i, k = 0;
+
+	for (i = 0; i < n; i++) {
+		uint8_t *base = iov[i].iov_base;
+		uint64_t len = iov[i].iov_len;
+
+		if (skip >= len) {
+			skip -= len;
+			continue;
+		}
+		out[k].iov_base = base + skip;
+		out[k].iov_len = len - skip;
+		skip = 0;
+		k++;
+	}
+	while (cut && k) {
+		if (out[k - 1].iov_len > cut) {
+			out[k - 1].iov_len -= cut;
+			cut = 0;
+		} else {
+			cut -= out[k - 1].iov_len;
+			k--;
+		}
+	}
+	return (int)k;
+}
+
+/* All of iov[0:n] (`length` bytes) read from (or written to) the file at host; 0 or -1. */
+static int file_iov(int fd, struct iovec *iov, int n, uint64_t length, uint64_t host, int write)
+{
+	while (length) {
+		ssize_t got = write ? pwritev(fd, iov, n, (off_t)host) : preadv(fd, iov, n, (off_t)host);
+		uint64_t adv;
+
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got <= 0)
+			return -1;
+		host += (uint64_t)got;
+		length -= (uint64_t)got;
+		adv = (uint64_t)got;
+		while (n && adv >= iov->iov_len) {
+			adv -= iov->iov_len;
+			iov++;
+			n--;
+		}
+		if (n) {
+			iov->iov_base = (uint8_t *)iov->iov_base + adv;
+			iov->iov_len -= adv;
+		}
+	}
+	return 0;
+}
+
+/* Guest bytes [offset, offset+length) moved between the file and data[0:n], run by run of the
+ * map (every byte must be mapped; a write is checked whole first); 0, or -1: Python's. */
+static int map_io(struct qb_read_map *map, struct iovec *data, int n, uint64_t offset, uint64_t length,
+		  int write, int sync)
+{
+	struct iovec part[QB_VU_MAX_IOV];
+	uint64_t done, run = 0, host;
+	int ok = 1, i = 0;
+	uint64_t into = 0; /* bytes of data[i] already used */
+
+	pthread_rwlock_rdlock(&map->lock);
+	if (write)
+		for (done = 0; ok && done < length; done += run)
+			ok = qb_read_map_run(map, offset + done, length - done, &run) != UINT64_MAX;
+	for (done = 0; ok && done < length; done += run) {
+		uint64_t want, got = 0;
+		int k = 0;
+
+		host = qb_read_map_run(map, offset + done, length - done, &run);
+		if (host == UINT64_MAX) {
+			ok = 0;
+			break;
+		}
+		want = run;
+		while (got < want && i < n) {
+			uint64_t take = data[i].iov_len - into;
+
+			if (take > want - got)
+				take = want - got;
+			part[k].iov_base = (uint8_t *)data[i].iov_base + into;
+			part[k].iov_len = take;
+			k++;
+			got += take;
+			into += take;
+			if (into == data[i].iov_len) {
+				i++;
+				into = 0;
+			}
+		}
+		ok = got == want && file_iov(map->fd, part, k, want, host, write) == 0;
+	}
+	if (ok && sync)
+		ok = fdatasync(map->fd) == 0;
+	pthread_rwlock_unlock(&map->lock);
+	return ok ? 0 : -1;
+}
+
+static int flush_file(struct qb_read_map *map)
+{
+	int ok;
+
+	pthread_rwlock_rdlock(&map->lock);
+	ok = map->fd >= 0 && fdatasync(map->fd) == 0;
+	pthread_rwlock_unlock(&map->lock);
+	return ok ? 0 : -1;
+}
+
+/* Serve the request in c (head `head`): the used length, or -1: Python's (nothing answered). */
+static int64_t serve(struct qb_vu_queue *q, struct chain *c)
+{
+	struct iovec *iov = c->iov, *w = c->iov + c->nreadable;
+	uint32_t nw = c->niov - c->nreadable;
+	uint8_t header[BLK_HEADER_SIZE], *status;
+	uint64_t out_len, in_len, sector, count, i, pos = 0;
+	uint32_t type;
+	struct qb_read_map *map = q->map;
+	int n;
+
+	if (!c->writable || c->readable < BLK_HEADER_SIZE)
+		return -1; /* no status byte (the queue breaks), or a short header (IOERR): Python's */
+	status = (uint8_t *)w[nw - 1].iov_base + w[nw - 1].iov_len - 1;
+	for (i = 0; pos < BLK_HEADER_SIZE; i++) {
+		uint64_t take = iov[i].iov_len < BLK_HEADER_SIZE - pos ? iov[i].iov_len : BLK_HEADER_SIZE - pos;
+
+		memcpy(header + pos, iov[i].iov_base, take);
+		pos += take;
+	}
+	memcpy(&type, header, 4);
+	memcpy(&sector, header + 8, 8);
+	out_len = c->readable - BLK_HEADER_SIZE;
+	in_len = c->writable - 1;
+	if (type == BLK_T_IN || type == BLK_T_OUT) {
+		struct iovec local[QB_VU_MAX_IOV];
+		int reading = type == BLK_T_IN;
+		uint64_t len = reading ? in_len : out_len;
+
+		if ((reading ? out_len : in_len) || len == 0 || len % (1u << BLK_SECTOR_SHIFT) || !map)
+			return -1;
+		if (!reading && (q->readonly || !map->writable))
+			return -1;
+		count = len >> BLK_SECTOR_SHIFT;
+		if (sector > q->capacity || count > q->capacity - sector)
+			return -1;
+		n = reading ? trim(w, nw, 0, 1, local) : trim(iov, c->nreadable, BLK_HEADER_SIZE, 0, local);
+		if (n <= 0 || map_io(map, local, n, sector << BLK_SECTOR_SHIFT, len, !reading,
+				     !reading && q->writethrough))
+			return -1;
+		if (reading) {
+			q->reads++;
+			q->bytes_read += len;
+		} else {
+			q->writes++;
+			q->bytes_written += len;
+		}
+		*status = BLK_S_OK;
+		return reading ? (int64_t)len + 1 : 1;
+	}
+	if (type == BLK_T_FLUSH) {
+		if (q->readonly || !map || !map->writable || flush_file(map))
+			return -1;
+		q->flushes++;
+		*status = BLK_S_OK;
+		return 1;
+	}
+	if (type == BLK_T_GET_ID) {
+		struct iovec local[QB_VU_MAX_IOV];
+		uint64_t want = in_len < BLK_ID_BYTES ? in_len : BLK_ID_BYTES, done = 0;
+		int k;
+
+		if (out_len)
+			return -1;
+		n = in_len ? trim(w, nw, 0, 1, local) : 0;
+		for (k = 0; k < n && done < want; k++) {
+			uint64_t take = local[k].iov_len < want - done ? local[k].iov_len : want - done;
+
+			memcpy(local[k].iov_base, q->serial + done, take);
+			done += take;
+		}
+		*status = BLK_S_OK;
+		return (int64_t)want + 1;
+	}
+	return -1;
+}
+
+int qb_vu_set_rings(struct qb_vu_queue *q, uint64_t desc_gpa, uint64_t avail_gpa, uint64_t used_gpa)
+{
+	uint64_t num = q->num;
+
+	if (!q->mem || !num || (num & (num - 1)) || num > 32768)
+		return -1;
+	q->desc = one_region(q->mem, desc_gpa, DESC_SIZE * num);
+	q->avail = one_region(q->mem, avail_gpa, 6 + 2 * num);
+	q->used = one_region(q->mem, used_gpa, 6 + USED_ELEM_SIZE * num);
+	if (!q->desc || !q->avail || !q->used || desc_gpa % 16 || avail_gpa % 2 || used_gpa % 4) {
+		q->desc = q->avail = q->used = NULL;
+		return -1;
+	}
+	return 0;
+}
+
+static void push(struct qb_vu_queue *q, uint16_t head, uint32_t written)
+{
+	uint8_t *elem = q->used + 4 + USED_ELEM_SIZE * (q->used_idx & (q->num - 1));
+	uint32_t id = head;
+
+	memcpy(elem, &id, 4);
+	memcpy(elem + 4, &written, 4);
+	q->used_idx++;
+	/* The element before the index that publishes it. */
+	__atomic_store_n((uint16_t *)(q->used + 2), q->used_idx, __ATOMIC_RELEASE);
+	q->need_notify = 1;
+	q->requests++;
+}
+
+int qb_vu_drain(struct qb_vu_queue *q)
+{
+	struct chain c;
+	uint32_t served = 0;
+
+	if (!q->serving || !q->desc)
+		return QB_VU_EMPTY;
+	for (;;) {
+		uint16_t last = q->last_avail_idx, idx, head;
+		int64_t used;
+
+		if (served >= q->max_batch || (served && __atomic_load_n(&q->pause, __ATOMIC_ACQUIRE)))
+			return QB_VU_MORE; /* let go of the lock now and then, at once when it is wanted */
+		idx = load16(q->avail + 2);
+		if (idx == last) {
+			if (!q->event_idx)
+				return QB_VU_EMPTY;
+			/* avail_event: kick me for the next one; then look once more past a full fence. */
+			__atomic_store_n((uint16_t *)(q->used + 4 + USED_ELEM_SIZE * q->num), last, __ATOMIC_RELAXED);
+			__atomic_thread_fence(__ATOMIC_SEQ_CST);
+			idx = load16(q->avail + 2);
+			if (idx == last)
+				return QB_VU_EMPTY;
+		}
+		if ((uint16_t)(idx - last) > q->num)
+			return QB_VU_PYTHON; /* the index jumped: the model breaks the queue */
+		head = load16(q->avail + 4 + 2 * (last & (q->num - 1)));
+		if (head >= q->num || walk(q, head, &c) || (used = serve(q, &c)) < 0) {
+			q->handed_over++;
+			return QB_VU_PYTHON;
+		}
+		q->last_avail_idx = last + 1;
+		push(q, head, (uint32_t)used);
+		served++;
+	}
+}
+
+static int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
+{
+	return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
+}
+
+int qb_vu_notify(struct qb_vu_queue *q)
+{
+	uint16_t new_idx, old;
+	int valid, notify;
+	uint64_t one = 1;
+
+	if (!q->need_notify || !q->avail)
+		return 0;
+	q->need_notify = 0;
+	__atomic_thread_fence(__ATOMIC_SEQ_CST); /* used idx out before used_event / flags are read */
+	new_idx = q->used_idx;
+	old = q->signalled_used;
+	valid = q->signalled_valid;
+	q->signalled_used = new_idx;
+	q->signalled_valid = 1;
+	if (valid && new_idx == old)
+		return 0;
+	if (!q->event_idx)
+		notify = !(load16(q->avail) & VIRTQ_AVAIL_F_NO_INTERRUPT);
+	else if (!valid)
+		notify = 1;
+	else
+		notify = need_event(load16(q->avail + 4 + 2 * q->num), new_idx, old);
+	if (!notify)
+		return 0;
+	q->notifications++;
+	if (q->call_fd >= 0)
+		while (write(q->call_fd, &one, sizeof(one)) < 0 && errno == EINTR)
+			;
+	return 1;
+}
+
+static void clear(int fd)
+{
+	uint64_t value;
+
+	while (read(fd, &value, sizeof(value)) < 0 && errno == EINTR)
+		;
+}
+
+int qb_vu_run(struct qb_vu_queue *q)
+{
+	pthread_mutex_t *lock = q->lock;
+
+	for (;;) {
+		struct pollfd fds[2];
+		int rc;
+
+		if (__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE))
+			return QB_VU_WAKE;
+		if (__atomic_load_n(&q->pause, __ATOMIC_ACQUIRE)) {
+			/* The control thread is taking the lock: wait until it is done (it signals wake). */
+			fds[0].fd = q->wake_fd;
+			fds[0].events = POLLIN;
+			if (poll(fds, 1, 10) > 0)
+				clear(q->wake_fd);
+			continue;
+		}
+		pthread_mutex_lock(lock);
+		if (q->stop || q->pause) {
+			pthread_mutex_unlock(lock);
+			continue;
+		}
+		if (!q->ready) {
+			pthread_mutex_unlock(lock);
+			return QB_VU_RELOAD;
+		}
+		rc = qb_vu_drain(q);
+		if (rc != QB_VU_PYTHON)
+			qb_vu_notify(q); /* else Python serves the next one first, and this is called after it */
+		pthread_mutex_unlock(lock);
+		if (rc == QB_VU_PYTHON)
+			return QB_VU_PYTHON;
+		if (rc == QB_VU_MORE)
+			continue;
+		fds[0].fd = q->kick_fd;
+		fds[0].events = POLLIN;
+		fds[1].fd = q->wake_fd;
+		fds[1].events = POLLIN;
+		rc = poll(fds, 2, -1);
+		if (rc < 0 && errno == EINTR)
+			continue;
+		if (rc < 0) {
+			q->error = errno;
+			return QB_VU_FAILED;
+		}
+		if (fds[0].revents & (POLLERR | POLLNVAL) || fds[1].revents & (POLLERR | POLLNVAL)) {
+			q->error = EBADF;
+			return QB_VU_FAILED;
+		}
+		if (fds[0].revents & POLLIN)
+			clear(q->kick_fd);
+		if (fds[1].revents & POLLIN) {
+			clear(q->wake_fd);
+			return QB_VU_WAKE;
+		}
+	}
+}
