@@ -2,9 +2,14 @@
 
 - vda: qbackend's vhost-user-blk (qbackend serve --vhost-user-blk), a vhost-user-blk-pci;
 - vdb: qemu-storage-daemon 11.1's own vhost-user-blk export, the reference;
-- vdc: qbackend's NBD export under QEMU's NBD client and a virtio-blk-pci.
+- vdc: qbackend's NBD export under QEMU's NBD client and a virtio-blk-pci;
+- vdd: qbackend's vhost-user-blk again, from a second qbackend process with
+  QBACKEND_NATIVE=off: the Python path's figures, printed beside.
 Each disk has its own copy of one image (a 256 MiB QED image, every cluster
-written), so the three read the same bytes.  fio (the host's fio-3.33 and
+written), so the four read the same bytes.  The guest has 2 vCPUs and each
+vhost-user disk 2 queues (qemu-storage-daemon's export too, num-queues=2):
+the single-job rows use one queue, the "2 jobs" row (fio --numjobs=2, one
+job per vCPU) both.  fio (the host's fio-3.33 and
 its libraries, appended to the test guest's initramfs as a second archive)
 runs sequential 1 MiB reads and writes (QD4) and 4 KiB random reads at QD1
 and QD16, direct I/O with libaio, each for a few seconds; the disks are
@@ -36,12 +41,15 @@ from qbackend.machine.guest_tools import with_host_programs  # noqa: E402
 from qbackend.machine.launch import QemuInstall, find_guest, find_qemu  # noqa: E402
 
 SIZE = 256 << 20
-DISKS = {"qbackend vhost-user": "0x10", "qemu-storage-daemon vhost-user": "0x11", "qbackend NBD": "0x12"}
+DISKS = {"qbackend vhost-user": "0x10", "qemu-storage-daemon vhost-user": "0x11", "qbackend NBD": "0x12",
+         "qbackend vhost-user, Python path": "0x13"}
+QUEUES = 2
 JOBS = {  # name: (fio arguments, what is printed)
     "seq read 1M QD4": ("--rw=read --bs=1M --iodepth=4", "MB/s"),
     "seq write 1M QD4": ("--rw=write --bs=1M --iodepth=4", "MB/s"),
     "rand read 4K QD1": ("--rw=randread --bs=4k --iodepth=1", "IOPS"),
     "rand read 4K QD16": ("--rw=randread --bs=4k --iodepth=16", "IOPS"),
+    "2 jobs rand 4K QD16": ("--rw=randread --bs=4k --iodepth=16 --numjobs=2 --group_reporting", "IOPS"),
 }
 
 
@@ -70,34 +78,44 @@ def main() -> int:
     from qbackend.machine.launch import QemuMachine
 
     qemu, guest = find_qemu(), find_guest()
+    load_before = f"{os.getloadavg()[0]:.2f}"
     with tempfile.TemporaryDirectory(prefix="bench-vub-") as tmp:
         work = Path(tmp)
         images = make_images(qemu, work)
         bench_guest = with_host_programs(guest, ["fio"], work)
         ours_sock, ref_sock, nbd_sock = work / "qb-vub.sock", work / "qsd-vub.sock", work / "qb-nbd.sock"
+        py_sock = work / "qb-vub-python.sock"
         qb = subprocess.Popen([sys.executable, "-m", "qbackend", "serve",
-                               "--vhost-user-blk", f"socket={ours_sock},image={images[0]},format=qed,id=vub0",
+                               "--vhost-user-blk",
+                               f"socket={ours_sock},image={images[0]},format=qed,id=vub0,num-queues={QUEUES}",
                                "--nbd", f"name=disk,image={images[2]},format=qed", "--nbd-socket", str(nbd_sock)],
                               cwd=ROOT, stdout=subprocess.DEVNULL)
+        qb_python = subprocess.Popen([sys.executable, "-m", "qbackend", "serve", "--vhost-user-blk",
+                                      f"socket={py_sock},image={images[3]},format=qed,id=vub1,num-queues={QUEUES}"],
+                                     cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     env={**os.environ, "QBACKEND_NATIVE": "off"})
         qsd = subprocess.Popen([*qemu.tool_cmd("qemu-storage-daemon"),
                                 "--blockdev", f"driver=file,node-name=f0,filename={images[1]}",
                                 "--blockdev", "driver=qed,node-name=q0,file=f0",
                                 "--export", f"type=vhost-user-blk,id=e0,node-name=q0,addr.type=unix,"
-                                            f"addr.path={ref_sock},writable=on"],
+                                            f"addr.path={ref_sock},writable=on,num-queues={QUEUES}"],
                                env=qemu.env(), stdout=subprocess.DEVNULL)
         vm: QemuMachine | None = None
         try:
             wait_for_socket(ours_sock, qb, "qbackend")
             wait_for_socket(nbd_sock, qb, "qbackend's NBD server")
             wait_for_socket(ref_sock, qsd, "qemu-storage-daemon")
+            wait_for_socket(py_sock, qb_python, "qbackend (Python path)")
             addrs = list(DISKS.values())
-            vm = QemuMachine(work, name="bench", guest=bench_guest, memory="1G", extra_args=[
+            vm = QemuMachine(work, name="bench", guest=bench_guest, memory="1G", smp=QUEUES, extra_args=[
                 "-chardev", f"socket,id=vub0,path={ours_sock}",
-                "-device", f"vhost-user-blk-pci,chardev=vub0,num-queues=1,addr={addrs[0]}",
+                "-device", f"vhost-user-blk-pci,chardev=vub0,num-queues={QUEUES},addr={addrs[0]}",
                 "-chardev", f"socket,id=vub1,path={ref_sock}",
-                "-device", f"vhost-user-blk-pci,chardev=vub1,num-queues=1,addr={addrs[1]}",
+                "-device", f"vhost-user-blk-pci,chardev=vub1,num-queues={QUEUES},addr={addrs[1]}",
                 "-blockdev", f"driver=nbd,node-name=nbd0,server.type=unix,server.path={nbd_sock},export=disk",
-                "-device", f"virtio-blk-pci,drive=nbd0,num-queues=1,addr={addrs[2]}"])
+                "-device", f"virtio-blk-pci,drive=nbd0,num-queues=1,addr={addrs[2]}",
+                "-chardev", f"socket,id=vub2,path={py_sock}",
+                "-device", f"vhost-user-blk-pci,chardev=vub2,num-queues={QUEUES},addr={addrs[3]}"])
             console = GuestConsole(vm.serial_path)
             vm.start()
             console.connect()
@@ -138,18 +156,19 @@ def main() -> int:
         finally:
             if vm is not None:
                 vm.stop()
-            for proc in (qb, qsd):
+            for proc in (qb, qsd, qb_python):
                 proc.terminate()
                 proc.wait(30)
 
     names = list(DISKS)
-    print(f"\nvhost-user-blk in a TCG guest (fio, direct I/O, libaio; medians of {args.rounds} interleaved rounds "
-          f"of {args.seconds} s; unpinned)")
-    print(f"{'job':<20}" + "".join(f"{n:>32}" for n in names) + f"{'vu/qsd':>9}{'vu/nbd':>9}")
+    print(f"\nvhost-user-blk in a TCG guest with {QUEUES} vCPUs (fio, direct I/O, libaio; medians of "
+          f"{args.rounds} interleaved rounds of {args.seconds} s; unpinned; load before: {load_before}, "
+          f"after: {os.getloadavg()[0]:.2f})")
+    print(f"{'job':<20}" + "".join(f"{n:>34}" for n in names) + f"{'vu/qsd':>9}{'vu/nbd':>9}{'py/qsd':>9}")
     for job, (_, unit) in JOBS.items():
         med = [statistics.median(results[job][n]) for n in names]
-        print(f"{job:<20}" + "".join(f"{m:>26.1f} {unit:<5}" for m in med)
-              + f"{med[0] / med[1]:>8.2f}x{med[0] / med[2]:>8.2f}x")
+        print(f"{job:<20}" + "".join(f"{m:>28.1f} {unit:<5}" for m in med)
+              + f"{med[0] / med[1]:>8.2f}x{med[0] / med[2]:>8.2f}x{med[3] / med[1]:>8.2f}x")
     return 0
 
 

@@ -105,6 +105,35 @@ def full_fence() -> None:
     _FENCE.release()
 
 
+def serve_one(vq: SplitVirtqueue, export: blk.BlockTarget, config: blk.BlkConfig, *, writethrough: bool,
+              serial: bytes, counters: Counter[str] | None = None, where: str = "vhost-user-blk") -> bool:
+    """The Python path for one chain: pop it and answer it (the model's rules); False when
+    the ring is empty.  QueueBroken passes (the caller stops the queue)."""
+    counters = counters if counters is not None else Counter()
+    try:
+        chain = vq.pop()
+    except ChainError as exc:
+        log.warning("%s: %s; answered with IOERR", where, str(exc))
+        counters["bad_chains"] += 1
+        if exc.tail is not None:
+            exc.tail[0] = blk.Status.IOERR
+        vq.push(exc.head, 1 if exc.tail is not None else 0)
+        return True
+    if chain is None:
+        return False
+    request = blk.parse_request(chain, config)
+    if request.status is not None:
+        log.info("%s: request refused (%s): %s", where, request.status.name, request.reason)
+        counters["refused_requests"] += 1
+    status, used = blk.execute(request, export, writethrough=writethrough, serial=serial)
+    if status is blk.Status.IOERR and request.status is None:
+        counters["io_errors"] += 1
+    del request
+    chain.release()
+    vq.push(chain.head, used)
+    return True
+
+
 class Refused(Exception):
     """A message we do not carry out; the connection goes on (REPLY_ACK says failure)."""
 
@@ -611,31 +640,8 @@ class Connection:
             signal_eventfd(q.err)
 
     def _serve_one(self, q: _Queue, writethrough: bool) -> bool:
-        """Pop one chain and answer it; False when the ring is empty.  QueueBroken passes."""
-        vq = q.vq
-        try:
-            chain = vq.pop()
-        except ChainError as exc:
-            log.warning("%s: queue %d: %s; answered with IOERR", self.server.name, q.index, str(exc))
-            self.server.counters["bad_chains"] += 1
-            if exc.tail is not None:
-                exc.tail[0] = blk.Status.IOERR
-            vq.push(exc.head, 1 if exc.tail is not None else 0)
-            return True
-        if chain is None:
-            return False
-        request = blk.parse_request(chain, self.config)
-        if request.status is not None:
-            log.info("%s: queue %d: request refused (%s): %s", self.server.name, q.index,
-                     request.status.name, request.reason)
-            self.server.counters["refused_requests"] += 1
-        status, used = blk.execute(request, self.export, writethrough=writethrough, serial=self.server.serial)
-        if status is blk.Status.IOERR and request.status is None:
-            self.server.counters["io_errors"] += 1
-        del request
-        chain.release()
-        vq.push(chain.head, used)
-        return True
+        return serve_one(q.vq, self.export, self.config, writethrough=writethrough, serial=self.server.serial,
+                         counters=self.server.counters, where=f"{self.server.name}: queue {q.index}")
 
     def _drain(self, q: _Queue) -> None:
         """Serve every request the driver has made available (the Python path, holding the lock)."""
