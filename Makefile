@@ -8,7 +8,7 @@ QB := $(VENV)/bin/qbackend
 # Provisioned QEMU and guest go to the checkout's build/ (qbackend.machine.data_dir).
 DATA_DIR := $(CURDIR)/build
 
-.PHONY: setup host-packages venv native qemu qemu-ppc guest test test-dev test-fast check fuzz bench run clean
+.PHONY: setup host-packages venv native qemu qemu-ppc guest ppc-guest spapr-differential test test-dev test-fast check fuzz bench run clean
 
 setup: host-packages venv qemu qemu-ppc guest
 
@@ -39,6 +39,15 @@ qemu-ppc: venv
 
 guest: venv
 	@$(QB) --data-dir $(DATA_DIR) setup --no-host-packages --only guest
+
+ppc-guest: venv
+	@$(QB) --data-dir $(DATA_DIR) setup --no-host-packages --only ppc-guest
+
+# The DRC model against QEMU 11.1's pseries with a booted ppc64le guest (about a
+# minute): hot-plug of DIMMs, cores and PCI functions, every RTAS call, tree and
+# event log compared item by item (scripts/spapr_differential.py).
+spapr-differential: qemu-ppc ppc-guest
+	QBACKEND_DATA_DIR=$(DATA_DIR) $(VENV)/bin/python scripts/spapr_differential.py
 
 # The suite as CI runs it: against a wheel built from this tree, installed (not
 # editable) into a virtual environment of its own, with the C helpers required.

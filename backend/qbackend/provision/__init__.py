@@ -92,9 +92,11 @@ def install_host_packages() -> None:
     _run("install-host-packages.sh")
 
 
-def provision(data_dir: Path, *, qemu: bool = True, qemu_ppc: bool = False, guest: bool = True) -> None:
-    """Unpack QEMU (x86, and ppc when asked) and build the guest under
-    ``data_dir``; each step is skipped when its folder is already complete."""
+def provision(data_dir: Path, *, qemu: bool = True, qemu_ppc: bool = False, guest: bool = True,
+              ppc_guest: bool = False) -> None:
+    """Unpack QEMU (x86, and ppc when asked) and build the guest (and the
+    ppc64le guest when asked) under ``data_dir``; each step is skipped when
+    its folder is already complete."""
     data_dir.mkdir(parents=True, exist_ok=True)
     if qemu:
         _step(data_dir / "qemu", "provision-qemu.sh", QEMU_X86_PACKAGES, "qemu-system-x86_64")
@@ -102,5 +104,7 @@ def provision(data_dir: Path, *, qemu: bool = True, qemu_ppc: bool = False, gues
         _step(data_dir / "qemu-ppc", "provision-qemu.sh", QEMU_PPC_PACKAGES, "qemu-system-ppc64")
     if guest:
         _step(data_dir / "guest", "build-guest.sh")
+    if ppc_guest:
+        _step(data_dir / "ppc-guest", "build-ppc-guest.sh")
 
 

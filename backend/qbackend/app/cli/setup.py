@@ -20,13 +20,14 @@ examples:
   qbackend setup                          # into ~/.local/share/qbackend (or a checkout's build/)
   qbackend --data-dir /srv/qb setup       # elsewhere; then pass the same --data-dir to 'run'
   qbackend setup --only qemu-ppc          # QEMU for pseries (140 MB; 'run' does not need it)
+  qbackend setup --only ppc-guest         # the ppc64le guest of the pseries differential
 Needs a Debian host with apt; missing packages are installed with apt-get
 (through sudo when not root).  A second run only checks and returns.
 Downloaded packages are deleted once unpacked.  Ctrl-C stops every step
 started and leaves no half-made folder (exit 130).
 """
 
-PARTS = ("qemu", "qemu-ppc", "guest")
+PARTS = ("qemu", "qemu-ppc", "guest", "ppc-guest")
 DEFAULT_PARTS = ("qemu", "guest")
 
 
@@ -48,7 +49,8 @@ def register(sub: Subparsers) -> None:
     data_dir_option(setup)
     setup.add_argument("--only", choices=PARTS, action="append",
                        help="just this part (repeatable); default: qemu and guest.  qemu-ppc "
-                            "(qemu-system-ppc64, for pseries) is provisioned only when named")
+                            "(qemu-system-ppc64, for pseries) and ppc-guest (a ppc64le kernel and "
+                            "initramfs) are provisioned only when named")
     setup.add_argument("--no-host-packages", action="store_true",
                        help="do not install missing Debian packages (mmdebstrap, busybox-static, gcc, ...)")
     setup.set_defaults(func=run)
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
             previous[signum] = signal.signal(signum, _interrupted)
         if not args.no_host_packages:
             install_host_packages()
-        provision(where, qemu="qemu" in parts, qemu_ppc="qemu-ppc" in parts, guest="guest" in parts)
+        provision(where, qemu="qemu" in parts, qemu_ppc="qemu-ppc" in parts, guest="guest" in parts,
+                  ppc_guest="ppc-guest" in parts)
     except Interrupted as stop:
         print(f"qbackend setup: stopped by {stop}; the step's processes were killed and its temporary folder removed",
               file=sys.stderr)

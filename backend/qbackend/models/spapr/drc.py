@@ -766,8 +766,11 @@ def pci_node(fn: PciFunction, index: int, pcie_ecs: bool = True, phb: int = 0) -
         node.setprop_cell("ibm,req#msi-x", fn.msix_vectors)
     reg, assigned = fn.resource_props()
     node.setprop("reg", fn.reg if fn.reg is not None else reg)
-    node.setprop("assigned-addresses", fn.assigned_addresses if fn.assigned_addresses is not None
-                 else assigned)
+    assigned = fn.assigned_addresses if fn.assigned_addresses is not None else assigned
+    if assigned:
+        # QEMU 11.1 leaves the property out while no BAR is mapped (seen in
+        # the booted-guest differential: a hot-added function has none).
+        node.setprop("assigned-addresses", assigned)
     if pcie_ecs and fn.express:
         node.setprop_cell("ibm,pci-config-space-type", 1)
     node.setprop_cell("min-grant", fn.min_grant)

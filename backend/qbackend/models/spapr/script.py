@@ -110,7 +110,9 @@ def _bar(index: int, text: str) -> Bar:
         kind = kind or "mem32"
     if kind not in _BAR_TYPES:
         raise ValueError(f"BAR {index}: type io, mem32 or mem64 expected, not {kind!r}")
-    return Bar(index, _BAR_TYPES[kind], parse_size(size, f"BAR {index} size", default_unit="B"),
+    nbytes = _num(size) if size.lower().startswith("0x") else parse_size(size, f"BAR {index} size",
+                                                                          default_unit="B")
+    return Bar(index, _BAR_TYPES[kind], nbytes,
                _num(addr) if addr else None)
 
 
