@@ -68,7 +68,8 @@ class Edu(Device):
         value = {0x00: IDENTIFICATION, 0x04: self.liveness, 0x08: self.fact, 0x20: self.status,
                  0x24: self.irq_status, 0x80: self.dma_src, 0x88: self.dma_dst, 0x90: self.dma_count,
                  0x98: self.dma_cmd}.get(offset)
-        return (1 << 8 * size) - 1 if value is None else value
+        mask = (1 << 8 * size) - 1
+        return mask if value is None else value & mask  # a 4-byte read of a 64-bit register: its low half
 
     def bar_write(self, bar: int, offset: int, size: int, value: int) -> None:
         if (offset < 0x80 and size != 4) or (offset >= 0x80 and size not in (4, 8)):

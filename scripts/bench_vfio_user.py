@@ -6,6 +6,9 @@ Servers measured in the same run, interleaved, medians of several rounds:
   qbackend      `qbackend serve --ivshmem ...` (this project), with its native
                 access loop (servers/vfio_user_fast.c)
   qbackend-py   the same with QBACKEND_NATIVE=off: every access in Python
+  user-device   `qbackend serve --device ...examples/edu.py:Edu`: a 4-byte read
+                of BAR0 (not config space), answered by the Python device's
+                bar_read: the path of every user device's register access
   python-floor  a minimal blocking Python loop answering the same reads
                 without any parsing: what a Python server cannot beat
   libvfio-user  libvfio-user's C sample `gpio-pci-idio-16`, when given with
@@ -38,6 +41,7 @@ from bench_common import DEFAULT_LIBVFIO_USER, wait_for_socket  # noqa: E402
 from qbackend.protocol import vfio_user as vu  # noqa: E402
 
 READ_CONFIG = vu.build_message(1, vu.Command.REGION_READ, vu.REGION_ACCESS.pack(0, vu.PciRegion.CONFIG, 4))
+READ_BAR0 = vu.build_message(1, vu.Command.REGION_READ, vu.REGION_ACCESS.pack(0, vu.PciRegion.BAR0, 4))
 REPLY_SIZE = vu.HEADER_SIZE + vu.REGION_ACCESS.size + 4
 VERSION = vu.build_message(0, vu.Command.VERSION, vu.VERSION_PREFIX.pack(0, 0) + json.dumps(
     {"capabilities": {"max_msg_fds": 16, "max_data_xfer_size": 1048576}}).encode() + b"\0")
@@ -73,6 +77,8 @@ def start_server(kind: str, path: str, pinned: bool, libvfio_user: str | None) -
     if kind in ("qbackend", "qbackend-py"):
         cmd = [sys.executable, "-m", "qbackend", "serve", "--ivshmem", f"socket={path},size=4K"]
         env["QBACKEND_NATIVE"] = "require" if kind == "qbackend" else "off"
+    elif kind == "user-device":
+        cmd = [sys.executable, "-m", "qbackend", "serve", "--device", f"socket={path},class=examples/edu.py:Edu"]
     elif kind == "python-floor":
         cmd = [sys.executable, "-c", FLOOR_SERVER, path]
     else:
@@ -101,22 +107,22 @@ def connect(path: str) -> socket.socket:
     return sock
 
 
-def sync_rate(sock: socket.socket, n: int) -> float:
+def sync_rate(sock: socket.socket, n: int, request: bytes = READ_CONFIG) -> float:
     fd = sock.fileno()
     write, read = os.write, os.read
     start = time.perf_counter()
     for _ in range(n):
-        write(fd, READ_CONFIG)
+        write(fd, request)
         got = read(fd, 4096)
         while len(got) < REPLY_SIZE:  # a reply split in two reads
             got += read(fd, 4096)
     return n / (time.perf_counter() - start)
 
 
-def pipelined_rate(sock: socket.socket, n: int, depth: int = 64) -> float:
+def pipelined_rate(sock: socket.socket, n: int, request: bytes = READ_CONFIG, depth: int = 64) -> float:
     fd = sock.fileno()
     start = time.perf_counter()
-    os.write(fd, READ_CONFIG * depth)
+    os.write(fd, request * depth)
     sent, received, pending = depth, 0, 0
     while received < n:
         data = os.read(fd, 65536)
@@ -125,7 +131,7 @@ def pipelined_rate(sock: socket.socket, n: int, depth: int = 64) -> float:
         received += done
         more = min(done, n - sent)
         if more > 0:
-            os.write(fd, READ_CONFIG * more)
+            os.write(fd, request * more)
             sent += more
     return n / (time.perf_counter() - start)
 
@@ -138,9 +144,10 @@ def measure(kind: str, pinned: bool, args: argparse.Namespace) -> tuple[float, f
             if pinned:
                 os.sched_setaffinity(0, {0})
             sock = connect(path)
-            sync_rate(sock, 2000)  # warm up
-            sync = sync_rate(sock, args.requests)
-            piped = pipelined_rate(sock, args.requests * 2)
+            request = READ_BAR0 if kind == "user-device" else READ_CONFIG
+            sync_rate(sock, 2000, request)  # warm up
+            sync = sync_rate(sock, args.requests, request)
+            piped = pipelined_rate(sock, args.requests * 2, request)
             sock.close()
         finally:
             os.sched_setaffinity(0, range(os.cpu_count() or 1))
@@ -157,7 +164,7 @@ def main() -> None:
                         or (DEFAULT_LIBVFIO_USER if os.path.exists(DEFAULT_LIBVFIO_USER) else None),
                         help="path to libvfio-user's samples/gpio-pci-idio-16, for comparison")
     args = parser.parse_args()
-    kinds = ["qbackend", "qbackend-py", "python-floor"] + (["libvfio-user"] if args.libvfio_user else [])
+    kinds = ["qbackend", "qbackend-py", "user-device", "python-floor"] + (["libvfio-user"] if args.libvfio_user else [])
     results: dict[tuple[str, bool], list[tuple[float, float]]] = {}
     for r in range(args.rounds):
         for pinned in (True, False):
@@ -168,7 +175,8 @@ def main() -> None:
     def med(kind: str, pinned: bool, i: int) -> float:
         return statistics.median(x[i] for x in results[(kind, pinned)])
 
-    print(f"\n4-byte config-space REGION_READ, {args.requests} requests, median of {args.rounds} rounds")
+    print(f"\n4-byte config-space REGION_READ (user-device: BAR0), {args.requests} requests, "
+          f"median of {args.rounds} rounds")
     print(f"{'server':<14}{'placement':<11}{'sync req/s':>12}{'pipelined x64':>15}"
           f"{'sync vs qbackend':>18}")
     for pinned in (True, False):

@@ -204,7 +204,9 @@ class DeviceOptions:
     """`--device socket=PATH,class=MODULE:CLASS[,id=ID][,KEY=VALUE...]`: a device of your own.
 
     `class=package.module:ClassName` imports a module; `class=path/to/file.py:ClassName`
-    loads a file.  The other keys reach the class's constructor as strings.
+    loads a file.  The other keys reach the class's constructor as strings, but
+    ``stall=SECONDS`` (default 1): how long one of the device's callbacks may run
+    before its stack is logged (qbackend.devices.faults).
     """
 
     socket: Path

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from qbackend.devices.api import Device
+from qbackend.devices.api import Device, function_of
+from qbackend.devices.faults import STALL_AFTER
 from qbackend.errors import UsageError
 from qbackend.options import DeviceOptions
 
@@ -60,10 +61,21 @@ def _load_file(path: Path) -> ModuleType:
 
 
 def make_device(opts: DeviceOptions) -> Device:
-    """An instance of the user's class with the option's other keys."""
+    """An instance of the user's class with the option's other keys (but ``stall=SECONDS``:
+    how long a callback may run before its stack is logged, qbackend.devices.faults)."""
     cls = load_class(opts.cls)
+    kwargs = dict(opts.kwargs)
+    stall = kwargs.pop("stall", None)
+    stall_after = STALL_AFTER
+    if stall is not None:
+        try:
+            stall_after = float(stall)
+        except ValueError:
+            stall_after = -1.0
+        if not 0 < stall_after < 3600:
+            raise UsageError(f"--device stall={stall}: seconds, more than 0 (e.g. stall=0.5)")
     try:
-        device = cls(**dict(opts.kwargs))
+        device = cls(**kwargs)
     except TypeError as exc:
         keys = ", ".join(k for k, _ in opts.kwargs) or "none"
         raise UsageError(f"--device class={opts.cls}: {cls.__name__}() does not take these keys ({keys}): {exc}") \
@@ -71,4 +83,5 @@ def make_device(opts: DeviceOptions) -> Device:
     except ValueError as exc:  # a key's value the class refuses, e.g. int("abc")
         given = ", ".join(f"{k}={v}" for k, v in opts.kwargs)
         raise UsageError(f"--device class={opts.cls}: {cls.__name__}({given}): {exc}") from None
+    function_of(device).faults.stall_after = stall_after
     return device

@@ -72,6 +72,32 @@ Everything a BAR callback does runs under the device's lock (`self.lock`,
 re-entrant); take it yourself in code that runs elsewhere (`defer`, your
 own threads) and touches the same state.
 
+When a callback goes wrong, the device is at fault, never the server, and
+the device keeps being served (qbackend.devices.faults):
+
+- **A callback that raises** (`bar_read`, `bar_write`, `reset`,
+  `connected`, `disconnected`, a job given to `defer`): the access is
+  answered as if nothing were there (a read gets all ones of its size, a
+  write is dropped), the device stays connected and serves the next access
+  at once.  The fault is logged with the device's id, the access (BAR,
+  offset, size, the value of a write) and your traceback, once per place
+  (the file and line that raised); later faults there are only counted.
+- **A value that does not fit its read**: `bar_read` must return an `int`
+  from 0 to ``(1 << 8 * size) - 1``; anything else (wider, negative, not
+  an int) is a fault as above, not truncated: mask it yourself
+  (``value & 0xFFFFFFFF``) where a narrower read of a wider register
+  should see its low bytes.
+- **A callback that does not return**: after a second (``stall=SECONDS``
+  among the `--device` keys) its current stack is logged, once per stuck
+  call.  QEMU waits 5 s for each reply, then the guest reads all ones; a
+  stuck callback holds the device's lock, so the device serves nothing
+  else meanwhile.  Ctrl-C and SIGTERM still stop qbackend within a few
+  seconds, its sockets removed.
+
+Faults and stalls are counted (`faults`, `stalls` in the device's
+statistics); the pytest plugin fails the test during which a device of
+its guest faulted or stalled, with the traceback or stack in the report.
+
 That is all a `Device` has: the entry points the vfio-user server calls
 (config space, region accesses, interrupt set-up, the client's coming and
 going) are on a `UserFunction`, a `PciFunction` that each `Device` gets in
@@ -90,6 +116,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from qbackend.devices.faults import CALLERS, Access, DeviceFaults
 from qbackend.errors import DeviceError
 from qbackend.models.pci_config import Bar as _ConfigBar
 from qbackend.models.pci_config import (
@@ -222,16 +249,18 @@ class Device:
         self.__function.dma().write(address, data)
 
     def defer(self, fn: Callable[..., object], *args: object) -> None:
-        """Run `fn(*args)` soon in a background thread (for DMA messages, slow work)."""
-        name = self.__function.name
+        """Run `fn(*args)` soon in a background thread (for DMA messages, slow work);
+        an exception it raises is a fault of the device (logged and counted)."""
+        function = self.__function
+        faults = function.faults
 
         def run() -> None:
             try:
                 fn(*args)
-            except Exception:
-                log.exception("%s: deferred %s failed", name, getattr(fn, "__name__", fn))
+            except Exception as exc:
+                faults.raised(exc, f"deferred {getattr(fn, '__qualname__', fn)}()", "the job ended")
 
-        threading.Thread(target=run, name=f"{name}-deferred", daemon=True).start()
+        threading.Thread(target=run, name=f"{function.name}-deferred", daemon=True).start()
 
     def bar_memory(self, index: int) -> mmap.mmap:
         """The shared memory behind a `mappable` BAR, or a sparse BAR's (as large
@@ -254,7 +283,10 @@ class UserFunction(PciFunction):
 
     The device's hooks are looked up once, here, so a BAR access costs the
     same one call into the user's `bar_read` / `bar_write` as it would if
-    the device were a PciFunction itself.
+    the device were a PciFunction itself.  Every call into the device is
+    made inside a `try` (free in CPython 3.11 while nothing raises) that
+    turns an exception into a fault of the device (`faults`,
+    qbackend.devices.faults): never into an error of the server's.
     """
 
     def __init__(self, device: Device) -> None:
@@ -278,6 +310,8 @@ class UserFunction(PciFunction):
                                                      msi_vectors=cls.msi_vectors))
         self.device = device
         self.name = cls.__name__
+        self.faults = DeviceFaults(lambda: self.name)
+        self._worker: int | None = None  # the thread serving the client (watched for stalls)
         self.has_intx = cls.intx
         self.intx_level = False  # raise_irq() in INTx mode until lower_irq()
         self.memories: dict[int, tuple[int, mmap.mmap]] = {}
@@ -294,12 +328,13 @@ class UserFunction(PciFunction):
                 read, write = _memory_reader(memory), _memory_writer(memory)
                 if bar.mappable_areas:
                     read, write = _sparse(bar.mappable_areas, (read, write),
-                                          (_reader(bar_read, bar.index), _writer(bar_write, bar.index)))
+                                          (_reader(bar_read, bar.index, self.faults),
+                                           _writer(bar_write, bar.index, self.faults)))
                 self.regions[bar.index] = Region(bar.size, read, write, mmap_fd=fd,
                                                  mmap_areas=tuple(sorted(bar.mappable_areas)))
             else:
-                self.regions[bar.index] = Region(bar.size, _reader(bar_read, bar.index),
-                                                 _writer(bar_write, bar.index))
+                self.regions[bar.index] = Region(bar.size, _reader(bar_read, bar.index, self.faults),
+                                                 _writer(bar_write, bar.index, self.faults))
         if msix is not None:
             self.regions[cls.msix_bar] = Region(msix.pba_offset * 2, self.msix_bar_read, self.msix_bar_write)
 
@@ -347,15 +382,47 @@ class UserFunction(PciFunction):
         super().reset()
         # As QEMU's PCI core does on reset, whatever the device's own state says.
         self.intx_level = False
-        self._device_reset()
+        self._call_hook(self._device_reset, "reset")
 
     def client_connected(self) -> None:
-        self._device_connected()
+        # The server calls this in the thread that serves the client (on its
+        # VERSION): from now on that thread's callbacks are watched for stalls.
+        if self._worker is None:
+            self._worker = threading.get_ident()
+            self.faults.watch()
+        self._call_hook(self._device_connected, "connected")
 
     def client_disconnected(self) -> None:
         with self.lock:
             self.intx_level = False
-        self._device_disconnected()
+        if self._worker is not None:
+            self.faults.unwatch(self._worker)
+            self._worker = None
+        self._call_hook(self._device_disconnected, "disconnected")
+
+    def _call_hook(self, hook: Callable[[], object], name: str) -> None:
+        """A device's lifecycle hook; an exception is its fault.  Watched for stalls
+        in whichever thread calls it (this function's frame marks where the
+        device's code begins: faults.CALLERS)."""
+        faults = self.faults
+        faults.watch()
+        try:
+            hook()
+        except Exception as exc:
+            faults.raised(exc, f"{name}()", "the server goes on")
+        finally:
+            faults.unwatch()
+
+    def record_accesses(self, keep: int = 32) -> None:
+        """Keep the device's latest `keep` BAR accesses in ``faults.accesses`` (for
+        reports of failed tests); costs a little on each access, so only on request."""
+        if self.faults.accesses is not None:
+            return
+        self.faults.record_accesses(keep)
+        for bar in type(self.device).bars:
+            region = self.regions[bar.index]
+            region.read = _recording_reader(region.read, bar.index, self.faults)
+            region.write = _recording_writer(region.write, bar.index, self.faults)
 
     def close(self) -> None:
         for fd, memory in self.memories.values():
@@ -364,24 +431,82 @@ class UserFunction(PciFunction):
         self.memories.clear()
 
 
-# BAR accesses of sizes other than 1, 2, 4, 8 are split into 4-byte pieces.
+# BAR accesses of sizes other than 1, 2, 4, 8 are split into 4-, 2- and 1-byte pieces.
+# A callback's exception, or a read's value that is not an int of its size
+# (int.to_bytes checks both, for nothing more than the conversion costs), is
+# the device's fault: reported, answered all ones (a read) or dropped (a write).
 
-def _reader(bar_read: Callable[[int, int, int], int], bar: int) -> Callable[[int, int], bytes]:
+def _pieces(count: int) -> list[tuple[int, int]]:
+    out, pos = [], 0
+    while pos < count:
+        n = 4 if count - pos >= 4 else 2 if count - pos >= 2 else 1
+        out.append((pos, n))
+        pos += n
+    return out
+
+
+def _reader(bar_read: Callable[[int, int, int], int], bar: int, faults: DeviceFaults) -> Callable[[int, int], bytes]:
+    to_bytes = int.to_bytes  # unbound: a value that is not an int is a TypeError, not a call of its own method
+
     def read(offset: int, count: int) -> bytes:
         if count in _ALL_ONES:
-            return (bar_read(bar, offset, count) & _ALL_ONES[count]).to_bytes(count, "little")
-        return b"".join(read(offset + pos, min(4, count - pos)) for pos in range(0, count, 4))
+            try:
+                value = bar_read(bar, offset, count)
+            except Exception as exc:
+                return faults.read_raised(exc, bar, offset, count)
+            try:
+                return to_bytes(value, count, "little")
+            except (TypeError, OverflowError):
+                return faults.bad_value(bar_read, value, bar, offset, count)
+        return b"".join(read(offset + pos, n) for pos, n in _pieces(count))
     return read
 
 
-def _writer(bar_write: Callable[[int, int, int, int], None], bar: int) -> Callable[[int, bytes], None]:
+def _writer(bar_write: Callable[[int, int, int, int], None], bar: int,
+            faults: DeviceFaults) -> Callable[[int, bytes], None]:
+    from_bytes = int.from_bytes
+
     def write(offset: int, data: bytes) -> None:
-        if len(data) in _ALL_ONES:
-            bar_write(bar, offset, len(data), int.from_bytes(data, "little"))
+        size = len(data)
+        if size in _ALL_ONES:
+            value = from_bytes(data, "little")
+            try:
+                bar_write(bar, offset, size, value)
+            except Exception as exc:
+                faults.write_raised(exc, bar, offset, size, value)
             return
-        for pos in range(0, len(data), 4):
-            write(offset + pos, data[pos:pos + 4])
+        for pos, n in _pieces(size):
+            write(offset + pos, data[pos:pos + n])
     return write
+
+
+# Where a device's code begins, for the stall watcher: the frames below these are the user's.
+CALLERS.update({_reader(lambda bar, offset, size: 0, 0, DeviceFaults(str)).__code__,
+                _writer(lambda bar, offset, size, value: None, 0, DeviceFaults(str)).__code__,
+                UserFunction._call_hook.__code__})
+
+
+def _recording_reader(read: Callable[[int, int], bytes], bar: int,
+                      faults: DeviceFaults) -> Callable[[int, int], bytes]:
+    def recording(offset: int, count: int) -> bytes:
+        before = faults.faults
+        data = read(offset, count)
+        if faults.accesses is not None:
+            faults.accesses.append(Access("read", bar, offset, count,
+                                          int.from_bytes(data, "little") if faults.faults == before else None))
+        return data
+    return recording
+
+
+def _recording_writer(write: Callable[[int, bytes], None], bar: int,
+                      faults: DeviceFaults) -> Callable[[int, bytes], None]:
+    def recording(offset: int, data: bytes) -> None:
+        before = faults.faults
+        write(offset, data)
+        if faults.accesses is not None:
+            faults.accesses.append(Access("write", bar, offset, len(data),
+                                          int.from_bytes(data, "little") if faults.faults == before else None))
+    return recording
 
 
 def _sparse(areas: tuple[tuple[int, int], ...], memory: tuple[Callable[[int, int], bytes], Callable[[int, bytes], None]],

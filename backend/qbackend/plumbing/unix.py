@@ -154,6 +154,13 @@ async def serve_unix(path: Path, name: str, serve_client: Callable[[socket.socke
         remove_socket(path)
 
 
+def remove_sockets() -> None:
+    """Remove every socket this process made that is still there (for an exit that
+    cannot wait for the servers' own clean-up: app.lifecycle)."""
+    for path in list(_OWNED):
+        remove_socket(Path(path))
+
+
 def remove_socket(path: Path) -> None:
     """Remove the socket this process made at ``path`` if it is still the one there
     (the same inode): never a file or socket another process has put there since."""

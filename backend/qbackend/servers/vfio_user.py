@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno as E
 import logging
+import math
 import os
 import socket
 import struct
@@ -46,6 +47,9 @@ SPIN_NS = 100_000
 SPIN_WINDOW_NS = 500_000
 DMA_REPLY_TIMEOUT = 5.0
 HANDSHAKE_TIMEOUT = 10.0  # seconds for a new client's first message
+# Seconds a stopping connection's thread has to end before it is abandoned (a
+# device callback that never returns holds it: qbackend.devices.faults).
+STOP_WAIT = 2.0
 
 # What run_blocking's receive step hands on: view, the length of view's bytes to handle, their fds.
 Received = tuple[memoryview, int, tuple[int, ...]]
@@ -103,6 +107,7 @@ class Connection:
         # Waiters for replies to our DMA requests: id -> (event, slot).
         self._replies: dict[int, tuple[trio.Event, list[vu.ServerReplyReceived]]] = {}
         self.closed = False
+        self.abandoned = False  # its thread did not end when stopped (see STOP_WAIT)
         cmd = vu.Command
         self._handlers = {
             cmd.VERSION: self._version,
@@ -161,7 +166,8 @@ class Connection:
             pass
         except Exception:
             # A bug of ours costs this client its connection, not the device
-            # its server.
+            # its server.  (A device's own exceptions never come here: they
+            # are its faults, qbackend.devices.faults.)
             log.exception("%s: internal error; closing the connection", self.server.name)
             self.server.stats["internal_errors"] += 1
 
@@ -575,7 +581,8 @@ class Connection:
         shutdown(self.sock)
 
     def close(self) -> None:
-        """Drop everything the client gave us; the device state stays."""
+        """Drop everything the client gave us; the device state stays (once the
+        worker thread has ended: never for an abandoned connection)."""
         self.closed = True
         for event, _ in self._replies.values():
             event.set()
@@ -613,21 +620,27 @@ class VfioUserServer:
         self.command_counts = [0] * (max(vu.Command) + 1)
         self.connection: Connection | None = None
         self.connections_served = 0
+        self.abandoned = False  # a connection's thread was abandoned, stuck in the device (see STOP_WAIT)
         self._one_client = trio.Lock()
 
     def counts(self) -> Counter[str]:
         """`stats` (errors, rejected accesses, ...) with `native_accesses`: the region
-        accesses the native access loop served, the current client's included."""
+        accesses the native access loop served, the current client's included; and a
+        user device's `faults` and `stalls` (qbackend.devices.faults)."""
         out = Counter(self.stats)
         conn = self.connection
         if conn is not None and conn.native is not None and not conn.closed:
             out["native_accesses"] += conn.native.served
+        faults = getattr(self.device, "faults", None)
+        if faults is not None:
+            out.update(faults.counts())
         return out
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await serve_unix(self.socket_path, self.name, self._serve_client, backlog=128, task_status=task_status)
 
     async def _serve_client(self, sock: socket.socket) -> None:
+        conn: Connection | None = None
         try:
             if not await sends_within(sock, self.handshake_timeout):  # not even VERSION
                 log.info("%s: a client sent nothing within %g s: dropped", self.name, self.handshake_timeout)
@@ -640,28 +653,64 @@ class VfioUserServer:
                 self.connections_served += 1
                 self.device.dma_port = DmaAccess(conn, trio.lowlevel.current_trio_token())
                 try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._stop_on_cancel, conn)
-                        await trio.to_thread.run_sync(conn.run_blocking, limiter=trio.CapacityLimiter(1))
-                        nursery.cancel_scope.cancel()
+                    await self._run_worker(conn)
                 finally:
                     # Release the client's fds before saying there is no
                     # client: "no connection" means "nothing held" to callers.
                     try:
                         self.device.dma_port = None
-                        conn.close()
+                        await self._close(conn)
                     finally:
                         self.connection = None
                     log.info("%s: client disconnected", self.name)
         finally:
-            sock.close()
+            if conn is None or not conn.abandoned:  # else its thread may still send on it
+                sock.close()
 
-    @staticmethod
-    async def _stop_on_cancel(conn: Connection) -> None:
+    async def _run_worker(self, conn: Connection) -> None:
+        """conn.run_blocking in a thread of its own until the client goes; when
+        cancelled, stop it, and abandon it if it has not ended within STOP_WAIT
+        (a device's callback that never returns holds it; it is a daemon thread)."""
+        ended = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def run() -> None:
+            try:
+                conn.run_blocking()
+            finally:
+                try:
+                    token.run_sync_soon(ended.set)
+                except trio.RunFinishedError:
+                    pass
+
+        threading.Thread(target=run, name=f"{self.name}-vfio-user", daemon=True).start()
         try:
-            await trio.sleep_forever()
+            await ended.wait()
         finally:
-            conn.stop()
+            if not ended.is_set():
+                conn.stop()
+                with trio.move_on_after(STOP_WAIT, shield=True):
+                    await ended.wait()
+                if not ended.is_set():
+                    conn.abandoned = True
+                    self.abandoned = True
+                    log.error("%s: its connection's thread did not stop within %g s (a device callback does "
+                              "not return: its stack is logged above) and is abandoned", self.name, STOP_WAIT)
+
+    async def _close(self, conn: Connection) -> None:
+        """conn.close() in a worker thread (it calls the device's disconnected());
+        waited for, except when stopping, for at most STOP_WAIT."""
+        if conn.abandoned:
+            conn.closed = True  # its thread may still use what it holds: leave it be
+            return
+        stopping = trio.current_effective_deadline() == -math.inf  # cancelled
+        with trio.CancelScope(shield=True) as scope:
+            if stopping:
+                scope.deadline = trio.current_time() + STOP_WAIT
+            await trio.to_thread.run_sync(conn.close, abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            log.error("%s: closing the connection did not end within %g s (the device's disconnected() does not "
+                      "return?); left behind", self.name, STOP_WAIT)
 
 
     def open_fds(self) -> list[int]:

@@ -25,6 +25,13 @@ and its tests share it::
         (dev,) = vm.pci_devices(0x1234, 0xBEEF)
         assert vm.sh(f"devmem {dev.bar(0).address:#x} 32") == "0x12345678"
 
+A device of a guest that raises in a callback, returns a value that does
+not fit its access, or stalls (qbackend.devices.faults) fails the test
+during which it did, with its traceback (or stack) and its latest BAR
+accesses in the report, even if the guest took the all-ones it read in
+stride; a test that provokes faults on purpose takes them with
+``vm.faults()``, and they no longer count against it.
+
 The fixtures' own documentation (``pytest --fixtures -v``) says what they
 give.  Command-line options: ``--qbackend-qemu`` (a qemu-system-x86_64,
 else ``$QEMU``, else the provisioned one), ``--qbackend-data-dir`` (where
@@ -100,11 +107,32 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
-    """A missing QEMU or guest is a one-line report (what to do), not a traceback."""
+    """A missing QEMU or guest is a one-line report (what to do), not a traceback.
+
+    A device of a ``qbackend_vm`` guest that faulted or stalled during a
+    test's setup, call or teardown (qbackend.devices.faults) fails it, with
+    the device's traceback or stack and its latest accesses in the report,
+    whatever the guest made of the value; faults a test took with
+    ``vm.faults()`` do not.  A failed test's report shows the latest accesses
+    of the guest's devices."""
     outcome = yield
     launch = sys.modules.get("qbackend.machine.launch")  # never imported here: only if a fixture did
     if call.excinfo is not None and launch is not None and isinstance(call.excinfo.value, launch.QemuNotFound):
         outcome.get_result().longrepr = f"qbackend: {call.excinfo.value} ({OPTIONS_HINT})"
+    vm = sys.modules.get("qbackend.testing.vm")  # the same: only if qbackend_vm booted a guest
+    if vm is None:
+        return
+    report = outcome.get_result()
+    faults = vm.take_faults()
+    if faults and report.passed:
+        report.outcome = "failed"
+        report.longrepr = faults
+    elif faults and report.failed:
+        report.sections.append(("qbackend device faults", faults))
+    elif report.failed:
+        accesses = vm.recent_accesses()
+        if accesses:
+            report.sections.append(("qbackend device accesses", accesses))
 
 
 @pytest.fixture(scope="module")

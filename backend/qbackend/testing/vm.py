@@ -7,6 +7,7 @@ for ``qbackend_vm`` (it brings trio, qemu.qmp and the backend with it).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Any, TypeVar
 
 from qbackend.app.backend_thread import BackendThread
 from qbackend.app.service import Backend
-from qbackend.devices.api import Device
+from qbackend.devices.api import Device, UserFunction
+from qbackend.devices.faults import DeviceFaults, Fault
 from qbackend.machine.launch import vfio_user_device_arg
 from qbackend.machine.qmp import SyncQmp
 from qbackend.options import DimmOptions, IvshmemOptions, NbdExportOptions
@@ -23,6 +25,10 @@ from qbackend.testing.harness import Guest, Harness, wait_attached, wait_until
 from qbackend.vfio.function import PciFunction
 
 T = TypeVar("T")
+
+# The faults of the booted guests' devices the plugin has not reported yet:
+# each device's events above its cursor (DeviceFaults.seq at the last report).
+_WATCHED: weakref.WeakKeyDictionary[DeviceFaults, int] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,17 @@ class VM:
     def wait_until(self, predicate: Callable[[], T], timeout: float = 10, what: str = "the condition") -> T:
         return wait_until(predicate, timeout, what)
 
+    def faults(self) -> list[Fault]:
+        """The faults and stalls of this guest's own devices (`qbackend.devices.Device`)
+        since the last report: taken, so that they no longer fail the test (the
+        plugin fails a test during which a device faulted, unless it took them)."""
+        return _take([f for f in _WATCHED if f in self._faults])
+
+    @property
+    def _faults(self) -> list[DeviceFaults]:
+        return [served.device.faults for served in self.backend.devices.values()
+                if isinstance(served.device, UserFunction)]
+
     def close(self) -> None:
         self.qbackend_qmp.close()
 
@@ -97,6 +114,9 @@ def boot_factory(harness: Harness) -> Callable[..., VM]:
                 served = backend.add_ivshmem(dev)
             else:
                 served = backend.add_served(dev, work / f"dev{n}.sock", dev_id=f"dev{n}")
+                if isinstance(served.device, UserFunction):
+                    served.device.record_accesses()
+                    _WATCHED[served.device.faults] = served.device.faults.seq
             extra += ["-device", vfio_user_device_arg(served.id, served.server.socket_path)]
         slot_opts = [d if isinstance(d, DimmOptions) else DimmOptions.parse(d) for d in dimms]
         if slot_opts:
@@ -130,3 +150,46 @@ def boot_factory(harness: Harness) -> Callable[..., VM]:
         return vm
 
     return boot
+
+
+def _take(devices: list[DeviceFaults]) -> list[Fault]:
+    out: list[Fault] = []
+    for faults in devices:
+        seen = _WATCHED.get(faults, 0)
+        new = faults.since(seen)
+        if new:
+            _WATCHED[faults] = new[-1].seq
+        out += new
+    return out
+
+
+def take_faults() -> str:
+    """For the plugin: what to report of the devices' faults and stalls since the
+    last report ("" for none), each as logged, with the device's latest accesses."""
+    faults = _take(list(_WATCHED))
+    if not faults:
+        return ""
+    devices = {f.device for f in faults}
+    parts = [f"qbackend: {len(faults)} fault(s) of the guest's devices during this test "
+             f"(take them with vm.faults() where they are expected):"]
+    shown: set[tuple[str, str]] = set()
+    for fault in faults:
+        if (fault.device, fault.place) in shown and fault.kind != "stalled":
+            parts.append(f"(again) {fault.report.splitlines()[0]}")
+            continue
+        shown.add((fault.device, fault.place))
+        parts.append(fault.report.rstrip("\n"))
+    accesses = recent_accesses(devices)
+    if accesses:
+        parts.append(accesses)
+    return "\n\n".join(parts)
+
+
+def recent_accesses(names: set[str] | None = None) -> str:
+    """The latest BAR accesses of the booted guests' devices (those named, else all)."""
+    parts = []
+    for faults in list(_WATCHED):
+        if faults.accesses and (names is None or faults.name in names):
+            lines = "\n".join(f"  {access}" for access in list(faults.accesses))
+            parts.append(f"{faults.name}: its latest {len(faults.accesses)} BAR accesses, oldest first:\n{lines}")
+    return "\n".join(parts)
