@@ -1,5 +1,6 @@
 """QED: open arbitrary image bytes (read-write, so NEED_CHECK runs the repair), read,
-map, check, repair, reopen.
+map (whole, and bounded as block status does), check, repair, zero and trim the whole
+image (in bounded steps), reopen.
 
 Documented outcome: `QedError` (an `ImageError`) or a clean result.  Checked
 besides: reads return what was asked for, and after ``check(repair=True)`` the
@@ -30,6 +31,23 @@ def _reads(img: QedImage) -> None:
         img.map()
     except QedError:
         pass
+    try:  # what one block status request walks: a prefix, of the same extents
+        bounded = img.map(0, size, bounded=True)
+        assert 0 < sum(e.length for e in bounded) <= size or size == 0
+    except QedError:
+        pass
+
+
+def _zeroing(img: QedImage) -> None:
+    """WRITE_ZEROES and TRIM over the whole image, in bounded steps; then it reads zeros."""
+    size = img.image_size
+    try:
+        img.discard(0, size)
+        img.write_zeroes(0, size)
+        n = min(size, MAX_READ)
+        assert img.read(size - n, n) == bytes(n)
+    except QedError:
+        pass
 
 
 def test_one_input(data: bytes) -> None:
@@ -44,6 +62,8 @@ def test_one_input(data: bytes) -> None:
         report = img.check(repair=True)
         assert report.exit_code in (0, 2, 3)
         _reads(img)
+        if not report.corruptions_remaining:
+            _zeroing(img)
         img.close()
     except QedError:
         return

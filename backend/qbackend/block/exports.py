@@ -21,6 +21,8 @@ from qbackend.options import NbdExportOptions
 from qbackend.protocol.nbd import AllocationFlags, ExportInfo
 
 ZERO_CHUNK = bytes(1 << 20)
+# Block status of a file asks the kernel for at most this many holes and data runs per request.
+MAX_FILE_EXTENTS = 4096
 
 
 class Export(Protocol):
@@ -131,7 +133,8 @@ class RawExport:
         return [(length, 1)]  # a raw file is its own only layer, allocated everywhere (as QEMU's raw driver says)
 
     def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
-        return file_extents(self.fd, offset, min(offset + length, self.info.size) - offset)
+        return file_extents(self.fd, offset, min(offset + length, self.info.size) - offset,
+                            max_extents=MAX_FILE_EXTENTS)
 
     def close(self) -> None:
         if self.read_map is not None:
@@ -140,12 +143,13 @@ class RawExport:
         os.close(self.fd)
 
 
-def file_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
-    """base:allocation of a file's bytes: its holes (SEEK_HOLE) read as zeros, the rest is data."""
+def file_extents(fd: int, offset: int, length: int, *, max_extents: int | None = None) -> list[tuple[int, int]]:
+    """base:allocation of a file's bytes: its holes (SEEK_HOLE) read as zeros, the rest is data.
+    With `max_extents`, at most that many (before merging): a prefix of the range."""
     end = offset + length
     extents: list[tuple[int, int]] = []
     pos = offset
-    while pos < end:
+    while pos < end and (max_extents is None or len(extents) < max_extents):
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as exc:

@@ -36,6 +36,7 @@ import bisect
 import errno
 import logging
 import os
+import re
 import struct
 import sys
 import threading
@@ -353,6 +354,53 @@ class _Auto:
     pass
 
 
+# Bounded walks.  WRITE_ZEROES and TRIM go through the tables in steps of at most
+# STEP_ENTRIES entries (or one new L2 table), the image lock held for one step at a time;
+# a bounded map (block status) stops once STATUS_BUDGET is spent: about a unit per run
+# found, per data entry looked at, per absent L2 table; _TABLE_COST per table read.
+STEP_ENTRIES = 4096
+STATUS_BUDGET = 1 << 14
+_TABLE_COST = 1024  # (a table read from the file, checked and searched: about 0.3 ms)
+_FEW_CLUSTERS = 16  # spans of up to this many clusters are walked entry by entry (reads, writes)
+_ZERO_RUN = re.compile(rb"(?:\x00{8})+")  # unallocated entries (little-endian bytes)
+_ONE_RUN = re.compile(rb"(?:\x01\x00{7})+")  # zero-cluster entries
+_ONES = array("Q", [L2_ZERO])
+
+
+_RUN_CHUNK = 1 << 13  # entries compared at once by _same_entries
+_SAME = {0: bytes(8 * _RUN_CHUNK), L2_ZERO: L2_ZERO.to_bytes(8, "little") * _RUN_CHUNK}
+
+
+def _same_entries(le: bytes, k: int, count: int, value: int) -> int:
+    """How many entries from entry k on (of `count`, in little-endian bytes `le`) are `value`
+    (0 or 1), entry k being one: compared by doubling, then halving, stretches, so the bytes
+    compared are about twice the run's."""
+    pattern = _SAME[value]
+    n, step, growing = 1, 1, True
+    while step and k + n < count:
+        m = min(step, count - k - n)
+        if le[8 * (k + n):8 * (k + n + m)] == pattern[:8 * m]:
+            n += m
+            step = m * 2 if growing else m // 2
+        else:
+            growing = False
+            step = m // 2
+    return n
+
+
+def _no_data(le: bytes) -> bool:
+    """Whether the little-endian entries `le` are all 0 or 1 (unallocated or zero clusters)."""
+    n = len(le) // 8
+    return not le[0::8].translate(None, b"\0\1") and all(le[i::8].count(0) == n for i in range(1, 8))
+
+
+class _Budget:
+    """What a bounded walk may still spend."""
+
+    def __init__(self, left: int = STATUS_BUDGET) -> None:
+        self.left = left
+
+
 _AUTO = _Auto()
 ProgressFn = Callable[[int, int], None]
 
@@ -494,6 +542,7 @@ class QedImage:
         self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
         self._l2_cache_max = max(1, l2_cache_bytes // self._tb)
         self._tail_trimmed = False
+        self._keep_need_check = False  # a check was interrupted: close leaves NEED_CHECK as it is
         # For native readers and writers (the NBD server's): the data clusters reads have
         # found.  Rewriting one of them in place is all a write there takes (write() does it
         # outside the lock too), so native writers may, unless the image is read-only.
@@ -507,7 +556,10 @@ class QedImage:
         size = self.f.size()
         self._file_size = size - size % self._cs
         self._tail_trimmed = size == self._file_size
-        self._l1 = _table_from_bytes(self.f.pread(self.header.l1_table_offset, self._tb))
+        # Only the L1 entries that cover the guest size: the rest cannot be reached (a table
+        # of up to 1 GiB in a sparse file would otherwise be read whole, as QEMU does; the
+        # entries the image size needs are at most 16 MiB whatever the header says).
+        self._l1 = _table_from_bytes(self.f.pread(self.header.l1_table_offset, 8 * self._l1_used()))
         self._l2_cache.clear()
         if self.read_map is not None:
             self.read_map.forget_all()
@@ -525,6 +577,11 @@ class QedImage:
                 self._bad_l1.setdefault(i, f"L2 table {a:#x} overlaps the L2 table at {b:#x}")
                 self._bad_l1.setdefault(j, f"L2 table {b:#x} overlaps the L2 table at {a:#x}")
         self._l2_starts = [e for e, i in starts]
+
+    def _l1_used(self) -> int:
+        """How many L1 entries the guest size reaches."""
+        span = self._ne * self._cs
+        return min(self._ne, -(-self.header.image_size // span))
 
     def _table_offset_problem(self, e: int, file_size: int) -> str | None:
         if e % self._cs:
@@ -563,7 +620,7 @@ class QedImage:
             try:
                 if not self.read_only:
                     remaining = self.open_check is not None and self.open_check.corruptions_remaining
-                    if not remaining:
+                    if not remaining and not self._keep_need_check:
                         self._mark_clean()
                     else:
                         self.f.flush()
@@ -668,6 +725,8 @@ class QedImage:
         entries the I/O path would take (zero clusters, unallocated ones and bad
         offsets stay with it)."""
         assert self.read_map is not None
+        if _no_data(_table_to_bytes(table)):
+            return  # no data clusters: nothing to map (and the map has none of this table's)
         problem = self._data_offset_problem
         mapped = array("Q", (e if e > L2_ZERO and problem(e) is None else 0 for e in table))
         self.read_map.set_many(l1i * self._ne, mapped)
@@ -678,8 +737,12 @@ class QedImage:
         while len(self._l2_cache) > self._l2_cache_max:
             self._l2_cache.popitem(last=False)
 
-    def _runs(self, offset: int, n: int) -> Iterator[tuple[int, int, ClusterKind, int]]:
-        """(guest offset, length, kind, file offset) runs over [offset, offset+n), merged."""
+    def _runs(self, offset: int, n: int, budget: _Budget | None = None
+              ) -> Iterator[tuple[int, int, ClusterKind, int]]:
+        """(guest offset, length, kind, file offset) runs over [offset, offset+n), merged.
+
+        With a `budget`, the walk stops early once it is spent (the runs then cover a
+        prefix of the range, at least one piece): what block status answers per request."""
         cs, ne = self._cs, self._ne
         end = offset + n
         pos = offset
@@ -691,8 +754,12 @@ class QedImage:
             table = self._l2(l1i)
             if table is None:
                 pieces: Iterator[tuple[int, int, int, int]] = iter(((pos, table_end - pos, 0, 0),))
-            else:
+            elif table_end - pos <= _FEW_CLUSTERS * cs:
                 pieces = self._table_pieces(table, l1i, pos, table_end)
+            else:
+                pieces = self._table_runs(table, l1i, pos, table_end, budget)
+            if budget is not None:
+                budget.left -= 1 if table is None else _TABLE_COST
             for start, length, kind, host in pieces:
                 if cur is not None and cur[2] == kind and cur[0] + cur[1] == start and (
                         kind != ClusterKind.DATA or cur[3] + cur[1] == host):
@@ -701,7 +768,13 @@ class QedImage:
                 if cur is not None:
                     yield cur[0], cur[1], ClusterKind(cur[2]), cur[3]
                 cur = [start, length, kind, host]
-            pos = table_end
+                if budget is not None and budget.left <= 0:
+                    break
+            else:
+                pos = table_end
+                if budget is None or budget.left > 0:
+                    continue
+            break
         if cur is not None:
             yield cur[0], cur[1], ClusterKind(cur[2]), cur[3]
 
@@ -725,6 +798,64 @@ class QedImage:
                                           f"data cluster {why}")
                 yield pos, cend - pos, 2, e + pos - ci * cs
             pos = cend
+
+    def _table_runs(self, table: array[int], l1i: int, pos: int, end: int,
+                    budget: _Budget | None) -> Iterator[tuple[int, int, int, int]]:
+        """_table_pieces for long spans: runs of unallocated and of zero clusters are found by
+        comparing the entries' bytes at C speed (_same_entries), runs of consecutive data
+        clusters one entry at a time and checked as a whole.  Each piece costs the budget 1,
+        and each data entry 1 more."""
+        cs = self._cs
+        first = l1i * self._ne
+        j = pos // cs - first
+        jend = -(-end // cs) - first
+        while j < jend:
+            count = min(jend - j, _RUN_CHUNK)
+            le = _table_to_bytes(table[j:j + count])
+            k = 0
+            while k < count:
+                ci = first + j + k
+                start = max(pos, ci * cs)
+                e = table[j + k]
+                if e <= L2_ZERO:
+                    run = _same_entries(le, k, count, e)
+                    kind, host = e, 0
+                else:
+                    run = 1
+                    while k + run < count and table[j + k + run] == e + run * cs:
+                        run += 1
+                    if self._data_run_problem(e, run) is not None:
+                        for r in range(run):  # the first bad entry, named as _table_pieces names it
+                            why = self._data_offset_problem(e + r * cs)
+                            if why is not None:
+                                raise QedCorruptError(f"L2 table at {self._l1[l1i]:#x} entry {j + k + r} (guest "
+                                                      f"offset {(ci + r) * cs:#x}): data cluster {why}")
+                    kind, host = 2, e + start - ci * cs
+                    if budget is not None:
+                        budget.left -= run
+                stop = min(end, (ci + run) * cs)
+                yield start, stop - start, kind, host
+                if budget is not None:
+                    budget.left -= 1
+                k += run
+            j += count
+
+    def _data_run_problem(self, e: int, run: int) -> str | None:
+        """_data_offset_problem for the `run` consecutive clusters from file offset e: None if
+        none of them has one."""
+        why = self._data_offset_problem(e)
+        if why is not None or run == 1:
+            return why
+        last = e + (run - 1) * self._cs
+        if last >= self._file_size:
+            return f"offset {last:#x} is past the end of the file ({self._file_size:#x})"
+        l1 = self.header.l1_table_offset
+        if e < l1 + self._tb and l1 <= last:
+            return f"the run at {e:#x} overlaps the L1 table"
+        i = bisect.bisect_right(self._l2_starts, last) - 1
+        if i >= 0 and self._l2_starts[i] + self._tb > e:
+            return f"the run at {e:#x} overlaps the L2 table at {self._l2_starts[i]:#x}"
+        return None
 
     # ---- requests
 
@@ -934,59 +1065,144 @@ class QedImage:
                 prev = i
 
     def write_zeroes(self, offset: int, n: int) -> None:
-        """Make [offset, offset+n) read as zeros: whole clusters become zero clusters
-        (allocated ones are zeroed in place, the file space freed), partial ones are written."""
+        """Make [offset, offset+n) read as zeros: allocated clusters are zeroed in place (their
+        file space freed), unallocated ones that would show the backing file become zero
+        clusters, partial clusters are written.
+
+        In bounded steps (STEP_ENTRIES, or one new L2 table), the lock held per step: a
+        request over the whole of a large image holds up other requests no longer than a
+        step, and takes no memory per cluster.  Clusters past the backing file's end (or
+        with no backing file) are left unallocated: they read zeros already.  QEMU makes
+        every unallocated cluster a zero cluster, with or without a backing file (qemu-nbd
+        11.1 wrote 128 MiB of L2 tables for one WRITE_ZEROES over 1 TiB of an image whose
+        backing file is 1 GiB); what a guest reads is the same."""
         with self._lock:
             self._check_writable()
             self._check_range(offset, n)
-            if n == 0:
-                return
-            cs = self._cs
-            end = offset + n
-            a = -(-offset // cs) * cs
-            b = end // cs * cs
-            if a >= b:  # inside one cluster
-                self._zero_partial(offset, n)
-                return
-            if offset < a:
-                self._zero_partial(offset, a - offset)
-            self._zero_clusters(a, b - a, make_zero_clusters=True)
-            if b < end:
-                self._zero_partial(b, end - b)
+        if n == 0:
+            return
+        cs = self._cs
+        end = offset + n
+        a = -(-offset // cs) * cs
+        b = end // cs * cs
+        if a >= b:  # inside one cluster
+            self._zero_partial(offset, n)
+            return
+        if offset < a:
+            self._zero_partial(offset, a - offset)
+        self._zero_clusters(a // cs, b // cs, make_zero_clusters=True)
+        if b < end:
+            self._zero_partial(b, end - b)
 
     def discard(self, offset: int, n: int) -> None:
         """Free the file space of whole allocated clusters in the range (they then read zeros).
 
         Partial clusters, zero clusters and unallocated clusters are left as
         they are (an unallocated cluster keeps showing the backing file).
+        In bounded steps, as write_zeroes.
         """
         with self._lock:
             self._check_writable()
             self._check_range(offset, n)
-            cs = self._cs
-            a = -(-offset // cs) * cs
-            b = (offset + n) // cs * cs
-            if a < b:
-                self._zero_clusters(a, b - a, make_zero_clusters=False)
+        cs = self._cs
+        a = -(-offset // cs)
+        b = (offset + n) // cs
+        if a < b:
+            self._zero_clusters(a, b, make_zero_clusters=False)
 
     def _zero_partial(self, offset: int, n: int) -> None:
-        for start, length, kind, _host in list(self._runs(offset, n)):
+        with self._lock:
+            runs = list(self._runs(offset, n))  # inside one cluster: one or two runs
+        for start, length, kind, _host in runs:
             if kind == ClusterKind.ZERO:
                 continue
             if kind == ClusterKind.UNALLOCATED and not self._reads_backing(start, length):
                 continue
             self.write(start, bytes(length))
 
-    def _zero_clusters(self, offset: int, n: int, *, make_zero_clusters: bool) -> None:
+    def _zero_clusters(self, first: int, stop: int, *, make_zero_clusters: bool) -> None:
+        """Clusters [first, stop): allocated ones punched (they read zeros), and with
+        `make_zero_clusters` unallocated ones showing the backing file made zero clusters;
+        one bounded step at a time, each under the lock."""
+        ci = first
+        while ci < stop:
+            with self._lock:
+                self._check_writable()
+                ci = self._zero_step(ci, stop, make_zero_clusters)
+
+    def _zero_limit(self) -> int:
+        """The first cluster that shows no backing file when unallocated."""
+        if self.backing is None:
+            return -(-self.header.image_size // self._cs) if self._backing_missing else 0
+        return -(-self.backing.size() // self._cs)
+
+    def _zero_step(self, ci: int, stop: int, make_zero_clusters: bool) -> int:
+        """One step of _zero_clusters from cluster ci, under the lock; where the next begins."""
+        ne = self._ne
+        l1i = ci // ne
+        base = l1i * ne
+        hi = min(stop, base + ne)
+        zero_to = min(hi, self._zero_limit()) if make_zero_clusters else ci
+        table = self._l2(l1i)
+        if table is None:
+            if zero_to > ci:  # a new table, whole, with zero clusters where the backing file shows
+                self._new_table(l1i, ci - base, zero_to - base)
+            return hi
+        hi = min(hi, ci + STEP_ENTRIES)
+        zero_to = min(zero_to, hi)
+        lo, top = ci - base, hi - base
+        no_data = _no_data(_table_to_bytes(table[lo:top]))
+        if not no_data:
+            self._punch_data(table, l1i, lo, top)
+        if zero_to > ci:
+            zhi = zero_to - base
+            if 0 in table[lo:zhi]:
+                if no_data:
+                    table[lo:zhi] = _ONES * (zhi - lo)
+                else:
+                    for j in range(lo, zhi):
+                        if table[j] == 0:
+                            table[j] = L2_ZERO
+                # (the read map has no entry for these: they were unallocated)
+                self.f.pwrite(self._l1[l1i] + lo * 8, _table_to_bytes(table[lo:zhi]))
+        return hi
+
+    def _punch_data(self, table: array[int], l1i: int, lo: int, hi: int) -> None:
+        """Free the file space of the data clusters of entries lo:hi (they stay allocated and
+        read zeros), runs of consecutive clusters at once."""
         cs = self._cs
-        updates: list[tuple[int, int]] = []
-        for start, length, kind, host in list(self._runs(offset, n)):
-            if kind == ClusterKind.DATA:
-                self.f.discard(host, length)
-            elif kind == ClusterKind.UNALLOCATED and make_zero_clusters and self._reads_backing(start, length):
-                updates.extend((ci, L2_ZERO) for ci in range(start // cs, (start + length) // cs))
-        if updates:
-            self._set_entries(updates)
+        run_start = run_len = 0
+        for j in range(lo, hi):
+            e = table[j]
+            if e <= L2_ZERO:
+                continue
+            why = self._data_offset_problem(e)
+            if why is not None:
+                raise QedCorruptError(f"L2 table at {self._l1[l1i]:#x} entry {j} (guest offset "
+                                      f"{(l1i * self._ne + j) * cs:#x}): data cluster {why}")
+            if run_len and e == run_start + run_len:
+                run_len += cs
+                continue
+            if run_len:
+                self.f.discard(run_start, run_len)
+            run_start, run_len = e, cs
+        if run_len:
+            self.f.discard(run_start, run_len)
+
+    def _new_table(self, l1i: int, lo: int, hi: int) -> None:
+        """A new L2 table for L1 entry l1i, entries lo:hi zero clusters: written whole and
+        flushed before the L1 entry that points at it."""
+        self._mark_dirty()
+        table = array("Q", bytes(self._tb))
+        table[lo:hi] = _ONES * (hi - lo)
+        toff = self._file_size
+        self.f.pwrite(toff, _table_to_bytes(table))
+        self._file_size = toff + self._tb
+        self._cache_l2(toff, table)
+        bisect.insort(self._l2_starts, toff)
+        self.f.flush()
+        self._l1[l1i] = toff
+        self.f.pwrite(self.header.l1_table_offset + l1i * 8, _table_to_bytes(self._l1[l1i:l1i + 1]))
 
     def flush(self) -> None:
         with self._lock:
@@ -1010,11 +1226,18 @@ class QedImage:
             self.header = replace(self.header, image_size=new_size)
             self._write_header()
             self.f.flush()
+            if self._l1_used() != len(self._l1):  # more L1 entries in reach now
+                self._load_metadata()
 
     # ---- allocation map
 
-    def map(self, offset: int = 0, length: int | None = None) -> list[Extent]:
-        """Extents of [offset, offset+length): data here, zero here, from backing, or unallocated."""
+    def map(self, offset: int = 0, length: int | None = None, *, bounded: bool = False) -> list[Extent]:
+        """Extents of [offset, offset+length): data here, zero here, from backing, or unallocated.
+
+        `bounded`: the walk stops once STATUS_BUDGET is spent, and the extents cover a
+        prefix of the range (at least one cluster's worth, or the range): what one block
+        status request gets (NBD lets the reply be shorter than asked)."""
+        budget = _Budget() if bounded else None
         with self._lock:
             if length is None:
                 length = self.header.image_size - offset
@@ -1023,7 +1246,7 @@ class QedImage:
             bsize = (self.backing.size() if self.backing is not None
                      else self.header.image_size if self._backing_missing else 0)
             bsize = -(-bsize // SECTOR) * SECTOR  # block status works in sectors
-            for start, n, kind, host in self._runs(offset, length):
+            for start, n, kind, host in self._runs(offset, length, budget):
                 if kind == ClusterKind.DATA:
                     out.append(Extent(start, n, MapKind.DATA, host))
                 elif kind == ClusterKind.ZERO:
@@ -1043,13 +1266,14 @@ class QedImage:
                     merged.append(ext)
             return merged
 
-    def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+    def allocation_depth(self, offset: int, length: int, *, bounded: bool = False) -> list[tuple[int, int]]:
         """(length, depth) of [offset, offset+length) through the backing chain: 1 where this
         image holds the data (or a zero cluster), 2 where its backing file does, and so on;
         0 where no layer does.  A raw backing file holds everything up to its end, and a
-        backing file shorter than the image holds the rest too (as QEMU reports it)."""
+        backing file shorter than the image holds the rest too (as QEMU reports it).
+        `bounded`: as map's; the runs then cover a prefix of the range."""
         out: list[tuple[int, int]] = []
-        for ext in self.map(offset, length):
+        for ext in self.map(offset, length, bounded=bounded):
             if ext.kind in (MapKind.DATA, MapKind.ZERO):
                 out.append((ext.length, 1))
             elif self.backing is None:
@@ -1059,8 +1283,10 @@ class QedImage:
                 # (its end of file reads zeros), and so does this, to report what qemu-nbd -A does.
                 out.append((ext.length, 2))
             elif isinstance(self.backing, QedImage):
-                out += [(n, depth + 1 if depth else 0) for n, depth in
-                        self.backing.allocation_depth(ext.start, ext.length)]
+                below = self.backing.allocation_depth(ext.start, ext.length, bounded=bounded)
+                out += [(n, depth + 1 if depth else 0) for n, depth in below]
+                if sum(n for n, _ in below) < ext.length:
+                    break  # the backing file's walk stopped early: so does this one
             else:
                 out.append((ext.length, 2))
         return out
@@ -1081,7 +1307,14 @@ class QedImage:
         with self._lock:
             if repair:
                 self._check_writable()
-            return self._check(repair=repair, leaks_only=leaks_only, progress=progress)
+            try:
+                return self._check(repair=repair, leaks_only=leaks_only, progress=progress)
+            except BaseException:
+                # Interrupted (Ctrl-C) or failed: the scan wrote nothing, and each repair it made is
+                # whole on its own (an entry zeroed, leaked clusters truncated, after a flush); close
+                # then leaves NEED_CHECK as it is, so the image is checked again on its next open.
+                self._keep_need_check = True
+                raise
 
     def _check(self, *, repair: bool, leaks_only: bool, progress: ProgressFn | None) -> CheckReport:
         from qbackend.block.qed_check import QedCheck  # the check is loaded only when used

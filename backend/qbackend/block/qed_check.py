@@ -8,14 +8,15 @@ The scan is span-wise: runs of L2 entries are checked as whole integers of
 
 from __future__ import annotations
 
+import mmap
 import re
 from array import array
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from itertools import compress, repeat
-from operator import itemgetter, setitem
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from qbackend.block.qed import L2_ZERO, Feature, ProgressFn, _table_from_bytes, _table_to_bytes
@@ -125,44 +126,51 @@ class QedCheck:
         nclusters = file_size // cs
         rep = CheckReport(cluster_size=cs, total_clusters=-(-h.image_size // cs),
                           need_check_was_set=img.dirty)
-        used = bytearray(nclusters)
-        meta = bytearray(nclusters)  # header and L1 table: certain metadata
+        # One byte per cluster of the file, in anonymous memory that is resident only where
+        # written: where something is referenced (a sparse file of 1 TiB with 4 KiB clusters
+        # costs what its referenced clusters' pages are, not 256 MiB).
+        used = mmap.mmap(-1, max(nclusters, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         hc = min(h.header_size, nclusters)
-        used[0:hc] = meta[0:hc] = b"\x01" * hc
+        used[0:hc] = b"\x01" * hc
         l1c = h.l1_table_offset // cs
-        used[l1c:l1c + h.table_size] = meta[l1c:l1c + h.table_size] = b"\x01" * h.table_size
+        used[l1c:l1c + h.table_size] = b"\x01" * h.table_size
+        meta = range(l1c, l1c + h.table_size)  # the L1 table's clusters (the header's: below header_size)
         if raw_size != file_size:
             rep.corruptions.append(Problem(ProblemKind.PARTIAL_CLUSTER,
                                            f"{raw_size - file_size} bytes after the last whole cluster "
                                            f"(file size {raw_size:#x})"))
-        l1 = _table_from_bytes(img.f.pread(h.l1_table_offset, tb))
         l1_fixes: list[tuple[int, Problem]] = []
         tables: list[tuple[int, int]] = []
-        for i, e in compress(enumerate(l1), l1):  # the nonzero entries
-            where = f"L1 entry {i} (guest offset {i * ne * cs:#x}): L2 table"
-            why = None
-            kind = ProblemKind.BAD_L1_ENTRY
-            if e % cs:
-                why = f"offset {e:#x} is not a multiple of the cluster size"
-            elif e < h.header_bytes:
-                why, kind = f"offset {e:#x} lies in the header", ProblemKind.L1_INTO_METADATA
-            elif e + tb > file_size:
-                why = f"at {e:#x} ({tb} bytes) runs past the end of the file ({file_size:#x})"
-            elif any(meta[e // cs:e // cs + h.table_size]):
-                why, kind = f"at {e:#x} overlaps the L1 table at {h.l1_table_offset:#x}", ProblemKind.L1_INTO_METADATA
-            if why is not None:
-                p = Problem(kind, f"{where} {why}", h.l1_table_offset, i, e)
-                rep.corruptions.append(p)
-                l1_fixes.append((i, p))
-                continue
-            c = e // cs
-            if any(used[c:c + h.table_size]):
-                rep.corruptions.append(Problem(ProblemKind.DUPLICATE,
-                                               f"{where} at {e:#x} overlaps clusters already referenced",
-                                               h.l1_table_offset, i, e, fixable=False))
-                continue
-            used[c:c + h.table_size] = b"\x01" * h.table_size
-            tables.append((i, e))
+        for first, l1 in _l1_chunks(img):  # the L1 table a piece at a time (it may be 1 GiB)
+            for i, e in compress(enumerate(l1, first), l1):  # the nonzero entries
+                where = f"L1 entry {i} (guest offset {i * ne * cs:#x}): L2 table"
+                why = None
+                kind = ProblemKind.BAD_L1_ENTRY
+                if e % cs:
+                    why = f"offset {e:#x} is not a multiple of the cluster size"
+                elif e < h.header_bytes:
+                    why, kind = f"offset {e:#x} lies in the header", ProblemKind.L1_INTO_METADATA
+                elif e + tb > file_size:
+                    why = f"at {e:#x} ({tb} bytes) runs past the end of the file ({file_size:#x})"
+                elif e // cs < meta.stop and meta.start < e // cs + h.table_size:
+                    why = f"at {e:#x} overlaps the L1 table at {h.l1_table_offset:#x}"
+                    kind = ProblemKind.L1_INTO_METADATA
+                if why is not None:
+                    p = Problem(kind, f"{where} {why}", h.l1_table_offset, i, e)
+                    rep.corruptions.append(p)
+                    l1_fixes.append((i, p))
+                    continue
+                c = e // cs
+                if any(used[c:c + h.table_size]):
+                    rep.corruptions.append(Problem(ProblemKind.DUPLICATE,
+                                                   f"{where} at {e:#x} overlaps clusters already referenced",
+                                                   h.l1_table_offset, i, e, fixable=False))
+                    # Its clusters are referenced all the same (QEMU marks them too): not leaks for
+                    # a repair to cut off the end of the file, leaving the entry past its end.
+                    used[c:c + h.table_size] = b"\x01" * h.table_size
+                    continue
+                used[c:c + h.table_size] = b"\x01" * h.table_size
+                tables.append((i, e))
         st = _ScanState(rep, used, meta, file_size, nclusters)
         for done, (i, toff) in enumerate(tables):
             if progress is not None:
@@ -171,14 +179,15 @@ class QedCheck:
         if progress is not None:
             progress(len(tables), len(tables))
         # leaks
-        last_used = used.rfind(1)
-        rep.leaked_clusters = used.count(0, 0, nclusters)
+        last_used = used.rfind(b"\x01", 0, nclusters)
+        rep.leaked_clusters = sum(used[c:min(c + _COUNT_CHUNK, nclusters)].count(0)
+                                  for c in range(0, nclusters, _COUNT_CHUNK))
         c = 0
         while c < nclusters and len(rep.leak_ranges) < 100:
-            c = used.find(0, c)
+            c = used.find(b"\x00", c, nclusters)
             if c < 0:
                 break
-            stop = used.find(1, c)
+            stop = used.find(b"\x01", c, nclusters)
             stop = nclusters if stop < 0 else stop
             rep.leak_ranges.append((c * cs, (stop - c) * cs))
             c = stop
@@ -267,7 +276,7 @@ class QedCheck:
         if x == lane.ones * first + lane.iota(cs):  # one run of clusters (the common case)
             if first % cs or c0 < lo_c or c0 + n > hi_c:
                 return None
-            if used.find(1, c0, c0 + n) >= 0:
+            if used.find(b"\x01", c0, c0 + n) >= 0:
                 return False
             used[c0:c0 + n] = b"\x01" * n
             consecutive = n - 1
@@ -318,7 +327,7 @@ class QedCheck:
             why, kind = f"offset {e:#x} lies in the header", ProblemKind.L2_INTO_METADATA
         elif e >= st.file_size:
             why = f"offset {e:#x} is past the end of the file ({st.file_size:#x})"
-        elif st.meta[c]:
+        elif c in st.meta:
             why, kind = f"offset {e:#x} lies in the L1 table", ProblemKind.L2_INTO_METADATA
         elif used[c]:
             why, kind, fixable = f"offset {e:#x} is referenced more than once", ProblemKind.DUPLICATE, False
@@ -371,6 +380,8 @@ class QedCheck:
         img._load_metadata()
 
 
+_L1_CHUNK = 1 << 20  # bytes of the L1 table read at once
+_COUNT_CHUNK = 1 << 22  # clusters counted at once (a copy of that many bytes)
 _MAX_SPAN = 1 << 15  # L2 entries scanned at once at most (a whole table of the default size)
 _SMALL_SPAN = 32  # L2 entries checked one by one once a span with a problem is narrowed down to this
 _WINDOW = 64  # _scan_span counts marks over a window of up to this many clusters per entry, else uses a set
@@ -380,8 +391,15 @@ _LANE_ONE = (1).to_bytes(8, "little")
 _ZERO_ENTRY = bytes(8)
 
 
-def _mark(used: bytearray, clusters: Iterable[int]) -> None:
-    deque(map(setitem, repeat(used), clusters, repeat(1)), maxlen=0)
+def _l1_chunks(img: QedImage) -> Iterator[tuple[int, array[int]]]:
+    """(first index, entries) of the whole L1 table, _L1_CHUNK bytes at a time."""
+    h = img.header
+    for pos in range(0, h.table_bytes, _L1_CHUNK):
+        yield pos // 8, _table_from_bytes(img.f.pread(h.l1_table_offset + pos, min(_L1_CHUNK, h.table_bytes - pos)))
+
+
+def _mark(used: mmap.mmap, clusters: Iterable[int]) -> None:
+    deque(map(used.__setitem__, clusters, repeat(1)), maxlen=0)
 
 
 @dataclass
@@ -389,8 +407,8 @@ class _ScanState:
     """What the L2 scan of a check carries from entry to entry and table to table."""
 
     rep: CheckReport
-    used: bytearray  # per cluster of the file: referenced by something already
-    meta: bytearray  # per cluster: the header or the L1 table
+    used: mmap.mmap  # a byte per cluster of the file: referenced by something already
+    meta: range  # the L1 table's clusters
     file_size: int  # whole clusters only
     nclusters: int
     l2_fixes: list[tuple[int, int, Problem]] = field(default_factory=list)

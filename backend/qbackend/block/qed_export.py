@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qbackend.block.blockfile import FileBlock
-from qbackend.block.exports import file_extents
+from qbackend.block.exports import MAX_FILE_EXTENTS, file_extents
 from qbackend.block.qed import MapKind, QedImage, RawBacking
 from qbackend.protocol.nbd import AllocationFlags, ExportInfo
 
@@ -22,18 +22,27 @@ _FLAGS = {
 }
 
 
-def chain_status(image: QedImage, offset: int, length: int) -> list[tuple[int, int]]:
-    """(length, AllocationFlags) of [offset, offset+length) through the backing chain."""
+def chain_status(image: QedImage, offset: int, length: int, *, bounded: bool = False) -> list[tuple[int, int]]:
+    """(length, AllocationFlags) of [offset, offset+length) through the backing chain.
+
+    `bounded`: each layer's walk is bounded (QedImage.map's `bounded`, file_extents'
+    `max_extents`), and the extents then cover a prefix of the range: what one block status
+    request gets, however large the image (NBD lets the reply be shorter than asked)."""
     out: list[tuple[int, int]] = []
-    for ext in image.map(offset, length):
+    for ext in image.map(offset, length, bounded=bounded):
         if ext.kind is not MapKind.BACKING:
             out.append((ext.length, int(_FLAGS[ext.kind])))
-        elif isinstance(image.backing, QedImage):
-            out += chain_status(image.backing, ext.start, ext.length)
+            continue
+        if isinstance(image.backing, QedImage):
+            below = chain_status(image.backing, ext.start, ext.length, bounded=bounded)
         elif isinstance(image.backing, RawBacking) and isinstance(image.backing.f, FileBlock):
-            out += file_extents(image.backing.f.fd, ext.start, ext.length)
+            below = file_extents(image.backing.f.fd, ext.start, ext.length,
+                                 max_extents=MAX_FILE_EXTENTS if bounded else None)
         else:
-            out.append((ext.length, 0))
+            below = [(ext.length, 0)]
+        out += below
+        if sum(n for n, _ in below) < ext.length:
+            break  # the layer below stopped early: the answer ends there
     return out
 
 
@@ -71,7 +80,7 @@ class QedExport:
 
     def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
-        for n, flags in chain_status(self.image, offset, length):
+        for n, flags in chain_status(self.image, offset, length, bounded=True):
             if out and out[-1][1] == flags:
                 out[-1] = (out[-1][0] + n, flags)
             else:
@@ -80,7 +89,7 @@ class QedExport:
 
     def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
-        for n, depth in self.image.allocation_depth(offset, length):
+        for n, depth in self.image.allocation_depth(offset, length, bounded=True):
             if out and out[-1][1] == depth:
                 out[-1] = (out[-1][0] + n, depth)
             else:

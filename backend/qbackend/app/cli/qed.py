@@ -264,7 +264,13 @@ def _check(args: argparse.Namespace) -> int:
         print(f"qbackend qed check: {args.filename}: {exc}", file=sys.stderr)
         return 1
     with img:
-        report = img.check(repair=repair, leaks_only=args.repair == "leaks", progress=progress)
+        try:
+            report = img.check(repair=repair, leaks_only=args.repair == "leaks", progress=progress)
+        except KeyboardInterrupt:
+            # One line; the image is as it was (a check), or consistent with what was repaired
+            # so far, NEED_CHECK left as it was (a repair: QedImage.check says why).
+            print(f"qbackend qed check: {args.filename}: interrupted", file=sys.stderr)
+            return 130
         progress.done()
     if args.output == "json":
         print(json.dumps({"filename": str(args.filename), "format": "qed", **report.to_json()}, indent=4))
