@@ -37,6 +37,14 @@ from qbackend.servers.nbd import HANDSHAKE_TIMEOUT, ExportInUse, NbdServer
 from qbackend.servers.vhost_user_blk import VhostUserBlkServer
 
 Emit = Callable[[str, Mapping[str, object]], None]
+# Images that blockdev-add opens at once, each in a worker thread.
+OPEN_THREADS = 4
+
+
+def _probe(node: BlockNode) -> None:
+    """Open the node's image once, read-only, so that a corrupt image is refused at
+    blockdev-add and not at export time."""
+    open_export(NbdExportOptions(node.node_name, node.filename, readonly=True, format=node.format)).close()
 
 
 @dataclass(frozen=True)
@@ -89,13 +97,33 @@ class BlockExports:
         self._pending: list[tuple[BlockExport, Export]] = []  # opened before the server runs
         self.vhost: dict[str, VhostUserBlkExport] = {}  # by export id
         self._nursery: trio.Nursery | None = None  # where vhost-user-blk servers run (set by run())
+        self._adding: set[str] = set()  # node names whose image is being opened (add_node_async)
+        self._open_limiter = trio.CapacityLimiter(OPEN_THREADS)
 
     # -- nodes --
 
     def add_node(self, node_name: str, driver: str, file: Path | str, read_only: bool) -> BlockNode:
         """A qed, raw or file node over `file`: a path, or (for qed and raw) the name of a file
         node, whose file it then is (QEMU's reference)."""
-        if node_name in self.nodes:
+        node = self._new_node(node_name, driver, file, read_only)
+        _probe(node)
+        self.nodes[node_name] = node
+        return node
+
+    async def add_node_async(self, node_name: str, driver: str, file: Path | str, read_only: bool) -> BlockNode:
+        """add_node, the image opened in a worker thread: an open that takes long (a slow
+        disk, a large check) holds up no other QMP command meanwhile.  The same replies."""
+        node = self._new_node(node_name, driver, file, read_only)
+        self._adding.add(node_name)  # taken while it opens: a second add of it is a duplicate
+        try:
+            await trio.to_thread.run_sync(_probe, node, limiter=self._open_limiter)
+        finally:
+            self._adding.discard(node_name)
+        self.nodes[node_name] = node
+        return node
+
+    def _new_node(self, node_name: str, driver: str, file: Path | str, read_only: bool) -> BlockNode:
+        if node_name in self.nodes or node_name in self._adding:
             raise QmpCommandError(f"Duplicate nodes with node-name='{node_name}'")
         if driver not in ("qed", "raw", "file"):
             raise QmpCommandError(f"Unknown driver '{driver}' (qbackend serves qed, raw and file)")
@@ -113,11 +141,7 @@ class BlockExports:
             raise QmpCommandError(f"Could not open '{filename}': No such file or directory")
         if filename.is_dir():
             raise QmpCommandError(f"Could not open '{filename}': Is a directory")
-        node = BlockNode(node_name, driver, filename, read_only, file_node)
-        # Open it once now, read-only, so that a corrupt image is refused here and not at export time.
-        open_export(NbdExportOptions(node_name, filename, readonly=True, format=node.format)).close()
-        self.nodes[node_name] = node
-        return node
+        return BlockNode(node_name, driver, filename, read_only, file_node)
 
     def del_node(self, node_name: str) -> None:
         if node_name not in self.nodes:

@@ -121,7 +121,7 @@ def register(monitor: QmpMonitor, backend: Backend) -> None:
         return {}
 
     async def blockdev_add(args: dict[str, Any]) -> object:
-        blocks().add_node(args["node-name"], args["driver"], _file(args), args.get("read-only", False))
+        await blocks().add_node_async(args["node-name"], args["driver"], _file(args), args.get("read-only", False))
         return {}
 
     async def blockdev_del(args: dict[str, Any]) -> object:
