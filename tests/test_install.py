@@ -95,13 +95,14 @@ def test_the_only_top_level_package_is_qbackend(installed: Installed) -> None:
 def test_every_c_helper_loads_from_the_installed_copy(installed: Installed) -> None:
     """The wheel carries the compiled helpers: each loads from site-packages, none from the checkout."""
     code = ("import json, qbackend.plumbing.native as n\n"
-            "print(json.dumps({'file': n.__file__, 'loaded': n.loaded()}))")
+            "print(json.dumps({'file': n.__file__, 'loaded': n.loaded(), 'helpers': list(n.HELPERS)}))")
     result = subprocess.run([str(installed.python), "-c", code], cwd=installed.cwd,
                             env=installed.without_a_compiler(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert not Path(report["file"]).is_relative_to(REPO)
-    assert len(report["loaded"]) == 4 and all(why is None for why in report["loaded"].values()), report
+    assert report["helpers"] and sorted(report["loaded"]) == sorted(report["helpers"]), report
+    assert all(why is None for why in report["loaded"].values()), report
 
 
 def _served_line(output: str) -> str:
