@@ -453,10 +453,11 @@ class QedImage:
 
     @classmethod
     def open_path(cls, path: str | os.PathLike[str], *, read_only: bool = False, open_backing: bool = True,
-                  check_on_open: bool = True) -> QedImage:
+                  check_on_open: bool = True, native_map: bool = False) -> QedImage:
         f = FileBlock.open(path, writable=not read_only)
         try:
             return cls.open(f, read_only=read_only, open_backing=open_backing, check_on_open=check_on_open,
+                            native_map=native_map,
                             base_dir=Path(path).parent)
         except BaseException:
             f.close()
@@ -465,7 +466,7 @@ class QedImage:
     @classmethod
     def open(cls, f: BlockFile, *, read_only: bool = False, backing: Backing | None = None,
              open_backing: bool = True, base_dir: Path | None = None, check_on_open: bool = True,
-             l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES, _depth: int = 0,
+             l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES, native_map: bool = False, _depth: int = 0,
              _chain: frozenset[FileIdentity] = frozenset()) -> QedImage:
         """Open an image on ``f`` (the image owns ``f`` from now on: `close` closes it).
 
@@ -477,7 +478,7 @@ class QedImage:
         """
         header = QedHeader.unpack(f.pread(0, HEADER.size))
         header.validate(f.size())
-        img = cls(f, header, read_only=read_only, l2_cache_bytes=l2_cache_bytes)
+        img = cls(f, header, read_only=read_only, l2_cache_bytes=l2_cache_bytes, native_map=native_map)
         try:
             if header.has_backing:
                 raw_name = f.pread(header.backing_filename_offset, header.backing_filename_size)
@@ -520,7 +521,7 @@ class QedImage:
             raise
 
     def __init__(self, f: BlockFile, header: QedHeader, *, read_only: bool,
-                 l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES) -> None:
+                 l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES, native_map: bool = False) -> None:
         self.f = f
         self.header = header
         self.read_only = read_only
@@ -546,9 +547,11 @@ class QedImage:
         # For native readers and writers (the NBD server's): the data clusters reads have
         # found.  Rewriting one of them in place is all a write there takes (write() does it
         # outside the lock too), so native writers may, unless the image is read-only.
+        # Only an image a native server reads asks for it (`native_map`): the tools and
+        # backing files do not, and so never load the C helper (nor cffi) for nothing.
         fd = getattr(f, "fd", None)
         self.read_map = (ReadMap.create(fd, header.image_size, cs, writable=not read_only)
-                         if isinstance(fd, int) else None)
+                         if native_map and isinstance(fd, int) else None)
         self._load_metadata()
 
     def _load_metadata(self) -> None:

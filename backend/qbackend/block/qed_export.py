@@ -48,7 +48,7 @@ def chain_status(image: QedImage, offset: int, length: int, *, bounded: bool = F
 
 class QedExport:
     def __init__(self, name: str, path: Path, readonly: bool = False) -> None:
-        self.image = QedImage.open_path(path, read_only=readonly)
+        self.image = QedImage.open_path(path, read_only=readonly, native_map=True)
         self.info = ExportInfo(name=name, size=self.image.image_size, read_only=readonly)
         self.read_map = self.image.read_map
 
