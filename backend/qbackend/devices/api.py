@@ -67,6 +67,18 @@ The contract:
   back to their power-on values; config space and interrupts are reset
   before it is called, INTx lowered), `connected()` and `disconnected()` (a
   QEMU attached or went away).
+- **Reload**: `qbackend device reload ID` (QMP ``device-reload``) loads the
+  device's module again and puts a new instance of its class in the old
+  one's place while the guest runs (qbackend.devices.reload): the
+  connection, config space, interrupts and DMA stay.  The new instance
+  takes the old one's state by `reloaded(old)`; by default every attribute
+  of the old instance is copied over the new one's (the registers the guest
+  set carry over; attributes only the new `__init__` sets keep their new
+  value).  Override it where an attribute changed meaning.
+- **Tracing and replay**: every access, interrupt, DMA and lifecycle event
+  can be recorded (``trace=FILE`` among the `--device` keys, QMP
+  ``device-trace-start``; qbackend.devices.trace) and replayed against the
+  class without QEMU (``qbackend replay``; qbackend.devices.replay).
 
 Everything a BAR callback does runs under the device's lock (`self.lock`,
 re-entrant); take it yourself in code that runs elsewhere (`defer`, your
@@ -117,6 +129,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from qbackend.devices.faults import CALLERS, Access, DeviceFaults
+from qbackend.devices.trace import Tracer, running_job
+from qbackend.devices.trace import stop as stop_trace
 from qbackend.errors import DeviceError
 from qbackend.models.pci_config import Bar as _ConfigBar
 from qbackend.models.pci_config import (
@@ -220,6 +234,14 @@ class Device:
     def disconnected(self) -> None:
         """The QEMU went away (device_del, or it ended)."""
 
+    def reloaded(self, old: Device) -> None:
+        """This instance replaces `old` (a reload of the device's module, under the
+        device's lock, before any callback reaches this one).  Default: every
+        attribute of `old` is copied onto this one, so the state the guest set
+        carries over; attributes `old` lacks keep what this `__init__` set."""
+        mine = "_Device__function"
+        self.__dict__.update({k: v for k, v in old.__dict__.items() if k != mine})
+
     # -- what a device calls --
 
     @property
@@ -242,23 +264,30 @@ class Device:
 
     def dma_read(self, address: int, count: int) -> bytes:
         """`count` bytes of guest memory at guest-physical `address`."""
-        return self.__function.dma().read(address, count)
+        return self.__function.dma_read(address, count)
 
     def dma_write(self, address: int, data: bytes) -> None:
         """Write `data` into guest memory at guest-physical `address`."""
-        self.__function.dma().write(address, data)
+        self.__function.dma_write(address, data)
 
     def defer(self, fn: Callable[..., object], *args: object) -> None:
         """Run `fn(*args)` soon in a background thread (for DMA messages, slow work);
         an exception it raises is a fault of the device (logged and counted)."""
         function = self.__function
         faults = function.faults
+        tracer = function.tracer
+        job = tracer.next_job() if tracer is not None else None
+        name = getattr(fn, "__qualname__", str(fn))
 
         def run() -> None:
-            try:
-                fn(*args)
-            except Exception as exc:
-                faults.raised(exc, f"deferred {getattr(fn, '__qualname__', fn)}()", "the job ended")
+            with running_job(job):
+                try:
+                    fn(*args)
+                except Exception as exc:
+                    faults.raised(exc, f"deferred {name}()", "the job ended")
+                finally:
+                    if job is not None and function.tracer is tracer and tracer is not None:
+                        tracer.job_ended(job, name)
 
         threading.Thread(target=run, name=f"{function.name}-deferred", daemon=True).start()
 
@@ -308,23 +337,35 @@ class UserFunction(PciFunction):
                              extended_capabilities=tuple(cls.extended_capabilities))
         super().__init__(config, InterruptController(intx=cls.intx, msix_vectors=cls.msix_vectors,
                                                      msi_vectors=cls.msi_vectors))
-        self.device = device
         self.name = cls.__name__
         self.faults = DeviceFaults(lambda: self.name)
         self._worker: int | None = None  # the thread serving the client (watched for stalls)
         self.has_intx = cls.intx
         self.intx_level = False  # raise_irq() in INTx mode until lower_irq()
         self.memories: dict[int, tuple[int, mmap.mmap]] = {}
-        self._device_reset = device.reset
-        self._device_connected = device.connected
-        self._device_disconnected = device.disconnected
-        bar_read, bar_write = device.bar_read, device.bar_write
+        # Where the device came from (`--device class=SPEC` and its other keys), for reload and traces.
+        self.origin: tuple[str, dict[str, str]] | None = None
         for bar in cls.bars:
             if bar.shared:
                 fd = os.memfd_create(f"qbackend-{cls.__name__}-bar{bar.index}", os.MFD_CLOEXEC)
                 os.ftruncate(fd, bar.size)
                 memory = mmap.mmap(fd, bar.size)
                 self.memories[bar.index] = (fd, memory)
+        if msix is not None:
+            self.regions[cls.msix_bar] = Region(msix.pba_offset * 2, self.msix_bar_read, self.msix_bar_write)
+        self._bind(device)
+
+    def _bind(self, device: Device) -> None:
+        """Serve `device`: its hooks and BAR callbacks, looked up once here."""
+        cls = type(device)
+        self.device = device
+        self._device_reset = device.reset
+        self._device_connected = device.connected
+        self._device_disconnected = device.disconnected
+        bar_read, bar_write = device.bar_read, device.bar_write
+        for bar in cls.bars:
+            if bar.shared:
+                fd, memory = self.memories[bar.index]
                 read, write = _memory_reader(memory), _memory_writer(memory)
                 if bar.mappable_areas:
                     read, write = _sparse(bar.mappable_areas, (read, write),
@@ -335,8 +376,24 @@ class UserFunction(PciFunction):
             else:
                 self.regions[bar.index] = Region(bar.size, _reader(bar_read, bar.index, self.faults),
                                                  _writer(bar_write, bar.index, self.faults))
-        if msix is not None:
-            self.regions[cls.msix_bar] = Region(msix.pba_offset * 2, self.msix_bar_read, self.msix_bar_write)
+            if self.faults.accesses is not None:
+                self._record(bar.index)
+
+    def replace_device(self, new: Device) -> Device:
+        """Serve `new` in place of the current device (a reload): under the lock,
+        `new.reloaded(old)`, then every callback reaches `new`; the connection,
+        config space, interrupts, DMA and shared BAR memory stay.  `new` must
+        declare what the old class declared (qbackend.devices.reload checks).
+        Returns the old device."""
+        spare = function_of(new)
+        with self.lock:
+            old = self.device
+            new.reloaded(old)
+            new._Device__function = self  # type: ignore[attr-defined]  # Device.__function, mangled
+            self._bind(new)
+        if spare is not self:
+            spare.close()
+        return old
 
     # -- interrupts, for Device --
 
@@ -350,22 +407,42 @@ class UserFunction(PciFunction):
     def raise_irq(self, vector: int) -> bool:
         with self.lock:
             mode = self.irq_mode()
-            if mode == "msix":
-                return self.msix_notify(vector)
-            if mode == "msi":
-                if not 0 <= vector < self.irqs.msi.count:
-                    return False
-                return self.irqs.msi.trigger(vector)
-            if mode == "intx":
-                self.intx_level = True
-                self.update_intx()
-                return True
-            return False
+            sent = self._raise(mode, vector)
+            tracer = self.tracer
+            return sent if tracer is None else tracer.irq(vector, mode, sent)
+
+    def _raise(self, mode: str, vector: int) -> bool:
+        if mode == "msix":
+            return self.msix_notify(vector)
+        if mode == "msi":
+            if not 0 <= vector < self.irqs.msi.count:
+                return False
+            return self.irqs.msi.trigger(vector)
+        if mode == "intx":
+            self.intx_level = True
+            self.update_intx()
+            return True
+        return False
 
     def lower_irq(self) -> None:
         with self.lock:
             self.intx_level = False
             self.update_intx()
+            if self.tracer is not None:
+                self.tracer.irq_lower()
+
+    def dma_read(self, address: int, count: int) -> bytes:
+        tracer = self.tracer
+        if tracer is None:
+            return self.dma().read(address, count)
+        return tracer.dma_read(address, count, lambda: self.dma().read(address, count))
+
+    def dma_write(self, address: int, data: bytes) -> None:
+        tracer = self.tracer
+        if tracer is None:
+            self.dma().write(address, data)
+        else:
+            tracer.dma_write(address, data, lambda: self.dma().write(address, data))
 
     def intx_asserted(self) -> bool:
         return self.intx_level
@@ -420,11 +497,16 @@ class UserFunction(PciFunction):
             return
         self.faults.record_accesses(keep)
         for bar in type(self.device).bars:
-            region = self.regions[bar.index]
-            region.read = _recording_reader(region.read, bar.index, self.faults)
-            region.write = _recording_writer(region.write, bar.index, self.faults)
+            self._record(bar.index)
+
+    def _record(self, index: int) -> None:
+        region = self.regions[index]
+        region.read = _recording_reader(region.read, index, self.faults)
+        region.write = _recording_writer(region.write, index, self.faults)
 
     def close(self) -> None:
+        if isinstance(self.tracer, Tracer):  # its file ends with the device
+            stop_trace(self)
         for fd, memory in self.memories.values():
             memory.close()
             os.close(fd)

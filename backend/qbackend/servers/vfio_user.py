@@ -274,7 +274,8 @@ class Connection:
         """
         protocol = self.protocol
         serve_access = protocol.serve_access
-        device_read, device_write = self.device.read, self.device.write
+        # [read, write]: the device's methods, or a trace's (qbackend.devices.trace) while one runs.
+        accessors = self.device.accessors
         handle_chunk = self._handle_chunk
         access_refused = self._access_refused
         # Bound methods rather than `with`: a with-statement looks up
@@ -287,7 +288,7 @@ class Connection:
                 reply: bytes | bytearray | None = None
                 if not fds:
                     try:
-                        reply = serve_access(view, 0, n, device_read, device_write)
+                        reply = serve_access(view, 0, n, accessors[0], accessors[1])
                     except (vu.RequestError, DmaError) as exc:
                         reply = access_refused(exc)
                 if reply is None or protocol.access_end != n:
@@ -340,7 +341,7 @@ class Connection:
         if first is not None:
             out += first
             pos = protocol.access_end
-            serve_access, read, write = protocol.serve_access, self.device.read, self.device.write
+            serve_access, (read, write) = protocol.serve_access, self.device.accessors
             while pos < n:
                 try:
                     reply = serve_access(view, pos, n, read, write)
@@ -422,7 +423,7 @@ class Connection:
     Reply = tuple[bytes, tuple[int, ...]]
 
     def _version(self, req: vu.Request) -> Reply:
-        self.device.client_connected()
+        self._lifecycle("connect", self.device.client_connected)
         caps = self.protocol.client_caps
         log.info("%s: client connected (max_msg_fds=%d, max_data_xfer_size=%d)", self.server.name,
                  caps.max_msg_fds, caps.max_data_xfer_size)
@@ -477,6 +478,10 @@ class Connection:
     def _set_irqs(self, req: vu.Request) -> Reply:
         body = req.body
         assert isinstance(body, vu.SetIrqs)
+        tracer = self.device.tracer
+        if tracer is not None:
+            tracer.note("set-irqs", index=body.index, flags=int(body.flags), start=body.start, count=body.count,
+                        fds=len(req.fds), bools=body.bools.hex())
         try:
             unused = self.device.irqs.set_irqs(body, req.fds)
         except vu.RequestError:
@@ -488,7 +493,7 @@ class Connection:
     def _region_read(self, req: vu.Request) -> Reply:
         body = req.body
         assert isinstance(body, vu.RegionRead)
-        data = self.device.read(body.region, body.offset, body.count)
+        data = self.device.accessors[0](body.region, body.offset, body.count)
         if req.no_reply:
             return b"", ()
         return vu.build_region_read_reply(req.id, body, data), ()
@@ -496,19 +501,28 @@ class Connection:
     def _region_write(self, req: vu.Request) -> Reply:
         body = req.body
         assert isinstance(body, vu.RegionWrite)
-        self.device.write(body.region, body.offset, body.data)
+        self.device.accessors[1](body.region, body.offset, body.data)
         return self.protocol.reply(req, vu.region_write_reply_payload(body)), ()
 
     def _region_write_multi(self, req: vu.Request) -> Reply:
         body = req.body
         assert isinstance(body, vu.RegionWriteMulti)
+        device_write = self.device.accessors[1]
         for write in body.writes:
-            self.device.write(write.region, write.offset, write.data)
+            device_write(write.region, write.offset, write.data)
         return self.protocol.reply(req), ()
 
     def _reset(self, req: vu.Request) -> Reply:
-        self.device.reset()
+        self._lifecycle("reset", self.device.reset)
         return self.protocol.reply(req), ()
+
+    def _lifecycle(self, ev: str, call: Callable[[], object]) -> None:
+        """Call one of the device's lifecycle entry points; a trace records it."""
+        tracer = self.device.tracer
+        if tracer is None:
+            call()
+        else:
+            tracer.lifecycle(ev, call)
 
     # -- DMA, for device models -----------------------------------------------------
 
@@ -593,7 +607,7 @@ class Connection:
             self.dma.clear()
             self.device.irqs.close()
             close_fds(self.protocol.reader.take_fds())
-            self.device.client_disconnected()
+            self._lifecycle("disconnect", self.device.client_disconnected)
         self.sock.close()
 
 

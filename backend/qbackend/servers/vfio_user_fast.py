@@ -74,6 +74,17 @@ class NativeAccessLoop:
         self._loop: Any = loop
         self._serve = helper.lib.qb_serve_accesses
         self._served_before_close = 0
+        self._nwindows = len(windows)
+        self._device = device
+        device.native_loop = self
+        if device.tracer is not None:  # traced: every access to Python until the trace stops
+            loop.nwindows = 0
+
+    def pause(self, paused: bool) -> None:
+        """Under the device lock: serve no window (every access goes to Python), or
+        serve them again.  The C loop checks again under the lock before it serves."""
+        if self._loop is not None:
+            self._loop.nwindows = 0 if paused else self._nwindows
 
     def _pointer(self, ffi: Any, memory: bytearray | memoryview, writable: bool) -> Any:
         buffer = ffi.from_buffer(memory, require_writable=writable)
@@ -129,6 +140,8 @@ class NativeAccessLoop:
             return
         self._served_before_close = self.served
         self._loop = None
+        if self._device.native_loop is self:
+            self._device.native_loop = None
         for kept in self._keep:
             if isinstance(kept, self._ffi.CData):
                 self._ffi.release(kept)

@@ -15,8 +15,11 @@ from typing import Any, TypeVar
 
 from qbackend.app.backend_thread import BackendThread
 from qbackend.app.service import Backend
-from qbackend.devices.api import Device, UserFunction
+from qbackend.devices.api import Device, UserFunction, function_of
 from qbackend.devices.faults import DeviceFaults, Fault
+from qbackend.devices.trace import MEMORY_EVENTS_KEPT, Tracer
+from qbackend.devices.trace import start as start_trace
+from qbackend.devices.trace import stop as stop_trace
 from qbackend.machine.launch import vfio_user_device_arg
 from qbackend.machine.qmp import SyncQmp
 from qbackend.options import DimmOptions, IvshmemOptions, NbdExportOptions
@@ -91,8 +94,57 @@ class VM:
         return [served.device.faults for served in self.backend.devices.values()
                 if isinstance(served.device, UserFunction)]
 
+    def trace(self, device: Device | PciFunction | str, keep: int | None = None) -> DeviceTrace:
+        """Trace one of this guest's devices (the object given to the fixture, or its id) in
+        memory: a context manager whose `events` are the trace so far (qbackend.devices.trace's
+        format; the latest `keep`, default MEMORY_EVENTS_KEPT).  Leaving the block stops it;
+        `events` stays.  `qbackend.devices.replay.replay(t.events, DeviceClass)` replays it."""
+        function = self._function(device)
+        tracer = Tracer(function.name, keep=keep or MEMORY_EVENTS_KEPT, header=_header(function))
+        start_trace(function, tracer)  # under the device's lock: from any thread
+        return DeviceTrace(self, function, tracer)
+
+    def _function(self, device: Device | PciFunction | str) -> PciFunction:
+        for served in self.backend.devices.values():
+            if device in (served.id, served.device) or (isinstance(device, Device) and
+                                                        function_of(device) is served.device):
+                return served.device
+        raise LookupError(f"{device!r} is not one of this guest's devices")
+
     def close(self) -> None:
         self.qbackend_qmp.close()
+
+
+class DeviceTrace:
+    """A device's trace in memory, from `VM.trace` (see there)."""
+
+    def __init__(self, vm: VM, function: PciFunction, tracer: Tracer) -> None:
+        self._vm, self._function, self._tracer = vm, function, tracer
+        self.dropped = 0
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return self._tracer.events()
+
+    def stop(self) -> list[dict[str, Any]]:
+        if self._function.tracer is self._tracer:
+            stop_trace(self._function)
+        self.dropped = self._tracer.dropped
+        return self.events
+
+    def __enter__(self) -> DeviceTrace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _header(function: PciFunction) -> dict[str, Any]:
+    if isinstance(function, UserFunction):
+        cls = type(function.device)
+        spec = function.origin[0] if function.origin else f"{cls.__module__}:{cls.__qualname__}"
+        return {"class": spec, "args": function.origin[1] if function.origin else {}}
+    return {}
 
 
 def boot_factory(harness: Harness) -> Callable[..., VM]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qbackend.models.pci_config import MSIX_ENTRY_SIZE, ConfigSpace
 from qbackend.plumbing.native_lock import device_lock
@@ -25,6 +25,9 @@ from qbackend.protocol.vfio_user import (
     RequestError,
 )
 from qbackend.vfio.irqs import InterruptController
+
+if TYPE_CHECKING:
+    from qbackend.devices.trace import Hooks
 
 _CONFIG = int(PciRegion.CONFIG)  # a plain int: reading an enum member is slow on the hot path
 
@@ -113,6 +116,11 @@ class PciFunction:
         # Counts of the accesses the native loop served, per region (it adds to them).
         self.native_accesses: Sequence[int] | None = None
         self.dma_port: DmaPort | None = None  # set by the server while a client is attached
+        # What the server calls for a region access: [read, write], these methods
+        # unless a trace stands between (qbackend.devices.trace, which also sets `tracer`).
+        self.accessors: list[Any] = [self.read, self.write]
+        self.tracer: Hooks | None = None
+        self.native_loop: Any = None  # the native access loop serving this function, while one does
         self._msix_table = bytearray()
         if config.msix is not None:
             layout = config.msix
@@ -141,6 +149,12 @@ class PciFunction:
         if type(self).read is not PciFunction.read:
             return []
         return [PlainWindow(_CONFIG, 0, memoryview(self.config.data))]
+
+    def pause_native(self, paused: bool) -> None:
+        """Under the lock: make the native access loop leave every access to Python
+        (while a trace runs), or serve its windows again."""
+        if self.native_loop is not None:
+            self.native_loop.pause(paused)
 
     def region(self, index: int) -> Region | None:
         if index == PciRegion.CONFIG:

@@ -12,6 +12,8 @@ SUMMARIES: dict[str, str] = {
     "run": 'start the devices, QEMU and a booted guest together',
     "pci": 'hot-add, hot-remove and list PCI devices of a running qbackend',
     "dimm": 'hot-add, hot-remove and list DIMMs of a running qbackend',
+    "device": 'trace or reload a device of a running qbackend',
+    "replay": 'replay a device trace against a device class, without QEMU',
     "console": "attach the terminal to a guest's serial console",
     "qemu": 'run the provisioned QEMU, or print the pieces of a command line of your own',
     "drc": 'pseries DRC model: device-tree properties, RTAS state machine',
