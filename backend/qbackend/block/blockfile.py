@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import random
 import stat
@@ -79,7 +80,9 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
 
-def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int] | None:
+    """libc's fallocate, loaded on the first hole punched (not at import: start-up)."""
     lib = libc()
     fn = getattr(lib, "fallocate", None) if lib is not None else None
     if fn is None:
@@ -89,9 +92,6 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
     return fn  # type: ignore[no-any-return, unused-ignore]
 
 
-_fallocate = _load_fallocate()
-
-
 class FileBlock:
     """A block file on an open file descriptor (owned: `close` closes it)."""
 
@@ -99,7 +99,7 @@ class FileBlock:
         self.fd = fd
         self.path = path
         self.writable = writable
-        self._can_punch = _fallocate is not None
+        self._can_punch = True  # until fallocate is missing or refuses
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, writable: bool = True, create: bool = False) -> FileBlock:
@@ -163,8 +163,9 @@ class FileBlock:
     def discard(self, offset: int, n: int) -> None:
         if n <= 0:
             return
-        if self._can_punch and _fallocate is not None:
-            if _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, n) == 0:
+        fallocate = _fallocate() if self._can_punch else None
+        if fallocate is not None:
+            if fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, n) == 0:
                 return
             err = ctypes.get_errno()
             if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):

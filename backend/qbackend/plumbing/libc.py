@@ -4,14 +4,20 @@ fallocate (hole punching, qbackend.block.blockfile) and malloc_trim."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 
 @functools.cache
 def libc() -> ctypes.CDLL | None:
-    """glibc (or whatever libc is there), with errno kept; None if it cannot be loaded."""
-    name = ctypes.util.find_library("c")
+    """glibc (or whatever libc is there), with errno kept; None if it cannot be loaded.
+    glibc's soname first: ctypes.util.find_library would run ldconfig in a process."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        pass
+    from ctypes.util import find_library
+
+    name = find_library("c")
     if name is None:
         return None
     try:

@@ -16,10 +16,7 @@ build time, before qbackend is installed.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 # The helpers, as paths from the package's root (the folder `qbackend`).
@@ -50,6 +47,10 @@ def compiler() -> str:
 
 def compile_helper(source: Path, out: Path) -> None:
     """Compile `source` into the shared library `out` (replaced atomically)."""
+    import shutil
+    import subprocess
+    import tempfile
+
     work = Path(tempfile.mkdtemp(prefix=".qbackend-build-", dir=out.parent))
     try:
         built = work / out.name

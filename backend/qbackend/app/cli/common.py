@@ -7,21 +7,13 @@ import argparse
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qbackend.errors import QbackendError, UsageError
-from qbackend.options import (
-    DeviceOptions,
-    DimmOptions,
-    DiskOptions,
-    IvshmemOptions,
-    NbdExportOptions,
-    VhostUserBlkOptions,
-    parse_tcp,
-)
 
 if TYPE_CHECKING:
     from qbackend.app.service import Backend
+    from qbackend.options import IvshmemOptions
 
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -69,13 +61,28 @@ def argument(parse: Callable[[str], T]) -> Callable[[str], T]:
     return convert
 
 
-ivshmem_option = argument(IvshmemOptions.parse)
-device_option = argument(DeviceOptions.parse)
-disk_option = argument(DiskOptions.parse)
-export_option = argument(NbdExportOptions.parse)
-tcp_option = argument(parse_tcp)
-dimm_option = argument(DimmOptions.parse)
-vhost_user_blk_option = argument(VhostUserBlkOptions.parse)
+def option_parser(name: str) -> Callable[[str], Any]:
+    """`qbackend.options`' parser `name` ("IvshmemOptions.parse"), as an argparse `type=`;
+    the module is imported when an option is parsed, not when the parsers are built."""
+
+    def parse(text: str) -> Any:
+        import qbackend.options
+
+        target: Any = qbackend.options
+        for part in name.split("."):
+            target = getattr(target, part)
+        return target(text)
+
+    return argument(parse)
+
+
+ivshmem_option = option_parser("IvshmemOptions.parse")
+device_option = option_parser("DeviceOptions.parse")
+disk_option = option_parser("DiskOptions.parse")
+export_option = option_parser("NbdExportOptions.parse")
+tcp_option = option_parser("parse_tcp")
+dimm_option = option_parser("DimmOptions.parse")
+vhost_user_blk_option = option_parser("VhostUserBlkOptions.parse")
 
 
 def _seconds(text: str) -> float:

@@ -35,13 +35,12 @@ from qbackend.block.qed import (
     RawBacking,
     open_backing_file,
 )
-from qbackend.block.qed_check import CheckReport
 from qbackend.errors import UsageError
-from qbackend.options import OptionError, parse_keyval
 from qbackend.sizes import parse_size
 
 if TYPE_CHECKING:
     from qbackend.app.cli.common import Subparsers
+    from qbackend.block.qed_check import CheckReport
 
 EPILOG = """\
 examples:
@@ -136,6 +135,8 @@ def _size(text: str, what: str) -> int:
 
 
 def _format_options(options: list[str]) -> dict[str, str]:
+    from qbackend.options import OptionError, parse_keyval  # only -o needs them
+
     merged: dict[str, str] = {}
     for text in options:
         for key, value in parse_keyval(text, "-o").items():
