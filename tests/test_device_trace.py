@@ -1,4 +1,4 @@
-"""Device traces (qbackend.devices.trace), replay (qbackend.devices.replay) and
+"""Device traces (qbackend.vfio.trace), replay (qbackend.devices.replay) and
 reload (qbackend.app.device_loader.reload_device) without a guest: QEMU's edu
 (examples/edu.py) served to a raw vfio-user client that acts as QEMU does."""
 
@@ -18,7 +18,6 @@ from qbackend.app.backend_thread import BackendThread
 from qbackend.app.cli import main
 from qbackend.app.device_loader import load_class, reload_device
 from qbackend.app.service import Backend
-from qbackend.devices import trace
 from qbackend.devices.api import UserFunction
 from qbackend.devices.replay import replay
 from qbackend.errors import UsageError
@@ -27,6 +26,7 @@ from qbackend.plumbing.peer_memory import sealed_memfd
 from qbackend.protocol import vfio_user as vu
 from qbackend.testing.harness import wait_until
 from qbackend.testing.vfio_user_client import VfioUserClient
+from qbackend.vfio import trace
 
 REPO = Path(__file__).resolve().parent.parent
 EDU_SOURCE = (REPO / "examples" / "edu.py").read_text()

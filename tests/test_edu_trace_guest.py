@@ -26,12 +26,12 @@ from test_edu_guest import CHECK_TIMEOUT, EduDevice, expected_check, expected_ir
 from qbackend.app.cli import main
 from qbackend.app.device_loader import load_class
 from qbackend.app.service import Backend
-from qbackend.devices import trace
 from qbackend.devices.replay import replay
 from qbackend.machine.launch import vfio_user_device_arg
 from qbackend.machine.qmp import SyncQmp
 from qbackend.options import DeviceOptions
 from qbackend.testing.harness import Guest, Harness, wait_until
+from qbackend.vfio import trace
 
 pytestmark = pytest.mark.guest
 

@@ -78,7 +78,7 @@ def _load_file(path: Path) -> ModuleType:
 def make_device(opts: DeviceOptions) -> Device:
     """An instance of the user's class with the option's other keys (but ``stall=SECONDS``:
     how long a callback may run before its stack is logged, qbackend.devices.faults; and
-    ``trace=FILE``: trace the device from the start, qbackend.devices.trace)."""
+    ``trace=FILE``: trace the device from the start, qbackend.vfio.trace)."""
     cls = load_class(opts.cls)
     kwargs = dict(opts.kwargs)
     trace = kwargs.pop("trace", None)
@@ -104,7 +104,7 @@ def make_device(opts: DeviceOptions) -> Device:
     function.faults.stall_after = stall_after
     function.origin = (opts.cls, kwargs)
     if trace:
-        from qbackend.devices import trace as tracing
+        from qbackend.vfio import trace as tracing
 
         tracing.start(function, tracing.Tracer(opts.id or cls.__name__, path=trace,
                                                header={"class": opts.cls, "args": kwargs}))

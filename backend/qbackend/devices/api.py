@@ -77,7 +77,7 @@ The contract:
   value).  Override it where an attribute changed meaning.
 - **Tracing and replay**: every access, interrupt, DMA and lifecycle event
   can be recorded (``trace=FILE`` among the `--device` keys, QMP
-  ``device-trace-start``; qbackend.devices.trace) and replayed against the
+  ``device-trace-start``; qbackend.vfio.trace) and replayed against the
   class without QEMU (``qbackend replay``; qbackend.devices.replay).
 
 Everything a BAR callback does runs under the device's lock (`self.lock`,
@@ -129,8 +129,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from qbackend.devices.faults import CALLERS, Access, DeviceFaults
-from qbackend.devices.trace import Tracer, running_job
-from qbackend.devices.trace import stop as stop_trace
 from qbackend.errors import DeviceError
 from qbackend.models.pci_config import Bar as _ConfigBar
 from qbackend.models.pci_config import (
@@ -143,6 +141,8 @@ from qbackend.models.pci_config import (
 from qbackend.plumbing.native_lock import Lock
 from qbackend.vfio.function import DmaPort, PciFunction, Region
 from qbackend.vfio.irqs import InterruptController
+from qbackend.vfio.trace import Tracer, running_job
+from qbackend.vfio.trace import stop as stop_trace
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Replay a recorded trace (qbackend.devices.trace) against a device class,
+"""Replay a recorded trace (qbackend.vfio.trace) against a device class,
 without QEMU or a guest: a booted-guest run becomes a test of milliseconds.
 
     from qbackend.devices.replay import replay
@@ -53,7 +53,9 @@ from pathlib import Path
 from types import TracebackType
 
 from qbackend.devices.api import Device, UserFunction, function_of
-from qbackend.devices.trace import (
+from qbackend.errors import UsageError
+from qbackend.protocol.vfio_user import IrqSetFlags, RequestError, SetIrqs
+from qbackend.vfio.trace import (
     INPUTS,
     OUTPUTS,
     Event,
@@ -64,8 +66,6 @@ from qbackend.devices.trace import (
     load,
     region_number,
 )
-from qbackend.errors import UsageError
-from qbackend.protocol.vfio_user import IrqSetFlags, RequestError, SetIrqs
 
 DEFAULT_TIMEOUT = 5.0  # seconds to wait for an output a job or thread of the device's owes
 SYNC = "input"  # the source of outputs made while an input is handled
@@ -389,14 +389,9 @@ def _feed(replayer: _Replayer, function: UserFunction, event: Event) -> None:
                 os.close(fd)
 
 
-def load_device_class(spec: str) -> type[Device]:
-    from qbackend.app.device_loader import load_class
-
-    return load_class(spec)
-
-
-def main_args(trace: str, spec: str | None) -> tuple[list[Event], type[Device], dict[str, str]]:
-    """What `qbackend replay TRACE [class=...,KEY=VALUE]` replays: the events, the class, the keys."""
+def main_args(trace: str, spec: str | None) -> tuple[list[Event], str, dict[str, str]]:
+    """What `qbackend replay TRACE [class=...,KEY=VALUE]` replays: the events, the class's
+    spec (MODULE:CLASS, for the command line to load), the keys."""
     from qbackend.options import parse_keyval
 
     events = load(trace)
@@ -406,7 +401,7 @@ def main_args(trace: str, spec: str | None) -> tuple[list[Event], type[Device], 
         raise UsageError("replay: the trace names no class: give class=MODULE:CLASS")
     kv.pop("trace", None)
     kv.pop("stall", None)
-    return events, load_device_class(str(cls_spec)), kv
+    return events, str(cls_spec), kv
 
 
 __all__ = ["DEFAULT_TIMEOUT", "Divergence", "ReplayResult", "replay"]

@@ -274,7 +274,7 @@ class Connection:
         """
         protocol = self.protocol
         serve_access = protocol.serve_access
-        # [read, write]: the device's methods, or a trace's (qbackend.devices.trace) while one runs.
+        # [read, write]: the device's methods, or a trace's (qbackend.vfio.trace) while one runs.
         accessors = self.device.accessors
         handle_chunk = self._handle_chunk
         access_refused = self._access_refused

@@ -17,15 +17,15 @@ from qbackend.app.backend_thread import BackendThread
 from qbackend.app.service import Backend
 from qbackend.devices.api import Device, UserFunction, function_of
 from qbackend.devices.faults import DeviceFaults, Fault
-from qbackend.devices.trace import MEMORY_EVENTS_KEPT, Tracer
-from qbackend.devices.trace import start as start_trace
-from qbackend.devices.trace import stop as stop_trace
 from qbackend.machine.launch import vfio_user_device_arg
 from qbackend.machine.qmp import SyncQmp
 from qbackend.options import DimmOptions, IvshmemOptions, NbdExportOptions
 from qbackend.sizes import parse_size
 from qbackend.testing.harness import Guest, Harness, wait_attached, wait_until
 from qbackend.vfio.function import PciFunction
+from qbackend.vfio.trace import MEMORY_EVENTS_KEPT, Tracer
+from qbackend.vfio.trace import start as start_trace
+from qbackend.vfio.trace import stop as stop_trace
 
 T = TypeVar("T")
 
@@ -96,7 +96,7 @@ class VM:
 
     def trace(self, device: Device | PciFunction | str, keep: int | None = None) -> DeviceTrace:
         """Trace one of this guest's devices (the object given to the fixture, or its id) in
-        memory: a context manager whose `events` are the trace so far (qbackend.devices.trace's
+        memory: a context manager whose `events` are the trace so far (qbackend.vfio.trace's
         format; the latest `keep`, default MEMORY_EVENTS_KEPT).  Leaving the block stops it;
         `events` stays.  `qbackend.devices.replay.replay(t.events, DeviceClass)` replays it."""
         function = self._function(device)

@@ -27,7 +27,7 @@ from qbackend.protocol.vfio_user import (
 from qbackend.vfio.irqs import InterruptController
 
 if TYPE_CHECKING:
-    from qbackend.devices.trace import Hooks
+    from qbackend.vfio.trace import Hooks
 
 _CONFIG = int(PciRegion.CONFIG)  # a plain int: reading an enum member is slow on the hot path
 
@@ -117,7 +117,7 @@ class PciFunction:
         self.native_accesses: Sequence[int] | None = None
         self.dma_port: DmaPort | None = None  # set by the server while a client is attached
         # What the server calls for a region access: [read, write], these methods
-        # unless a trace stands between (qbackend.devices.trace, which also sets `tracer`).
+        # unless a trace stands between (qbackend.vfio.trace, which also sets `tracer`).
         self.accessors: list[Any] = [self.read, self.write]
         self.tracer: Hooks | None = None
         self.native_loop: Any = None  # the native access loop serving this function, while one does

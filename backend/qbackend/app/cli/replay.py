@@ -34,10 +34,12 @@ def register(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qbackend.app.device_loader import load_class
     from qbackend.devices.replay import main_args, replay
     from qbackend.errors import UsageError
 
-    events, cls, keys = main_args(args.trace, args.device)
+    events, spec, keys = main_args(args.trace, args.device)
+    cls = load_class(spec)
     try:
         result = replay(events, cls, timeout=args.timeout, **keys)
     except TypeError as exc:  # the constructor does not take these keys

@@ -1,7 +1,7 @@
 """A served device's trace and reload, over QMP.
 
 - ``device-trace-start`` {id, file}: trace the device into FILE (JSON lines,
-  qbackend.devices.trace) from now on; any served device (a user's
+  qbackend.vfio.trace) from now on; any served device (a user's
   `qbackend.devices.Device`: accesses, interrupts, DMA, lifecycle; a
   built-in one: accesses, SET_IRQS and lifecycle);
 - ``device-trace-stop`` {id}: end it, the file closed; returns {device,
@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from qbackend.devices import trace
 from qbackend.devices.api import UserFunction
 from qbackend.errors import QbackendError
 from qbackend.protocol.qmp import Arg, CommandSpec, QmpCommandError
 from qbackend.servers.qmp_monitor import device_not_found
+from qbackend.vfio import trace
 
 if TYPE_CHECKING:
     from qbackend.app.service import Backend, ServedDevice
