@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from qbackend.models import virtio_blk as blk
+from qbackend.models import virtqueue as vq
 from qbackend.plumbing import native
 from qbackend.plumbing.native_build import HELPERS
 from qbackend.protocol import nbd
 from qbackend.protocol import vfio_user as vu
-from qbackend.models import virtio_blk as blk
-from qbackend.models import virtqueue as vq
 from qbackend.servers import vfio_user as vfio_user_server
 from qbackend.servers import vhost_user_blk as vhost_user_blk_server
 
