@@ -26,6 +26,15 @@ def _native_build(root: Path) -> Any:
     return module
 
 
+INIT_TEXT = '''"""qbackend: external devices and disks for a real QEMU, from one Python process.
+
+The package's layers and where each module lives: docs/architecture.md in
+qbackend's source.  (This file exists in the installed package only: in the
+source tree, three folders join as a namespace package.)
+"""
+'''
+
+
 class NativeHelpers(BuildHookInterface):  # type: ignore[misc]
     PLUGIN_NAME = "custom"
 
@@ -34,12 +43,23 @@ class NativeHelpers(BuildHookInterface):  # type: ignore[misc]
             return
         native_build = _native_build(Path(self.root))
         package = Path(self.root) / "backend" / "qbackend"
-        try:
-            if version == "editable":
-                # The .pth points at the source tree: build the libraries there.
+        if version == "editable":
+            # The .pth points at the source tree: build the libraries there.
+            try:
                 native_build.build_in_place(package)
-                return
-            out_dir = Path(tempfile.mkdtemp(prefix="qbackend-native-"))
+            except native_build.BuildError as exc:
+                self.app.display_warning(f"qbackend: C helpers not built, paths run in Python: {exc}")
+            return
+        out_dir = Path(tempfile.mkdtemp(prefix="qbackend-native-"))
+        # In the source tree `qbackend` is a namespace package that three folders join; the
+        # wheel puts them in one folder, which is then a regular package.  It must be: for an
+        # installed pytest plugin whose package has no __init__.py, pytest takes the package's
+        # files for top-level modules, and marks `__main__` (qbackend/__main__.py) for
+        # assertion rewriting, a warning in every pytest run of that environment.
+        init = out_dir / "__init__.py"
+        init.write_text(INIT_TEXT)
+        build_data["force_include"][str(init)] = "qbackend/__init__.py"
+        try:
             built = native_build.build_all(package, out_dir)
         except native_build.BuildError as exc:
             self.app.display_warning(f"qbackend: C helpers not built, this wheel is pure Python: {exc}")
