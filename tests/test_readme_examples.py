@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from qbackend.machine.console import GuestConsole
+from qbackend.machine.data_dir import data_dir
 from qbackend.protocol import vfio_user as vu
 from qbackend.testing.harness import GuestShell, wait_until
 from qbackend.testing.vfio_user_client import VfioUserClient
@@ -60,6 +61,9 @@ def test_write_your_own_device(tmp_path: Path) -> None:
 
 def _pytest(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # The user's folder is outside the checkout: where `make setup` provisioned QEMU and the
+    # guest is said as the README says (an installed copy does not look for a checkout there).
+    env["QBACKEND_DATA_DIR"] = str(data_dir())
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=folder,
                           capture_output=True, text=True, timeout=600, env=env)
 
