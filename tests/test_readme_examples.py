@@ -14,6 +14,8 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -122,18 +124,28 @@ def test_serving_a_device_to_a_qemu_you_start_yourself(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "QEMU")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["QBACKEND_DATA_DIR"] = str(REPO / "build")
-    server = subprocess.Popen(["bash", "-c", serve], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+    with served_and_booted(serve, qemu, tmp_path, env, tmp_path / "iv0.sock") as shell:
+        assert shell.find_pci(0x1AF4, 0x1110), "the guest has no ivshmem device"
+
+
+@contextmanager
+def served_and_booted(serve: str, qemu: str, cwd: Path, env: dict[str, str], sock: Path) -> Iterator[GuestShell]:
+    """The README's two shells: `serve` (a `qbackend serve` line) in one; once it listens at
+    `sock`, `qemu` (a `qbackend qemu -- ... -serial stdio` line) in the other, whose terminal
+    is the guest's console (a socket here).  The guest's shell; both stopped at the end, and
+    the server must have said it served."""
+    server = subprocess.Popen(["bash", "-c", serve], cwd=cwd, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     ours, theirs = socket.socketpair()
     vm = None
     try:
-        wait_until((tmp_path / "iv0.sock").exists, 30, "the device's socket")
-        vm = subprocess.Popen(["bash", "-c", qemu], cwd=tmp_path, env=env, stdin=theirs, stdout=theirs,
+        wait_until(sock.exists, 30, "the device's socket")
+        vm = subprocess.Popen(["bash", "-c", qemu], cwd=cwd, env=env, stdin=theirs.fileno(), stdout=theirs.fileno(),
                               stderr=subprocess.PIPE, start_new_session=True)
         theirs.close()
         console = GuestConsole.over(ours)
         console.wait_ready(timeout=120)
-        assert GuestShell(console).find_pci(0x1AF4, 0x1110), "the guest has no ivshmem device"
+        yield GuestShell(console)
     finally:
         ours.close()
         theirs.close()
@@ -143,4 +155,4 @@ def test_serving_a_device_to_a_qemu_you_start_yourself(tmp_path: Path) -> None:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGTERM)
                 outputs.append(proc.communicate(timeout=30)[0])
-    assert "serving; Ctrl-C stops" in outputs[-1], outputs
+    assert "serving; Ctrl-C stops" in (outputs[-1] or ""), outputs

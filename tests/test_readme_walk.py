@@ -22,7 +22,6 @@ import os
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,10 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_readme_examples import README, REPO, block, shell_command
-
-from qbackend.machine.console import GuestConsole
-from qbackend.testing.harness import GuestShell, wait_until
+from test_readme_examples import README, REPO, block, served_and_booted, shell_command
 
 pytestmark = pytest.mark.guest
 
@@ -201,32 +197,11 @@ def test_your_own_device_to_a_qemu_you_start_yourself(user: User) -> None:
     serve = shell_command("qbackend serve --device").replace("/tmp/", f"{folder}/")
     qemu = shell_command("qbackend qemu -- $(qbackend qemu --print memory)", "counter.sock").replace(
         "/tmp/", f"{folder}/")
-    server = subprocess.Popen(["bash", "-c", serve], cwd=folder, env=user.env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    ours, theirs = socket.socketpair()
-    vm = None
-    try:
-        wait_until((folder / "counter.sock").exists, 30, "the device's socket")
-        vm = subprocess.Popen(["bash", "-c", qemu], cwd=folder, env=user.env, stdin=theirs.fileno(), stdout=theirs.fileno(),
-                              stderr=subprocess.PIPE, start_new_session=True)
-        theirs.close()
-        console = GuestConsole.over(ours)
-        console.wait_ready(timeout=120)
-        shell = GuestShell(console)
+    with served_and_booted(serve, qemu, folder, user.env, folder / "counter.sock") as shell:
         assert "1234:0c0c" in shell.sh("lspci"), "the guest does not list the Counter"
         (path,) = shell.find_pci(0x1234, 0x0C0C)
         shell.sh(f"echo 1 > {path}/enable")
         assert shell.devmem(shell.bar(path, 0)[0]) == 5  # start=5 from the README's line
-    finally:
-        ours.close()
-        theirs.close()
-        outputs = []
-        for proc in (vm, server):
-            if proc is not None:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                outputs.append(proc.communicate(timeout=30)[0])
-    assert "serving; Ctrl-C stops" in (outputs[-1] or ""), outputs
 
 
 def test_the_guest_test_example_with_the_pytest_extra(user: User) -> None:
