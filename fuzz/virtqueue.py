@@ -46,6 +46,13 @@ world (each region has guard bytes either side of it):
   write stored is the chain's data; the used length is at least the status
   byte and at most the writable part, and the status byte holds the status;
 - should_notify() answers by the avail flags / used_event rules.
+
+Then the native path (qbackend.servers.vhost_user_blk_fast: the chain walk
+and plain requests in C, everything else handed to the model in order) is
+judged against the model on the same input: served both ways
+(qbackend.testing.virtqueue_differential, over a raw file of the disk's
+size), the guest memory, disk, indices, broken state and interrupt
+decision must be equal.
 """
 
 from __future__ import annotations
@@ -53,7 +60,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import struct
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from qbackend.models import virtio_blk as blk
 from qbackend.models.virtqueue import (
@@ -75,6 +84,8 @@ from qbackend.models.virtqueue import (
     desc_table_size,
     used_ring_size,
 )
+from qbackend.servers import vhost_user_blk_fast as fast
+from qbackend.testing.virtqueue_differential import Setup, run
 
 HEADER = struct.Struct("<BBHHHIIIIIIIBB")
 MAX_REGION = 24 << 10
@@ -362,7 +373,47 @@ def test_one_input(data: bytes) -> None:
                            max_discard_sectors=dz_sectors, max_discard_seg=dz_segs,
                            max_write_zeroes_sectors=dz_sectors, max_write_zeroes_seg=dz_segs)
     disk = Disk(sectors, bool(flags & F_RO) or bool(disk_bits & 16), disk_bits >> 5)
-    Device(q, world, disk, config, bool(flags & F_WT), gpa_mode, addrs).run()
+    device = Device(q, world, disk, config, bool(flags & F_WT), gpa_mode, addrs)
+    device.run()
+    if device.descriptors <= DESCRIPTOR_BUDGET:  # as many chains as the checked run served
+        differential(world, num, base, flags, sectors, bool(disk_bits & 8), addrs, gpa_mode, content, sizes,
+                     device.chains)
+
+
+_WORK: Path | None = None
+
+
+def differential(world: World, num: int, base: int, flags: int, sectors: int, extra: bool,
+                 addrs: tuple[int, int, int], gpa_mode: bool, content: bytes, sizes: list[int],
+                 max_chains: int) -> None:
+    """The native path against the model on this input (see the module doc)."""
+    global _WORK
+    if fast.load() is None:
+        return
+    if _WORK is None:
+        _WORK = Path(tempfile.mkdtemp(prefix="fuzz-virtqueue-"))
+    gpas = []
+    for addr in addrs:
+        if gpa_mode:
+            gpas.append(addr)
+            continue
+        for i in world.by_gpa():  # vhost-user's rule: the UVA's region, the first by GPA
+            if world.uvas[i] <= addr < world.uvas[i] + world.sizes[i]:
+                gpas.append(world.gpas[i] + addr - world.uvas[i])
+                break
+        else:
+            return  # a ring the front end's addresses do not reach: the model breaks it, C never starts
+    regions = [(world.gpas[0], content[:sizes[0]].ljust(sizes[0], b"\0"))]
+    if len(world.gpas) > 1:
+        regions.append((world.gpas[1], content[sizes[0]:sizes[0] + sizes[1]].ljust(sizes[1], b"\0")))
+    setup = Setup(regions=regions, num=num, desc=gpas[0], avail=gpas[1], used=gpas[2],
+                  disk=bytes(range(256)) * (sectors * blk.SECTOR_SIZE // 256), base=base,
+                  indirect=bool(flags & F_INDIRECT), event_idx=bool(flags & F_EVENT_IDX),
+                  readonly=bool(flags & F_RO), writethrough=bool(flags & F_WT), capacity_extra=int(extra),
+                  max_chains=max_chains,
+                  pool_min=None)  # the I/O pool (off by default) runs requests side by side: see the tests
+    native, python = run(setup, _WORK, native=True), run(setup, _WORK, native=False)
+    assert native == python, "the native path and the model disagree"
 
 
 class Device:
@@ -377,6 +428,7 @@ class Device:
         self.used = _ring(world, addrs[2], used_ring_size(num), 4, gpa_mode)
         self.notified = False  # should_notify() has run since the rings were resolved
         self.descriptors = 0  # walked, by the independent walk
+        self.chains = 0  # popped (answered or breaking the queue)
 
     def run(self) -> None:
         q, world = self.q, self.world
@@ -390,7 +442,10 @@ class Device:
             "rings outside memory or misaligned accepted"
         assert q.used_idx == world.u16(self.used, 2)
         for _ in range(2 * self.num):
-            if self.descriptors > DESCRIPTOR_BUDGET or not self.step():
+            if self.descriptors > DESCRIPTOR_BUDGET:
+                break
+            self.chains += 1
+            if not self.step():
                 break
         if q.broken is not None:
             self.check_sticky()

@@ -72,7 +72,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=4, help="fio runtime per job and disk")
+    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
+                        help="run only the jobs whose name contains TEXT (repeatable)")
     args = parser.parse_args()
+    jobs = {name: job for name, job in JOBS.items() if not args.only or any(t in name for t in args.only)}
 
     from qbackend.machine.console import GuestConsole
     from qbackend.machine.launch import QemuMachine
@@ -90,7 +93,7 @@ def main() -> int:
                                f"socket={ours_sock},image={images[0]},format=qed,id=vub0,num-queues={QUEUES}",
                                "--nbd", f"name=disk,image={images[2]},format=qed", "--nbd-socket", str(nbd_sock)],
                               cwd=ROOT, stdout=subprocess.DEVNULL)
-        qb_python = subprocess.Popen([sys.executable, "-m", "qbackend", "serve", "--vhost-user-blk",
+        qb_python = subprocess.Popen([sys.executable, "-m", "qbackend", "-v", "serve", "--vhost-user-blk",
                                       f"socket={py_sock},image={images[3]},format=qed,id=vub1,num-queues={QUEUES}"],
                                      cwd=ROOT, stdout=subprocess.DEVNULL,
                                      env={**os.environ, "QBACKEND_NATIVE": "off"})
@@ -137,13 +140,13 @@ def main() -> int:
             if len(devices) < len(DISKS):
                 listing = sh("ls -l /sys/block/; true")
                 raise SystemExit(f"bench_vhost_user_blk: the guest shows only {devices}:\n{listing}")
-            results: dict[str, dict[str, list[float]]] = {job: {d: [] for d in DISKS} for job in JOBS}
-            for fio_args, _ in JOBS.values():  # warm-up: one short pass of each
+            results: dict[str, dict[str, list[float]]] = {job: {d: [] for d in DISKS} for job in jobs}
+            for fio_args, _ in jobs.values():  # warm-up: one short pass of each
                 for dev in devices.values():
                     sh(f"fio --name=w --filename={dev} --direct=1 --ioengine=libaio --thread {fio_args} "
                        f"--runtime=1 --time_based --output-format=terse >/dev/null")
             for _ in range(args.rounds):
-                for job, (fio_args, unit) in JOBS.items():
+                for job, (fio_args, unit) in jobs.items():
                     for name, dev in devices.items():
                         out = sh(f"fio --name=b --filename={dev} --direct=1 --ioengine=libaio --thread {fio_args} "
                                  f"--runtime={args.seconds} --time_based --output-format=terse",
@@ -165,7 +168,7 @@ def main() -> int:
           f"{args.rounds} interleaved rounds of {args.seconds} s; unpinned; load before: {load_before}, "
           f"after: {os.getloadavg()[0]:.2f})")
     print(f"{'job':<20}" + "".join(f"{n:>34}" for n in names) + f"{'vu/qsd':>9}{'vu/nbd':>9}{'py/qsd':>9}")
-    for job, (_, unit) in JOBS.items():
+    for job, (_, unit) in jobs.items():
         med = [statistics.median(results[job][n]) for n in names]
         print(f"{job:<20}" + "".join(f"{m:>28.1f} {unit:<5}" for m in med)
               + f"{med[0] / med[1]:>8.2f}x{med[0] / med[2]:>8.2f}x{med[3] / med[1]:>8.2f}x")

@@ -99,6 +99,8 @@ EXPECTED: dict[str, Expected] = {
         # C's memory table has room for every region the server accepts.
         "QB_VU_MAX_REGIONS": vhost_user_blk_server.MAX_MEM_SLOTS,
         "QB_VU_MAX_IOV": FROM_LIB,
+        "QB_VU_POOL_MAX_THREADS": FROM_LIB,
+        "QB_VU_POOL_JOBS": FROM_LIB,
         "QB_VU_EMPTY": FROM_LIB,
         "QB_VU_PYTHON": FROM_LIB,
         "QB_VU_MORE": FROM_LIB,

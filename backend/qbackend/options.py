@@ -141,7 +141,8 @@ class NbdExportOptions:
 
 @dataclass(frozen=True)
 class VhostUserBlkOptions:
-    """`--vhost-user-blk socket=PATH,image=PATH,format=raw|qed[,readonly=on][,num-queues=N][,id=ID]`"""
+    """`--vhost-user-blk socket=PATH,image=PATH,format=raw|qed[,readonly=on][,num-queues=N][,id=ID]
+    [,logical-block-size=512|4096]` (the guest's logical block size, as qemu-storage-daemon's option)"""
 
     socket: Path
     image: Path
@@ -149,8 +150,9 @@ class VhostUserBlkOptions:
     readonly: bool = False
     num_queues: int = 1  # at most, as qemu-storage-daemon; QEMU's device asks one per vCPU unless told
     id: str = "vub0"
+    logical_block_size: int = 512
 
-    KEYS = ("socket", "image", "format", "readonly", "num-queues", "id")
+    KEYS = ("socket", "image", "format", "readonly", "num-queues", "id", "logical-block-size")
 
     @classmethod
     def parse(cls, text: str) -> VhostUserBlkOptions:
@@ -163,9 +165,12 @@ class VhostUserBlkOptions:
         if not 1 <= queues <= 64:
             raise OptionError(f"--vhost-user-blk num-queues={queues}: 1..64 (QEMU's device asks for one per "
                               "vCPU unless told num-queues=)")
+        block = parse_int(kv.get("logical-block-size", "512"), "--vhost-user-blk logical-block-size")
+        if block not in (512, 4096):
+            raise OptionError(f"--vhost-user-blk logical-block-size={block}: 512 or 4096")
         return cls(socket=Path(kv["socket"]), image=Path(kv["image"]), format=_image_format(kv, "--vhost-user-blk"),
                    readonly=_parse_bool(kv.get("readonly", "off"), "--vhost-user-blk readonly"),
-                   num_queues=queues, id=kv.get("id", "") or "vub0")
+                   num_queues=queues, id=kv.get("id", "") or "vub0", logical_block_size=block)
 
 
 def parse_tcp(text: str) -> tuple[str, int]:

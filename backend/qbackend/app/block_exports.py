@@ -266,7 +266,8 @@ class BlockExports:
     # -- vhost-user-blk exports --
 
     def add_vhost_user_blk(self, export_id: str, node_name: str, socket_path: Path, writable: bool,
-                           num_queues: int = 1, *, handshake_timeout: float = HANDSHAKE_TIMEOUT) -> BlockExport:
+                           num_queues: int = 1, *, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                           logical_block_size: int = 512) -> BlockExport:
         """A vhost-user-blk export: its server listens from now (or from run())."""
         if not 1 <= num_queues <= 64:
             raise QmpCommandError(f"num-queues {num_queues}: 1..64")
@@ -274,7 +275,8 @@ class BlockExports:
             raise QmpCommandError(f"a vhost-user-blk export listens on {socket_path} already")
         record, export = self._open(export_id, node_name, str(socket_path), writable, "vhost-user-blk")
         server = VhostUserBlkServer(export, socket_path, name=export_id, num_queues=num_queues,
-                                    serial=export_id, handshake_timeout=handshake_timeout)
+                                    serial=export_id, handshake_timeout=handshake_timeout,
+                                    logical_block_size=logical_block_size)
         entry = self.vhost[export_id] = VhostUserBlkExport(server, export)
         if self._nursery is not None:
             self._nursery.start_soon(self._serve_vhost, entry)

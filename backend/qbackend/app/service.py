@@ -161,7 +161,8 @@ class Backend:
         fmt = opts.format or probe_format(NbdExportOptions(opts.id, opts.image, opts.readonly, opts.format))
         self.blocks.nodes[opts.id] = BlockNode(opts.id, fmt, opts.image, opts.readonly)
         self.blocks.add_vhost_user_blk(opts.id, opts.id, opts.socket, not opts.readonly, opts.num_queues,
-                                       handshake_timeout=self.handshake_timeout)
+                                       handshake_timeout=self.handshake_timeout,
+                                       logical_block_size=opts.logical_block_size)
 
     async def start_nbd(self, socket_path: Path | None, tcp: tuple[str, int] | None, *,
                         max_connections: int | None = None, tls_creds: str | None = None,

@@ -672,3 +672,344 @@ class SplitVirtqueue:
             return True  # no record of what the driver last saw: one spurious interrupt is harmless
         used_event: int = _U16.unpack_from(self._avail, 4 + 2 * self.num)[0]
         return vring_need_event(used_event, new, old)
+
+
+# -- the packed virtqueue ------------------------------------------------------------------
+
+VIRTIO_F_RING_PACKED = 34
+VIRTQ_DESC_F_AVAIL = 1 << 7
+VIRTQ_DESC_F_USED = 1 << 15
+# The event suppression structures' flags ("Event Suppression Structure Format").
+RING_EVENT_FLAGS_ENABLE, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_DESC = 0, 1, 2
+EVENT_SUPPRESSION_SIZE = 4  # le16 desc (off 0-14, wrap 15), le16 flags
+_U32 = struct.Struct("<I")
+
+
+class PackedVirtqueue:
+    """One packed virtqueue (virtio 1.x, "Packed Virtqueues"), with the interface of
+    `SplitVirtqueue`, for the same server loop.
+
+    The ring is one array of `num` descriptors (addr, len, id, flags) that the
+    driver makes available and the device marks used in place, each side with
+    its wrap counter; SET_VRING_ADDR's three addresses are the descriptor ring,
+    the driver event suppression area (the driver's wishes for interrupts) and
+    the device's (ours: left at ENABLE, so the driver always kicks).
+    SET_VRING_BASE / GET_VRING_BASE carry both positions and both wrap
+    counters (bits 0-14 and 15, 16-30 and 31: QEMU's encoding).
+
+    A chain is the descriptors in consecutive slots linked by NEXT, or one
+    INDIRECT descriptor alone whose table holds the chain in order; its buffer
+    id is in its last descriptor (the head's, for an indirect table).
+    `Chain.head` is that id, and push(id, written) marks the chain used,
+    taking as many slots as the chain took.  Errors are those of the split
+    queue: `ChainError` for a chain whose buffers cannot be used (answered,
+    the queue goes on), `QueueBroken` for a ring that cannot be trusted (a
+    chain longer than the ring or its table, a bad indirect descriptor, the
+    ring outside guest memory, a push of an id not in flight).
+    """
+
+    def __init__(self, memory: GuestMemory, *, barrier: Callable[[], None] = no_barrier) -> None:
+        self.memory = memory
+        self.barrier = barrier
+        self.num = 0
+        self.addresses: RingAddresses | None = None
+        self.event_idx = False
+        self.indirect = False
+        self.last_avail_idx = 0
+        self.avail_wrap = True
+        self.used_idx = 0
+        self.used_wrap = True
+        self.in_flight = 0
+        self.broken: str | None = None
+        self.ring_gpas: tuple[int, int, int] | None = None
+        self.resolutions = 0
+        self._desc: memoryview | None = None
+        self._driver: memoryview | None = None
+        self._device: memoryview | None = None
+        self._generation = -1
+        self._pending: dict[int, list[int]] = {}  # buffer id -> slots of each chain in flight with it
+        self._signalled_used = 0
+        self._signalled_valid = False
+
+    # -- configuration (vhost-user messages) -----------------------------------------
+
+    def set_num(self, num: int) -> None:
+        if not 0 < num <= MAX_QUEUE_SIZE:
+            raise VirtqueueError(f"queue size {num} is not in 1..{MAX_QUEUE_SIZE}")
+        self.num = num
+        self._reconfigured()
+
+    def set_base(self, base: int) -> None:
+        """QEMU's encoding: avail index and wrap counter in the low half, used in the high."""
+        if not 0 <= base <= 0xFFFFFFFF:
+            raise VirtqueueError(f"ring base {base:#x} is not 32 bits")
+        self.last_avail_idx, self.avail_wrap = base & 0x7FFF, bool(base >> 15 & 1)
+        self.used_idx, self.used_wrap = base >> 16 & 0x7FFF, bool(base >> 31 & 1)
+        self._reconfigured()
+
+    def get_base(self) -> int:
+        return (self.last_avail_idx | self.avail_wrap << 15
+                | (self.used_idx | self.used_wrap << 15) << 16)
+
+    def set_features(self, features: int) -> None:
+        self.indirect = bool(features >> VIRTIO_F_INDIRECT_DESC & 1)
+        self.event_idx = bool(features >> VIRTIO_F_EVENT_IDX & 1)
+
+    def set_addresses(self, desc: int, avail: int, used: int, *, userspace: bool = True) -> None:
+        self.addresses = RingAddresses(desc, avail, used, userspace)
+        self._reconfigured()
+
+    def reset(self) -> None:
+        self.detach()
+        self.num = 0
+        self.addresses = None
+        self.event_idx = self.indirect = False
+        self.last_avail_idx = self.used_idx = self.in_flight = 0
+        self.avail_wrap = self.used_wrap = True
+        self.broken = None
+        self._pending.clear()
+        self._signalled_valid = False
+
+    def _reconfigured(self) -> None:
+        self.broken = None
+        self._signalled_valid = False
+        self._pending.clear()
+        self.detach()
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.num) and self.addresses is not None
+
+    def detach(self) -> None:
+        for view in (self._desc, self._driver, self._device):
+            if view is not None:
+                view.release()
+        self._desc = self._driver = self._device = None
+        self._generation = -1
+
+    def resolve(self) -> None:
+        if not self.configured:
+            raise VirtqueueError("the queue has no size or no ring addresses yet")
+        assert self.addresses is not None
+        self.detach()
+        mem, num, addrs = self.memory, self.num, self.addresses
+        views: list[memoryview] = []
+        gpas: list[int] = []
+        for name, addr, size, align in (("descriptor ring", addrs.desc, DESC_SIZE * num, DESC_ALIGN),
+                                        ("driver area", addrs.avail, EVENT_SUPPRESSION_SIZE, 4),
+                                        ("device area", addrs.used, EVENT_SUPPRESSION_SIZE, 4)):
+            try:
+                gpa = mem.uva_to_gpa(addr, size) if addrs.userspace else addr
+                view = mem.gpa_view(gpa, size)
+            except GuestMemoryError as exc:
+                for v in views:
+                    v.release()
+                self._break(f"the {name} ({size:#x} bytes at {addr:#x}) is not in guest memory: {exc}")
+            views.append(view)
+            gpas.append(gpa)
+            if gpa % align:
+                for v in views:
+                    v.release()
+                self._break(f"the {name} at guest address {gpa:#x} is not {align}-byte aligned")
+        self._desc, self._driver, self._device = views
+        if self.last_avail_idx >= num or self.used_idx >= num:
+            self.detach()
+            self._break(f"the ring base (available {self.last_avail_idx}, used {self.used_idx}) is past the "
+                        f"queue size {num}")
+        self.ring_gpas = (gpas[0], gpas[1], gpas[2])
+        self.resolutions += 1
+        self._signalled_valid = False
+        self._generation = mem.generation
+
+    def ready(self) -> None:
+        self._ready()
+
+    def _ready(self) -> None:
+        if self.broken is not None:
+            raise QueueBroken(self.broken)
+        if self._generation != self.memory.generation:
+            self.resolve()
+
+    def _break(self, reason: str) -> NoReturn:
+        self.mark_broken(reason)
+        raise QueueBroken(reason)
+
+    def mark_broken(self, reason: str) -> None:
+        self.broken = reason
+
+    # -- the available side --------------------------------------------------------
+
+    def _is_avail(self, slot: int) -> bool:
+        assert self._desc is not None
+        flags: int = _U16.unpack_from(self._desc, DESC_SIZE * slot + 14)[0]
+        return bool(flags & VIRTQ_DESC_F_AVAIL) == self.avail_wrap and \
+            bool(flags & VIRTQ_DESC_F_USED) != self.avail_wrap
+
+    def has_pending(self) -> bool:
+        self._ready()
+        return self._is_avail(self.last_avail_idx)
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None (see the class doc)."""
+        self._ready()
+        assert self._desc is not None
+        if self.last_avail_idx >= self.num:
+            self._break(f"the available position {self.last_avail_idx} is past the queue size {self.num}")
+        if not self._is_avail(self.last_avail_idx):
+            return None
+        # The flags said available: only now the rest of the descriptor (x86 keeps loads in order).
+        mem, ring, num = self.memory, self._desc, self.num
+        slot, wrap = self.last_avail_idx, self.avail_wrap
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        state = _Walk()
+        slots = 0
+        buffer_id = 0
+        while True:
+            slots += 1
+            if slots > num:
+                self._break(f"a descriptor chain from slot {self.last_avail_idx} is longer than the ring ({num})")
+            addr, length, buffer_id, flags = _PACKED_DESC.unpack_from(ring, DESC_SIZE * slot)
+            slot += 1
+            if slot == num:
+                slot, wrap = 0, not wrap
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if slots > 1 or flags & VIRTQ_DESC_F_NEXT:
+                    self._break(f"buffer {buffer_id} has an indirect descriptor inside a chain")
+                self._walk_indirect(buffer_id, addr, length, state, readable, writable)
+                break
+            state.add(mem, addr, length, flags, readable, writable)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+        self.last_avail_idx, self.avail_wrap = slot, wrap
+        self.in_flight += 1
+        self._pending.setdefault(buffer_id, []).append(slots)
+        return state.finish(mem, buffer_id, readable, writable)
+
+    def _walk_indirect(self, buffer_id: int, addr: int, length: int, state: _Walk,
+                       readable: list[memoryview], writable: list[memoryview]) -> None:
+        if not self.indirect:
+            self._break(f"buffer {buffer_id} uses an indirect table, but VIRTIO_F_INDIRECT_DESC is off")
+        if length == 0 or length % DESC_SIZE:
+            self._break(f"buffer {buffer_id} has an indirect table of {length} bytes, "
+                        f"not a nonzero multiple of {DESC_SIZE}")
+        count = min(length // DESC_SIZE, INDIRECT_REACH)
+        try:
+            table = self.memory.gpa_view(addr, count * DESC_SIZE)
+        except GuestMemoryError:
+            try:
+                table = memoryview(self.memory.read(addr, count * DESC_SIZE))
+            except GuestMemoryError:
+                self._break(f"buffer {buffer_id} has its indirect table {addr:#x}+{length:#x} outside guest memory")
+        for i in range(count):
+            a, n, _, flags = _PACKED_DESC.unpack_from(table, DESC_SIZE * i)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                table.release()
+                self._break(f"buffer {buffer_id} has an indirect table inside an indirect table")
+            state.add(self.memory, a, n, flags, readable, writable)
+        table.release()
+
+    # -- the used side -----------------------------------------------------------------
+
+    def push(self, head: int, written: int) -> None:
+        self.push_many(((head, written),))
+
+    def push_many(self, completions: Iterable[tuple[int, int]]) -> None:
+        """Mark chains used, by buffer id, in the order given."""
+        self._ready()
+        assert self._desc is not None
+        ring = self._desc
+        for buffer_id, written in completions:
+            if not 0 <= written <= 0xFFFFFFFF:
+                raise VirtqueueError(f"used length {written} is not a 32-bit count")
+            chains = self._pending.get(buffer_id)
+            if not chains:
+                raise VirtqueueError(f"used entry for buffer {buffer_id}, which is not in flight")
+            slots = chains.pop(0)
+            if not chains:
+                del self._pending[buffer_id]
+            at = DESC_SIZE * self.used_idx
+            _U32.pack_into(ring, at + 8, written)
+            _U16.pack_into(ring, at + 12, buffer_id)
+            flags = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if self.used_wrap else 0
+            # id and len before the flags that hand the slot back (x86 keeps stores in order).
+            _U16.pack_into(ring, at + 14, flags)
+            self.used_idx += slots
+            if self.used_idx >= self.num:
+                self.used_idx -= self.num
+                self.used_wrap = not self.used_wrap
+            if self.in_flight:
+                self.in_flight -= 1
+
+    def should_notify(self) -> bool:
+        """The driver event suppression rules (QEMU's virtio_packed_should_notify)."""
+        self._ready()
+        assert self._driver is not None
+        self.barrier()
+        off_wrap, flags = struct.unpack_from("<HH", self._driver, 0)
+        new, old, valid = self.used_idx, self._signalled_used, self._signalled_valid
+        self._signalled_used, self._signalled_valid = new, True
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags != RING_EVENT_FLAGS_DESC or not self.event_idx:
+            return True
+        if not valid:
+            return True
+        off = off_wrap & 0x7FFF
+        if self.used_wrap != bool(off_wrap >> 15):
+            off -= self.num
+        return vring_need_event(off & 0xFFFF, new, old)
+
+
+_PACKED_DESC = struct.Struct("<QIHH")  # addr, len, id, flags
+
+
+class _Walk:
+    """What a chain walk has found so far (shared by the packed ring's two walks)."""
+
+    def __init__(self) -> None:
+        self.any_writable = False
+        self.last_writable: tuple[int, int] | None = None
+        self.total = 0
+        self.problem: str | None = None
+
+    def add(self, mem: GuestMemory, addr: int, length: int, flags: int, readable: list[memoryview],
+            writable: list[memoryview]) -> None:
+        views: list[memoryview] = []
+        if length:
+            try:
+                views = [mem.gpa_view(addr, length)]
+            except GuestMemoryError:
+                try:
+                    views = mem.gpa_views(addr, length)
+                except GuestMemoryError:
+                    self.problem = self.problem or f"buffer {addr:#x}+{length:#x} is outside guest memory"
+        if flags & VIRTQ_DESC_F_WRITE:
+            writable += views
+            self.any_writable = True
+            if length:
+                self.last_writable = (addr, length)
+        else:
+            if self.any_writable:
+                self.problem = self.problem or "a device-readable buffer follows a device-writable one"
+            readable += views
+        self.total += length
+
+    def finish(self, mem: GuestMemory, head: int, readable: list[memoryview], writable: list[memoryview]) -> Chain:
+        problem = self.problem
+        if self.total > MAX_CHAIN_BYTES and problem is None:
+            problem = f"the chain holds {self.total:#x} bytes, more than 2^32"
+        if problem is not None:
+            for view in (*readable, *writable):
+                view.release()
+            tail = None
+            if self.last_writable is not None:
+                try:
+                    tail = mem.gpa_view(self.last_writable[0] + self.last_writable[1] - 1, 1)
+                except GuestMemoryError:
+                    pass
+            raise ChainError(head, problem, tail)
+        return Chain(head, tuple(readable), tuple(writable))
+
+
+Virtqueue = SplitVirtqueue | PackedVirtqueue

@@ -61,11 +61,14 @@ import trio
 from qbackend.block.exports import Export
 from qbackend.models import virtio_blk as blk
 from qbackend.models.virtqueue import (
+    VIRTIO_F_RING_PACKED,
     ChainError,
     GuestMemory,
     GuestMemoryError,
+    PackedVirtqueue,
     QueueBroken,
     SplitVirtqueue,
+    Virtqueue,
     VirtqueueError,
 )
 from qbackend.plumbing.native_lock import device_lock
@@ -105,7 +108,7 @@ def full_fence() -> None:
     _FENCE.release()
 
 
-def serve_one(vq: SplitVirtqueue, export: blk.BlockTarget, config: blk.BlkConfig, *, writethrough: bool,
+def serve_one(vq: Virtqueue, export: blk.BlockTarget, config: blk.BlkConfig, *, writethrough: bool,
               serial: bytes, counters: Counter[str] | None = None, where: str = "vhost-user-blk") -> bool:
     """The Python path for one chain: pop it and answer it (the model's rules); False when
     the ring is empty.  QueueBroken passes (the caller stops the queue)."""
@@ -128,6 +131,8 @@ def serve_one(vq: SplitVirtqueue, export: blk.BlockTarget, config: blk.BlkConfig
     status, used = blk.execute(request, export, writethrough=writethrough, serial=serial)
     if status is blk.Status.IOERR and request.status is None:
         counters["io_errors"] += 1
+        log.info("%s: request type %d at sector %d (%d bytes) failed: IOERR", where, request.type, request.sector,
+                 request.data_len)
     del request
     chain.release()
     vq.push(chain.head, used)
@@ -175,7 +180,7 @@ class _Queue:
 
     def __init__(self, index: int, memory: GuestMemory) -> None:
         self.index = index
-        self.vq = SplitVirtqueue(memory, barrier=full_fence)
+        self.vq: Virtqueue = SplitVirtqueue(memory, barrier=full_fence)
         self.lock = device_lock()  # this queue's state and ring (see the module doc)
         self.native: NativeQueue | None = None  # the C side, with native helpers
         self.kick: int | None = None
@@ -205,6 +210,10 @@ class Connection:
         self.export = server.export
         self.sock = sock
         self.lock = threading.Lock()
+        # The Python path serves one chain at a time per connection, whatever the queue (the
+        # model and block layer are not exercised concurrently; with 2 queues in Python at
+        # once a guest saw I/O errors not yet understood).  Native requests never take it.
+        self.python_lock = threading.Lock()
         self.reader = vu.MessageReader()
         self.memory = GuestMemory()
         self.mappings: list[_Mapping] = []
@@ -322,7 +331,8 @@ class Connection:
                 held.append(q)
             for q in self.queues:
                 if q.native is not None:
-                    q.native.give(q.vq)
+                    if isinstance(q.vq, SplitVirtqueue):
+                        q.native.give(q.vq)
                     q.native.forget_rings()
             yield
         finally:
@@ -342,7 +352,13 @@ class Connection:
         if unknown:
             raise Refused(f"features {unknown:#x} were not offered")
         self.features = features
+        packed = bool(features >> VIRTIO_F_RING_PACKED & 1)
         for q in self.queues:
+            if packed != isinstance(q.vq, PackedVirtqueue):
+                # VIRTIO_F_RING_PACKED: the rings QEMU sets up next are of the other layout.
+                self._stop_queue(q)
+                q.vq.reset()
+                q.vq = (PackedVirtqueue if packed else SplitVirtqueue)(self.memory, barrier=full_fence)
             q.vq.set_features(features)
             if not features & vu.VHOST_USER_F_PROTOCOL_FEATURES:
                 q.enabled = True  # spec: without protocol features a ring starts enabled
@@ -527,7 +543,9 @@ class Connection:
         clear_eventfd(q.wake)
         if q.native is not None:
             q.native.request_stop(False)
-        target = self._serve_queue_native if q.native is not None else self._serve_queue
+        # The native path serves split rings; a packed ring is the model's alone.
+        native = q.native is not None and isinstance(q.vq, SplitVirtqueue)
+        target = self._serve_queue_native if native else self._serve_queue
         q.thread = threading.Thread(target=target, args=(q,), daemon=True,
                                     name=f"{self.server.name} queue {q.index}")
         q.thread.start()
@@ -568,7 +586,8 @@ class Connection:
                     if not q.started:
                         return
                     if q.enabled and q.vq.configured and not q.vq.broken:
-                        self._drain(q)
+                        with self.python_lock:
+                            self._drain(q)
         except Exception:
             log.exception("%s: queue %d: internal error; the queue stops", self.server.name, q.index)
             self.server.counters["internal_errors"] += 1
@@ -583,13 +602,15 @@ class Connection:
                 with q.lock:
                     if not q.started:
                         return
+                    pushed = int(nq.c.pushed)  # since the last return: a break interrupts for them
+                    nq.c.pushed = 0
                     if rc == nq.FAILED:
                         log.warning("%s: queue %d: waiting for kicks failed (%s); the queue stops",
                                     self.server.name, q.index, os.strerror(nq.error))
                         return
                     self._load_native(q, nq)
                     if rc == nq.PYTHON and nq.serving:
-                        self._serve_python_one(q, nq)
+                        self._serve_python_one(q, nq, pushed)
         except Exception:
             log.exception("%s: queue %d: internal error; the queue stops", self.server.name, q.index)
             self.server.counters["internal_errors"] += 1
@@ -597,6 +618,7 @@ class Connection:
     def _load_native(self, q: _Queue, nq: NativeQueue) -> None:
         """Bring the C side up to date (holding the queue's lock)."""
         vq = q.vq
+        assert isinstance(vq, SplitVirtqueue)  # a packed ring gets the Python worker
         nq.give(vq)  # the model's indices are C's (a memory change re-resolves from them)
         usable = q.enabled and vq.configured and vq.broken is None
         if usable:
@@ -609,20 +631,23 @@ class Connection:
         nq.load(vq, serving=usable, capacity=config.capacity, readonly=config.readonly,
                 writethrough=blk.cache_writethrough(self.features, config), kick=q.kick, call=q.call)
 
-    def _serve_python_one(self, q: _Queue, nq: NativeQueue) -> None:
+    def _serve_python_one(self, q: _Queue, nq: NativeQueue, pushed_before: int) -> None:
         """The chain C stopped at, served by the model (holding the queue's lock)."""
         vq = q.vq
+        assert isinstance(vq, SplitVirtqueue)
         nq.give(vq)
         writethrough = blk.cache_writethrough(self.features, self.config)
         try:
-            pushed = self._serve_one(q, writethrough)
+            with self.python_lock:
+                pushed = self._serve_one(q, writethrough)
         except QueueBroken as exc:
             self._queue_broke(q, exc)
             nq.take(vq, False)
             nq.load(vq, serving=False, capacity=self.config.capacity, readonly=self.config.readonly,
                     writethrough=writethrough, kick=q.kick, call=q.call)
-            # The requests served before the break are in the used ring: interrupt for them.
-            if nq.c.need_notify and q.call is not None:
+            # The requests served before the break are in the used ring: interrupt for them
+            # (as the Python path does), whatever the driver asked.
+            if pushed_before and q.call is not None:
                 signal_eventfd(q.call)
             return
         if pushed:
@@ -727,7 +752,7 @@ class VhostUserBlkServer:
             discard_sector_alignment=8,
             max_write_zeroes_sectors=0 if info.read_only else (32 << 20) // blk.SECTOR_SIZE,
             max_write_zeroes_seg=1, write_zeroes_may_unmap=True)
-        self.features = self.config.features() | vu.VHOST_USER_F_PROTOCOL_FEATURES
+        self.features = self.config.features() | 1 << VIRTIO_F_RING_PACKED | vu.VHOST_USER_F_PROTOCOL_FEATURES
         self.logical_block_size = logical_block_size
         self.native = native
         self.counters: Counter[str] = Counter()

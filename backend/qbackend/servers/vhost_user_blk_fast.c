@@ -27,13 +27,21 @@
  * chain for it, the wake eventfd, a reload).  Each queue has its own lock,
  * so queues run in parallel; the control thread takes every queue's lock
  * (after raising `pause`, so a busy queue lets go) to change guest memory.
+ * Once the ring is empty the worker looks at it a little longer (`spin_ns`,
+ * yielding the CPU) while kicks have been coming soon after it went to
+ * sleep: on this kind of host a wake-up from poll costs tens of
+ * microseconds.  An optional I/O pool (qb_vu_pool_new) runs large reads and
+ * writes side by side; see vhost_user_blk_fast.py for what it measured.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <sched.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -282,33 +290,47 @@ static int flush_file(struct qb_read_map *map)
 	return ok ? 0 : -1;
 }
 
-/* Serve the request in c (head `head`): the used length, or -1: Python's (nothing answered). */
-static int64_t serve(struct qb_vu_queue *q, struct chain *c)
+/* What one plain request is to do, found by prepare() and done by execute(). */
+struct request {
+	uint32_t type;
+	struct qb_read_map *map;
+	struct iovec data[QB_VU_MAX_IOV];
+	int n;
+	uint64_t offset, length;
+	int write, sync;
+	uint8_t *status;
+	int64_t used; /* the used length once done */
+};
+
+/* The request in c checked and planned; 0, or -1: Python's (nothing done). */
+static int prepare(struct qb_vu_queue *q, struct chain *c, struct request *r)
 {
 	struct iovec *iov = c->iov, *w = c->iov + c->nreadable;
 	uint32_t nw = c->niov - c->nreadable;
-	uint8_t header[BLK_HEADER_SIZE], *status;
+	uint8_t header[BLK_HEADER_SIZE];
 	uint64_t out_len, in_len, sector, count, i, pos = 0;
-	uint32_t type;
 	struct qb_read_map *map = q->map;
-	int n;
 
 	if (!c->writable || c->readable < BLK_HEADER_SIZE)
 		return -1; /* no status byte (the queue breaks), or a short header (IOERR): Python's */
-	status = (uint8_t *)w[nw - 1].iov_base + w[nw - 1].iov_len - 1;
+	r->status = (uint8_t *)w[nw - 1].iov_base + w[nw - 1].iov_len - 1;
 	for (i = 0; pos < BLK_HEADER_SIZE; i++) {
 		uint64_t take = iov[i].iov_len < BLK_HEADER_SIZE - pos ? iov[i].iov_len : BLK_HEADER_SIZE - pos;
 
 		memcpy(header + pos, iov[i].iov_base, take);
 		pos += take;
 	}
-	memcpy(&type, header, 4);
+	__atomic_signal_fence(__ATOMIC_SEQ_CST); /* the header is a copy: never read twice from the guest */
+	memcpy(&r->type, header, 4);
 	memcpy(&sector, header + 8, 8);
 	out_len = c->readable - BLK_HEADER_SIZE;
 	in_len = c->writable - 1;
-	if (type == BLK_T_IN || type == BLK_T_OUT) {
-		struct iovec local[QB_VU_MAX_IOV];
-		int reading = type == BLK_T_IN;
+	r->map = map;
+	r->n = 0;
+	r->length = 0;
+	r->write = r->sync = 0;
+	if (r->type == BLK_T_IN || r->type == BLK_T_OUT) {
+		int reading = r->type == BLK_T_IN;
 		uint64_t len = reading ? in_len : out_len;
 
 		if ((reading ? out_len : in_len) || len == 0 || len % (1u << BLK_SECTOR_SHIFT) || !map)
@@ -318,45 +340,158 @@ static int64_t serve(struct qb_vu_queue *q, struct chain *c)
 		count = len >> BLK_SECTOR_SHIFT;
 		if (sector > q->capacity || count > q->capacity - sector)
 			return -1;
-		n = reading ? trim(w, nw, 0, 1, local) : trim(iov, c->nreadable, BLK_HEADER_SIZE, 0, local);
-		if (n <= 0 || map_io(map, local, n, sector << BLK_SECTOR_SHIFT, len, !reading,
-				     !reading && q->writethrough))
+		r->n = reading ? trim(w, nw, 0, 1, r->data) : trim(iov, c->nreadable, BLK_HEADER_SIZE, 0, r->data);
+		if (r->n <= 0)
 			return -1;
-		if (reading) {
-			q->reads++;
-			q->bytes_read += len;
-		} else {
-			q->writes++;
-			q->bytes_written += len;
-		}
-		*status = BLK_S_OK;
-		return reading ? (int64_t)len + 1 : 1;
+		r->offset = sector << BLK_SECTOR_SHIFT;
+		r->length = len;
+		r->write = !reading;
+		r->sync = !reading && q->writethrough;
+		r->used = reading ? (int64_t)len + 1 : 1;
+		return 0;
 	}
-	if (type == BLK_T_FLUSH) {
-		if (q->readonly || !map || !map->writable || flush_file(map))
+	if (r->type == BLK_T_FLUSH) {
+		if (q->readonly || !map || !map->writable)
 			return -1;
-		q->flushes++;
-		*status = BLK_S_OK;
-		return 1;
+		r->used = 1;
+		return 0;
 	}
-	if (type == BLK_T_GET_ID) {
-		struct iovec local[QB_VU_MAX_IOV];
-		uint64_t want = in_len < BLK_ID_BYTES ? in_len : BLK_ID_BYTES, done = 0;
-		int k;
-
+	if (r->type == BLK_T_GET_ID) {
 		if (out_len)
 			return -1;
-		n = in_len ? trim(w, nw, 0, 1, local) : 0;
-		for (k = 0; k < n && done < want; k++) {
-			uint64_t take = local[k].iov_len < want - done ? local[k].iov_len : want - done;
-
-			memcpy(local[k].iov_base, q->serial + done, take);
-			done += take;
-		}
-		*status = BLK_S_OK;
-		return (int64_t)want + 1;
+		r->n = in_len ? trim(w, nw, 0, 1, r->data) : 0;
+		r->length = in_len < BLK_ID_BYTES ? in_len : BLK_ID_BYTES;
+		r->used = (int64_t)r->length + 1;
+		return 0;
 	}
 	return -1;
+}
+
+/* Carry a prepared request out (but its status and used entry); 0, or -1: Python's. */
+static int execute(const struct qb_vu_queue *q, struct request *r)
+{
+	if (r->type == BLK_T_IN || r->type == BLK_T_OUT)
+		return map_io(r->map, r->data, r->n, r->offset, r->length, r->write, r->sync);
+	if (r->type == BLK_T_FLUSH)
+		return flush_file(r->map);
+	if (r->type == BLK_T_GET_ID) {
+		uint64_t done = 0;
+		int k;
+
+		for (k = 0; k < r->n && done < r->length; k++) {
+			uint64_t take = r->data[k].iov_len < r->length - done ? r->data[k].iov_len : r->length - done;
+
+			memcpy(r->data[k].iov_base, q->serial + done, take);
+			done += take;
+		}
+		return 0;
+	}
+	return -1;
+}
+
+static void count_request(struct qb_vu_queue *q, const struct request *r)
+{
+	if (r->type == BLK_T_IN) {
+		q->reads++;
+		q->bytes_read += r->length;
+	} else if (r->type == BLK_T_OUT) {
+		q->writes++;
+		q->bytes_written += r->length;
+	} else if (r->type == BLK_T_FLUSH) {
+		q->flushes++;
+	}
+}
+
+/* -- the I/O pool: large reads and writes run side by side ---------------------------------
+ *
+ * While the queue's thread holds the lock, it hands large reads and writes to the pool's
+ * threads (first come, first served) and goes on walking the ring; the used entries follow in
+ * ring order, each as soon as it and every one before it is done.  Everything the drain took
+ * is done before it returns (so before the lock goes, before Python takes a chain over): the
+ * pool never outlives a drain. */
+
+struct job {
+	struct request r;
+	uint16_t head;
+	uint16_t avail_idx; /* where the chain is in the available ring (to hand it over again) */
+	int result;
+	int done;
+};
+
+struct qb_vu_pool {
+	pthread_mutex_t mu;
+	pthread_cond_t work, done;
+	int nthreads, stopping;
+	pthread_t threads[QB_VU_POOL_MAX_THREADS];
+	struct job *todo[QB_VU_POOL_JOBS]; /* FIFO */
+	uint32_t todo_first, todo_count;
+	struct job jobs[QB_VU_POOL_JOBS]; /* taken, waiting for their used entries: a ring, in ring order */
+	uint32_t first, njobs;
+	const struct qb_vu_queue *q;
+};
+
+static void *pool_thread(void *opaque)
+{
+	struct qb_vu_pool *pool = opaque;
+
+	pthread_mutex_lock(&pool->mu);
+	for (;;) {
+		struct job *job;
+		int result;
+
+		while (!pool->todo_count && !pool->stopping)
+			pthread_cond_wait(&pool->work, &pool->mu);
+		if (pool->stopping)
+			break;
+		job = pool->todo[pool->todo_first];
+		pool->todo_first = (pool->todo_first + 1) % QB_VU_POOL_JOBS;
+		pool->todo_count--;
+		pthread_mutex_unlock(&pool->mu);
+		result = execute(pool->q, &job->r);
+		pthread_mutex_lock(&pool->mu);
+		job->result = result;
+		job->done = 1;
+		pthread_cond_signal(&pool->done);
+	}
+	pthread_mutex_unlock(&pool->mu);
+	return NULL;
+}
+
+void *qb_vu_pool_new(int nthreads)
+{
+	struct qb_vu_pool *pool = calloc(1, sizeof(*pool));
+	int i;
+
+	if (!pool)
+		return NULL;
+	if (nthreads > QB_VU_POOL_MAX_THREADS)
+		nthreads = QB_VU_POOL_MAX_THREADS;
+	pthread_mutex_init(&pool->mu, NULL);
+	pthread_cond_init(&pool->work, NULL);
+	pthread_cond_init(&pool->done, NULL);
+	for (i = 0; i < nthreads; i++) {
+		if (pthread_create(&pool->threads[i], NULL, pool_thread, pool))
+			break;
+		pool->nthreads++;
+	}
+	return pool;
+}
+
+void qb_vu_pool_free(void *opaque)
+{
+	struct qb_vu_pool *pool = opaque;
+	int i;
+
+	pthread_mutex_lock(&pool->mu);
+	pool->stopping = 1;
+	pthread_cond_broadcast(&pool->work);
+	pthread_mutex_unlock(&pool->mu);
+	for (i = 0; i < pool->nthreads; i++)
+		pthread_join(pool->threads[i], NULL);
+	pthread_cond_destroy(&pool->work);
+	pthread_cond_destroy(&pool->done);
+	pthread_mutex_destroy(&pool->mu);
+	free(pool);
 }
 
 int qb_vu_set_rings(struct qb_vu_queue *q, uint64_t desc_gpa, uint64_t avail_gpa, uint64_t used_gpa)
@@ -386,23 +521,97 @@ static void push(struct qb_vu_queue *q, uint16_t head, uint32_t written)
 	/* The element before the index that publishes it. */
 	__atomic_store_n((uint16_t *)(q->used + 2), q->used_idx, __ATOMIC_RELEASE);
 	q->need_notify = 1;
+	q->pushed++;
 	q->requests++;
 }
 
-int qb_vu_drain(struct qb_vu_queue *q)
+/* Push the taken jobs that are done, in ring order, up to the first not done; with `wait`,
+ * wait for the first to be done if it is not.  The first that failed goes back to the ring for
+ * Python with every job after it (waited for, then dropped: they are done again later; a read
+ * or write done twice is the same read or write).  QB_VU_PYTHON then, else 0. */
+static int push_done(struct qb_vu_queue *q, struct qb_vu_pool *pool, int wait)
 {
-	struct chain c;
+	int pushed = 0;
+
+	pthread_mutex_lock(&pool->mu);
+	while (pool->njobs) {
+		struct job *job = &pool->jobs[pool->first];
+
+		if (!job->done) {
+			if (!wait || pushed)
+				break;
+			pthread_cond_wait(&pool->done, &pool->mu);
+			continue;
+		}
+		if (job->result) {
+			uint32_t i;
+
+			for (i = 0; i < pool->njobs; i++)
+				while (!pool->jobs[(pool->first + i) % QB_VU_POOL_JOBS].done)
+					pthread_cond_wait(&pool->done, &pool->mu);
+			q->last_avail_idx = job->avail_idx;
+			q->handed_over++;
+			pool->njobs = 0;
+			pthread_mutex_unlock(&pool->mu);
+			return QB_VU_PYTHON;
+		}
+		count_request(q, &job->r);
+		*job->r.status = BLK_S_OK;
+		push(q, job->head, (uint32_t)job->r.used);
+		pushed++;
+		pool->first = (pool->first + 1) % QB_VU_POOL_JOBS;
+		pool->njobs--;
+	}
+	pthread_mutex_unlock(&pool->mu);
+	return 0;
+}
+
+/* Every taken job done and pushed (or handed back); QB_VU_PYTHON if one failed, else rc. */
+static int finish_jobs(struct qb_vu_queue *q, struct qb_vu_pool *pool, int rc)
+{
+	if (!pool)
+		return rc;
+	while (pool->njobs)
+		if (push_done(q, pool, 1) == QB_VU_PYTHON)
+			return QB_VU_PYTHON;
+	return rc;
+}
+
+/* Serve from the ring until it is empty (EMPTY), the next chain is Python's (PYTHON) or the
+ * batch is full (MORE).  Large reads and writes go to the pool, the rest is done here; the used
+ * entries are pushed in ring order. */
+static int drain(struct qb_vu_queue *q)
+{
+	static __thread struct chain c;
+	static __thread struct request inline_req;
+	struct qb_vu_pool *pool = q->pool;
 	uint32_t served = 0;
 
-	if (!q->serving || !q->desc)
-		return QB_VU_EMPTY;
+	if (pool)
+		pool->q = q;
 	for (;;) {
-		uint16_t last = q->last_avail_idx, idx, head;
-		int64_t used;
+		uint16_t last, idx, head;
+		struct request *r = &inline_req;
+		struct job *job = NULL;
+		int pooled;
 
+		if (pool && pool->njobs) {
+			/* What the pool has done goes out now (the driver may be waiting for it). */
+			if (push_done(q, pool, pool->njobs == QB_VU_POOL_JOBS) == QB_VU_PYTHON)
+				return QB_VU_PYTHON;
+			qb_vu_notify(q);
+		}
 		if (served >= q->max_batch || (served && __atomic_load_n(&q->pause, __ATOMIC_ACQUIRE)))
-			return QB_VU_MORE; /* let go of the lock now and then, at once when it is wanted */
+			return finish_jobs(q, pool, QB_VU_MORE); /* let go of the lock now and then */
+		last = q->last_avail_idx;
 		idx = load16(q->avail + 2);
+		if (idx == last && pool && pool->njobs) {
+			/* Nothing new: wait for the next job, push it, look again. */
+			if (push_done(q, pool, 1) == QB_VU_PYTHON)
+				return QB_VU_PYTHON;
+			qb_vu_notify(q);
+			continue;
+		}
 		if (idx == last) {
 			if (!q->event_idx)
 				return QB_VU_EMPTY;
@@ -414,16 +623,59 @@ int qb_vu_drain(struct qb_vu_queue *q)
 				return QB_VU_EMPTY;
 		}
 		if ((uint16_t)(idx - last) > q->num)
-			return QB_VU_PYTHON; /* the index jumped: the model breaks the queue */
+			return finish_jobs(q, pool, QB_VU_PYTHON); /* the index jumped: the model breaks the queue */
 		head = load16(q->avail + 4 + 2 * (last & (q->num - 1)));
-		if (head >= q->num || walk(q, head, &c) || (used = serve(q, &c)) < 0) {
+		if (pool) {
+			job = &pool->jobs[(pool->first + pool->njobs) % QB_VU_POOL_JOBS];
+			r = &job->r;
+		}
+		if (head >= q->num || walk(q, head, &c) || prepare(q, &c, r)) {
+			q->handed_over++;
+			return finish_jobs(q, pool, QB_VU_PYTHON);
+		}
+		pooled = pool && pool->nthreads && r->length >= q->pool_min && r->type != BLK_T_FLUSH &&
+			 r->type != BLK_T_GET_ID;
+		if (r->type == BLK_T_FLUSH && finish_jobs(q, pool, 0) == QB_VU_PYTHON)
+			return QB_VU_PYTHON; /* a flush covers what went before it: that first */
+		if (pooled || (pool && pool->njobs)) {
+			/* Large, or behind a job not pushed yet: taken as a job, pushed in ring order. */
+			job->head = head;
+			job->avail_idx = last;
+			job->result = 0;
+			job->done = !pooled;
+			if (!pooled)
+				job->result = execute(q, r);
+			pthread_mutex_lock(&pool->mu);
+			pool->njobs++;
+			if (pooled) {
+				pool->todo[(pool->todo_first + pool->todo_count) % QB_VU_POOL_JOBS] = job;
+				pool->todo_count++;
+				pthread_cond_signal(&pool->work);
+			}
+			pthread_mutex_unlock(&pool->mu);
+			q->last_avail_idx = last + 1;
+			served++;
+			continue;
+		}
+		if (execute(q, r)) {
 			q->handed_over++;
 			return QB_VU_PYTHON;
 		}
+		count_request(q, r);
+		*r->status = BLK_S_OK;
 		q->last_avail_idx = last + 1;
-		push(q, head, (uint32_t)used);
+		push(q, head, (uint32_t)r->used);
+		if (q->notify_each)
+			qb_vu_notify(q); /* the driver may take this one while the next is served */
 		served++;
 	}
+}
+
+int qb_vu_drain(struct qb_vu_queue *q)
+{
+	if (!q->serving || !q->desc)
+		return QB_VU_EMPTY;
+	return drain(q);
 }
 
 static int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
@@ -471,12 +723,40 @@ static void clear(int fd)
 		;
 }
 
+static int64_t now_ns(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* After a drain found the ring empty: look at the avail index a little longer (holding the
+ * lock, as long as nobody wants it), since a wake-up from poll costs more here than a short
+ * spin; 1 if the driver made something available meanwhile. */
+static int spin(struct qb_vu_queue *q)
+{
+	int64_t deadline = now_ns() + q->spin_ns;
+
+	if (!q->serving || !q->avail)
+		return 0;
+	do {
+		if (__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE) || __atomic_load_n(&q->pause, __ATOMIC_ACQUIRE))
+			return 0;
+		if (load16(q->avail + 2) != q->last_avail_idx)
+			return 1;
+		sched_yield();
+	} while (now_ns() < deadline);
+	return 0;
+}
+
 int qb_vu_run(struct qb_vu_queue *q)
 {
 	pthread_mutex_t *lock = q->lock;
 
 	for (;;) {
 		struct pollfd fds[2];
+		int64_t waited;
 		int rc;
 
 		if (__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE))
@@ -498,9 +778,11 @@ int qb_vu_run(struct qb_vu_queue *q)
 			pthread_mutex_unlock(lock);
 			return QB_VU_RELOAD;
 		}
-		rc = qb_vu_drain(q);
-		if (rc != QB_VU_PYTHON)
-			qb_vu_notify(q); /* else Python serves the next one first, and this is called after it */
+		do {
+			rc = qb_vu_drain(q);
+			if (rc != QB_VU_PYTHON)
+				qb_vu_notify(q); /* else Python serves the next one first, and this is called after it */
+		} while (rc == QB_VU_EMPTY && q->spin_ns > 0 && q->spinning && spin(q));
 		pthread_mutex_unlock(lock);
 		if (rc == QB_VU_PYTHON)
 			return QB_VU_PYTHON;
@@ -510,7 +792,10 @@ int qb_vu_run(struct qb_vu_queue *q)
 		fds[0].events = POLLIN;
 		fds[1].fd = q->wake_fd;
 		fds[1].events = POLLIN;
+		waited = now_ns();
 		rc = poll(fds, 2, -1);
+		/* Spin next time only while kicks come soon after the ring runs dry. */
+		q->spinning = now_ns() - waited < q->spin_window_ns;
 		if (rc < 0 && errno == EINTR)
 			continue;
 		if (rc < 0) {

@@ -2,6 +2,8 @@
  * which takes these numbers from the loaded library rather than typing them again). */
 #define QB_VU_MAX_REGIONS 64 /* vhost_user_blk.MAX_MEM_SLOTS */
 #define QB_VU_MAX_IOV 1024   /* buffers of one request (IOV_MAX); more: Python's */
+#define QB_VU_POOL_MAX_THREADS 8
+#define QB_VU_POOL_JOBS 16   /* requests of one drain waiting for their used entries */
 /* qb_vu_drain: why it stopped */
 #define QB_VU_EMPTY 0  /* the ring holds nothing more */
 #define QB_VU_PYTHON 1 /* the next chain is Python's: not consumed, last_avail_idx names it */
@@ -49,11 +51,18 @@ struct qb_vu_queue {
 	uint16_t signalled_used;
 	uint16_t signalled_valid;
 	uint32_t need_notify; /* used entries pushed since the last notification decision */
+	uint32_t pushed;      /* used entries pushed since Python last zeroed it */
 	/* the device */
 	uint64_t capacity; /* sectors */
 	uint32_t readonly;
 	uint32_t writethrough;
 	uint32_t max_batch; /* requests per lock hold */
+	void *pool;         /* qb_vu_pool_new's (NULL: every request done by the queue's thread) */
+	uint64_t pool_min;  /* reads and writes of this many bytes or more go to the pool */
+	int64_t spin_ns;    /* how long to look for more once the ring is empty (0: never) */
+	int64_t spin_window_ns; /* ... while the last wait for a kick was shorter than this */
+	uint32_t spinning;
+	uint32_t notify_each; /* decide on an interrupt after each request (else once per drain) */
 	uint8_t serial[20];
 	int error;
 	/* counters */
@@ -67,6 +76,8 @@ struct qb_vu_queue {
 	uint64_t handed_over;
 };
 
+void *qb_vu_pool_new(int nthreads);
+void qb_vu_pool_free(void *pool);
 int qb_vu_set_rings(struct qb_vu_queue *q, uint64_t desc_gpa, uint64_t avail_gpa, uint64_t used_gpa);
 int qb_vu_drain(struct qb_vu_queue *q);
 int qb_vu_notify(struct qb_vu_queue *q);

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from qbackend.errors import QbackendError
 from qbackend.models.virtqueue import (
     VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_RING_PACKED,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
@@ -406,7 +407,8 @@ class VhostUserFrontend:
     def negotiate(self, features: int | None = None, protocol_features: int | None = None) -> int:
         """QEMU's opening: GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES,
         GET_QUEUE_NUM, SET_OWNER, SET_FEATURES.  By default every feature offered is
-        taken; the features set (also in `self.features`)."""
+        taken but VIRTIO_F_RING_PACKED (this client lays out split rings, as QEMU's device
+        does unless packed=on); the features set (also in `self.features`)."""
         self.offered_features = self.ask_u64(Request.GET_FEATURES)
         if self.offered_features & vu.VHOST_USER_F_PROTOCOL_FEATURES:
             self.offered_protocol_features = self.ask_u64(Request.GET_PROTOCOL_FEATURES)
@@ -418,7 +420,7 @@ class VhostUserFrontend:
             if wanted & vu.ProtocolFeature.MQ:
                 self.queue_num = self.ask_u64(Request.GET_QUEUE_NUM)
         self.must(Request.SET_OWNER)
-        wanted = self.offered_features if features is None else features
+        wanted = self.offered_features & ~(1 << VIRTIO_F_RING_PACKED) if features is None else features
         self.must(Request.SET_FEATURES, vu.u64(wanted))
         self.features = wanted
         return wanted

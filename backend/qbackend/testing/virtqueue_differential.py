@@ -56,6 +56,8 @@ class Setup:
     readonly: bool = False
     writethrough: bool = False
     capacity_extra: int = 0  # sectors the config claims past the disk's end
+    max_chains: int = 1 << 16  # served at most, either way (a ring the device's own writes refill never ends)
+    pool_min: int | None = None  # None: no I/O pool; else a pool of 2 threads from this size
 
 
 @dataclass
@@ -109,11 +111,17 @@ def run(setup: Setup, work: Path, *, native: bool) -> Outcome:
                 raise RuntimeError("the native helper is not loaded")
             nmem = fast.NativeMemory(helper)
             nmem.rebuild(memory)
-            nq = fast.NativeQueue(helper, nmem, export, None, -1, SERIAL)
+            nq = fast.NativeQueue(helper, nmem, export, None, -1, SERIAL,
+                                  pool_threads=0 if setup.pool_min is None else 2)
+            if setup.pool_min is not None:
+                nq.c.pool_min = setup.pool_min
             nq.load(vq, serving=True, capacity=config.capacity, readonly=config.readonly,
                     writethrough=setup.writethrough, kick=None, call=None)
-            while True:
+            while served < setup.max_chains:
+                nq.c.max_batch = setup.max_chains - served
+                before = int(nq.c.requests)
                 rc = nq.drain()
+                served += int(nq.c.requests) - before
                 if rc == nq.MORE:
                     continue
                 if rc == nq.EMPTY:
@@ -128,12 +136,20 @@ def run(setup: Setup, work: Path, *, native: bool) -> Outcome:
                 nq.take(vq, pushed)
                 if not pushed:
                     break
+                served += 1
             nq.give(vq)
             native_requests = int(nq.c.requests)
-            notify = bool(nq.c.need_notify) if broken else nq.notify()
+            # Whether the driver was interrupted for what it got (C may decide more than once
+            # in a drain: the first decision after a start is yes, as the model's one is).
+            if not broken:
+                nq.notify()
+                notify = bool(nq.c.notifications)
+            else:  # as the server: a break interrupts for what was pushed before it
+                notify = bool(nq.c.pushed)
         elif not broken:
             try:
-                while serve_one(vq, export, config, writethrough=setup.writethrough, serial=SERIAL):
+                while served < setup.max_chains and serve_one(vq, export, config,
+                                                              writethrough=setup.writethrough, serial=SERIAL):
                     served += 1
             except QueueBroken:
                 broken = True

@@ -60,6 +60,8 @@ then attach a device to QEMU (10.1 or later), for example:
   num-queues=N   queues offered, 1..64; default 1.  QEMU's device asks for one per
                  vCPU unless given num-queues=, and refuses a back end that offers fewer
   id=NAME        the export's id (query-block-exports) and the disk's serial; default vub0
+  logical-block-size=512|4096
+                 the guest's logical block size (virtio-blk blk_size); default 512
 for example:
   qbackend serve --vhost-user-blk socket=/tmp/vub.sock,image=disk.qed,format=qed
   qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on \\
@@ -111,7 +113,8 @@ def register(sub: Subparsers) -> None:
                        help="an NBD export served beside the devices (repeatable); keys: see 'qbackend nbd --help'")
     serve.add_argument("--nbd-socket", type=Path, help="UNIX socket for the --nbd exports")
     serve.add_argument("--vhost-user-blk", type=vhost_user_blk_option, action="append", default=[],
-                       metavar="socket=PATH,image=PATH,format=raw|qed[,readonly=on][,num-queues=N][,id=ID]",
+                       metavar="socket=PATH,image=PATH,format=raw|qed[,readonly=on][,num-queues=N][,id=ID]"
+                               "[,logical-block-size=512|4096]",
                        help="a disk for QEMU's vhost-user-blk-pci (repeatable): -chardev socket,id=vub0,path=PATH "
                             "-device vhost-user-blk-pci,chardev=vub0 (guest RAM must be shared)")
     serve.add_argument("--nbd-tcp", type=tcp_option, metavar="HOST:PORT", help="also serve NBD over TCP")
