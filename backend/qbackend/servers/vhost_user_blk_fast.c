@@ -566,6 +566,24 @@ static int push_done(struct qb_vu_queue *q, struct qb_vu_pool *pool, int wait)
 	return 0;
 }
 
+/* Whether r and a job not pushed yet touch the same bytes of the disk, one of them writing:
+ * then r waits for the jobs (the disk sees requests that overlap in ring order). */
+static int overlaps(const struct qb_vu_pool *pool, const struct request *r)
+{
+	uint32_t i;
+
+	if (r->type != BLK_T_IN && r->type != BLK_T_OUT)
+		return 0;
+	for (i = 0; i < pool->njobs; i++) {
+		const struct request *o = &pool->jobs[(pool->first + i) % QB_VU_POOL_JOBS].r;
+
+		if ((o->type == BLK_T_IN || o->type == BLK_T_OUT) && (o->write || r->write) &&
+		    r->offset < o->offset + o->length && o->offset < r->offset + r->length)
+			return 1;
+	}
+	return 0;
+}
+
 /* Every taken job done and pushed (or handed back); QB_VU_PYTHON if one failed, else rc. */
 static int finish_jobs(struct qb_vu_queue *q, struct qb_vu_pool *pool, int rc)
 {
@@ -635,8 +653,8 @@ static int drain(struct qb_vu_queue *q)
 		}
 		pooled = pool && pool->nthreads && r->length >= q->pool_min && r->type != BLK_T_FLUSH &&
 			 r->type != BLK_T_GET_ID;
-		if (r->type == BLK_T_FLUSH && finish_jobs(q, pool, 0) == QB_VU_PYTHON)
-			return QB_VU_PYTHON; /* a flush covers what went before it: that first */
+		if ((r->type == BLK_T_FLUSH || (pool && overlaps(pool, r))) && finish_jobs(q, pool, 0) == QB_VU_PYTHON)
+			return QB_VU_PYTHON; /* a flush covers what went before it, a write follows what it overlaps */
 		if (pooled || (pool && pool->njobs)) {
 			/* Large, or behind a job not pushed yet: taken as a job, pushed in ring order. */
 			job->head = head;
