@@ -121,11 +121,42 @@ def listen_tcp(host: str, port: int, backlog: int = 64) -> socket.socket:
     return listener
 
 
+class AcceptGate:
+    """A server's listener, and whether it accepts: closed for a while (a hand-over to a
+    new process, qbackend.app.upgrade) without closing the listener, so that clients
+    that connect meanwhile wait in its backlog for whoever accepts next."""
+
+    def __init__(self) -> None:
+        self.listener: socket.socket | None = None  # set while serve_unix listens
+        self._open = trio.Event()
+        self._open.set()
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    def close(self) -> None:
+        if self._open.is_set():
+            self._open = trio.Event()
+
+    def open(self) -> None:
+        self._open.set()
+
+    async def wait_open(self) -> None:
+        await self._open.wait()
+
+
 async def accept_forever(listener: socket.socket, name: str, nursery: trio.Nursery,
-                         serve_client: Callable[[socket.socket], Awaitable[object]]) -> None:
-    """Accept on a non-blocking listener and start serve_client(sock) in the nursery for each client."""
+                         serve_client: Callable[[socket.socket], Awaitable[object]],
+                         gate: AcceptGate | None = None) -> None:
+    """Accept on a non-blocking listener and start serve_client(sock) in the nursery for each
+    client; while `gate` is closed, accept nothing."""
     while True:
+        if gate is not None:
+            await gate.wait_open()
         await trio.lowlevel.wait_readable(listener)
+        if gate is not None and not gate.is_open:
+            continue
         try:
             sock, _ = listener.accept()
         except BlockingIOError:
@@ -140,18 +171,36 @@ async def accept_forever(listener: socket.socket, name: str, nursery: trio.Nurse
 
 
 async def serve_unix(path: Path, name: str, serve_client: Callable[[socket.socket], Awaitable[object]], *,
-                     backlog: int = 16, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Listen at ``path`` (listen_unix), started() once it does, serve each client
-    in a task of its own until cancelled; then close and remove the socket."""
-    listener = listen_unix(path, backlog=backlog)
+                     backlog: int = 16, gate: AcceptGate | None = None, adopted: socket.socket | None = None,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen at ``path`` (listen_unix; or on ``adopted``, a listener handed over by the
+    process before, see adopt_owned), started() once it does, serve each client in a
+    task of its own until cancelled; then close and remove the socket."""
+    listener = adopted if adopted is not None else listen_unix(path, backlog=backlog)
+    if gate is not None:
+        gate.listener = listener
     log.info("%s: listening", name)
     try:
         async with trio.open_nursery() as nursery:
             task_status.started()
-            await accept_forever(listener, name, nursery, serve_client)
+            await accept_forever(listener, name, nursery, serve_client, gate)
     finally:
+        if gate is not None:
+            gate.listener = None
         listener.close()
         remove_socket(path)
+
+
+def owned_inode(path: Path) -> tuple[int, int] | None:
+    """What this process bound at ``path`` ((st_dev, st_ino)), if it made the socket there."""
+    return _OWNED.get(str(path))
+
+
+def adopt_owned(path: Path, inode: tuple[int, int] | None) -> None:
+    """The socket at ``path`` is this process's now (handed over by the process that made
+    it, which said what it bound there): removed at the end as if made here."""
+    if inode is not None:
+        _OWNED[str(path)] = (int(inode[0]), int(inode[1]))
 
 
 def remove_sockets() -> None:
