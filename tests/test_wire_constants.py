@@ -23,7 +23,7 @@ from qbackend.models import virtio_blk as blk
 from qbackend.models import virtqueue as vq
 from qbackend.plumbing import native
 from qbackend.plumbing.native_build import HELPERS
-from qbackend.protocol import nbd
+from qbackend.protocol import nbd, vhost_user
 from qbackend.protocol import vfio_user as vu
 from qbackend.servers import vfio_user as vfio_user_server
 from qbackend.servers import vhost_user_blk as vhost_user_blk_server
@@ -94,6 +94,11 @@ EXPECTED: dict[str, Expected] = {
         "BLK_T_FLUSH": blk.RequestType.FLUSH,
         "BLK_T_GET_ID": blk.RequestType.GET_ID,
         "BLK_S_OK": blk.Status.OK,
+        "INFLIGHT_HEADER_SIZE": vhost_user.INFLIGHT_HEADER_SIZE,
+        "INFLIGHT_DESC_SIZE": vhost_user.INFLIGHT_DESC_SIZE,
+        "INFLIGHT_LAST_BATCH_HEAD_OFFSET": vhost_user.INFLIGHT_LAST_BATCH_HEAD_OFFSET,
+        "INFLIGHT_USED_IDX_OFFSET": vhost_user.INFLIGHT_USED_IDX_OFFSET,
+        "INFLIGHT_DESC_COUNTER_OFFSET": vhost_user.INFLIGHT_DESC_COUNTER_OFFSET,
     },
     "servers/vhost_user_blk_fast.h": {
         # C's memory table has room for every region the server accepts.

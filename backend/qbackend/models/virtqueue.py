@@ -72,6 +72,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 from qbackend.errors import ModelError
+from qbackend.models.inflight import InflightRegion, Recovery
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -385,6 +386,12 @@ class SplitVirtqueue:
         """Where resolve() found the descriptor table, available and used rings (GPAs)."""
         self.resolutions = 0
         """How many times resolve() has succeeded: a native twin reloads the rings when it moves."""
+        self.inflight: InflightRegion | None = None
+        """The inflight region that records what is taken and returned (`track_inflight`)."""
+        self.inflight_counter = 1
+        """The counter the next chain taken gets in the region."""
+        self.resubmit: list[int] = []
+        """Heads the region said were in flight: pop() takes them again first, in this order."""
 
     # -- configuration (vhost-user messages) -----------------------------------------
 
@@ -420,11 +427,15 @@ class SplitVirtqueue:
         self.last_avail_idx = self.used_idx = self.in_flight = self._avail_idx = 0
         self.broken = None
         self._signalled_valid = False
+        self.inflight = None
+        self.resubmit = []
 
     def _reconfigured(self) -> None:
-        # A new configuration is a new start: whatever broke the old one is gone with it.
+        # A new configuration is a new start: whatever broke the old one is gone with it
+        # (and what is to be taken again is read from the inflight region at the next start).
         self.broken = None
         self._signalled_valid = False
+        self.resubmit = []
         self.detach()
 
     @property
@@ -480,6 +491,39 @@ class SplitVirtqueue:
         table changed since (what every ring access does first)."""
         self._ready()
 
+    def track_inflight(self, region: InflightRegion | None) -> Recovery | None:
+        """Record taken and returned chains in `region` from now on (None: stop), after
+        reading it back against the rings (qbackend.models.inflight): the chains it says
+        were in flight are taken again first, oldest first, and the available position
+        is where they end.  InflightRefused leaves the queue untracked and as it was."""
+        self.inflight = None
+        self.resubmit = []
+        if region is None:
+            return None
+        self._ready()
+        assert self._avail is not None and self._used is not None
+        used_idx: int = _U16.unpack_from(self._used, 2)[0]
+        avail_idx: int = _U16.unpack_from(self._avail, 2)[0]
+        recovery = region.recover(self.num, used_idx, avail_idx)
+        self.inflight = region
+        if recovery is None:
+            self.inflight_counter = 1
+            return None
+        self.resubmit = list(recovery.resubmit)
+        self.last_avail_idx = self._avail_idx = recovery.last_avail_idx
+        self.used_idx = used_idx
+        self.inflight_counter = recovery.next_counter
+        return recovery
+
+    def start_fresh_inflight(self, region: InflightRegion) -> None:
+        """Track in `region` after making it a fresh one (what a refused region becomes)."""
+        self._ready()
+        assert self._used is not None
+        region.initialize(self.num, _U16.unpack_from(self._used, 2)[0])
+        self.inflight = region
+        self.inflight_counter = 1
+        self.resubmit = []
+
     def sync_indices(self, last_avail_idx: int, used_idx: int) -> None:
         """Take over the indices from another server of this ring (the native path,
         which served the chains before `last_avail_idx` and pushed up to `used_idx`)."""
@@ -526,6 +570,11 @@ class SplitVirtqueue:
         """
         self._ready()
         assert self._avail is not None and self._used is not None
+        if self.resubmit:
+            # In flight when the last back end stopped: carried out again before anything new
+            # (walked again from the table, with every check).
+            self.in_flight += 1
+            return self._walk(self.resubmit.pop(0))
         last = self.last_avail_idx
         if last == self._avail_idx and last == self._read_avail_idx():
             if not self.event_idx:
@@ -537,6 +586,9 @@ class SplitVirtqueue:
         head: int = _U16.unpack_from(self._avail, 4 + 2 * (last & (self.num - 1)))[0]
         if head >= self.num:
             self._break(f"available ring entry {last} names descriptor {head}, past the queue size {self.num}")
+        if self.inflight is not None:
+            self.inflight.start(head, self.inflight_counter)
+            self.inflight_counter += 1
         self.last_avail_idx = (last + 1) & 0xFFFF
         self.in_flight += 1
         return self._walk(head)
@@ -651,11 +703,21 @@ class SplitVirtqueue:
         """Return several chains with one used idx update."""
         self._ready()
         assert self._used is not None
-        for head, written in completions:
+        done = list(completions)
+        region = self.inflight
+        if region is not None and done:
+            heads = [head for head, _ in done]
+            for head in heads:
+                if not 0 <= head < self.num:
+                    raise VirtqueueError(f"used entry for descriptor {head}, past the queue size {self.num}")
+            region.begin_batch(heads)
+        for head, written in done:
             self._put_used(head, written)
         # The elements before the index that publishes them: one store after the
         # others, which x86 does not reorder (see the module doc).
         _U16.pack_into(self._used, 2, self.used_idx)
+        if region is not None and done:
+            region.end_batch(heads, self.used_idx)
 
     def should_notify(self) -> bool:
         """Whether to interrupt the driver for what was pushed since the last call."""

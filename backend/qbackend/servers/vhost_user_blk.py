@@ -32,6 +32,25 @@ is the reference: errors, allocating writes, DISCARD, WRITE_ZEROES, broken
 rings), and takes them back.  While the connection worker handles a message
 the model holds the indices (given before, reloaded after).
 
+Surviving a restart (INFLIGHT_SHMFD): the front end asks for an inflight
+region (GET_INFLIGHT_FD: a sealed memfd we make, zero filled) and hands it
+back on every connection (SET_INFLIGHT_FD).  Both paths record in it each
+chain they take and each they return (qbackend.models.inflight has the
+layout and the order of the stores).  When a split queue starts with a
+region, the region is read back: the requests the guest still waits for are
+carried out again, oldest first, by the Python model, before anything new
+(and before the ring goes to C); a region that does not fit the ring is
+refused (logged, counted as `inflight_refused`), made fresh, and the queue
+goes on from the ring base the front end gave.  Packed rings are not
+tracked.  The region is the front end's memory: mapped only from a memfd
+sealed against shrinking, with every size checked, and unmapped when it is
+replaced or the front end goes.
+
+Testing only: QBACKEND_VHOST_TEST_REORDER=1 makes the Python path take every
+available chain of a drain, carry them out, and return them in reverse
+order (out-of-order completion, as a back end with parallel I/O does); with
+it the native path is not used at all.
+
 Bad input: a malformed message is refused (with REPLY_ACK, a failure
 reply), its fds closed, and the connection goes on; a message that needs an
 answer we cannot give, or broken framing, ends the connection.  A request
@@ -45,6 +64,7 @@ and the queue serves nothing until the front end sets it up again.
 from __future__ import annotations
 
 import errno as E
+import fcntl
 import logging
 import mmap
 import os
@@ -60,8 +80,10 @@ import trio
 
 from qbackend.block.exports import Export
 from qbackend.models import virtio_blk as blk
+from qbackend.models.inflight import InflightRefused, InflightRegion
 from qbackend.models.virtqueue import (
     VIRTIO_F_RING_PACKED,
+    Chain,
     ChainError,
     GuestMemory,
     GuestMemoryError,
@@ -95,7 +117,12 @@ MAX_MEM_SLOTS = 64  # GET_MAX_MEM_SLOTS: regions at once (QEMU needs a few; each
 RECV_SIZE = vu.HEADER_SIZE + vu.MAX_PAYLOAD
 CMSG_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * 4)
 PROTOCOL_FEATURES = (vu.ProtocolFeature.MQ | vu.ProtocolFeature.REPLY_ACK | vu.ProtocolFeature.CONFIG
-                     | vu.ProtocolFeature.CONFIGURE_MEM_SLOTS)
+                     | vu.ProtocolFeature.CONFIGURE_MEM_SLOTS | vu.ProtocolFeature.INFLIGHT_SHMFD)
+# Testing only (see the module doc): completions in reverse order, Python path alone.
+REORDER_ENV = "QBACKEND_VHOST_TEST_REORDER"
+INFLIGHT_MEMFD_NAME = "qbackend-vhost-inflight"
+# The front end's offset into its inflight fd: the entries' u64 counters stay aligned.
+INFLIGHT_OFFSET_ALIGN = vu.INFLIGHT_ALIGN
 _PAGE = mmap.ALLOCATIONGRANULARITY
 LOGICAL_BLOCK_SIZES = (512, 4096)
 _FENCE = threading.Lock()
@@ -191,6 +218,8 @@ class _Queue:
         self.wake = make_eventfd()  # tells the worker to look at `started` / `enabled` again
         self.thread: threading.Thread | None = None
         self.python_requests = 0
+        self.region: InflightRegion | None = None  # this queue's part of the inflight region
+        self.packed_untracked_logged = False
 
     @property
     def requests(self) -> int:
@@ -227,6 +256,9 @@ class Connection:
         self.protocol_features = 0  # SET_PROTOCOL_FEATURES
         self.closed = False
         self._kept: set[int] = set()  # fds of the message being handled that a queue keeps
+        self._reply_fds: list[int] = []  # fds of our own to send with the reply, then close
+        self.inflight_map: mmap.mmap | None = None  # SET_INFLIGHT_FD's mapping
+        self._inflight_view: memoryview | None = None
         self._handlers: dict[int, Callable[[vu.Message], bytes | None]] = {
             Request.GET_FEATURES: lambda m: vu.reply_u64(Request.GET_FEATURES, self.server.features),
             Request.SET_FEATURES: self._set_features,
@@ -250,6 +282,8 @@ class Connection:
             Request.SET_VRING_ENABLE: self._set_vring_enable,
             Request.GET_CONFIG: self._get_config,
             Request.SET_CONFIG: self._set_config,
+            Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            Request.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     # -- the message loop (connection worker thread) -------------------------------------
@@ -307,15 +341,21 @@ class Connection:
             log.warning("%s: refused %s: %s", self.server.name, message.name, str(exc))
         finally:
             close_fds(fd for fd in message.fds if fd not in self._kept)
+            if not ok or reply is None:
+                close_fds(self._reply_fds)
+                self._reply_fds.clear()
         if not ok and message.request in vu.REPLIES:
             raise _Hangup(f"{message.name} needs an answer we cannot give")
         if reply is None and message.need_reply and self.protocol_features & vu.ProtocolFeature.REPLY_ACK:
             reply = vu.reply_ack(message.request, ok)
         if reply is not None:
             try:
-                send_with_fds(self.sock, reply)
+                send_with_fds(self.sock, reply, self._reply_fds)
             except OSError as exc:
                 raise _Hangup(f"cannot reply: {exc}") from None
+            finally:
+                close_fds(self._reply_fds)  # the front end has its own copies now
+                self._reply_fds.clear()
 
     @contextmanager
     def _queues_held(self) -> Iterator[None]:
@@ -522,6 +562,115 @@ class Connection:
         return fd
 
 
+    # -- inflight I/O tracking --------------------------------------------------------
+
+    def _get_inflight_fd(self, message: vu.Message) -> bytes:
+        """A fresh zero-filled region of the size asked, as a sealed memfd (the front end
+        keeps it and hands it back with SET_INFLIGHT_FD).  A request we cannot meet gets
+        a region of size 0, which tells the front end to track nothing."""
+        req = vu.Inflight.parse(message.payload)
+        if not 1 <= req.num_queues <= len(self.queues) or not 1 <= req.queue_size <= vu.INFLIGHT_MAX_QUEUE_SIZE:
+            log.warning("%s: GET_INFLIGHT_FD for %d queues of %d: the device has %d queues of at most %d; "
+                        "no inflight tracking", self.server.name, req.num_queues, req.queue_size, len(self.queues),
+                        vu.INFLIGHT_MAX_QUEUE_SIZE)
+            self.server.counters["inflight_refused"] += 1
+            return vu.build_reply(Request.GET_INFLIGHT_FD, vu.Inflight(0, 0, req.num_queues, req.queue_size).pack())
+        size = req.num_queues * vu.inflight_queue_size(req.queue_size)
+        fd = os.memfd_create(INFLIGHT_MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._reply_fds.append(fd)
+        self.server.counters["inflight_regions_made"] += 1
+        return vu.build_reply(Request.GET_INFLIGHT_FD, vu.Inflight(size, 0, req.num_queues, req.queue_size).pack())
+
+    def _set_inflight_fd(self, message: vu.Message) -> None:
+        """Map the front end's region (hostile: every size checked against the formula and
+        the file), replacing any before; started queues read their part back at once."""
+        vu.require_fds(message, 1)
+        req = vu.Inflight.parse(message.payload)
+        if not 1 <= req.num_queues <= len(self.queues):
+            raise Refused(f"SET_INFLIGHT_FD for {req.num_queues} queues: the device has {len(self.queues)}")
+        if not 1 <= req.queue_size <= vu.INFLIGHT_MAX_QUEUE_SIZE:
+            raise Refused(f"SET_INFLIGHT_FD queue size {req.queue_size}: 1..{vu.INFLIGHT_MAX_QUEUE_SIZE}")
+        per_queue = vu.inflight_queue_size(req.queue_size)
+        if req.mmap_size != req.num_queues * per_queue:
+            raise Refused(f"SET_INFLIGHT_FD size {req.mmap_size:#x}: {req.num_queues} queues of {req.queue_size} "
+                          f"take {req.num_queues * per_queue:#x}")
+        if req.mmap_offset % INFLIGHT_OFFSET_ALIGN:
+            raise Refused(f"SET_INFLIGHT_FD offset {req.mmap_offset:#x} is not {INFLIGHT_OFFSET_ALIGN}-byte aligned")
+        fd = message.fds[0]
+        try:
+            check_peer_memory(fd, req.mmap_offset, req.mmap_size)
+        except PeerMemoryError as exc:
+            raise Refused(f"inflight region: {exc}") from None
+        start = req.mmap_offset - req.mmap_offset % _PAGE
+        skip = req.mmap_offset - start
+        try:
+            new = mmap.mmap(fd, skip + req.mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise Refused(f"cannot map the inflight region ({req.mmap_size:#x} bytes): {exc}") from None
+        self._unmap_inflight()
+        self.inflight_map = new
+        self._inflight_view = memoryview(new)[skip:skip + req.mmap_size]
+        for q in self.queues[:req.num_queues]:
+            q.region = InflightRegion(self._inflight_view[q.index * per_queue:(q.index + 1) * per_queue])
+            if q.started:
+                self._track_inflight(q)
+        self.server.counters["inflight_regions_set"] += 1
+
+    def _unmap_inflight(self) -> None:
+        """Every queue stops tracking, then the mapping goes (every queue's lock is held)."""
+        for q in self.queues:
+            if isinstance(q.vq, SplitVirtqueue):
+                q.vq.track_inflight(None)
+            if q.native is not None:
+                q.native.drop_inflight()
+            if q.region is not None:
+                q.region.release()
+                q.region = None
+        if self._inflight_view is not None:
+            self._inflight_view.release()
+            self._inflight_view = None
+        if self.inflight_map is not None:
+            self.inflight_map.close()
+            self.inflight_map = None
+
+    def _track_inflight(self, q: _Queue) -> None:
+        """A queue that starts reads its region back (holding the queue's lock): what was
+        in flight is carried out again first; a region that does not fit is made fresh."""
+        vq, region = q.vq, q.region
+        if region is None or not vq.configured:
+            return
+        if not isinstance(vq, SplitVirtqueue):
+            if not q.packed_untracked_logged:
+                log.warning("%s: queue %d is a packed ring: its requests are not tracked in the inflight region",
+                            self.server.name, q.index)
+                q.packed_untracked_logged = True
+            return
+        try:
+            recovery = vq.track_inflight(region)
+        except QueueBroken:
+            return  # the worker finds the queue broken and says so
+        except InflightRefused as exc:
+            log.warning("%s: queue %d: inflight region refused (%s); starting it afresh, nothing carried out again",
+                        self.server.name, q.index, str(exc))
+            self.server.counters["inflight_refused"] += 1
+            try:
+                vq.start_fresh_inflight(region)
+            except (InflightRefused, QueueBroken) as again:
+                log.warning("%s: queue %d: not tracked: %s", self.server.name, q.index, str(again))
+            return
+        if recovery is not None and recovery.resubmit:
+            log.info("%s: queue %d: %d requests were in flight when the last back end stopped; carried out again "
+                     "first (heads %s)", self.server.name, q.index, len(recovery.resubmit),
+                     list(recovery.resubmit[:16]))
+            self.server.counters["inflight_resubmitted"] += len(recovery.resubmit)
+        signal_eventfd(q.wake)  # a request may be waiting in the ring with no kick to come
+
     # -- config space ------------------------------------------------------------------
 
     def _get_config(self, message: vu.Message) -> bytes:
@@ -541,10 +690,12 @@ class Connection:
         """Called holding the queue's lock, with q stopped."""
         q.started = True
         clear_eventfd(q.wake)
+        self._track_inflight(q)
         if q.native is not None:
             q.native.request_stop(False)
-        # The native path serves split rings; a packed ring is the model's alone.
-        native = q.native is not None and isinstance(q.vq, SplitVirtqueue)
+        # The native path serves split rings; a packed ring is the model's alone (and every
+        # ring is, with the test knob that reorders completions).
+        native = q.native is not None and isinstance(q.vq, SplitVirtqueue) and not self.server.reorder
         target = self._serve_queue_native if native else self._serve_queue
         q.thread = threading.Thread(target=target, args=(q,), daemon=True,
                                     name=f"{self.server.name} queue {q.index}")
@@ -627,6 +778,13 @@ class Connection:
             except QueueBroken as exc:
                 self._queue_broke(q, exc)
                 usable = False
+        if usable and vq.resubmit:
+            # What the inflight region says was in flight: the model carries it out again before
+            # C takes the ring (C's drain only takes new chains).
+            with self.python_lock:
+                served = self._drain(q, resubmits_only=True)
+            nq.take(vq, bool(served))
+            usable = vq.broken is None
         config = self.config
         nq.load(vq, serving=usable, capacity=config.capacity, readonly=config.readonly,
                 writethrough=blk.cache_writethrough(self.features, config), kick=q.kick, call=q.call)
@@ -664,18 +822,76 @@ class Connection:
         if q.err is not None:
             signal_eventfd(q.err)
 
+    def _serve_reordered(self, q: _Queue, writethrough: bool) -> int:
+        """The test knob's drain: take every available chain, carry them out, return them
+        in reverse order in one batch; how many were answered."""
+        vq = q.vq
+        where = f"{self.server.name}: queue {q.index}"
+        taken: list[Chain] = []
+        done: list[tuple[int, int]] = []
+        broken: QueueBroken | None = None
+        try:
+            while True:
+                try:
+                    chain = vq.pop()
+                except ChainError as exc:
+                    log.warning("%s: %s; answered with IOERR", where, str(exc))
+                    self.server.counters["bad_chains"] += 1
+                    if exc.tail is not None:
+                        exc.tail[0] = blk.Status.IOERR
+                    done.append((exc.head, 1 if exc.tail is not None else 0))
+                    continue
+                if chain is None:
+                    break
+                taken.append(chain)
+        except QueueBroken as exc:
+            broken = exc
+        for chain in taken:
+            try:
+                request = blk.parse_request(chain, self.config)
+            except QueueBroken as exc:
+                broken = broken or exc
+                chain.release()
+                continue
+            status, used = blk.execute(request, self.export, writethrough=writethrough, serial=self.server.serial)
+            if status is blk.Status.IOERR and request.status is None:
+                self.server.counters["io_errors"] += 1
+            del request
+            chain.release()
+            done.append((chain.head, used))
+        if done:
+            # The chains taken before a break are answered (as the in-order drain answers them
+            # before it meets it): the queue is marked broken again right after.
+            reason = vq.broken
+            vq.broken = None
+            try:
+                vq.push_many(reversed(done))
+            finally:
+                if reason is not None:
+                    vq.mark_broken(reason)
+        if broken is not None:
+            raise broken
+        return len(done)
+
     def _serve_one(self, q: _Queue, writethrough: bool) -> bool:
         return serve_one(q.vq, self.export, self.config, writethrough=writethrough, serial=self.server.serial,
                          counters=self.server.counters, where=f"{self.server.name}: queue {q.index}")
 
-    def _drain(self, q: _Queue) -> None:
-        """Serve every request the driver has made available (the Python path, holding the lock)."""
+    def _drain(self, q: _Queue, *, resubmits_only: bool = False) -> int:
+        """Serve every request the driver has made available (the Python path, holding the lock),
+        or with `resubmits_only` just those the inflight region said to carry out again; how many."""
         vq = q.vq
         writethrough = blk.cache_writethrough(self.features, self.config)
         served = 0
         try:
-            while self._serve_one(q, writethrough):
-                served += 1
+            if resubmits_only:
+                while isinstance(vq, SplitVirtqueue) and vq.resubmit and self._serve_one(q, writethrough):
+                    served += 1
+            elif self.server.reorder:
+                served = self._serve_reordered(q, writethrough)
+            else:
+                while self._serve_one(q, writethrough):
+                    served += 1
         except QueueBroken as exc:
             self._queue_broke(q, exc)
         q.python_requests += served
@@ -684,6 +900,7 @@ class Connection:
         # requests served before the break are in the used ring, so interrupt for them anyway.
         if served and q.call is not None and (vq.broken is not None or vq.should_notify()):
             signal_eventfd(q.call)
+        return served
 
     # -- teardown ----------------------------------------------------------------------
 
@@ -697,6 +914,7 @@ class Connection:
         with self.lock, self._queues_held():
             for q in self.queues:
                 self._stop_queue(q)
+            self._unmap_inflight()
             for q in self.queues:
                 q.vq.reset()
                 close_fds(fd for fd in (q.kick, q.call, q.err) if fd is not None)
@@ -755,6 +973,11 @@ class VhostUserBlkServer:
         self.features = self.config.features() | 1 << VIRTIO_F_RING_PACKED | vu.VHOST_USER_F_PROTOCOL_FEATURES
         self.logical_block_size = logical_block_size
         self.native = native
+        self.reorder = os.environ.get(REORDER_ENV, "") not in ("", "0")
+        """Testing only: completions in reverse order, every request in Python (module doc)."""
+        if self.reorder:
+            log.warning("%s: %s is set: completions go out in reverse order, and every request is served in "
+                        "Python (testing only)", self.name, REORDER_ENV)
         self.counters: Counter[str] = Counter()
         """What the server counted (the Python path's requests among them); see `stats`."""
         self._native_requests = 0  # of connections gone

@@ -32,6 +32,13 @@
  * sleep: on this kind of host a wake-up from poll costs tens of
  * microseconds.  An optional I/O pool (qb_vu_pool_new) runs large reads and
  * writes side by side; see vhost_user_blk_fast.py for what it measured.
+ *
+ * With an inflight region (`inflight`, qbackend.models.inflight has the layout
+ * and why the order), a chain this side takes is recorded (counter, then
+ * inflight = 1) before it is carried out, and each push records its return
+ * around the used idx store (last_batch_head; the used element and idx; then
+ * inflight = 0; then the region's used_idx), one store after the other, so a
+ * back end killed at any instruction leaves a region the next one can read.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -64,6 +71,12 @@
 #define BLK_T_FLUSH 4
 #define BLK_T_GET_ID 8
 #define BLK_S_OK 0
+/* The inflight region's layout (qbackend.protocol.vhost_user INFLIGHT_*). */
+#define INFLIGHT_HEADER_SIZE 16
+#define INFLIGHT_DESC_SIZE 16
+#define INFLIGHT_LAST_BATCH_HEAD_OFFSET 12
+#define INFLIGHT_USED_IDX_OFFSET 14
+#define INFLIGHT_DESC_COUNTER_OFFSET 8
 
 struct desc {
 	uint64_t addr;
@@ -510,16 +523,42 @@ int qb_vu_set_rings(struct qb_vu_queue *q, uint64_t desc_gpa, uint64_t avail_gpa
 	return 0;
 }
 
+static uint8_t *inflight_entry(const struct qb_vu_queue *q, uint16_t head)
+{
+	return q->inflight + INFLIGHT_HEADER_SIZE + (uint64_t)INFLIGHT_DESC_SIZE * head;
+}
+
+/* A chain taken (before it is carried out): its counter, then its inflight flag. */
+static void inflight_start(struct qb_vu_queue *q, uint16_t head)
+{
+	uint8_t *e;
+
+	if (!q->inflight)
+		return;
+	e = inflight_entry(q, head);
+	__atomic_store_n((uint64_t *)(e + INFLIGHT_DESC_COUNTER_OFFSET), q->counter, __ATOMIC_RELEASE);
+	q->counter++;
+	__atomic_store_n(e, (uint8_t)1, __ATOMIC_RELEASE);
+}
+
 static void push(struct qb_vu_queue *q, uint16_t head, uint32_t written)
 {
 	uint8_t *elem = q->used + 4 + USED_ELEM_SIZE * (q->used_idx & (q->num - 1));
 	uint32_t id = head;
 
+	/* Release stores: each one after the one before it (a plain store on x86; the
+	 * compiler may not move them), so the region is consistent at every instruction. */
+	if (q->inflight)
+		__atomic_store_n((uint16_t *)(q->inflight + INFLIGHT_LAST_BATCH_HEAD_OFFSET), head, __ATOMIC_RELEASE);
 	memcpy(elem, &id, 4);
 	memcpy(elem + 4, &written, 4);
 	q->used_idx++;
 	/* The element before the index that publishes it. */
 	__atomic_store_n((uint16_t *)(q->used + 2), q->used_idx, __ATOMIC_RELEASE);
+	if (q->inflight) {
+		__atomic_store_n(inflight_entry(q, head), (uint8_t)0, __ATOMIC_RELEASE);
+		__atomic_store_n((uint16_t *)(q->inflight + INFLIGHT_USED_IDX_OFFSET), q->used_idx, __ATOMIC_RELEASE);
+	}
 	q->need_notify = 1;
 	q->pushed++;
 	q->requests++;
@@ -655,6 +694,7 @@ static int drain(struct qb_vu_queue *q)
 			 r->type != BLK_T_GET_ID;
 		if ((r->type == BLK_T_FLUSH || (pool && overlaps(pool, r))) && finish_jobs(q, pool, 0) == QB_VU_PYTHON)
 			return QB_VU_PYTHON; /* a flush covers what went before it, a write follows what it overlaps */
+		inflight_start(q, head); /* taken: recorded before anything of it is done */
 		if (pooled || (pool && pool->njobs)) {
 			/* Large, or behind a job not pushed yet: taken as a job, pushed in ring order. */
 			job->head = head;

@@ -50,6 +50,8 @@ struct qb_vu_queue {
 	uint16_t used_idx;
 	uint16_t signalled_used;
 	uint16_t signalled_valid;
+	uint8_t *inflight;    /* this queue's inflight region (NULL: not tracked) */
+	uint64_t counter;     /* the next chain taken gets this counter in the region */
 	uint32_t need_notify; /* used entries pushed since the last notification decision */
 	uint32_t pushed;      /* used entries pushed since Python last zeroed it */
 	/* the device */

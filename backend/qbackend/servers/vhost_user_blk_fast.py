@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from qbackend.block.exports import Export
+from qbackend.models.inflight import InflightRegion
 from qbackend.models.virtqueue import GuestMemory, SplitVirtqueue
 from qbackend.plumbing import native
 
@@ -126,6 +127,7 @@ class NativeQueue:
         ffi.memmove(c.serial, serial[:20].ljust(20, b"\0"), 20)
         self.c = c
         self._resolutions = -1  # of the model when the rings were last loaded
+        self._inflight: tuple[InflightRegion, memoryview, Any] | None = None  # the region C records in, held
         self.owns = False
         """Whether C holds the ring's indices (loaded, not forgotten since): then the model's are
         stale until give()."""
@@ -166,8 +168,32 @@ class NativeQueue:
                 c.need_notify = 0
         if serving and vq.resolutions == self._resolutions:
             c.event_idx, c.indirect = vq.event_idx, vq.indirect
+        self._load_inflight(vq)
         c.serving = serving and vq.resolutions == self._resolutions
         c.ready = 1
+
+    def _load_inflight(self, vq: SplitVirtqueue) -> None:
+        """C records in the region the model records in (none when the model tracks nothing)."""
+        region = vq.inflight
+        if region is None:
+            self.drop_inflight()
+            return
+        if self._inflight is None or self._inflight[0] is not region:
+            self.drop_inflight()
+            view = memoryview(region.buffer)  # its own view: the model may release its one
+            pointer = self._ffi.from_buffer("uint8_t[]", view)
+            self._inflight = (region, view, pointer)
+            self.c.inflight = pointer
+        self.c.counter = vq.inflight_counter
+
+    def drop_inflight(self) -> None:
+        """C records nothing more, and lets go of the region (before it is unmapped)."""
+        self.c.inflight = self._ffi.NULL
+        if self._inflight is not None:
+            _, view, pointer = self._inflight
+            self._ffi.release(pointer)
+            view.release()
+            self._inflight = None
 
     def forget_rings(self) -> None:
         """The model's rings are gone (reset, reconfigured, memory changed): reload before serving."""
@@ -190,11 +216,14 @@ class NativeQueue:
         """The model takes over the ring where C stopped (nothing if C holds no indices)."""
         if self.owns:
             vq.sync_indices(self.c.last_avail_idx, self.c.used_idx)
+            if vq.inflight is not None:
+                vq.inflight_counter = int(self.c.counter)
 
     def take(self, vq: SplitVirtqueue, pushed: bool) -> None:
         """C takes the ring back from the model, which served (and pushed, if `pushed`) one chain."""
         c = self.c
         c.last_avail_idx, c.used_idx = vq.last_avail_idx, vq.used_idx
+        c.counter = vq.inflight_counter
         if pushed:
             c.need_notify = 1
             c.pushed += 1

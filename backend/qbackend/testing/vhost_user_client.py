@@ -577,6 +577,47 @@ class VhostUserFrontend:
             raise FrontendError(f"queue {index}: the back end refused {', '.join(refused)}")
         return ring
 
+    def resume_queue(self, old: Vring, base: int, *, enable: bool = True) -> Vring:
+        """Hand a ring over again as it is in guest memory (a front end reconnecting to a
+        back end that was restarted): SET_VRING_NUM, _BASE, _ADDR, _ERR, _CALL, _KICK,
+        _ENABLE with new eventfds, and the driver's view of the ring (`old`) kept."""
+        ring = Vring(old.index, old.num, old.region, old.desc, old.avail, old.used, old.avail_idx, old.last_used,
+                     list(old.free), dict(old.chains))
+        self.vrings[ring.index] = ring
+        r, index = ring.region, ring.index
+        self.must(Request.SET_VRING_NUM, vu.vring_state(index, ring.num))
+        self.must(Request.SET_VRING_BASE, vu.vring_state(index, base))
+        self.must(Request.SET_VRING_ADDR, vu.vring_addr(index, r.uva_of(ring.desc), r.uva_of(ring.used),
+                                                        r.uva_of(ring.avail)))
+        ring.err, ring.call, ring.kick = _eventfd(), _eventfd(), _eventfd()
+        self.must(Request.SET_VRING_ERR, vu.vring_fd(index), [ring.err])
+        self.must(Request.SET_VRING_CALL, vu.vring_fd(index), [ring.call])
+        self.must(Request.SET_VRING_KICK, vu.vring_fd(index), [ring.kick])
+        if enable:
+            self.must(Request.SET_VRING_ENABLE, vu.vring_state(index, 1))
+        return ring
+
+    # -- inflight I/O tracking --------------------------------------------------------------
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[vu.Inflight, int | None]:
+        """GET_INFLIGHT_FD: the back end's answer and the region's fd (the caller's to close;
+        None with a size of 0)."""
+        self.send(Request.GET_INFLIGHT_FD, vu.Inflight(0, 0, num_queues, queue_size).pack())
+        reply = self.receive()
+        if reply.request != Request.GET_INFLIGHT_FD or not reply.is_reply:
+            close_fds(reply.fds)
+            raise FrontendError(f"asked GET_INFLIGHT_FD, got {reply.name}")
+        answer = vu.Inflight.parse(reply.payload)
+        fds = list(reply.fds)
+        if len(fds) > 1 or (answer.mmap_size and not fds):
+            close_fds(fds)
+            raise FrontendError(f"GET_INFLIGHT_FD answered with {len(fds)} fds")
+        return answer, fds[0] if fds else None
+
+    def set_inflight_fd(self, inflight: vu.Inflight, fd: int) -> bool:
+        """SET_INFLIGHT_FD: hand the region back (a copy of `fd` goes; the caller keeps its own)."""
+        return self.call(Request.SET_INFLIGHT_FD, inflight.pack(), [fd])
+
     def restart_queue(self, index: int, base: int | None = None) -> None:
         """Start a stopped ring again where its memory is (what QEMU does after
         GET_VRING_BASE): SET_VRING_BASE if `base` is given, then a new kick fd."""

@@ -209,6 +209,24 @@ LOG = struct.Struct("=QQ")  # mmap_size mmap_offset
 # QEMU and libvhost-user insist on sizeof() == 24.
 INFLIGHT = struct.Struct("=QQHH4x")  # mmap_size mmap_offset num_queues queue_size
 
+# The inflight region itself (spec "Inflight I/O tracking", split rings): per queue a
+# QueueRegionSplit of INFLIGHT_HEADER, then desc_num DescStateSplit entries (INFLIGHT_DESC),
+# the whole padded to INFLIGHT_ALIGN; queue i's region starts at i * inflight_queue_size().
+INFLIGHT_VERSION = 1
+INFLIGHT_ALIGN = 64
+INFLIGHT_HEADER = struct.Struct("<QHHHH")  # features version desc_num last_batch_head used_idx
+INFLIGHT_DESC = struct.Struct("<B5xHQ")  # inflight pad[5] next counter
+INFLIGHT_HEADER_SIZE = INFLIGHT_HEADER.size  # 16
+INFLIGHT_DESC_SIZE = INFLIGHT_DESC.size  # 16
+# Byte offsets inside those, for the stores that must happen one at a time and in order.
+INFLIGHT_VERSION_OFFSET = 8
+INFLIGHT_DESC_NUM_OFFSET = 10
+INFLIGHT_LAST_BATCH_HEAD_OFFSET = 12
+INFLIGHT_USED_IDX_OFFSET = 14
+INFLIGHT_DESC_NEXT_OFFSET = 6
+INFLIGHT_DESC_COUNTER_OFFSET = 8
+INFLIGHT_MAX_QUEUE_SIZE = 32768
+
 _U64_END = 1 << 64
 
 # -- errors --------------------------------------------------------------------------
@@ -677,6 +695,12 @@ class Inflight:
 
 def parse_inflight(payload: bytes) -> Inflight:
     return Inflight.parse(payload)
+
+
+def inflight_queue_size(queue_size: int) -> int:
+    """Bytes of one queue's inflight region for a ring of `queue_size` descriptors."""
+    size = INFLIGHT_HEADER_SIZE + INFLIGHT_DESC_SIZE * queue_size
+    return (size + INFLIGHT_ALIGN - 1) // INFLIGHT_ALIGN * INFLIGHT_ALIGN
 
 
 # -- message builders ------------------------------------------------------------------------
