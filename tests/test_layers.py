@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from qbackend.app.cli.commands import SUMMARIES
+from qbackend.app.cli.commands import HIDDEN, SUMMARIES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ LAYERS = [
 RANK = {part: rank for rank, (_layer, parts) in enumerate(LAYERS) for part in parts}
 NO_IO = {"trio", "socket", "asyncio", "threading", "select", "selectors", "mmap", "subprocess", "qemu"}
 CLI_MODULES = {"qbackend.app.cli", "qbackend.app.cli.common", "qbackend.app.cli.commands",
-               *(f"qbackend.app.cli.{c}" for c in SUMMARIES)}
+               *(f"qbackend.app.cli.{c}" for c in (*SUMMARIES, *HIDDEN))}
 
 
 SOURCE_ROOTS = ("backend", "protocol", "qemu-configs")

@@ -255,3 +255,40 @@ class DiskOptions:
             raise OptionError(f"--disk via={via}: nbd or vhost-user")
         return cls(image=Path(kv["image"]), format=_image_format(kv, "--disk"),
                    readonly=_parse_bool(kv.get("readonly", "off"), "--disk readonly"), via=via)
+
+
+Options = IvshmemOptions | NbdExportOptions | VhostUserBlkOptions | DimmOptions | DeviceOptions
+
+
+def options_to_json(opts: Options) -> dict[str, object]:
+    """Options as JSON values (paths as strings, pairs as lists), for options_from_json."""
+    out: dict[str, object] = {}
+    for name in opts.__dataclass_fields__:
+        value = getattr(opts, name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = [list(pair) for pair in value]
+        out[name] = value
+    return out
+
+
+def options_from_json(cls: type[Options], data: dict[str, object]) -> Options:
+    """The options options_to_json described (a field of another type: OptionError)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    values: dict[str, object] = {}
+    for name, value in data.items():
+        hint = hints.get(name)
+        if hint is None:
+            raise OptionError(f"{cls.__name__}: no option {name!r}")
+        if value is not None and hint in (Path, Path | None):
+            value = Path(str(value))
+        elif isinstance(value, list):
+            value = tuple(tuple(str(x) for x in pair) for pair in value)
+        values[name] = value
+    try:
+        return cls(**values)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise OptionError(f"{cls.__name__}: {exc}") from None

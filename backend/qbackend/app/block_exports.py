@@ -99,6 +99,9 @@ class BlockExports:
         self._nursery: trio.Nursery | None = None  # where vhost-user-blk servers run (set by run())
         self._adding: set[str] = set()  # node names whose image is being opened (add_node_async)
         self._open_limiter = trio.CapacityLimiter(OPEN_THREADS)
+        # Set in a process that takes over from another (qbackend.app.upgrade): the NBD server
+        # takes the old one's listeners and connections as it is made.
+        self.adopt_server: Callable[[NbdServer], None] | None = None
 
     # -- nodes --
 
@@ -204,6 +207,9 @@ class BlockExports:
         for record, export in self._pending:
             server.add_export(record.name, export)
         self._pending.clear()
+        if self.adopt_server is not None:
+            adopt, self.adopt_server = self.adopt_server, None
+            adopt(server)
         self.server = server
         await nursery.start(self._serve, server)
         return server
@@ -319,6 +325,14 @@ class BlockExports:
                 raise QmpCommandError(f"export '{export_id}' still in use") from None
         del self.exports[export_id]
         self.emit("BLOCK_EXPORT_DELETED", {"id": export_id})
+
+    def open_exports(self) -> list[Export]:
+        """Every export open now, whichever server serves it."""
+        out = [export for _record, export in self._pending]
+        out += [entry.export for entry in self.vhost.values()]
+        if self.server is not None:
+            out += list(self.server.exports.values())
+        return out
 
     def query(self) -> list[dict[str, object]]:
         return [{"type": e.type, "id": e.id, "node-name": e.node_name, "shutting-down": False}

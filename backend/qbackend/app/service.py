@@ -49,6 +49,8 @@ class ServedDevice:
     server: VfioUserServer
     scope: trio.CancelScope | None = None  # set while its server runs; cancel to stop it
     created_by_pci_add: bool = False  # a `qbackend pci add` device: freed again on removal
+    # What it was made from, so that a new process can make it again (qbackend.app.upgrade).
+    options: IvshmemOptions | DeviceOptions | None = None
 
 
 @dataclass
@@ -101,7 +103,8 @@ class Backend:
             add_ivshmem_server(group, opts.server, max(opts.vectors, 1))
         device = IvshmemDevice(group, vectors=opts.vectors, position=opts.peer, name=dev_id)
         served = ServedDevice(dev_id, device, VfioUserServer(device, opts.socket, name=dev_id,
-                                                             handshake_timeout=self.handshake_timeout))
+                                                             handshake_timeout=self.handshake_timeout),
+                              options=opts)
         self.devices[dev_id] = served
         if start and self._nursery is not None:
             self._nursery.start_soon(self._serve_device, served)
@@ -114,10 +117,14 @@ class Backend:
         device = make_device(opts)
         try:
             # The Device itself: its class names it when no id= is given (edu0, not userfunction0).
-            return self.add_served(device, opts.socket, dev_id=opts.id, start=start)
+            served = self.add_served(device, opts.socket, dev_id=opts.id, start=False)
         except BaseException:
             function_of(device).close()
             raise
+        served.options = opts
+        if start and self._nursery is not None:
+            self._nursery.start_soon(self._serve_device, served)
+        return served
 
     def add_served(self, device: Device | PciFunction, socket_path: Path, *, dev_id: str = "",
                    start: bool = True) -> ServedDevice:

@@ -50,11 +50,20 @@ import os
 import subprocess
 import sys
 import time
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import trio
 
-from qbackend.plumbing.handover import HandoverError, Loader, Saver, State, recv_json, send_state, socket_pair
+from qbackend.plumbing.handover import (
+    HandoverError,
+    Loader,
+    Saver,
+    State,
+    recv_json,
+    send_json,
+    send_state,
+    socket_pair,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +93,9 @@ def start_new_process(theirs_fd: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, pass_fds=[theirs_fd], stdin=subprocess.DEVNULL)
 
 
-async def hand_over(parts: list[Part], describe: State, *, timeout: float = TIMEOUT) -> int:
+async def hand_over(parts: dict[str, Part], describe: State, *, timeout: float = TIMEOUT) -> int:
     """Hand `parts` (with the backend's description) to a new process; its PID once it
-    serves.  Raises HandoverError with every part serving again when it fails."""
+    serves.  Raises HandoverError, with every part serving again, when it fails."""
     mine, theirs = socket_pair()
     started = time.monotonic()
     try:
@@ -99,16 +108,18 @@ async def hand_over(parts: list[Part], describe: State, *, timeout: float = TIME
     paused: list[Part] = []
     try:
         with trio.fail_after(timeout):
-            for part in parts:
+            for part in parts.values():
                 paused.append(part)
                 await part.pause()
             saver = Saver()
-            state = {"backend": describe, "parts": [part.save(saver) for part in parts]}
+            state = {"backend": describe, "parts": {name: part.save(saver) for name, part in parts.items()}}
             await trio.to_thread.run_sync(send_state, mine, state, saver.fds)
             answer = await trio.to_thread.run_sync(recv_json, mine, abandon_on_cancel=True)
         if not isinstance(answer, dict) or answer.get("ready") != proc.pid:
             error = answer.get("error") if isinstance(answer, dict) else None
             raise HandoverError(f"the new process did not take over: {error or answer!r}")
+        # From here on the new process serves: this one never resumes.
+        send_json(mine, {"go": True})
     except BaseException as exc:
         proc.kill()
         with trio.CancelScope(shield=True):
@@ -129,8 +140,51 @@ async def hand_over(parts: list[Part], describe: State, *, timeout: float = TIME
     return proc.pid
 
 
-def exit_now() -> None:
+def take_over(fd: int) -> int:
+    """The new process: take the state from the hand-over socket `fd`, make the backend
+    again, adopt every part, say "ready", and once the old process says "go", serve
+    (until Ctrl-C, SIGTERM or QMP quit, as `qbackend serve`).  Before "go" nothing
+    has been read from any socket, so a failure here leaves the old process serving."""
+    from qbackend.app.backend_state import adopt_parts, rebuild
+    from qbackend.app.lifecycle import start_until_done, stop_on_signal
+    from qbackend.plumbing.handover import adopt_socket, recv_state
+
+    sock = adopt_socket(fd)
+    sock.setblocking(True)
+    try:
+        state, fds = recv_state(sock)
+        loader = Loader(fds)
+        backend = rebuild(state["backend"])
+        adopt_parts(backend, state["parts"], loader)
+    except Exception as exc:
+        log.exception("upgrade: cannot take over")
+        try:
+            send_json(sock, {"error": f"{type(exc).__name__}: {exc}"})
+        except OSError:
+            pass
+        exit_now(1)  # nothing of what was adopted may be closed or removed by a clean-up
+    send_json(sock, {"ready": os.getpid()})
+    try:
+        answer = recv_json(sock)
+    except HandoverError:
+        answer = None
+    if answer != {"go": True}:
+        exit_now(1)  # the old process serves on
+    sock.close()
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_on_signal, nursery.cancel_scope)
+            await start_until_done(nursery, backend.run)
+            loader.close_rest()
+            print(f"upgrade: PID {os.getpid()} took over; serving; Ctrl-C stops", flush=True)
+
+    trio.run(serve)
+    return 0
+
+
+def exit_now(code: int = 0) -> NoReturn:
     """The old process's end after a hand-over: nothing of it may run any more."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)

@@ -28,7 +28,8 @@ from typing import Any
 import trio
 
 from qbackend.errors import QbackendError
-from qbackend.plumbing.unix import accept_forever, listen_unix
+from qbackend.plumbing.handover import Loader, Saver, State, adopt_socket
+from qbackend.plumbing.unix import AcceptGate, accept_forever, adopt_owned, listen_unix, owned_inode, remove_socket
 from qbackend.protocol import qmp
 from qbackend.protocol.qmp import CommandSpec, ErrorClass, Execute, QmpCommandError, QmpSession, Reply
 from qbackend.version import __version__
@@ -91,6 +92,11 @@ class QmpMonitor:
         self.connections_served = 0
         self._token: trio.lowlevel.TrioToken | None = None
         self._quitting = False
+        # Run once the reply of the command being handled has been sent (a handler sets it:
+        # `upgrade` ends the process then).
+        self.after_reply: Callable[[], None] | None = None
+        self._gate = AcceptGate()
+        self._adopted: socket.socket | None = None
         self.register(CommandSpec("query-commands", doc="the commands this monitor runs",
                                   returns="[{name}]"), self._query_commands)
         self.register(CommandSpec("query-version", doc="qbackend's version, in QEMU's VersionInfo shape",
@@ -148,17 +154,41 @@ class QmpMonitor:
     # -- serving --
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = listen_unix(self.path)
+        listener = self._adopted if self._adopted is not None else listen_unix(self.path)
+        self._adopted = None
+        self._gate.listener = listener
         self._token = trio.lowlevel.current_trio_token()
         log.info("QMP monitor on %s", self.path)
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
-                await accept_forever(listener, "QMP monitor", nursery, self._serve_client)
+                await accept_forever(listener, "QMP monitor", nursery, self._serve_client, self._gate)
         finally:
+            self._gate.listener = None
             listener.close()
-            self.path.unlink(missing_ok=True)
+            remove_socket(self.path)
             self._token = None
+
+    # -- hand-over to a new process (qbackend.app.upgrade) --
+    # Only the listener travels: clients connected now stay with this process until it
+    # exits (they see the connection end, and connect again to the new one).
+
+    async def pause(self) -> None:
+        self._gate.close()
+
+    async def resume(self) -> None:
+        self._gate.open()
+
+    def save(self, saver: Saver) -> State:
+        listener = self._gate.listener
+        if listener is None:
+            raise ValueError("the QMP monitor is not listening")
+        return {"listener": saver.fd(listener.fileno()), "inode": owned_inode(self.path)}
+
+    def adopt(self, state: State, loader: Loader) -> None:
+        self._adopted = adopt_socket(loader.take(state["listener"]))
+        self._adopted.setblocking(False)
+        adopt_owned(self.path, state["inode"])
 
     async def _serve_client(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -200,6 +230,12 @@ class QmpMonitor:
                     if self._quitting:
                         await self._stop(client)
                         return
+                    if self.after_reply is not None:
+                        then, self.after_reply = self.after_reply, None
+                        with trio.move_on_after(2):
+                            while client.queued and not client.dropped:
+                                await client.emptied.wait()
+                        then()
             if not data:
                 return
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from qbackend.app.cli.commands import SUMMARIES
+from qbackend.app.cli.commands import HIDDEN, SUMMARIES
 from qbackend.version import __version__
 
 
@@ -68,6 +68,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             importlib.import_module(f"qbackend.app.cli.{name}").register(sub)
         else:
             sub.add_parser(name, help=summary)
+    if wanted in HIDDEN:
+        importlib.import_module(f"qbackend.app.cli.{wanted}").register(sub)
     return parser
 
 

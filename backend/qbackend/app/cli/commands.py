@@ -13,6 +13,7 @@ SUMMARIES: dict[str, str] = {
     "pci": 'hot-add, hot-remove and list PCI devices of a running qbackend',
     "dimm": 'hot-add, hot-remove and list DIMMs of a running qbackend',
     "device": 'trace or reload a device of a running qbackend',
+    "upgrade": 'hand a running qbackend over to a new process, QEMU and the guest going on',
     "replay": 'replay a device trace against a device class, without QEMU',
     "console": "attach the terminal to a guest's serial console",
     "qemu": 'run the provisioned QEMU, or print the pieces of a command line of your own',
@@ -20,3 +21,6 @@ SUMMARIES: dict[str, str] = {
     "qed": 'create, inspect, check and convert QED images (like qemu-img)',
     "ivshmem": 'ivshmem peer groups: peers, doorbells, memory; a standalone ivshmem-server',
 }
+
+# Commands not listed by --help: started by qbackend itself.
+HIDDEN = ("takeover",)

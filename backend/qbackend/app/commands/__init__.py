@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qbackend.app.commands import devices, exports, faults, ivshmem, memory, objects, pci
+from qbackend.app.commands import devices, exports, faults, ivshmem, memory, objects, pci, upgrade
 
 if TYPE_CHECKING:
     from qbackend.app.service import Backend
@@ -20,5 +20,5 @@ if TYPE_CHECKING:
 
 
 def register_all(monitor: QmpMonitor, backend: Backend) -> None:
-    for module in (memory, pci, ivshmem, faults, objects, exports, devices):
+    for module in (memory, pci, ivshmem, faults, objects, exports, devices, upgrade):
         module.register(monitor, backend)
