@@ -75,6 +75,17 @@ The contract:
   of the old instance is copied over the new one's (the registers the guest
   set carry over; attributes only the new `__init__` sets keep their new
   value).  Override it where an attribute changed meaning.
+- **Upgrade**: `qbackend upgrade` hands a running qbackend to a new process
+  (the code installed now) while QEMU stays connected.  A device takes part
+  by giving its class a pair of hooks: `save_state() -> dict` returns its
+  state as JSON-able values (registers, buffers as lists or base64 text, an
+  interrupt it still owes), and `restore_state(state)` puts that state in a
+  new instance made from the same `--device` keys.  Both run under the
+  device's lock, with nothing of the device running: the guest's accesses
+  wait, and the jobs given to `defer` have ended (jobs deferred meanwhile
+  start after).  Config space, interrupts, DMA maps and the memory of
+  mappable BARs travel without the device's help.  A class without both
+  hooks is refused, and the whole upgrade with it (nothing changes).
 - **Tracing and replay**: every access, interrupt, DMA and lifecycle event
   can be recorded (``trace=FILE`` among the `--device` keys, QMP
   ``device-trace-start``; qbackend.vfio.trace) and replayed against the
@@ -120,13 +131,14 @@ own methods and attributes as it likes (`read`, `close`, `config`, `name`,
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from qbackend.devices.faults import CALLERS, Access, DeviceFaults
 from qbackend.errors import DeviceError
@@ -138,6 +150,7 @@ from qbackend.models.pci_config import (
     MsiLayout,
     MsixLayout,
 )
+from qbackend.plumbing.handover import HandoverError, Loader, Saver, State
 from qbackend.plumbing.native_lock import Lock
 from qbackend.vfio.function import DmaPort, PciFunction, Region
 from qbackend.vfio.irqs import InterruptController
@@ -190,7 +203,9 @@ class Device:
     """The base class of a user's PCI device (see the module's documentation).
 
     What a subclass may override: the class attributes, `bar_read`,
-    `bar_write`, `reset`, `connected`, `disconnected`.  What it may call:
+    `bar_write`, `reset`, `connected`, `disconnected`, `reloaded`, and the
+    pair `save_state` / `restore_state` (its state across `qbackend
+    upgrade`; without them the device cannot be handed over).  What it may call:
     `raise_irq`, `lower_irq`, `irq_mode`, `dma_read`, `dma_write`, `defer`,
     `bar_memory`, `lock`.  Nothing else is here: the server's side lives in
     the device's `UserFunction` (`function_of`).
@@ -242,6 +257,18 @@ class Device:
         mine = "_Device__function"
         self.__dict__.update({k: v for k, v in old.__dict__.items() if k != mine})
 
+    def save_state(self) -> dict[str, Any]:
+        """`qbackend upgrade`: this device's state as JSON-able values (dict, list, str,
+        int, float, bool, None), for `restore_state` in the new process.  Called under
+        the device's lock, with no access or deferred job running.  Override it
+        together with `restore_state`; a class that does not cannot be handed over."""
+        raise NotImplementedError(f"{type(self).__name__} has no save_state")
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """In the new process, on an instance made from the same `--device` keys, under the
+        lock, before any access: take the state `save_state` returned."""
+        raise NotImplementedError(f"{type(self).__name__} has no restore_state")
+
     # -- what a device calls --
 
     @property
@@ -289,7 +316,7 @@ class Device:
                     if job is not None and function.tracer is tracer and tracer is not None:
                         tracer.job_ended(job, name)
 
-        threading.Thread(target=run, name=f"{function.name}-deferred", daemon=True).start()
+        function.start_job(run)
 
     def bar_memory(self, index: int) -> mmap.mmap:
         """The shared memory behind a `mappable` BAR, or a sparse BAR's (as large
@@ -343,6 +370,10 @@ class UserFunction(PciFunction):
         self.has_intx = cls.intx
         self.intx_level = False  # raise_irq() in INTx mode until lower_irq()
         self.memories: dict[int, tuple[int, mmap.mmap]] = {}
+        # The device's deferred jobs: how many run, and those held back while paused (quiesce).
+        self._jobs = 0
+        self._jobs_changed = threading.Condition()
+        self._held_jobs: list[Callable[[], None]] | None = None
         # Where the device came from (`--device class=SPEC` and its other keys), for reload and traces.
         self.origin: tuple[str, dict[str, str]] | None = None
         for bar in cls.bars:
@@ -394,6 +425,110 @@ class UserFunction(PciFunction):
         if spare is not self:
             spare.close()
         return old
+
+    # -- deferred jobs, for Device.defer --
+
+    def start_job(self, run: Callable[[], None]) -> None:
+        """Run `run` in a thread of its own now, or at resume_jobs() while quiesced."""
+        with self._jobs_changed:
+            if self._held_jobs is not None:
+                self._held_jobs.append(run)
+                return
+            self._jobs += 1
+
+        def job() -> None:
+            try:
+                run()
+            finally:
+                with self._jobs_changed:
+                    self._jobs -= 1
+                    self._jobs_changed.notify_all()
+
+        threading.Thread(target=job, name=f"{self.name}-deferred", daemon=True).start()
+
+    def quiesce(self, timeout: float) -> bool:
+        with self._jobs_changed:
+            if self._held_jobs is None:
+                self._held_jobs = []
+            return self._jobs_changed.wait_for(lambda: self._jobs == 0, timeout)
+
+    def resume_jobs(self) -> None:
+        with self._jobs_changed:
+            held, self._held_jobs = self._held_jobs or [], None
+        for run in held:
+            self.start_job(run)
+
+    # -- hand-over to a new process (qbackend.app.upgrade) --
+
+    def describe(self) -> str:
+        """The device's class as `--device class=` named it."""
+        if self.origin is not None:
+            return self.origin[0]
+        cls = type(self.device)
+        return f"{cls.__module__}:{cls.__qualname__}"
+
+    def handover_refusal(self) -> str | None:
+        cls = type(self.device)
+        if cls.save_state is Device.save_state or cls.restore_state is Device.restore_state:
+            return (f"device {self.name} ({self.describe()}) cannot be handed over: its class has no "
+                    "save_state/restore_state")
+        return None
+
+    def save_state(self, saver: Saver) -> State:
+        """Config space and MSI-X (PciFunction), the INTx level, the memory of shared BARs
+        (the guest has it mapped: its fds travel) and the device's own save_state()."""
+        state = super().save_state(saver)
+        try:
+            own = self.device.save_state()
+            json.dumps(own)
+        except Exception as exc:
+            raise HandoverError(f"device {self.name} ({self.describe()}): its save_state() failed: "
+                                f"{type(exc).__name__}: {exc}") from None
+        state.update(intx_level=self.intx_level, device=own,
+                     memories={str(index): saver.fd(fd) for index, (fd, _memory) in self.memories.items()})
+        return state
+
+    def restore_state(self, state: State, loader: Loader) -> None:
+        super().restore_state(state, loader)
+        memories = {int(index): fd_index for index, fd_index in state["memories"].items()}
+        if set(memories) != set(self.memories):
+            raise HandoverError(f"device {self.name}: handed over with shared BARs {sorted(memories)}, "
+                                f"made with {sorted(self.memories)}")
+        for index, fd_index in memories.items():
+            fd = loader.take(fd_index)
+            size = len(self.memories[index][1])
+            try:
+                if os.fstat(fd).st_size < size:
+                    raise HandoverError(f"device {self.name}: the memory of BAR{index} handed over is too small")
+                memory = mmap.mmap(fd, size)
+            except BaseException:
+                os.close(fd)
+                raise
+            old_fd, old_memory = self.memories[index]
+            self.memories[index] = (fd, memory)
+            old_memory.close()
+            os.close(old_fd)
+        self._bind(self.device)  # the BAR handlers over the memory the guest has mapped
+        self.intx_level = bool(state["intx_level"])
+        with self._jobs_changed:  # jobs restore_state defers wait for the server (resume_jobs)
+            if self._held_jobs is None:
+                self._held_jobs = []
+        try:
+            self.device.restore_state(state["device"])
+        except Exception as exc:
+            raise HandoverError(f"device {self.name} ({self.describe()}): its restore_state() failed: "
+                                f"{type(exc).__name__}: {exc}") from None
+
+    def worker_started(self) -> None:
+        # As client_connected does for the thread that saw the VERSION.
+        if self._worker is None:
+            self._worker = threading.get_ident()
+            self.faults.watch()
+
+    def worker_stopped(self) -> None:
+        if self._worker is not None:
+            self.faults.unwatch(self._worker)
+            self._worker = None
 
     # -- interrupts, for Device --
 

@@ -111,6 +111,10 @@ class HotplugController(PciFunction):
     def event_pending(self) -> bool:
         return self.memhp.event_pending or self.pcihp.event_pending
 
+    def handover_refusal(self) -> str | None:
+        # Its state is the memory and PCI hot-plug blocks, shared with the slot managers.
+        return f"device {self.name} (the hot-plug controller) cannot be handed over yet"
+
     def intx_asserted(self) -> bool:
         return bool(self.irq_enable) and self.event_pending and not self.config.msix_enabled
 

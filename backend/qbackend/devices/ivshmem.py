@@ -25,6 +25,7 @@ because the public API cannot say what it needs:
 
 from __future__ import annotations
 
+import base64
 import logging
 
 from qbackend.ivshmem.group import PeerGroup
@@ -43,6 +44,7 @@ from qbackend.models.ivshmem import (
     dword_pieces,
 )
 from qbackend.models.pci_config import Bar, ConfigSpace, MsixLayout
+from qbackend.plumbing.handover import HandoverError, Loader, Saver, State
 from qbackend.protocol.vfio_user import PciRegion
 from qbackend.vfio.function import PciFunction, PlainWindow, Region
 from qbackend.vfio.irqs import InterruptController
@@ -196,6 +198,50 @@ class IvshmemDevice(PciFunction):
         super().reset()
         self.registers.reset()
         self.update_intx()
+
+    # -- hand-over to a new process (qbackend.app.upgrade) ------------------------------
+
+    def handover_refusal(self) -> str | None:
+        return self.group.handover_refusal()
+
+    def save_state(self, saver: Saver) -> State:
+        """Besides config space: the registers, the doorbell counts, and the group
+        membership (by the group's name: the group hands itself over, PeerGroup.save)."""
+        state = super().save_state(saver)
+        state.update(group=self.group.name, position=self.position, member=self.member,
+                     registers=base64.b64encode(self.registers.memory).decode(),
+                     doorbells_received=list(self.doorbells_received))
+        return state
+
+    def restore_state(self, state: State, loader: Loader) -> None:
+        """After the group adopted its state (PeerGroup.adopt): take the old process's
+        place in it, at the same IVPosition."""
+        super().restore_state(state, loader)
+        group = self.group
+        if state["group"] != group.name:
+            raise HandoverError(f"{self.name}: handed over as a member of group {state['group']!r}, "
+                                f"made in group {group.name!r}")
+        registers = base64.b64decode(state["registers"])
+        if len(registers) != len(self.registers.memory) or len(state["doorbells_received"]) != len(
+                self.doorbells_received):
+            raise HandoverError(f"{self.name}: the state handed over is of an ivshmem device of another shape")
+        with group.lock:
+            if self.member:
+                group.leave(self.position)
+            position = int(state["position"])
+            if state["member"]:
+                # A device made here before its own restore may hold our id: it takes
+                # its own old id back when it is restored.
+                if position in group.peers:
+                    group.leave(position)
+                group.join(self, position)
+            else:
+                self.position = position
+            self.registers.memory[:] = registers  # in place: the native loop's windows point into it
+            self.registers.position = self.position
+            self.doorbells_received[:] = [int(n) for n in state["doorbells_received"]]
+            memory = group.memory  # the group's memory now: the one the old process shared
+            self.regions[PciRegion.BAR2] = Region(memory.size, memory.read, memory.write, mmap_fd=memory.fd)
 
     def close(self) -> None:
         with self.lock:

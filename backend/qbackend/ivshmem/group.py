@@ -13,11 +13,13 @@ import os
 import select
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from qbackend.errors import ConfigError
+from qbackend.plumbing.handover import HandoverError, Loader, Saver, State
 from qbackend.plumbing.native_lock import device_lock
 from qbackend.plumbing.unix import clear_eventfd, make_eventfd, signal_eventfd
 from qbackend.protocol.ivshmem_server import MAX_PEER_ID
@@ -285,6 +287,52 @@ class PeerGroup:
             if self._watcher is None:
                 self._watcher = DoorbellWatcher(self.name or "group")
             return self._watcher
+
+    # -- hand-over to a new process (qbackend.app.upgrade) ---------------------------
+    #
+    # A group is shared by its devices, so it hands over once (the Backend calls
+    # save / adopt per group; adopt before its devices' servers adopt theirs).  What
+    # travels: the memory's fd (the guests have it mapped) and the counters; each
+    # device keeps its own IVPosition in its own state (IvshmemDevice.save_state).
+
+    def handover_refusal(self) -> str | None:
+        """Why this group cannot be handed over (one line), or None."""
+        with self.lock:
+            if self.endpoints:
+                paths = ", ".join(str(e.path) for e in self.endpoints)
+                return (f"ivshmem group {self.name}: its ivshmem-server socket ({paths}) and the peers connected "
+                        "to it cannot be handed over yet")
+            for peer in self.peers.values():
+                if peer.kind != "vfio-user":
+                    return (f"ivshmem group {self.name}: peer {peer.position} ({peer.kind} {peer.name}) lives in "
+                            "this process and cannot be handed over")
+        return None
+
+    def save(self, saver: Saver) -> State:
+        """The group, its devices paused (their servers' pause())."""
+        refusal = self.handover_refusal()
+        if refusal is not None:
+            raise HandoverError(refusal)
+        with self.lock:
+            return {"name": self.name, "size": self.memory.size, "memory": saver.fd(self.memory.fd),
+                    "shm": str(self.memory.path) if self.memory.path is not None else None,
+                    "vectors": self.vectors, "dropped_doorbells": self.dropped_doorbells}
+
+    def adopt(self, state: State, loader: Loader) -> None:
+        """In the new process, on the group made from the same options, before its devices
+        adopt: share the memory the old process shared (the one made here is let go)."""
+        from qbackend.plumbing.shared_memory import SharedMemory
+
+        if state["name"] != self.name or int(state["size"]) != self.memory.size:
+            raise HandoverError(f"ivshmem group {self.name}: handed over as group {state['name']!r} of "
+                                f"{state['size']} bytes; made here with {self.memory.size}")
+        path = Path(state["shm"]) if state["shm"] is not None else None
+        adopted = SharedMemory.adopt(loader.take(state["memory"]), self.memory.size, path)
+        with self.lock:
+            old, self.memory = self.memory, adopted
+            self.vectors = int(state["vectors"])
+            self.dropped_doorbells = int(state["dropped_doorbells"])
+        old.close()
 
     # -- endpoints and lifetime ----------------------------------------------------
 

@@ -46,6 +46,22 @@ class SharedMemory:
             os.close(self.fd)
             raise
 
+    @classmethod
+    def adopt(cls, fd: int, size: int, path: Path | None) -> SharedMemory:
+        """The memory another process shared, from its fd (a hand-over: qbackend.app.upgrade)."""
+        memory = cls.__new__(cls)
+        memory.size = size
+        memory.path = path
+        memory.fd = fd
+        try:
+            if os.fstat(fd).st_size != size:
+                raise DeviceError(f"the shared memory handed over is not {size} bytes")
+            memory.memory = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            raise
+        return memory
+
     def read(self, offset: int, count: int) -> bytes:
         return self.memory[offset:offset + count]
 

@@ -11,14 +11,22 @@ listener, lifetimes, DMA requests from device models, QMP) stays in trio.
 The device model is shared between that thread and trio tasks: both touch
 it only under `device.lock`, which trio takes through `run_locked` (in a
 worker thread, see qbackend.plumbing.threads), never directly.
+
+A server hands over to a new process (qbackend.app.upgrade: pause, save,
+adopt, resume).  The worker's blocking wait is a poll on the socket and the
+connection's wake eventfd, so that a pause stops it at a message boundary
+(everything received served and answered) without touching the socket;
+what it holds of a message not yet whole travels with the state.
 """
 
 from __future__ import annotations
 
+import base64
 import errno as E
 import logging
 import math
 import os
+import select
 import socket
 import struct
 import threading
@@ -26,11 +34,26 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import trio
 
+from qbackend.plumbing.handover import HandoverError, Loader, Saver, State, adopt_socket
 from qbackend.plumbing.threads import run_locked
-from qbackend.plumbing.unix import close_fds, fds_from_ancdata, send_with_fds, sends_within, serve_unix, shutdown
+from qbackend.plumbing.unix import (
+    AcceptGate,
+    adopt_owned,
+    clear_eventfd,
+    close_fds,
+    fds_from_ancdata,
+    make_eventfd,
+    owned_inode,
+    send_with_fds,
+    sends_within,
+    serve_unix,
+    shutdown,
+    signal_eventfd,
+)
 from qbackend.protocol import vfio_user as vu
 from qbackend.servers.vfio_user_fast import NativeAccessLoop
 from qbackend.vfio.dma import DmaError, DmaTable
@@ -50,6 +73,8 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds for a new client's first message
 # Seconds a stopping connection's thread has to end before it is abandoned (a
 # device callback that never returns holds it: qbackend.devices.faults).
 STOP_WAIT = 2.0
+# Seconds a pause waits for the device's own jobs (Device.defer) to end.
+QUIESCE_WAIT = 5.0
 
 # What run_blocking's receive step hands on: view, the length of view's bytes to handle, their fds.
 Received = tuple[memoryview, int, tuple[int, ...]]
@@ -94,14 +119,27 @@ class DmaAccess:
 class Connection:
     """One client of one device."""
 
-    def __init__(self, server: VfioUserServer, sock: socket.socket) -> None:
+    def __init__(self, server: VfioUserServer, sock: socket.socket, protocol: vu.ServerConnection | None = None,
+                 dma: DmaTable | None = None) -> None:
         self.server = server
         self.device = server.device
         self.sock = sock
         self.worker_ident: int | None = None  # the thread of run_blocking, once it runs
         self.native: NativeAccessLoop | None = None  # the native access loop, once it serves
-        self.protocol = vu.ServerConnection()
-        self.dma = DmaTable(vu.MAX_DMA_MAPS)
+        # A connection handed over from another process comes with its protocol state and maps.
+        self.protocol = protocol if protocol is not None else vu.ServerConnection()
+        self.dma = dma if dma is not None else DmaTable(vu.MAX_DMA_MAPS)
+        # The receive buffer, kept across pauses: the native loop points into it.
+        self.buffer = bytearray(RECV_SIZE)
+        # Pausing (VfioUserServer.pause): `pausing[0]` asks the worker to return at the
+        # next message boundary, and the wake eventfd ends its blocking wait; `paused`
+        # says it did.  A list: the receive loop reads it through a local name.
+        self.wake = make_eventfd()
+        self.pausing = [False]
+        self.paused = False
+        self.resumed = trio.Event()
+        self.ended = trio.Event()  # the current worker's end (VfioUserServer._run_worker)
+        self.released = trio.Event()  # the server has let go of it
         self._trio_token = trio.lowlevel.current_trio_token()
         self._send_lock = threading.Lock()
         # Waiters for replies to our DMA requests: id -> (event, slot).
@@ -139,14 +177,16 @@ class Connection:
         self.worker_ident = threading.get_ident()
         # One preallocated buffer: a fresh large bytes object per recvmsg()
         # costs more than the rest of a round trip.
-        buffer = bytearray(RECV_SIZE)
-        receive = self._receive_step(buffer)
+        receive = self._receive_step(self.buffer)
         serve = self._serve_step()
         send = self._send_step()
         out = bytearray()  # replies to a chunk of several messages
         try:
             while True:
                 view, n, fds = receive()
+                if n < 0:  # paused, at a message boundary: nothing received is unanswered
+                    self.paused = True
+                    return
                 reply = serve(view, n, fds, out)
                 if reply:
                     send(reply)
@@ -183,6 +223,9 @@ class Connection:
         receives itself before that, without the native loop, and while the
         protocol holds part of a message (the rest must come to it).
 
+        n == -1: a pause was asked for (`pausing`); the blocking wait is a poll
+        on the socket and the wake eventfd, then a receive that does not block.
+
         Adaptive polling.  A guest vCPU waits for each reply, and on this kind
         of machine most of a round trip is the wake-up of a sleeping CPU on
         each side.  So after a reply, while the client keeps sending within
@@ -203,11 +246,20 @@ class Connection:
         yield_cpu = os.sched_yield
         dontwait = socket.MSG_DONTWAIT
         spin = False
-        native: NativeAccessLoop | None = None
-        native_wanted = self.server.native
+        # After a pause, the loop that served before goes on (it points into self.buffer).
+        native: NativeAccessLoop | None = self.native
+        native_wanted = self.server.native and native is None
+        pausing = self.pausing
+        wake = self.wake
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+        wait = poller.poll
 
         def receive() -> Received:
             nonlocal spin, native, native_wanted
+            if pausing[0]:
+                return whole, -1, ()
             if native_wanted and protocol.state is ready:
                 native_wanted = False
                 native = self._start_native(fd, buffer)
@@ -230,12 +282,22 @@ class Connection:
                 spin = got
             if not got:
                 waited = clock()
-                try:
-                    n, ancdata, _flags, _ = recvmsg_into(buffers, CMSG_BUFSIZE)
-                except (ConnectionResetError, BrokenPipeError):
-                    n, ancdata = 0, []
-                except OSError as exc:
-                    raise ConnectionClosed(str(exc)) from None
+                while True:
+                    for ready_fd, _events in wait():
+                        if ready_fd == wake:
+                            return whole, -1, ()
+                    try:
+                        n, ancdata, _flags, _ = recvmsg_into(buffers, CMSG_BUFSIZE, dontwait)
+                        break
+                    except BlockingIOError:
+                        continue  # woken for nothing (another reader cannot be: this thread is the only one)
+                    except InterruptedError:
+                        continue
+                    except (ConnectionResetError, BrokenPipeError):
+                        n, ancdata = 0, []
+                        break
+                    except OSError as exc:
+                        raise ConnectionClosed(str(exc)) from None
                 spin = clock() - waited < SPIN_WINDOW_NS
             return whole, n, tuple(fds_from_ancdata(ancdata)) if ancdata else ()
 
@@ -244,7 +306,7 @@ class Connection:
     def _start_native(self, fd: int, buffer: bytearray) -> NativeAccessLoop | None:
         """The native access loop for this connection, once the client is ready (None: stay in Python)."""
         native = NativeAccessLoop.start(self.device, fd, buffer, self.protocol.server_caps.max_data_xfer_size,
-                                        SPIN_NS, SPIN_WINDOW_NS)
+                                        SPIN_NS, SPIN_WINDOW_NS, self.wake)
         self.native = native
         if native is not None:
             log.debug("%s: native access loop serving", self.server.name)
@@ -253,6 +315,8 @@ class Connection:
     def _receive_native(self, native: NativeAccessLoop, whole: memoryview) -> Received:
         """Run the native loop (without the GIL) until a message needs Python: what it hands back."""
         status = native.serve()
+        if status == native.PAUSED:
+            return whole, -1, ()
         if status > 0:
             begin, end = native.pending
             fds = native.take_fds()
@@ -563,6 +627,8 @@ class Connection:
         return True
 
     async def _server_request(self, msg_id: int, data: bytes) -> vu.ServerReplyReceived:
+        # While paused (a hand-over), nothing more goes out on the socket.
+        await self.server.wait_unpaused()
         if self.closed:
             raise DmaError("the client has disconnected", errno=E.ENOTCONN)
         event = trio.Event()
@@ -587,6 +653,41 @@ class Connection:
             raise DmaError(f"client refused DMA request {msg_id}: {os.strerror(got[0].error)}", errno=got[0].error)
         return got[0]
 
+    # -- pausing and the hand-over (VfioUserServer.pause / save / adopt) ----------------
+
+    def request_pause(self) -> None:
+        """Ask the worker to return at the next message boundary (from trio)."""
+        self.pausing[0] = True
+        if self.native is not None:
+            self.native.request_pause(True)
+        signal_eventfd(self.wake)
+
+    def cancel_pause(self) -> None:
+        """Serve on: a worker that has not stopped yet goes on; one that has is restarted
+        by whoever waits on `resumed`."""
+        self.pausing[0] = False
+        if self.native is not None:
+            self.native.request_pause(False)
+        clear_eventfd(self.wake)
+        self.resumed.set()
+
+    def save(self, saver: Saver) -> State:
+        """The connection, stopped at a boundary: its socket, what it holds of a message
+        not yet whole (and that message's fds), the protocol state, DMA maps and interrupts."""
+        protocol = self.protocol
+        reader = protocol.reader
+        caps = protocol.client_caps
+        return {
+            "socket": saver.fd(self.sock.fileno()),
+            "buffered": base64.b64encode(reader._buffer).decode(),
+            "buffered_fds": [[pos, [saver.fd(fd) for fd in group]] for pos, group in reader._fd_marks],
+            "protocol": {"state": int(protocol.state), "client_caps": list(caps),
+                         "next_server_id": protocol._next_server_id,
+                         "pending_server": [[msg_id, int(cmd)] for msg_id, cmd in protocol._pending_server.items()]},
+            "dma": self.dma.save(saver),
+            "interrupts": self.device.irqs.save_state(saver),
+        }
+
     # -- teardown -------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -609,6 +710,16 @@ class Connection:
             close_fds(self.protocol.reader.take_fds())
             self._lifecycle("disconnect", self.device.client_disconnected)
         self.sock.close()
+        os.close(self.wake)
+        self.wake = -1
+
+
+class AdoptedConnection(NamedTuple):
+    """A connection handed over by the process before, waiting for serve()."""
+
+    sock: socket.socket
+    protocol: vu.ServerConnection
+    dma: DmaTable
 
 
 class VfioUserServer:
@@ -617,6 +728,9 @@ class VfioUserServer:
     A second client waits until the first has gone: after device_del and
     device_add, QEMU's new connection may be accepted before the old one's
     end is read.
+
+    Hands over to a new process as a qbackend.app.upgrade Part: pause(),
+    save(), then in the new process adopt() before serve(); or resume().
     """
 
     def __init__(self, device: PciFunction, socket_path: str | os.PathLike[str], name: str = "", *,
@@ -636,6 +750,17 @@ class VfioUserServer:
         self.connections_served = 0
         self.abandoned = False  # a connection's thread was abandoned, stuck in the device (see STOP_WAIT)
         self._one_client = trio.Lock()
+        self.gate = AcceptGate()
+        self.paused = False
+        self._unpaused = trio.Event()
+        self._unpaused.set()
+        # Accepted clients that have not started to be served (waiting for their first
+        # bytes, or for the client before them to go): handed over as they are.
+        self._waiting: set[socket.socket] = set()
+        # What adopt() took, for serve().
+        self._adopted_listener: socket.socket | None = None
+        self._adopted_connection: AdoptedConnection | None = None
+        self._adopted_waiting: list[socket.socket] = []
 
     def counts(self) -> Counter[str]:
         """`stats` (errors, rejected accesses, ...) with `native_accesses`: the region
@@ -651,46 +776,97 @@ class VfioUserServer:
         return out
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await serve_unix(self.socket_path, self.name, self._serve_client, backlog=128, task_status=task_status)
+        listener, self._adopted_listener = self._adopted_listener, None
+        adopted, self._adopted_connection = self._adopted_connection, None
+        waiting, self._adopted_waiting = self._adopted_waiting, []
+        async with trio.open_nursery() as nursery:
+            if adopted is not None:
+                # It holds the one-client lock before anyone accepted here can ask for it.
+                await nursery.start(self._serve_adopted, adopted)
+            # What the device deferred in its restore_state runs now, with its DMA port.
+            self.device.resume_jobs()
+            for sock in waiting:
+                nursery.start_soon(self._serve_client, sock)
+            await serve_unix(self.socket_path, self.name, self._serve_client, backlog=128, gate=self.gate,
+                             adopted=listener, task_status=task_status)
 
     async def _serve_client(self, sock: socket.socket) -> None:
         conn: Connection | None = None
+        self._waiting.add(sock)
         try:
             if not await sends_within(sock, self.handshake_timeout):  # not even VERSION
                 log.info("%s: a client sent nothing within %g s: dropped", self.name, self.handshake_timeout)
                 self.stats["handshake_timeouts"] += 1
                 return
-            sock.setblocking(True)  # the connection's worker thread does blocking I/O
             async with self._one_client:
+                await self.wait_unpaused()  # a client waiting now is handed over untouched
+                self._waiting.discard(sock)
+                sock.setblocking(True)  # the connection's worker thread does blocking I/O
                 conn = Connection(self, sock)
-                self.connection = conn
                 self.connections_served += 1
-                self.device.dma_port = DmaAccess(conn, trio.lowlevel.current_trio_token())
-                try:
-                    await self._run_worker(conn)
-                finally:
-                    # Release the client's fds before saying there is no
-                    # client: "no connection" means "nothing held" to callers.
-                    try:
-                        self.device.dma_port = None
-                        await self._close(conn)
-                    finally:
-                        self.connection = None
-                    log.info("%s: client disconnected", self.name)
+                await self._serve_connection(conn)
         finally:
+            self._waiting.discard(sock)
             if conn is None or not conn.abandoned:  # else its thread may still send on it
                 sock.close()
 
+    async def _serve_adopted(self, adopted: AdoptedConnection, *,
+                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """A connection handed over: served at once, as if just accepted and handshaken."""
+        conn: Connection | None = None
+        try:
+            async with self._one_client:
+                conn = Connection(self, adopted.sock, adopted.protocol, adopted.dma)
+                task_status.started()
+                await self._serve_connection(conn)
+        finally:
+            if conn is None or not conn.abandoned:
+                adopted.sock.close()
+
+    async def _serve_connection(self, conn: Connection) -> None:
+        """Under the one-client lock: serve `conn` until its client goes (restarting its
+        worker after each pause that ended in resume()), then release what it held."""
+        self.connection = conn
+        self.device.dma_port = DmaAccess(conn, trio.lowlevel.current_trio_token())
+        try:
+            while True:
+                await self._run_worker(conn)
+                if not conn.paused:
+                    break
+                if conn.pausing[0]:  # still paused: wait for resume() (or the process's end)
+                    await conn.resumed.wait()
+                conn.paused = False
+                conn.resumed = trio.Event()
+        finally:
+            # Release the client's fds before saying there is no
+            # client: "no connection" means "nothing held" to callers.
+            try:
+                self.device.dma_port = None
+                await self._close(conn)
+            finally:
+                self.connection = None
+                conn.released.set()
+            log.info("%s: client disconnected", self.name)
+
     async def _run_worker(self, conn: Connection) -> None:
-        """conn.run_blocking in a thread of its own until the client goes; when
-        cancelled, stop it, and abandon it if it has not ended within STOP_WAIT
-        (a device's callback that never returns holds it; it is a daemon thread)."""
+        """conn.run_blocking in a thread of its own until the client goes or a pause
+        stops it; when cancelled, stop it, and abandon it if it has not ended within
+        STOP_WAIT (a device's callback that never returns holds it; it is a daemon thread)."""
         ended = trio.Event()
+        conn.ended = ended
         token = trio.lowlevel.current_trio_token()
+        device = self.device
+        # A thread that takes over a client already connected (after a pause, or
+        # from another process) is not the one that saw its VERSION.
+        taking_over = conn.protocol.state is vu.State.READY
 
         def run() -> None:
             try:
+                if taking_over:
+                    device.worker_started()
                 conn.run_blocking()
+                if conn.paused:
+                    device.worker_stopped()
             finally:
                 try:
                     token.run_sync_soon(ended.set)
@@ -726,10 +902,128 @@ class VfioUserServer:
             log.error("%s: closing the connection did not end within %g s (the device's disconnected() does not "
                       "return?); left behind", self.name, STOP_WAIT)
 
+    # -- hand-over to a new process (qbackend.app.upgrade's Part) --------------------
+
+    def handover_refusal(self) -> str | None:
+        """Why this server cannot be handed over (one line), or None."""
+        if self.abandoned:
+            return f"device {self.name}: a connection's thread is stuck in the device; it cannot be handed over"
+        return self.device.handover_refusal()
+
+    async def wait_unpaused(self) -> None:
+        await self._unpaused.wait()
+
+    async def pause(self) -> None:
+        """Accept nothing; let the device's own jobs and our DMA requests finish; stop the
+        connection's worker at a message boundary, its socket untouched.  Raises
+        HandoverError (the caller then resume()s) when something does not settle in time."""
+        self.gate.close()
+        if not self.paused:
+            self.paused = True
+            self._unpaused = trio.Event()
+        conn = self.connection
+        if conn is None:
+            return
+        # First what needs the worker running: a job's DMA messages wait for their replies.
+        if not await trio.to_thread.run_sync(self.device.quiesce, QUIESCE_WAIT, abandon_on_cancel=True):
+            raise HandoverError(f"device {self.name}: its deferred jobs did not end within {QUIESCE_WAIT:g} s")
+        with trio.move_on_after(DMA_REPLY_TIMEOUT + 1):
+            while conn._replies:  # each waiter removes its entry once woken
+                event, _slot = next(iter(conn._replies.values()))
+                await event.wait()
+        if conn._replies:
+            raise HandoverError(f"device {self.name}: its DMA requests were not answered")
+        conn.request_pause()
+        with trio.move_on_after(STOP_WAIT):
+            await conn.ended.wait()
+        if not conn.ended.is_set():
+            raise HandoverError(f"device {self.name}: its connection did not stop within {STOP_WAIT:g} s "
+                                "(a device callback does not return?)")
+        if not conn.paused:  # the client went meanwhile: wait until it is let go
+            with trio.move_on_after(STOP_WAIT):
+                await conn.released.wait()
+            if self.connection is conn:
+                raise HandoverError(f"device {self.name}: its closing connection did not end")
+
+    async def resume(self) -> None:
+        """Serve on as before pause()."""
+        conn = self.connection
+        if conn is not None:
+            conn.cancel_pause()
+        self.device.resume_jobs()
+        self.paused = False
+        self._unpaused.set()
+        self.gate.open()
+
+    def save(self, saver: Saver) -> State:
+        """After pause(): the listener, the connection (if any), accepted clients not yet
+        served, and the device's state."""
+        listener = self.gate.listener
+        if listener is None:
+            raise HandoverError(f"device {self.name}: it is not serving")
+        conn = self.connection
+        with self.device.lock:
+            device = self.device.save_state(saver)
+            connection = conn.save(saver) if conn is not None and conn.paused else None
+        inode = owned_inode(self.socket_path)
+        return {
+            "listener": saver.fd(listener.fileno()),
+            "socket_inode": list(inode) if inode is not None else None,
+            "device": device,
+            "connection": connection,
+            "waiting": [saver.fd(sock.fileno()) for sock in self._waiting if sock.fileno() >= 0],
+        }
+
+    def adopt(self, state: State, loader: Loader) -> None:
+        """In the new process, before serve(): take the listener, the connection and the
+        device's state as save() gave them."""
+        listener = adopt_socket(loader.take(state["listener"]))
+        listener.setblocking(False)
+        self._adopted_listener = listener
+        adopt_owned(self.socket_path, state["socket_inode"])
+        with self.device.lock:
+            self.device.restore_state(state["device"], loader)
+        saved = state["connection"]
+        if saved is not None:
+            sock = adopt_socket(loader.take(saved["socket"]))
+            sock.setblocking(True)
+            self._adopted_connection = AdoptedConnection(sock, self._adopt_protocol(saved, loader),
+                                                         self._adopt_dma(saved, loader))
+            with self.device.lock:
+                self.device.irqs.restore_state(saved["interrupts"], loader)
+        for index in state["waiting"]:
+            sock = adopt_socket(loader.take(index))
+            sock.setblocking(False)
+            self._adopted_waiting.append(sock)
+
+    def _adopt_protocol(self, saved: State, loader: Loader) -> vu.ServerConnection:
+        protocol = vu.ServerConnection()
+        fields = saved["protocol"]
+        protocol.state = vu.State(fields["state"])
+        protocol.client_caps = vu.Capabilities(*fields["client_caps"])
+        protocol._next_server_id = int(fields["next_server_id"])
+        protocol._pending_server = {int(msg_id): vu.Command(cmd) for msg_id, cmd in fields["pending_server"]}
+        reader = protocol.reader
+        reader._buffer = bytearray(base64.b64decode(saved["buffered"]))
+        reader._fd_marks = [(int(pos), [loader.take(i) for i in group]) for pos, group in saved["buffered_fds"]]
+        return protocol
+
+    def _adopt_dma(self, saved: State, loader: Loader) -> DmaTable:
+        dma = DmaTable(vu.MAX_DMA_MAPS)
+        try:
+            dma.restore(saved["dma"], loader)
+        except BaseException:
+            dma.clear()
+            raise
+        return dma
 
     def open_fds(self) -> list[int]:
         """The fds this server holds for its client (for leak checks)."""
         fds = list(self.device.irqs.open_fds())
-        if self.connection is not None and self.connection.sock.fileno() >= 0:
-            fds.append(self.connection.sock.fileno())
+        conn = self.connection
+        if conn is not None and conn.sock.fileno() >= 0:
+            fds.append(conn.sock.fileno())
+            fds += conn.dma.open_fds()
+            if conn.wake >= 0:
+                fds.append(conn.wake)
         return fds

@@ -14,11 +14,17 @@
  * held for each access, as the Python path holds it.  Adaptive polling is
  * as in the Python loop (qbackend.servers.vfio_user).
  *
+ * A pause (a hand-over to a new process, qbackend.servers.vfio_user) sets
+ * loop->pause and signals loop->wake_fd: the blocking wait is a poll on the
+ * socket and that eventfd, so the loop returns QB_PAUSED between messages,
+ * with everything it received answered and the socket untouched.
+ *
  * Returns 1 with loop->buf[pos:end) (and loop->fds[0:nfds)) for Python,
- * 0 at the end of the stream, or -errno.
+ * QB_PAUSED, 0 at the end of the stream, or -errno.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
@@ -204,6 +210,27 @@ static uint32_t serve_one(struct qb_access_loop *loop, uint32_t pos, uint32_t en
 	return a.command == REGION_READ ? ACCESS_SIZE : ACCESS_SIZE + a.count;
 }
 
+/* Block until the socket has bytes (then receive them without blocking) or the wake
+ * eventfd is signalled (then -EINTR: the caller looks at loop->pause). */
+static ssize_t wait_and_receive(struct qb_access_loop *loop)
+{
+	for (;;) {
+		struct pollfd fds[2] = { { loop->fd, POLLIN, 0 }, { loop->wake_fd, POLLIN, 0 } };
+		ssize_t n;
+
+		if (poll(fds, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (fds[1].revents)
+			return -EINTR;
+		n = receive(loop, MSG_DONTWAIT);
+		if (n != -EAGAIN && n != -EWOULDBLOCK)
+			return n;
+	}
+}
+
 int qb_serve_accesses(struct qb_access_loop *loop)
 {
 	for (;;) {
@@ -211,6 +238,8 @@ int qb_serve_accesses(struct qb_access_loop *loop)
 		uint32_t pos = 0, outlen = 0, used;
 		int rc;
 
+		if (__atomic_load_n(&loop->pause, __ATOMIC_ACQUIRE))
+			return QB_PAUSED;
 		if (loop->spinning) {
 			int64_t deadline = now_ns() + loop->spin_ns;
 
@@ -227,7 +256,9 @@ int qb_serve_accesses(struct qb_access_loop *loop)
 		if (n < 0) { /* nothing came while spinning, or an error the blocking receive reports */
 			int64_t waited = now_ns();
 
-			n = receive(loop, 0);
+			n = wait_and_receive(loop);
+			if (n == -EINTR)
+				return QB_PAUSED;
 			loop->spinning = now_ns() - waited < loop->spin_window_ns;
 		}
 		if (n <= 0)

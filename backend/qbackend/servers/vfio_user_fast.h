@@ -30,6 +30,10 @@ struct qb_access_loop {
 	uint32_t pos;
 	uint32_t end;
 	uint64_t served;
+	int wake_fd;    /* readable: stop waiting and see whether to pause */
+	uint32_t pause; /* set by Python: return QB_PAUSED at the next message boundary */
 };
+
+#define QB_PAUSED 2
 
 int qb_serve_accesses(struct qb_access_loop *loop);

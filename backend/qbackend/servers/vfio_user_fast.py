@@ -36,8 +36,11 @@ OUT_SIZE = 64 * 1024  # replies to one receive, sent in one write
 class NativeAccessLoop:
     """One connection's C receive loop; `serve()` runs it until Python is needed."""
 
+    PAUSED = 2  # serve()'s answer to request_pause(True) (QB_PAUSED)
+
     def __init__(self, helper: native.Native, device: PciFunction, windows: list[PlainWindow], lock: NativeLock,
-                 fd: int, buffer: bytearray, max_xfer: int, spin_ns: int, spin_window_ns: int) -> None:
+                 fd: int, buffer: bytearray, max_xfer: int, spin_ns: int, spin_window_ns: int,
+                 wake_fd: int = -1) -> None:
         ffi = helper.ffi
         # Everything the C side points into stays referenced from here.
         self._keep: list[Any] = []
@@ -69,6 +72,9 @@ class NativeAccessLoop:
         loop.spin_window_ns = spin_window_ns
         loop.max_fds = max_fds
         loop.fds = self._fds
+        loop.wake_fd = wake_fd
+        loop.pause = 0
+        assert helper.lib.QB_PAUSED == self.PAUSED
         self._keep += [table, lock]
         self._ffi = ffi
         self._loop: Any = loop
@@ -86,6 +92,12 @@ class NativeAccessLoop:
         if self._loop is not None:
             self._loop.nwindows = 0 if paused else self._nwindows
 
+    def request_pause(self, pause: bool) -> None:
+        """From any thread: make serve() return PAUSED at the next message boundary (the
+        caller signals the wake eventfd too), or not."""
+        if self._loop is not None:
+            self._loop.pause = 1 if pause else 0
+
     def _pointer(self, ffi: Any, memory: bytearray | memoryview, writable: bool) -> Any:
         buffer = ffi.from_buffer(memory, require_writable=writable)
         self._keep.append(buffer)
@@ -93,7 +105,7 @@ class NativeAccessLoop:
 
     @classmethod
     def start(cls, device: PciFunction, fd: int, buffer: bytearray, max_xfer: int, spin_ns: int,
-              spin_window_ns: int) -> NativeAccessLoop | None:
+              spin_window_ns: int, wake_fd: int = -1) -> NativeAccessLoop | None:
         """The loop for a connection to `device`, or None to stay in Python."""
         lock = device.lock
         windows = device.plain_windows()
@@ -102,12 +114,12 @@ class NativeAccessLoop:
         helper = native.load(SOURCE)
         if helper is None:
             return None
-        return cls(helper, device, windows, lock, fd, buffer, max_xfer, spin_ns, spin_window_ns)
+        return cls(helper, device, windows, lock, fd, buffer, max_xfer, spin_ns, spin_window_ns, wake_fd)
 
     def serve(self) -> int:
         """Serve until Python is needed (without the GIL): 1 with `pending`
-        bytes of the receive buffer (and `take_fds()`) to handle, 0 at the
-        end of the stream, or -errno."""
+        bytes of the receive buffer (and `take_fds()`) to handle, PAUSED,
+        0 at the end of the stream, or -errno."""
         rc: int = self._serve(self._loop)
         return rc
 

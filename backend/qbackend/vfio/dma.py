@@ -1,8 +1,9 @@
 """The DMA map table of one vfio-user connection.
 
 The client (QEMU) describes guest memory with DMA_MAP.  A map that comes
-with an fd is mmapped here and the fd closed at once (the mapping keeps the
-memory alive), so guest memory is read and written directly.  A map without
+with an fd is mmapped here, so guest memory is read and written directly;
+the fd is kept until the map goes, for a hand-over to a new process
+(qbackend.app.upgrade), which maps it again (`save` / `restore`).  A map without
 an fd (ROMs, VGA memory, or guest RAM that is not shared) can only be
 reached by asking the client with DMA_READ / DMA_WRITE messages; this table
 says which case an address falls in, and the connection sends the messages.
@@ -17,6 +18,7 @@ import os
 from dataclasses import dataclass
 
 from qbackend.errors import DeviceError
+from qbackend.plumbing.handover import HandoverError, Loader, Saver, State
 from qbackend.plumbing.peer_memory import PeerMemoryError, check_peer_memory
 from qbackend.protocol.vfio_user import DmaMap, DmaMapFlags, DmaUnmap, DmaUnmapFlags, RequestError
 
@@ -33,6 +35,8 @@ class Mapping:
     size: int
     flags: DmaMapFlags
     memory: mmap.mmap | None  # None: reach it through DMA messages
+    fd: int | None = None  # what `memory` maps (kept for a hand-over)
+    offset: int = 0  # of `memory` in `fd`
 
     @property
     def end(self) -> int:
@@ -52,7 +56,7 @@ class DmaTable:
         return [self._maps[a] for a in self._starts]
 
     def add(self, req: DmaMap, fd: int | None) -> None:
-        """Record a map; takes ownership of fd (closed on return or error)."""
+        """Record a map; takes ownership of fd (kept with the map, closed on error)."""
         try:
             self._check_free(req.addr, req.size)
             if len(self._maps) >= self.max_maps:
@@ -75,11 +79,12 @@ class DmaTable:
                 except (OSError, ValueError, OverflowError) as exc:
                     raise RequestError(f"cannot mmap DMA region {req.addr:#x}+{req.size:#x}: {exc}",
                                        E.EINVAL) from None
-        finally:
+        except BaseException:
             if fd is not None:
                 os.close(fd)
+            raise
         bisect.insort(self._starts, req.addr)
-        self._maps[req.addr] = Mapping(req.addr, req.size, req.flags, memory)
+        self._maps[req.addr] = Mapping(req.addr, req.size, req.flags, memory, fd, req.offset)
 
     def _check_free(self, addr: int, size: int) -> None:
         i = bisect.bisect_right(self._starts, addr)
@@ -102,10 +107,30 @@ class DmaTable:
         self._starts.remove(mapping.addr)
         if mapping.memory is not None:
             mapping.memory.close()
+        if mapping.fd is not None:
+            os.close(mapping.fd)
 
     def clear(self) -> None:
         for mapping in list(self._maps.values()):
             self._drop(mapping)
+
+    def open_fds(self) -> list[int]:
+        return [m.fd for m in self._maps.values() if m.fd is not None]
+
+    def save(self, saver: Saver) -> list[State]:
+        """The maps, for a hand-over (the fds travel; this table keeps its own)."""
+        return [{"addr": m.addr, "size": m.size, "flags": int(m.flags), "offset": m.offset,
+                 "fd": saver.optional_fd(m.fd)} for m in self.mappings()]
+
+    def restore(self, maps: list[State], loader: Loader) -> None:
+        """Map again what `save` described (in the new process); the same checks as DMA_MAP."""
+        for entry in maps:
+            fd = loader.take_optional(entry["fd"])
+            try:
+                self.add(DmaMap(DmaMapFlags(int(entry["flags"])), int(entry["offset"]), int(entry["addr"]),
+                                int(entry["size"])), fd)
+            except RequestError as exc:
+                raise HandoverError(f"DMA map {entry['addr']:#x}: {exc}") from None
 
     def find(self, addr: int, count: int) -> Mapping:
         """The one map holding all of [addr, addr+count)."""

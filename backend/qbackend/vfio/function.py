@@ -11,11 +11,13 @@ regions.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from qbackend.models.pci_config import MSIX_ENTRY_SIZE, ConfigSpace
+from qbackend.plumbing.handover import HandoverError, Loader, Saver, State
 from qbackend.plumbing.native_lock import device_lock
 from qbackend.protocol.vfio_user import (
     PCI_NUM_REGIONS,
@@ -277,6 +279,46 @@ class PciFunction:
 
     def client_disconnected(self) -> None:
         """The client is gone: interrupts are closed by the server."""
+
+    def worker_started(self) -> None:
+        """A new thread serves the client, which connected before it (a resume after
+        a pause, or a connection handed over from another process)."""
+
+    def worker_stopped(self) -> None:
+        """That thread stopped without the client going (a pause)."""
+
+    # -- hand-over to a new process (qbackend.app.upgrade) ---------------------
+
+    def handover_refusal(self) -> str | None:
+        """Why this device cannot be handed over to a new process (one line), or None."""
+        return None
+
+    def quiesce(self, timeout: float) -> bool:
+        """Wait (blocking, at most `timeout` s) until the device runs nothing of its own
+        (deferred jobs) and starts nothing until resume_jobs(); False if it did not settle."""
+        return True
+
+    def resume_jobs(self) -> None:
+        """Let what quiesce() held back run."""
+
+    def save_state(self, saver: Saver) -> State:
+        """Under the lock, the device paused: what a device made from the same options in
+        a new process needs to carry on (restore_state).  Here: config space (BAR
+        addresses, command, capability registers; the masks come from the options)
+        and the MSI-X table copy.  Subclasses extend it; interrupts and DMA maps
+        belong to the connection and travel with it."""
+        return {"config": base64.b64encode(self.config.data).decode(),
+                "msix_table": base64.b64encode(self._msix_table).decode()}
+
+    def restore_state(self, state: State, loader: Loader) -> None:
+        """Under the lock, before serving: what save_state saved."""
+        config = base64.b64decode(state["config"])
+        table = base64.b64decode(state["msix_table"])
+        if len(config) != len(self.config.data) or len(table) != len(self._msix_table):
+            raise HandoverError(f"{self.name}: the state handed over is of a device of another shape")
+        # In place: the native loop's plain windows point into these buffers.
+        self.config.data[:] = config
+        self._msix_table[:] = table
 
     def close(self) -> None:
         """The device is being destroyed: release what it owns."""

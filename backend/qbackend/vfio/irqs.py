@@ -16,6 +16,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from qbackend.plumbing.handover import HandoverError, Loader, Saver, State
 from qbackend.plumbing.unix import signal_eventfd
 from qbackend.protocol.vfio_user import IrqInfoFlags, IrqSetFlags, PciIrq, RequestError, SetIrqs
 
@@ -209,6 +210,26 @@ class InterruptController:
         for irq in self.indexes:
             irq.close()
         self.intx_level = False
+
+    def save_state(self, saver: Saver) -> State:
+        """Every vector's eventfd (by index: they travel), mask and pending bit, for a hand-over."""
+        return {"intx_level": self.intx_level,
+                "indexes": [{"fired": irq.fired,
+                             "vectors": [[saver.optional_fd(v.eventfd), v.masked, v.pending] for v in irq.vectors]}
+                            for irq in self.indexes]}
+
+    def restore_state(self, state: State, loader: Loader) -> None:
+        """What save_state described, in a controller of the same shape (the new process)."""
+        indexes = state["indexes"]
+        if [len(i["vectors"]) for i in indexes] != [irq.count for irq in self.indexes]:
+            raise HandoverError("the interrupts handed over do not have this device's vector counts")
+        for irq, saved in zip(self.indexes, indexes):
+            irq.fired = int(saved["fired"])
+            for n, (fd, masked, pending) in enumerate(saved["vectors"]):
+                irq.set_eventfd(n, loader.take_optional(fd))
+                irq.vectors[n].masked = bool(masked)
+                irq.vectors[n].pending = bool(pending)
+        self.intx_level = bool(state["intx_level"])
 
     def open_fds(self) -> list[int]:
         return [v.eventfd for irq in self.indexes for v in irq.vectors if v.eventfd is not None]
