@@ -67,6 +67,9 @@ def parts_of(backend: Backend) -> dict[str, object]:
 
 def refusals(backend: Backend) -> list[str]:
     """Why `backend` cannot be handed over now, one line each (empty: it can)."""
+    if not backend.upgradable:
+        return ["only a 'qbackend serve' process hands over (a 'qbackend run' is QEMU's parent, and a backend "
+                "inside another program must not exit under it)"]
     out: list[str] = []
     for name, part in parts_of(backend).items():
         if not all(callable(getattr(part, m, None)) for m in PART_METHODS):
@@ -135,7 +138,7 @@ def rebuild(desc: State) -> Backend:
 
 def _rebuild(desc: State) -> Backend:
     backend = Backend(handshake_timeout=float(desc["handshake_timeout"]),
-                      reconcile_interval=float(desc["reconcile_interval"]))
+                      reconcile_interval=float(desc["reconcile_interval"]), upgradable=True)
     blocks = backend.blocks
     defaults = desc["nbd_defaults"]
     blocks.max_connections, blocks.handshake_timeout = int(defaults["max_connections"]), \

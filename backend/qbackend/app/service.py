@@ -68,6 +68,9 @@ class Backend:
     handshake_timeout: float = 10.0  # seconds a vfio-user or NBD client has for its handshake
     monitor: QmpMonitor | None = None
     pci: PciSlotManager | None = None
+    # Whether this process may hand itself over to a new one and exit (qbackend.app.upgrade):
+    # only a `qbackend serve` process of its own, never a backend inside another program.
+    upgradable: bool = False
     _nursery: trio.Nursery | None = None
     _token: trio.lowlevel.TrioToken | None = None
     _scope: trio.CancelScope | None = None

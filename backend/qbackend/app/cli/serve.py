@@ -162,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         backend.attach_qmp(args.qmp)
     if args.control:
         backend.enable_control(args.control)
+    backend.upgradable = True  # a process of its own: `qbackend upgrade` may hand it over
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
