@@ -18,6 +18,7 @@ from typing import Any
 from qbackend.app.block_exports import BlockNode
 from qbackend.app.service import Backend
 from qbackend.app.upgrade import Part
+from qbackend.ivshmem.group import PeerGroup
 from qbackend.options import DeviceOptions, IvshmemOptions, options_from_json, options_to_json
 from qbackend.plumbing.handover import HandoverError, Loader, Saver, State
 
@@ -47,18 +48,42 @@ class BlocksFlush:
         pass
 
 
+class GroupPart:
+    """An ivshmem peer group's part: its memory and counters (PeerGroup.save / adopt).  It
+    has nothing to pause of its own: its devices' servers pause (they ring its doorbells)."""
+
+    def __init__(self, group: PeerGroup) -> None:
+        self.group = group
+
+    def handover_refusal(self) -> str | None:
+        return self.group.handover_refusal()
+
+    async def pause(self) -> None:
+        pass
+
+    async def resume(self) -> None:
+        pass
+
+    def save(self, saver: Saver) -> State:
+        return self.group.save(saver)
+
+    def adopt(self, state: State, loader: Loader) -> None:
+        self.group.adopt(state, loader)
+
+
 def parts_of(backend: Backend) -> dict[str, object]:
     """Every part of `backend` that holds sockets or shared state, by name, in the order
-    they pause: connections first, then what they share, the monitor last."""
+    they adopt (a peer group before the devices that share its memory) and pause (the
+    groups' pause does nothing; the flush after every server; the monitor last)."""
     parts: dict[str, object] = {}
+    for key, group in backend.groups.items():
+        parts[f"group:{key}"] = GroupPart(group)
     for dev_id, served in backend.devices.items():
         parts[f"device:{dev_id}"] = served.server
     for export_id, entry in backend.blocks.vhost.items():
         parts[f"vhost:{export_id}"] = entry.server
     if backend.blocks.server is not None:
         parts["nbd"] = backend.blocks.server
-    for key, group in backend.groups.items():
-        parts[f"group:{key}"] = group
     parts["blocks"] = BlocksFlush(backend)
     if backend.monitor is not None:
         parts["monitor"] = backend.monitor
@@ -74,11 +99,12 @@ def refusals(backend: Backend) -> list[str]:
     for name, part in parts_of(backend).items():
         if not all(callable(getattr(part, m, None)) for m in PART_METHODS):
             out.append(f"{name} cannot be handed over yet")
-    for served in backend.devices.values():
-        refusal = getattr(served.device, "handover_refusal", None)
+            continue
+        refusal = getattr(part, "handover_refusal", None)
         why = refusal() if callable(refusal) else None
         if why:
             out.append(why)
+    for served in backend.devices.values():
         if served.options is None and served is not backend.controller:
             out.append(f"device {served.id} was not made from options (a device object given to the Python "
                        "API): a new process cannot make it again")
