@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 TARGETS = ("vfio_user", "vfio_user_native", "vhost_user", "nbd", "nbd_native", "ivshmem_server", "qmp", "qed",
-           "spapr_script", "options", "virtqueue", "virtqueue_packed")
+           "spapr_script", "options", "virtqueue", "virtqueue_packed", "vhost_inflight")
 
 
 def chunks(data: bytes) -> Iterator[tuple[bytes, int]]:

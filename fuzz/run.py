@@ -28,7 +28,7 @@ WORK = ROOT / "build" / "fuzz"
 # libFuzzer options per target: inputs large enough for the format, and limits that make a
 # hang (-timeout, seconds per input) or runaway memory (-rss_limit_mb) a finding.
 MAX_LEN = {"qed": 40960, "vfio_user": 8192, "vhost_user": 8192, "nbd": 8192, "qmp": 8192, "options": 8192,
-           "virtqueue": 16384, "virtqueue_packed": 16384}
+           "virtqueue": 16384, "virtqueue_packed": 16384, "vhost_inflight": 1024}
 COMMON = ["-timeout=10", "-rss_limit_mb=1536", "-print_final_stats=1"]
 
 
