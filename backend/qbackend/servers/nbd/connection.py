@@ -85,6 +85,9 @@ class NbdConnection:
         self.export_name: str | None = None  # once the handshake has chosen one
         self.export: Export | None = None  # the chosen export, once a transmission driver has it
         self.stopping = False
+        # Parked for a hand-over to a new process (NbdServer.pause): no driver serves it, its
+        # socket stays open and is shut down by nobody.
+        self.parked = False
         # Sends come from the driver and from the pool's threads.
         self.send_lock = threading.Lock()
         # While the transmission loop serves the connection: replies the socket would not

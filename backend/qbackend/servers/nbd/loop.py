@@ -25,11 +25,19 @@ state once Python holds nothing of it (`_LoopDriver.resume_native`).  At 64
 clients the Python loop had been the bottleneck (0.6x qemu-nbd).  Without
 the helpers, `_EpollPoller` stands in for NativeLoop and every connection
 is Python's.
+
+A hand-over to a new process (NbdServer.pause) *parks* every connection of
+the loop (`park_all`): between two polls, the thread takes back what the
+native side had received, lets go of each connection as at its end, and
+the thread that finishes it waits for the pool, sends what waits (PARK_SEND
+seconds at most; what the client has not taken by then stays in `out` and
+travels with the connection) and leaves the socket open.
 """
 
 from __future__ import annotations
 
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +50,9 @@ from qbackend.servers.nbd_fast import NativeLoop, NativeRequests
 
 # Seconds close() waits for the thread to end.
 LOOP_JOIN = 10.0
+# Seconds a parked connection's replies may take to leave (a client that does not read
+# them keeps the rest, which goes with the connection to whoever serves it next).
+PARK_SEND = 5.0
 
 
 class TransmissionLoop:
@@ -60,6 +71,7 @@ class TransmissionLoop:
         self._new: list[_LoopDriver] = []
         self._conns: dict[int, _LoopDriver] = {}
         self._stopping = False
+        self._park = False  # park_all(): let go of every connection at the next wake-up
         self._closed = False  # the thread has closed the poller and the eventfd
         self._thread = threading.Thread(target=self._run, name=f"{name} transmission", daemon=True)
         self._thread.start()
@@ -87,6 +99,14 @@ class TransmissionLoop:
                     self.poller.modify(conn.sock.fileno(), select.EPOLLOUT)
             except OSError:
                 pass  # being closed
+
+    def park_all(self) -> None:
+        """Let go of every connection (from any thread): each is finished as parked
+        (conn.parked; see the module's docstring) and its done() called."""
+        with self._lock:
+            self._park = True
+            if not self._closed:
+                signal_eventfd(self._wake)
 
     def close(self) -> None:
         """Stop the thread and wait LOOP_JOIN seconds at most for it to end.  One that has
@@ -121,6 +141,8 @@ class TransmissionLoop:
                 if fd == self._wake:
                     clear_eventfd(self._wake)
                     self._take_new()
+                    if self._park:
+                        self._park_all()
                     continue
                 driver = conns.get(fd)
                 if driver is None:
@@ -139,12 +161,35 @@ class TransmissionLoop:
             conn = driver.conn
             fd = conn.sock.fileno()
             self._conns[fd] = driver
-            self.poller.register(fd, select.EPOLLIN, conn.native)
-            # What the handshake's last read brought with it may hold requests already.
+            # Replies may wait already: those a parked connection's client had not taken.
+            self.poller.register(fd, select.EPOLLOUT if conn.out else select.EPOLLIN, conn.native)
+            # What the handshake's last read (or a parked connection) brought with it may hold
+            # requests already.
             if not driver.serve_buffered():
                 self._end(fd, driver)
             else:
+                protocol = conn.protocol
+                conn.waiting_since = time.monotonic() if protocol.buffered or protocol.skipping else 0.0
                 driver.resume_native()
+
+    def _park_all(self) -> None:
+        """Between two polls: every connection leaves the loop, parked.  What the native side
+        received and did not serve goes to the protocol first (the loop is not in C now)."""
+        with self._lock:
+            self._park = False
+        for fd, driver in list(self._conns.items()):
+            conn = driver.conn
+            native = conn.native
+            if native is not None:
+                pending, unsent = native.take_over()
+                if unsent:
+                    with conn.send_lock:
+                        conn.out += unsent
+                if pending:
+                    conn.protocol.receive_data(pending)
+            conn.parked = True
+            conn.waiting_since = 0.0
+            self._end(fd, driver)
 
     def _end(self, fd: int, driver: _LoopDriver) -> None:
         del self._conns[fd]
@@ -261,8 +306,12 @@ class _LoopDriver:
 
     def finish(self) -> None:
         """In a thread of its own, once the loop has let go: what is in flight finishes,
-        what waits is sent (blocking now), then the pool goes; the connection is over."""
+        what waits is sent (blocking now), then the pool goes; the connection is over
+        (or parked, its socket left open: park())."""
         conn = self.conn
+        if conn.parked:
+            self.park()
+            return
         try:
             conn.drain()
             with conn.send_lock:
@@ -276,6 +325,42 @@ class _LoopDriver:
             pass
         finally:
             conn.shut_pool()
+
+
+    def park(self) -> None:
+        """finish() of a parked connection: what is in flight finishes, what waits is sent
+        without blocking for PARK_SEND seconds at most (the rest stays in `out`), the pool
+        goes; the socket stays open.  A client gone meanwhile is not parked: it ends."""
+        conn = self.conn
+        try:
+            conn.drain()
+            with conn.send_lock:
+                conn.loop = None
+                if not _send_out(conn, PARK_SEND):
+                    conn.parked = False
+        finally:
+            conn.shut_pool()
+
+
+def _send_out(conn: NbdConnection, seconds: float) -> bool:
+    """Send conn.out on its non-blocking socket for `seconds` at most (under the send lock);
+    what the socket has not taken by then stays.  False if the socket failed."""
+    deadline = time.monotonic() + seconds
+    poller = select.poll()
+    poller.register(conn.sock.fileno(), select.POLLOUT)
+    while conn.out:
+        try:
+            sent = conn.sock.send(conn.out, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            poller.poll(left * 1000)
+            continue
+        except OSError:
+            return False
+        del conn.out[:sent]
+    return True
 
 
 class _EpollPoller:

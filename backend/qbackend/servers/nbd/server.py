@@ -11,6 +11,30 @@ At the end, what a thread may still use is not freed under it: a
 connection the transmission loop has not let go of LOOP_LET_GO seconds
 after the stop is left to the loop, which frees it when it does (`_LetGo`),
 and its export is left open.
+
+A hand-over to a new process (qbackend.app.upgrade; the state's form is in
+servers.nbd.handover):
+
+- `pause()`: the listeners stop accepting (AcceptGate; clients that connect
+  meanwhile wait in the backlog), and every plain connection in
+  transmission is *parked*: it stops reading at a request boundary, what it
+  had read is answered and sent (replies the client does not take within
+  PARK_SEND seconds travel with it), its socket is neither closed nor shut
+  down, and what it received of the next request stays in its protocol.  A
+  connection still in its handshake is let finish it (handshake_timeout at
+  most) and parked then.  A TLS connection cannot be handed over (its TLS
+  state is in this process's ssl objects): pause stops it as a server stop
+  does (what it had read is answered, then it is closed) and QEMU's NBD
+  client, given reconnect-delay, connects again, to the new process.  Then
+  every writable export is flushed (a QED image marked clean).
+- `resume()`: the hand-over failed; the parked connections are served on.
+- `save(saver)` / `adopt(state, loader)`: the listeners and the parked
+  connections, negotiated state and unhandled bytes included; a server made
+  with the same exports in the new process serves them from serve() on.
+- `release()`: after a hand-over in the same process (tests): serve(),
+  cancelled, then closes this process's copies of the sockets only (no
+  shutdown, no socket file removed) and leaves the exports to the caller
+  (the new server has its own; closing a QED image writes its header).
 """
 
 from __future__ import annotations
@@ -26,8 +50,21 @@ from pathlib import Path
 import trio
 
 from qbackend.block.exports import Export
+from qbackend.block.qed_export import QedExport
+from qbackend.plumbing.handover import HandoverError, Loader, Saver, State
 from qbackend.plumbing.libc import trim_heap
-from qbackend.plumbing.unix import accept_forever, listen_tcp, listen_unix, remove_socket
+from qbackend.plumbing.unix import (
+                                    AcceptGate,
+                                    accept_forever,
+                                    clear_eventfd,
+                                    close_fds,
+                                    listen_tcp,
+                                    listen_unix,
+                                    make_eventfd,
+                                    remove_socket,
+                                    signal_eventfd,
+)
+from qbackend.servers.nbd import handover
 from qbackend.servers.nbd.connection import NbdConnection, log
 from qbackend.servers.nbd.handshake import negotiate
 from qbackend.servers.nbd.loop import TransmissionLoop
@@ -75,6 +112,15 @@ class NbdServer:
         self._loop: TransmissionLoop | None = None  # started with the first plain connection
         # Exports that a connection the loop never let go of may still use: never closed.
         self._left_open: set[str] = set()
+        # The hand-over (see the module's docstring).
+        self.pausing = False  # read by the connections' threads: park at the next request boundary
+        self._gates: list[AcceptGate] = []  # one per listener, while serve() runs
+        self._wake: int | None = None  # eventfd that wakes the threads' receives at a pause
+        self._resumed = trio.Event()  # set by resume(); renewed at each pause
+        self._parked: set[NbdConnection] = set()  # parked, their tasks waiting for resume()
+        self._released = False
+        self._adopted_listeners: list[socket.socket] = []
+        self._adopted: list[NbdConnection] = []
 
     def counts(self) -> Counter[str]:
         """`stats` (requests by command, errors, ...) with what the native transmission loop
@@ -91,14 +137,33 @@ class NbdServer:
         return self._loop
 
     def _listeners(self) -> list[socket.socket]:
+        """The adopted listeners (adopt()), else new ones."""
         out = []
-        if self.socket_path is not None:
-            out.append(listen_unix(self.socket_path, backlog=64))
-        if self.tcp is not None:
-            sock = listen_tcp(*self.tcp)
-            self.tcp_port = sock.getsockname()[1]
-            out.append(sock)
+        adopted: dict[bool, socket.socket | None] = {sock.family == socket.AF_UNIX: sock
+                                                     for sock in self._adopted_listeners}
+        self._adopted_listeners = []
+        try:
+            if self.socket_path is not None:
+                out.append(adopted.pop(True, None) or listen_unix(self.socket_path, backlog=64))
+            if self.tcp is not None:
+                sock = adopted.pop(False, None) or listen_tcp(*self.tcp)
+                self.tcp_port = sock.getsockname()[1]
+                out.append(sock)
+        except BaseException:
+            for sock in out:
+                sock.close()
+            raise
+        finally:
+            for left in adopted.values():  # (adopt() takes only the listeners this server has)
+                if left is not None:
+                    left.close()
         return out
+
+    def wake_fd(self) -> int:
+        """The eventfd a pause signals, for the threads that wait for a client's bytes
+        (made when serve() starts)."""
+        assert self._wake is not None
+        return self._wake
 
     # -- exports at run time (QMP block-export-add / -del) --
 
@@ -133,72 +198,114 @@ class NbdServer:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = self._listeners()
+        adopted, self._adopted = self._adopted, []
+        self._wake = make_eventfd()
         try:
             async with trio.open_nursery() as nursery:
                 for listener in listeners:
-                    nursery.start_soon(accept_forever, listener, "nbd", nursery, self._serve_client)
+                    gate = AcceptGate()
+                    gate.listener = listener
+                    self._gates.append(gate)
+                    nursery.start_soon(accept_forever, listener, "nbd", nursery, self._serve_client, gate)
+                for conn in adopted:
+                    nursery.start_soon(self._serve_client, conn.sock, conn)
+                adopted = []
                 nursery.start_soon(self._watch_requests)
                 task_status.started()
         finally:
+            for conn in adopted:  # (serve() failed before their tasks started)
+                _free(conn, conn.sock)
+            self._gates = []
             for listener in listeners:
-                listener.close()
+                listener.close()  # (this process's copy only: no shutdown)
             if self._loop is not None:  # every connection has ended (the nursery waited for them)
                 self._loop.close()
                 _add_native_counts(self.stats, self._loop)
                 self._loop = None
-            if self.socket_path is not None:
+            if self._wake is not None and not self.connections:
+                close_fds([self._wake])  # (else a thread may still poll it: left open)
+                self._wake = None
+            # Handed over (release()): the socket file and the exports are the new server's now.
+            if self.socket_path is not None and not self._released:
                 remove_socket(self.socket_path)
             exports, self.exports = self.exports, {}
             for name, export in exports.items():
+                if self._released:
+                    break
                 if name in self._left_open:
                     log.warning("nbd: export %r left open: the transmission loop may still use it", name)
                     continue
                 _flush_and_close(export)  # every connection has ended: nobody else holds its lock
 
-    async def _serve_client(self, sock: socket.socket) -> None:
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            host, port = sock.getpeername()[:2]
-            peer = f"{host}:{port}"
+    async def _serve_client(self, sock: socket.socket, adopted: NbdConnection | None = None) -> None:
+        """One client from its accept (or its adoption from the process before, in
+        transmission already) to its end; parked meanwhile while the server is paused."""
+        if adopted is not None:
+            conn, peer = adopted, adopted.peer
         else:
-            peer = "unix"
-        if self.max_connections and len(self.connections) >= self.max_connections:
-            log.warning("nbd %s: %d connections already (--max-connections): refused", peer, len(self.connections))
-            self.stats["refused"] += 1
-            sock.close()
-            return
-        conn = NbdConnection(self, sock, peer)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                host, port = sock.getpeername()[:2]
+                peer = f"{host}:{port}"
+            else:
+                peer = "unix"
+            if self.max_connections and len(self.connections) >= self.max_connections:
+                log.warning("nbd %s: %d connections already (--max-connections): refused", peer,
+                            len(self.connections))
+                self.stats["refused"] += 1
+                sock.close()
+                return
+            conn = NbdConnection(self, sock, peer)
         self.connections.add(conn)
         self.connections_served += 1
         over: trio.Event | None = None  # set once the transmission loop has let go of conn
         let_go: _LetGo | None = None
         try:
-            sock.setblocking(False)
-            export = None
-            with trio.move_on_after(self.handshake_timeout) as scope:
-                export = await negotiate(conn)
-            if scope.cancelled_caught:
-                log.info("nbd %s: no handshake within %g s: dropped", peer, self.handshake_timeout)
-                self.stats["handshake_timeouts"] += 1
+            if adopted is not None:
+                assert conn.export_name is not None
+                export: Export | None = self.exports[conn.export_name]
+            else:
+                sock.setblocking(False)
+                export = None
+                with trio.move_on_after(self.handshake_timeout) as scope:
+                    export = await negotiate(conn)
+                if scope.cancelled_caught:
+                    log.info("nbd %s: no handshake within %g s: dropped", peer, self.handshake_timeout)
+                    self.stats["handshake_timeouts"] += 1
             if export is None:
                 return
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_cancel, conn)
-                if isinstance(conn.sock, ssl.SSLSocket):
-                    conn.sock.setblocking(True)  # TLS: a thread of its own, blocking I/O
-                    await trio.to_thread.run_sync(run_blocking, conn, export, limiter=trio.CapacityLimiter(1))
-                else:
-                    over = trio.Event()
-                    let_go = _LetGo(_setter(trio.lowlevel.current_trio_token(), over),
-                                    lambda: _free(conn, sock))
-                    self._transmission_loop().add(conn, export, let_go.loop_let_go)
-                    await over.wait()
-                nursery.cancel_scope.cancel()
+            tls = isinstance(conn.sock, ssl.SSLSocket)
+            while True:
+                if self.pausing and tls:
+                    log.info("nbd %s: TLS connections are not handed over: closed", peer)
+                    self.stats["closed_at_pause"] += 1
+                    return
+                while self.pausing:  # (parked by its driver, or it finished its handshake just now)
+                    conn.parked = True
+                    over = let_go = None
+                    await self._park(conn)
+                conn.parked = False
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_stop_on_cancel, conn)
+                    if tls:
+                        conn.sock.setblocking(True)  # TLS: a thread of its own, blocking I/O
+                        await trio.to_thread.run_sync(run_blocking, conn, export,
+                                                      limiter=trio.CapacityLimiter(1))
+                    else:
+                        over = trio.Event()
+                        let_go = _LetGo(_setter(trio.lowlevel.current_trio_token(), over),
+                                        lambda: _free(conn, sock))
+                        self._transmission_loop().add(conn, export, let_go.loop_let_go)
+                        await over.wait()
+                    nursery.cancel_scope.cancel()
+                if not conn.parked:
+                    return
         except Exception:
             # A bug of ours costs this client its connection, not the server its life.
             log.exception("nbd %s: internal error; dropping the connection", peer)
             self.stats["internal_errors"] += 1
         finally:
+            self._parked.discard(conn)
             if over is not None and not over.is_set():
                 # Cancelled (the server stops): conn.stop() has ended its reading, and the loop
                 # lets go of it soon; its socket and buffers (the C loop's too) may go only then.
@@ -214,13 +321,87 @@ class NbdServer:
                 if conn.export_name is not None:
                     self._left_open.add(conn.export_name)
             else:
-                _free(conn, sock)
+                _free(conn, sock)  # (close() only: a parked socket handed over stays the new process's)
             self.connections.discard(conn)
             if not self.connections:
                 trim_heap()  # the last client gone: what the connection threads freed goes back
             self._left.set()
             self._left = trio.Event()
 
+    async def _park(self, conn: NbdConnection) -> None:
+        """A parked connection's task, until resume() (cancelled: the server stops)."""
+        self._parked.add(conn)
+        self._left.set()  # (pause() waits for this)
+        self._left = trio.Event()
+        try:
+            await self._resumed.wait()
+        finally:
+            self._parked.discard(conn)
+
+    # -- the hand-over to a new process (see the module's docstring) --
+
+    async def pause(self) -> None:
+        """Accept nothing more, park every connection (TLS ones are closed) and flush the
+        exports; nothing of this server touches a socket or an export until resume()."""
+        if self.pausing:
+            return
+        self.pausing = True
+        self._resumed = trio.Event()
+        for gate in self._gates:
+            gate.close()
+        if self._wake is not None:
+            signal_eventfd(self._wake)
+        if self._loop is not None:
+            self._loop.park_all()
+        for conn in list(self.connections):
+            if isinstance(conn.sock, ssl.SSLSocket) and conn.export_name is not None:
+                conn.stop()  # what it read is answered, then it ends
+        while not self.connections <= self._parked:
+            await self._left.wait()
+        await trio.to_thread.run_sync(self._flush_exports)
+        log.info("nbd: paused (%d connections parked)", len(self._parked))
+
+    def _flush_exports(self) -> None:
+        for export in self.exports.values():
+            if export.info.read_only:
+                continue
+            if isinstance(export, QedExport):
+                export.image.mark_clean()  # flushed, and the new process opens it without a check
+            else:
+                export.flush()
+
+    async def resume(self) -> None:
+        """The hand-over failed: accept and serve on as before pause()."""
+        if not self.pausing:
+            return
+        self.pausing = False
+        if self._wake is not None:
+            clear_eventfd(self._wake)
+        for gate in self._gates:
+            gate.open()
+        self._resumed.set()
+        log.info("nbd: resumed (%d connections)", len(self._parked))
+
+    def save(self, saver: Saver) -> State:
+        """After pause(): the listeners and the parked connections (servers.nbd.handover)."""
+        if not self.pausing:
+            raise HandoverError("nbd: save() before pause()")
+        listeners = [gate.listener for gate in self._gates if gate.listener is not None]
+        return handover.save_server(self, listeners, sorted(self._parked, key=id), saver)
+
+    def adopt(self, state: State, loader: Loader) -> None:
+        """Before serve(): the listeners and connections of `state` (save() of a server made
+        with the same exports, in the process before) are this server's; serve() listens
+        on them and serves the connections at once."""
+        self._adopted_listeners, self._adopted = handover.load_server(self, state, loader)
+
+    def release(self) -> None:
+        """After a hand-over from this process (tests; a real upgrade's process exits): once
+        serve() is cancelled it closes its copies of the sockets, shuts none down, removes
+        no socket file and leaves the exports to the caller."""
+        if not self.pausing:
+            raise HandoverError("nbd: release() before pause()")
+        self._released = True
 
     async def _watch_requests(self) -> None:
         """Drop the clients that stopped in the middle of a request payload_timeout seconds ago
@@ -229,6 +410,8 @@ class NbdServer:
             await trio.sleep(WATCH_INTERVAL)
             now = time.monotonic()
             for conn in list(self.connections):
+                if conn.parked:
+                    continue  # (its socket is not this server's to shut down while paused)
                 since = conn.waiting_since
                 native = conn.native
                 if not since and native is not None and native.in_loop:
@@ -310,4 +493,5 @@ async def _stop_on_cancel(conn: NbdConnection) -> None:
     try:
         await trio.sleep_forever()
     finally:
-        conn.stop()
+        if not conn.parked:  # a parked socket is shut down by nobody: it may go to a new process
+            conn.stop()

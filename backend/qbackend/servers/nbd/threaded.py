@@ -14,11 +14,23 @@ pieces of that size, so a WRITE header claiming 32 MiB costs no more than
 one of 4 MiB (docs/resources.md).  While a request is unfinished,
 `conn.waiting_since` says since when its next bytes are awaited: the
 server drops a client that stops sending in the middle of one.
+
+A hand-over to a new process (NbdServer.pause) parks a plain connection
+here between requests: before each receive the driver looks at
+`server.pausing`, and a receive that would block waits in poll() on the
+socket and the server's wake eventfd (signalled by pause), never in a
+blocking recv() that only a shutdown() could end.  Parking waits for the
+pool (its replies are sent) and leaves the socket open, with what the
+protocol holds of the next request.  A TLS connection is not parked (its
+TLS state cannot travel): pause stops it as a server stop does.
 """
 
 from __future__ import annotations
 
 import mmap
+import select
+import socket
+import ssl
 import time
 
 from qbackend.block.exports import Export
@@ -60,6 +72,13 @@ class _ThreadedDriver:
         self.conn = conn
         self.export = export
         self._payload: mmap.mmap | None = None  # large WRITE payloads (_receive_payload)
+        # A plain socket's receives that would block wait here, on the socket and on the
+        # server's wake eventfd (pause); a TLS socket's stay blocking receives.
+        self._waiter: select.poll | None = None
+        if not isinstance(conn.sock, ssl.SSLSocket):
+            self._waiter = select.poll()
+            self._waiter.register(conn.sock.fileno(), select.POLLIN)
+            self._waiter.register(conn.server.wake_fd(), select.POLLIN)
 
     def run(self, first: nbd.Request | None) -> None:
         conn = self.conn
@@ -91,10 +110,16 @@ class _ThreadedDriver:
                     return
                 recv_size = protocol.request_header_size
                 continue
+            if self._waiter is not None and conn.server.pausing:
+                self._park()
+                return
             if protocol.buffered or protocol.skipping:
                 conn.waiting_since = monotonic()  # in the middle of a request
             data = self._recv(recv_size)
             conn.waiting_since = 0.0
+            if data is None:  # woken by a pause
+                self._park()
+                return
             recv_size = RECV_SIZE
             if not data and conn.stopping:
                 conn.drain()
@@ -105,15 +130,38 @@ class _ThreadedDriver:
                     continue
             protocol.receive_data(data)
 
-    def _recv(self, size: int) -> memoryview | bytes:
-        """The next bytes from the client (at most `size`), valid until the next call.
+    def _park(self) -> None:
+        """Stop here for a hand-over: what is in flight finishes (its replies sent), the
+        socket stays open, the protocol keeps what it holds of the next request."""
+        self.conn.drain()
+        self.conn.parked = True
+
+    def _recv(self, size: int) -> memoryview | bytes | None:
+        """The next bytes from the client (at most `size`), valid until the next call; None
+        when a pause woke the wait for them (nothing was received).
 
         Into the connection's one preallocated buffer: a fresh 1 MiB bytes object per
         recv() costs more than most requests; the protocol copies what it keeps.
         """
         conn = self.conn
+        waiter = self._waiter
         try:
-            n = conn.sock.recv_into(conn.buffer, size)
+            if waiter is None:
+                n = conn.sock.recv_into(conn.buffer, size)
+            else:
+                # What is there already, without a wait; else poll() until the socket or a
+                # pause wakes the thread (one more system call only when there was nothing).
+                try:
+                    n = conn.sock.recv_into(conn.buffer, size, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    while True:
+                        if conn.server.pausing:
+                            return None
+                        ready = waiter.poll()
+                        # (POLLNVAL: the server has closed its eventfd: a blocking receive then)
+                        if any(fd == conn.sock.fileno() or events & select.POLLNVAL for fd, events in ready):
+                            break
+                    n = conn.sock.recv_into(conn.buffer, size)
         except OSError:
             return b""
         return conn.view[:n]
