@@ -265,7 +265,7 @@ def test_mappable_bar_memory_is_shared(tmp_path: Path) -> None:
 CONTRACT = {
     "vendor_id", "device_id", "class_code", "revision", "subsystem_vendor_id", "subsystem_id",
     "bars", "intx", "msi_vectors", "msix_vectors", "msix_bar", "capabilities", "extended_capabilities",
-    "bar_read", "bar_write", "reset", "connected", "disconnected", "reloaded",
+    "bar_read", "bar_write", "reset", "connected", "disconnected", "reloaded", "save_state", "restore_state",
     "lock", "irq_mode", "raise_irq", "lower_irq", "dma_read", "dma_write", "defer", "bar_memory",
 }
 
