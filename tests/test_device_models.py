@@ -727,12 +727,14 @@ def test_dma_map_with_fd_is_read_and_written_directly(table: DmaTable) -> None:
     try:
         os.pwrite(keep, b"guest data", 4096 + 16)
         table.add(DmaMap(RW, offset=4096, addr=0x100000, size=8192), fd)
-        assert not fd_is_open(fd)
+        assert table.open_fds() == [fd]  # kept with the map, for a hand-over to a new process
         mapping = table.find(0x100000 + 16, 10)
         assert mapping.memory is not None
         assert table.read_direct(mapping, 0x100000 + 16, 10) == b"guest data"
         table.write_direct(mapping, 0x100000 + 8188, b"xyzw")
         assert os.pread(keep, 4, 4096 + 8188) == b"xyzw"
+        table.remove(DmaUnmap(DmaUnmapFlags(0), 0x100000, 8192, 24))
+        assert not fd_is_open(fd) and table.open_fds() == []
     finally:
         os.close(keep)
 

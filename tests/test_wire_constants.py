@@ -27,6 +27,7 @@ from qbackend.protocol import nbd, vhost_user
 from qbackend.protocol import vfio_user as vu
 from qbackend.servers import vfio_user as vfio_user_server
 from qbackend.servers import vhost_user_blk as vhost_user_blk_server
+from qbackend.servers.vfio_user_fast import NativeAccessLoop
 
 PACKAGE = Path(native.__file__).resolve().parent.parent
 
@@ -77,6 +78,7 @@ EXPECTED: dict[str, Expected] = {
     "servers/vfio_user_fast.h": {
         # The Python receive loop's room for fds must be the C loop's.
         "QB_SCM_MAX_FD": vfio_user_server.SCM_MAX_FD,
+        "QB_PAUSED": NativeAccessLoop.PAUSED,
     },
     "servers/vhost_user_blk_fast.c": {
         "VIRTQ_DESC_F_NEXT": vq.VIRTQ_DESC_F_NEXT,
