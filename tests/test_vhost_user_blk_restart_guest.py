@@ -55,6 +55,36 @@ WRITER = (
 )
 
 
+def restart_timeline(log: str) -> list[tuple[float, float]]:
+    """Per restart (after the first start): seconds from listening to the front end's
+    connect, and from there to the last queue's start (qbackend -v logs carry the time)."""
+    out = []
+    for part in log.split("---- SIGKILL ----")[1:]:
+        times: dict[str, float] = {}
+        for line in part.splitlines():
+            stamp = _stamp(line)
+            if stamp is None:
+                continue
+            if ": listening" in line and "listening" not in times:
+                times["listening"] = stamp
+            elif "front end connected" in line and "connected" not in times:
+                times["connected"] = stamp
+            elif "started (" in line:
+                times["started"] = stamp
+        if len(times) == 3:
+            out.append((times["connected"] - times["listening"], times["started"] - times["connected"]))
+    return out
+
+
+def _stamp(line: str) -> float | None:
+    """The time of a log line ("2026-12-06 23:59:01,123 name: ..."), or None."""
+    try:
+        clock = time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")
+        return time.mktime(clock) + int(line[20:23]) / 1000
+    except ValueError:
+        return None
+
+
 def record(w: int, i: int) -> bytes:
     return f"record {w} {i:08d}\n".encode().ljust(RECORD, b"\0")
 
@@ -63,7 +93,7 @@ class VhostUserBlkProcess:
     """`qbackend serve --vhost-user-blk` serving one QED image, as its own process."""
 
     def __init__(self, image: Path, socket: Path, log: Path, env: dict[str, str]) -> None:
-        self.args = [sys.executable, "-m", "qbackend", "serve", "--vhost-user-blk",
+        self.args = [sys.executable, "-m", "qbackend", "-v", "serve", "--vhost-user-blk",
                      f"socket={socket},image={image},format=qed,num-queues=2,id=vub0"]
         self.log = log
         self.env = env
@@ -122,10 +152,10 @@ def test_sigkill_under_a_writing_guest_loses_no_fsynced_record(harness: Harness,
     stalls = []
     for kill in range(KILLS):
         time.sleep(rng.uniform(0.2, 2.0))
-        before = sum(done())
         server.kill()
         killed_at = time.monotonic()
         time.sleep(rng.uniform(0.0, 1.5))  # the guest's requests wait in the rings meanwhile
+        before = sum(done())  # nothing completes while qbackend is down
         server.start()
         serving_at = time.monotonic()
         assert server.serving_lines() == kill + 2
@@ -146,6 +176,8 @@ def test_sigkill_under_a_writing_guest_loses_no_fsynced_record(harness: Harness,
           f"{resubmitted} requests carried out again from the inflight region, "
           f"{text.count('inflight region refused')} regions refused; per kill, qbackend down / serving to the "
           "guest's next record: " + ", ".join(f"{down:.2f}s/{resume:.2f}s" for down, resume in stalls))
+    print("per restart, from qbackend's log: listening -> QEMU connected -> every queue started: "
+          + ", ".join(f"{a:.2f}s/{b:.2f}s" for a, b in restart_timeline(text)))
     assert "inflight region refused" not in text, text
 
     assert qemu_check(image)[0] == 0, qemu_check(image)

@@ -696,6 +696,9 @@ class Connection:
         # The native path serves split rings; a packed ring is the model's alone (and every
         # ring is, with the test knob that reorders completions).
         native = q.native is not None and isinstance(q.vq, SplitVirtqueue) and not self.server.reorder
+        log.info("%s: queue %d started (%s path, %s)", self.server.name, q.index, "native" if native else "Python",
+                 "tracked in the inflight region" if isinstance(q.vq, SplitVirtqueue) and q.vq.inflight is not None
+                 else "not tracked")
         target = self._serve_queue_native if native else self._serve_queue
         q.thread = threading.Thread(target=target, args=(q,), daemon=True,
                                     name=f"{self.server.name} queue {q.index}")
@@ -999,6 +1002,7 @@ class VhostUserBlkServer:
                 conn = Connection(self, sock)
                 self.connection = conn
                 self.connections_served += 1
+                log.info("%s: front end connected", self.name)
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._stop_on_cancel, conn)
