@@ -1,0 +1,155 @@
+"""`qbackend upgrade` ten times under a running guest that notices nothing.
+
+A `qbackend serve` process (its own process: only that hands over) serves
+two ivshmem devices of one peer group (MSI-X, 2 vectors each, on a
+/dev/shm name) and the edu example; the guest uses all three.  Then, ten
+times, while the guest runs edu_check in a loop (identification, factorial,
+interrupts, DMA to and from guest RAM): doorbells from the host (QMP
+ivshmem-ring) and from one guest device to the other, the QMP upgrade, and
+more doorbells.  What it checks:
+- every upgrade answers with a new PID, the old process exits 0;
+- the guest loses no interrupt: its per-vector counts equal the doorbells rung;
+- every access is answered: every edu_check run prints what the first one
+  printed, and none fails; the IVPositions and the shared memory written
+  before are unchanged, and memory the guest writes after is seen by the host;
+- QEMU's log has no vfio-user error;
+- the new process holds as many fds as the one before it;
+and prints the hand-over time of each upgrade (p50 and max), the time
+during which no device answers.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import os
+import re
+import signal
+import statistics
+from pathlib import Path
+
+import pytest
+
+from qbackend.app.monitor_client import call, monitor
+from qbackend.machine.launch import vfio_user_device_arg
+from qbackend.testing.harness import Guest, Harness, start_qbackend, sysfs_pci, wait_until
+
+pytestmark = pytest.mark.guest
+
+UPGRADES = 10
+SIZE = 1 << 20
+EDU = f"{Path(__file__).resolve().parent.parent}/examples/edu.py:Edu"
+IV0, IV1, EDU_SLOT = "00:02.0", "00:03.0", "00:05.0"
+# The guest's edu workload: edu_check in a loop; each run's output in /tmp/edu.N, a failed run
+# (exit status other than 0) named in /tmp/edu.failed.
+EDU_LOOP = (f"(n=0; while [ ! -e /tmp/stop ]; do n=$((n+1)); edu_check {sysfs_pci(EDU_SLOT)} check > /tmp/edu.$n "
+            "2>&1 || echo $n >> /tmp/edu.failed; echo $n > /tmp/edu.done; done; echo end > /tmp/edu.end)")
+
+
+def fds_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def gone(pid: int) -> bool:
+    """Whether `pid` has exited (a zombie nobody has reaped yet counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def counts(guest: Guest, slot: str) -> list[int]:
+    return [int(x) for x in guest.sh(f"cat {sysfs_pci(slot)}/counts").split()]
+
+
+def test_ten_upgrades_under_a_running_guest(harness: Harness, tmp_path: Path) -> None:
+    shm = harness.shm_name("upgrade")
+    control = tmp_path / "qb.sock"
+    proc, _ = start_qbackend(
+        ["serve", "--control", str(control),
+         "--ivshmem", f"socket={tmp_path / 'iv0.sock'},size=1M,shm={shm},vectors=2,id=iv0",
+         "--ivshmem", f"socket={tmp_path / 'iv1.sock'},size=1M,shm={shm},vectors=2,id=iv1",
+         "--device", f"socket={tmp_path / 'edu.sock'},class={EDU},id=edu1"], tmp_path)
+    pids = [proc.pid]
+
+    def stop_last() -> None:
+        try:
+            os.kill(pids[-1], signal.SIGINT)
+        except ProcessLookupError:
+            pass
+        proc.communicate(timeout=30)
+
+    harness.callback(stop_last)
+    guest = harness.guest("upgrade", extra_args=[
+        "-device", vfio_user_device_arg("iv0", tmp_path / "iv0.sock", addr="0x2"),
+        "-device", vfio_user_device_arg("iv1", tmp_path / "iv1.sock", addr="0x3"),
+        "-device", vfio_user_device_arg("edu1", tmp_path / "edu.sock", addr="0x5"),
+    ])
+    iv0_bar0, iv1_bar0 = guest.bar(sysfs_pci(IV0), 0)[0], guest.bar(sysfs_pci(IV1), 0)[0]
+    iv0_bar2 = guest.bar(sysfs_pci(IV0), 2)[0]
+    positions = (guest.devmem(iv0_bar0 + 8), guest.devmem(iv1_bar0 + 8))
+    assert positions[0] != positions[1]
+    with monitor(control) as qmp:
+        call(qmp, "ivshmem-write", {"group": shm, "offset": 0x100, "data": base64.b64encode(b"before!!").decode()})
+    assert guest.devmem(iv0_bar2 + 0x100, 64) == int.from_bytes(b"before!!", "little")
+    reference = guest.sh(f"edu_check {sysfs_pci(EDU_SLOT)} check", 180).splitlines()
+    assert reference, "edu_check printed nothing"
+    guest.console.start_background(EDU_LOOP)
+
+    rung = {IV0: [0, 0], IV1: [0, 0]}
+    base = {IV0: counts(guest, IV0), IV1: counts(guest, IV1)}
+
+    def ring_both_ways(k: int) -> None:
+        with monitor(control) as qmp:  # the host rings iv0's vector k % 2, as a peer would
+            call(qmp, "ivshmem-ring", {"group": shm, "peer": positions[0], "vector": k % 2})
+        rung[IV0][k % 2] += 1
+        # iv0 rings iv1 (one doorbell: two at once may arrive as one interrupt, an eventfd's count)
+        guest.sh(f"echo '{positions[1]} {(k + 1) % 2} 1' > {sysfs_pci(IV0)}/doorbell")
+        rung[IV1][(k + 1) % 2] += 1
+
+    def expected(slot: str) -> list[int]:
+        return [b + r for b, r in zip(base[slot], rung[slot], strict=True)]
+
+    fds_before = fds_of(pids[-1])
+    handovers = []
+    for k in range(UPGRADES):
+        ring_both_ways(2 * k)
+        with monitor(control) as qmp:
+            reply = call(qmp, "upgrade", timeout=120)
+        new_pid = int(reply["pid"])
+        handovers.append(float(reply["seconds"]))
+        old_pid = pids[-1]
+        pids.append(new_pid)
+        if old_pid == proc.pid:
+            assert proc.wait(30) == 0
+        else:
+            wait_until(functools.partial(gone, old_pid), 30, "the old process to exit")
+        ring_both_ways(2 * k + 1)
+        wait_until(lambda: counts(guest, IV0) == expected(IV0) and counts(guest, IV1) == expected(IV1), 30,
+                   f"every doorbell's interrupt after upgrade {k + 1}",
+                   seen=lambda: {"iv0": (counts(guest, IV0), expected(IV0)), "iv1": (counts(guest, IV1), expected(IV1))})
+        assert fds_of(new_pid) == fds_before, f"upgrade {k + 1}: fds {fds_before} -> {fds_of(new_pid)}"
+
+    done_before_stop = int(guest.sh("cat /tmp/edu.done"))
+    wait_until(lambda: int(guest.sh("cat /tmp/edu.done")) > done_before_stop, 300, "one more edu_check run")
+    guest.sh("touch /tmp/stop")
+    guest.wait_guest("[ -e /tmp/edu.end ]", 300)
+    assert guest.sh("cat /tmp/edu.failed 2>/dev/null; true") == ""
+    runs = int(guest.sh("cat /tmp/edu.done"))
+    for n in range(1, runs + 1):
+        assert guest.sh(f"cat /tmp/edu.{n}").splitlines() == reference, f"edu_check run {n} of {runs}"
+    # What the guest saw of the group stays, and what it writes now the host sees.
+    assert (guest.devmem(iv0_bar0 + 8), guest.devmem(iv1_bar0 + 8)) == positions
+    assert guest.devmem(iv0_bar2 + 0x100, 64) == int.from_bytes(b"before!!", "little")
+    guest.devmem(iv0_bar2 + 0x200, 32, 0x600DF00D)
+    with monitor(control) as qmp:
+        def host_sees() -> bool:
+            data = call(qmp, "ivshmem-read", {"group": shm, "offset": 0x200, "length": 4})["data"]
+            return base64.b64decode(data) == (0x600DF00D).to_bytes(4, "little")
+        wait_until(host_sees, 10, "the host to see the guest's write")
+    said = [line for line in guest.vm.log_path.read_text(errors="replace").splitlines()
+            if not line.startswith("$ ")]  # the command line itself names vfio-user-pci
+    assert not [line for line in said if re.search(r"vfio|Broken pipe|Unable|error", line, re.I)], said
+    print(f"\n{UPGRADES} upgrades under a running guest: {runs} edu_check runs all equal, "
+          f"{sum(map(sum, rung.values()))} doorbells all delivered; hand-over (no device answers meanwhile) "
+          f"p50 {statistics.median(handovers) * 1000:.0f} ms, max {max(handovers) * 1000:.0f} ms")
