@@ -305,7 +305,7 @@ def test_a_crashed_back_ends_requests_are_carried_out_again_in_counter_order(rig
     with no_leaks(), connect(rig) as f:
         c = crash(rig, f)
         try:
-            resubmitted = stat(rig, "inflight_resubmitted")
+            resubmitted, native = stat(rig, "inflight_resubmitted"), stat(rig, "native_requests")
             f.connect()
             f.negotiate()
             assert f.set_mem_table()
@@ -327,6 +327,8 @@ def test_a_crashed_back_ends_requests_are_carried_out_again_in_counter_order(rig
             assert f.read_sectors(0, 7, 1) == (VIRTIO_BLK_S_OK, sector_data(7, 99))
             assert f.used_idx(0) == len(c.heads) + 2
             assert ring.last_used == len(c.heads) + 2
+            # The requests carried out again are the model's; the new ones, C's on the native path.
+            assert stat(rig, "native_requests") - native == (2 if path == "native" else 0)
         finally:
             f.disconnect()
             rig.idle()
