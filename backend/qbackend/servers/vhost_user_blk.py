@@ -51,6 +51,15 @@ available chain of a drain, carry them out, and return them in reverse
 order (out-of-order completion, as a back end with parallel I/O does); with
 it the native path is not used at all.
 
+Hand-over to a new process (`qbackend upgrade`, qbackend.app.upgrade): pause()
+stops the message loop between messages (it waits on the socket and an
+eventfd, so a pause needs no shutdown) and every queue after its drain, so
+every chain taken is answered; save() describes what the front end set up
+(features, memory regions with their fds, the inflight region, each ring's
+size, addresses, base and eventfds), and the new process sets up a fresh
+Connection with the same messages made from that description, so every
+check is made there as for the front end's own.  QEMU sees no close.
+
 Bad input: a malformed message is refused (with REPLY_ACK, a failure
 reply), its fds closed, and the connection goes on; a message that needs an
 answer we cannot give, or broken framing, ends the connection.  A request
@@ -63,8 +72,10 @@ and the queue serves nothing until the front end sets it up again.
 
 from __future__ import annotations
 
+import dataclasses
 import errno as E
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -75,6 +86,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -93,13 +105,17 @@ from qbackend.models.virtqueue import (
     Virtqueue,
     VirtqueueError,
 )
+from qbackend.plumbing.handover import HandoverError, Loader, Saver, State, adopt_socket
 from qbackend.plumbing.native_lock import device_lock
 from qbackend.plumbing.peer_memory import PeerMemoryError, check_peer_memory
 from qbackend.plumbing.unix import (
+    AcceptGate,
+    adopt_owned,
     clear_eventfd,
     close_fds,
     fds_from_ancdata,
     make_eventfd,
+    owned_inode,
     send_with_fds,
     sends_within,
     serve_unix,
@@ -113,6 +129,7 @@ from qbackend.servers.vhost_user_blk_fast import load as load_native
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+PAUSE_WAIT = 5.0  # seconds for a front end's message in progress to end before a hand-over gives up
 MAX_MEM_SLOTS = 64  # GET_MAX_MEM_SLOTS: regions at once (QEMU needs a few; each DIMM adds one)
 RECV_SIZE = vu.HEADER_SIZE + vu.MAX_PAYLOAD
 CMSG_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * 4)
@@ -188,8 +205,13 @@ class _Mapping:
             raise Refused(f"cannot map guest memory at {region.guest_phys_addr:#x} "
                           f"({region.memory_size:#x} bytes): {exc}") from None
         self.view: memoryview | None = memoryview(self.map)[skip:skip + region.memory_size]
+        # Its own copy of the fd: a hand-over to a new process (qbackend upgrade) passes it on.
+        self.fd: int | None = os.dup(fd)
 
     def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if self.view is not None:
             self.view.release()
             self.view = None
@@ -259,6 +281,12 @@ class Connection:
         self._reply_fds: list[int] = []  # fds of our own to send with the reply, then close
         self.inflight_map: mmap.mmap | None = None  # SET_INFLIGHT_FD's mapping
         self._inflight_view: memoryview | None = None
+        self.inflight: tuple[vu.Inflight, int] | None = None  # SET_INFLIGHT_FD's description and a copy of its fd
+        # A hand-over (pause): the message loop stops at a message boundary, its socket untouched.
+        self.wake = make_eventfd()
+        self.pause_requested = False
+        self.paused = False
+        self._running: list[int] = []  # the queues a pause stopped, started again by resume
         self._handlers: dict[int, Callable[[vu.Message], bytes | None]] = {
             Request.GET_FEATURES: lambda m: vu.reply_u64(Request.GET_FEATURES, self.server.features),
             Request.SET_FEATURES: self._set_features,
@@ -291,8 +319,20 @@ class Connection:
     def run_blocking(self) -> None:
         buffer = bytearray(RECV_SIZE)
         view = memoryview(buffer)
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        poller.register(self.wake, select.POLLIN)
+        self.paused = False
         try:
             while True:
+                ready = {fd for fd, _ in poller.poll()}
+                if self.wake in ready:
+                    clear_eventfd(self.wake)
+                if self.pause_requested and not self.reader.buffered:
+                    self.paused = True  # between messages: the next process reads the next one
+                    return
+                if self.sock.fileno() not in ready:
+                    continue
                 try:
                     n, ancdata, _flags, _ = self.sock.recvmsg_into([buffer], CMSG_SPACE)
                 except OSError:
@@ -320,7 +360,8 @@ class Connection:
             log.exception("%s: internal error; closing the connection", self.server.name)
             self.server.counters["internal_errors"] += 1
         finally:
-            close_fds(self.reader.take_stray_fds())
+            if not self.paused:
+                close_fds(self.reader.take_stray_fds())
 
     def _handle(self, message: vu.Message) -> None:
         self.server.counters["messages"] += 1
@@ -615,6 +656,7 @@ class Connection:
             raise Refused(f"cannot map the inflight region ({req.mmap_size:#x} bytes): {exc}") from None
         self._unmap_inflight()
         self.inflight_map = new
+        self.inflight = (req, os.dup(fd))
         self._inflight_view = memoryview(new)[skip:skip + req.mmap_size]
         for q in self.queues[:req.num_queues]:
             q.region = InflightRegion(self._inflight_view[q.index * per_queue:(q.index + 1) * per_queue])
@@ -638,6 +680,9 @@ class Connection:
         if self.inflight_map is not None:
             self.inflight_map.close()
             self.inflight_map = None
+        if self.inflight is not None:
+            os.close(self.inflight[1])
+            self.inflight = None
 
     def _track_inflight(self, q: _Queue) -> None:
         """A queue that starts reads its region back (holding the queue's lock): what was
@@ -924,13 +969,108 @@ class Connection:
                 q.kick = q.call = q.err = None
             self._unmap_all()
         close_fds(q.wake for q in self.queues)
+        close_fds([self.wake])
         self.sock.close()
 
     def open_fds(self) -> list[int]:
         fds = [fd for q in self.queues for fd in q.fds()]
+        fds += [m.fd for m in self.mappings if m.fd is not None]
+        if self.inflight is not None:
+            fds.append(self.inflight[1])
+        fds.append(self.wake)
         if self.sock.fileno() >= 0:
             fds.append(self.sock.fileno())
         return fds
+
+    # -- hand-over to a new process (qbackend.app.upgrade) ------------------------------
+    #
+    # The message loop has stopped between messages (`paused`); pause_queues stops every
+    # queue worker after its drain, so every chain taken is answered and each ring's base
+    # is where the next process goes on.  save() describes what the front end set up;
+    # restore() in the new process sets up a fresh Connection with the same messages,
+    # built from that description, so every check and mapping is done there as for the
+    # front end's own.
+
+    def pause_queues(self) -> None:
+        with self.lock, self._queues_held():
+            self._running = [q.index for q in self.queues if q.thread is not None]
+            for q in self.queues:
+                self._stop_queue(q)
+
+    def resume_queues(self) -> None:
+        with self.lock, self._queues_held():
+            for index in self._running:
+                self._start_queue(self.queues[index])
+            self._running = []
+
+    def save(self, saver: Saver) -> State:
+        """What the front end set up (after pause_queues), with its fds."""
+        with self.lock, self._queues_held():
+            regions = []
+            for m in self.mappings:
+                assert m.fd is not None
+                r = m.region
+                regions.append({"gpa": r.guest_phys_addr, "size": r.memory_size, "uva": r.userspace_addr,
+                                "offset": r.mmap_offset, "fd": saver.fd(m.fd)})
+            inflight = None
+            if self.inflight is not None:
+                req, fd = self.inflight
+                inflight = {"size": req.mmap_size, "offset": req.mmap_offset, "queues": req.num_queues,
+                            "queue_size": req.queue_size, "fd": saver.fd(fd)}
+            queues = []
+            for q in self.queues:
+                addr = q.vq.addresses
+                queues.append({
+                    "num": q.vq.num, "base": q.vq.get_base(),
+                    "addresses": None if addr is None else [addr.desc, addr.avail, addr.used],
+                    "enabled": q.enabled, "running": q.index in self._running,
+                    "kick": saver.optional_fd(q.kick), "call": saver.optional_fd(q.call),
+                    "err": saver.optional_fd(q.err)})
+            return {"socket": saver.fd(self.sock.fileno()), "features": self.features,
+                    "protocol_features": self.protocol_features, "writeback": self.config.writeback,
+                    "regions": regions, "inflight": inflight, "queues": queues}
+
+    def restore(self, state: State, fds: dict[str, Any]) -> None:
+        """Set this new connection up as save() described (in the new process, before it serves)."""
+        def send(request: int, payload: bytes, *message_fds: int) -> None:
+            refused = self.server.counters["refused"]
+            message = vu.Message(request, vu.VERSION, payload, message_fds)
+            self._handle(message)
+            if self.server.counters["refused"] != refused:
+                raise HandoverError(f"{self.server.name}: {message.name} of the old process's set-up was refused "
+                                    "here (see the log)")
+
+        send(Request.SET_FEATURES, vu.u64(int(state["features"])))
+        if state["features"] & vu.VHOST_USER_F_PROTOCOL_FEATURES:
+            send(Request.SET_PROTOCOL_FEATURES, vu.u64(int(state["protocol_features"])))
+        regions = [vu.MemoryRegion(r["gpa"], r["size"], r["uva"], r["offset"]) for r in state["regions"]]
+        if regions:
+            send(Request.SET_MEM_TABLE, vu.memory_table(regions[:vu.VHOST_MEMORY_BASELINE_NREGIONS]),
+                 *fds["regions"][:vu.VHOST_MEMORY_BASELINE_NREGIONS])
+            for region, fd in zip(regions[vu.VHOST_MEMORY_BASELINE_NREGIONS:],
+                                  fds["regions"][vu.VHOST_MEMORY_BASELINE_NREGIONS:], strict=True):
+                send(Request.ADD_MEM_REG, vu.single_region(region), fd)
+        inflight = state["inflight"]
+        if inflight is not None:
+            send(Request.SET_INFLIGHT_FD, vu.Inflight(inflight["size"], inflight["offset"], inflight["queues"],
+                                                      inflight["queue_size"]).pack(), fds["inflight"])
+        for index, (q, fq) in enumerate(zip(state["queues"], fds["queues"], strict=True)):
+            if q["num"]:
+                send(Request.SET_VRING_NUM, vu.vring_state(index, q["num"]))
+            if q["addresses"] is not None:
+                desc, avail, used = q["addresses"]
+                send(Request.SET_VRING_ADDR, vu.vring_addr(index, desc, used, avail))
+            send(Request.SET_VRING_BASE, vu.vring_state(index, q["base"]))
+            for request, fd in ((Request.SET_VRING_CALL, fq["call"]), (Request.SET_VRING_ERR, fq["err"])):
+                if fd is not None:
+                    send(request, vu.vring_fd(index), fd)
+            if self.protocol_features and state["features"] & vu.VHOST_USER_F_PROTOCOL_FEATURES:
+                send(Request.SET_VRING_ENABLE, vu.vring_state(index, int(q["enabled"])))
+            if fq["kick"] is not None:  # set, not started: resume_queues() starts it once this process serves
+                self.queues[index].kick = fq["kick"]
+                if q["running"]:
+                    self._running.append(index)
+        self.config = dataclasses.replace(self.config, writeback=bool(state["writeback"]))
 
 
 class _Hangup(Exception):
@@ -987,9 +1127,21 @@ class VhostUserBlkServer:
         self.connection: Connection | None = None
         self.connections_served = 0
         self._one_client = trio.Lock()
+        self.gate = AcceptGate()
+        self._resumed = trio.Event()  # set by resume(): a paused connection serves on
+        self._paused = trio.Event()  # set once the connection's message loop stopped for a pause
+        self._adopted_listener: socket.socket | None = None
+        self._adopted: Connection | None = None  # the front end a process before handed over
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await serve_unix(self.socket_path, self.name, self._serve_client, task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            if self._adopted is not None:
+                await nursery.start(self._serve_adopted, self._adopted)
+                self._adopted = None
+            listener, self._adopted_listener = self._adopted_listener, None
+            await nursery.start(functools.partial(serve_unix, self.socket_path, self.name, self._serve_client,
+                                                  gate=self.gate, adopted=listener))
+            task_status.started()
 
     async def _serve_client(self, sock: socket.socket) -> None:
         try:
@@ -1000,22 +1152,104 @@ class VhostUserBlkServer:
             sock.setblocking(True)
             async with self._one_client:
                 conn = Connection(self, sock)
-                self.connection = conn
-                self.connections_served += 1
                 log.info("%s: front end connected", self.name)
-                try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._stop_on_cancel, conn)
-                        await trio.to_thread.run_sync(conn.run_blocking, limiter=trio.CapacityLimiter(1))
-                        nursery.cancel_scope.cancel()
-                finally:
-                    try:
-                        await trio.to_thread.run_sync(self._close_connection, conn)
-                    finally:
-                        self.connection = None
-                    log.info("%s: front end disconnected", self.name)
+                await self._run_connection(conn)
         finally:
             sock.close()
+
+    async def _serve_adopted(self, conn: Connection, *,
+                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The front end an old process handed over (set up by adopt()): its queues start, and
+        it is served as any."""
+        try:
+            async with self._one_client:
+                task_status.started()
+                await trio.to_thread.run_sync(conn.resume_queues)
+                log.info("%s: front end taken over from the process before", self.name)
+                await self._run_connection(conn)
+        finally:
+            conn.sock.close()
+
+    async def _run_connection(self, conn: Connection) -> None:
+        """Serve `conn` until its front end goes (or we stop); a pause (hand-over) holds it
+        until resume(), or for good once the process has handed over."""
+        self.connection = conn
+        self.connections_served += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_on_cancel, conn)
+                while True:
+                    await trio.to_thread.run_sync(conn.run_blocking, limiter=trio.CapacityLimiter(1))
+                    if not conn.paused:
+                        break
+                    self._paused.set()
+                    await self._resumed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            try:
+                await trio.to_thread.run_sync(self._close_connection, conn)
+            finally:
+                self.connection = None
+            log.info("%s: front end disconnected", self.name)
+
+    # -- hand-over to a new process (qbackend.app.upgrade's Part) -------------------------
+
+    async def pause(self) -> None:
+        """Accept nothing; stop the connection's message loop between messages and every
+        queue after its drain (all taken chains answered), the sockets untouched."""
+        self.gate.close()
+        self._resumed = trio.Event()
+        self._paused = trio.Event()
+        conn = self.connection
+        if conn is None:
+            return
+        conn.pause_requested = True
+        signal_eventfd(conn.wake)
+        with trio.move_on_after(PAUSE_WAIT):
+            await self._paused.wait()
+        if not self._paused.is_set():
+            raise HandoverError(f"{self.name}: the front end's messages did not reach a boundary within "
+                                f"{PAUSE_WAIT:g} s")
+        await trio.to_thread.run_sync(conn.pause_queues)
+
+    async def resume(self) -> None:
+        conn = self.connection
+        if conn is not None and conn.pause_requested:
+            conn.pause_requested = False
+            if conn.paused:
+                await trio.to_thread.run_sync(conn.resume_queues)
+        self._resumed.set()
+        self.gate.open()
+
+    def save(self, saver: Saver) -> State:
+        listener = self.gate.listener
+        if listener is None:
+            raise HandoverError(f"{self.name}: it is not serving")
+        conn = self.connection
+        return {"listener": saver.fd(listener.fileno()), "inode": owned_inode(self.socket_path),
+                "connection": conn.save(saver) if conn is not None and conn.paused else None}
+
+    def adopt(self, state: State, loader: Loader) -> None:
+        """In the new process, before serve(): the listener, and the front end as it was set up."""
+        listener = adopt_socket(loader.take(state["listener"]))
+        listener.setblocking(False)
+        self._adopted_listener = listener
+        adopt_owned(self.socket_path, state["inode"])
+        saved = state["connection"]
+        if saved is not None:
+            fds = {"regions": [loader.take(r["fd"]) for r in saved["regions"]],
+                   "inflight": None if saved["inflight"] is None else loader.take(saved["inflight"]["fd"]),
+                   "queues": [{key: loader.take_optional(q[key]) for key in ("kick", "call", "err")}
+                              for q in saved["queues"]]}
+            sock = adopt_socket(loader.take(saved["socket"]))
+            sock.setblocking(True)
+            conn = Connection(self, sock)
+            try:
+                conn.restore(saved, fds)
+            except BaseException:
+                conn.close()
+                raise
+            self._adopted = conn
 
     @property
     def stats(self) -> Counter[str]:
