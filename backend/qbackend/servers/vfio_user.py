@@ -599,6 +599,7 @@ class Connection:
         limit = self.protocol.client_caps.max_data_xfer_size
         for pos in range(0, count, limit):
             n = min(limit, count - pos)
+            await self.server.wait_unpaused()  # no message goes out while paused (a hand-over)
             msg_id, data = await run_locked(self.device.lock, self.protocol.dma_read_request, addr + pos, n)
             reply = await self._server_request(msg_id, data)
             out += vu.parse_dma_read_reply(reply.payload, n)
@@ -609,6 +610,7 @@ class Connection:
             return
         limit = self.protocol.client_caps.max_data_xfer_size
         for pos in range(0, len(data), limit):
+            await self.server.wait_unpaused()
             msg_id, msg = await run_locked(self.device.lock, self.protocol.dma_write_request, addr + pos,
                                            data[pos:pos + limit])
             await self._server_request(msg_id, msg)
@@ -627,7 +629,8 @@ class Connection:
         return True
 
     async def _server_request(self, msg_id: int, data: bytes) -> vu.ServerReplyReceived:
-        # While paused (a hand-over), nothing more goes out on the socket.
+        # Paused between the id and the send: still nothing goes out until resume (a
+        # hand-over leaves the id reserved, harmlessly).
         await self.server.wait_unpaused()
         if self.closed:
             raise DmaError("the client has disconnected", errno=E.ENOTCONN)
