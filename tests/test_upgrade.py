@@ -80,3 +80,34 @@ def test_a_device_that_cannot_be_handed_over_is_refused_and_nothing_changes(tmp_
     finally:
         old.send_signal(signal.SIGINT)
         old.communicate(timeout=10)
+
+
+def test_a_failed_hand_over_leaves_the_old_process_serving(tmp_path: Path) -> None:
+    """The new process cannot open the disk (moved away meanwhile): the upgrade fails with one
+    line saying why, and the old process serves its NBD clients on; put back, it succeeds."""
+    image = tmp_path / "d.qed"
+    assert qbackend("qed", "create", str(image), "64M", cwd=tmp_path).returncode == 0
+    old, control = start_serve(tmp_path, "--nbd", f"name=d,image={image},format=qed",
+                               "--nbd-socket", str(tmp_path / "n.sock"))
+    url = f"nbd+unix:///d?socket={tmp_path / 'n.sock'}"
+    pids = [old.pid]
+    try:
+        image.rename(tmp_path / "away.qed")
+        result = qbackend("upgrade", "--control", str(control), cwd=tmp_path)
+        assert result.returncode == 1, result
+        line, = result.stderr.strip().splitlines()
+        assert "serves on" in line and "d.qed" in line, line
+        assert old.poll() is None
+        size = subprocess.run(["nbdinfo", "--size", url], capture_output=True, text=True, timeout=30)
+        assert size.stdout.strip() == str(64 << 20), size
+        (tmp_path / "away.qed").rename(image)
+        result = qbackend("upgrade", "--control", str(control), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        pids.append(int(result.stdout.split("PID ")[1].split()[0]))
+        assert old.wait(10) == 0
+        size = subprocess.run(["nbdinfo", "--size", url], capture_output=True, text=True, timeout=30)
+        assert size.stdout.strip() == str(64 << 20), size
+    finally:
+        os.kill(pids[-1], signal.SIGINT)
+        output = old.communicate(timeout=30)[0]
+    assert "Traceback" not in output, output

@@ -117,7 +117,7 @@ async def hand_over(parts: dict[str, Part], describe: State, *, timeout: float =
             answer = await trio.to_thread.run_sync(recv_json, mine, abandon_on_cancel=True)
         if not isinstance(answer, dict) or answer.get("ready") != proc.pid:
             error = answer.get("error") if isinstance(answer, dict) else None
-            raise HandoverError(f"the new process did not take over: {error or answer!r}")
+            raise HandoverError(f"the new process could not take over: {error or answer!r}")
         # From here on the new process serves: this one never resumes.
         send_json(mine, {"go": True})
     except BaseException as exc:
@@ -157,9 +157,14 @@ def take_over(fd: int) -> int:
         backend = rebuild(state["backend"])
         adopt_parts(backend, state["parts"], loader)
     except Exception as exc:
-        log.exception("upgrade: cannot take over")
+        from qbackend.errors import QbackendError
+
+        if isinstance(exc, (OSError, QbackendError, HandoverError)):  # what the old process's state asks cannot be
+            log.error("upgrade: cannot take over: %s", exc)
+        else:
+            log.exception("upgrade: cannot take over")
         try:
-            send_json(sock, {"error": f"{type(exc).__name__}: {exc}"})
+            send_json(sock, {"error": str(exc) or type(exc).__name__})
         except OSError:
             pass
         exit_now(1)  # nothing of what was adopted may be closed or removed by a clean-up
