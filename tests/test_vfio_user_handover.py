@@ -31,7 +31,9 @@ import trio
 from qbackend.devices import Device
 from qbackend.devices.api import UserFunction, function_of
 from qbackend.devices.ivshmem import IvshmemDevice
+from qbackend.ivshmem import server as ivshmem_server
 from qbackend.ivshmem.group import PeerGroup
+from qbackend.ivshmem.peer import IvshmemPeer
 from qbackend.ivshmem.server import add_server
 from qbackend.models.ivshmem import DOORBELL, INTR_MASK, IV_POSITION
 from qbackend.models.pci_config import MSIX_ENABLE
@@ -77,7 +79,7 @@ class TrioThread:
                 return await fn(*args)
         return trio.from_thread.run(bounded, trio_token=self._token)
 
-    def serve(self, server: VfioUserServer) -> trio.CancelScope:
+    def serve(self, server: VfioUserServer | PeerGroup) -> trio.CancelScope:
         """server.serve() in the loop, once it listens; cancel the scope to stop it."""
         async def start() -> trio.CancelScope:
             scope = trio.CancelScope()
@@ -136,6 +138,8 @@ def hand_over(loop: TrioThread, old: list[VfioUserServer], new: list[VfioUserSer
               groups: tuple[PeerGroup, PeerGroup] | None = None) -> None:
     """What qbackend.app.upgrade does, within this process: pause and save the old
     servers (and group), pass the state through a socket pair, adopt it in the new."""
+    if groups is not None:
+        loop.run(groups[0].pause)
     for server in old:
         loop.run(server.pause)
     saver = Saver()
@@ -164,6 +168,7 @@ def stop_old(loop: TrioThread, scopes: list[trio.CancelScope], monkeypatch: pyte
     and the socket path (the new server's now) left where it is."""
     with monkeypatch.context() as patch:
         patch.setattr(unix, "remove_socket", lambda path: None)
+        patch.setattr(ivshmem_server, "remove_socket", lambda path: None)
         for scope in scopes:
             loop.stop(scope)
         time.sleep(0.1)  # the tasks' clean-up (closing in worker threads) ends
@@ -284,6 +289,70 @@ def test_ivshmem_devices_and_their_group_hand_over(loop: TrioThread, tmp_path: P
         if new is not None:
             new.close()
         os.close(guest_ram)
+        for fds in locals().get("eventfds", []):
+            for fd in fds:
+                os.close(fd)
+
+
+def test_a_group_with_an_ivshmem_server_and_its_host_peer_hand_over(
+        loop: TrioThread, tmp_path: Path, access_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host program connected to the group's ivshmem-server socket (as a stock QEMU
+    ivshmem-doorbell would be) stays in the group: same id, doorbells both ways through
+    the same eventfds, and it hears of peers that join after the hand-over."""
+    rigs: list[IvshmemRig] = []
+
+    def make_rig() -> IvshmemRig:
+        rig = IvshmemRig(tmp_path)
+        add_server(rig.group, tmp_path / "group.sock", 2)
+        rigs.append(rig)
+        return rig
+
+    old = make_rig()
+    scopes = [loop.serve(old.group), *(loop.serve(server) for server in old.servers)]
+    clients = [VfioUserClient(server.socket_path, timeout=DEADLINE) for server in old.servers]
+    rung: list[int] = []
+    joined: list[int] = []
+    host = None
+    try:
+        eventfds = [set_up_ivshmem_client(c, d) for c, d in zip(clients, old.devices)]
+        host = IvshmemPeer(tmp_path / "group.sock", vectors=2, timeout=DEADLINE, on_doorbell=rung.append,
+                           on_join=joined.append)
+        assert host.id == 2 and host.peers() == [0, 1]
+        assert host.ring(0, 1) and fired(eventfds[0][1])
+        clients[1].write32(BAR0, DOORBELL, 2 << 16 | 0)
+        wait_for(lambda: rung == [0], "the host peer's doorbell")
+
+        before = open_fds()
+        new = make_rig()
+        hand_over(loop, old.servers, new.servers, (old.group, new.group))
+        host.ring(1, 0)  # rung while paused: it waits in the device's eventfd
+        stop_old(loop, scopes, monkeypatch)
+        old.close()
+        scopes = [loop.serve(new.group), *(loop.serve(server) for server in new.servers)]
+
+        assert fired(eventfds[1][0])
+        assert sorted(new.group.peers) == [0, 1, 2] and new.group.peers[2].kind == "ivshmem-server client"
+        assert host.peers() == [0, 1]  # no leave, no second join: the peers saw nothing
+        assert host.peer_vectors(0) == host.peer_vectors(1) == 2
+        assert host.ring(0, 0) and fired(eventfds[0][0])
+        clients[0].write32(BAR0, DOORBELL, 2 << 16 | 1)
+        wait_for(lambda: rung == [0, 1], "the host peer's doorbell after the hand-over")
+        assert new.group.peers[2].received() == [1, 1]
+        assert len(open_fds()) == len(before)
+        # A peer that connects to the new process is announced to the first.
+        with IvshmemPeer(tmp_path / "group.sock", vectors=2, timeout=DEADLINE) as late:
+            assert late.id == 3 and late.peers() == [0, 1, 2]
+            wait_for(lambda: joined == [3], "the join to reach the first host peer")
+            assert late.ring(2, 1)
+            wait_for(lambda: rung == [0, 1, 1], "a doorbell between host peers")
+    finally:
+        if host is not None:
+            host.close()
+        for client in clients:
+            client.close()
+        for scope in scopes:
+            loop.stop(scope)
+        rigs[-1].close()
         for fds in locals().get("eventfds", []):
             for fd in fds:
                 os.close(fd)
@@ -433,17 +502,3 @@ def test_a_device_class_without_the_hooks_is_refused(tmp_path: Path) -> None:
     hooked = function_of(WithHooks())
     assert hooked.handover_refusal() is None
     hooked.close()
-
-
-def test_a_group_with_an_ivshmem_server_is_refused(tmp_path: Path) -> None:
-    group = PeerGroup(SharedMemory(1 << 16), name="g")
-    device = IvshmemDevice(group, name="iv0")
-    try:
-        assert device.handover_refusal() is None and group.handover_refusal() is None
-        add_server(group, tmp_path / "ivs.sock", 1)
-        refusal = group.handover_refusal()
-        assert refusal is not None and "ivshmem-server socket" in refusal and "\n" not in refusal
-        assert device.handover_refusal() == refusal
-    finally:
-        device.close()
-        group.close()

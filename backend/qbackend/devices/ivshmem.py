@@ -226,15 +226,13 @@ class IvshmemDevice(PciFunction):
                 self.doorbells_received):
             raise HandoverError(f"{self.name}: the state handed over is of an ivshmem device of another shape")
         with group.lock:
+            # Seats, not joins: the other peers (ivshmem-server clients among them)
+            # knew this one at its position before the hand-over.
             if self.member:
-                group.leave(self.position)
+                group.unseat(self.position)
             position = int(state["position"])
             if state["member"]:
-                # A device made here before its own restore may hold our id: it takes
-                # its own old id back when it is restored.
-                if position in group.peers:
-                    group.leave(position)
-                group.join(self, position)
+                group.seat(self, position)
             else:
                 self.position = position
             self.registers.memory[:] = registers  # in place: the native loop's windows point into it

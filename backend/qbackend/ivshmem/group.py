@@ -91,6 +91,12 @@ class DoorbellWatcher:
         self._watches: dict[int, Watch] = {}
         self._lock = threading.Lock()
         self._stopping = False
+        # hold(): the thread waits on `_released` instead of polling (an eventfd
+        # written meanwhile keeps its count for whoever watches it next).
+        self._held = False
+        self._idle = threading.Event()
+        self._released = threading.Event()
+        self._released.set()
         self._thread = threading.Thread(target=self._run, name=f"ivshmem-doorbells-{name}", daemon=True)
         self._thread.start()
 
@@ -112,8 +118,24 @@ class DoorbellWatcher:
         except (OSError, ValueError):
             pass
 
+    def hold(self, timeout: float) -> bool:
+        """Stop handling doorbells (a hand-over); True once the thread has stopped."""
+        self._idle.clear()
+        self._released.clear()
+        self._held = True
+        signal_eventfd(self._wake)
+        return self._idle.wait(timeout)
+
+    def release(self) -> None:
+        self._held = False
+        self._released.set()
+
     def _run(self) -> None:
         while not self._stopping:
+            if self._held:
+                self._idle.set()
+                self._released.wait()
+                continue
             try:
                 events = self._epoll.poll()
             except InterruptedError:
@@ -122,6 +144,8 @@ class DoorbellWatcher:
                 if fd == self._wake:
                     clear_eventfd(fd)
                     continue
+                if self._held:
+                    break  # the rest stay readable for later
                 with self._lock:
                     entry = self._watches.get(fd)
                 if entry is not None:
@@ -135,6 +159,7 @@ class DoorbellWatcher:
 
     def stop(self) -> None:
         self._stopping = True
+        self._released.set()
         signal_eventfd(self._wake)
         if self._thread is not threading.current_thread():
             self._thread.join(5)
@@ -173,6 +198,13 @@ class PeerGroup:
         self._listeners: list[GroupListener] = []
         self._watcher: DoorbellWatcher | None = None
         self._serving = False
+        # A hand-over (pause / save / adopt): paused, nothing of the group's acts.
+        self.paused = False
+        self._unpaused = trio.Event()
+        self._unpaused.set()
+        # Eventfds the old process made for its devices (ivshmem-server clients hold
+        # them), until each device takes its seat again (seat()).
+        self._adopted_device_fds: dict[int, list[int]] = {}
 
     # -- membership ---------------------------------------------------------------
 
@@ -212,6 +244,11 @@ class PeerGroup:
     def leave(self, position: int) -> None:
         """Remove a peer and announce it; its group-made eventfds are closed."""
         with self.lock:
+            if self.paused:
+                # Paused for a hand-over: the peers hear nothing from here (after one,
+                # this is the old process letting go of its copies; the new one speaks).
+                self.unseat(position)
+                return
             peer = self.peers.pop(position, None)
             if peer is None:
                 return
@@ -225,6 +262,27 @@ class PeerGroup:
                 # Nobody rings by eventfd any more: the devices' go too.
                 for other_id in list(self._device_fds):
                     self._release_fds(other_id)
+
+    def seat(self, peer: Peer, position: int) -> None:
+        """Put `peer` at `position` without announcing it: a device taking back the place
+        it had in the process before a hand-over (the others know it there already)."""
+        with self.lock:
+            if self.peers.get(position) not in (None, peer):
+                self.unseat(position)  # made here before its own restore; it takes its own seat then
+            peer.position = position
+            self.peers[position] = peer
+            fds = self._adopted_device_fds.pop(position, None)
+            if fds is not None:
+                watcher = self.watcher()
+                watches = [watcher.watch(fd, self._device_doorbell(position, peer, vector, fd))
+                           for vector, fd in enumerate(fds)]
+                self._device_fds[position] = (fds, watches)
+
+    def unseat(self, position: int) -> None:
+        """Take a peer out without announcing it (see seat)."""
+        with self.lock:
+            self.peers.pop(position, None)
+            self._release_fds(position)
 
     def _release_fds(self, position: int) -> None:
         made = self._device_fds.pop(position, None)
@@ -298,40 +356,79 @@ class PeerGroup:
     def handover_refusal(self) -> str | None:
         """Why this group cannot be handed over (one line), or None."""
         with self.lock:
-            if self.endpoints:
-                paths = ", ".join(str(e.path) for e in self.endpoints)
-                return (f"ivshmem group {self.name}: its ivshmem-server socket ({paths}) and the peers connected "
-                        "to it cannot be handed over yet")
             for peer in self.peers.values():
-                if peer.kind != "vfio-user":
+                if peer.kind not in ("vfio-user", CLIENT_KIND):
                     return (f"ivshmem group {self.name}: peer {peer.position} ({peer.kind} {peer.name}) lives in "
                             "this process and cannot be handed over")
         return None
 
+    async def wait_unpaused(self) -> None:
+        await self._unpaused.wait()
+
+    async def pause(self) -> None:
+        """Accept no ivshmem-server client, let clients that come or go wait, and hold the
+        doorbells that ivshmem-server clients ring (they stay in their eventfds)."""
+        if not self.paused:
+            self.paused = True
+            self._unpaused = trio.Event()
+        for endpoint in self.endpoints:
+            endpoint.gate.close()
+        watcher = self._watcher
+        if watcher is not None and not await trio.to_thread.run_sync(watcher.hold, 5.0):
+            raise HandoverError(f"ivshmem group {self.name}: its doorbell thread did not stop")
+
+    async def resume(self) -> None:
+        if self._watcher is not None:
+            self._watcher.release()
+        self.paused = False
+        self._unpaused.set()
+        for endpoint in self.endpoints:
+            endpoint.gate.open()
+
     def save(self, saver: Saver) -> State:
-        """The group, its devices paused (their servers' pause())."""
+        """The group, paused with its devices: its memory, its ivshmem-server sockets and
+        their clients (sockets, eventfds, what waits to be sent to them), and the eventfds
+        it made for its devices (the clients ring them)."""
         refusal = self.handover_refusal()
         if refusal is not None:
             raise HandoverError(refusal)
         with self.lock:
             return {"name": self.name, "size": self.memory.size, "memory": saver.fd(self.memory.fd),
                     "shm": str(self.memory.path) if self.memory.path is not None else None,
-                    "vectors": self.vectors, "dropped_doorbells": self.dropped_doorbells}
+                    "vectors": self.vectors, "dropped_doorbells": self.dropped_doorbells,
+                    "endpoints": [endpoint.save(saver) for endpoint in self.endpoints],
+                    "device_fds": [[position, [saver.fd(fd) for fd in fds]]
+                                   for position, (fds, _watches) in self._device_fds.items()]}
 
     def adopt(self, state: State, loader: Loader) -> None:
         """In the new process, on the group made from the same options, before its devices
-        adopt: share the memory the old process shared (the one made here is let go)."""
+        adopt: share the memory the old process shared (the one made here is let go), take
+        its ivshmem-server sockets and clients; each device takes its seat back when it
+        adopts (IvshmemDevice.restore_state, `seat`), with no join or leave announced."""
         from qbackend.plumbing.shared_memory import SharedMemory
 
         if state["name"] != self.name or int(state["size"]) != self.memory.size:
             raise HandoverError(f"ivshmem group {self.name}: handed over as group {state['name']!r} of "
                                 f"{state['size']} bytes; made here with {self.memory.size}")
+        saved_paths = sorted(str(e["path"]) for e in state["endpoints"])
+        if saved_paths != sorted(str(e.path) for e in self.endpoints):
+            raise HandoverError(f"ivshmem group {self.name}: handed over with ivshmem-server sockets "
+                                f"{saved_paths}, made here with others")
         path = Path(state["shm"]) if state["shm"] is not None else None
         adopted = SharedMemory.adopt(loader.take(state["memory"]), self.memory.size, path)
         with self.lock:
             old, self.memory = self.memory, adopted
             self.vectors = int(state["vectors"])
             self.dropped_doorbells = int(state["dropped_doorbells"])
+            # The devices made here sit where they were made; they take their old seats
+            # back as they adopt.
+            for position in list(self.peers):
+                self.unseat(position)
+            for position, fds in state["device_fds"]:
+                self._adopted_device_fds[int(position)] = [loader.take(i) for i in fds]
+            by_path = {str(e.path): e for e in self.endpoints}
+            for saved in state["endpoints"]:
+                by_path[str(saved["path"])].adopt(saved, loader)
         old.close()
 
     # -- endpoints and lifetime ----------------------------------------------------
@@ -358,6 +455,10 @@ class PeerGroup:
         with self.lock:
             for position in list(self.peers):
                 self.leave(position)
+            for fds in self._adopted_device_fds.values():
+                for fd in fds:
+                    os.close(fd)
+            self._adopted_device_fds.clear()
             watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.stop()

@@ -21,6 +21,7 @@ Also here: the group commands of the control socket (`qbackend ivshmem
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import socket
@@ -33,8 +34,19 @@ import trio
 
 from qbackend.errors import ConfigError
 from qbackend.ivshmem.group import CLIENT_KIND, PeerGroup
+from qbackend.plumbing.handover import HandoverError, Loader, Saver, State, adopt_socket
 from qbackend.plumbing.threads import run_locked
-from qbackend.plumbing.unix import accept_forever, fds_ancdata, listen_unix, make_eventfd, remove_socket, signal_eventfd
+from qbackend.plumbing.unix import (
+    AcceptGate,
+    accept_forever,
+    adopt_owned,
+    fds_ancdata,
+    listen_unix,
+    make_eventfd,
+    owned_inode,
+    remove_socket,
+    signal_eventfd,
+)
 from qbackend.protocol import ivshmem_server as wire
 
 log = logging.getLogger(__name__)
@@ -60,18 +72,19 @@ class ServerClient:
     kind = CLIENT_KIND
 
     def __init__(self, group: PeerGroup, sock: socket.socket, vectors: int,
-                 token: trio.lowlevel.TrioToken) -> None:
+                 token: trio.lowlevel.TrioToken | None, eventfds: list[int] | None = None) -> None:
         self.group = group
         self.sock = sock
         self.name = "?"
         self.position = -1
-        self.eventfds = [make_eventfd() for _ in range(vectors)]
+        # Handed over from the process before: the eventfds it made (the other peers hold them).
+        self.eventfds = eventfds if eventfds is not None else [make_eventfd() for _ in range(vectors)]
         self.counts = [0] * vectors
         self.broken = False
         self._queue: deque[tuple[bytes, int | None]] = deque()
         self._queued_fds = 0
         self._queue_lock = threading.Lock()
-        self._token = token  # the trio loop whose task sends what is queued
+        self._token = token  # the trio loop whose task sends what is queued (set when served, if adopted)
         self._wakeup = trio.Event()
 
     # -- sending --
@@ -91,7 +104,7 @@ class ServerClient:
             self._queue.append((wire.encode(value), os.dup(fd) if fd is not None else None))
             self._flush_locked()
             left = bool(self._queue)
-        if left:
+        if left and self._token is not None:
             self._token.run_sync_soon(lambda: self._wakeup.set())
 
     def _flush_locked(self) -> None:
@@ -120,9 +133,13 @@ class ServerClient:
 
     async def flush_when_writable(self) -> None:
         """The client task's writer: runs until cancelled."""
+        self._token = trio.lowlevel.current_trio_token()
+        if self._queue:  # queued in the process before a hand-over
+            self._wakeup.set()
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
+            await self.group.wait_unpaused()
             while not self.broken:
                 if await run_locked(self._queue_lock, self._flush_all_locked):
                     break
@@ -159,6 +176,30 @@ class ServerClient:
     def received(self) -> list[int]:
         return list(self.counts)
 
+    def save(self, saver: Saver) -> State:
+        """For a hand-over: the socket, the eventfds, and what waits to be sent (its fds travel)."""
+        with self._queue_lock:
+            queue = [[base64.b64encode(data).decode(), saver.optional_fd(fd)] for data, fd in self._queue]
+        return {"position": self.position, "name": self.name, "socket": saver.fd(self.sock.fileno()),
+                "eventfds": [saver.fd(fd) for fd in self.eventfds], "counts": list(self.counts),
+                "broken": self.broken, "queue": queue}
+
+    @classmethod
+    def adopt(cls, group: PeerGroup, saved: State, loader: Loader) -> ServerClient:
+        sock = adopt_socket(loader.take(saved["socket"]))
+        sock.setblocking(False)
+        eventfds = [loader.take(i) for i in saved["eventfds"]]
+        client = cls(group, sock, len(eventfds), None, eventfds)
+        client.position = int(saved["position"])
+        client.name = str(saved["name"])
+        client.counts = [int(n) for n in saved["counts"]]
+        client.broken = bool(saved["broken"])
+        for data, fd in saved["queue"]:
+            taken = loader.take_optional(fd)
+            client._queue.append((base64.b64decode(data), taken))
+            client._queued_fds += taken is not None
+        return client
+
     def close(self) -> None:
         with self._queue_lock:
             for _, fd in self._queue:
@@ -180,18 +221,53 @@ class IvshmemServerEndpoint:
         self.path = Path(path)
         self.clients: dict[int, ServerClient] = {}
         self.connections = 0
+        self.gate = AcceptGate()
+        self._adopted_listener: socket.socket | None = None
+        self._adopted_clients: list[ServerClient] = []
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = listen_unix(self.path)
+        listener, self._adopted_listener = self._adopted_listener, None
+        if listener is None:
+            listener = listen_unix(self.path)
+        adopted, self._adopted_clients = self._adopted_clients, []
+        self.gate.listener = listener
         log.info("ivshmem-server %s: listening on %s (%d vectors per peer)", self.group.name, self.path,
                  self.group.vectors)
         try:
             async with trio.open_nursery() as nursery:
+                for client in adopted:
+                    nursery.start_soon(self._run_client, client)
                 task_status.started()
-                await accept_forever(listener, f"ivshmem-server {self.group.name}", nursery, self._serve_client)
+                await accept_forever(listener, f"ivshmem-server {self.group.name}", nursery, self._serve_client,
+                                     self.gate)
         finally:
+            self.gate.listener = None
             listener.close()
             remove_socket(self.path)
+
+    def save(self, saver: Saver) -> State:
+        """Under the group lock, paused (PeerGroup.save): the listener and the clients."""
+        listener = self.gate.listener
+        if listener is None:
+            raise HandoverError(f"ivshmem-server {self.path}: it is not serving")
+        inode = owned_inode(self.path)
+        return {"path": str(self.path), "listener": saver.fd(listener.fileno()),
+                "socket_inode": list(inode) if inode is not None else None, "connections": self.connections,
+                "clients": [client.save(saver) for client in self.clients.values()]}
+
+    def adopt(self, saved: State, loader: Loader) -> None:
+        """Under the group lock, in the new process (PeerGroup.adopt): the listener, and each
+        client at its seat in the group (no join announced: the others know it)."""
+        listener = adopt_socket(loader.take(saved["listener"]))
+        listener.setblocking(False)
+        self._adopted_listener = listener
+        adopt_owned(self.path, saved["socket_inode"])
+        self.connections = int(saved["connections"])
+        for entry in saved["clients"]:
+            client = ServerClient.adopt(self.group, entry, loader)
+            self.group.peers[client.position] = client
+            self.clients[client.position] = client
+            self._adopted_clients.append(client)
 
     def admit(self, sock: socket.socket, token: trio.lowlevel.TrioToken) -> ServerClient:
         """Setup and announcements for a new connection, atomically under the
@@ -228,19 +304,29 @@ class IvshmemServerEndpoint:
         try:
             # admit() takes the group lock: in a worker thread, not in trio.
             client = await trio.to_thread.run_sync(self.admit, sock, trio.lowlevel.current_trio_token())
+        except OSError as exc:
+            log.info("ivshmem-server %s: client failed: %s", self.group.name, exc)
+        finally:
+            if client is None:
+                sock.close()
+        if client is not None:
+            await self._run_client(client)
+
+    async def _run_client(self, client: ServerClient) -> None:
+        """A client's life after admit() (or a hand-over): it ends on any readable event."""
+        try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client.flush_when_writable)
                 # Any readable event (EOF, data, error) ends the client, as in contrib.
-                await trio.lowlevel.wait_readable(sock)
+                await trio.lowlevel.wait_readable(client.sock)
+                # While paused (a hand-over) a client that goes is left to whoever serves next.
+                await self.group.wait_unpaused()
                 nursery.cancel_scope.cancel()
         except OSError as exc:
             log.info("ivshmem-server %s: client failed: %s", self.group.name, exc)
         finally:
-            if client is not None:
-                with trio.CancelScope(shield=True):
-                    await run_locked(self.group.lock, self._forget, client)
-            else:
-                sock.close()
+            with trio.CancelScope(shield=True):
+                await run_locked(self.group.lock, self._forget, client)
 
     def _forget(self, client: ServerClient) -> None:
         """Under the group lock: the client leaves the group and is closed."""
