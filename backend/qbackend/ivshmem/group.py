@@ -200,6 +200,7 @@ class PeerGroup:
         self._serving = False
         # A hand-over (pause / save / adopt): paused, nothing of the group's acts.
         self.paused = False
+        self.saved = False  # save() ran and no resume() since
         self._unpaused = trio.Event()
         self._unpaused.set()
         # Eventfds the old process made for its devices (ivshmem-server clients hold
@@ -244,9 +245,9 @@ class PeerGroup:
     def leave(self, position: int) -> None:
         """Remove a peer and announce it; its group-made eventfds are closed."""
         with self.lock:
-            if self.paused:
-                # Paused for a hand-over: the peers hear nothing from here (after one,
-                # this is the old process letting go of its copies; the new one speaks).
+            if self.saved:
+                # Saved for a hand-over: the peers are the new process's to speak to; this
+                # one only lets go of its copies.
                 self.unseat(position)
                 return
             peer = self.peers.pop(position, None)
@@ -378,6 +379,7 @@ class PeerGroup:
             raise HandoverError(f"ivshmem group {self.name}: its doorbell thread did not stop")
 
     async def resume(self) -> None:
+        self.saved = False
         if self._watcher is not None:
             self._watcher.release()
         self.paused = False
@@ -393,6 +395,7 @@ class PeerGroup:
         if refusal is not None:
             raise HandoverError(refusal)
         with self.lock:
+            self.saved = True
             return {"name": self.name, "size": self.memory.size, "memory": saver.fd(self.memory.fd),
                     "shm": str(self.memory.path) if self.memory.path is not None else None,
                     "vectors": self.vectors, "dropped_doorbells": self.dropped_doorbells,

@@ -309,6 +309,8 @@ class Connection:
                                         SPIN_NS, SPIN_WINDOW_NS, self.wake)
         self.native = native
         if native is not None:
+            if self.pausing[0]:  # asked for before this loop existed: it must see it too
+                native.request_pause(True)
             log.debug("%s: native access loop serving", self.server.name)
         return native
 
