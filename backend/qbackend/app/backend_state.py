@@ -18,7 +18,6 @@ from typing import Any
 from qbackend.app.block_exports import BlockNode
 from qbackend.app.service import Backend
 from qbackend.app.upgrade import Part
-from qbackend.ivshmem.group import PeerGroup
 from qbackend.options import DeviceOptions, IvshmemOptions, options_from_json, options_to_json
 from qbackend.plumbing.handover import HandoverError, Loader, Saver, State
 
@@ -48,36 +47,13 @@ class BlocksFlush:
         pass
 
 
-class GroupPart:
-    """An ivshmem peer group's part: its memory and counters (PeerGroup.save / adopt).  It
-    has nothing to pause of its own: its devices' servers pause (they ring its doorbells)."""
-
-    def __init__(self, group: PeerGroup) -> None:
-        self.group = group
-
-    def handover_refusal(self) -> str | None:
-        return self.group.handover_refusal()
-
-    async def pause(self) -> None:
-        pass
-
-    async def resume(self) -> None:
-        pass
-
-    def save(self, saver: Saver) -> State:
-        return self.group.save(saver)
-
-    def adopt(self, state: State, loader: Loader) -> None:
-        self.group.adopt(state, loader)
-
-
 def parts_of(backend: Backend) -> dict[str, object]:
     """Every part of `backend` that holds sockets or shared state, by name, in the order
     they adopt (a peer group before the devices that share its memory) and pause (the
-    groups' pause does nothing; the flush after every server; the monitor last)."""
+    flush after every server; the monitor last)."""
     parts: dict[str, object] = {}
     for key, group in backend.groups.items():
-        parts[f"group:{key}"] = GroupPart(group)
+        parts[f"group:{key}"] = group
     for dev_id, served in backend.devices.items():
         parts[f"device:{dev_id}"] = served.server
     for export_id, entry in backend.blocks.vhost.items():

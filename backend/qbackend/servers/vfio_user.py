@@ -46,8 +46,10 @@ from qbackend.plumbing.unix import (
     clear_eventfd,
     close_fds,
     fds_from_ancdata,
+    listen_unix,
     make_eventfd,
     owned_inode,
+    remove_socket,
     send_with_fds,
     sends_within,
     serve_unix,
@@ -782,18 +784,27 @@ class VfioUserServer:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listener, self._adopted_listener = self._adopted_listener, None
+        if listener is None:  # listening first, outside the nursery: a bad path is the caller's plain error
+            listener = listen_unix(self.socket_path, backlog=128)
         adopted, self._adopted_connection = self._adopted_connection, None
         waiting, self._adopted_waiting = self._adopted_waiting, []
-        async with trio.open_nursery() as nursery:
-            if adopted is not None:
-                # It holds the one-client lock before anyone accepted here can ask for it.
-                await nursery.start(self._serve_adopted, adopted)
-            # What the device deferred in its restore_state runs now, with its DMA port.
-            self.device.resume_jobs()
-            for sock in waiting:
-                nursery.start_soon(self._serve_client, sock)
-            await serve_unix(self.socket_path, self.name, self._serve_client, backlog=128, gate=self.gate,
-                             adopted=listener, task_status=task_status)
+        served = False
+        try:
+            async with trio.open_nursery() as nursery:
+                if adopted is not None:
+                    # It holds the one-client lock before anyone accepted here can ask for it.
+                    await nursery.start(self._serve_adopted, adopted)
+                # What the device deferred in its restore_state runs now, with its DMA port.
+                self.device.resume_jobs()
+                for sock in waiting:
+                    nursery.start_soon(self._serve_client, sock)
+                served = True  # serve_unix closes the listener and removes the socket from here on
+                await serve_unix(self.socket_path, self.name, self._serve_client, backlog=128, gate=self.gate,
+                                 adopted=listener, task_status=task_status)
+        finally:
+            if not served:
+                listener.close()
+                remove_socket(self.socket_path)
 
     async def _serve_client(self, sock: socket.socket) -> None:
         conn: Connection | None = None

@@ -114,8 +114,10 @@ from qbackend.plumbing.unix import (
     clear_eventfd,
     close_fds,
     fds_from_ancdata,
+    listen_unix,
     make_eventfd,
     owned_inode,
+    remove_socket,
     send_with_fds,
     sends_within,
     serve_unix,
@@ -1134,14 +1136,23 @@ class VhostUserBlkServer:
         self._adopted: Connection | None = None  # the front end a process before handed over
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            if self._adopted is not None:
-                await nursery.start(self._serve_adopted, self._adopted)
-                self._adopted = None
-            listener, self._adopted_listener = self._adopted_listener, None
-            await nursery.start(functools.partial(serve_unix, self.socket_path, self.name, self._serve_client,
-                                                  gate=self.gate, adopted=listener))
-            task_status.started()
+        # Listening first, outside the nursery: a path we cannot take is the caller's plain error.
+        listener, self._adopted_listener = self._adopted_listener, None
+        if listener is None:
+            listener = listen_unix(self.socket_path)
+        adopted, self._adopted = self._adopted, None
+        try:
+            async with trio.open_nursery() as nursery:
+                if adopted is not None:
+                    await nursery.start(self._serve_adopted, adopted)
+                await nursery.start(functools.partial(serve_unix, self.socket_path, self.name, self._serve_client,
+                                                      gate=self.gate, adopted=listener))
+                listener = None  # serve_unix's now: it closes it and removes the socket
+                task_status.started()
+        finally:
+            if listener is not None:
+                listener.close()
+                remove_socket(self.socket_path)
 
     async def _serve_client(self, sock: socket.socket) -> None:
         try:
