@@ -2,14 +2,16 @@
 
 A `qbackend serve` process (its own process: only that hands over) serves
 two ivshmem devices of one peer group (MSI-X, 2 vectors each, on a
-/dev/shm name), the edu example and a QED disk over vhost-user-blk; the
+/dev/shm name, with an ivshmem-server socket a host program joins as a
+peer), the edu example and a QED disk over vhost-user-blk; the
 guest uses all four.  Then, ten times, while the guest runs edu_check in a
 loop (identification, factorial, interrupts, DMA to and from guest RAM) and
 writes numbered records to the disk (each dd with fsync): doorbells from the
-host (QMP ivshmem-ring) and from one guest device to the other, the QMP
-upgrade, and more doorbells.  What it checks:
+host peer to the guest, from the guest to the host peer and from one guest
+device to the other, the QMP upgrade, and more doorbells.  What it checks:
 - every upgrade answers with a new PID, the old process exits 0;
-- the guest loses no interrupt: its per-vector counts equal the doorbells rung;
+- no interrupt is lost: the guest's per-vector counts equal the doorbells rung,
+  and the host peer gets every doorbell the guest rings it;
 - every access is answered: every edu_check run prints what the first one
   printed, and none fails; no record write fails, and every record is in
   the image afterwards (qemu-img check clean); the IVPositions and the shared memory written
@@ -35,6 +37,7 @@ from qed_tools import qemu_check, qemu_img
 
 from qbackend.app.monitor_client import call, monitor
 from qbackend.block.qed import QedImage
+from qbackend.ivshmem.peer import IvshmemPeer
 from qbackend.machine.launch import vfio_user_device_arg
 from qbackend.testing.harness import Guest, Harness, start_qbackend, sysfs_pci, wait_until
 
@@ -83,7 +86,7 @@ def test_ten_upgrades_under_a_running_guest(harness: Harness, tmp_path: Path) ->
     qemu_img("create", "-f", "qed", str(image), "64M")
     proc, _ = start_qbackend(
         ["serve", "--control", str(control),
-         "--ivshmem", f"socket={tmp_path / 'iv0.sock'},size=1M,shm={shm},vectors=2,id=iv0",
+         "--ivshmem", f"socket={tmp_path / 'iv0.sock'},size=1M,shm={shm},vectors=2,id=iv0,server={tmp_path / 'ivs.sock'}",
          "--ivshmem", f"socket={tmp_path / 'iv1.sock'},size=1M,shm={shm},vectors=2,id=iv1",
          "--device", f"socket={tmp_path / 'edu.sock'},class={EDU},id=edu1",
          "--vhost-user-blk", f"socket={tmp_path / 'vub.sock'},image={image},format=qed,id=vub0"], tmp_path)
@@ -118,13 +121,18 @@ def test_ten_upgrades_under_a_running_guest(harness: Harness, tmp_path: Path) ->
     guest.console.start_background(EDU_LOOP)
     guest.console.start_background(WRITER)
 
+    host_rung: list[int] = []
+    host = IvshmemPeer(tmp_path / "ivs.sock", vectors=2, on_doorbell=host_rung.append)
+    harness.callback(host.close)
     rung = {IV0: [0, 0], IV1: [0, 0]}
     base = {IV0: counts(guest, IV0), IV1: counts(guest, IV1)}
+    guest_to_host: list[int] = []
 
     def ring_both_ways(k: int) -> None:
-        with monitor(control) as qmp:  # the host rings iv0's vector k % 2, as a peer would
-            call(qmp, "ivshmem-ring", {"group": shm, "peer": positions[0], "vector": k % 2})
+        assert host.ring(positions[0], k % 2)  # the host peer rings iv0's vector k % 2
         rung[IV0][k % 2] += 1
+        guest.sh(f"echo '{host.id} {k % 2} 1' > {sysfs_pci(IV1)}/doorbell")  # iv1 rings the host peer
+        guest_to_host.append(k % 2)
         # iv0 rings iv1 (one doorbell: two at once may arrive as one interrupt, an eventfd's count)
         guest.sh(f"echo '{positions[1]} {(k + 1) % 2} 1' > {sysfs_pci(IV0)}/doorbell")
         rung[IV1][(k + 1) % 2] += 1
@@ -147,9 +155,11 @@ def test_ten_upgrades_under_a_running_guest(harness: Harness, tmp_path: Path) ->
         else:
             wait_until(functools.partial(gone, old_pid), 30, "the old process to exit")
         ring_both_ways(2 * k + 1)
-        wait_until(lambda: counts(guest, IV0) == expected(IV0) and counts(guest, IV1) == expected(IV1), 30,
+        wait_until(lambda: counts(guest, IV0) == expected(IV0) and counts(guest, IV1) == expected(IV1)
+                   and sorted(host_rung) == sorted(guest_to_host), 30,
                    f"every doorbell's interrupt after upgrade {k + 1}",
-                   seen=lambda: {"iv0": (counts(guest, IV0), expected(IV0)), "iv1": (counts(guest, IV1), expected(IV1))})
+                   seen=lambda: {"iv0": (counts(guest, IV0), expected(IV0)), "iv1": (counts(guest, IV1), expected(IV1)),
+                                 "host": (sorted(host_rung), sorted(guest_to_host))})
         assert fds_of(new_pid) == fds_before, f"upgrade {k + 1}: fds {fds_before} -> {fds_of(new_pid)}"
 
     done_before_stop = int(guest.sh("cat /tmp/edu.done"))
@@ -183,5 +193,5 @@ def test_ten_upgrades_under_a_running_guest(harness: Harness, tmp_path: Path) ->
     missing = [i for i in range(1, records + 1) if written[i * RECORD:(i + 1) * RECORD] != record(i)]
     assert missing == [], f"records lost or wrong: {missing[:20]}"
     print(f"\n{UPGRADES} upgrades under a running guest: {runs} edu_check runs all equal, {records} records fsynced, "
-          f"{sum(map(sum, rung.values()))} doorbells all delivered; hand-over (no device answers meanwhile) "
+          f"{sum(map(sum, rung.values())) + len(host_rung)} doorbells all delivered; hand-over (no device answers meanwhile) "
           f"p50 {statistics.median(handovers) * 1000:.0f} ms, max {max(handovers) * 1000:.0f} ms")
