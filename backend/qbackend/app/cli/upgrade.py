@@ -4,10 +4,10 @@ process (the qbackend installed now) and exits; QEMU and the guest go on."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qbackend.app.cli.commands import SUMMARIES
-from qbackend.app.cli.common import control_path, instance_options
 
 if TYPE_CHECKING:
     from qbackend.app.cli.common import Subparsers
@@ -25,7 +25,8 @@ same output as the old one.  Refused with one line, nothing changed, when
 something cannot be handed over (a device class of your own without
 save_state/restore_state, for example); if the new process fails to take
 over, the old one serves on and the command says why (exit 1).
-See docs/staying-up.md for what survives an upgrade, a crash and a QEMU restart.
+What survives an upgrade, a crash of qbackend and a restart of QEMU: the
+README's "Upgrades and crashes" (docs/staying-up.md in the source).
 """
 
 
@@ -33,7 +34,9 @@ def register(sub: Subparsers) -> None:
     p = sub.add_parser("upgrade", help=SUMMARIES["upgrade"], formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=EPILOG, description="Hand a running qbackend over to a new process (the qbackend "
                                                   "installed now) without stopping what it serves.")
-    instance_options(p)
+    p.add_argument("--control", type=Path, required=True, metavar="PATH",
+                   help="the QMP monitor of the 'qbackend serve --control PATH' to upgrade (a 'qbackend run' "
+                        "does not hand over: QEMU is its child)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="how long the new process has to take over (default 60)")
     p.set_defaults(func=run)
@@ -42,7 +45,7 @@ def register(sub: Subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from qbackend.app.monitor_client import call, monitor
 
-    path = control_path(args)
+    path = args.control
     with monitor(path) as qmp:
         before = call(qmp, "query-version")
         reply = call(qmp, "upgrade", {"timeout": args.timeout}, timeout=args.timeout + 10)
