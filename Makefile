@@ -91,6 +91,7 @@ bench: native
 	$(VENV)/bin/python scripts/bench_qed.py
 	$(VENV)/bin/python scripts/bench_cli.py
 	$(VENV)/bin/python scripts/bench_vhost_user_blk.py
+	$(VENV)/bin/python scripts/bench_restart.py
 	$(VENV)/bin/python scripts/bench_mmio.py
 
 run:
