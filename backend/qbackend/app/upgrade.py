@@ -50,7 +50,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import NoReturn, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import trio
 
@@ -64,6 +64,9 @@ from qbackend.plumbing.handover import (
     send_state,
     socket_pair,
 )
+
+if TYPE_CHECKING:
+    from qbackend.app.service import Backend
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +143,13 @@ async def hand_over(parts: dict[str, Part], describe: State, *, timeout: float =
     return proc.pid
 
 
-def take_over(fd: int) -> int:
+def take_over(fd: int) -> tuple[Backend, Loader]:
     """The new process: take the state from the hand-over socket `fd`, make the backend
-    again, adopt every part, say "ready", and once the old process says "go", serve
-    (until Ctrl-C, SIGTERM or QMP quit, as `qbackend serve`).  Before "go" nothing
-    has been read from any socket, so a failure here leaves the old process serving."""
+    again, adopt every part, say "ready", and once the old process says "go", return
+    the backend for the caller to run (the loader's unclaimed fds are closed once it
+    runs).  Before "go" nothing has been read from any socket, so a failure here
+    leaves the old process serving: this process then exits at once."""
     from qbackend.app.backend_state import adopt_parts, rebuild
-    from qbackend.app.lifecycle import start_until_done, stop_on_signal
     from qbackend.plumbing.handover import adopt_socket, recv_state
 
     sock = adopt_socket(fd)
@@ -176,16 +179,7 @@ def take_over(fd: int) -> int:
     if answer != {"go": True}:
         exit_now(1)  # the old process serves on
     sock.close()
-
-    async def serve() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stop_on_signal, nursery.cancel_scope)
-            await start_until_done(nursery, backend.run)
-            loader.close_rest()
-            print(f"upgrade: PID {os.getpid()} took over; serving; Ctrl-C stops", flush=True)
-
-    trio.run(serve)
-    return 0
+    return backend, loader
 
 
 def exit_now(code: int = 0) -> NoReturn:

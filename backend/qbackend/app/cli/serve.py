@@ -26,6 +26,7 @@ from qbackend.sizes import parse_size
 
 if TYPE_CHECKING:
     from qbackend.app.cli.common import Subparsers
+    from qbackend.app.service import Backend
 
 EPILOG = """\
 examples:
@@ -176,8 +177,13 @@ def run(args: argparse.Namespace) -> int:
             print("serving; Ctrl-C stops", flush=True)
 
     trio.run(serve)
+    print_served(backend)
+    return 0
+
+
+def print_served(backend: Backend) -> None:
+    """What each device served, once the process stops."""
     for served in backend.devices.values():
         counts = served.server.counts()
         faults = "".join(f" {key} {counts[key]}" for key in ("faults", "stalls") if counts[key])
         print(f"{served.id}: served native_accesses {counts['native_accesses']}{faults}", flush=True)
-    return 0

@@ -17,6 +17,23 @@ def register(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    import trio
+
+    from qbackend.app.cli.serve import print_served
+    from qbackend.app.lifecycle import start_until_done, stop_on_signal
     from qbackend.app.upgrade import take_over
 
-    return take_over(args.fd)
+    backend, loader = take_over(args.fd)
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_on_signal, nursery.cancel_scope)
+            await start_until_done(nursery, backend.run)
+            loader.close_rest()
+            print(f"upgrade: PID {os.getpid()} took over; serving; Ctrl-C stops", flush=True)
+
+    trio.run(serve)
+    print_served(backend)
+    return 0
