@@ -168,6 +168,7 @@ def test_ten_upgrades_under_a_running_guest(harness: Harness, tmp_path: Path) ->
     guest.wait_guest("[ -e /tmp/edu.end ] && [ -e /tmp/rec.end ]", 300)
     assert guest.sh("cat /tmp/edu.failed 2>/dev/null; true") == ""
     assert guest.sh("cat /tmp/rec.failed 2>/dev/null; true") == ""
+    assert guest.sh("dmesg | grep -i -E 'I/O error|timed out|hung task|ivshmem_msix.*error'; true") == ""
     records = int(guest.sh("cat /tmp/rec.done"))
     runs = int(guest.sh("cat /tmp/edu.done"))
     for n in range(1, runs + 1):
