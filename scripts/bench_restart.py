@@ -26,7 +26,11 @@ process started, or upgrade answered), minus that normal time: the delay the
 guest's I/O took on.  "event -> next" is the brief's other reading: from the
 event to the record that ended that gap, minus the normal time (it misses the
 part of the gap before the event, so it is lower).  Errors: any failed dd.
-Afterwards every back end is stopped cleanly and each image is checked with
+A disk whose writer has not gone on 15 s after the event is looked at (the
+guest's in-flight count, and each ring's avail and used index read from guest
+memory through QEMU's monitor), sent one more request (a direct read), and
+looked at again; such an event is reported apart, left out of the stalls, and
+the script exits 1.  Afterwards every back end is stopped cleanly and each image is checked with
 qemu-img check and read back with qemu-img convert: every record whose dd
 returned must be in it.  Nothing is pinned.
 
@@ -63,7 +67,8 @@ RECONNECT_MS = 500
 WARM_SECONDS = 1.0  # of records before each event (the normal per-record time)
 WARM_RECORDS = 8
 AFTER_RECORDS = 4  # records after the resumption before the writer stops
-RESUME_TIMEOUT = 30.0  # seconds; a disk whose I/O has not resumed by then is given up
+RESUME_TIMEOUT = 15.0  # seconds; a disk whose I/O has not resumed by then is looked at (see hang_report)
+PROBE_TIMEOUT = 10.0  # then one more request to the disk from the guest: does the writer go on?
 
 
 @dataclass
@@ -85,6 +90,7 @@ class System:
     ok: set[int] = field(default_factory=set)
     failed: list[int] = field(default_factory=list)
     gave_up: str = ""
+    hung: list[str] = field(default_factory=list)  # events after which the I/O did not resume by itself
 
 
 class SerialLines:
@@ -202,6 +208,7 @@ def main() -> int:
     from qbackend.app.monitor_client import call, monitor
     from qbackend.machine.console import GuestConsole
     from qbackend.machine.launch import QemuMachine
+    from qbackend.machine.qmp import QmpError, SyncQmp
 
     qemu, guest = find_qemu(), find_guest()
     load_before = f"{os.getloadavg()[0]:.2f}"
@@ -250,7 +257,7 @@ def main() -> int:
             for n, s in enumerate(systems):
                 reconnect = f",reconnect-ms={RECONNECT_MS}" if s.kind == "kill" else ""
                 extra += ["-chardev", f"socket,id=vub{n},path={s.sock}{reconnect}",
-                          "-device", f"vhost-user-blk-pci,chardev=vub{n},num-queues={QUEUES},addr={s.addr}"]
+                          "-device", f"vhost-user-blk-pci,chardev=vub{n},num-queues={QUEUES},addr={s.addr},id=disk{n}"]
             vm = QemuMachine(work, name="bench", guest=guest, memory="1G", smp=2, extra_args=extra)
             console = GuestConsole(vm.serial_path)
             vm.start()
@@ -273,6 +280,32 @@ def main() -> int:
                 raise SystemExit(f"bench_restart: the guest shows only {[s.dev for s in systems]}:\n"
                                  + sh("ls -l /sys/block/; true"))
             sh("stty -F /dev/ttyS1 115200 raw -echo")
+
+            def hang_report(disk: int, s: System) -> str:
+                """Where the disk's I/O stands: the guest's in-flight count, and per queue the
+                indices in the rings themselves (avail written by the guest, used by the back end),
+                read from guest memory through QEMU's monitor."""
+                parts = [f"guest inflight (reads writes): {sh(f'cat /sys/block/{s.dev[5:]}/inflight')}"]
+                try:
+                    qmp = SyncQmp(vm.qmp_path, timeout=10)
+                except QmpError as exc:
+                    return parts[0] + f"; QEMU's monitor: {exc}"
+                try:
+                    for queue in range(QUEUES):
+                        st = qmp.execute("x-query-virtio-queue-status",
+                                         {"path": f"/machine/peripheral/disk{disk}/virtio-backend", "queue": queue})
+
+                        def u16(addr: int) -> int:
+                            out = qmp.execute("human-monitor-command", {"command-line": f"xp /1hx {addr}"})
+                            return int(out.split(":")[1].split()[0], 16)
+
+                        parts.append(f"queue {queue}: avail idx {u16(st['vring-avail'] + 2)}, used idx "
+                                     f"{u16(st['vring-used'] + 2)}, QEMU's last-avail {st.get('last-avail-idx')}")
+                except (QmpError, ValueError, IndexError, KeyError) as exc:
+                    parts.append(f"QEMU's monitor: {exc}")
+                finally:
+                    qmp.close()
+                return "; ".join(parts)
 
             def event(disk: int, s: System) -> None:
                 assert serial2 is not None
@@ -297,6 +330,7 @@ def main() -> int:
                 t0 = time.monotonic()
                 inode: tuple[int, int] = (0, 0)
                 listening = None
+                probed, state = 0.0, ""
                 if s.kind == "kill":
                     assert s.proc is not None
                     inode = socket_id(s.sock)
@@ -324,16 +358,26 @@ def main() -> int:
                     after = [r for r in records() if r[0] > t1]
                     if len(after) >= AFTER_RECORDS:
                         break
-                    if now - t1 > RESUME_TIMEOUT:
-                        s.gave_up = f"no record within {RESUME_TIMEOUT:.0f} s after the event"
+                    if now - t1 > RESUME_TIMEOUT and not probed:
+                        probed = now
+                        state = hang_report(disk, s)
+                        console.start_background(f"dd if={s.dev} of=/dev/null bs=4096 count=1 skip=12345 "
+                                                 "iflag=direct")
+                    if probed and now - probed > PROBE_TIMEOUT:
+                        s.gave_up = (f"no record within {RESUME_TIMEOUT:.0f} s after the event, nor "
+                                     f"{PROBE_TIMEOUT:.0f} s after one more request; before it: {state}; "
+                                     f"after it: {hang_report(disk, s)}")
                         break
                     time.sleep(0.005)
+                if probed and not s.gave_up:
+                    resumed = min(t for t, _, _ in records() if t > probed)
+                    s.hung.append(f"resumed {resumed - probed:.1f} s after one more request; {state}")
                 seen = records()
                 times = [t for t, _, _ in seen]
                 before = [b - a for a, b in zip(times, times[1:], strict=False) if b <= t0][1:]
                 normal = statistics.median(before) if before else 0.0
                 s.normal.append(normal)
-                if not s.gave_up:
+                if not s.gave_up and not probed:
                     first_after = next(t for t in times if t > t1)
                     gaps = [(b - a, b) for a, b in zip(times, times[1:], strict=False) if b > t0 and a < first_after]
                     gap, end = max(gaps)
@@ -404,6 +448,9 @@ def main() -> int:
         print(f"{s.name:<37}{len(s.stalls):>7}{ms(s.normal, 'p50'):>9}{ms(s.stalls, 'p50'):>11}"
               f"{ms(s.stalls, 'max'):>11}{ms(s.to_next, 'p50'):>17}{ms(s.down, 'p50'):>19}"
               f"{'yes' if s.failed else 'no':>8}" + (f"  ({s.gave_up})" if s.gave_up else ""))
+        for n, hang in enumerate(s.hung):
+            print(f"  {s.name}: {'one event' if n == 0 else 'another'} did not resume by itself within "
+                  f"{RESUME_TIMEOUT:.0f} s (left out of the stalls): {hang}")
     print("  record: the normal time of one record (median gap before the event); back end back: SIGKILL to the new "
           "process's socket, or the upgrade's hand-over time as it reports it")
     for s in systems:
@@ -416,7 +463,7 @@ def main() -> int:
         print(f"qbackend upgrade / qemu-storage-daemon restart (lower is better): stall p50 "
               f"{statistics.median(up.stalls) / statistics.median(qsd.stalls):.2f}x, max "
               f"{max(up.stalls) / max(qsd.stalls):.2f}x")
-    return 1 if any(s.gave_up or s.failed for s in systems) else 0
+    return 1 if any(s.gave_up or s.failed or s.hung for s in systems) else 0
 
 
 if __name__ == "__main__":
