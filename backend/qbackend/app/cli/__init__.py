@@ -14,22 +14,21 @@ such as `qbackend qed info` start fast.
 
 from __future__ import annotations
 
-import argparse
-import importlib
+import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
-from typing import NoReturn
 
 from qbackend.app.cli.commands import HIDDEN, SUMMARIES
 from qbackend.version import __version__
 
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with a usage error as one line that says where help is (exit 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+# Start-up is the figure a user feels on light commands (`qbackend --version`, `qbackend qed
+# info`): this module imports nothing it can do without (argparse, pathlib and typing cost
+# more than the rest of those commands together), and `main` answers `--version` and the
+# plain spellings of `qed info` and `qed check` without argparse (qbackend.app.cli.qed).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
+    from typing import NoReturn
 
 
 def command_named(argv: Sequence[str]) -> str | None:
@@ -46,6 +45,16 @@ def command_named(argv: Sequence[str]) -> str | None:
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; with `argv`, only the command it names is registered whole (the others
     stand by their summaries, which is all `qbackend --help` shows of them)."""
+    import argparse
+    import importlib
+    from pathlib import Path
+
+    class Parser(argparse.ArgumentParser):
+        """argparse, with a usage error as one line that says where help is (exit 2)."""
+
+        def error(self, message: str) -> NoReturn:
+            self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
     parser = Parser(
         prog="qbackend",
         description="External devices for QEMU from one Python process: ivshmem, a hotplug controller and "
@@ -75,6 +84,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--version"]:  # what argparse's version action prints, and its exit
+        sys.stdout.write(f"qbackend {__version__}\n")
+        sys.exit(0)
+    if argv[:1] == ["qed"] and os.environ.get("QBACKEND_NATIVE", "auto") == "auto":
+        from qbackend.app.cli.qed import fast_args
+
+        fast = fast_args(argv[1:])
+        if fast is not None:
+            return _run(fast, check_native=False)
     args = build_parser(argv).parse_args(argv)
     import logging  # after parsing: --help and --version do without it
 
@@ -86,12 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         from qbackend.machine.data_dir import set_data_dir
 
         set_data_dir(args.data_dir)
-    try:
-        # QBACKEND_NATIVE=require: a C helper missing from this install is said now, not
-        # when the first client comes.
-        from qbackend.plumbing.native import check_required
+    return _run(args)
 
-        check_required()
+
+def _run(args: argparse.Namespace, *, check_native: bool = True) -> int:
+    """Run the command `args` holds; a user error ends it as one line and its exit code."""
+    try:
+        if check_native:
+            # QBACKEND_NATIVE=require: a C helper missing from this install is said now, not
+            # when the first client comes.  (The fast path runs only where the switch is
+            # unset or `auto`, under which this checks nothing.)
+            from qbackend.plumbing.native import check_required
+
+            check_required()
         code: int = args.func(args)
         return code
     except KeyboardInterrupt:

@@ -12,34 +12,24 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
 
 from qbackend.app.cli.commands import SUMMARIES
-from qbackend.app.cli.common import report
-from qbackend.block.blockfile import FileBlock
-from qbackend.block.qed import (
-    DEFAULT_CLUSTER_SIZE,
-    DEFAULT_TABLE_SIZE,
-    SECTOR,
-    Extent,
-    MapKind,
-    QedError,
-    QedImage,
-    RawBacking,
-    open_backing_file,
-)
 from qbackend.errors import UsageError
-from qbackend.sizes import parse_size
 
+# `qed info` and `qed check` are commands a script runs often: this module imports only
+# what they use, when they use it (argparse, json, pathlib and the image code's helpers
+# stay out of a start that does not need them).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable
+    from typing import Any, TextIO
+
     from qbackend.app.cli.common import Subparsers
+    from qbackend.block.qed import Extent, QedImage, RawBacking
     from qbackend.block.qed_check import CheckReport
 
 EPILOG = """\
@@ -61,56 +51,139 @@ class CliError(UsageError):
     """A qed command that cannot run as written."""
 
 
+# -- the subcommands and their options ---------------------------------------------------
+#
+# Declared once, here: `register` hands each row to argparse as it stands (so --help and
+# every error are argparse's), and `fast_args` parses the plain spellings of the rows of the
+# FAST subcommands without argparse.  A row is (flags or name, add_argument's keywords);
+# "type": PATH is pathlib.Path, imported only when argparse is.
+
+PATH = "path"
+Row = tuple[tuple[str, ...], dict[str, object]]
+_OUTPUT: Row = (("--output",), {"choices": ["human", "json"], "default": "human"})
+_FILENAME: Row = (("filename",), {"type": PATH})
+SUBCOMMANDS: dict[str, tuple[str, list[Row]]] = {
+    "create": ("create an empty image", [
+        (("-f",), {"dest": "fmt", "default": "qed", "choices": ["qed"], "help": "format (only qed)"}),
+        (("-o",), {"dest": "options", "action": "append", "default": [], "metavar": "OPTIONS",
+                   "help": "cluster_size=SIZE (4K..64M, default 64K), table_size=N (1..16, default 4), "
+                           "backing_file=, backing_fmt="}),
+        (("-b",), {"dest": "backing", "help": "backing file (a path relative to the image's folder)"}),
+        (("-F",), {"dest": "backing_fmt", "choices": ["raw", "qed"],
+                   "help": "backing file format; raw sets the no-probe bit (default: probe)"}),
+        (("-u",), {"dest": "unsafe", "action": "store_true", "help": "do not open the backing file"}),
+        (("-q",), {"dest": "quiet", "action": "store_true", "help": "quiet"}),
+        _FILENAME,
+        (("size",), {"nargs": "?", "help": "e.g. 10G; a bare number is bytes, as for qemu-img (default: the "
+                                           "backing file's size)"}),
+    ]),
+    "info": ("show the header and sizes", [_OUTPUT, _FILENAME]),
+    "check": ("check (and repair) the metadata", [
+        (("-r",), {"dest": "repair", "action": "store_const", "const": "all",
+                   "help": "repair everything repairable"}),
+        (("--repair",), {"dest": "repair", "choices": ["leaks", "all"], "help": "what to repair"}),
+        _OUTPUT,
+        (("-q",), {"dest": "quiet", "action": "store_true", "help": "quiet"}),
+        (("-p",), {"dest": "progress", "action": "store_true", "help": "show progress"}),
+        _FILENAME,
+    ]),
+    "map": ("show the allocation: data, zero, backing, unallocated", [_OUTPUT, _FILENAME]),
+    "convert": ("copy an image (raw or qed) to a new raw or qed image", [
+        (("-f",), {"dest": "src_fmt", "choices": ["raw", "qed"], "help": "source format (default: probe)"}),
+        (("-O",), {"dest": "out_fmt", "choices": ["raw", "qed"], "default": "raw"}),
+        (("-o",), {"dest": "options", "action": "append", "default": [], "metavar": "OPTIONS",
+                   "help": "cluster_size=, table_size= for qed output"}),
+        (("-p",), {"dest": "progress", "action": "store_true", "help": "show progress"}),
+        (("src",), {"type": PATH}),
+        (("dst",), {"type": PATH}),
+    ]),
+    "resize": ("grow an image (shrinking is not supported, as in QEMU)", [
+        (("-f",), {"dest": "fmt", "default": "qed", "choices": ["qed"]}),
+        _FILENAME,
+        (("size",), {"help": "new size, or +SIZE"}),
+    ]),
+}
+FAST = ("info", "check")  # the subcommands `fast_args` parses
+
+
 def register(sub: Subparsers) -> None:
     """Register `qed` and its subcommands on the top-level subparsers."""
+    import argparse
+    from pathlib import Path
+
     qed = sub.add_parser("qed", help=SUMMARIES["qed"],
                          description="QED image tools with qemu-img's vocabulary.",
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     cmds = qed.add_subparsers(dest="qed_command", metavar="SUBCOMMAND", required=True)
-
-    create = cmds.add_parser("create", help="create an empty image")
-    create.add_argument("-f", dest="fmt", default="qed", choices=["qed"], help="format (only qed)")
-    create.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                        help="cluster_size=SIZE (4K..64M, default 64K), table_size=N (1..16, default 4), "
-                             "backing_file=, backing_fmt=")
-    create.add_argument("-b", dest="backing", help="backing file (a path relative to the image's folder)")
-    create.add_argument("-F", dest="backing_fmt", choices=["raw", "qed"],
-                        help="backing file format; raw sets the no-probe bit (default: probe)")
-    create.add_argument("-u", dest="unsafe", action="store_true", help="do not open the backing file")
-    create.add_argument("-q", dest="quiet", action="store_true", help="quiet")
-    create.add_argument("filename", type=Path)
-    create.add_argument("size", nargs="?", help="e.g. 10G; a bare number is bytes, as for qemu-img (default: the backing file's size)")
-
-    info = cmds.add_parser("info", help="show the header and sizes")
-    info.add_argument("--output", choices=["human", "json"], default="human")
-    info.add_argument("filename", type=Path)
-
-    check = cmds.add_parser("check", help="check (and repair) the metadata")
-    check.add_argument("-r", dest="repair", action="store_const", const="all", help="repair everything repairable")
-    check.add_argument("--repair", dest="repair", choices=["leaks", "all"], help="what to repair")
-    check.add_argument("--output", choices=["human", "json"], default="human")
-    check.add_argument("-q", dest="quiet", action="store_true", help="quiet")
-    check.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    check.add_argument("filename", type=Path)
-
-    mp = cmds.add_parser("map", help="show the allocation: data, zero, backing, unallocated")
-    mp.add_argument("--output", choices=["human", "json"], default="human")
-    mp.add_argument("filename", type=Path)
-
-    convert = cmds.add_parser("convert", help="copy an image (raw or qed) to a new raw or qed image")
-    convert.add_argument("-f", dest="src_fmt", choices=["raw", "qed"], help="source format (default: probe)")
-    convert.add_argument("-O", dest="out_fmt", choices=["raw", "qed"], default="raw")
-    convert.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                         help="cluster_size=, table_size= for qed output")
-    convert.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    convert.add_argument("src", type=Path)
-    convert.add_argument("dst", type=Path)
-
-    resize = cmds.add_parser("resize", help="grow an image (shrinking is not supported, as in QEMU)")
-    resize.add_argument("-f", dest="fmt", default="qed", choices=["qed"])
-    resize.add_argument("filename", type=Path)
-    resize.add_argument("size", help="new size, or +SIZE")
+    for name, (summary, rows) in SUBCOMMANDS.items():
+        cmd = cmds.add_parser(name, help=summary)
+        for flags, keywords in rows:
+            keywords = {**keywords, "type": Path} if keywords.get("type") == PATH else keywords
+            cmd.add_argument(*flags, **keywords)  # type: ignore[arg-type]
     qed.set_defaults(func=run)
+
+
+class _Args:
+    """The namespace argparse makes, for a command line `fast_args` takes."""
+
+    def __init__(self, **values: object) -> None:
+        self.__dict__.update(values)
+
+
+def fast_args(argv: list[str]) -> argparse.Namespace | None:
+    """What `qbackend qed ARGV` parses to, without argparse, for the plain spellings of a
+    FAST subcommand: its options as declared (`--output json`, `--output=json`, `-r`, each
+    on its own), values among their choices, and one file name in the form pathlib gives it
+    back (what the command prints).  None for anything else (abbreviations, `-rq`, `--`,
+    --help, an error of any kind): argparse parses those, and says what is wrong."""
+    if not argv or argv[0] not in FAST:
+        return None
+    rows = SUBCOMMANDS[argv[0]][1]
+    options = {flag: keywords for flags, keywords in rows if flags[0].startswith("-") for flag in flags}
+    names = [flags[0] for flags, keywords in rows if not flags[0].startswith("-")]
+    values: dict[str, object] = {"verbose": 0, "data_dir": None, "command": "qed", "qed_command": argv[0]}
+    for flags, keywords in rows:
+        dest = str(keywords.get("dest", flags[0].lstrip("-")))
+        values[dest] = keywords.get("default", False if keywords.get("action") == "store_true" else None)
+    given: list[str] = []
+    words = iter(argv[1:])
+    for word in words:
+        if not word.startswith("-"):
+            given.append(word)
+            continue
+        flag, eq, value = word.partition("=")
+        option = options.get(flag)
+        if option is None:
+            return None
+        dest = str(option.get("dest", flag.lstrip("-")))
+        action = option.get("action")
+        if action is None:  # a value: `--flag VALUE` or `--flag=VALUE` (not `-fVALUE`)
+            if not eq:
+                value = next(words, "-")
+            choices = option.get("choices")
+            if value.startswith("-") or (eq and not flag.startswith("--")) or (
+                    isinstance(choices, list) and value not in choices):
+                return None
+            values[dest] = value
+        elif eq or action not in ("store_true", "store_const"):
+            return None
+        else:
+            values[dest] = True if action == "store_true" else option["const"]
+    if len(given) != len(names):
+        return None
+    for name, word in zip(names, given, strict=True):
+        if not _plain_path(word):
+            return None
+        values[name] = word
+    values["func"] = run
+    return _Args(**values)  # type: ignore[return-value]
+
+
+def _plain_path(word: str) -> bool:
+    """Whether `word` is a path as str(pathlib.Path(word)) gives it back: not empty, no
+    empty or `.` component (`a//b`, `./a`, `a/`), and no leading `//`."""
+    parts = word.split("/")
+    return bool(word) and all(part not in ("", ".") for part in parts[1 if word.startswith("/") else 0:])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         }[args.qed_command]
         return handler(args)
     except BaseException as exc:  # reported as main() does, with the subcommand's name
+        from qbackend.app.cli.common import report
+
         failed = report(f"qbackend qed {args.qed_command}", exc)
         if failed is None:
             raise
@@ -131,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _size(text: str, what: str) -> int:
+    from qbackend.sizes import parse_size
+
     return parse_size(text, what, default_unit="B")  # qemu-img: a bare size is bytes
 
 
@@ -182,7 +259,10 @@ class Progress:
             self.out.write("\n")
 
 
-def _open(path: Path, *, read_only: bool = True, open_backing: bool = True, check_on_open: bool = True) -> QedImage:
+def _open(path: str | os.PathLike[str], *, read_only: bool = True, open_backing: bool = True,
+          check_on_open: bool = True) -> QedImage:
+    from qbackend.block.qed import QedImage
+
     return QedImage.open_path(path, read_only=read_only, open_backing=open_backing, check_on_open=check_on_open)
 
 
@@ -190,6 +270,11 @@ def _open(path: Path, *, read_only: bool = True, open_backing: bool = True, chec
 
 
 def _create(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qbackend.block.blockfile import FileBlock
+    from qbackend.block.qed import DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE, QedImage, open_backing_file
+
     opts = _format_options(args.options)
     cluster_size = _size(opts["cluster_size"], "cluster_size") if "cluster_size" in opts else DEFAULT_CLUSTER_SIZE
     table_size = int(opts.get("table_size", DEFAULT_TABLE_SIZE))
@@ -234,6 +319,8 @@ def _info(args: argparse.Namespace) -> int:
     st = os.stat(args.filename)
     info = {"filename": str(args.filename), **info, "actual-size": st.st_blocks * 512}
     if args.output == "json":
+        import json
+
         print(json.dumps(info, indent=4))
         return 0
     print(f"image: {args.filename}")
@@ -257,6 +344,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from qbackend.block.qed import QedError
+
     repair = args.repair is not None
     progress = Progress(args.progress and args.output == "human")
     try:
@@ -274,6 +363,8 @@ def _check(args: argparse.Namespace) -> int:
             return 130
         progress.done()
     if args.output == "json":
+        import json
+
         print(json.dumps({"filename": str(args.filename), "format": "qed", **report.to_json()}, indent=4))
     elif not args.quiet:
         _print_check(report)
@@ -318,6 +409,8 @@ def _chain_map(img: QedImage, offset: int, length: int, depth: int) -> list[dict
 
 
 def _extent_entries(img: QedImage, e: Extent, depth: int) -> list[dict[str, Any]]:
+    from qbackend.block.qed import MapKind, QedImage, RawBacking
+
     if e.kind is MapKind.DATA:
         return [{"start": e.start, "length": e.length, "depth": depth, "present": True, "zero": False,
                  "data": True, "offset": e.host_offset}]
@@ -346,6 +439,8 @@ def _map(args: argparse.Namespace) -> int:
     with _open(args.filename) as img:
         entries = _chain_map(img, 0, img.image_size, 0)
     if args.output == "json":
+        import json
+
         print("[" + ",\n".join(json.dumps(e) for e in entries) + "]")
         return 0
     print(f"{'Offset':<20}{'Length':<20}{'Mapped to':<20}File")
@@ -360,6 +455,9 @@ def _map(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from qbackend.block.blockfile import FileBlock
+    from qbackend.block.qed import DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE, SECTOR, QedImage, RawBacking
+
     src_fmt = args.src_fmt
     if src_fmt is None:
         with open(args.src, "rb") as probe:
