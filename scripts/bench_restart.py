@@ -344,7 +344,7 @@ def main() -> int:
                         reply = call(qmp, "upgrade", {"timeout": 60}, timeout=70)
                     t1 = time.monotonic()
                     s.pid = int(reply["pid"])
-                    s.down.append(float(reply["seconds"]))
+                    s.down.append(float(reply.get("paused", reply["seconds"])))  # "paused": when it says
                 # Wait for the first record after t1, then a few more.
                 while True:
                     now = time.monotonic()
@@ -451,8 +451,11 @@ def main() -> int:
         for n, hang in enumerate(s.hung):
             print(f"  {s.name}: {'one event' if n == 0 else 'another'} did not resume by itself within "
                   f"{RESUME_TIMEOUT:.0f} s (left out of the stalls): {hang}")
-    print("  record: the normal time of one record (median gap before the event); back end back: SIGKILL to the new "
-          "process's socket, or the upgrade's hand-over time as it reports it")
+    print("  record: the normal time of one record (median gap before the event); stall: the longest gap between "
+          "records from the event on, minus that; event->next: from SIGKILL or the upgrade command to the record "
+          "that ended that gap, minus the normal time (for an upgrade it holds the new process's start-up, during "
+          "which the guest still writes); back end back: SIGKILL to the new process's socket, or the time the "
+          "upgrade reports nothing was served (its hand-over time if it reports no pause)")
     for s in systems:
         print(f"  {s.name}: {checks.get(s.short, 'not checked')}")
     if qb.stalls and qsd.stalls:
