@@ -96,9 +96,10 @@ def start_new_process(theirs_fd: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, pass_fds=[theirs_fd], stdin=subprocess.DEVNULL)
 
 
-async def hand_over(parts: dict[str, Part], describe: State, *, timeout: float = TIMEOUT) -> int:
+async def hand_over(parts: dict[str, Part], describe: State, *, timeout: float = TIMEOUT) -> tuple[int, float]:
     """Hand `parts` (with the backend's description) to a new process; its PID once it
-    serves.  Raises HandoverError, with every part serving again, when it fails."""
+    serves, and how long the parts were paused.  Raises HandoverError, with every part
+    serving again, when it fails."""
     mine, theirs = socket_pair()
     started = time.monotonic()
     try:
@@ -109,8 +110,15 @@ async def hand_over(parts: dict[str, Part], describe: State, *, timeout: float =
         raise HandoverError(f"cannot start the new process: {exc}") from None
     theirs.close()
     paused: list[Part] = []
+    paused_at = time.monotonic()
     try:
         with trio.fail_after(timeout):
+            # Nothing pauses before the new process has started and imported what it needs:
+            # the guest's stall is the hand-over itself, not Python's start-up.
+            hello = await trio.to_thread.run_sync(recv_json, mine, abandon_on_cancel=True)
+            if not isinstance(hello, dict) or hello.get("hello") != proc.pid:
+                raise HandoverError(f"the new process did not start: {hello!r}")
+            paused_at = time.monotonic()
             for part in parts.values():
                 paused.append(part)
                 await part.pause()
@@ -138,9 +146,11 @@ async def hand_over(parts: dict[str, Part], describe: State, *, timeout: float =
         if isinstance(exc, OSError):
             raise HandoverError(f"the hand-over failed: {exc}") from None
         raise
-    log.info("upgrade: PID %d serves now (hand-over took %.3f s)", proc.pid, time.monotonic() - started)
+    paused_for = time.monotonic() - paused_at
+    log.info("upgrade: PID %d serves now (%.3f s in all, paused %.3f s)", proc.pid, time.monotonic() - started,
+             paused_for)
     mine.close()
-    return proc.pid
+    return proc.pid, paused_for
 
 
 def take_over(fd: int) -> tuple[Backend, Loader]:
@@ -154,6 +164,7 @@ def take_over(fd: int) -> tuple[Backend, Loader]:
 
     sock = adopt_socket(fd)
     sock.setblocking(True)
+    send_json(sock, {"hello": os.getpid()})  # imported: the old process may pause now
     try:
         state, fds = recv_state(sock)
         loader = Loader(fds)

@@ -52,5 +52,5 @@ def run(args: argparse.Namespace) -> int:
     with monitor(path) as qmp:  # the new process's monitor, on the same socket
         after = call(qmp, "query-version")
     print(f"upgraded: PID {reply['pid']} serves now ({before['package']} -> {after['package']}), "
-          f"hand-over {reply['seconds']:.3f} s")
+          f"hand-over {reply['seconds']:.3f} s, paused {reply['paused']:.3f} s")
     return 0

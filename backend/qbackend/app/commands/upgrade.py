@@ -21,7 +21,7 @@ UPGRADE = CommandSpec("upgrade", {
     "timeout": Arg("number", True, "seconds the new process has to take over (default 60)"),
 }, doc="hand every device, disk, export and socket to a new qbackend process (the code installed now), which "
        "serves on without QEMU seeing a socket close; this process then exits.  When it fails, this process "
-       "serves on as before", returns="{pid, seconds}")
+       "serves on as before", returns="{pid, seconds (in all), paused (seconds nothing was served)}")
 
 
 def register(monitor: QmpMonitor, backend: Backend) -> None:
@@ -42,12 +42,12 @@ def register(monitor: QmpMonitor, backend: Backend) -> None:
                 raise QmpCommandError(f"timeout {timeout:g}: seconds, more than 0 and at most 3600")
             started = time.monotonic()
             try:
-                pid = await hand_over(parts_of(backend), describe(backend), timeout=timeout)  # type: ignore[arg-type]
+                pid, paused = await hand_over(parts_of(backend), describe(backend), timeout=timeout)  # type: ignore[arg-type]
             except HandoverError as exc:
                 raise QmpCommandError(f"upgrade failed, this process serves on: {exc}") from None
             seconds = time.monotonic() - started
             print(f"upgrade: PID {pid} serves now; this process exits", flush=True)
             monitor.after_reply = exit_now
-            return {"pid": pid, "seconds": round(seconds, 3)}
+            return {"pid": pid, "seconds": round(seconds, 3), "paused": round(paused, 3)}
 
     monitor.register(UPGRADE, upgrade)
