@@ -15,18 +15,22 @@ Reads at or past the end of the file come back short, as with ``os.pread``.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import functools
 import os
-import random
 import stat
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 from qbackend.errors import ImageError
-from qbackend.plumbing.libc import libc
+
+# Start-up: `qbackend qed info` opens a FileBlock and nothing more, so what only hole
+# punching (ctypes), the fault injection (random) or the types (typing, pathlib) need is
+# imported when used; `BlockFile` (a typing.Protocol) is in qbackend.block.blockfile_protocol.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import random
+    from collections.abc import Callable, Sequence
+    from pathlib import Path
+
+    from qbackend.block.blockfile_protocol import BlockFile
 
 Buffer = bytes | bytearray | memoryview
 """What `BlockFile.pwrite` accepts."""
@@ -34,29 +38,14 @@ Buffer = bytes | bytearray | memoryview
 __all__ = ["BlockFile", "Buffer", "Crashed", "FaultyBlock", "FileBlock", "InjectedFault", "MemoryBlock"]
 
 
-@runtime_checkable
-class BlockFile(Protocol):
-    def pread(self, offset: int, n: int) -> bytes:
-        """Up to ``n`` bytes at ``offset``; short only at the end of the file."""
-        ...
+def __getattr__(name: str) -> object:
+    """`BlockFile`, imported on first use (typing's Protocol costs more to import than a
+    `qbackend qed info` takes otherwise)."""
+    if name != "BlockFile":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from qbackend.block.blockfile_protocol import BlockFile
 
-    def pwrite(self, offset: int, data: Buffer) -> None:
-        """Write all of ``data`` at ``offset``, growing the file if needed."""
-        ...
-
-    def discard(self, offset: int, n: int) -> None:
-        """Make ``n`` bytes at ``offset`` (inside the file) read as zeros, freeing space where possible."""
-        ...
-
-    def flush(self) -> None:
-        """Make every write so far durable."""
-        ...
-
-    def size(self) -> int: ...
-
-    def truncate(self, n: int) -> None: ...
-
-    def close(self) -> None: ...
+    return BlockFile
 
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -80,26 +69,42 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
 
-@functools.cache
+_FALLOCATE: list[Callable[[int, int, int, int], int] | None] = []  # once looked up: [fallocate or None]
+
+
 def _fallocate() -> Callable[[int, int, int, int], int] | None:
     """libc's fallocate, loaded on the first hole punched (not at import: start-up)."""
-    lib = libc()
-    fn = getattr(lib, "fallocate", None) if lib is not None else None
-    if fn is None:
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return, unused-ignore]
+    if not _FALLOCATE:
+        import ctypes
+
+        from qbackend.plumbing.libc import libc
+
+        lib = libc()
+        fn = getattr(lib, "fallocate", None) if lib is not None else None
+        if fn is not None:
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            fn.restype = ctypes.c_int
+        _FALLOCATE.append(fn)
+    return _FALLOCATE[0]
 
 
 class FileBlock:
     """A block file on an open file descriptor (owned: `close` closes it)."""
 
-    def __init__(self, fd: int, *, path: Path | None = None, writable: bool = True) -> None:
+    def __init__(self, fd: int, *, path: str | os.PathLike[str] | None = None, writable: bool = True) -> None:
         self.fd = fd
-        self.path = path
+        self._path = path
         self.writable = writable
         self._can_punch = True  # until fallocate is missing or refuses
+
+    @property
+    def path(self) -> Path | None:
+        """The path it was opened by (a Path made when asked: pathlib is not imported before)."""
+        from pathlib import Path
+
+        if self._path is not None and not isinstance(self._path, Path):
+            self._path = Path(self._path)
+        return self._path
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, writable: bool = True, create: bool = False) -> FileBlock:
@@ -118,7 +123,7 @@ class FileBlock:
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, path=Path(path), writable=writable)
+        return cls(fd, path=path, writable=writable)
 
     def preadv(self, offset: int, views: Sequence[memoryview]) -> int:
         """Read straight into ``views`` (no bytes object between: vhost-user reads
@@ -167,6 +172,8 @@ class FileBlock:
         if fallocate is not None:
             if fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, n) == 0:
                 return
+            import ctypes
+
             err = ctypes.get_errno()
             if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise OSError(err, os.strerror(err))
@@ -337,7 +344,10 @@ class FaultyBlock:
 
     def after_power_loss(self, rng: random.Random | None = None, keep: float = 0.5) -> bytes:
         """The durable contents plus a random subset of the unflushed operations."""
-        rng = rng or random.Random()
+        if rng is None:
+            import random
+
+            rng = random.Random()
         image = bytearray(self._durable)
         for op in self._pending:
             if rng.random() < keep:

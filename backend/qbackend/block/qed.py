@@ -34,29 +34,37 @@ from __future__ import annotations
 
 import bisect
 import errno
-import logging
 import os
-import re
 import struct
 import sys
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
 from enum import Enum, IntEnum, IntFlag
 from itertools import compress
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
 
-from qbackend.block.blockfile import BlockFile, FileBlock
-from qbackend.block.read_map import ReadMap
+from qbackend.block.blockfile import FileBlock
 from qbackend.errors import ImageError
 
+# Start-up: `qbackend qed info` and `qed check` import this module, so it imports only what
+# opening and checking an image use; the rest (logging, pathlib, the read map's C helper,
+# typing, and dataclasses for `QedHeader`) when used.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from qbackend.block.qed_check import CheckReport
+    import logging
+    from collections.abc import Callable, Iterator, Sequence
+    from pathlib import Path
+    from typing import Protocol
 
-log = logging.getLogger(__name__)
+    from qbackend.block.blockfile import BlockFile
+    from qbackend.block.qed_check import CheckReport
+    from qbackend.block.read_map import ReadMap
+
+
+def _log() -> logging.Logger:
+    import logging
+
+    return logging.getLogger(__name__)
 
 # -- constants (QED spec, "Header" and "Tables") ------------------------------
 
@@ -139,8 +147,16 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-@dataclass(frozen=True)
-class QedHeader:
+class Header:
+    """A QED header's fields (immutable; `replace` makes a changed copy), packed, unpacked
+    and validated.  `QedHeader` is the same as a frozen dataclass (for dataclasses.replace
+    and friends), made when first asked for: the image keeps a Header, as dataclasses
+    costs more to import than a `qbackend qed info` takes otherwise."""
+
+    FIELDS = ("cluster_size", "table_size", "header_size", "features", "compat_features", "autoclear_features",
+              "l1_table_offset", "image_size", "backing_filename_offset", "backing_filename_size")
+    DEFAULTS = 2  # the last two fields default to 0 (no backing file name)
+
     cluster_size: int
     table_size: int
     header_size: int
@@ -149,8 +165,34 @@ class QedHeader:
     autoclear_features: int
     l1_table_offset: int
     image_size: int
-    backing_filename_offset: int = 0
-    backing_filename_size: int = 0
+    backing_filename_offset: int
+    backing_filename_size: int
+
+    def __init__(self, cluster_size: int, table_size: int, header_size: int, features: int,
+                 compat_features: int, autoclear_features: int, l1_table_offset: int, image_size: int,
+                 backing_filename_offset: int = 0, backing_filename_size: int = 0) -> None:
+        self.__dict__.update(zip(self.FIELDS, (cluster_size, table_size, header_size, features, compat_features,
+                                               autoclear_features, l1_table_offset, image_size,
+                                               backing_filename_offset, backing_filename_size), strict=True))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of an immutable header (use replace)")
+
+    def _values(self) -> tuple[int, ...]:
+        return tuple(self.__dict__[name] for name in self.FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        return self._values() == other._values() if isinstance(other, Header) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in zip(self.FIELDS, self._values()))})"
+
+    def replace(self, **changes: int) -> Header:
+        """A copy with `changes` (field=value) made."""
+        return type(self)(**{**dict(zip(self.FIELDS, self._values(), strict=True)), **changes})
 
     def pack(self) -> bytes:
         return HEADER.pack(b"QED\0", self.cluster_size, self.table_size, self.header_size, self.features,
@@ -158,7 +200,7 @@ class QedHeader:
                            self.image_size, self.backing_filename_offset, self.backing_filename_size)
 
     @classmethod
-    def unpack(cls, data: bytes) -> QedHeader:
+    def unpack(cls, data: bytes) -> Header:
         """Decode (magic checked); `validate` checks the rest."""
         if len(data) < HEADER.size:
             raise QedFormatError(f"file too short for a QED header: {len(data)} bytes, need {HEADER.size}")
@@ -229,16 +271,34 @@ class QedHeader:
 # -- backing files -------------------------------------------------------------
 
 
-class Backing(Protocol):
-    """What a QED image reads unallocated clusters from."""
+def __getattr__(name: str) -> object:
+    """`QedHeader`: the frozen dataclass of `Header`'s fields, made on first use."""
+    if name != "QedHeader":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from dataclasses import field, make_dataclass
 
-    def size(self) -> int: ...
+    required = len(Header.FIELDS) - Header.DEFAULTS
+    made = make_dataclass("QedHeader", [(n, int) if i < required else (n, int, field(default=0))
+                                        for i, n in enumerate(Header.FIELDS)],
+                          bases=(Header,), frozen=True)
+    made.__module__, made.__doc__ = __name__, Header.__doc__
+    globals()["QedHeader"] = made
+    return made
 
-    def read(self, offset: int, n: int) -> bytes:
-        """``n`` bytes at ``offset``, inside [0, size())."""
-        ...
 
-    def close(self) -> None: ...
+if TYPE_CHECKING:
+    QedHeader = Header  # at run time, the dataclass of Header's fields (module __getattr__)
+
+    class Backing(Protocol):
+        """What a QED image reads unallocated clusters from."""
+
+        def size(self) -> int: ...
+
+        def read(self, offset: int, n: int) -> bytes:
+            """``n`` bytes at ``offset``, inside [0, size())."""
+            ...
+
+        def close(self) -> None: ...
 
 
 class RawBacking:
@@ -318,12 +378,37 @@ class MapKind(Enum):
     UNALLOCATED = "unallocated"  # not in this image, nothing below: reads zeros
 
 
-@dataclass(frozen=True)
 class Extent:
+    """A piece of the guest view (immutable)."""
+
+    __slots__ = ("host_offset", "kind", "length", "start")
     start: int
     length: int
     kind: MapKind
-    host_offset: int | None = None
+    host_offset: int | None
+
+    def __init__(self, start: int, length: int, kind: MapKind, host_offset: int | None = None) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "start", start)
+        setattr_(self, "length", length)
+        setattr_(self, "kind", kind)
+        setattr_(self, "host_offset", host_offset)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of an Extent")
+
+    def _values(self) -> tuple[int, int, MapKind, int | None]:
+        return self.start, self.length, self.kind, self.host_offset
+
+    def __eq__(self, other: object) -> bool:
+        return self._values() == other._values() if isinstance(other, Extent) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return (f"Extent(start={self.start!r}, length={self.length!r}, kind={self.kind!r}, "
+                f"host_offset={self.host_offset!r})")
 
     @property
     def reads_zero(self) -> bool:
@@ -362,8 +447,6 @@ STEP_ENTRIES = 4096
 STATUS_BUDGET = 1 << 14
 _TABLE_COST = 1024  # (a table read from the file, checked and searched: about 0.3 ms)
 _FEW_CLUSTERS = 16  # spans of up to this many clusters are walked entry by entry (reads, writes)
-_ZERO_RUN = re.compile(rb"(?:\x00{8})+")  # unallocated entries (little-endian bytes)
-_ONE_RUN = re.compile(rb"(?:\x01\x00{7})+")  # zero-cluster entries
 _ONES = array("Q", [L2_ZERO])
 
 
@@ -402,7 +485,8 @@ class _Budget:
 
 
 _AUTO = _Auto()
-ProgressFn = Callable[[int, int], None]
+if TYPE_CHECKING:
+    ProgressFn = Callable[[int, int], None]
 
 
 # -- the image -----------------------------------------------------------------
@@ -416,7 +500,7 @@ class QedImage:
     @staticmethod
     def create(f: BlockFile, image_size: int, *, cluster_size: int = DEFAULT_CLUSTER_SIZE,
                table_size: int = DEFAULT_TABLE_SIZE, backing_file: str | None = None,
-               backing_raw: bool = False) -> QedHeader:
+               backing_raw: bool = False) -> Header:
         """Format ``f`` (truncated first) as an empty QED image; returns the header written.
 
         ``image_size`` is rounded up to a multiple of 512, as qemu-img does.
@@ -436,7 +520,7 @@ class QedImage:
             features |= Feature.BACKING_FILE
             if backing_raw:
                 features |= Feature.BACKING_FORMAT_NO_PROBE
-        header = QedHeader(cluster_size=cluster_size, table_size=table_size, header_size=header_size,
+        header = Header(cluster_size=cluster_size, table_size=table_size, header_size=header_size,
                            features=int(features), compat_features=0, autoclear_features=0,
                            l1_table_offset=header_size * cluster_size, image_size=image_size,
                            backing_filename_offset=HEADER_SIZE_BYTES if name else 0,
@@ -457,8 +541,7 @@ class QedImage:
         f = FileBlock.open(path, writable=not read_only)
         try:
             return cls.open(f, read_only=read_only, open_backing=open_backing, check_on_open=check_on_open,
-                            native_map=native_map,
-                            base_dir=Path(path).parent)
+                            native_map=native_map)  # the backing file's folder: the image's
         except BaseException:
             f.close()
             raise
@@ -476,7 +559,7 @@ class QedImage:
         A read-write open of an image with NEED_CHECK runs ``check(repair=True)``
         unless ``check_on_open`` is false; its report is kept in `open_check`.
         """
-        header = QedHeader.unpack(f.pread(0, HEADER.size))
+        header = Header.unpack(f.pread(0, HEADER.size))
         header.validate(f.size())
         img = cls(f, header, read_only=read_only, l2_cache_bytes=l2_cache_bytes, native_map=native_map)
         try:
@@ -486,6 +569,8 @@ class QedImage:
                 if backing is not None:
                     img.backing = backing
                 elif open_backing:
+                    from pathlib import Path
+
                     base = base_dir if base_dir is not None else _block_dir(f)
                     target = Path(img.backing_name)
                     if not target.is_absolute():
@@ -501,16 +586,16 @@ class QedImage:
                     img._backing_missing = True
             if not read_only:
                 if header.autoclear_features & ~KNOWN_AUTOCLEAR_FEATURES:
-                    img.header = replace(header, autoclear_features=header.autoclear_features
+                    img.header = header.replace(autoclear_features=header.autoclear_features
                                          & KNOWN_AUTOCLEAR_FEATURES)
                     img._write_header()
                     f.flush()
                 if header.features & Feature.NEED_CHECK and check_on_open:
                     img.open_check = report = img._check(repair=True, leaks_only=False, progress=None)
                     for p in report.corruptions:
-                        log.warning("%s", p)
+                        _log().warning("%s", p)
                     # Users see that the last writer did not close the image, and what it cost.
-                    log.warning("%s: NEED_CHECK was set (not closed cleanly); checked on open: %d leaked "
+                    _log().warning("%s: NEED_CHECK was set (not closed cleanly); checked on open: %d leaked "
                                 "clusters freed, %d corruptions fixed, %d remain",
                                 getattr(f, "path", None) or "image", report.leaks_fixed,
                                 report.corruptions_fixed, report.corruptions_remaining)
@@ -520,7 +605,7 @@ class QedImage:
                 img.backing.close()
             raise
 
-    def __init__(self, f: BlockFile, header: QedHeader, *, read_only: bool,
+    def __init__(self, f: BlockFile, header: Header, *, read_only: bool,
                  l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES, native_map: bool = False) -> None:
         self.f = f
         self.header = header
@@ -550,8 +635,11 @@ class QedImage:
         # Only an image a native server reads asks for it (`native_map`): the tools and
         # backing files do not, and so never load the C helper (nor cffi) for nothing.
         fd = getattr(f, "fd", None)
-        self.read_map = (ReadMap.create(fd, header.image_size, cs, writable=not read_only)
-                         if native_map and isinstance(fd, int) else None)
+        self.read_map: ReadMap | None = None
+        if native_map and isinstance(fd, int):
+            from qbackend.block.read_map import ReadMap
+
+            self.read_map = ReadMap.create(fd, header.image_size, cs, writable=not read_only)
         self._load_metadata()
 
     def _load_metadata(self) -> None:
@@ -683,14 +771,14 @@ class QedImage:
             self._tail_trimmed = True
         if self.dirty:
             return
-        self.header = replace(self.header, features=self.header.features | int(Feature.NEED_CHECK))
+        self.header = self.header.replace(features=self.header.features | int(Feature.NEED_CHECK))
         self._write_header()
         self.f.flush()
 
     def _mark_clean(self) -> None:
         self.f.flush()
         if self.dirty:
-            self.header = replace(self.header, features=self.header.features & ~int(Feature.NEED_CHECK))
+            self.header = self.header.replace(features=self.header.features & ~int(Feature.NEED_CHECK))
             self._write_header()
             self.f.flush()
 
@@ -1226,7 +1314,7 @@ class QedImage:
                 raise QedRangeError(f"new size {new_size} exceeds the maximum {self.header.max_image_size}")
             if new_size == self.header.image_size:
                 return
-            self.header = replace(self.header, image_size=new_size)
+            self.header = self.header.replace(image_size=new_size)
             self._write_header()
             self.f.flush()
             if self._l1_used() != len(self._l1):  # more L1 entries in reach now
@@ -1346,5 +1434,7 @@ class QedImage:
 
 
 def _block_dir(f: BlockFile) -> Path | None:
+    from pathlib import Path
+
     path = getattr(f, "path", None)
     return Path(path).parent if path is not None else None

@@ -9,20 +9,38 @@ The scan is span-wise: runs of L2 entries are checked as whole integers of
 from __future__ import annotations
 
 import mmap
-import re
 from array import array
 from collections import deque
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
 from enum import Enum
 from itertools import compress, repeat
 from operator import itemgetter
-from typing import TYPE_CHECKING
 
-from qbackend.block.qed import L2_ZERO, Feature, ProgressFn, _table_from_bytes, _table_to_bytes
+from qbackend.block.qed import L2_ZERO, Feature, _table_from_bytes, _table_to_bytes
 
+# `qbackend qed check` imports this module: no dataclasses, re or typing at import (they cost
+# more than checking a small image); the records below are plain classes.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from qbackend.block.qed import QedImage
+    import re
+    from collections.abc import Iterable, Iterator
+
+    from qbackend.block.qed import ProgressFn, QedImage
+
+
+class _Record:
+    """What a dataclass would give: equality and a repr over FIELDS."""
+
+    FIELDS: tuple[str, ...] = ()
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self.FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass with eq
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in self.FIELDS)})"
 
 class ProblemKind(Enum):
     BAD_L1_ENTRY = "bad L1 entry"  # unaligned, in the header, past EOF, table overruns EOF
@@ -33,35 +51,47 @@ class ProblemKind(Enum):
     PARTIAL_CLUSTER = "partial cluster at end of file"
 
 
-@dataclass
-class Problem:
-    kind: ProblemKind
-    message: str
-    table_offset: int | None = None  # the table holding the bad entry (the L1 table for L1 entries)
-    index: int | None = None
-    value: int | None = None
-    fixable: bool = True
-    fixed: bool = False
+class Problem(_Record):
+    FIELDS = ("kind", "message", "table_offset", "index", "value", "fixable", "fixed")
+
+    def __init__(self, kind: ProblemKind, message: str, table_offset: int | None = None, index: int | None = None,
+                 value: int | None = None, fixable: bool = True, fixed: bool = False) -> None:
+        self.kind = kind
+        self.message = message
+        self.table_offset = table_offset  # the table holding the bad entry (the L1 table for L1 entries)
+        self.index = index
+        self.value = value
+        self.fixable = fixable
+        self.fixed = fixed
 
     def __str__(self) -> str:
         state = " (repaired)" if self.fixed else "" if self.fixable else " (cannot be repaired)"
         return f"{self.message}{state}"
 
 
-@dataclass
-class CheckReport:
-    cluster_size: int
-    total_clusters: int  # guest clusters
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    corruptions: list[Problem] = field(default_factory=list)
-    leaked_clusters: int = 0
-    leak_ranges: list[tuple[int, int]] = field(default_factory=list)  # (file offset, bytes), first 100
-    leaks_fixed: int = 0
-    image_end_offset: int = 0
-    changes: list[str] = field(default_factory=list)
-    need_check_was_set: bool = False
-    need_check_cleared: bool = False
+class CheckReport(_Record):
+    FIELDS = ("cluster_size", "total_clusters", "allocated_clusters", "fragmented_clusters", "corruptions",
+              "leaked_clusters", "leak_ranges", "leaks_fixed", "image_end_offset", "changes", "need_check_was_set",
+              "need_check_cleared")
+
+    def __init__(self, cluster_size: int, total_clusters: int, allocated_clusters: int = 0,
+                 fragmented_clusters: int = 0, corruptions: list[Problem] | None = None, leaked_clusters: int = 0,
+                 leak_ranges: list[tuple[int, int]] | None = None, leaks_fixed: int = 0, image_end_offset: int = 0,
+                 changes: list[str] | None = None, need_check_was_set: bool = False,
+                 need_check_cleared: bool = False) -> None:
+        self.cluster_size = cluster_size
+        self.total_clusters = total_clusters  # guest clusters
+        self.allocated_clusters = allocated_clusters
+        self.fragmented_clusters = fragmented_clusters
+        self.corruptions: list[Problem] = [] if corruptions is None else corruptions
+        self.leaked_clusters = leaked_clusters
+        # (file offset, bytes) of the leaked runs, the first 100
+        self.leak_ranges: list[tuple[int, int]] = [] if leak_ranges is None else leak_ranges
+        self.leaks_fixed = leaks_fixed
+        self.image_end_offset = image_end_offset
+        self.changes: list[str] = [] if changes is None else changes
+        self.need_check_was_set = need_check_was_set
+        self.need_check_cleared = need_check_cleared
 
     @property
     def corruptions_fixed(self) -> int:
@@ -246,7 +276,11 @@ class QedCheck:
         if 0 not in is_data:  # nothing to leave out
             return maybe_zeros and self._scan_data(span, int.from_bytes(le, "little"), st) is True
         pieces = []
-        for k, m in enumerate(_NONZERO_RUN.finditer(is_data)):
+        if not _NONZERO_RUN:
+            import re
+
+            _NONZERO_RUN.append(re.compile(b"[^\\x00]+"))
+        for k, m in enumerate(_NONZERO_RUN[0].finditer(is_data)):
             if k > n >> 6:  # many pieces: pick the entries one by one (at C speed)
                 data = array("Q", compress(span, is_data))
                 break
@@ -372,7 +406,7 @@ class QedCheck:
             rep.changes.append(f"file truncated from {raw_size:#x} to {new_end:#x} bytes"
                                + (f" ({tail} leaked clusters at the end)" if tail else ""))
         if rep.corruptions_remaining == 0 and img.dirty:
-            img.header = replace(img.header, features=img.header.features & ~int(Feature.NEED_CHECK))
+            img.header = img.header.replace(features=img.header.features & ~int(Feature.NEED_CHECK))
             img._write_header()
             img.f.flush()
             rep.need_check_cleared = True
@@ -386,7 +420,7 @@ _MAX_SPAN = 1 << 15  # L2 entries scanned at once at most (a whole table of the 
 _SMALL_SPAN = 32  # L2 entries checked one by one once a span with a problem is narrowed down to this
 _WINDOW = 64  # _scan_span counts marks over a window of up to this many clusters per entry, else uses a set
 _CLEAR_BIT0 = bytes(b & 0xFE for b in range(256))
-_NONZERO_RUN = re.compile(b"[^\\x00]+")
+_NONZERO_RUN: list[re.Pattern[bytes]] = []  # compiled on first use (re is not imported before)
 _LANE_ONE = (1).to_bytes(8, "little")
 _ZERO_ENTRY = bytes(8)
 
@@ -402,18 +436,18 @@ def _mark(used: mmap.mmap, clusters: Iterable[int]) -> None:
     deque(map(used.__setitem__, clusters, repeat(1)), maxlen=0)
 
 
-@dataclass
 class _ScanState:
     """What the L2 scan of a check carries from entry to entry and table to table."""
 
-    rep: CheckReport
-    used: mmap.mmap  # a byte per cluster of the file: referenced by something already
-    meta: range  # the L1 table's clusters
-    file_size: int  # whole clusters only
-    nclusters: int
-    l2_fixes: list[tuple[int, int, Problem]] = field(default_factory=list)
-    prev_host: int = -1  # the last data cluster seen, for counting fragmentation
-    _lanes: dict[int, _Lanes] = field(default_factory=dict)
+    def __init__(self, rep: CheckReport, used: mmap.mmap, meta: range, file_size: int, nclusters: int) -> None:
+        self.rep = rep
+        self.used = used  # a byte per cluster of the file: referenced by something already
+        self.meta = meta  # the L1 table's clusters
+        self.file_size = file_size  # whole clusters only
+        self.nclusters = nclusters
+        self.l2_fixes: list[tuple[int, int, Problem]] = []
+        self.prev_host = -1  # the last data cluster seen, for counting fragmentation
+        self._lanes: dict[int, _Lanes] = {}
 
     def lanes(self, n: int) -> _Lanes:
         """The lane constants for spans of n entries (kept for the check's few span lengths)."""
