@@ -50,6 +50,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import trio
@@ -96,9 +97,11 @@ def start_new_process(theirs_fd: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, pass_fds=[theirs_fd], stdin=subprocess.DEVNULL)
 
 
-async def hand_over(parts: dict[str, Part], describe: State, *, timeout: float = TIMEOUT) -> tuple[int, float]:
-    """Hand `parts` (with the backend's description) to a new process; its PID once it
-    serves, and how long the parts were paused.  Raises HandoverError, with every part
+async def hand_over(parts: dict[str, Part], describe: Callable[[], State], *,
+                    timeout: float = TIMEOUT) -> tuple[int, float]:
+    """Hand `parts` (with the backend's description, `describe()` once they are paused, so
+    that nothing changes it meanwhile) to a new process; its PID once it serves, and how
+    long the parts were paused.  Raises HandoverError, with every part
     serving again, when it fails."""
     mine, theirs = socket_pair()
     started = time.monotonic()
@@ -123,7 +126,7 @@ async def hand_over(parts: dict[str, Part], describe: State, *, timeout: float =
                 paused.append(part)
                 await part.pause()
             saver = Saver()
-            state = {"backend": describe, "parts": {name: part.save(saver) for name, part in parts.items()}}
+            state = {"backend": describe(), "parts": {name: part.save(saver) for name, part in parts.items()}}
             await trio.to_thread.run_sync(send_state, mine, state, saver.fds)
             answer = await trio.to_thread.run_sync(recv_json, mine, abandon_on_cancel=True)
         if not isinstance(answer, dict) or answer.get("ready") != proc.pid:

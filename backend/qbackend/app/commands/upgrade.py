@@ -42,7 +42,7 @@ def register(monitor: QmpMonitor, backend: Backend) -> None:
                 raise QmpCommandError(f"timeout {timeout:g}: seconds, more than 0 and at most 3600")
             started = time.monotonic()
             try:
-                pid, paused = await hand_over(parts_of(backend), describe(backend), timeout=timeout)  # type: ignore[arg-type]
+                pid, paused = await hand_over(parts_of(backend), lambda: describe(backend), timeout=timeout)  # type: ignore[arg-type]
             except HandoverError as exc:
                 raise QmpCommandError(f"upgrade failed, this process serves on: {exc}") from None
             seconds = time.monotonic() - started
