@@ -97,6 +97,8 @@ class QmpMonitor:
         self.after_reply: Callable[[], None] | None = None
         self._gate = AcceptGate()
         self._adopted: socket.socket | None = None
+        self._unpaused = trio.Event()  # commands wait on it while a hand-over is under way
+        self._unpaused.set()
         self.register(CommandSpec("query-commands", doc="the commands this monitor runs",
                                   returns="[{name}]"), self._query_commands)
         self.register(CommandSpec("query-version", doc="qbackend's version, in QEMU's VersionInfo shape",
@@ -171,12 +173,15 @@ class QmpMonitor:
 
     # -- hand-over to a new process (qbackend.app.upgrade) --
     # Only the listener travels: clients connected now stay with this process until it
-    # exits (they see the connection end, and connect again to the new one).
+    # exits (they see the connection end, and connect again to the new one); their
+    # commands wait meanwhile.
 
     async def pause(self) -> None:
         self._gate.close()
+        self._unpaused = trio.Event()
 
     async def resume(self) -> None:
+        self._unpaused.set()
         self._gate.open()
 
     def save(self, saver: Saver) -> State:
@@ -253,6 +258,10 @@ class QmpMonitor:
             scope.cancel()
 
     async def _run(self, cmd: Execute) -> bytes:
+        # A command that comes during a hand-over waits: after it, it is this process's to
+        # run (it failed) or nobody's here (the client sees the connection end, and asks the
+        # new process).  What it would change must not be left out of the state handed over.
+        await self._unpaused.wait()
         handler = self.commands[cmd.spec.name].handler
         try:
             value = await handler(cmd.arguments)
