@@ -37,7 +37,7 @@ import errno
 import os
 import struct
 import sys
-import threading
+from _thread import RLock  # threading's RLock (threading itself: for the first write's Condition)
 from array import array
 from collections import OrderedDict
 from enum import Enum, IntEnum, IntFlag
@@ -52,6 +52,7 @@ from qbackend.errors import ImageError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
+    import threading
     from collections.abc import Callable, Iterator, Sequence
     from pathlib import Path
     from typing import Protocol
@@ -615,11 +616,11 @@ class QedImage:
         self._backing_missing = False
         self.open_check: CheckReport | None = None
         self.closed = False
-        self._lock = threading.RLock()
+        self._lock = RLock()
         # Guest clusters whose new data is being written outside the lock (write()),
         # and the condition their writers signal when the tables point at it.
         self._allocating: set[int] = set()
-        self._allocated = threading.Condition(self._lock)
+        self._allocated_condition: threading.Condition | None = None  # `_allocated`
         cs = header.cluster_size
         self._cs = cs
         self._ne = header.table_entries
@@ -722,6 +723,15 @@ class QedImage:
                 if self.backing is not None:
                     self.backing.close()
                 self.f.close()
+
+    @property
+    def _allocated(self) -> threading.Condition:
+        """The condition a write that allocated signals (made on first use, under the lock)."""
+        if self._allocated_condition is None:
+            import threading
+
+            self._allocated_condition = threading.Condition(self._lock)
+        return self._allocated_condition
 
     def __enter__(self) -> QedImage:
         return self
