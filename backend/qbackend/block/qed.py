@@ -40,7 +40,6 @@ import sys
 from _thread import RLock  # threading's RLock (threading itself: for the first write's Condition)
 from array import array
 from collections import OrderedDict
-from enum import Enum, IntEnum, IntFlag
 from itertools import compress
 
 from qbackend.block.blockfile import FileBlock
@@ -48,7 +47,7 @@ from qbackend.errors import ImageError
 
 # Start-up: `qbackend qed info` and `qed check` import this module, so it imports only what
 # opening and checking an image use; the rest (logging, pathlib, the read map's C helper,
-# typing, and dataclasses for `QedHeader`) when used.
+# typing, dataclasses for `QedHeader`, enum for `Feature` and `MapKind`) when used.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
@@ -59,6 +58,8 @@ if TYPE_CHECKING:
 
     from qbackend.block.blockfile import BlockFile
     from qbackend.block.qed_check import CheckReport
+    from qbackend.block.qed_kinds import Feature as Feature
+    from qbackend.block.qed_kinds import MapKind as MapKind
     from qbackend.block.read_map import ReadMap
 
 
@@ -85,15 +86,13 @@ MAX_BACKING_DEPTH = 16
 DEFAULT_L2_CACHE_BYTES = 32 << 20
 
 
-class Feature(IntFlag):
-    """``features`` bits (QED spec, "Feature bits")."""
+# ``features`` bits (QED spec, "Feature bits"), as the image code tests them; `Feature` is
+# their IntFlag (qbackend.block.qed_kinds).
+_BACKING_FILE = 0x01
+_NEED_CHECK = 0x02
+_BACKING_FORMAT_NO_PROBE = 0x04
 
-    BACKING_FILE = 0x01
-    NEED_CHECK = 0x02
-    BACKING_FORMAT_NO_PROBE = 0x04
-
-
-KNOWN_FEATURES = int(Feature.BACKING_FILE | Feature.NEED_CHECK | Feature.BACKING_FORMAT_NO_PROBE)
+KNOWN_FEATURES = _BACKING_FILE | _NEED_CHECK | _BACKING_FORMAT_NO_PROBE
 KNOWN_COMPAT_FEATURES = 0
 KNOWN_AUTOCLEAR_FEATURES = 0
 
@@ -229,7 +228,7 @@ class Header:
 
     @property
     def has_backing(self) -> bool:
-        return bool(self.features & Feature.BACKING_FILE)
+        return bool(self.features & _BACKING_FILE)
 
     def validate(self, file_size: int) -> None:
         """Every field, in QEMU's order, against a file of ``file_size`` bytes."""
@@ -273,7 +272,12 @@ class Header:
 
 
 def __getattr__(name: str) -> object:
-    """`QedHeader`: the frozen dataclass of `Header`'s fields, made on first use."""
+    """`QedHeader`: the frozen dataclass of `Header`'s fields, made on first use; the enums
+    `Feature` and `MapKind` (from qbackend.block.qed_kinds)."""
+    if name in ("Feature", "MapKind"):
+        from qbackend.block import qed_kinds
+
+        return getattr(qed_kinds, name)
     if name != "QedHeader":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from dataclasses import field, make_dataclass
@@ -364,19 +368,12 @@ def open_backing_file(path: Path, *, raw: bool, depth: int = 0, chain: frozenset
 # -- results -------------------------------------------------------------------
 
 
-class ClusterKind(IntEnum):
+class ClusterKind:
+    """What an L2 entry makes of its cluster: the kinds `_runs` yields (plain ints)."""
+
     UNALLOCATED = 0
     ZERO = 1
     DATA = 2
-
-
-class MapKind(Enum):
-    """What an extent of the guest view is (for block status)."""
-
-    DATA = "data"  # allocated in this image
-    ZERO = "zero"  # a zero cluster in this image
-    BACKING = "backing"  # not in this image; read from the backing file
-    UNALLOCATED = "unallocated"  # not in this image, nothing below: reads zeros
 
 
 class Extent:
@@ -413,6 +410,8 @@ class Extent:
 
     @property
     def reads_zero(self) -> bool:
+        from qbackend.block.qed_kinds import MapKind
+
         return self.kind in (MapKind.ZERO, MapKind.UNALLOCATED)
 
 
@@ -518,9 +517,9 @@ class QedImage:
         header_size = max(1, -(-(HEADER_SIZE_BYTES + len(name)) // max(cluster_size, 1)))
         features = 0
         if backing_file is not None:
-            features |= Feature.BACKING_FILE
+            features |= _BACKING_FILE
             if backing_raw:
-                features |= Feature.BACKING_FORMAT_NO_PROBE
+                features |= _BACKING_FORMAT_NO_PROBE
         header = Header(cluster_size=cluster_size, table_size=table_size, header_size=header_size,
                            features=int(features), compat_features=0, autoclear_features=0,
                            l1_table_offset=header_size * cluster_size, image_size=image_size,
@@ -581,7 +580,7 @@ class QedImage:
                         target = base / target
                     here = file_identity(f)
                     img.backing = open_backing_file(target, raw=bool(header.features
-                                                                     & Feature.BACKING_FORMAT_NO_PROBE),
+                                                                     & _BACKING_FORMAT_NO_PROBE),
                                                     depth=_depth, chain=_chain | {here} if here else _chain)
                 else:
                     img._backing_missing = True
@@ -591,7 +590,7 @@ class QedImage:
                                          & KNOWN_AUTOCLEAR_FEATURES)
                     img._write_header()
                     f.flush()
-                if header.features & Feature.NEED_CHECK and check_on_open:
+                if header.features & _NEED_CHECK and check_on_open:
                     img.open_check = report = img._check(repair=True, leaks_only=False, progress=None)
                     for p in report.corruptions:
                         _log().warning("%s", p)
@@ -761,13 +760,13 @@ class QedImage:
         """raw, qed, or None (no backing file; or not opened and not marked raw)."""
         if self.backing_name is None:
             return None
-        if self.header.features & Feature.BACKING_FORMAT_NO_PROBE or isinstance(self.backing, RawBacking):
+        if self.header.features & _BACKING_FORMAT_NO_PROBE or isinstance(self.backing, RawBacking):
             return "raw"
         return "qed" if isinstance(self.backing, QedImage) else None
 
     @property
     def dirty(self) -> bool:
-        return bool(self.header.features & Feature.NEED_CHECK)
+        return bool(self.header.features & _NEED_CHECK)
 
     # ---- header
 
@@ -781,14 +780,14 @@ class QedImage:
             self._tail_trimmed = True
         if self.dirty:
             return
-        self.header = self.header.replace(features=self.header.features | int(Feature.NEED_CHECK))
+        self.header = self.header.replace(features=self.header.features | _NEED_CHECK)
         self._write_header()
         self.f.flush()
 
     def _mark_clean(self) -> None:
         self.f.flush()
         if self.dirty:
-            self.header = self.header.replace(features=self.header.features & ~int(Feature.NEED_CHECK))
+            self.header = self.header.replace(features=self.header.features & ~_NEED_CHECK)
             self._write_header()
             self.f.flush()
 
@@ -839,7 +838,7 @@ class QedImage:
             self._l2_cache.popitem(last=False)
 
     def _runs(self, offset: int, n: int, budget: _Budget | None = None
-              ) -> Iterator[tuple[int, int, ClusterKind, int]]:
+              ) -> Iterator[tuple[int, int, int, int]]:
         """(guest offset, length, kind, file offset) runs over [offset, offset+n), merged.
 
         With a `budget`, the walk stops early once it is spent (the runs then cover a
@@ -867,7 +866,7 @@ class QedImage:
                     cur[1] += length
                     continue
                 if cur is not None:
-                    yield cur[0], cur[1], ClusterKind(cur[2]), cur[3]
+                    yield cur[0], cur[1], cur[2], cur[3]
                 cur = [start, length, kind, host]
                 if budget is not None and budget.left <= 0:
                     break
@@ -877,7 +876,7 @@ class QedImage:
                     continue
             break
         if cur is not None:
-            yield cur[0], cur[1], ClusterKind(cur[2]), cur[3]
+            yield cur[0], cur[1], cur[2], cur[3]
 
     def _table_pieces(self, table: array[int], l1i: int, pos: int,
                       end: int) -> Iterator[tuple[int, int, int, int]]:
@@ -1026,7 +1025,7 @@ class QedImage:
             view[:] = data[pos:pos + view.nbytes]
             pos += view.nbytes
 
-    def _assemble(self, offset: int, n: int, runs: list[tuple[int, int, ClusterKind, int]]) -> bytes:
+    def _assemble(self, offset: int, n: int, runs: list[tuple[int, int, int, int]]) -> bytes:
         out = bytearray(n)
         for start, length, kind, host in runs:
             pos = start - offset
@@ -1048,7 +1047,7 @@ class QedImage:
                 self._check_range(offset, len(data))
                 if not data:
                     return
-                to_alloc: list[tuple[int, ClusterKind]] = []  # (guest cluster index, old kind)
+                to_alloc: list[tuple[int, int]] = []  # (guest cluster index, old kind)
                 in_place: list[tuple[int, int, int]] = []  # (file offset, data offset, length)
                 for start, length, kind, host in self._runs(offset, len(data)):
                     if kind == ClusterKind.DATA:
@@ -1091,7 +1090,7 @@ class QedImage:
                 self._allocated.notify_all()
 
     def _reserve(self, offset: int, view: memoryview,
-                 clusters: list[tuple[int, ClusterKind]]) -> tuple[int, list[memoryview], bool]:
+                 clusters: list[tuple[int, int]]) -> tuple[int, list[memoryview], bool]:
         """Under the lock: file space for `clusters` at the end of the file, and what goes
         there (views of the caller's bytes for whole clusters; else built with the backing
         file's or zero bytes around them); whether backing data was copied."""
@@ -1338,6 +1337,8 @@ class QedImage:
         `bounded`: the walk stops once STATUS_BUDGET is spent, and the extents cover a
         prefix of the range (at least one cluster's worth, or the range): what one block
         status request gets (NBD lets the reply be shorter than asked)."""
+        from qbackend.block.qed_kinds import MapKind
+
         budget = _Budget() if bounded else None
         with self._lock:
             if length is None:
@@ -1373,6 +1374,8 @@ class QedImage:
         0 where no layer does.  A raw backing file holds everything up to its end, and a
         backing file shorter than the image holds the rest too (as QEMU reports it).
         `bounded`: as map's; the runs then cover a prefix of the range."""
+        from qbackend.block.qed_kinds import MapKind
+
         out: list[tuple[int, int]] = []
         for ext in self.map(offset, length, bounded=bounded):
             if ext.kind in (MapKind.DATA, MapKind.ZERO):

@@ -11,20 +11,30 @@ from __future__ import annotations
 import mmap
 from array import array
 from collections import deque
-from enum import Enum
 from itertools import compress, repeat
 from operator import itemgetter
 
-from qbackend.block.qed import L2_ZERO, Feature, _table_from_bytes, _table_to_bytes
+from qbackend.block.qed import _NEED_CHECK, L2_ZERO, _table_from_bytes, _table_to_bytes
 
 # `qbackend qed check` imports this module: no dataclasses, re or typing at import (they cost
-# more than checking a small image); the records below are plain classes.
+# more than checking a small image); the records below are plain classes, and `ProblemKind`
+# (qbackend.block.qed_kinds) is imported where a problem is found.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import re
     from collections.abc import Iterable, Iterator
 
     from qbackend.block.qed import ProgressFn, QedImage
+    from qbackend.block.qed_kinds import ProblemKind as ProblemKind
+
+
+def __getattr__(name: str) -> object:
+    """`ProblemKind`, from qbackend.block.qed_kinds."""
+    if name != "ProblemKind":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from qbackend.block.qed_kinds import ProblemKind
+
+    return ProblemKind
 
 
 class _Record:
@@ -41,15 +51,6 @@ class _Record:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in self.FIELDS)})"
-
-class ProblemKind(Enum):
-    BAD_L1_ENTRY = "bad L1 entry"  # unaligned, in the header, past EOF, table overruns EOF
-    L1_INTO_METADATA = "L1 entry points into metadata"
-    BAD_L2_ENTRY = "bad L2 entry"
-    L2_INTO_METADATA = "L2 entry points into metadata"
-    DUPLICATE = "cluster referenced twice"
-    PARTIAL_CLUSTER = "partial cluster at end of file"
-
 
 class Problem(_Record):
     FIELDS = ("kind", "message", "table_offset", "index", "value", "fixable", "fixed")
@@ -95,10 +96,18 @@ class CheckReport(_Record):
 
     @property
     def corruptions_fixed(self) -> int:
+        if not self.corruptions:
+            return 0
+        from qbackend.block.qed_kinds import ProblemKind
+
         return sum(1 for p in self.corruptions if p.fixed and p.kind is not ProblemKind.PARTIAL_CLUSTER)
 
     @property
     def corruptions_remaining(self) -> int:
+        if not self.corruptions:
+            return 0
+        from qbackend.block.qed_kinds import ProblemKind
+
         return sum(1 for p in self.corruptions if not p.fixed and p.kind is not ProblemKind.PARTIAL_CLUSTER)
 
     @property
@@ -166,6 +175,8 @@ class QedCheck:
         used[l1c:l1c + h.table_size] = b"\x01" * h.table_size
         meta = range(l1c, l1c + h.table_size)  # the L1 table's clusters (the header's: below header_size)
         if raw_size != file_size:
+            from qbackend.block.qed_kinds import ProblemKind
+
             rep.corruptions.append(Problem(ProblemKind.PARTIAL_CLUSTER,
                                            f"{raw_size - file_size} bytes after the last whole cluster "
                                            f"(file size {raw_size:#x})"))
@@ -175,23 +186,28 @@ class QedCheck:
             for i, e in compress(enumerate(l1, first), l1):  # the nonzero entries
                 where = f"L1 entry {i} (guest offset {i * ne * cs:#x}): L2 table"
                 why = None
-                kind = ProblemKind.BAD_L1_ENTRY
+                into_metadata = False
                 if e % cs:
                     why = f"offset {e:#x} is not a multiple of the cluster size"
                 elif e < h.header_bytes:
-                    why, kind = f"offset {e:#x} lies in the header", ProblemKind.L1_INTO_METADATA
+                    why, into_metadata = f"offset {e:#x} lies in the header", True
                 elif e + tb > file_size:
                     why = f"at {e:#x} ({tb} bytes) runs past the end of the file ({file_size:#x})"
                 elif e // cs < meta.stop and meta.start < e // cs + h.table_size:
                     why = f"at {e:#x} overlaps the L1 table at {h.l1_table_offset:#x}"
-                    kind = ProblemKind.L1_INTO_METADATA
+                    into_metadata = True
                 if why is not None:
+                    from qbackend.block.qed_kinds import ProblemKind
+
+                    kind = ProblemKind.L1_INTO_METADATA if into_metadata else ProblemKind.BAD_L1_ENTRY
                     p = Problem(kind, f"{where} {why}", h.l1_table_offset, i, e)
                     rep.corruptions.append(p)
                     l1_fixes.append((i, p))
                     continue
                 c = e // cs
                 if any(used[c:c + h.table_size]):
+                    from qbackend.block.qed_kinds import ProblemKind
+
                     rep.corruptions.append(Problem(ProblemKind.DUPLICATE,
                                                    f"{where} at {e:#x} overlaps clusters already referenced",
                                                    h.l1_table_offset, i, e, fixable=False))
@@ -348,6 +364,8 @@ class QedCheck:
         return True
 
     def _check_entry(self, l1i: int, toff: int, j: int, e: int, st: _ScanState) -> None:
+        from qbackend.block.qed_kinds import ProblemKind  # (entries that may have a problem only)
+
         img = self.img
         cs = img._cs
         used, rep = st.used, st.rep
@@ -400,13 +418,15 @@ class QedCheck:
             img.f.flush()
             tail = nclusters - (last_used + 1)
             rep.leaks_fixed = tail
+            from qbackend.block.qed_kinds import ProblemKind
+
             for p in rep.corruptions:
                 if p.kind is ProblemKind.PARTIAL_CLUSTER:
                     p.fixed = True
             rep.changes.append(f"file truncated from {raw_size:#x} to {new_end:#x} bytes"
                                + (f" ({tail} leaked clusters at the end)" if tail else ""))
         if rep.corruptions_remaining == 0 and img.dirty:
-            img.header = img.header.replace(features=img.header.features & ~int(Feature.NEED_CHECK))
+            img.header = img.header.replace(features=img.header.features & ~_NEED_CHECK)
             img._write_header()
             img.f.flush()
             rep.need_check_cleared = True
