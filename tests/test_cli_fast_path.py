@@ -14,7 +14,7 @@ from qed_tools import l2_entry_offset, poke_u64, qemu_img, qemu_io, read_header
 
 import qbackend.app.cli.qed as qed_cli
 from qbackend.app.cli import build_parser, main
-from qbackend.block.qed import Feature, QedImage
+from qbackend.block.qed import Feature, QedHeader, QedImage
 
 MiB = 1 << 20
 
@@ -174,3 +174,28 @@ def test_light_commands_import_nothing_heavy(argv: list[str], tmp_path: Path) ->
     if "--output=json" not in argv:
         heavy |= {"json", "re", "enum"}  # (json imports re, and re enum)
     assert loaded & heavy == set()
+
+
+def test_check_reads_every_piece_of_the_l1_table() -> None:
+    """The check skips the all-zero pieces of the L1 table: entries in any piece, first and
+    last included, are still checked and counted."""
+    from qbackend.block.blockfile import MemoryBlock
+
+    m = MemoryBlock()
+    QedImage.create(m, 16 << 30, cluster_size=4096, table_size=4)  # 2048 L1 entries of 8 MiB
+    img = QedImage.open(m)
+    for index in (0, 511, 512, 1500, 2047):
+        img.write(index * (8 << 20), b"x" * 4096)
+    img.close()
+    report = QedImage.open(MemoryBlock(bytes(m.data)), read_only=True).check()
+    assert (report.allocated_clusters, report.corruptions) == (5, [])
+    h = read_header_of(m)
+    m.data[h.l1_table_offset + 8 * 1600:h.l1_table_offset + 8 * 1601] = (12345).to_bytes(8, "little")
+    report = QedImage.open(MemoryBlock(bytes(m.data)), read_only=True, check_on_open=False).check()
+    assert [p.index for p in report.corruptions] == [1600] and report.allocated_clusters == 5
+
+
+def read_header_of(m: object) -> QedHeader:
+    from qbackend.block.qed import HEADER
+
+    return QedHeader.unpack(bytes(m.data[:HEADER.size]))  # type: ignore[attr-defined]

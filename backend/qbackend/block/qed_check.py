@@ -435,6 +435,7 @@ class QedCheck:
 
 
 _L1_CHUNK = 1 << 20  # bytes of the L1 table read at once
+_L1_PIECE = 1 << 12  # bytes of it skipped at once when all zeros
 _COUNT_CHUNK = 1 << 22  # clusters counted at once (a copy of that many bytes)
 _MAX_SPAN = 1 << 15  # L2 entries scanned at once at most (a whole table of the default size)
 _SMALL_SPAN = 32  # L2 entries checked one by one once a span with a problem is narrowed down to this
@@ -446,10 +447,15 @@ _ZERO_ENTRY = bytes(8)
 
 
 def _l1_chunks(img: QedImage) -> Iterator[tuple[int, array[int]]]:
-    """(first index, entries) of the whole L1 table, _L1_CHUNK bytes at a time."""
+    """(first index, entries) of the L1 table's pieces of _L1_PIECE bytes that hold a nonzero
+    entry (the others have nothing to check), read _L1_CHUNK bytes at a time."""
     h = img.header
     for pos in range(0, h.table_bytes, _L1_CHUNK):
-        yield pos // 8, _table_from_bytes(img.f.pread(h.l1_table_offset + pos, min(_L1_CHUNK, h.table_bytes - pos)))
+        raw = img.f.pread(h.l1_table_offset + pos, min(_L1_CHUNK, h.table_bytes - pos))
+        for at in range(0, len(raw), _L1_PIECE):
+            end = min(at + _L1_PIECE, len(raw))
+            if raw.count(0, at, end) != end - at:
+                yield (pos + at) // 8, _table_from_bytes(raw[at:end])
 
 
 def _mark(used: mmap.mmap, clusters: Iterable[int]) -> None:
