@@ -342,6 +342,7 @@ class NbdConnection:
         """The driver is done: wait for the pool's threads and let them go."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+            self._pool = None  # (a parked connection served again makes a new one)
 
     # -- the end -------------------------------------------------------------------------
 
