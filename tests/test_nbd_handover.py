@@ -505,3 +505,47 @@ def test_a_paused_server_resumes_where_it_stopped(tmp_path: Path) -> None:
     stop_a()
     servers.close()
     assert open_fds() == baseline
+
+
+def test_tls_connections_are_closed_at_the_pause_and_plain_ones_carried(tmp_path: Path) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    baseline = open_fds()
+    servers = Servers()
+    images = Images(tmp_path)
+    a = NbdServer(images.exports(), images.socket, tls_mode="on", tls_context=server_context)
+    stop_a = servers.start(a)
+    tls = RawNbd(str(images.socket), timeout=10)
+    tls.client_flags()
+    tls.option(nbd.Option.STARTTLS)
+    assert tls.opt_reply().type == nbd.OptionReply.ACK
+    tls.sock = client_context.wrap_socket(tls.sock, server_hostname="localhost")
+    tls.go("raw")
+    cookie = tls.request(nbd.Cmd.READ, 0, 4096)
+    assert tls.structured_reply() == (cookie, nbd.ChunkType.OFFSET_DATA, nbd.REPLY_FLAG_DONE,
+                                      struct.pack(">Q", 0) + images.reads[:4096])
+    plain = Pipelined(images.socket, "raw")
+    plain.stream(8, images.reads, 10 << 20)
+    plain.collect(8)
+
+    servers.run(a.pause, timeout=20)
+    assert a.stats["closed_at_pause"] == 1
+    assert tls.closed_by_server()  # QEMU's client reconnects (reconnect-delay), to whoever serves then
+    saver = Saver()
+    state = servers.run_sync(lambda: a.save(saver))
+    assert [c["export"] for c in state["connections"]] == ["raw"]  # the plain one only
+    servers.run(a.resume)
+    plain.stream(8, images.reads, 11 << 20)
+    check_replies(plain, plain.collect(8), images.reads)
+    plain.close()
+    tls.close()
+    stop_a()
+    servers.close()
+    assert open_fds() == baseline

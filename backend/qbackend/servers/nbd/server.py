@@ -23,8 +23,8 @@ servers.nbd.handover):
   down, and what it received of the next request stays in its protocol.  A
   connection still in its handshake is let finish it (handshake_timeout at
   most) and parked then.  A TLS connection cannot be handed over (its TLS
-  state is in this process's ssl objects): pause stops it as a server stop
-  does (what it had read is answered, then it is closed) and QEMU's NBD
+  state is in this process's ssl objects): at a request boundary, what it
+  had read answered, it sends TLS's close_notify and is closed; QEMU's NBD
   client, given reconnect-delay, connects again, to the new process.  Then
   every writable export is flushed (a QED image marked clean).
 - `resume()`: the hand-over failed; the parked connections are served on.
@@ -355,7 +355,9 @@ class NbdServer:
             self._loop.park_all()
         for conn in list(self.connections):
             if isinstance(conn.sock, ssl.SSLSocket) and conn.export_name is not None:
-                conn.stop()  # what it read is answered, then it ends
+                # Its thread (woken by the eventfd) answers what it read, sends close_notify and ends.
+                log.info("nbd %s: TLS connections are not handed over: closed", conn.peer)
+                self.stats["closed_at_pause"] += 1
         while not self.connections <= self._parked:
             await self._left.wait()
         await trio.to_thread.run_sync(self._flush_exports)

@@ -22,7 +22,8 @@ socket and the server's wake eventfd (signalled by pause), never in a
 blocking recv() that only a shutdown() could end.  Parking waits for the
 pool (its replies are sent) and leaves the socket open, with what the
 protocol holds of the next request.  A TLS connection is not parked (its
-TLS state cannot travel): pause stops it as a server stop does.
+TLS state cannot travel): at the same point it waits for its pool, sends
+TLS's close_notify and ends, a clean close.
 """
 
 from __future__ import annotations
@@ -72,13 +73,12 @@ class _ThreadedDriver:
         self.conn = conn
         self.export = export
         self._payload: mmap.mmap | None = None  # large WRITE payloads (_receive_payload)
-        # A plain socket's receives that would block wait here, on the socket and on the
-        # server's wake eventfd (pause); a TLS socket's stay blocking receives.
-        self._waiter: select.poll | None = None
-        if not isinstance(conn.sock, ssl.SSLSocket):
-            self._waiter = select.poll()
-            self._waiter.register(conn.sock.fileno(), select.POLLIN)
-            self._waiter.register(conn.server.wake_fd(), select.POLLIN)
+        # Receives that would block wait here, on the socket and on the server's wake
+        # eventfd (pause).
+        self._tls = isinstance(conn.sock, ssl.SSLSocket)
+        self._waiter = select.poll()
+        self._waiter.register(conn.sock.fileno(), select.POLLIN)
+        self._waiter.register(conn.server.wake_fd(), select.POLLIN)
 
     def run(self, first: nbd.Request | None) -> None:
         conn = self.conn
@@ -110,7 +110,7 @@ class _ThreadedDriver:
                     return
                 recv_size = protocol.request_header_size
                 continue
-            if self._waiter is not None and conn.server.pausing:
+            if conn.server.pausing:
                 self._park()
                 return
             if protocol.buffered or protocol.skipping:
@@ -132,9 +132,20 @@ class _ThreadedDriver:
 
     def _park(self) -> None:
         """Stop here for a hand-over: what is in flight finishes (its replies sent), the
-        socket stays open, the protocol keeps what it holds of the next request."""
-        self.conn.drain()
-        self.conn.parked = True
+        socket stays open, the protocol keeps what it holds of the next request.  A TLS
+        connection ends instead, with a close_notify."""
+        conn = self.conn
+        conn.drain()
+        if not self._tls:
+            conn.parked = True
+            return
+        assert isinstance(conn.sock, ssl.SSLSocket)
+        try:
+            # Non-blocking: close_notify goes out, the client's own is not waited for.
+            conn.sock.setblocking(False)
+            conn.sock.unwrap()
+        except (OSError, ValueError):
+            pass
 
     def _recv(self, size: int) -> memoryview | bytes | None:
         """The next bytes from the client (at most `size`), valid until the next call; None
@@ -144,27 +155,37 @@ class _ThreadedDriver:
         recv() costs more than most requests; the protocol copies what it keeps.
         """
         conn = self.conn
-        waiter = self._waiter
+        sock = conn.sock
         try:
-            if waiter is None:
-                n = conn.sock.recv_into(conn.buffer, size)
+            if isinstance(sock, ssl.SSLSocket):
+                # TLS: what its buffer holds already, else wait for the socket (a whole record
+                # then comes soon: the client sends them whole).
+                if not sock.pending() and not self._wait_readable():
+                    return None
+                n = sock.recv_into(conn.buffer, size)
             else:
-                # What is there already, without a wait; else poll() until the socket or a
-                # pause wakes the thread (one more system call only when there was nothing).
+                # What is there already, without a wait; else wait (one more system call
+                # only when there was nothing).
                 try:
-                    n = conn.sock.recv_into(conn.buffer, size, socket.MSG_DONTWAIT)
+                    n = sock.recv_into(conn.buffer, size, socket.MSG_DONTWAIT)
                 except BlockingIOError:
-                    while True:
-                        if conn.server.pausing:
-                            return None
-                        ready = waiter.poll()
-                        # (POLLNVAL: the server has closed its eventfd: a blocking receive then)
-                        if any(fd == conn.sock.fileno() or events & select.POLLNVAL for fd, events in ready):
-                            break
-                    n = conn.sock.recv_into(conn.buffer, size)
+                    if not self._wait_readable():
+                        return None
+                    n = sock.recv_into(conn.buffer, size)
         except OSError:
             return b""
         return conn.view[:n]
+
+    def _wait_readable(self) -> bool:
+        """Until the socket is readable (True) or a pause wakes the thread (False)."""
+        conn = self.conn
+        fd = conn.sock.fileno()
+        while not conn.server.pausing:
+            ready = self._waiter.poll()
+            # (POLLNVAL: the server has closed its eventfd: a blocking receive then)
+            if any(got == fd or events & select.POLLNVAL for got, events in ready):
+                return True
+        return False
 
     def _receive_payload(self) -> bool:
         """Receive the pending WRITE's payload into the driver's payload memory (one copy:
