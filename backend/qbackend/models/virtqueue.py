@@ -524,6 +524,15 @@ class SplitVirtqueue:
         self.inflight_counter = 1
         self.resubmit = []
 
+    def ring_indices(self) -> tuple[int, int] | None:
+        """The driver's avail idx and the used idx as the rings hold them now (None when the
+        rings are not resolved): for logs."""
+        if self._avail is None or self._used is None:
+            return None
+        avail: int = _U16.unpack_from(self._avail, 2)[0]
+        used: int = _U16.unpack_from(self._used, 2)[0]
+        return avail, used
+
     def sync_indices(self, last_avail_idx: int, used_idx: int) -> None:
         """Take over the indices from another server of this ring (the native path,
         which served the chains before `last_avail_idx` and pushed up to `used_idx`)."""

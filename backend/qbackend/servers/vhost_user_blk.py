@@ -41,7 +41,15 @@ region, the region is read back: the requests the guest still waits for are
 carried out again, oldest first, by the Python model, before anything new
 (and before the ring goes to C); a region that does not fit the ring is
 refused (logged, counted as `inflight_refused`), made fresh, and the queue
-goes on from the ring base the front end gave.  Packed rings are not
+goes on from the ring base the front end gave.  A queue that starts looks at
+its ring at once (requests the driver made while no back end served got no
+kick we will see) and, once it serves, interrupts the driver once whatever it
+pushes (the back end before may have stored used idx and died before its
+interrupt: the driver would wait for good); so does a new call fd of a started
+queue (libvhost-user does the same).  A notification owed when a message makes
+the native side reload its rings stays owed.  At -v each start logs where the
+queue goes on from (last_avail, used, the rings' own indices, the requests to
+carry out again); at -vv every message is logged.  Packed rings are not
 tracked.  The region is the front end's memory: mapped only from a memfd
 sealed against shrinking, with every size checked, and unmapped when it is
 replaced or the front end goes.
@@ -243,6 +251,7 @@ class _Queue:
         self.thread: threading.Thread | None = None
         self.python_requests = 0
         self.region: InflightRegion | None = None  # this queue's part of the inflight region
+        self.notify_owed = False  # interrupt the driver once the queue serves (see _start_queue)
         self.packed_untracked_logged = False
 
     @property
@@ -367,6 +376,9 @@ class Connection:
 
     def _handle(self, message: vu.Message) -> None:
         self.server.counters["messages"] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: %s %s fds %s", self.server.name, message.name, bytes(message.payload[:16]).hex(),
+                      list(message.fds))
         handler = self._handlers.get(message.request)
         ok, reply = True, None
         self._kept.clear()
@@ -584,6 +596,12 @@ class Connection:
         if q.call is not None:
             close_fds([q.call])
         q.call = self._keep(fd) if fd is not None else None
+        if q.thread is not None and q.call is not None:
+            # An interrupt signalled on the fd before may not have reached the driver (the
+            # front end swaps fds as it masks and unmasks): one on the new fd, as
+            # libvhost-user does; one the driver did not need is harmless.
+            q.notify_owed = True
+            signal_eventfd(q.wake)
 
     def _set_vring_err(self, message: vu.Message) -> None:
         index, fd = vu.parse_vring_file(message)
@@ -734,8 +752,15 @@ class Connection:
     # -- queue workers -----------------------------------------------------------------
 
     def _start_queue(self, q: _Queue) -> None:
-        """Called holding the queue's lock, with q stopped."""
+        """Called holding the queue's lock, with q stopped.
+
+        A queue that starts is looked at at once (the driver's requests made while no back
+        end served, or while the queue was stopped, got no kick we will see), and once it
+        serves the driver is interrupted once, whatever was pushed: a back end killed
+        between its used idx store and its interrupt left a driver waiting for one that
+        never comes (an interrupt it did not need is harmless)."""
         q.started = True
+        q.notify_owed = True
         clear_eventfd(q.wake)
         self._track_inflight(q)
         if q.native is not None:
@@ -746,10 +771,23 @@ class Connection:
         log.info("%s: queue %d started (%s path, %s)", self.server.name, q.index, "native" if native else "Python",
                  "tracked in the inflight region" if isinstance(q.vq, SplitVirtqueue) and q.vq.inflight is not None
                  else "not tracked")
+        self._log_indices(q, "start")
         target = self._serve_queue_native if native else self._serve_queue
         q.thread = threading.Thread(target=target, args=(q,), daemon=True,
                                     name=f"{self.server.name} queue {q.index}")
         q.thread.start()
+
+    def _log_indices(self, q: _Queue, what: str) -> None:
+        """At -v: where the queue goes on from (ours, and what the rings hold now)."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        vq = q.vq
+        rings = vq.ring_indices() if isinstance(vq, SplitVirtqueue) else None
+        resubmit = len(vq.resubmit) if isinstance(vq, SplitVirtqueue) else 0
+        log.info("%s: queue %d %s: last_avail %d, used %d; rings: guest avail idx %s, used idx %s; "
+                 "%d in flight to carry out again; enabled %s, kick fd %s, call fd %s", self.server.name, q.index,
+                 what, vq.last_avail_idx, vq.used_idx, "?" if rings is None else rings[0],
+                 "?" if rings is None else rings[1], resubmit, q.enabled, q.kick, q.call)
 
     def _stop_queue(self, q: _Queue) -> None:
         """Called holding the queue's lock.  The worker is between drains then (a drain holds
@@ -789,6 +827,10 @@ class Connection:
                     if q.enabled and q.vq.configured and not q.vq.broken:
                         with self.python_lock:
                             self._drain(q)
+                        if q.notify_owed:
+                            q.notify_owed = False
+                            if q.call is not None:
+                                signal_eventfd(q.call)
         except Exception:
             log.exception("%s: queue %d: internal error; the queue stops", self.server.name, q.index)
             self.server.counters["internal_errors"] += 1
@@ -835,9 +877,16 @@ class Connection:
                 served = self._drain(q, resubmits_only=True)
             nq.take(vq, bool(served))
             usable = vq.broken is None
+        if usable and q.notify_owed:
+            q.notify_owed = False
+            nq.owe_notification()  # C decides at its next notify, after its first drain
         config = self.config
         nq.load(vq, serving=usable, capacity=config.capacity, readonly=config.readonly,
                 writethrough=blk.cache_writethrough(self.features, config), kick=q.kick, call=q.call)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: queue %d: C loaded: serving %s, last_avail %d, used %d, kick %s, call %s, rings %s",
+                      self.server.name, q.index, nq.serving, nq.c.last_avail_idx, nq.c.used_idx, q.kick, q.call,
+                      vq.ring_indices())
 
     def _serve_python_one(self, q: _Queue, nq: NativeQueue, pushed_before: int) -> None:
         """The chain C stopped at, served by the model (holding the queue's lock)."""

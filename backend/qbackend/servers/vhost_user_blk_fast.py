@@ -164,8 +164,11 @@ class NativeQueue:
                 self._resolutions = vq.resolutions
                 self.owns = True
                 c.last_avail_idx, c.used_idx = vq.last_avail_idx, vq.used_idx
+                # No record of what the driver was last told: the next notify() decides afresh.
+                # A notification still owed (need_notify: chains pushed before a message made
+                # the rings reload, by C or by the model) stays owed: dropping it here lost the
+                # interrupt of a guest waiting for them, for good.
                 c.signalled_valid = 0
-                c.need_notify = 0
         if serving and vq.resolutions == self._resolutions:
             c.event_idx, c.indirect = vq.event_idx, vq.indirect
         self._load_inflight(vq)
@@ -194,6 +197,12 @@ class NativeQueue:
             self._ffi.release(pointer)
             view.release()
             self._inflight = None
+
+    def owe_notification(self) -> None:
+        """Decide on an interrupt at the next notify() even if nothing more is pushed (a queue
+        that starts again: the back end before may have pushed and died before signalling)."""
+        self.c.need_notify = 1
+        self.c.signalled_valid = 0
 
     def forget_rings(self) -> None:
         """The model's rings are gone (reset, reconfigured, memory changed): reload before serving."""
