@@ -40,7 +40,9 @@ served share state but no control flow, and each reads best alone:
 - `threaded`: a connection's own thread (run_blocking, run_promoted);
 - `loop`: the transmission thread (TransmissionLoop), its callbacks per
   connection, and the hand-over to and from the native loop;
-- `server`: NbdServer, the way from accept to a driver, and the end.
+- `server`: NbdServer, the way from accept to a driver, and the end;
+- `handover`: the state a hand-over to a new process carries (`qbackend
+  upgrade`: NbdServer.pause / resume / save / adopt).
 """
 
 from qbackend.servers.nbd.connection import (

@@ -367,8 +367,12 @@ class NbdServer:
         for export in self.exports.values():
             if export.info.read_only:
                 continue
-            if isinstance(export, QedExport):
-                export.image.mark_clean()  # flushed, and the new process opens it without a check
+            image = export.image if isinstance(export, QedExport) else None
+            if image is not None and not image._keep_need_check and not (
+                    image.open_check is not None and image.open_check.corruptions_remaining):
+                # Flushed and marked clean: the new process opens it without a check, and this
+                # one marks it again at its next allocation if it serves on (resume()).
+                image.mark_clean()
             else:
                 export.flush()
 
