@@ -111,3 +111,44 @@ def test_a_failed_hand_over_leaves_the_old_process_serving(tmp_path: Path) -> No
         os.kill(pids[-1], signal.SIGINT)
         output = old.communicate(timeout=30)[0]
     assert "Traceback" not in output, output
+
+
+def test_an_nbd_client_stays_connected_through_upgrades(tmp_path: Path) -> None:
+    """libnbd (nbdsh) connected before three upgrades reads what it wrote and writes on, on
+    the same connection: the NBD server hands its connections over."""
+    image = tmp_path / "d.qed"
+    assert qbackend("qed", "create", str(image), "64M", cwd=tmp_path).returncode == 0
+    old, control = start_serve(tmp_path, "--nbd", f"name=d,image={image},format=qed",
+                               "--nbd-socket", str(tmp_path / "n.sock"))
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    script = (
+        "import os, time\n"
+        "h.pwrite(b'A' * 4096, 0)\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.02)\n"
+        "assert h.pread(4096, 0) == b'A' * 4096\n"
+        "h.pwrite(b'B' * 4096, 4096)\n"
+        "h.flush()\n"
+        "print('same connection:', h.get_size())\n")
+    # nbdsh is `python3 -m nbd` of the system's Python, which has libnbd's binding.
+    client = subprocess.Popen(["/usr/bin/python3", "-m", "nbd", "-u", f"nbd+unix:///d?socket={tmp_path / 'n.sock'}", "-c", script],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids = [old.pid]
+    try:
+        wait_until(ready.exists, 30, "the NBD client's first write")
+        for _ in range(3):
+            result = qbackend("upgrade", "--control", str(control), cwd=tmp_path)
+            assert result.returncode == 0, result.stderr
+            pids.append(int(result.stdout.split("PID ")[1].split()[0]))
+        go.touch()
+        output = client.communicate(timeout=60)[0]
+        assert client.returncode == 0, output
+        assert f"same connection: {64 << 20}" in output, output
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.communicate()
+        os.kill(pids[-1], signal.SIGINT)
+        old.communicate(timeout=30)
+    result = qbackend("qed", "check", str(image), cwd=tmp_path)
+    assert result.returncode == 0, result
