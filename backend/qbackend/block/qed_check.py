@@ -8,7 +8,6 @@ The scan is span-wise: runs of L2 entries are checked as whole integers of
 
 from __future__ import annotations
 
-import mmap
 from array import array
 from collections import deque
 from itertools import compress, repeat
@@ -21,6 +20,7 @@ from qbackend.block.qed import _NEED_CHECK, L2_ZERO, _table_from_bytes, _table_t
 # (qbackend.block.qed_kinds) is imported where a problem is found.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import mmap
     import re
     from collections.abc import Iterable, Iterator
 
@@ -165,10 +165,12 @@ class QedCheck:
         nclusters = file_size // cs
         rep = CheckReport(cluster_size=cs, total_clusters=-(-h.image_size // cs),
                           need_check_was_set=img.dirty)
-        # One byte per cluster of the file, in anonymous memory that is resident only where
-        # written: where something is referenced (a sparse file of 1 TiB with 4 KiB clusters
-        # costs what its referenced clusters' pages are, not 256 MiB).
-        used = mmap.mmap(-1, max(nclusters, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # One byte per cluster of the file.  A large file's map is anonymous memory that is
+        # resident only where written: where something is referenced (a sparse file of 1 TiB
+        # with 4 KiB clusters costs what its referenced clusters' pages are, not 256 MiB); a
+        # small one's a bytearray, which spares a small check the import of mmap.
+        used = _cluster_map(max(nclusters, 1))
+        _size_pin = memoryview(used)  # held while checking: no slice assignment may resize the map
         hc = min(h.header_size, nclusters)
         used[0:hc] = b"\x01" * hc
         l1c = h.l1_table_offset // cs
@@ -458,14 +460,25 @@ def _l1_chunks(img: QedImage) -> Iterator[tuple[int, array[int]]]:
                 yield (pos + at) // 8, _table_from_bytes(raw[at:end])
 
 
-def _mark(used: mmap.mmap, clusters: Iterable[int]) -> None:
+SMALL_MAP = 1 << 20  # clusters: a map this small is a plain bytearray
+
+
+def _cluster_map(size: int) -> bytearray | mmap.mmap:
+    if size <= SMALL_MAP:
+        return bytearray(size)
+    import mmap
+
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def _mark(used: bytearray | mmap.mmap, clusters: Iterable[int]) -> None:
     deque(map(used.__setitem__, clusters, repeat(1)), maxlen=0)
 
 
 class _ScanState:
     """What the L2 scan of a check carries from entry to entry and table to table."""
 
-    def __init__(self, rep: CheckReport, used: mmap.mmap, meta: range, file_size: int, nclusters: int) -> None:
+    def __init__(self, rep: CheckReport, used: bytearray | mmap.mmap, meta: range, file_size: int, nclusters: int) -> None:
         self.rep = rep
         self.used = used  # a byte per cluster of the file: referenced by something already
         self.meta = meta  # the L1 table's clusters
