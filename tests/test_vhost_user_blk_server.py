@@ -15,7 +15,9 @@ connection goes on) or ends the connection (the next one works)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import struct
 import time
 from collections.abc import Iterator
@@ -214,6 +216,24 @@ def test_read_write_flush_get_id_and_config(rig: Rig) -> None:
     if vhost_user_blk_fast.load() is not None:
         # Every one of these plain requests was answered in C, none by Python.
         assert rig.rw.stats["native_requests"] - native_before == 10, rig.rw.stats
+
+
+def test_a_front_end_that_goes_leaves_a_line_per_queue_of_where_its_requests_went(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="qbackend.servers.vhost_user_blk")
+    with rig.ready() as f:
+        for sector in (1, 2, 3):
+            good(rig, f, sector, 1)
+    rig.idle()
+    lines = [r.getMessage() for r in caplog.records if " served " in r.getMessage()]
+    assert len(lines) == rig.rw.num_queues, lines
+    native, python = (3, 0) if vhost_user_blk_fast.load() is not None else (0, 3)
+    found = re.fullmatch(r"vub0: queue 0 served 3 requests: (\d+) native \((\d+) interrupts, (\d+) handed to "
+                         r"Python\), (\d+) in Python", lines[0])
+    assert found is not None, lines
+    assert (int(found[1]), int(found[3]), int(found[4])) == (native, 0, python), lines
+    assert min(native, 1) <= int(found[2]) <= native, lines  # the native path counts its interrupts
+    assert all(" served 0 requests" in line for line in lines[1:]), lines
 
 
 def test_get_config_past_the_config_space_fails(rig: Rig) -> None:

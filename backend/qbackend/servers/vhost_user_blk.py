@@ -1325,6 +1325,13 @@ class VhostUserBlkServer:
         return out
 
     def _close_connection(self, conn: Connection) -> None:
+        if log.isEnabledFor(logging.INFO):
+            # Where a queue's requests went (the first thing to look at when a bench row moves).
+            for q in conn.queues:
+                native = q.native.counts() if q.native is not None else {}
+                log.info("%s: queue %d served %d requests: %d native (%d interrupts, %d handed to Python), "
+                         "%d in Python", self.name, q.index, q.requests, native.get("requests", 0),
+                         native.get("notifications", 0), native.get("handed_over", 0), q.python_requests)
         conn.close()
         self._native_requests += sum(int(q.native.c.requests) for q in conn.queues if q.native is not None)
         try:
