@@ -238,9 +238,11 @@ class Backend:
 
     def _pci_unplugged(self, dev: SlotDevice) -> None:
         self._emit("PCI_DEVICE_UNPLUGGED", {"id": dev.qdev_id, "slot": dev.slot})
-        # Not freed here: a device behind a bridge vanishes from QEMU's query-pci while a reset
-        # leaves the bridge unnumbered, and freeing it then would close its socket under QEMU.
-        # A device of `pci add` is freed on its DEVICE_DELETED (or by pci_del).
+        # A device of `pci add` is freed once it has left the bus, whether its DEVICE_DELETED
+        # was seen or not (it may have come while an upgrade's new process was not connected).
+        served = self.devices.get(dev.qdev_id)
+        if served is not None and served.created_by_pci_add:
+            self._free_device(served)
 
     def attach_qmp(self, path: Path) -> None:
         """Follow (and drive) the QEMU whose QMP monitor is at `path`."""
