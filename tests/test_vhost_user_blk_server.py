@@ -232,7 +232,8 @@ def test_a_front_end_that_goes_leaves_a_line_per_queue_of_where_its_requests_wen
                          r"Python\), (\d+) in Python", lines[0])
     assert found is not None, lines
     assert (int(found[1]), int(found[3]), int(found[4])) == (native, 0, python), lines
-    assert min(native, 1) <= int(found[2]) <= native, lines  # the native path counts its interrupts
+    # The native path counts its interrupts: at most one per request, and one owed at queue start.
+    assert min(native, 1) <= int(found[2]) <= native + 1, lines
     assert all(" served 0 requests" in line for line in lines[1:]), lines
 
 
