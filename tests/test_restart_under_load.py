@@ -20,14 +20,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from qed_tools import qemu_check, qemu_img
+from restartable import RestartableQbackend
 
 from qbackend.block.qed import QedImage
 from qbackend.testing.harness import Harness, wait_until
@@ -54,46 +52,13 @@ def record(i: int) -> bytes:
     return f"record {i:08d}\n".encode().ljust(RECORD, b"\0")
 
 
-class NbdProcess:
-    """`qbackend nbd` serving one QED export on a UNIX socket, as its own process."""
-
-    def __init__(self, image: Path, socket: Path, log: Path) -> None:
-        self.args = [sys.executable, "-m", "qbackend", "nbd", "--socket", str(socket),
-                     "--export", f"name=disk,image={image},format=qed"]
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        started = self.serving_lines()
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        wait_until(lambda: self.serving_lines() > started, 30, "qbackend nbd to listen")
-
-    def kill(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        with open(self.log, "a") as out:
-            out.write("---- SIGKILL ----\n")
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-        return self.proc.returncode
-
-    def serving_lines(self) -> int:
-        """How many starts have reached "serving" (each start waits for its own)."""
-        return self.log.read_text().count("serving") if self.log.exists() else 0
-
-
 def test_sigkill_under_a_writing_guest_loses_no_fsynced_record(harness: Harness, tmp_path: Path) -> None:
     seed = int(os.environ.get("QBACKEND_RESTART_SEED", time.time_ns() % 100000))
     rng = random.Random(seed)
     image, sock, log = tmp_path / "disk.qed", tmp_path / "nbd.sock", tmp_path / "qbackend-nbd.log"
     qemu_img("create", "-f", "qed", str(image), str(SIZE))
-    server = NbdProcess(image, sock, log)
+    server = RestartableQbackend(["nbd", "--socket", str(sock), "--export", f"name=disk,image={image},format=qed"],
+                                 log)
     server.start()
     harness.callback(server.stop)
     blockdev = {"driver": "nbd", "node-name": "nbd0", "export": "disk", "reconnect-delay": 30,

@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from qed_tools import qemu_check, qemu_img
+from restartable import RestartableQbackend
 
 from qbackend.block.qed import QedImage
 from qbackend.testing.harness import Harness, wait_until
@@ -99,40 +97,6 @@ def record(w: int, i: int) -> bytes:
     return f"record {w} {i:08d}\n".encode().ljust(RECORD, b"\0")
 
 
-class VhostUserBlkProcess:
-    """`qbackend serve --vhost-user-blk` serving one QED image, as its own process."""
-
-    def __init__(self, image: Path, socket: Path, log: Path, env: dict[str, str]) -> None:
-        self.args = [sys.executable, "-m", "qbackend", "-v", "serve", "--vhost-user-blk",
-                     f"socket={socket},image={image},format=qed,num-queues=2,id=vub0"]
-        self.log = log
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        started = self.serving_lines()
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=self.env)
-        wait_until(lambda: self.serving_lines() > started, 30, "qbackend serve to listen")
-
-    def kill(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        with open(self.log, "a") as out:
-            out.write("---- SIGKILL ----\n")
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-        return self.proc.returncode
-
-    def serving_lines(self) -> int:
-        return self.log.read_text().count("serving") if self.log.exists() else 0
-
-
 @pytest.mark.parametrize("path", ["native", "reorder"])
 def test_sigkill_under_a_writing_guest_loses_no_fsynced_record(harness: Harness, tmp_path: Path, path: str) -> None:
     seed = int(os.environ.get("QBACKEND_RESTART_SEED", time.time_ns() % 100000))
@@ -144,7 +108,8 @@ def test_sigkill_under_a_writing_guest_loses_no_fsynced_record(harness: Harness,
     env.pop("QBACKEND_VHOST_TEST_REORDER", None)
     if path == "reorder":
         env["QBACKEND_VHOST_TEST_REORDER"] = "1"
-    server = VhostUserBlkProcess(image, sock, log, env)
+    server = RestartableQbackend(["-v", "serve", "--vhost-user-blk",
+                                  f"socket={sock},image={image},format=qed,num-queues=2,id=vub0"], log, env)
     server.start()  # before QEMU: QEMU 11.0+ aborts when the first connect of a reconnecting chardev fails
     harness.callback(server.stop)
     guest = harness.guest(f"vub-restart-{path}", smp=2, extra_args=[
