@@ -118,13 +118,7 @@ class Rig:
         return self.thread.call(self.backend.dimms.as_json), self.thread.call(self.backend.pci.as_json)
 
 
-# q35 is skipped until its failure is understood: in three of four clean-clone CI runs of
-# this stop a q35 system_reset left qbackend's PCI-hotplug UP bit or a device's socket
-# differing from QEMU's (pc passed every time); see the stop's closing note.
-Q35_KNOWN_FAILURE = pytest.mark.skip(reason="q35 reboot: fails intermittently since this stop; under investigation")
-
-
-@pytest.fixture(scope="module", params=["pc", pytest.param("q35", marks=Q35_KNOWN_FAILURE)])
+@pytest.fixture(scope="module", params=["pc", "q35"])
 def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     machine: str = request.param
     with Harness(tmp_path_factory.mktemp(f"reboot-{machine}")) as harness:

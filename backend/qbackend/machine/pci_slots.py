@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from qbackend.machine.qmp import QmpConnection, QmpError
-from qbackend.machine.qmp_replies import Event, pci_bus_devices
+from qbackend.machine.qmp_replies import Event, pci_bus_devices, qom_child_names
 from qbackend.models.pcihp import PciHotplugBlock
 from qbackend.plumbing.threads import run_locked
 
@@ -59,15 +59,20 @@ class PciSlotManager:
         self.qmp = qmp
         await self.reconcile()
 
-    async def reconcile(self) -> None:
+    async def reconcile(self) -> bool:
+        """Take the bus as QEMU has it now; False when QEMU could not show it (nothing changed)."""
         if self.qmp is None:
-            return
+            return False
         _bus, devices = pci_bus_devices(await self.qmp.execute("query-pci"), self.bus_id)
+        if devices is None:
+            return False
         now: dict[int, SlotDevice] = {}
         for info in devices:
             if info.function != 0 and info.slot in now:
                 continue
             now[info.slot] = SlotDevice(info.slot, info.qdev_id, info.class_code, info.vendor, info.device)
+        if not await self._absent_ones_are_gone(now):
+            return False
         old, known = self.slots, self._known
         gone, changed = await run_locked(self.lock, self._reconcile_block, now)
         for slot, dev in now.items() if known else ():  # the first look finds what was cold-plugged
@@ -82,6 +87,18 @@ class PciSlotManager:
             self.removed = trio.Event()
         if changed:
             self.on_change()
+        return True
+
+    async def _absent_ones_are_gone(self, now: dict[int, SlotDevice]) -> bool:
+        """A device missing from query-pci is gone only if QEMU has deleted it: while the
+        guest's firmware renumbers bridges after a reset, a bus can be briefly unlisted
+        with its devices still plugged.  Devices with an id are looked up in QOM."""
+        assert self.qmp is not None
+        missing = {d.qdev_id for s, d in self.slots.items() if s not in now and d.qdev_id}
+        if not missing:
+            return True
+        existing = qom_child_names(await self.qmp.execute("qom-list", {"path": "/machine/peripheral"}))
+        return not missing & existing
 
     def _reconcile_block(self, now: dict[int, SlotDevice]) -> tuple[bool, bool]:
         """Under the controller's lock: the block as QEMU has the bus; (a device left, anything changed)."""
@@ -112,7 +129,9 @@ class PciSlotManager:
         if self.bus_id is not None:
             args = {"bus": self.bus_id, **args}
         await self.qmp.execute("device_add", args)
-        await self.reconcile()
+        if not await self.reconcile():
+            raise QmpError(f"device {args.get('id')} was added, but QEMU lists nothing behind {self.bus_id}: "
+                           "the guest's firmware has not numbered the bus yet (wait for the guest to boot)")
         slot = self.slot_of(str(args.get("id", "")))
         if slot is None:
             raise QmpError(f"device {args.get('id')} was added but is not on the hotplug bus")

@@ -138,10 +138,14 @@ class PciDeviceInfo:
                              f.nested("class_info").integer("class"), ids.integer("vendor"), ids.integer("device"))
 
 
-def pci_bus_devices(reply: object, bus_id: str | None) -> tuple[int, list[PciDeviceInfo]]:
+def pci_bus_devices(reply: object, bus_id: str | None) -> tuple[int, list[PciDeviceInfo] | None]:
     """The bus number and devices of the hotpluggable bus in a query-pci reply.
 
     bus_id None: the root bus; else the secondary bus of the bridge with that qdev id.
+    The devices are None when QEMU cannot list them: a bridge whose secondary bus
+    number is 0 has not been numbered by the guest's firmware (a machine reset
+    clears it), and query-pci then shows nothing behind it although its devices
+    are all still there.
     """
     for host in as_list(reply, "query-pci"):
         if bus_id is None:
@@ -149,9 +153,16 @@ def pci_bus_devices(reply: object, bus_id: str | None) -> tuple[int, list[PciDev
         for dev in host.nested_list("devices"):
             if "pci_bridge" in dev.obj and dev.string("qdev_id", "") == bus_id:
                 bridge = dev.nested("pci_bridge")
-                return (bridge.nested("bus").integer("secondary"),
-                        [PciDeviceInfo.parse(d) for d in bridge.nested_list("devices", [])])
+                secondary = bridge.nested("bus").integer("secondary")
+                if secondary == 0:
+                    return secondary, None
+                return secondary, [PciDeviceInfo.parse(d) for d in bridge.nested_list("devices", [])]
     raise QmpReplyError(f"query-pci: QEMU has no bus behind {bus_id!r}")
+
+
+def qom_child_names(reply: object) -> set[str]:
+    """qom-list: the names of the children of a QOM path (properties of type 'child<...>')."""
+    return {p.string("name") for p in as_list(reply, "qom-list") if p.string("type", "").startswith("child<")}
 
 
 def memory_size_summary(reply: object) -> tuple[int, int]:
