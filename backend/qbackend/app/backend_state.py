@@ -5,9 +5,9 @@ The description holds what each device, block node, export and server was
 made from (the options of the command line or of QMP), never live state:
 `rebuild` makes a Backend from it with the same `Backend.add_*` methods
 and block-layer calls, and the live state (sockets, rings, registers)
-then comes with each part's `adopt`.  Parts are named ("device:ID",
-"group:NAME", "vhost:ID", "nbd", "blocks", "monitor"), so the old and
-new process pair them by name, not by order.
+then comes with each part's `adopt`.  Parts are named ("hotplug",
+"device:ID", "group:NAME", "vhost:ID", "nbd", "blocks", "monitor"), so the
+old and new process pair them by name, not by order.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from typing import Any
 from qbackend.app.block_exports import BlockNode
 from qbackend.app.service import Backend
 from qbackend.app.upgrade import Part
-from qbackend.options import DeviceOptions, IvshmemOptions, options_from_json, options_to_json
+from qbackend.devices.hotplug_controller import HotplugController
+from qbackend.models.memhp import EjectRequested, Profile
+from qbackend.models.pcihp import EjectSlot
+from qbackend.options import DeviceOptions, DimmOptions, IvshmemOptions, options_from_json, options_to_json
 from qbackend.plumbing.handover import HandoverError, Loader, Saver, State
 
 PART_METHODS = ("pause", "resume", "save", "adopt")
@@ -47,11 +50,67 @@ class BlocksFlush:
         pass
 
 
+class HotplugSlots:
+    """The hotplug slot managers' part: what they know of QEMU (DIMMs declared and
+    plugged, where each removal stands, the devices of the PCI hotplug bus) and the
+    ejects the guest wrote that are not begun yet.  The controller's registers travel
+    with its device ("device:ID"); QEMU's QMP monitor is not handed over: the new
+    process connects to it again (QEMU accepts it once the old process has gone) and
+    reconciles with what QEMU has then.
+
+    It pauses first: every change of the slots (a QMP event, a reconcile, a hot-add or
+    hot-remove over the monitor, which is refused meanwhile, a guest's eject) ends or
+    waits (qbackend.machine.hold)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.devices = set(backend.devices)  # as described: a change meanwhile fails the hand-over
+
+    async def pause(self) -> None:
+        await self.backend.hold.pause()
+        if set(self.backend.devices) != self.devices:
+            raise HandoverError("a hot-plug or hot-unplug of a device ended as the upgrade began: try again")
+
+    async def resume(self) -> None:
+        self.backend.hold.resume()
+
+    def save(self, saver: Saver) -> State:
+        backend = self.backend
+        ejects: list[list[object]] = []
+        for e in list(backend.guest_ejects):
+            ejects.append(["pci", e.bsel, e.slot, e.device_id] if isinstance(e, EjectSlot)
+                          else ["memory", e.slot, e.device_id])
+        return {"dimms": None if backend.dimms is None else backend.dimms.save(),
+                "pci": None if backend.pci is None else backend.pci.save(),
+                "guest_ejects": ejects}
+
+    def adopt(self, state: State, loader: Loader) -> None:
+        backend = self.backend
+        for name, manager in (("dimms", backend.dimms), ("pci", backend.pci)):
+            if (state[name] is None) != (manager is None):
+                raise HandoverError(f"hotplug: the old process's {name} slots and this one's differ")
+        try:
+            if backend.dimms is not None:
+                backend.dimms.restore(state["dimms"])
+            if backend.pci is not None:
+                backend.pci.restore(state["pci"])
+            ejects: list[EjectRequested | EjectSlot] = []
+            for e in state["guest_ejects"]:
+                ejects.append(EjectSlot(int(e[1]), int(e[2]), str(e[3])) if e[0] == "pci"
+                              else EjectRequested(int(e[1]), str(e[2])))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HandoverError(f"hotplug: the state of the old process is not understood: {exc!r}") from None
+        backend.guest_ejects[:] = ejects
+
+
 def parts_of(backend: Backend) -> dict[str, object]:
     """Every part of `backend` that holds sockets or shared state, by name, in the order
     they adopt (a peer group before the devices that share its memory) and pause (the
-    flush after every server; the monitor last)."""
+    hotplug slots first, so that nothing plugs or unplugs meanwhile; the flush after
+    every server; the monitor last)."""
     parts: dict[str, object] = {}
+    if backend.controller is not None:
+        parts["hotplug"] = HotplugSlots(backend)
     for key, group in backend.groups.items():
         parts[f"group:{key}"] = group
     for dev_id, served in backend.devices.items():
@@ -96,6 +155,7 @@ def describe(backend: Backend) -> State:
     devices: list[State] = []
     for served in backend.devices.values():
         if served is backend.controller:
+            devices.append({"kind": "hotplug", "options": describe_controller(backend), "pci_added": False})
             continue
         kind = "ivshmem" if isinstance(served.options, IvshmemOptions) else "device"
         assert served.options is not None  # refusals() said so
@@ -130,6 +190,20 @@ def describe(backend: Backend) -> State:
     }
 
 
+def describe_controller(backend: Backend) -> State:
+    """The options the hotplug controller and its slots were made from
+    (Backend.add_hotplug_controller, add_pci_slots)."""
+    served, dimms = backend.controller, backend.dimms
+    assert served is not None and dimms is not None
+    controller = served.device
+    assert isinstance(controller, HotplugController)
+    return {"id": served.id, "socket": str(served.server.socket_path),
+            "dimms": [options_to_json(d.opts) for d in dimms.dimms.values()],
+            "machine": dimms.machine, "ram_size": dimms.ram_size, "slots": len(controller.memhp.slots),
+            "profile": controller.memhp.profile.value, "pci_slots": backend.pci is not None,
+            "bus": None if backend.pci is None else backend.pci.bus_id}
+
+
 def rebuild(desc: State) -> Backend:
     """A Backend made again from describe()'s description (not running yet)."""
     try:
@@ -146,6 +220,19 @@ def _rebuild(desc: State) -> Backend:
     blocks.max_connections, blocks.handshake_timeout = int(defaults["max_connections"]), \
         float(defaults["handshake_timeout"])
     for d in desc["devices"]:
+        if d["kind"] == "hotplug":
+            hp = d["options"]
+            dimms: list[DimmOptions] = []
+            for o in hp["dimms"]:
+                dimm = options_from_json(DimmOptions, o)
+                assert isinstance(dimm, DimmOptions)
+                dimms.append(dimm)
+            backend.add_hotplug_controller(Path(hp["socket"]), dimms, machine=str(hp["machine"]),
+                                           ram_size=int(hp["ram_size"]), slots=int(hp["slots"]),
+                                           profile=Profile(hp["profile"]), dev_id=str(hp["id"]))
+            if hp["pci_slots"]:
+                backend.add_pci_slots(None if hp["bus"] is None else str(hp["bus"]))
+            continue
         if d["kind"] == "ivshmem":
             opts = options_from_json(IvshmemOptions, d["options"])
             assert isinstance(opts, IvshmemOptions)

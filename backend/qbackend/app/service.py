@@ -21,10 +21,11 @@ from qbackend.block.exports import probe_format
 from qbackend.devices.api import Device, function_of
 from qbackend.devices.hotplug_controller import HotplugController
 from qbackend.devices.ivshmem import IvshmemDevice
-from qbackend.errors import ConfigError
+from qbackend.errors import ConfigError, QbackendError
 from qbackend.ivshmem.group import PeerGroup
 from qbackend.ivshmem.server import add_server as add_ivshmem_server
 from qbackend.machine.dimm_slots import Dimm, DimmManager
+from qbackend.machine.hold import ChangeHold
 from qbackend.machine.pci_slots import PciSlotManager, SlotDevice
 from qbackend.machine.qmp import QmpConnection, QmpError
 from qbackend.machine.qmp_replies import Event, QmpReplyError
@@ -71,6 +72,12 @@ class Backend:
     # Whether this process may hand itself over to a new one and exit (qbackend.app.upgrade):
     # only a `qbackend serve` process of its own, never a backend inside another program.
     upgradable: bool = False
+    # Changes of the hotplug slots (QMP events, reconciling, hot-add and -remove, the guest's
+    # ejects), held off while an upgrade pauses the backend (qbackend.machine.hold).
+    hold: ChangeHold = field(default_factory=ChangeHold)
+    # Ejects the guest wrote into the controller, from the moment they are written until
+    # they are begun; an upgrade hands those not begun yet to the new process.
+    guest_ejects: list[EjectRequested | EjectSlot] = field(default_factory=list)
     _nursery: trio.Nursery | None = None
     _token: trio.lowlevel.TrioToken | None = None
     _scope: trio.CancelScope | None = None
@@ -193,7 +200,7 @@ class Backend:
         controller = HotplugController(block, on_effect=self._controller_effect)
         self.dimms = DimmManager(dimms, machine=machine, ram_size=ram_size, slots=slots, block=block,
                                  lock=controller.lock, on_change=self._controller_changed,
-                                 on_outcome=self._dimm_outcome)
+                                 on_outcome=self._dimm_outcome, hold=self.hold)
         served = ServedDevice(dev_id, controller, VfioUserServer(controller, socket_path, name=dev_id,
                                                                  handshake_timeout=self.handshake_timeout))
         self.devices[dev_id] = served
@@ -231,6 +238,11 @@ class Backend:
 
     def _pci_unplugged(self, dev: SlotDevice) -> None:
         self._emit("PCI_DEVICE_UNPLUGGED", {"id": dev.qdev_id, "slot": dev.slot})
+        # A device of `pci add` is freed once it has left the bus, whether its DEVICE_DELETED
+        # was seen or not (it may have come while an upgrade's new process was not connected).
+        served = self.devices.get(dev.qdev_id)
+        if served is not None and served.created_by_pci_add:
+            self._free_device(served)
 
     def attach_qmp(self, path: Path) -> None:
         """Follow (and drive) the QEMU whose QMP monitor is at `path`."""
@@ -241,29 +253,61 @@ class Backend:
     def _controller_changed(self) -> None:
         """The slots changed: the controller's interrupt follows, in a worker (its lock is the device's)."""
         if self.controller is not None and self._nursery is not None:
-            controller = self.controller.device
-            assert isinstance(controller, HotplugController)
-            self._nursery.start_soon(run_locked, controller.lock, controller.update_interrupt)
+            self.hold.claim()  # part of the change: an upgrade's pause waits for it
+            self._nursery.start_soon(self._update_controller_interrupt)
+
+    async def _update_controller_interrupt(self) -> None:
+        try:
+            if self.controller is not None:
+                controller = self.controller.device
+                assert isinstance(controller, HotplugController)
+                await run_locked(controller.lock, controller.update_interrupt)
+        finally:
+            self.hold.release()
 
     def _controller_effect(self, effect: Effect | EjectSlot) -> None:
         """A guest write to the controller asked for something; runs in the
-        device's connection thread, so the work is handed to trio."""
+        device's connection thread (under the device's lock), so the work is handed to trio."""
         if not (self._token and self._nursery):
             return
-        if isinstance(effect, EjectRequested) and effect.device_id:
-            self._token.run_sync_soon(self._nursery.start_soon, self._eject, effect.device_id)
-        elif isinstance(effect, EjectSlot) and effect.device_id:
-            self._token.run_sync_soon(self._nursery.start_soon, self._pci_eject, effect.device_id)
+        if isinstance(effect, (EjectRequested, EjectSlot)) and effect.device_id:
+            self.guest_ejects.append(effect)
+            self._token.run_sync_soon(self._start_eject, effect)
 
-    async def _eject(self, device_id: str) -> None:
-        assert self.dimms is not None
+    def _start_eject(self, effect: EjectRequested | EjectSlot) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._eject, effect)
+
+    async def _eject(self, effect: EjectRequested | EjectSlot) -> None:
+        """Carry out an eject the guest wrote: device_del, then follow it to its end."""
+        device_id = effect.device_id
+        assert device_id is not None
         try:
-            if device_id in self.dimms.dimms:
-                outcome = await self.dimms.remove(device_id)
+            async with self.hold.change():  # while an upgrade pauses, it waits (and may go to the new process)
+                if effect not in self.guest_ejects:
+                    return  # begun already
+                self.guest_ejects.remove(effect)
+                if isinstance(effect, EjectSlot):
+                    if self.pci is None:
+                        return
+                    await self.pci.request_remove(device_id)
+                    dimm = None
+                elif self.dimms is not None and device_id in self.dimms.dimms:
+                    dimm = await self.dimms.request_removal(device_id)
+                else:
+                    if self.qmp is not None:
+                        await self.qmp.execute("device_del", {"id": device_id})
+                    return
+            if dimm is not None:
+                assert self.dimms is not None
+                outcome = await self.dimms.wait_removal(dimm)
                 log.info("eject of %s written by the guest: %s", device_id, outcome.value)
-            elif self.qmp is not None:
-                await self.qmp.execute("device_del", {"id": device_id})
-        except (QmpError, ValueError) as exc:
+            else:
+                assert self.pci is not None
+                if await self.pci.wait_removed(device_id):
+                    async with self.hold.change():
+                        await self._free_pci_added(device_id)
+        except (QbackendError, ValueError) as exc:
             log.warning("eject of %s written by the guest failed: %s", device_id, exc)
 
     async def qemu_version(self) -> tuple[int, int, int]:
@@ -287,10 +331,14 @@ class Backend:
             self.qemu_gone = f"QEMU is not reachable: its QMP monitor {self.qmp_path} did not answer"
             return
         try:
-            if self.dimms is not None:
-                await self.dimms.attach(qmp, plug_populated=True)
-            if self.pci is not None:
-                await self.pci.attach(qmp)
+            async with self.hold.change():
+                if self.dimms is not None:
+                    await self.dimms.attach(qmp, plug_populated=True)
+                if self.pci is not None:
+                    await self.pci.attach(qmp)
+            for effect in list(self.guest_ejects):  # handed over by the old process of an upgrade
+                assert self._nursery is not None
+                self._nursery.start_soon(self._eject, effect)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._qmp_events, qmp, nursery.cancel_scope)
                 nursery.start_soon(self._reconcile_loop)
@@ -309,12 +357,13 @@ class Backend:
                 async for raw in events:
                     try:
                         event = Event.parse(raw)
-                        if self.dimms is not None:
-                            await self.dimms.handle_event(event)
-                        if self.pci is not None:
-                            await self.pci.handle_event(event)
-                            if event.name == "DEVICE_DELETED":
-                                await self._free_pci_added(event.data.string("device", "") or None)
+                        async with self.hold.change():  # held while an upgrade pauses
+                            if self.dimms is not None:
+                                await self.dimms.handle_event(event)
+                            if self.pci is not None:
+                                await self.pci.handle_event(event)
+                                if event.name == "DEVICE_DELETED":
+                                    await self._free_pci_added(event.data.string("device", "") or None)
                     except QmpReplyError as exc:  # QEMU said something it does not document: skip it
                         log.error("QMP event not understood (ignored): %s", exc)
         except QmpError as exc:
@@ -328,10 +377,11 @@ class Backend:
             while self.dimms is not None or self.pci is not None:
                 await trio.sleep(self.reconcile_interval)
                 try:
-                    if self.dimms is not None:
-                        await self.dimms.reconcile()
-                    if self.pci is not None:
-                        await self.pci.reconcile()
+                    async with self.hold.change():  # held while an upgrade pauses
+                        if self.dimms is not None:
+                            await self.dimms.reconcile()
+                        if self.pci is not None:
+                            await self.pci.reconcile()
                 except QmpReplyError as exc:  # try again next time; the slots keep their last state
                     log.error("QMP reply not understood: %s", exc)
         except QmpError as exc:
@@ -379,7 +429,7 @@ class Backend:
         assert isinstance(controller, HotplugController)
         self.pci = PciSlotManager(controller.pcihp, controller.lock, bus_id=bus_id,
                                   on_change=self._controller_changed, on_plugged=self._pci_plugged,
-                                  on_unplugged=self._pci_unplugged)
+                                  on_unplugged=self._pci_unplugged, hold=self.hold)
         return self.pci
 
     async def pci_add_ivshmem(self, opts: IvshmemOptions, qdev_id: str | None = None) -> ServedDevice:
@@ -387,14 +437,16 @@ class Backend:
         if self.pci is None or self._nursery is None:
             raise ConfigError(f"ivshmem {opts.id or opts.socket}: PCI hotplug needs the hotplug controller, "
                               "add_pci_slots() and a running backend")
-        return await self._pci_add(self.add_ivshmem(opts, start=False), qdev_id)
+        async with self.hold.change(refuse=True):
+            return await self._pci_add(self.add_ivshmem(opts, start=False), qdev_id)
 
     async def pci_add_device(self, opts: DeviceOptions, qdev_id: str | None = None) -> ServedDevice:
         """A device of the user's own class, hot-plugged: its socket first, then device_add."""
         if self.pci is None or self._nursery is None:
             raise ConfigError(f"device {opts.id or opts.cls}: PCI hotplug needs the hotplug controller, "
                               "add_pci_slots() and a running backend")
-        return await self._pci_add(self.add_device(opts, start=False), qdev_id)
+        async with self.hold.change(refuse=True):
+            return await self._pci_add(self.add_device(opts, start=False), qdev_id)
 
     async def _pci_add(self, served: ServedDevice, qdev_id: str | None) -> ServedDevice:
         assert self.pci is not None and self._nursery is not None
@@ -418,14 +470,9 @@ class Backend:
             raise ConfigError(f"{qdev_id}: no PCI hotplug slots in this backend")
         gone = await self.pci.remove(qdev_id, timeout)
         if gone:
-            await self._free_pci_added(qdev_id)
+            async with self.hold.change():
+                await self._free_pci_added(qdev_id)
         return gone
-
-    async def _pci_eject(self, qdev_id: str) -> None:
-        try:
-            await self.pci_del(qdev_id)
-        except (QmpError, ValueError) as exc:
-            log.warning("eject of %s written by the guest failed: %s", qdev_id, exc)
 
     async def _free_pci_added(self, qdev_id: str | None) -> None:
         served = self.devices.get(qdev_id or "")

@@ -29,6 +29,7 @@ from qbackend.models.memhp import Effect, MemoryHotplugBlock
 from qbackend.models.pci_config import Bar, ConfigSpace, MsixLayout
 from qbackend.models.pcihp import BLOCK_SIZE as PCIHP_SIZE
 from qbackend.models.pcihp import EjectSlot, PciHotplugBlock
+from qbackend.plumbing.handover import HandoverError, Loader, Saver, State
 from qbackend.protocol.vfio_user import PciRegion
 from qbackend.vfio.function import PciFunction, Region
 from qbackend.vfio.irqs import InterruptController
@@ -111,10 +112,6 @@ class HotplugController(PciFunction):
     def event_pending(self) -> bool:
         return self.memhp.event_pending or self.pcihp.event_pending
 
-    def handover_refusal(self) -> str | None:
-        # Its state is the memory and PCI hot-plug blocks, shared with the slot managers.
-        return f"device {self.name} (the hot-plug controller) cannot be handed over yet"
-
     def intx_asserted(self) -> bool:
         return bool(self.irq_enable) and self.event_pending and not self.config.msix_enabled
 
@@ -129,6 +126,29 @@ class HotplugController(PciFunction):
     def config_write(self, offset: int, data: bytes) -> None:
         super().config_write(offset, data)
         self.update_interrupt()
+
+    # -- hand-over to a new process (qbackend.app.upgrade) ------------------------------
+
+    def save_state(self, saver: Saver) -> State:
+        """Besides config space: both register blocks (every slot, the selectors, the OST
+        registers, the faults set over QMP, the PCI up/down/removable bits) and the event
+        interrupt (its enable and whether it is raised).  The slot managers keep what
+        they know of QEMU in the backend's "hotplug" part."""
+        state = super().save_state(saver)
+        state.update(memhp=self.memhp.save(), pcihp=self.pcihp.save(), irq_enable=self.irq_enable,
+                     irq_pending=self._pending)
+        return state
+
+    def restore_state(self, state: State, loader: Loader) -> None:
+        """In place: the slot managers of the new process hold these very blocks."""
+        super().restore_state(state, loader)
+        try:
+            self.memhp.restore(state["memhp"])
+            self.pcihp.restore(state["pcihp"])
+        except ValueError as exc:
+            raise HandoverError(f"{self.name}: {exc}") from None
+        self.irq_enable = int(state["irq_enable"]) & 1
+        self._pending = bool(state["irq_pending"])
 
     def reset(self) -> None:
         # The slots survive a reset, as QEMU's do: what is plugged stays plugged.  What was

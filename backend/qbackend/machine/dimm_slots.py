@@ -20,10 +20,12 @@ from typing import Any
 import trio
 
 from qbackend.errors import ConfigError, QbackendError
+from qbackend.machine.hold import ChangeHold
 from qbackend.machine.qmp import QmpConnection, QmpError
 from qbackend.machine.qmp_replies import DimmInfo, Event, OspmStatus, memory_size_summary
 from qbackend.models.memhp import OST_BUSY, OST_EJECT_IN_PROGRESS, OST_EVENT_EJECT, MemoryHotplugBlock
 from qbackend.options import DimmOptions
+from qbackend.plumbing.handover import HandoverError, State
 from qbackend.plumbing.threads import run_locked
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,7 @@ class DimmManager:
 
     def __init__(self, dimms: list[DimmOptions], *, machine: str, ram_size: int, slots: int,
                  block: MemoryHotplugBlock, lock: Any, on_change: Callable[[], None] = lambda: None,
-                 on_outcome: Callable[[Dimm], None] = lambda d: None) -> None:
+                 on_outcome: Callable[[Dimm], None] = lambda d: None, hold: ChangeHold | None = None) -> None:
         if len(dimms) > slots:
             raise ConfigError(f"{len(dimms)} DIMMs declared but the machine has {slots} slots (--hotplug slots=N)")
         ids = [d.id for d in dimms]
@@ -122,6 +124,7 @@ class DimmManager:
         self.lock = lock  # the controller's device lock: the block is shared with the guest's accesses
         self.on_change = on_change
         self.on_outcome = on_outcome  # a removal ended: REMOVED or FAILED (whoever asked for it)
+        self.hold = hold or ChangeHold()  # held off while an upgrade pauses (qbackend.machine.hold)
         self.dimms = {d.id: Dimm(d, slot, addr)
                       for slot, (d, addr) in enumerate(zip(dimms, layout(dimms, machine, ram_size)))}
         # DIMMs QEMU has that are none of the declared ones (plugged by anyone
@@ -153,12 +156,40 @@ class DimmManager:
         populated slots it lacks (for a QEMU started without them)."""
         self.qmp = qmp
         await self.reconcile()
+        await self._settle_removals()
         if plug_populated:
             for d in self.dimms.values():
                 if d.opts.populated and not d.plugged:
                     await self.add(d.id)
 
+    async def _settle_removals(self) -> None:
+        """Removals under way whose outcome came while nobody listened (the QMP events of
+        the moments an upgrade's new process was not connected yet): a DIMM QEMU does
+        not have any more was removed; one whose eject the guest had begun and now
+        reports busy (OST 0x82) failed."""
+        statuses = {s.device: s for s in OspmStatus.from_reply(await self._qmp().execute("query-acpi-ospm-status"))
+                    if s.slot_type == "DIMM" and s.source == OST_EVENT_EJECT}
+        for d in self.dimms.values():
+            if d.removal not in (RemovalState.REQUESTED, RemovalState.EJECTING):
+                continue
+            if not d.plugged:
+                d.removal = RemovalState.REMOVED
+                try:
+                    await self._qmp().execute("object-del", {"id": d.memdev})
+                except QmpError as exc:
+                    log.warning("DIMM %s removed but its memory backend stays: %s", d.id, exc)
+            elif d.removal is RemovalState.EJECTING and d.id in statuses and statuses[d.id].status == OST_BUSY:
+                d.removal, d.ost_status = RemovalState.FAILED, OST_BUSY
+                await run_locked(self.lock, setattr, self.block.slots[d.slot], "removing", False)
+            else:
+                continue
+            self._changed(d)
+
     async def add(self, dimm_id: str) -> Dimm:
+        async with self.hold.change(refuse=True):
+            return await self._add(dimm_id)
+
+    async def _add(self, dimm_id: str) -> Dimm:
         d = self._get(dimm_id)
         if d.plugged:
             raise DimmError(f"DIMM {dimm_id} is already plugged (slot {d.slot} at {d.address:#x})")
@@ -186,6 +217,10 @@ class DimmManager:
 
     async def request_removal(self, dimm_id: str) -> Dimm:
         """device_del; the outcome comes later (`wait_removal`, `on_outcome`)."""
+        async with self.hold.change(refuse=True):
+            return await self._request_removal(dimm_id)
+
+    async def _request_removal(self, dimm_id: str) -> Dimm:
         d = self._get(dimm_id)
         if not d.plugged:
             raise DimmError(f"DIMM {dimm_id} is not plugged")
@@ -321,6 +356,40 @@ class DimmManager:
             total["qemu-base"], total["qemu-plugged"] = memory_size_summary(
                 await self.qmp.execute("query-memory-size-summary"))
         return total
+
+    # -- hand-over to a new process (qbackend.app.upgrade) -------------------------------
+
+    def save(self) -> State:
+        """What the slots know beyond the options they were made from: which DIMM is
+        plugged (by `dimm add`, at start, or found in QEMU), where each removal stands,
+        the DIMMs QEMU has that are none of the declared ones, the OST events seen.
+        The register block itself travels with the controller's state."""
+        return {
+            "dimms": {d.id: {"plugged": d.plugged, "hotplugged": d.hotplugged,
+                             "removal": d.removal.name if d.removal else None,
+                             "reported": d.reported.name if d.reported else None, "ost_status": d.ost_status}
+                      for d in self.dimms.values()},
+            "others": [[slot, info.slot, info.addr, info.size, info.node, info.id, info.hotplugged]
+                       for slot, info in sorted(self.others.items())],
+            "ost": [[o.device, o.slot_type, o.source, o.status] for o in self.ost],
+        }
+
+    def restore(self, state: State) -> None:
+        """What save() gave, into slots made from the same options (before attach)."""
+        saved = state["dimms"]
+        if set(saved) != set(self.dimms):
+            raise HandoverError(f"DIMM slots {sorted(saved)} handed over to slots {sorted(self.dimms)}")
+        for dimm_id, s in saved.items():
+            d = self.dimms[dimm_id]
+            d.plugged, d.hotplugged = bool(s["plugged"]), bool(s["hotplugged"])
+            d.removal = None if s["removal"] is None else RemovalState[s["removal"]]
+            d.reported = None if s["reported"] is None else RemovalState[s["reported"]]
+            d.ost_status = None if s["ost_status"] is None else int(s["ost_status"])
+        self.others = {int(key): DimmInfo(int(slot), int(addr), int(size), int(node),
+                                          None if dimm_id is None else str(dimm_id), bool(hotplugged))
+                       for key, slot, addr, size, node, dimm_id, hotplugged in state["others"]}
+        self.ost = [OspmStatus(str(device), str(kind), int(source), int(status))
+                    for device, kind, source, status in state["ost"]]
 
     def as_json(self) -> list[dict[str, Any]]:
         out = [d.as_json() for d in self.dimms.values()]

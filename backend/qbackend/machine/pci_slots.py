@@ -19,9 +19,11 @@ from typing import Any
 
 import trio
 
+from qbackend.machine.hold import ChangeHold
 from qbackend.machine.qmp import QmpConnection, QmpError
 from qbackend.machine.qmp_replies import Event, pci_bus_devices, qom_child_names
 from qbackend.models.pcihp import PciHotplugBlock
+from qbackend.plumbing.handover import State
 from qbackend.plumbing.threads import run_locked
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,8 @@ class PciSlotManager:
     def __init__(self, block: PciHotplugBlock, lock: Any, *, bus_id: str | None = None,
                  on_change: Callable[[], None] = lambda: None,
                  on_plugged: Callable[[SlotDevice], None] = lambda dev: None,
-                 on_unplugged: Callable[[SlotDevice], None] = lambda dev: None) -> None:
+                 on_unplugged: Callable[[SlotDevice], None] = lambda dev: None,
+                 hold: ChangeHold | None = None) -> None:
         self.block = block
         self.lock = lock
         self.bus_id = bus_id  # the profile's hotplug bus (q35: its root port); None: the root bus
@@ -54,6 +57,7 @@ class PciSlotManager:
         self.slots: dict[int, SlotDevice] = {}
         self._known = False  # the first reconcile sees what was cold-plugged: no UP for those
         self.removed = trio.Event()  # set (and renewed) whenever a device leaves
+        self.hold = hold or ChangeHold()  # held off while an upgrade pauses (qbackend.machine.hold)
 
     async def attach(self, qmp: QmpConnection) -> None:
         self.qmp = qmp
@@ -124,6 +128,10 @@ class PciSlotManager:
 
     async def add(self, args: dict[str, Any]) -> SlotDevice:
         """device_add (any QEMU device given as QMP arguments) on the hotplug bus."""
+        async with self.hold.change(refuse=True):
+            return await self._add(args)
+
+    async def _add(self, args: dict[str, Any]) -> SlotDevice:
         if self.qmp is None:
             raise QmpError("not connected to QEMU's QMP monitor")
         if self.bus_id is not None:
@@ -142,6 +150,10 @@ class PciSlotManager:
     async def remove(self, qdev_id: str, timeout: float = 30.0) -> bool:
         """device_del, and wait until the device is gone (the guest ejected it)."""
         await self.request_remove(qdev_id)
+        return await self.wait_removed(qdev_id, timeout)
+
+    async def wait_removed(self, qdev_id: str, timeout: float = 30.0) -> bool:
+        """Wait until the device is not on the bus any more; True if it went in time."""
         with trio.move_on_after(timeout):
             while self.slot_of(qdev_id) is not None:
                 await self.removed.wait()
@@ -150,6 +162,10 @@ class PciSlotManager:
 
     async def request_remove(self, qdev_id: str) -> None:
         """device_del; the device leaves when the guest has ejected it (on_unplugged)."""
+        async with self.hold.change(refuse=True):
+            await self._request_remove(qdev_id)
+
+    async def _request_remove(self, qdev_id: str) -> None:
         if self.qmp is None:
             raise QmpError("not connected to QEMU's QMP monitor")
         slot = self.slot_of(qdev_id)
@@ -161,6 +177,21 @@ class PciSlotManager:
     async def handle_event(self, event: Event) -> None:
         if event.name == "DEVICE_DELETED" and event.data.string("device", ""):
             await self.reconcile()
+
+    # -- hand-over to a new process (qbackend.app.upgrade) -------------------------------
+
+    def save(self) -> State:
+        """The devices of the bus as last seen in QEMU (whoever plugged them); the
+        register block itself travels with the controller's state."""
+        return {"known": self._known,
+                "slots": [[d.slot, d.qdev_id, d.class_code, d.vendor, d.device] for d in self.slots.values()]}
+
+    def restore(self, state: State) -> None:
+        """What save() gave (before attach): the first look at QEMU then tells what
+        changed meanwhile, as any later one does."""
+        self._known = bool(state["known"])
+        self.slots = {int(slot): SlotDevice(int(slot), str(qdev_id), int(cls), int(vendor), int(device))
+                      for slot, qdev_id, cls, vendor, device in state["slots"]}
 
     def as_json(self) -> list[dict[str, Any]]:
         bus = self.block.buses[0]

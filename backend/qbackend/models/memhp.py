@@ -21,8 +21,9 @@ own block).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
+from typing import Any
 
 BLOCK_SIZE = 0x18  # 24 bytes at 0xa00
 
@@ -141,6 +142,33 @@ class MemoryHotplugBlock:
     @property
     def event_pending(self) -> bool:
         return any(s.inserting or s.removing for s in self.slots)
+
+    # -- hand-over to a new process (qbackend.app.upgrade) -------------------------------
+
+    def save(self) -> dict[str, Any]:
+        """Every register and slot, and the faults set (JSON-able), for `restore`."""
+        f = self.faults
+        return {"profile": self.profile.value, "slots": [asdict(s) for s in self.slots],
+                "selector": self.selector, "ost_event": self.ost_event, "ost_status": self.ost_status,
+                "faults": {"refuse_eject": sorted(f.refuse_eject), "hold_remove": sorted(f.hold_remove),
+                           "ost_status": [[slot, status] for slot, status in sorted(f.ost_status.items())]}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """What `save` gave, into this block (made with the same slots and profile); in
+        place, as the slot manager and the controller share it.  ValueError: another shape."""
+        if state["profile"] != self.profile.value or len(state["slots"]) != len(self.slots):
+            raise ValueError(f"a memory-hotplug block of {len(state['slots'])} slots ({state['profile']}) "
+                             f"handed over to one of {len(self.slots)} ({self.profile.value})")
+        self.slots[:] = [MemorySlot(int(s["address"]), int(s["size"]), int(s["node"]), bool(s["enabled"]),
+                                    bool(s["inserting"]), bool(s["removing"]),
+                                    None if s["device_id"] is None else str(s["device_id"]))
+                         for s in state["slots"]]
+        self.selector, self.ost_event, self.ost_status = (int(state["selector"]), int(state["ost_event"]),
+                                                          int(state["ost_status"]))
+        faults = state["faults"]
+        self.faults = Faults({int(n) for n in faults["refuse_eject"]},
+                             {int(slot): int(status) for slot, status in faults["ost_status"]},
+                             {int(n) for n in faults["hold_remove"]})
 
     def _selected(self) -> MemorySlot | None:
         return self.slots[self.selector] if 0 <= self.selector < len(self.slots) else None

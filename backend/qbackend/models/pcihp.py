@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 BLOCK_SIZE = 0x18
 UP, DOWN, EJ, RMV, SEL, AIDX = 0x00, 0x04, 0x08, 0x0C, 0x10, 0x14
@@ -98,6 +99,32 @@ class PciHotplugBlock:
     @property
     def event_pending(self) -> bool:
         return any(bus.up or bus.down for bus in self.buses.values())
+
+    # -- hand-over to a new process (qbackend.app.upgrade) -------------------------------
+
+    def save(self) -> dict[str, Any]:
+        """Every bus's registers and devices, the bus select and acpi-index (JSON-able)."""
+        return {"profile": self.profile.value, "bridge_support": self.bridge_support,
+                "select": self.select, "acpi_index": self.acpi_index,
+                "buses": [[bsel, {"up": bus.up, "down": bus.down, "removable": bus.removable,
+                                  "devices": [[slot, dev] for slot, dev in sorted(bus.devices.items())],
+                                  "acpi_index": [[slot, n] for slot, n in sorted(bus.acpi_index.items())]}]
+                          for bsel, bus in sorted(self.buses.items())]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """What `save` gave, into this block (made with the same buses and profile); in
+        place, as the slot manager and the controller share it.  ValueError: another shape."""
+        buses = {int(bsel): bus for bsel, bus in state["buses"]}
+        if (state["profile"] != self.profile.value or bool(state["bridge_support"]) != self.bridge_support
+                or buses.keys() != self.buses.keys()):
+            raise ValueError(f"a PCI-hotplug block of buses {sorted(buses)} ({state['profile']}) handed over to "
+                             f"one of buses {sorted(self.buses)} ({self.profile.value})")
+        for bsel, saved in buses.items():
+            bus = self.buses[bsel]
+            bus.up, bus.down, bus.removable = int(saved["up"]), int(saved["down"]), int(saved["removable"])
+            bus.devices = {int(slot): str(dev) for slot, dev in saved["devices"]}
+            bus.acpi_index = {int(slot): int(n) for slot, n in saved["acpi_index"]}
+        self.select, self.acpi_index = int(state["select"]), int(state["acpi_index"])
 
     def slot_of(self, device_id: str) -> tuple[int, int] | None:
         for bsel, bus in self.buses.items():
