@@ -238,8 +238,9 @@ class Backend:
 
     def _pci_unplugged(self, dev: SlotDevice) -> None:
         self._emit("PCI_DEVICE_UNPLUGGED", {"id": dev.qdev_id, "slot": dev.slot})
-        # A device of `pci add` is freed once it has left the bus, whether its DEVICE_DELETED
-        # was seen or not (it may have come while an upgrade's new process was not connected).
+        # A device of `pci add` is freed once QEMU has deleted it (PciSlotManager reports a
+        # device gone only then), whether its DEVICE_DELETED was seen or not: it may have
+        # come while an upgrade's new process was not connected.
         served = self.devices.get(dev.qdev_id)
         if served is not None and served.created_by_pci_add:
             self._free_device(served)
