@@ -228,13 +228,63 @@ def test_a_front_end_that_goes_leaves_a_line_per_queue_of_where_its_requests_wen
     lines = [r.getMessage() for r in caplog.records if " served " in r.getMessage()]
     assert len(lines) == rig.rw.num_queues, lines
     native, python = (3, 0) if vhost_user_blk_fast.load() is not None else (0, 3)
-    found = re.fullmatch(r"vub0: queue 0 served 3 requests: (\d+) native \((\d+) interrupts, (\d+) handed to "
-                         r"Python\), (\d+) in Python", lines[0])
+    found = re.fullmatch(r"vub0: queue 0 served 3 requests: (\d+) native \((\d+) interrupts, held (\d+) times "
+                         r"with more and (\d+) alone, (\d+) handed to Python\), (\d+) in Python", lines[0])
     assert found is not None, lines
-    assert (int(found[1]), int(found[3]), int(found[4])) == (native, 0, python), lines
+    assert (int(found[1]), int(found[5]), int(found[6])) == (native, 0, python), lines
     # The native path counts its interrupts: at most one per request, and one owed at queue start.
     assert min(native, 1) <= int(found[2]) <= native + 1, lines
     assert all(" served 0 requests" in line for line in lines[1:]), lines
+
+
+def _queue_log(caplog: pytest.LogCaptureFixture) -> re.Match[str]:
+    lines = [r.getMessage() for r in caplog.records if " served " in r.getMessage()]
+    found = re.match(r"vub0: queue 0 served (\d+) requests: (\d+) native \((\d+) interrupts, held (\d+) times "
+                     r"with more and (\d+) alone", lines[0] if lines else "")
+    assert found is not None, lines
+    return found
+
+
+@pytest.mark.skipif(vhost_user_blk_fast.load() is None, reason="holding interrupts is the native path's")
+def test_a_held_interrupt_still_comes_for_each_request_at_qd1(
+        rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A front end that waits for each request's interrupt before sending the next gets it
+    every time (the hold runs out and the interrupt goes alone), and holding then backs off."""
+    monkeypatch.setattr(vhost_user_blk_fast, "HOLD_NS", 20_000_000)
+    caplog.set_level(logging.INFO, logger="qbackend.servers.vhost_user_blk")
+    with rig.ready() as f:
+        f.wait_call(0)  # the interrupt owed at queue start, not held
+        for n in range(20):
+            req = f.make_request(0, VIRTIO_BLK_T_IN, 40 + n, in_len=SECTOR_SIZE)
+            f.kick(0)
+            assert f.wait_call(0) >= 1, f"request {n} got no interrupt"
+            assert [u.id for u in f.wait_used(0, timeout=0)] == [req.head]
+            assert f.data(req) == rig.expected(40 + n, 1)
+    rig.idle()
+    found = _queue_log(caplog)
+    assert int(found[2]) == 20
+    # The first hold caught nothing, so the next 16 drains notified at once; then it tried again.
+    assert int(found[5]) == 2 and int(found[3]) == 21, found[0]
+
+
+@pytest.mark.skipif(vhost_user_blk_fast.load() is None, reason="holding interrupts is the native path's")
+def test_requests_that_come_during_a_hold_share_its_interrupt(
+        rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vhost_user_blk_fast, "HOLD_NS", 900_000_000)
+    caplog.set_level(logging.INFO, logger="qbackend.servers.vhost_user_blk")
+    with rig.ready() as f:
+        f.wait_call(0)
+        first = f.make_request(0, VIRTIO_BLK_T_IN, 60, in_len=SECTOR_SIZE)
+        f.kick(0)
+        f.wait_used(0)  # served, and its interrupt held
+        second = f.make_request(0, VIRTIO_BLK_T_IN, 61, in_len=SECTOR_SIZE)
+        f.kick(0)
+        assert [u.id for u in f.wait_used(0)] == [second.head]
+        assert f.wait_call(0) == 1  # one interrupt for both, once the hold ran out
+        assert f.data(first) + f.data(second) == rig.expected(60, 2)
+    rig.idle()
+    found = _queue_log(caplog)
+    assert (int(found[2]), int(found[4])) == (2, 1), found[0]
 
 
 def test_get_config_past_the_config_space_fails(rig: Rig) -> None:

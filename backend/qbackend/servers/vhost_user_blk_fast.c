@@ -750,6 +750,7 @@ int qb_vu_notify(struct qb_vu_queue *q)
 	if (!q->need_notify || !q->avail)
 		return 0;
 	q->need_notify = 0;
+	q->held_since = 0;
 	__atomic_thread_fence(__ATOMIC_SEQ_CST); /* used idx out before used_event / flags are read */
 	new_idx = q->used_idx;
 	old = q->signalled_used;
@@ -808,12 +809,52 @@ static int spin(struct qb_vu_queue *q)
 	return 0;
 }
 
+/* Whether the interrupt owed after a drain that emptied the ring waits a little (hold_ns)
+ * for more requests to answer with it.  A TCG guest that refills its queue adds one request
+ * at a time and kicks for the first: answered at once, each request costs it an interrupt.
+ * A hold that catches nothing (the guest waits for this very interrupt: QD1, or every
+ * request of its depth answered) makes the next HOLD_BACKOFF drains notify at once, so
+ * holding is tried again now and then but costs little where it does not pay.  An interrupt
+ * owed with nothing new served (at queue start) is not held. */
+#define HOLD_BACKOFF 16
+
+static int hold_interrupt(struct qb_vu_queue *q, int served)
+{
+	int64_t now;
+
+	if (!q->hold_ns || !q->need_notify || (!served && !q->held_since))
+		return 0; /* nothing new to hold for (an interrupt owed at queue start goes at once) */
+	if (q->hold_skip) {
+		q->hold_skip--;
+		return 0;
+	}
+	now = now_ns();
+	if (!q->held_since)
+		q->held_since = now;
+	else
+		q->holds_caught++;
+	return now - q->held_since < q->hold_ns;
+}
+
+/* The held interrupt's wait ran out with nothing new: it goes now. */
+static void release_hold(struct qb_vu_queue *q)
+{
+	pthread_mutex_lock(q->lock);
+	if (q->need_notify) {
+		qb_vu_notify(q);
+		q->holds_missed++;
+		q->hold_skip = HOLD_BACKOFF;
+	}
+	pthread_mutex_unlock(q->lock);
+}
+
 int qb_vu_run(struct qb_vu_queue *q)
 {
 	pthread_mutex_t *lock = q->lock;
 
 	for (;;) {
 		struct pollfd fds[2];
+		struct timespec hold, *timeout = NULL;
 		int64_t waited;
 		int rc;
 
@@ -837,10 +878,19 @@ int qb_vu_run(struct qb_vu_queue *q)
 			return QB_VU_RELOAD;
 		}
 		do {
+			uint64_t before = q->requests;
+
 			rc = qb_vu_drain(q);
-			if (rc != QB_VU_PYTHON)
+			if (rc != QB_VU_PYTHON && !(rc == QB_VU_EMPTY && hold_interrupt(q, q->requests != before)))
 				qb_vu_notify(q); /* else Python serves the next one first, and this is called after it */
 		} while (rc == QB_VU_EMPTY && q->spin_ns > 0 && q->spinning && spin(q));
+		if (rc == QB_VU_EMPTY && q->held_since) {
+			int64_t left = q->held_since + q->hold_ns - now_ns();
+
+			hold.tv_sec = 0;
+			hold.tv_nsec = left > 0 ? left : 0;
+			timeout = &hold;
+		}
 		pthread_mutex_unlock(lock);
 		if (rc == QB_VU_PYTHON)
 			return QB_VU_PYTHON;
@@ -851,7 +901,11 @@ int qb_vu_run(struct qb_vu_queue *q)
 		fds[1].fd = q->wake_fd;
 		fds[1].events = POLLIN;
 		waited = now_ns();
-		rc = poll(fds, 2, -1);
+		rc = ppoll(fds, 2, timeout, NULL);
+		if (rc == 0) {
+			release_hold(q);
+			continue;
+		}
 		/* Spin next time only while kicks come soon after the ring runs dry. */
 		q->spinning = now_ns() - waited < q->spin_window_ns;
 		if (rc < 0 && errno == EINTR)
@@ -868,6 +922,8 @@ int qb_vu_run(struct qb_vu_queue *q)
 			clear(q->kick_fd);
 		if (fds[1].revents & POLLIN) {
 			clear(q->wake_fd);
+			if (q->held_since && !__atomic_load_n(&q->pause, __ATOMIC_ACQUIRE))
+				release_hold(q); /* Python may stop the queue now */
 			return QB_VU_WAKE;
 		}
 	}

@@ -65,6 +65,9 @@ struct qb_vu_queue {
 	int64_t spin_window_ns; /* ... while the last wait for a kick was shorter than this */
 	uint32_t spinning;
 	uint32_t notify_each; /* decide on an interrupt after each request (else once per drain) */
+	int64_t hold_ns;      /* how long an interrupt may wait for more requests (0: never) */
+	int64_t held_since;   /* when the interrupt owed now was first held (0: none held) */
+	uint32_t hold_skip;   /* drains left that notify at once: the last hold caught nothing */
 	uint8_t serial[20];
 	int error;
 	/* counters */
@@ -76,6 +79,8 @@ struct qb_vu_queue {
 	uint64_t bytes_written;
 	uint64_t notifications;
 	uint64_t handed_over;
+	uint64_t holds_caught; /* held interrupts that more requests joined */
+	uint64_t holds_missed; /* ... that went out alone when the hold ran out */
 };
 
 void *qb_vu_pool_new(int nthreads);

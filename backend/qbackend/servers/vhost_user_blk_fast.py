@@ -59,6 +59,10 @@ SPIN_WINDOW_NS = 500_000
 # in the bench the TCG guest did better with fewer interrupts (4 KiB QD16 reads 0.91x
 # qemu-storage-daemon per request, 1.10x per drain, in runs of the same hour).  Off by default.
 NOTIFY_EACH = int(os.environ.get("QBACKEND_VHOST_NOTIFY_EACH", "0"))
+# An interrupt owed once the ring is empty may wait up to HOLD_NS for more requests to answer
+# with it (qb_vu_run's hold_interrupt: a hold that catches nothing turns holding off for a
+# while, so QD1 pays little).  QBACKEND_VHOST_HOLD_NS=N sets it; 0 turns it off.
+HOLD_NS = int(os.environ.get("QBACKEND_VHOST_HOLD_NS", "0"))
 
 
 def load() -> native.Native | None:
@@ -124,6 +128,7 @@ class NativeQueue:
         c.pool_min = POOL_MIN_BYTES
         c.spin_ns, c.spin_window_ns = SPIN_NS, SPIN_WINDOW_NS
         c.notify_each = NOTIFY_EACH
+        c.hold_ns = HOLD_NS
         ffi.memmove(c.serial, serial[:20].ljust(20, b"\0"), 20)
         self.c = c
         self._resolutions = -1  # of the model when the rings were last loaded
@@ -270,4 +275,5 @@ class NativeQueue:
         c = self.c
         return {"requests": c.requests, "reads": c.reads, "writes": c.writes, "flushes": c.flushes,
                 "bytes_read": c.bytes_read, "bytes_written": c.bytes_written,
-                "notifications": c.notifications, "handed_over": c.handed_over}
+                "notifications": c.notifications, "handed_over": c.handed_over,
+                "holds_caught": c.holds_caught, "holds_missed": c.holds_missed}
