@@ -18,7 +18,12 @@ MB/s or IOPS and as ratios: qbackend vhost-user / qemu-storage-daemon, and
 qbackend vhost-user / qbackend NBD.  Nothing is pinned (a throughput
 benchmark; the guest, qemu-storage-daemon and qbackend share the 2 CPUs).
 
-    python scripts/bench_vhost_user_blk.py [--rounds N] [--seconds S]
+--variant NAME=VALUE (repeatable) adds a disk served by one more qbackend
+process with that environment variable set (for example
+QBACKEND_VHOST_HOLD_NS=30000), its figures and its ratio to
+qemu-storage-daemon printed beside: a tuning knob measured in the same run.
+
+    python scripts/bench_vhost_user_blk.py [--rounds N] [--seconds S] [--variant NAME=VALUE]
 """
 
 from __future__ import annotations
@@ -53,13 +58,13 @@ JOBS = {  # name: (fio arguments, what is printed)
 }
 
 
-def make_images(qemu: QemuInstall, work: Path) -> list[Path]:
+def make_images(qemu: QemuInstall, work: Path, count: int) -> list[Path]:
     raw = work / "data.raw"
     with open(raw, "wb") as f:
         for _ in range(SIZE >> 20):
             f.write(os.urandom(1 << 20))
     images = []
-    for n in range(len(DISKS)):
+    for n in range(count):
         image = work / f"disk{n}.qed"
         subprocess.run([*qemu.tool_cmd("qemu-img"), "convert", "-f", "raw", "-O", "qed", str(raw), str(image)],
                        check=True, env=qemu.env(), capture_output=True)
@@ -74,7 +79,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=4, help="fio runtime per job and disk")
     parser.add_argument("--only", action="append", default=[], metavar="TEXT",
                         help="run only the jobs whose name contains TEXT (repeatable)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE",
+                        help="one more qbackend vhost-user disk, served with this environment variable")
     args = parser.parse_args()
+    variants = [tuple(v.split("=", 1)) for v in args.variant]
+    if any(len(v) != 2 for v in variants):
+        parser.error("--variant takes NAME=VALUE")
+    disks = dict(DISKS)
+    for n, (name, value) in enumerate(variants):
+        disks[f"qbackend vhost-user, {name}={value}"] = f"{0x14 + n:#x}"
     jobs = {name: job for name, job in JOBS.items() if not args.only or any(t in name for t in args.only)}
 
     from qbackend.machine.console import GuestConsole
@@ -84,7 +97,7 @@ def main() -> int:
     load_before = f"{os.getloadavg()[0]:.2f}"
     with tempfile.TemporaryDirectory(prefix="bench-vub-") as tmp:
         work = Path(tmp)
-        images = make_images(qemu, work)
+        images = make_images(qemu, work, len(disks))
         bench_guest = with_host_programs(guest, ["fio"], work)
         ours_sock, ref_sock, nbd_sock = work / "qb-vub.sock", work / "qsd-vub.sock", work / "qb-nbd.sock"
         py_sock = work / "qb-vub-python.sock"
@@ -103,8 +116,19 @@ def main() -> int:
                                 "--export", f"type=vhost-user-blk,id=e0,node-name=q0,addr.type=unix,"
                                             f"addr.path={ref_sock},writable=on,num-queues={QUEUES}"],
                                env=qemu.env(), stdout=subprocess.DEVNULL)
+        variant_procs, variant_args = [], []
+        for n, (name, value) in enumerate(variants):
+            sock = work / f"qb-vub-variant{n}.sock"
+            variant_procs.append((sock, subprocess.Popen(
+                [sys.executable, "-m", "qbackend", "-v", "serve", "--vhost-user-blk",
+                 f"socket={sock},image={images[len(DISKS) + n]},format=qed,id=vv{n},num-queues={QUEUES}"],
+                cwd=ROOT, stdout=subprocess.DEVNULL, env={**os.environ, name: value})))
+            variant_args += ["-chardev", f"socket,id=vv{n},path={sock}", "-device",
+                             f"vhost-user-blk-pci,chardev=vv{n},num-queues={QUEUES},addr={0x14 + n:#x}"]
         vm: QemuMachine | None = None
         try:
+            for sock, proc in variant_procs:
+                wait_for_socket(sock, proc, "qbackend (variant)")
             wait_for_socket(ours_sock, qb, "qbackend")
             wait_for_socket(nbd_sock, qb, "qbackend's NBD server")
             wait_for_socket(ref_sock, qsd, "qemu-storage-daemon")
@@ -118,7 +142,8 @@ def main() -> int:
                 "-blockdev", f"driver=nbd,node-name=nbd0,server.type=unix,server.path={nbd_sock},export=disk",
                 "-device", f"virtio-blk-pci,drive=nbd0,num-queues=1,addr={addrs[2]}",
                 "-chardev", f"socket,id=vub2,path={py_sock}",
-                "-device", f"vhost-user-blk-pci,chardev=vub2,num-queues={QUEUES},addr={addrs[3]}"])
+                "-device", f"vhost-user-blk-pci,chardev=vub2,num-queues={QUEUES},addr={addrs[3]}",
+                *variant_args])
             console = GuestConsole(vm.serial_path)
             vm.start()
             console.connect()
@@ -129,18 +154,18 @@ def main() -> int:
 
             devices: dict[str, str] = {}
             deadline = time.monotonic() + 30
-            while len(devices) < len(DISKS) and time.monotonic() < deadline:
-                for name, addr in DISKS.items():
+            while len(devices) < len(disks) and time.monotonic() < deadline:
+                for name, addr in disks.items():
                     slot = f"0000:00:{int(addr, 16):02x}.0"
                     found = sh(f"for b in /sys/block/vd*; do readlink $b | grep -q {slot}/ "
                                f"&& basename $b; done; true")
                     if found:
                         devices[name] = "/dev/" + found.split()[0]
                 time.sleep(0.2)
-            if len(devices) < len(DISKS):
+            if len(devices) < len(disks):
                 listing = sh("ls -l /sys/block/; true")
                 raise SystemExit(f"bench_vhost_user_blk: the guest shows only {devices}:\n{listing}")
-            results: dict[str, dict[str, list[float]]] = {job: {d: [] for d in DISKS} for job in jobs}
+            results: dict[str, dict[str, list[float]]] = {job: {d: [] for d in disks} for job in jobs}
             for fio_args, _ in jobs.values():  # warm-up: one short pass of each
                 for dev in devices.values():
                     sh(f"fio --name=w --filename={dev} --direct=1 --ioengine=libaio --thread {fio_args} "
@@ -159,19 +184,21 @@ def main() -> int:
         finally:
             if vm is not None:
                 vm.stop()
-            for proc in (qb, qsd, qb_python):
+            for proc in (qb, qsd, qb_python, *(p for _, p in variant_procs)):
                 proc.terminate()
                 proc.wait(30)
 
-    names = list(DISKS)
+    names = list(disks)
     print(f"\nvhost-user-blk in a TCG guest with {QUEUES} vCPUs (fio, direct I/O, libaio; medians of "
           f"{args.rounds} interleaved rounds of {args.seconds} s; unpinned; load before: {load_before}, "
           f"after: {os.getloadavg()[0]:.2f})")
-    print(f"{'job':<20}" + "".join(f"{n:>34}" for n in names) + f"{'vu/qsd':>9}{'vu/nbd':>9}{'py/qsd':>9}")
+    print(f"{'job':<20}" + "".join(f"{n:>34}" for n in names) + f"{'vu/qsd':>9}{'vu/nbd':>9}{'py/qsd':>9}"
+          + "".join(f"{f'v{n}/qsd':>9}" for n in range(len(variants))))
     for job, (_, unit) in jobs.items():
         med = [statistics.median(results[job][n]) for n in names]
         print(f"{job:<20}" + "".join(f"{m:>28.1f} {unit:<5}" for m in med)
-              + f"{med[0] / med[1]:>8.2f}x{med[0] / med[2]:>8.2f}x{med[3] / med[1]:>8.2f}x")
+              + f"{med[0] / med[1]:>8.2f}x{med[0] / med[2]:>8.2f}x{med[3] / med[1]:>8.2f}x"
+              + "".join(f"{m / med[1]:>8.2f}x" for m in med[len(DISKS):]))
     return 0
 
 

@@ -229,7 +229,7 @@ def test_a_front_end_that_goes_leaves_a_line_per_queue_of_where_its_requests_wen
     assert len(lines) == rig.rw.num_queues, lines
     native, python = (3, 0) if vhost_user_blk_fast.load() is not None else (0, 3)
     found = re.fullmatch(r"vub0: queue 0 served 3 requests: (\d+) native \((\d+) interrupts, held (\d+) times "
-                         r"with more and (\d+) alone, (\d+) handed to Python\), (\d+) in Python", lines[0])
+                         r"with more and (\d+) alone, (\d+) handed to Python, woken by \d+ kicks\), (\d+) in Python", lines[0])
     assert found is not None, lines
     assert (int(found[1]), int(found[5]), int(found[6])) == (native, 0, python), lines
     # The native path counts its interrupts: at most one per request, and one owed at queue start.
@@ -249,12 +249,15 @@ def _queue_log(caplog: pytest.LogCaptureFixture) -> re.Match[str]:
 def test_a_held_interrupt_still_comes_for_each_request_at_qd1(
         rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """A front end that waits for each request's interrupt before sending the next gets it
-    every time (the hold runs out and the interrupt goes alone), and holding then backs off."""
+    every time (the hold runs out and the interrupt goes alone), and holding then backs off:
+    the first hold catches nothing, so the next HOLD_BACKOFF_FIRST requests are answered at
+    once; the one after is held again, and catches nothing either."""
     monkeypatch.setattr(vhost_user_blk_fast, "HOLD_NS", 20_000_000)
     caplog.set_level(logging.INFO, logger="qbackend.servers.vhost_user_blk")
+    count = vhost_user_blk_fast.HOLD_BACKOFF_FIRST + 4
     with rig.ready() as f:
         f.wait_call(0)  # the interrupt owed at queue start, not held
-        for n in range(20):
+        for n in range(count):
             req = f.make_request(0, VIRTIO_BLK_T_IN, 40 + n, in_len=SECTOR_SIZE)
             f.kick(0)
             assert f.wait_call(0) >= 1, f"request {n} got no interrupt"
@@ -262,9 +265,8 @@ def test_a_held_interrupt_still_comes_for_each_request_at_qd1(
             assert f.data(req) == rig.expected(40 + n, 1)
     rig.idle()
     found = _queue_log(caplog)
-    assert int(found[2]) == 20
-    # The first hold caught nothing, so the next 16 drains notified at once; then it tried again.
-    assert int(found[5]) == 2 and int(found[3]) == 21, found[0]
+    assert int(found[2]) == count
+    assert (int(found[3]), int(found[4]), int(found[5])) == (count + 1, 0, 2), found[0]
 
 
 @pytest.mark.skipif(vhost_user_blk_fast.load() is None, reason="holding interrupts is the native path's")
@@ -285,6 +287,50 @@ def test_requests_that_come_during_a_hold_share_its_interrupt(
     rig.idle()
     found = _queue_log(caplog)
     assert (int(found[2]), int(found[4])) == (2, 1), found[0]
+
+
+@pytest.mark.skipif(vhost_user_blk_fast.load() is None, reason="holding interrupts is the native path's")
+def test_during_a_hold_no_kick_is_asked_for_and_what_comes_without_one_is_served(
+        rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While an interrupt is held the avail event stays behind, so a driver adds without
+    kicking; what it adds is served when the hold ends, with one interrupt, and a kick is
+    asked for again."""
+    monkeypatch.setattr(vhost_user_blk_fast, "HOLD_NS", 300_000_000)
+    caplog.set_level(logging.INFO, logger="qbackend.servers.vhost_user_blk")
+    with rig.ready() as f:
+        f.wait_call(0)
+        first = f.make_request(0, VIRTIO_BLK_T_IN, 70, in_len=SECTOR_SIZE)
+        f.kick(0)
+        f.wait_used(0)
+        assert f.avail_event(0) == 0  # not moved past the request just served: no kick wanted
+        second = f.make_request(0, VIRTIO_BLK_T_IN, 71, in_len=SECTOR_SIZE)  # not kicked
+        assert [u.id for u in f.wait_used(0)] == [second.head]
+        assert f.wait_call(0) == 1
+        assert f.data(first) + f.data(second) == rig.expected(70, 2)
+        wait_until(lambda: f.avail_event(0) == 2, WAIT, "the avail event to ask for a kick again")
+    rig.idle()
+    found = _queue_log(caplog)
+    assert (int(found[3]), int(found[4])) == (2, 1), found[0]
+
+
+@pytest.mark.skipif(vhost_user_blk_fast.load() is None, reason="holding interrupts is the native path's")
+def test_large_requests_start_no_hold(
+        rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vhost_user_blk_fast, "HOLD_NS", 900_000_000)
+    caplog.set_level(logging.INFO, logger="qbackend.servers.vhost_user_blk")
+    sectors = 2 * vhost_user_blk_fast.HOLD_MAX_REQUEST_BYTES // SECTOR_SIZE
+    with rig.ready() as f:
+        f.wait_call(0)
+        for n in range(3):
+            req = f.make_request(0, VIRTIO_BLK_T_IN, n * sectors, in_len=sectors * SECTOR_SIZE)
+            f.kick(0)
+            assert f.wait_call(0) == 1
+            f.wait_used(0)
+            assert f.data(req) == rig.expected(n * sectors, sectors)
+    rig.idle()
+    found = _queue_log(caplog)
+    # No hold began: none caught more, none ran out alone (the counts of every hold that ends).
+    assert (int(found[3]), int(found[4]), int(found[5])) == (4, 0, 0), found[0]
 
 
 def test_get_config_past_the_config_space_fails(rig: Rig) -> None:

@@ -27,6 +27,7 @@ from qbackend.protocol import nbd, vhost_user
 from qbackend.protocol import vfio_user as vu
 from qbackend.servers import vfio_user as vfio_user_server
 from qbackend.servers import vhost_user_blk as vhost_user_blk_server
+from qbackend.servers import vhost_user_blk_fast
 from qbackend.servers.vfio_user_fast import NativeAccessLoop
 
 PACKAGE = Path(native.__file__).resolve().parent.parent
@@ -101,6 +102,9 @@ EXPECTED: dict[str, Expected] = {
         "INFLIGHT_LAST_BATCH_HEAD_OFFSET": vhost_user.INFLIGHT_LAST_BATCH_HEAD_OFFSET,
         "INFLIGHT_USED_IDX_OFFSET": vhost_user.INFLIGHT_USED_IDX_OFFSET,
         "INFLIGHT_DESC_COUNTER_OFFSET": vhost_user.INFLIGHT_DESC_COUNTER_OFFSET,
+        "HOLD_BACKOFF_FIRST": vhost_user_blk_fast.HOLD_BACKOFF_FIRST,
+        "HOLD_BACKOFF_MAX": vhost_user_blk_fast.HOLD_BACKOFF_MAX,
+        "HOLD_MAX_REQUEST_BYTES": vhost_user_blk_fast.HOLD_MAX_REQUEST_BYTES,
     },
     "servers/vhost_user_blk_fast.h": {
         # C's memory table has room for every region the server accepts.

@@ -1330,9 +1330,10 @@ class VhostUserBlkServer:
             for q in conn.queues:
                 native = q.native.counts() if q.native is not None else {}
                 log.info("%s: queue %d served %d requests: %d native (%d interrupts, held %d times with "
-                         "more and %d alone, %d handed to Python), %d in Python", self.name, q.index, q.requests,
-                         native.get("requests", 0), native.get("notifications", 0), native.get("holds_caught", 0),
-                         native.get("holds_missed", 0), native.get("handed_over", 0), q.python_requests)
+                         "more and %d alone, %d handed to Python, woken by %d kicks), %d in Python", self.name,
+                         q.index, q.requests, native.get("requests", 0), native.get("notifications", 0),
+                         native.get("holds_caught", 0), native.get("holds_missed", 0), native.get("handed_over", 0),
+                         native.get("kicks", 0), q.python_requests)
         conn.close()
         self._native_requests += sum(int(q.native.c.requests) for q in conn.queues if q.native is not None)
         try:

@@ -670,8 +670,8 @@ static int drain(struct qb_vu_queue *q)
 			continue;
 		}
 		if (idx == last) {
-			if (!q->event_idx)
-				return QB_VU_EMPTY;
+			if (!q->event_idx || q->quiet)
+				return QB_VU_EMPTY; /* quiet: no kick asked for (an interrupt may be held) */
 			/* avail_event: kick me for the next one; then look once more past a full fence. */
 			__atomic_store_n((uint16_t *)(q->used + 4 + USED_ELEM_SIZE * q->num), last, __ATOMIC_RELAXED);
 			__atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -809,41 +809,71 @@ static int spin(struct qb_vu_queue *q)
 	return 0;
 }
 
-/* Whether the interrupt owed after a drain that emptied the ring waits a little (hold_ns)
- * for more requests to answer with it.  A TCG guest that refills its queue adds one request
- * at a time and kicks for the first: answered at once, each request costs it an interrupt.
- * A hold that catches nothing (the guest waits for this very interrupt: QD1, or every
- * request of its depth answered) makes the next HOLD_BACKOFF drains notify at once, so
- * holding is tried again now and then but costs little where it does not pay.  An interrupt
- * owed with nothing new served (at queue start) is not held. */
-#define HOLD_BACKOFF 16
+/* Holding an interrupt.  A TCG guest pays dearly for each kick and each interrupt (an exit,
+ * QEMU's main loop, its own handler), and one that refills its queue adds a request at a
+ * time: answered at once, with a kick asked for as soon as the ring is empty, each request
+ * costs it about one of each.  So once a drain that served something finds the ring empty,
+ * the interrupt it owes may wait up to hold_ns, during which no kick is asked for (the avail
+ * event stays behind): the guest goes on adding without kicking, the worker looks again when
+ * the hold ends (or at a kick that was on its way), and one interrupt answers all.
+ *
+ * A hold that catches nothing (the guest waits for this very interrupt: QD1, or every request
+ * of its depth answered) makes the next drains notify at once, twice as many after each such
+ * hold in a row (up to HOLD_BACKOFF_MAX), so holding is tried again now and then but costs
+ * next to nothing where it does not pay.  An interrupt owed with nothing new served (at queue
+ * start) is not held.  Only with VIRTIO_F_EVENT_IDX: without it no kick can be put off. */
+#define HOLD_BACKOFF_FIRST 16
+#define HOLD_MAX_REQUEST_BYTES 65536
+#define HOLD_BACKOFF_MAX 1024
 
-static int hold_interrupt(struct qb_vu_queue *q, int served)
+static void judge_hold(struct qb_vu_queue *q)
 {
-	int64_t now;
-
-	if (!q->hold_ns || !q->need_notify || (!served && !q->held_since))
-		return 0; /* nothing new to hold for (an interrupt owed at queue start goes at once) */
-	if (q->hold_skip) {
-		q->hold_skip--;
-		return 0;
-	}
-	now = now_ns();
-	if (!q->held_since)
-		q->held_since = now;
-	else
+	if (q->hold_joined) {
 		q->holds_caught++;
-	return now - q->held_since < q->hold_ns;
+		q->hold_backoff = 0;
+		return;
+	}
+	q->holds_missed++;
+	q->hold_backoff = q->hold_backoff ? q->hold_backoff * 2 : HOLD_BACKOFF_FIRST;
+	if (q->hold_backoff > HOLD_BACKOFF_MAX)
+		q->hold_backoff = HOLD_BACKOFF_MAX;
+	q->hold_skip = q->hold_backoff;
 }
 
-/* The held interrupt's wait ran out with nothing new: it goes now. */
-static void release_hold(struct qb_vu_queue *q)
+/* After a quiet drain found the ring empty, having served `served` requests of `bytes` in all:
+ * 1 to hold (or go on holding) the interrupt.  Large requests start no hold: their interrupt
+ * is a small part of their cost, and a guest that has them all answered but one interrupt
+ * late sits idle while the next ones are served. */
+static int hold_interrupt(struct qb_vu_queue *q, uint64_t served, uint64_t bytes)
+{
+	if (!q->held_since) {
+		if (!q->hold_ns || !q->event_idx || !q->need_notify || !served ||
+		    bytes > served * HOLD_MAX_REQUEST_BYTES)
+			return 0;
+		if (q->hold_skip) {
+			q->hold_skip--;
+			return 0;
+		}
+		q->held_since = now_ns();
+		q->hold_joined = 0;
+		return 1;
+	}
+	if (served)
+		q->hold_joined = 1;
+	if (now_ns() - q->held_since < q->hold_ns)
+		return 1;
+	judge_hold(q);
+	return 0;
+}
+
+/* Python wants the queue while an interrupt is held: ask for kicks again and let it go. */
+static void end_hold(struct qb_vu_queue *q)
 {
 	pthread_mutex_lock(q->lock);
-	if (q->need_notify) {
+	if (q->held_since && q->serving && q->used) {
+		__atomic_store_n((uint16_t *)(q->used + 4 + USED_ELEM_SIZE * q->num), q->last_avail_idx,
+				 __ATOMIC_RELAXED);
 		qb_vu_notify(q);
-		q->holds_missed++;
-		q->hold_skip = HOLD_BACKOFF;
 	}
 	pthread_mutex_unlock(q->lock);
 }
@@ -878,10 +908,17 @@ int qb_vu_run(struct qb_vu_queue *q)
 			return QB_VU_RELOAD;
 		}
 		do {
-			uint64_t before = q->requests;
+			uint64_t before = q->requests, bytes_before = q->bytes_read + q->bytes_written;
 
+			q->quiet = q->hold_ns > 0; /* a hold may follow: no kick asked for yet */
 			rc = qb_vu_drain(q);
-			if (rc != QB_VU_PYTHON && !(rc == QB_VU_EMPTY && hold_interrupt(q, q->requests != before)))
+			q->quiet = 0;
+			if (rc == QB_VU_EMPTY && hold_interrupt(q, q->requests - before,
+								q->bytes_read + q->bytes_written - bytes_before))
+				break;
+			if (rc == QB_VU_EMPTY && q->hold_ns > 0)
+				rc = qb_vu_drain(q); /* no hold: ask for a kick, and look once more */
+			if (rc != QB_VU_PYTHON)
 				qb_vu_notify(q); /* else Python serves the next one first, and this is called after it */
 		} while (rc == QB_VU_EMPTY && q->spin_ns > 0 && q->spinning && spin(q));
 		if (rc == QB_VU_EMPTY && q->held_since) {
@@ -902,10 +939,8 @@ int qb_vu_run(struct qb_vu_queue *q)
 		fds[1].events = POLLIN;
 		waited = now_ns();
 		rc = ppoll(fds, 2, timeout, NULL);
-		if (rc == 0) {
-			release_hold(q);
-			continue;
-		}
+		if (rc == 0)
+			continue; /* the hold ran out: look at the ring, then the interrupt goes */
 		/* Spin next time only while kicks come soon after the ring runs dry. */
 		q->spinning = now_ns() - waited < q->spin_window_ns;
 		if (rc < 0 && errno == EINTR)
@@ -918,12 +953,14 @@ int qb_vu_run(struct qb_vu_queue *q)
 			q->error = EBADF;
 			return QB_VU_FAILED;
 		}
-		if (fds[0].revents & POLLIN)
+		if (fds[0].revents & POLLIN) {
 			clear(q->kick_fd);
+			q->kicks++;
+		}
 		if (fds[1].revents & POLLIN) {
 			clear(q->wake_fd);
 			if (q->held_since && !__atomic_load_n(&q->pause, __ATOMIC_ACQUIRE))
-				release_hold(q); /* Python may stop the queue now */
+				end_hold(q); /* Python may stop the queue now */
 			return QB_VU_WAKE;
 		}
 	}

@@ -68,6 +68,9 @@ struct qb_vu_queue {
 	int64_t hold_ns;      /* how long an interrupt may wait for more requests (0: never) */
 	int64_t held_since;   /* when the interrupt owed now was first held (0: none held) */
 	uint32_t hold_skip;   /* drains left that notify at once: the last hold caught nothing */
+	uint32_t hold_backoff; /* ... how many the last hold that caught nothing set */
+	uint32_t hold_joined; /* the hold under way caught more requests */
+	uint32_t quiet;       /* a drain that empties the ring asks for no kick (a hold may follow) */
 	uint8_t serial[20];
 	int error;
 	/* counters */
@@ -79,8 +82,9 @@ struct qb_vu_queue {
 	uint64_t bytes_written;
 	uint64_t notifications;
 	uint64_t handed_over;
-	uint64_t holds_caught; /* held interrupts that more requests joined */
-	uint64_t holds_missed; /* ... that went out alone when the hold ran out */
+	uint64_t kicks;        /* wake-ups by the kick eventfd */
+	uint64_t holds_caught; /* holds that more requests joined */
+	uint64_t holds_missed; /* ... and that ran out with none */
 };
 
 void *qb_vu_pool_new(int nthreads);

@@ -60,9 +60,19 @@ SPIN_WINDOW_NS = 500_000
 # qemu-storage-daemon per request, 1.10x per drain, in runs of the same hour).  Off by default.
 NOTIFY_EACH = int(os.environ.get("QBACKEND_VHOST_NOTIFY_EACH", "0"))
 # An interrupt owed once the ring is empty may wait up to HOLD_NS for more requests to answer
-# with it (qb_vu_run's hold_interrupt: a hold that catches nothing turns holding off for a
-# while, so QD1 pays little).  QBACKEND_VHOST_HOLD_NS=N sets it; 0 turns it off.
-HOLD_NS = int(os.environ.get("QBACKEND_VHOST_HOLD_NS", "0"))
+# with it, no kick asked for meanwhile (qb_vu_run's hold_interrupt; only for small requests,
+# and a hold that catches nothing turns holding off for a while, so QD1 pays little).
+# Measured with scripts/bench_vhost_user_blk.py (2-vCPU TCG guest, 2-CPU host, one run,
+# ratios to qemu-storage-daemon): without it 4 KiB QD16 1.05x and 2 jobs 0.67x, the guest
+# paying 0.6 interrupts and 0.7 kicks per request (0.2 interrupts with qemu-storage-daemon); at
+# 150 us 2.08x and 1.41x, at 250 us 1.66x and 1.61x, at 500 us a loss; sequential 1 MiB and
+# QD1 rows within noise.  QBACKEND_VHOST_HOLD_NS=N sets it; 0 turns it off.
+HOLD_NS = int(os.environ.get("QBACKEND_VHOST_HOLD_NS", "150000"))
+# After a hold that caught nothing, this many drains notify at once, twice as many after each
+# such hold in a row, up to the second (vhost_user_blk_fast.c's twins).
+HOLD_BACKOFF_FIRST, HOLD_BACKOFF_MAX = 16, 1024
+# Only drains whose requests average this many bytes or fewer start a hold.
+HOLD_MAX_REQUEST_BYTES = 64 << 10
 
 
 def load() -> native.Native | None:
@@ -276,4 +286,4 @@ class NativeQueue:
         return {"requests": c.requests, "reads": c.reads, "writes": c.writes, "flushes": c.flushes,
                 "bytes_read": c.bytes_read, "bytes_written": c.bytes_written,
                 "notifications": c.notifications, "handed_over": c.handed_over,
-                "holds_caught": c.holds_caught, "holds_missed": c.holds_missed}
+                "holds_caught": c.holds_caught, "holds_missed": c.holds_missed, "kicks": c.kicks}

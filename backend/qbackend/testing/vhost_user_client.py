@@ -724,6 +724,12 @@ class VhostUserFrontend:
         ring = self._ring(index)
         return self._get16(ring.avail), self._get16(ring.avail + 4 + 2 * ring.num)
 
+    def avail_event(self, index: int) -> int:
+        """The back end's avail event (VIRTIO_F_EVENT_IDX): a driver kicks once it makes
+        the entry of this index available."""
+        ring = self._ring(index)
+        return self._get16(ring.used + 4 + 8 * ring.num)
+
     def wait_used(self, index: int, count: int = 1, timeout: float | None = None) -> list[Used]:
         """Poll the used idx until `count` more entries are there; the new entries
         (their descriptors are free again).  TimeoutError if they do not come."""
