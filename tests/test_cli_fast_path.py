@@ -199,3 +199,25 @@ def read_header_of(m: object) -> QedHeader:
     from qbackend.block.qed import HEADER
 
     return QedHeader.unpack(bytes(m.data[:HEADER.size]))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["qed", "info", "{}"], ["qed", "check", "{}"],
+                                  ["qed", "check", "--output=json", "{}"], ["qed", "check", "-r", "{}"]],
+                         ids=" ".join)
+def test_a_light_process_ends_as_the_full_one_does(argv: list[str], folder: Path) -> None:
+    """`python -m qbackend` ends a light command with os._exit (no finalization): its output
+    through a pipe, its exit code and what a repair wrote are those of the same command run
+    the usual way (QBACKEND_NATIVE=off sends it through argparse and a normal exit)."""
+    for image in ("clean.qed", "leaky.qed", "corrupt.qed", "dirty.qed", "bad.qed", "missing.qed"):
+        results = []
+        for native in ("auto", "off"):
+            work = folder / native
+            subprocess.run(["rm", "-rf", str(work)], check=True)
+            subprocess.run(["cp", "-a", str(folder / "orig"), str(work)], check=True)
+            env = {**os.environ, "QBACKEND_NATIVE": native}
+            done = subprocess.run([sys.executable, "-m", "qbackend", *(a.replace("{}", image) for a in argv)],
+                                  cwd=work, env=env, capture_output=True, text=True)
+            after = (work / image).read_bytes() if (work / image).is_file() else b""
+            results.append((done.returncode, done.stdout, done.stderr, after))
+        assert results[0] == results[1], (argv, image)
+        assert results[0][1] or results[0][2], (argv, image)  # it said something

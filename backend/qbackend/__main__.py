@@ -1,7 +1,5 @@
 """`python -m qbackend`: the same as the `qbackend` command."""
 
-import sys
+from qbackend.app.cli import process_main
 
-from qbackend.app.cli import main
-
-sys.exit(main())
+process_main()

@@ -82,17 +82,24 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _light(argv: list[str]) -> argparse.Namespace | None:
+    """The parsed command line of a light command run without argparse (the plain spellings
+    of `qed info` and `qed check`), else None."""
+    if argv[:1] == ["qed"] and os.environ.get("QBACKEND_NATIVE", "auto") == "auto":
+        from qbackend.app.cli.qed import fast_args
+
+        return fast_args(argv[1:])
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["--version"]:  # what argparse's version action prints, and its exit
         sys.stdout.write(f"qbackend {__version__}\n")
         sys.exit(0)
-    if argv[:1] == ["qed"] and os.environ.get("QBACKEND_NATIVE", "auto") == "auto":
-        from qbackend.app.cli.qed import fast_args
-
-        fast = fast_args(argv[1:])
-        if fast is not None:
-            return _run(fast, check_native=False)
+    light = _light(argv)
+    if light is not None:
+        return _run(light, check_native=False)
     args = build_parser(argv).parse_args(argv)
     import logging  # after parsing: --help and --version do without it
 
@@ -130,5 +137,31 @@ def _run(args: argparse.Namespace, *, check_native: bool = True) -> int:
         return failed
 
 
+def process_main() -> NoReturn:
+    """The `qbackend` command as a process (its script, `python -m qbackend`).
+
+    A light command (`--version`, the plain `qed info` and `qed check`) ends the process
+    with os._exit once its output is flushed: the interpreter's finalization (tearing down
+    every module) costs more than the command's own work, and such a command leaves nothing
+    to finalize (no thread, no atexit handler, its image closed before it returns).  Anything
+    else, and a light command whose output cannot be flushed or that raised, ends the usual
+    way."""
+    argv = sys.argv[1:]
+    light = _light(argv)
+    if argv == ["--version"]:
+        sys.stdout.write(f"qbackend {__version__}\n")
+        code = 0
+    elif light is not None:
+        code = _run(light, check_native=False)
+    else:
+        sys.exit(main(argv))
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # a closed pipe, say: the usual exit reports it as Python does
+        sys.exit(code)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    process_main()
