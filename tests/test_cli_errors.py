@@ -96,6 +96,20 @@ def test_unreachable_control_socket(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("command", [("dimm", "list"), ("pci", "list"), ("ivshmem", "peers"),
+                                     ("device", "trace-stop", "x")], ids=" ".join)
+def test_control_after_the_action_is_the_same_as_before_it(tmp_path: Path, command: tuple[str, ...]) -> None:
+    """`qbackend dimm list --control PATH` as people type it, and `--instance` there too."""
+    group, *rest = command
+    sock = str(tmp_path / "none.sock")
+    before = qbackend(group, "--control", sock, *rest, cwd=tmp_path)
+    after = qbackend(group, *rest, "--control", sock, cwd=tmp_path)
+    one_line_error(after, 1, "cannot reach", "none.sock")
+    assert (after.returncode, after.stdout, after.stderr) == (before.returncode, before.stdout, before.stderr)
+    both = qbackend(group, "--instance", "x", *rest, "--control", sock, cwd=tmp_path)
+    one_line_error(both, 2, "--instance NAME or --control PATH")
+
+
 def test_unknown_machine_profile(tmp_path: Path) -> None:
     one_line_error(qbackend("run", "--machine", "nope", "--workdir", str(tmp_path / "w"), cwd=tmp_path), 1,
                    "no machine profile", "pc, q35")

@@ -146,6 +146,15 @@ def instance_options(parser: argparse.ArgumentParser, what: str = "its QMP monit
                         help=f"{what} at PATH instead (a 'qbackend serve --control PATH', or a 'run --workdir')")
 
 
+def instance_options_after(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """--instance and --control after the action too (`dimm list --control PATH`, as people
+    type it), not shown again in each action's help; given there they win."""
+    for parser in actions.choices.values():
+        parser.add_argument("--instance", metavar="NAME", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        parser.add_argument("--control", type=Path, metavar="PATH", default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS)
+
+
 def control_path(args: argparse.Namespace) -> Path:
     """The QMP monitor a command talks to: --control PATH, else the running instance
     (--instance NAME, or the only one; one-line errors for none or several)."""

@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from qbackend.app.cli.commands import SUMMARIES
-from qbackend.app.cli.common import control_path, instance_options
+from qbackend.app.cli.common import control_path, instance_options, instance_options_after
 
 if TYPE_CHECKING:
     from qbackend.app.cli.common import Subparsers
@@ -36,6 +36,7 @@ def register(sub: Subparsers) -> None:
     p.add_argument("id")
     p = device_sub.add_parser("reload", help="load a device's module again and replace it in place")
     p.add_argument("id")
+    instance_options_after(device_sub)
     device.set_defaults(func=run)
 
 

@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from qbackend.app.cli.commands import SUMMARIES
-from qbackend.app.cli.common import control_path, instance_options
+from qbackend.app.cli.common import control_path, instance_options, instance_options_after
 
 if TYPE_CHECKING:
     from qbackend.app.cli.common import Subparsers
@@ -34,6 +34,7 @@ def register(sub: Subparsers) -> None:
         p.add_argument("id")
         if name == "del":
             p.add_argument("--timeout", type=float, default=30.0, help="how long to wait for the guest (s)")
+    instance_options_after(dimm_sub)
     dimm.set_defaults(func=run)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qbackend.app.cli.commands import SUMMARIES
-from qbackend.app.cli.common import control_path, instance_options
+from qbackend.app.cli.common import control_path, instance_options, instance_options_after
 from qbackend.sizes import parse_size
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ def register(sub: Subparsers) -> None:
     server.add_argument("--vectors", type=_int, default=1, help="eventfds per peer (default 1; max 64)")
     server.add_argument("--serve-control", type=Path, dest="serve_control",
                         help="also serve a QMP monitor there for the commands above")
+    instance_options_after(actions)
     iv.set_defaults(func=run)
 
 

@@ -7,7 +7,7 @@ import json
 from typing import TYPE_CHECKING
 
 from qbackend.app.cli.commands import SUMMARIES
-from qbackend.app.cli.common import control_path, instance_options
+from qbackend.app.cli.common import control_path, instance_options, instance_options_after
 from qbackend.errors import ControlError, UsageError
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--force", action="store_true",
                    help="unplug even a device that the QEMU running is known to abort on (docs/qemu-issues.md)")
+    instance_options_after(pci_sub)
     pci.set_defaults(func=run)
 
 
