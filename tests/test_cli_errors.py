@@ -110,6 +110,20 @@ def test_control_after_the_action_is_the_same_as_before_it(tmp_path: Path, comma
     one_line_error(both, 2, "--instance NAME or --control PATH")
 
 
+@pytest.mark.parametrize("args", [("--version",), ("qed", "info", "a.qed"), ("qed", "check", "a.qed"),
+                                  ("qed", "map", "a.qed"), ("qed", "info", "--output=json", "a.qed")], ids=" ".join)
+@pytest.mark.parametrize("native", ["auto", "off"])  # the light path and argparse's
+def test_a_reader_that_goes_ends_the_command_quietly(tmp_path: Path, args: tuple[str, ...], native: str) -> None:
+    """`qbackend qed info X | head -0`: as qemu-img, no message; the shell's 128 + SIGPIPE."""
+    assert qbackend("qed", "create", "a.qed", "1M", cwd=tmp_path).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "qbackend", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "QBACKEND_NATIVE": native})
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # gone before anything is written
+    assert (proc.wait(60), proc.stderr.read()) == (141, b"")
+    proc.stderr.close()
+
+
 def test_unknown_machine_profile(tmp_path: Path) -> None:
     one_line_error(qbackend("run", "--machine", "nope", "--workdir", str(tmp_path / "w"), cwd=tmp_path), 1,
                    "no machine profile", "pc, q35")

@@ -148,18 +148,21 @@ def process_main() -> NoReturn:
     way."""
     argv = sys.argv[1:]
     light = _light(argv)
-    if argv == ["--version"]:
-        sys.stdout.write(f"qbackend {__version__}\n")
-        code = 0
-    elif light is not None:
-        code = _run(light, check_native=False)
-    else:
+    if argv != ["--version"] and light is None:
         sys.exit(main(argv))
+    code = 0
     try:
+        if light is not None:
+            code = _run(light, check_native=False)
+        else:
+            sys.stdout.write(f"qbackend {__version__}\n")
         sys.stdout.flush()
         sys.stderr.flush()
-    except OSError:  # a closed pipe, say: the usual exit reports it as Python does
-        sys.exit(code)
+    except OSError as exc:
+        from qbackend.app.cli.common import report
+
+        failed = report("qbackend", exc)  # (a reader of stdout that went away: no message)
+        sys.exit(code if failed is None else failed)
     os._exit(code)
 
 

@@ -4,6 +4,7 @@ types, the NBD limit options, and the lines that say where exports are served.""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -28,8 +29,32 @@ def report(prefix: str, exc: BaseException) -> int | None:
     error = _user_error(exc)
     if error is None:
         return None
+    if isinstance(error, BrokenPipeError) and _stdout_gone():  # `qbackend qed info X | head -1`
+        return _quiet_after_broken_pipe()
     print(f"{prefix}: {_one_line(error)}", file=sys.stderr)
     return error.exit_code if isinstance(error, QbackendError) else 1
+
+
+def _stdout_gone() -> bool:
+    """Whether whoever read stdout has gone (a pipe whose reading end is closed: POLLERR)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _quiet_after_broken_pipe() -> int:
+    """The reader of stdout went away: end as a C tool killed by SIGPIPE ends (no message,
+    128 + SIGPIPE as a shell shows it), stdout pointed at /dev/null so that what is still
+    buffered for it does not fail again at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
 
 
 def _user_error(exc: BaseException) -> BaseException | None:
