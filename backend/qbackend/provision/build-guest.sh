@@ -53,7 +53,7 @@ echo "$kver" > kernel-version
 cp "kernel/boot/vmlinuz-$kver" vmlinuz
 
 root=initrd
-mkdir -p $root/bin $root/sbin $root/proc $root/sys $root/dev $root/tmp $root/lib/modules
+mkdir -p $root/bin $root/sbin $root/proc $root/sys $root/dev $root/tmp $root/mnt $root/lib/modules
 cp bb/bin/busybox $root/bin/busybox
 for applet in $(bb/bin/busybox --list); do
     [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
