@@ -272,7 +272,7 @@ def test_a_held_interrupt_still_comes_for_each_request_at_qd1(
 @pytest.mark.skipif(vhost_user_blk_fast.load() is None, reason="holding interrupts is the native path's")
 def test_requests_that_come_during_a_hold_share_its_interrupt(
         rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vhost_user_blk_fast, "HOLD_NS", 900_000_000)
+    monkeypatch.setattr(vhost_user_blk_fast, "HOLD_NS", 1_200_000_000)  # over a second: whole seconds too
     caplog.set_level(logging.INFO, logger="qbackend.servers.vhost_user_blk")
     with rig.ready() as f:
         f.wait_call(0)

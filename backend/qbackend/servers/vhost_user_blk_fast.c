@@ -924,8 +924,10 @@ int qb_vu_run(struct qb_vu_queue *q)
 		if (rc == QB_VU_EMPTY && q->held_since) {
 			int64_t left = q->held_since + q->hold_ns - now_ns();
 
-			hold.tv_sec = 0;
-			hold.tv_nsec = left > 0 ? left : 0;
+			if (left < 0)
+				left = 0;
+			hold.tv_sec = left / 1000000000;
+			hold.tv_nsec = left % 1000000000;
 			timeout = &hold;
 		}
 		pthread_mutex_unlock(lock);

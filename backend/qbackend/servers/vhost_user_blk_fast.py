@@ -67,7 +67,7 @@ NOTIFY_EACH = int(os.environ.get("QBACKEND_VHOST_NOTIFY_EACH", "0"))
 # paying 0.6 interrupts and 0.7 kicks per request (0.2 interrupts with qemu-storage-daemon); at
 # 150 us 2.08x and 1.41x, at 250 us 1.66x and 1.61x, at 500 us a loss; sequential 1 MiB and
 # QD1 rows within noise.  QBACKEND_VHOST_HOLD_NS=N sets it; 0 turns it off.
-HOLD_NS = int(os.environ.get("QBACKEND_VHOST_HOLD_NS", "150000"))
+HOLD_NS = max(0, int(os.environ.get("QBACKEND_VHOST_HOLD_NS", "150000")))
 # After a hold that caught nothing, this many drains notify at once, twice as many after each
 # such hold in a row, up to the second (vhost_user_blk_fast.c's twins).
 HOLD_BACKOFF_FIRST, HOLD_BACKOFF_MAX = 16, 1024
