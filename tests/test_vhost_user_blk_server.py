@@ -245,37 +245,47 @@ def _queue_log(caplog: pytest.LogCaptureFixture) -> re.Match[str]:
     return found
 
 
-@pytest.mark.skipif(vhost_user_blk_fast.load() is None, reason="holding interrupts is the native path's")
+HOLDING = pytest.mark.skipif(vhost_user_blk_fast.load() is None, reason="holding interrupts is the native path's")
+
+
+@contextmanager
+def holding(rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+            hold_ns: int) -> Iterator[VhostUserFrontend]:
+    """A front end set up on queue 0 of a server whose native path holds interrupts for
+    hold_ns, the interrupt owed at queue start taken (it is never held); the server has let
+    the front end go afterwards, so its per-queue line is logged (_queue_log)."""
+    monkeypatch.setattr(vhost_user_blk_fast, "HOLD_NS", hold_ns)
+    caplog.set_level(logging.INFO, logger="qbackend.servers.vhost_user_blk")
+    with rig.ready() as f:
+        f.wait_call(0)
+        yield f
+    rig.idle()
+
+
+@HOLDING
 def test_a_held_interrupt_still_comes_for_each_request_at_qd1(
         rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """A front end that waits for each request's interrupt before sending the next gets it
     every time (the hold runs out and the interrupt goes alone), and holding then backs off:
     the first hold catches nothing, so the next HOLD_BACKOFF_FIRST requests are answered at
     once; the one after is held again, and catches nothing either."""
-    monkeypatch.setattr(vhost_user_blk_fast, "HOLD_NS", 20_000_000)
-    caplog.set_level(logging.INFO, logger="qbackend.servers.vhost_user_blk")
     count = vhost_user_blk_fast.HOLD_BACKOFF_FIRST + 4
-    with rig.ready() as f:
-        f.wait_call(0)  # the interrupt owed at queue start, not held
+    with holding(rig, caplog, monkeypatch, 20_000_000) as f:
         for n in range(count):
             req = f.make_request(0, VIRTIO_BLK_T_IN, 40 + n, in_len=SECTOR_SIZE)
             f.kick(0)
             assert f.wait_call(0) >= 1, f"request {n} got no interrupt"
             assert [u.id for u in f.wait_used(0, timeout=0)] == [req.head]
             assert f.data(req) == rig.expected(40 + n, 1)
-    rig.idle()
     found = _queue_log(caplog)
     assert int(found[2]) == count
     assert (int(found[3]), int(found[4]), int(found[5])) == (count + 1, 0, 2), found[0]
 
 
-@pytest.mark.skipif(vhost_user_blk_fast.load() is None, reason="holding interrupts is the native path's")
+@HOLDING
 def test_requests_that_come_during_a_hold_share_its_interrupt(
         rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vhost_user_blk_fast, "HOLD_NS", 1_200_000_000)  # over a second: whole seconds too
-    caplog.set_level(logging.INFO, logger="qbackend.servers.vhost_user_blk")
-    with rig.ready() as f:
-        f.wait_call(0)
+    with holding(rig, caplog, monkeypatch, 1_200_000_000) as f:  # over a second: whole seconds too
         first = f.make_request(0, VIRTIO_BLK_T_IN, 60, in_len=SECTOR_SIZE)
         f.kick(0)
         f.wait_used(0)  # served, and its interrupt held
@@ -284,21 +294,17 @@ def test_requests_that_come_during_a_hold_share_its_interrupt(
         assert [u.id for u in f.wait_used(0)] == [second.head]
         assert f.wait_call(0) == 1  # one interrupt for both, once the hold ran out
         assert f.data(first) + f.data(second) == rig.expected(60, 2)
-    rig.idle()
     found = _queue_log(caplog)
     assert (int(found[2]), int(found[4])) == (2, 1), found[0]
 
 
-@pytest.mark.skipif(vhost_user_blk_fast.load() is None, reason="holding interrupts is the native path's")
+@HOLDING
 def test_during_a_hold_no_kick_is_asked_for_and_what_comes_without_one_is_served(
         rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """While an interrupt is held the avail event stays behind, so a driver adds without
     kicking; what it adds is served when the hold ends, with one interrupt, and a kick is
     asked for again."""
-    monkeypatch.setattr(vhost_user_blk_fast, "HOLD_NS", 300_000_000)
-    caplog.set_level(logging.INFO, logger="qbackend.servers.vhost_user_blk")
-    with rig.ready() as f:
-        f.wait_call(0)
+    with holding(rig, caplog, monkeypatch, 300_000_000) as f:
         first = f.make_request(0, VIRTIO_BLK_T_IN, 70, in_len=SECTOR_SIZE)
         f.kick(0)
         f.wait_used(0)
@@ -308,26 +314,21 @@ def test_during_a_hold_no_kick_is_asked_for_and_what_comes_without_one_is_served
         assert f.wait_call(0) == 1
         assert f.data(first) + f.data(second) == rig.expected(70, 2)
         wait_until(lambda: f.avail_event(0) == 2, WAIT, "the avail event to ask for a kick again")
-    rig.idle()
     found = _queue_log(caplog)
     assert (int(found[3]), int(found[4])) == (2, 1), found[0]
 
 
-@pytest.mark.skipif(vhost_user_blk_fast.load() is None, reason="holding interrupts is the native path's")
+@HOLDING
 def test_large_requests_start_no_hold(
         rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vhost_user_blk_fast, "HOLD_NS", 900_000_000)
-    caplog.set_level(logging.INFO, logger="qbackend.servers.vhost_user_blk")
     sectors = 2 * vhost_user_blk_fast.HOLD_MAX_REQUEST_BYTES // SECTOR_SIZE
-    with rig.ready() as f:
-        f.wait_call(0)
+    with holding(rig, caplog, monkeypatch, 900_000_000) as f:
         for n in range(3):
             req = f.make_request(0, VIRTIO_BLK_T_IN, n * sectors, in_len=sectors * SECTOR_SIZE)
             f.kick(0)
             assert f.wait_call(0) == 1
             f.wait_used(0)
             assert f.data(req) == rig.expected(n * sectors, sectors)
-    rig.idle()
     found = _queue_log(caplog)
     # No hold began: none caught more, none ran out alone (the counts of every hold that ends).
     assert (int(found[3]), int(found[4]), int(found[5])) == (4, 0, 0), found[0]

@@ -634,6 +634,12 @@ static int finish_jobs(struct qb_vu_queue *q, struct qb_vu_pool *pool, int rc)
 	return rc;
 }
 
+/* avail_event (VIRTIO_F_EVENT_IDX): the driver kicks once it makes the next chain available. */
+static void ask_for_kick(struct qb_vu_queue *q)
+{
+	__atomic_store_n((uint16_t *)(q->used + 4 + USED_ELEM_SIZE * q->num), q->last_avail_idx, __ATOMIC_RELAXED);
+}
+
 /* Serve from the ring until it is empty (EMPTY), the next chain is Python's (PYTHON) or the
  * batch is full (MORE).  Large reads and writes go to the pool, the rest is done here; the used
  * entries are pushed in ring order. */
@@ -672,8 +678,8 @@ static int drain(struct qb_vu_queue *q)
 		if (idx == last) {
 			if (!q->event_idx || q->quiet)
 				return QB_VU_EMPTY; /* quiet: no kick asked for (an interrupt may be held) */
-			/* avail_event: kick me for the next one; then look once more past a full fence. */
-			__atomic_store_n((uint16_t *)(q->used + 4 + USED_ELEM_SIZE * q->num), last, __ATOMIC_RELAXED);
+			/* Kick me for the next one; then look once more past a full fence. */
+			ask_for_kick(q);
 			__atomic_thread_fence(__ATOMIC_SEQ_CST);
 			idx = load16(q->avail + 2);
 			if (idx == last)
@@ -871,8 +877,7 @@ static void end_hold(struct qb_vu_queue *q)
 {
 	pthread_mutex_lock(q->lock);
 	if (q->held_since && q->serving && q->used) {
-		__atomic_store_n((uint16_t *)(q->used + 4 + USED_ELEM_SIZE * q->num), q->last_avail_idx,
-				 __ATOMIC_RELAXED);
+		ask_for_kick(q);
 		qb_vu_notify(q);
 	}
 	pthread_mutex_unlock(q->lock);

@@ -24,6 +24,7 @@ from qbackend.version import __version__
 # info`): this module imports nothing it can do without (argparse, pathlib and typing cost
 # more than the rest of those commands together), and `main` answers `--version` and the
 # plain spellings of `qed info` and `qed check` without argparse (qbackend.app.cli.qed).
+VERSION = f"qbackend {__version__}"  # what --version prints, with or without argparse
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
@@ -65,7 +66,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         epilog="Run 'qbackend COMMAND --help' for the options of each command.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    parser.add_argument("--version", action="version", version=f"qbackend {__version__}",
+    parser.add_argument("--version", action="version", version=VERSION,
                         help="print qbackend's version and exit")
     parser.add_argument("--data-dir", type=Path, metavar="DIR",
                         help="where provisioned QEMU and the test guest live (default: $QBACKEND_DATA_DIR, "
@@ -95,7 +96,7 @@ def _light(argv: list[str]) -> argparse.Namespace | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["--version"]:  # what argparse's version action prints, and its exit
-        sys.stdout.write(f"qbackend {__version__}\n")
+        sys.stdout.write(f"{VERSION}\n")
         sys.exit(0)
     light = _light(argv)
     if light is not None:
@@ -155,7 +156,7 @@ def process_main() -> NoReturn:
         if light is not None:
             code = _run(light, check_native=False)
         else:
-            sys.stdout.write(f"qbackend {__version__}\n")
+            sys.stdout.write(f"{VERSION}\n")
         sys.stdout.flush()
         sys.stderr.flush()
     except OSError as exc:
